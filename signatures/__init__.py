@@ -1,0 +1,40 @@
+"""The typed DSPy signatures LEAP is built on.
+
+Docstrings and field descriptions are short on purpose: they are part of every prompt, and on a CPU the
+prompt's length is what training and rollouts pay for.
+"""
+
+from __future__ import annotations
+
+import dspy
+
+
+class StudentStep(dspy.Signature):
+    """Act in a text environment to complete the task. Give a short reason, then one action."""
+
+    task: str = dspy.InputField()
+    observation: str = dspy.InputField(desc="what you see now, with the actions you can take")
+    history: str = dspy.InputField(desc="your recent actions and what they did")
+    reason: str = dspy.OutputField(desc="one sentence")
+    action: str = dspy.OutputField(desc="exactly one admissible action")
+
+
+class PrivilegedCorrection(dspy.Signature):
+    """You are an expert teacher. You see the student's state, the student's step and privileged facts the
+    student cannot see. Write the step the student should have taken: the best next action and a reason
+    that uses only what the student can see in its task, observation and history (never mention the
+    privileged facts). If the student's step is already right, repeat it."""
+
+    task: str = dspy.InputField()
+    observation: str = dspy.InputField(desc="the student's current observation")
+    history: str = dspy.InputField(desc="the student's recent actions and what they did")
+    student_reason: str = dspy.InputField()
+    student_action: str = dspy.InputField()
+    privileged_state: str = dspy.InputField(desc="facts only you can see")
+    reason: str = dspy.OutputField(desc="one sentence, realizable from the student's own view")
+    action: str = dspy.OutputField(desc="exactly one admissible action")
+
+
+STUDENT_INPUTS: tuple[str, ...] = tuple(StudentStep.input_fields)
+
+__all__ = ["STUDENT_INPUTS", "PrivilegedCorrection", "StudentStep"]

@@ -45,6 +45,9 @@ class PrivilegedState(BaseModel):
 
     level: int
     sections: dict[str, str | list[str]] = Field(default_factory=dict)
+    oracle_action: str | None = None
+    """The scripted oracle's next action, filled in only for experts allowed the top privilege level; never
+    rendered by `to_text` on its own (the plan section, where a level includes it, says it)."""
 
     def to_text(self) -> str:
         if not self.sections:
@@ -77,6 +80,9 @@ class Step(BaseModel):
     done: bool = False
     error: str | None = None
     """Why the model's output could not be used (parse failure, no action), recorded instead of raised."""
+    privileged: PrivilegedState | None = None
+    """The privileged state at this step, captured for the expert while the environment was in it. Only
+    experts read it; student training rows are built from `inputs` alone."""
 
 
 class Trajectory(BaseModel):
@@ -110,6 +116,8 @@ class Correction(BaseModel):
     level: int = 0
     iteration: int = 0
     source: Literal["demonstration", "correction"] = "correction"
+    dropped: str | None = None
+    """Why this record is kept out of training (an inadmissible action, an expert failure), if it is."""
 
     @property
     def changed(self) -> bool:

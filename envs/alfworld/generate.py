@@ -1,0 +1,437 @@
+"""Offline ALFWorld game generation on the floor plans that ship with alfworld.
+
+A game is written the way `alfworld-generate` writes one: `initial_state.pddl` (the problem) and
+`traj_data.json` (task type, `pddl_params`) go in, `game.tw-pddl` comes out as the JSON that holds alfworld's
+PDDL domain, its grammar with the templated goal text ("UNKNOWN GOAL" replaced, as
+`alfworld.agents.utils.misc.add_task_to_grammar` does), the problem, `solvable` and the expert's
+`walkthrough`. The solvability check loads the game in textworld's PddlEnv (Fast Downward grounds it) and
+lets alfworld's handcoded expert play it; only games the expert wins within the step budget are kept.
+
+The problem itself is written from a shipped layout (`gen/layouts/FloorPlan*-objects.json` lists the object
+and receptacle types of the scene, `-openable.json` the ids and poses of its openable receptacles,
+`-layout.npy` reachable floor points): receptacles, objects, counts and placements are drawn from a seeded
+generator, and validity (what may go where, what can be cleaned/heated/cooled) comes from alfworld's own
+constant tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+GENERATOR_VERSION = 1
+
+TASK_TYPES: tuple[str, ...] = (
+    "pick_and_place_simple",
+    "look_at_obj_in_light",
+    "pick_clean_then_place_in_recep",
+    "pick_heat_then_place_in_recep",
+    "pick_cool_then_place_in_recep",
+    "pick_two_obj_and_place",
+)
+UTILITY = {
+    "pick_clean_then_place_in_recep": "SinkBasin",
+    "pick_heat_then_place_in_recep": "Microwave",
+    "pick_cool_then_place_in_recep": "Fridge",
+}
+LAMP_HOSTS = ("Desk", "SideTable", "Dresser")
+LAMP = "DeskLamp"
+ROOM_GROUPS = {"kitchen": range(1, 31), "livingroom": range(201, 231), "bedroom": range(301, 331),
+               "bathroom": range(401, 431)}
+UNSEEN_PER_GROUP = 6  # 24 of 120 floor plans are held out for the unseen split
+
+
+def _alfworld_dir() -> Path:
+    import alfworld
+
+    return Path(alfworld.__file__).parent
+
+
+def domain_path() -> Path:
+    return _alfworld_dir() / "data" / "alfred.pddl"
+
+
+def grammar_path() -> Path:
+    return _alfworld_dir() / "data" / "alfred.twl2"
+
+
+def layouts_dir() -> Path:
+    return _alfworld_dir() / "gen" / "layouts"
+
+
+@cache
+def _constants() -> dict[str, Any]:
+    import alfworld.gen.constants as c
+
+    fixed = set(c.RECEPTACLES) - set(c.MOVABLE_RECEPTACLES)
+    placeable = set()
+    for objs in c.VAL_RECEPTACLE_OBJECTS.values():
+        placeable |= set(objs)
+    pickupable = {
+        o for o in placeable
+        if o in c.OBJECTS and o not in fixed and "Sliced" not in o and o not in c.VAL_ACTION_OBJECTS["Toggleable"]
+    }
+    return {
+        "fixed": fixed,
+        "pickupable": pickupable,
+        "contains": {r: set(objs) for r, objs in c.VAL_RECEPTACLE_OBJECTS.items()},
+        "openable": set(c.OPENABLE_CLASS_LIST),
+        "actions": {k: set(v) for k, v in c.VAL_ACTION_OBJECTS.items()},
+        "objects": list(c.OBJECTS),
+    }
+
+
+@cache
+def floor_plan(num: int) -> dict[str, Any]:
+    import numpy as np
+
+    base = layouts_dir() / f"FloorPlan{num}"
+    types = json.loads(Path(f"{base}-objects.json").read_text())
+    openable = json.loads(Path(f"{base}-openable.json").read_text())
+    points = [(float(x), float(z)) for x, z in np.load(f"{base}-layout.npy").tolist()]
+    const = _constants()
+    recep_types = sorted(t for t in types if t in const["fixed"])
+    if "Sink" in types and "SinkBasin" not in recep_types and any(k.endswith("|SinkBasin") for k in openable):
+        recep_types.append("SinkBasin")
+    return {
+        "num": num,
+        "recep_types": recep_types,
+        "object_types": sorted(t for t in types if t in const["pickupable"]),
+        "openable": openable,
+        "points": points,
+        "lamp": LAMP in types,
+    }
+
+
+def all_floor_plans() -> list[int]:
+    nums = []
+    for path in layouts_dir().glob("FloorPlan*-objects.json"):
+        nums.append(int(path.name[len("FloorPlan"):].split("-")[0]))
+    return sorted(nums)
+
+
+def _targets(fp: dict[str, Any], task_type: str) -> list[tuple[str, str, str]]:
+    """Feasible (object_target, parent_target, toggle_target) triples for a task type in a floor plan."""
+    const = _constants()
+    recs = set(fp["recep_types"])
+    objs = fp["object_types"]
+    out = []
+    if task_type == "look_at_obj_in_light":
+        if not fp["lamp"] or not recs & set(LAMP_HOSTS):
+            return []
+        for o in objs:
+            if any(o in const["contains"].get(r, ()) for r in recs):
+                out.append((o, "", LAMP))
+        return out
+    utility = UTILITY.get(task_type)
+    if utility and utility not in recs:
+        return []
+    action = {"SinkBasin": "Cleanable", "Microwave": "Heatable", "Fridge": "Coolable"}.get(utility or "")
+    for o in objs:
+        if action and o not in const["actions"][action]:
+            continue
+        for r in sorted(recs):
+            if r == utility or o not in const["contains"].get(r, ()):
+                continue
+            # the object must start somewhere that is not a receptacle of the target type
+            if not any(o in const["contains"].get(r2, ()) for r2 in recs if r2 != r):
+                continue
+            out.append((o, r, ""))
+    return out
+
+
+def feasible(fp_num: int, task_type: str) -> bool:
+    return bool(_targets(floor_plan(fp_num), task_type))
+
+
+def split_floor_plans(seed: int) -> tuple[list[int], list[int]]:
+    """(train/seen floor plans, unseen floor plans): a seeded, room-type-stratified hold-out."""
+    rng = random.Random(f"alfworld-floorplans-{seed}")
+    available = set(all_floor_plans())
+    train, unseen = [], []
+    for group in ROOM_GROUPS.values():
+        nums = [n for n in group if n in available]
+        rng.shuffle(nums)
+        unseen += nums[:UNSEEN_PER_GROUP]
+        train += nums[UNSEEN_PER_GROUP:]
+    return sorted(train), sorted(unseen)
+
+
+def _mangle(name: str) -> str:
+    table = {"|": "_bar_", "+": "_plus_", "-": "_minus_", ".": "_dot_", ",": "_comma_"}
+    return "".join(table.get(ch, ch) for ch in name)
+
+
+def _coord(rng: random.Random) -> str:
+    value = rng.uniform(-3.5, 3.5)
+    return f"{'+' if value >= 0 else '-'}{abs(value):05.2f}"
+
+
+def _new_id(kind: str, rng: random.Random, taken: set[str]) -> str:
+    while True:
+        ident = f"{kind}|{_coord(rng)}|{_coord(rng)}|{_coord(rng)}"
+        if kind == "SinkBasin":
+            ident = f"Sink|{_coord(rng)}|{_coord(rng)}|{_coord(rng)}|SinkBasin"
+        if ident not in taken:
+            taken.add(ident)
+            return ident
+
+
+def _kind(ident: str) -> str:
+    return "SinkBasin" if ident.endswith("|SinkBasin") else ("BathtubBasin" if ident.endswith("|BathtubBasin")
+                                                                else ident.split("|")[0])
+
+
+def build_problem(fp_num: int, task_type: str, num_receptacles: int, rng: random.Random) -> tuple[str, dict]:
+    """A PDDL problem and its traj_data for one game, drawn from `rng`."""
+    import alfworld.gen.goal_library as glib
+
+    const = _constants()
+    fp = floor_plan(fp_num)
+    obj_t, parent_t, toggle_t = rng.choice(_targets(fp, task_type))
+    recs = set(fp["recep_types"])
+
+    # receptacles: required ones first, then fill from the scene (openable ids as shipped, others made up)
+    taken: set[str] = set()
+    by_kind: dict[str, list[str]] = {}
+    for ident in fp["openable"]:
+        by_kind.setdefault(_kind(ident), []).append(ident)
+    pool: list[str] = []
+    for kind in sorted(recs):
+        ids = sorted(by_kind.get(kind, []))
+        pool += ids if ids else [_new_id(kind, rng, taken)]
+    rng.shuffle(pool)
+
+    chosen: list[str] = []
+
+    def take(kind: str) -> str:
+        for ident in pool:
+            if _kind(ident) == kind and ident not in chosen:
+                chosen.append(ident)
+                return ident
+        ident = _new_id(kind, rng, taken)
+        chosen.append(ident)
+        return ident
+
+    if parent_t:
+        take(parent_t)
+    if task_type in UTILITY:
+        take(UTILITY[task_type])
+    lamp_host = None
+    if task_type == "look_at_obj_in_light":
+        lamp_host = take(rng.choice(sorted(recs & set(LAMP_HOSTS))))
+    start_ok = [r for r in sorted(recs) if r != parent_t and obj_t in const["contains"].get(r, ())]
+    if not any(_kind(c) in start_ok for c in chosen):
+        take(rng.choice(start_ok))
+    for ident in pool:
+        if len(chosen) >= num_receptacles:
+            break
+        if ident not in chosen:
+            chosen.append(ident)
+    while len(chosen) < num_receptacles:  # small scenes: add more instances of the scene's types
+        chosen.append(_new_id(rng.choice(sorted(recs)), rng, taken))
+    chosen = sorted(chosen)
+
+    # locations: shipped agent poses where known, else reachable floor points; one per receptacle
+    points = list(fp["points"])
+    rng.shuffle(points)
+    used: set[str] = set()
+    loc_of: dict[str, str] = {}
+
+    def fresh_point() -> str:
+        while points:
+            x, z = points.pop()
+            name = f"loc|{int(round(x * 4))}|{int(round(z * 4))}|{rng.choice((0, 90, 180, 270))}|{rng.choice((0, 30, 60))}"
+            if name not in used:
+                used.add(name)
+                return name
+        name = f"loc|{len(used) + 100}|0|0|0"
+        used.add(name)
+        return name
+
+    for ident in chosen:
+        pose = fp["openable"].get(ident)
+        name = None
+        if pose:
+            cand = f"loc|{int(round(pose[0] * 4))}|{int(round(pose[1] * 4))}|{int(pose[2])}|{int(pose[3])}"
+            if cand not in used:
+                used.add(cand)
+                name = cand
+        loc_of[ident] = name or fresh_point()
+    agent_loc = fresh_point()
+
+    # objects: the target(s), the lamp, distractors of other types
+    objects: list[tuple[str, str]] = []  # (object id, receptacle id)
+    obj_taken: set[str] = set()
+
+    def place(kind: str, exclude_kind: str = "") -> None:
+        options = [c for c in chosen if kind in const["contains"].get(_kind(c), ()) and _kind(c) != exclude_kind]
+        if options:
+            objects.append((_new_id(kind, rng, obj_taken), rng.choice(options)))
+
+    n_target = 2 if task_type == "pick_two_obj_and_place" else rng.choice((1, 1, 2))
+    if task_type == "pick_two_obj_and_place":
+        n_target += rng.choice((0, 0, 1))
+    for _ in range(n_target):
+        place(obj_t, exclude_kind=parent_t)
+    lamp = None
+    if lamp_host:
+        lamp = _new_id(LAMP, rng, obj_taken)
+        objects.append((lamp, lamp_host))
+    others = [o for o in fp["object_types"] if o != obj_t
+              and any(o in const["contains"].get(_kind(c), ()) for c in chosen)]
+    for _ in range(rng.randint(num_receptacles // 2, num_receptacles) if others else 0):
+        place(rng.choice(others))
+
+    # PDDL
+    obj_types = sorted({_kind(o) for o, _ in objects} | {obj_t})
+    all_otypes = sorted(set(const["objects"]) - const["fixed"] | set(obj_types))
+    rtypes = sorted(const["fixed"])
+    lines_obj = ["agent1 - agent"]
+    lines_obj += [f"{t}Type - otype" for t in all_otypes]
+    lines_obj += [f"{t}Type - rtype" for t in rtypes]
+    lines_obj += [f"{_mangle(o)} - object" for o, _ in objects]
+    lines_obj += [f"{_mangle(r)} - receptacle" for r in chosen]
+    lines_obj += [f"{_mangle(loc)} - location" for loc in sorted(set(loc_of.values()) | {agent_loc})]
+
+    init = [f"(atLocation agent1 {_mangle(agent_loc)})"]
+    present_rtypes = sorted({_kind(r) for r in chosen})
+    for rt in present_rtypes:
+        for ot in obj_types:
+            if ot in const["contains"].get(rt, ()):
+                init.append(f"(canContain {rt}Type {ot}Type)")
+    for r in chosen:
+        init.append(f"(receptacleType {_mangle(r)} {_kind(r)}Type)")
+        init.append(f"(receptacleAtLocation {_mangle(r)} {_mangle(loc_of[r])})")
+        if _kind(r) in const["openable"]:
+            init.append(f"(openable {_mangle(r)})")
+    for o, r in objects:
+        kind = _kind(o)
+        mo = _mangle(o)
+        init.append(f"(objectType {mo} {kind}Type)")
+        init.append(f"(inReceptacle {mo} {_mangle(r)})")
+        init.append(f"(objectAtLocation {mo} {_mangle(loc_of[r])})")
+        if o == lamp:
+            init.append(f"(toggleable {mo})")
+            continue
+        init.append(f"(pickupable {mo})")
+        for flag, table in (("cleanable", "Cleanable"), ("heatable", "Heatable"), ("coolable", "Coolable"),
+                            ("sliceable", "Sliceable")):
+            if kind in const["actions"][table]:
+                init.append(f"({flag} {mo})")
+
+    goal = glib.gdict[task_type]["pddl"].format(obj=obj_t, recep=parent_t, toggle=toggle_t, mrecep="")
+    goal = goal.replace("#", "-")
+    problem = (
+        f"(define (problem plan_{task_type}_{fp_num})\n    (:domain alfred)\n    (:objects\n        "
+        + "\n        ".join(lines_obj)
+        + "\n    )\n    (:init\n        "
+        + "\n        ".join(init)
+        + "\n    )\n"
+        + goal.strip()
+        + "\n"
+    )
+    template = rng.choice(glib.gdict[task_type]["templates"])
+    goal_text = template.format(obj=obj_t.lower(), recep=parent_t.lower(), toggle=toggle_t.lower(), mrecep="")
+    traj = {
+        "task_type": task_type,
+        "pddl_params": {"object_target": obj_t, "parent_target": parent_t, "toggle_target": toggle_t,
+                        "mrecep_target": "", "object_sliced": False},
+        "scene": {"floor_plan": f"FloorPlan{fp_num}", "scene_num": fp_num},
+        "goal_text": goal_text,
+        "turk_annotations": {"anns": [{"task_desc": goal_text}]},
+    }
+    return problem, traj
+
+
+def game_key(**parts: Any) -> str:
+    blob = json.dumps({"version": GENERATOR_VERSION, **parts}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def generate_game(spec: dict[str, Any], root: str) -> dict[str, Any]:
+    """Generate (or find cached) the game for `spec`; returns its meta record. Runs in a worker process.
+
+    spec: key, task_type, floor_plans (candidates), num_receptacles, max_steps, seed (int). Attempts with
+    derived seeds until the handcoded expert wins within `max_steps`; the first winner is kept.
+    """
+    final = Path(root) / spec["key"]
+    meta_path = final / "meta.json"
+    if meta_path.exists():
+        return json.loads(meta_path.read_text())
+    from leap_dspy.envs.alfworld.expert import acquire_pddl_env, play_expert, release_pddl_env
+
+    domain = domain_path().read_text()
+    grammar = grammar_path().read_text()
+    Path(root).mkdir(parents=True, exist_ok=True)
+    env = acquire_pddl_env()
+    try:
+        last_error = ""
+        for attempt in range(200):
+            rng = random.Random(f"{spec['seed']}:{spec['key']}:{attempt}")
+            fp_num = rng.choice(spec["floor_plans"])
+            problem, traj = build_problem(fp_num, spec["task_type"], spec["num_receptacles"], rng)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{spec['key']}.", dir=root))
+            try:
+                (tmp / "initial_state.pddl").write_text(problem)
+                (tmp / "traj_data.json").write_text(json.dumps(traj, indent=1))
+                gamedata = {
+                    "pddl_domain": domain,
+                    "grammar": grammar.replace("UNKNOWN GOAL", traj["goal_text"]),
+                    "pddl_problem": problem,
+                    "solvable": None,
+                    "walkthrough": None,
+                }
+                game_file = tmp / "game.tw-pddl"
+                game_file.write_text(json.dumps(gamedata))
+                expert_seed = rng.randrange(2**31)
+                try:
+                    won, commands, intro = play_expert(game_file, expert_seed, spec["max_steps"], env=env)
+                except Exception as exc:  # a problem Fast Downward cannot ground counts as a failed draw
+                    last_error = f"{type(exc).__name__}: {exc}"
+                    won, commands, intro = False, [], ""
+                    env = _fresh(env)
+                if not won:
+                    continue
+                gamedata["solvable"] = True
+                gamedata["walkthrough"] = commands
+                game_file.write_text(json.dumps(gamedata))
+                meta = {
+                    "key": spec["key"],
+                    "task_type": spec["task_type"],
+                    "floor_plan": f"FloorPlan{fp_num}",
+                    "pddl_params": traj["pddl_params"],
+                    "instruction": traj["goal_text"] + ".",
+                    "expert_seed": expert_seed,
+                    "expert_plan": commands,
+                    "intro_chars": len(intro),
+                    "attempts": attempt + 1,
+                }
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+                try:
+                    os.rename(tmp, final)
+                except OSError:  # someone else finished the same game first
+                    if not meta_path.exists():
+                        raise
+                    return json.loads(meta_path.read_text())
+                return meta
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"no winnable game for {spec} after 200 attempts ({last_error})")
+    finally:
+        release_pddl_env(env)
+
+
+def _fresh(env: Any) -> Any:
+    from leap_dspy.envs.alfworld.expert import acquire_pddl_env
+
+    del env
+    return acquire_pddl_env()

@@ -1,0 +1,142 @@
+"""Running many episodes at once.
+
+Each episode gets its own environment (`env.clone()`) and its own thread; the local LM engine gathers the
+threads' concurrent requests into one batched `generate` call. The runner tells the engine how many
+episodes are still playing (`engine.expected`), so a batch starts as soon as every live episode has asked,
+instead of waiting on a timer: the environments step in lockstep and the model sees full batches.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any
+
+import dspy
+
+from leap_dspy.envs.base import TextEnv
+from leap_dspy.programs.experts import OracleExpert, expert_inputs
+from leap_dspy.programs.student import Student, run_episode
+from leap_dspy.types import StudentInputs, Task, Trajectory
+
+Progress = Callable[[Trajectory], None]
+
+
+def _engines(program: dspy.Module | None) -> list[Any]:
+    """The batching engines behind a program's LMs (those that accept an `expected` hint)."""
+    lms = []
+    if program is not None:
+        lms = [p.lm for p in program.predictors() if getattr(p, "lm", None) is not None]
+    if not lms and dspy.settings.lm is not None:
+        lms = [dspy.settings.lm]
+    engines = []
+    for lm in lms:
+        engine = getattr(lm, "engine", None) or getattr(lm, "_engine", None)
+        if engine is not None and hasattr(engine, "expected") and engine not in engines:
+            engines.append(engine)
+    return engines
+
+
+class _Live:
+    """Counts live episodes and keeps each engine's `expected` equal to it."""
+
+    def __init__(self, engines: list[Any], total: int, threads: int) -> None:
+        self.engines = engines
+        self.pending = total
+        self.threads = threads
+        self.lock = threading.Lock()
+        self._publish()
+
+    def _publish(self) -> None:
+        for engine in self.engines:
+            engine.expected = max(1, min(self.pending, self.threads))
+
+    def done(self) -> None:
+        with self.lock:
+            self.pending -= 1
+            self._publish()
+
+    def close(self) -> None:
+        for engine in self.engines:
+            engine.expected = None
+
+
+def run_parallel(play: Callable[[TextEnv, Task], Trajectory], env: TextEnv, tasks: Iterable[Task], *,
+                 num_threads: int = 32, program: dspy.Module | None = None,
+                 on_trajectory: Progress | None = None) -> list[Trajectory]:
+    """Play every task, each in a fresh clone of `env`, `num_threads` at a time; results in task order."""
+    tasks = list(tasks)
+    if not tasks:
+        return []
+    threads = max(1, min(num_threads, len(tasks)))
+    live = _Live(_engines(program), len(tasks), threads)
+    results: list[Trajectory | None] = [None] * len(tasks)
+
+    def one(i: int, task: Task) -> tuple[int, Trajectory]:
+        episode_env = env.clone()
+        try:
+            return i, play(episode_env, task)
+        finally:
+            episode_env.close()
+            live.done()
+
+    try:
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="episode") as pool:
+            futures = [pool.submit(contextvars.copy_context().run, one, i, t) for i, t in enumerate(tasks)]
+            for future in as_completed(futures):
+                i, trajectory = future.result()
+                results[i] = trajectory
+                if on_trajectory is not None:
+                    on_trajectory(trajectory)
+    finally:
+        live.close()
+    return [r for r in results if r is not None]
+
+
+def rollout(student: Student, env: TextEnv, tasks: Iterable[Task], *, num_threads: int = 32,
+            capture_level: int | None = None, policy: str = "student",
+            on_trajectory: Progress | None = None) -> list[Trajectory]:
+    """The student plays each task; with `capture_level`, each step also records the privileged state."""
+
+    def play(episode_env: TextEnv, task: Task) -> Trajectory:
+        return student.run(episode_env, task, capture_level=capture_level, policy=policy)
+
+    return run_parallel(play, env, tasks, num_threads=num_threads, program=student, on_trajectory=on_trajectory)
+
+
+def expert_rollout(expert: dspy.Module, student: Student, env: TextEnv, tasks: Iterable[Task], *, level: int,
+                   num_threads: int = 8, policy: str = "expert",
+                   on_trajectory: Progress | None = None) -> list[Trajectory]:
+    """The expert acts (demonstrations for behaviour cloning, and the `expert` reference row).
+
+    It sees the student's inputs (formatted by the student program, so demonstrations are training rows as
+    they stand) plus the privileged state of the state it is in.
+    """
+
+    def play(episode_env: TextEnv, task: Task) -> Trajectory:
+        def act(inputs: StudentInputs) -> tuple[str, str, str | None]:
+            privileged = episode_env.privileged_state(level)
+            privileged.oracle_action = episode_env.oracle_action() if _needs_oracle(expert) else None
+            try:
+                out = expert(**expert_inputs(inputs, "", "", privileged))
+            except Exception as exc:  # an expert failure is recorded on the step, not raised
+                return "", "", f"expert failed: {type(exc).__name__}: {exc}"
+            return str(out.reason).strip(), str(out.action).strip(), None
+
+        return run_episode(act, student.inputs, episode_env, task, policy=policy)
+
+    return run_parallel(play, env, tasks, num_threads=num_threads, program=expert, on_trajectory=on_trajectory)
+
+
+def _needs_oracle(expert: dspy.Module) -> bool:
+    return bool(getattr(expert, "requires_oracle", False)) or isinstance(expert, OracleExpert)
+
+
+def success_rate(trajectories: list[Trajectory]) -> float:
+    return sum(t.success for t in trajectories) / len(trajectories) if trajectories else 0.0
+
+
+def mean_reward(trajectories: list[Trajectory]) -> float:
+    return sum(t.reward for t in trajectories) / len(trajectories) if trajectories else 0.0

@@ -1,0 +1,152 @@
+"""The run folder: what a compile leaves behind for a person and for a resume.
+
+```
+config.yaml                      everything needed to rerun
+base/ expert/                    the untrained student and the expert, evaluated for reference
+iter_0/ (behaviour cloning), iter_1/, ...
+    trajectories.jsonl  corrections.jsonl  adapter/  eval.jsonl  metrics.json
+metrics.csv  report.html  learning_curve.png
+```
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from leap_dspy.store import atomic_write_text, read_json
+
+BASE_COLUMNS = ["iteration", "seen_success", "unseen_success"]
+SCORE_COLUMNS = ["seen_score", "unseen_score"]
+TAIL_COLUMNS = ["train_examples", "corrections_changed", "parse_errors", "train_s", "eval_s", "wall_s"]
+ROW_ORDER = ["base", "expert"]
+
+
+def default_run_dir(env_name: str, root: str | Path = "runs") -> Path:
+    return Path(root) / f"{env_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+class RunFolder:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def stage(self, name: str | int) -> Path:
+        folder = self.path / (f"iter_{name}" if isinstance(name, int) else str(name))
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    def iterations(self) -> list[int]:
+        found = []
+        for child in self.path.glob("iter_*"):
+            suffix = child.name.removeprefix("iter_")
+            if suffix.isdigit():
+                found.append(int(suffix))
+        return sorted(found)
+
+    def last_adapter(self) -> Path | None:
+        """The newest finished adapter: what a compiled student points at."""
+        for k in reversed(self.iterations()):
+            adapter = self.path / f"iter_{k}" / "adapter"
+            if (adapter / "adapter_config.json").exists():
+                return adapter
+        return None
+
+    # -- metrics -------------------------------------------------------------------------------------------
+
+    def metric_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for name in ROW_ORDER:
+            metrics = self.path / name / "metrics.json"
+            if metrics.exists():
+                rows.append(read_json(metrics))
+        for k in self.iterations():
+            metrics = self.path / f"iter_{k}" / "metrics.json"
+            if metrics.exists():
+                rows.append(read_json(metrics))
+        return rows
+
+    def write_metrics_csv(self, with_scores: bool = False) -> Path:
+        """One row per evaluated policy, rebuilt from each stage's metrics.json (so never duplicated)."""
+        columns = BASE_COLUMNS + (SCORE_COLUMNS if with_scores else []) + TAIL_COLUMNS
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in self.metric_rows():
+            writer.writerow({c: _fmt(row.get(c, "")) for c in columns})
+        target = self.path / "metrics.csv"
+        atomic_write_text(target, buffer.getvalue())
+        return target
+
+    def write_report(self, title: str, with_scores: bool = False) -> Path:
+        rows = self.metric_rows()
+        plot = self._plot(rows, with_scores)
+        columns = BASE_COLUMNS + (SCORE_COLUMNS if with_scores else []) + TAIL_COLUMNS
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(_fmt(r.get(c, ''))))}</td>" for c in columns) + "</tr>"
+            for r in rows
+        )
+        config = self.config_path.read_text() if self.config_path.exists() else ""
+        page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}}
+th{{background:#f3f3f3}}pre{{background:#f7f7f7;padding:1rem;overflow:auto}}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>Success rate of each policy: <b>base</b> is the untrained student, <b>expert</b> the privileged expert acting
+itself (a reference, it sees what the student cannot), <b>0</b> behaviour cloning, then LEAP iterations.</p>
+{f'<img src="{plot.name}" alt="learning curve" width="720">' if plot else ''}
+<table><tr>{head}</tr>{body}</table>
+<h2>Configuration</h2><pre>{html.escape(config)}</pre>
+</body></html>"""
+        target = self.path / "report.html"
+        atomic_write_text(target, page)
+        return target
+
+    def _plot(self, rows: list[dict[str, Any]], with_scores: bool) -> Path | None:
+        policy_rows = [r for r in rows if str(r.get("iteration")) not in ROW_ORDER]
+        if not policy_rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        reference = {str(r["iteration"]): r for r in rows if str(r.get("iteration")) in ROW_ORDER}
+        xs = [int(r["iteration"]) for r in policy_rows]
+        metrics = ["seen_success", "unseen_success"] + (SCORE_COLUMNS if with_scores else [])
+        fig, axes = plt.subplots(1, 2 if with_scores else 1, figsize=(9 if with_scores else 6, 4), squeeze=False)
+        for ax, group in zip(axes[0], [metrics[:2], metrics[2:]], strict=False):
+            for metric, colour in zip(group, ["tab:blue", "tab:orange"], strict=False):
+                ys = [float(r.get(metric) or 0) for r in policy_rows]
+                ax.plot(xs, ys, marker="o", color=colour, label=metric.replace("_", " "))
+                for name, style in (("base", ":"), ("expert", "--")):
+                    if name in reference and reference[name].get(metric) not in (None, ""):
+                        ax.axhline(float(reference[name][metric]), color=colour, linestyle=style, alpha=0.6,
+                                   label=f"{name} {metric.split('_')[0]}")
+            ax.set_xlabel("iteration (0 = behaviour cloning)")
+            ax.set_xticks(xs)
+            ax.set_ylabel("score" if "score" in group[0] else "success rate")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle("LEAP learning curve")
+        fig.tight_layout()
+        target = self.path / "learning_curve.png"
+        tmp = target.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(target)
+        return target
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    return value

@@ -1,0 +1,403 @@
+"""The LEAP teleprompter: behaviour cloning, then rounds of rollouts, privileged corrections, aggregation
+and fine-tuning, compiled into LoRA weights for the student's local LM.
+
+It follows DSPy's optimizer shape (`compile(student, trainset=..., teacher=..., valset=...)` returns the
+student, pointed at new weights), and differs from `BootstrapFinetune` on one point on purpose: training rows
+are formatted with the *student's* signature and inputs, never with the teacher's trace, because the
+teacher's inputs hold the privileged state.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import dspy
+
+from leap_dspy.envs.base import TextEnv
+from leap_dspy.lm import DEFAULT_MODEL, local_lm
+from leap_dspy.programs.experts import OracleExpert, expert_inputs
+from leap_dspy.programs.student import Student
+from leap_dspy.progress import console, progress_bar
+from leap_dspy.rollout import expert_rollout, mean_reward, rollout, success_rate
+from leap_dspy.runs import RunFolder, default_run_dir
+from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_yaml
+from leap_dspy.training_data import preference_rows, sft_rows
+from leap_dspy.types import Correction, Task, Trajectory
+
+Update = Literal["sft", "dpo", "kto"]
+
+
+class ConfigMismatch(ValueError):
+    """The run folder was started with another configuration: resuming would mix two experiments."""
+
+
+def as_tasks(examples: Iterable[Any]) -> list[Task]:
+    """Accept `Task`s or `dspy.Example(task=Task)`s, the way DSPy optimizers take examples."""
+    tasks = []
+    for example in examples:
+        task = example.task if isinstance(example, dspy.Example) else example
+        if not isinstance(task, Task):
+            raise TypeError(f"trainset/valset items must be Task or dspy.Example(task=Task), got {type(task)}")
+        tasks.append(task)
+    return tasks
+
+
+class LEAP(dspy.Teleprompter):
+    """Learning from privileged AI feedback (arXiv 2410.05434) as a DSPy teleprompter.
+
+    Args:
+        env: the environment the student acts in (its tasks come from `trainset`/`valset`).
+        iterations: LEAP rounds after behaviour cloning.
+        update: how corrections become weights: `sft`, or preference optimisation `dpo`/`kto` (the
+            correction preferred over the student's own step).
+        model: the student's base weights (the embedded SmolLM2 by default, or any local HF model folder).
+        privilege_level: how much privileged state the expert sees (the environment documents its levels);
+            None uses the environment's default.
+        run_dir: where everything is written; an existing folder with the same configuration is resumed.
+        max_train_rows: rows per fine-tuning round after behaviour cloning: every new correction, then older
+            ones (DAgger's aggregate) sampled to fill up. Bounds a round's cost as the aggregate grows.
+    """
+
+    def __init__(
+        self,
+        env: TextEnv,
+        *,
+        iterations: int = 2,
+        update: Update = "sft",
+        model: str = DEFAULT_MODEL,
+        privilege_level: int | None = None,
+        run_dir: str | Path | None = None,
+        train_config: Any = None,
+        bc_epochs: float = 2.0,
+        epochs: float = 1.0,
+        max_train_rows: int = 400,
+        bc_successful_only: bool = True,
+        num_threads: int = 32,
+        expert_threads: int = 8,
+        expert_retries: int = 3,
+        evaluate_base: bool = True,
+        evaluate_expert: bool = True,
+        lm_kwargs: dict[str, Any] | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        if update not in ("sft", "dpo", "kto"):
+            raise ValueError(f"update must be sft, dpo or kto, not {update!r}")
+        if iterations < 0:
+            raise ValueError("iterations must be >= 0")
+        self.env = env
+        self.iterations = iterations
+        self.update = update
+        self.model = model
+        self.privilege_level = env.check_level(
+            env.default_privilege_level if privilege_level is None else privilege_level
+        )
+        self.run = RunFolder(run_dir or default_run_dir(env.name))
+        self.train_config = train_config
+        self.bc_epochs = bc_epochs
+        self.epochs = epochs
+        self.max_train_rows = max_train_rows
+        self.bc_successful_only = bc_successful_only
+        self.num_threads = num_threads
+        self.expert_threads = expert_threads
+        self.expert_retries = expert_retries
+        self.evaluate_base = evaluate_base
+        self.evaluate_expert = evaluate_expert
+        self.lm_kwargs = dict(lm_kwargs or {})
+        self.seed = seed
+        self.progress = progress
+        self.adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+
+    # -- configuration -------------------------------------------------------------------------------------
+
+    def config(self, teacher: dspy.Module, trainset: list[Task], valset: list[Task]) -> dict[str, Any]:
+        from leap_dspy.train import TrainConfig
+
+        train_config = self.train_config or TrainConfig()
+        return {
+            "env": {"name": self.env.name, **self.env.config()},
+            "model": self.model,
+            "iterations": self.iterations,
+            "update": self.update,
+            "privilege_level": self.privilege_level,
+            "expert": describe_expert(teacher),
+            "trainset": [t.id for t in trainset],
+            "valset": [t.id for t in valset],
+            "bc_epochs": self.bc_epochs,
+            "epochs": self.epochs,
+            "max_train_rows": self.max_train_rows,
+            "bc_successful_only": self.bc_successful_only,
+            "train": train_config.model_dump(),
+            "lm": self.lm_kwargs,
+            "seed": self.seed,
+        }
+
+    def _start(self, config: dict[str, Any]) -> None:
+        import yaml
+
+        path = self.run.config_path
+        if path.exists():
+            existing = yaml.safe_load(path.read_text())
+            ignored = {"iterations"}  # a finished run may be extended with more iterations
+            diff = sorted(k for k in set(existing) | set(config)
+                          if k not in ignored and existing.get(k) != config.get(k))
+            if diff:
+                raise ConfigMismatch(
+                    f"{self.run.path} holds a run with a different configuration ({', '.join(diff)}); "
+                    "use another run folder"
+                )
+            console.print(f"resuming the run in {self.run.path}")
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_yaml(path, config)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+
+    def compile(self, student: Student, *, trainset: Sequence[Any], teacher: dspy.Module | None = None,
+                valset: Sequence[Any] | None = None, **kwargs: Any) -> Student:
+        """Train `student` with LEAP and return it pointing at the final adapter."""
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
+        teacher = teacher or OracleExpert()
+        train_tasks = as_tasks(trainset)
+        val_tasks = as_tasks(valset or [])
+        if not train_tasks:
+            raise ValueError("trainset is empty")
+        self._start(self.config(teacher, train_tasks, val_tasks))
+        compile_start = time.perf_counter()
+        random.seed(self.seed)
+
+        student.set_lm(local_lm(self.model, **self.lm_kwargs))
+        with dspy.context(adapter=self.adapter):
+            if self.evaluate_base and val_tasks:
+                self._evaluate_stage("base", student, val_tasks, stage_s=0.0, extra={})
+            if self.evaluate_expert and val_tasks:
+                self._expert_reference(teacher, student, val_tasks)
+            adapter = None
+            for k in range(self.iterations + 1):
+                adapter = self._iteration(k, student, teacher, train_tasks, val_tasks, adapter)
+        self.run.write_metrics_csv(with_scores=self._with_scores)
+        self.run.write_report(f"LEAP on {self.env.name}", with_scores=self._with_scores)
+        student.set_lm(local_lm(self.model, adapter=str(adapter), **self.lm_kwargs))
+        student.save(str(self.run.path / "student.json"))
+        console.print(f"compiled in {time.perf_counter() - compile_start:.0f} s; run folder: {self.run.path}")
+        return student
+
+    @property
+    def _with_scores(self) -> bool:
+        return bool(getattr(self.env, "reports_score", False))
+
+    def _iteration(self, k: int, student: Student, teacher: dspy.Module, train_tasks: list[Task],
+                   val_tasks: list[Task], previous_adapter: Path | None) -> Path:
+        stage = self.run.stage(k)
+        adapter_dir = stage / "adapter"
+        metrics_path = stage / "metrics.json"
+        if metrics_path.exists() and (adapter_dir / "adapter_config.json").exists():
+            student.set_lm(local_lm(self.model, adapter=str(adapter_dir), **self.lm_kwargs))
+            return adapter_dir
+        start = time.perf_counter()
+        trajectories = JsonlLog(stage / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
+        corrections = JsonlLog(stage / "corrections.jsonl", Correction, key=lambda c: c.key)
+
+        if k == 0:
+            done = self._collect(trajectories, train_tasks, lambda todo, save: expert_rollout(
+                teacher, student, self.env, todo, level=self.privilege_level, num_threads=self.expert_threads,
+                policy="expert", on_trajectory=save), "demonstrations")
+            self._demonstrations(done, corrections)
+        else:
+            done = self._collect(trajectories, train_tasks, lambda todo, save: rollout(
+                student, self.env, todo, num_threads=self.num_threads, capture_level=self.privilege_level,
+                policy=f"student@{k - 1}", on_trajectory=save), f"iteration {k}: rollouts")
+            self._correct(k, teacher, done, corrections)
+
+        current = [c for c in corrections.load().values() if c.iteration == k]
+        rows, train_examples = self._training_rows(k, current)
+        train_start = time.perf_counter()
+        if not (adapter_dir / "adapter_config.json").exists():
+            self._train(rows, adapter_dir, previous_adapter, epochs=self.bc_epochs if k == 0 else self.epochs)
+        train_s = time.perf_counter() - train_start
+        student.set_lm(local_lm(self.model, adapter=str(adapter_dir), **self.lm_kwargs))
+        extra = {
+            "train_examples": train_examples,
+            "corrections": len(current),
+            "corrections_changed": sum(c.changed for c in current if c.dropped is None),
+            "corrections_dropped": sum(c.dropped is not None for c in current),
+            "train_success": success_rate(list(done.values())),
+            "train_s": round(train_s, 1),
+        }
+        self._evaluate_stage(k, student, val_tasks, stage_s=time.perf_counter() - start, extra=extra)
+        return adapter_dir
+
+    def _collect(self, log: JsonlLog[Trajectory], tasks: list[Task], play: Any, label: str) -> dict[str, Trajectory]:
+        """Run the episodes not yet in `log`, appending each as it finishes (the resume point)."""
+        done = log.load()
+        todo = [t for t in tasks if t.id not in done]
+        if todo:
+            with progress_bar(label, len(todo), self.progress) as advance:
+                def save(trajectory: Trajectory) -> None:
+                    log.append(trajectory)
+                    advance()
+
+                for trajectory in play(todo, save):
+                    done[trajectory.task.id] = trajectory
+        return done
+
+    # -- corrections ---------------------------------------------------------------------------------------
+
+    def _demonstrations(self, demos: dict[str, Trajectory], log: JsonlLog[Correction]) -> None:
+        have = log.load()
+        for trajectory in demos.values():
+            if self.bc_successful_only and not trajectory.success:
+                continue
+            for step in trajectory.steps:
+                record = Correction(task_id=trajectory.task.id, step=step.index, inputs=step.inputs,
+                                    reason=step.reason, action=step.action, student_reason=step.reason,
+                                    student_action=step.action, expert=trajectory.policy, iteration=0,
+                                    level=self.privilege_level, source="demonstration",
+                                    dropped=step.error)
+                if record.key not in have:
+                    log.append(record)
+
+    def _correct(self, k: int, teacher: dspy.Module, trajectories: dict[str, Trajectory],
+                 log: JsonlLog[Correction]) -> None:
+        """Ask the expert about every visited step not yet corrected; failures are recorded, not raised."""
+        have = log.load()
+        todo = [(t, s) for t in trajectories.values() for s in t.steps if f"{k}:{t.task.id}:{s.index}" not in have]
+        if not todo:
+            return
+        name = describe_expert(teacher)["name"]
+
+        def correct(item: tuple[Trajectory, Any]) -> Correction:
+            trajectory, step = item
+            record = dict(task_id=trajectory.task.id, step=step.index, inputs=step.inputs,
+                          student_reason=step.reason, student_action=step.action, expert=name,
+                          level=self.privilege_level, iteration=k)
+            if step.privileged is None:
+                return Correction(**record, reason="", action="", dropped="no privileged state was captured")
+            error = "expert gave no answer"
+            for attempt in range(self.expert_retries):
+                try:
+                    out = teacher(**expert_inputs(step.inputs, step.reason, step.action, step.privileged))
+                    reason, action = str(out.reason).strip(), str(out.action).strip().splitlines()[0].strip()
+                except Exception as exc:  # any expert failure: retry, then record it
+                    error = f"expert failed: {type(exc).__name__}: {str(exc)[:200]}"
+                    time.sleep(min(2.0**attempt * 0.5, 8.0) if attempt + 1 < self.expert_retries else 0)
+                    continue
+                dropped = None
+                if not action:
+                    dropped = "expert gave no action"
+                elif step.admissible_actions is not None and action not in step.admissible_actions:
+                    dropped = f"expert action not admissible: {action[:80]}"
+                return Correction(**record, reason=reason, action=action, dropped=dropped)
+            return Correction(**record, reason="", action="", dropped=error)
+
+        workers = 1 if isinstance(teacher, OracleExpert) else self.expert_threads
+        with progress_bar(f"iteration {k}: corrections", len(todo), self.progress) as advance, \
+                ThreadPoolExecutor(max_workers=workers) as pool:
+            for record in pool.map(correct, todo):
+                log.append(record)
+                advance()
+
+    # -- training ------------------------------------------------------------------------------------------
+
+    def _training_rows(self, k: int, current: list[Correction]) -> tuple[list[dict[str, Any]], int]:
+        """DAgger's aggregate, bounded: all of this round's records, then earlier rounds' to fill up."""
+        usable = [c for c in current if c.dropped is None]
+        if self.update != "sft" and k > 0:
+            rows = preference_rows(self.student_signature, self.adapter, usable, kind=self.update)
+            return rows, len(rows)
+        chosen = list(usable)
+        if k > 0 and len(chosen) < self.max_train_rows:
+            earlier = [c for j in range(k) for c in self._load_corrections(j) if c.dropped is None]
+            rng = random.Random(self.seed * 1000 + k)
+            rng.shuffle(earlier)
+            chosen += earlier[: self.max_train_rows - len(chosen)]
+        elif k == 0 and len(chosen) > self.max_train_rows * 2:
+            chosen = random.Random(self.seed).sample(chosen, self.max_train_rows * 2)
+        return sft_rows(self.student_signature, self.adapter, chosen), len(chosen)
+
+    def _load_corrections(self, k: int) -> list[Correction]:
+        path = self.run.path / f"iter_{k}" / "corrections.jsonl"
+        return list(JsonlLog(path, Correction, key=lambda c: c.key).load().values())
+
+    student_signature = Student().step.signature
+
+    def _train(self, rows: list[dict[str, Any]], out: Path, init: Path | None, epochs: float) -> None:
+        from leap_dspy.train import TrainConfig, train_dpo, train_kto, train_sft
+
+        if not rows:
+            raise RuntimeError(f"no training rows for {out.parent.name}: every correction was dropped")
+        config = (self.train_config or TrainConfig()).model_copy(update={"epochs": epochs})
+        trainer = {"sft": train_sft, "dpo": train_dpo, "kto": train_kto}[self.update]
+        if "chosen" not in rows[0] and "label" not in rows[0]:
+            trainer = train_sft
+        console.print(f"{out.parent.name}: fine-tuning on {len(rows)} rows ({trainer.__name__})")
+        result = trainer(rows, model=self.model, output_dir=out, init_adapter=str(init) if init else None,
+                         config=config)
+        atomic_write_json(out.parent / "train.json", result.model_dump())
+
+    # -- evaluation ----------------------------------------------------------------------------------------
+
+    def _evaluate_stage(self, name: str | int, student: Student, tasks: list[Task], stage_s: float,
+                        extra: dict[str, Any]) -> None:
+        stage = self.run.stage(name)
+        if (stage / "metrics.json").exists():
+            return
+        start = time.perf_counter()
+        log = JsonlLog(stage / "eval.jsonl", Trajectory, key=lambda t: t.task.id)
+        done = self._collect(log, tasks, lambda todo, save: rollout(
+            student, self.env, todo, num_threads=self.num_threads, policy=str(name), on_trajectory=save),
+            f"evaluate {name}")
+        self._write_metrics(stage, name, done, start, stage_s, extra)
+
+    def _expert_reference(self, teacher: dspy.Module, student: Student, tasks: list[Task]) -> None:
+        stage = self.run.stage("expert")
+        if (stage / "metrics.json").exists():
+            return
+        start = time.perf_counter()
+        log = JsonlLog(stage / "eval.jsonl", Trajectory, key=lambda t: t.task.id)
+        done = self._collect(log, tasks, lambda todo, save: expert_rollout(
+            teacher, student, self.env, todo, level=self.privilege_level, num_threads=self.expert_threads,
+            on_trajectory=save), "evaluate expert")
+        self._write_metrics(stage, "expert", done, start, 0.0, {})
+
+    def _write_metrics(self, stage: Path, name: str | int, done: dict[str, Trajectory], start: float,
+                       stage_s: float, extra: dict[str, Any]) -> None:
+        eval_s = time.perf_counter() - start
+        metrics: dict[str, Any] = {"iteration": str(name), **split_metrics(list(done.values()))}
+        metrics.setdefault("train_examples", 0)
+        metrics.update(extra)
+        metrics["eval_s"] = round(eval_s, 1)
+        metrics["wall_s"] = round(stage_s if stage_s else eval_s, 1)
+        atomic_write_json(stage / "metrics.json", metrics)
+        self.run.write_metrics_csv(with_scores=self._with_scores)
+        shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("seen_success", "unseen_success") if k in metrics)
+        console.print(f"[bold]{name}[/bold]: {shown}")
+
+
+def split_metrics(trajectories: list[Trajectory]) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    for split in ("train", "seen", "unseen"):
+        group = [t for t in trajectories if t.task.split == split]
+        if not group:
+            continue
+        metrics[f"{split}_success"] = success_rate(group)
+        metrics[f"{split}_score"] = 100.0 * mean_reward(group)
+        metrics[f"{split}_episodes"] = len(group)
+        metrics[f"{split}_steps"] = sum(len(t.steps) for t in group) / len(group)
+    metrics["parse_errors"] = sum(t.num_errors for t in trajectories)
+    return metrics
+
+
+def describe_expert(teacher: dspy.Module) -> dict[str, Any]:
+    """What the config records about the expert: its class and, for LM experts, the model."""
+    info: dict[str, Any] = {"name": type(teacher).__name__}
+    lms = [p.lm for p in teacher.predictors() if getattr(p, "lm", None) is not None]
+    if lms:
+        info["model"] = getattr(lms[0], "model", str(lms[0]))
+    return info

@@ -1,0 +1,263 @@
+"""Plumbing shared by the trainers: model + LoRA set-up, TRL arguments for CPU, atomic adapter saving,
+loss/throughput bookkeeping.
+
+Why atomic: each LEAP iteration continues from the previous iteration's adapter and a resumed run trusts
+whatever sits at `iter_<k>/adapter/`. Training writes into `<output_dir>.tmp` and renames it into place only
+when the adapter is complete, so a killed or failed run never leaves a half adapter where a resume would look.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from leap_dspy.train.config import TrainConfig, TrainResult
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def resolve_torch_dtype(dtype: str) -> Any:
+    from leap_dspy.lm.models import pick_dtype
+
+    return pick_dtype(dtype)
+
+
+def load_trainable_model(
+    model: str, config: TrainConfig, init_adapter: str | os.PathLike[str] | None = None
+) -> tuple[Any, Any]:
+    """The base model in the training dtype with a trainable LoRA adapter, and its tokenizer.
+
+    With `init_adapter`, the saved adapter is loaded trainable and its own LoRA shape (r, alpha, targets) is kept:
+    LEAP iteration k continues from iteration k-1's weights. Otherwise a fresh adapter is made from `config`.
+    LoRA weights stay float32 (PEFT upcasts adapters) while the frozen base runs in bf16: the optimizer then
+    updates float32 weights, and the bf16 matmuls of the base carry most of the compute.
+    """
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from leap_dspy.lm.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    base = load_model(model, dtype=config.dtype)
+    base.config.use_cache = False
+    if init_adapter is not None:
+        adapter_path = Path(init_adapter)
+        if not (adapter_path / "adapter_config.json").exists():
+            raise FileNotFoundError(f"init_adapter {adapter_path} has no adapter_config.json")
+        peft_model = PeftModel.from_pretrained(base, str(adapter_path), is_trainable=True)
+    else:
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        peft_model = get_peft_model(base, lora)
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    if config.gradient_checkpointing:
+        peft_model.enable_input_require_grads()
+    return peft_model, tokenizer
+
+
+def trl_common_args(config: TrainConfig, output_dir: Path, method: str) -> dict[str, Any]:
+    """Keyword arguments every TRL config gets here.
+
+    TRL 1.16 defaults to bf16 autocast and gradient checkpointing; on CPU both are slower than casting the model
+    itself to bf16 (done in `load_trainable_model`), so both are off unless asked for. No checkpoints (the
+    adapter is saved once, atomically), no reporting, no dataloader workers (2 cores are all busy computing).
+    """
+    import torch
+
+    on_cuda = torch.cuda.is_available()
+    return dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=config.per_device_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        learning_rate=config.lr_for(method),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        fp16=False,
+        activation_checkpointing=config.gradient_checkpointing,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=on_cuda,
+        seed=config.seed,
+        data_seed=config.seed,
+        disable_tqdm=not config.progress_bar,
+        use_cpu=not on_cuda,
+    )
+
+
+class LossRecorder:
+    """A TrainerCallback (duck-typed to avoid importing transformers at module import) that keeps the logged
+    losses and times the optimisation loop."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.started: float | None = None
+        self.ended: float | None = None
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                recorder.started = time.perf_counter()
+
+            def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                recorder.ended = time.perf_counter()
+
+            def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+                if logs and "loss" in logs:
+                    recorder.losses.append(float(logs["loss"]))
+
+        return _Callback()
+
+    @property
+    def wall_s(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.ended or time.perf_counter()) - self.started
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    import torch
+
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def quiet_libraries(keep_progress_bar: bool) -> Iterator[None]:
+    """Silence datasets' map/filter bars and transformers/TRL info chatter; the Trainer's own bar stays."""
+    import datasets
+    import transformers
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    previous = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    trl_logger = logging.getLogger("trl")
+    trl_level = trl_logger.level
+    trl_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # deprecation notices from transformers/TRL internals, not actionable by callers
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            yield
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+        transformers.logging.set_verbosity(previous)
+        trl_logger.setLevel(trl_level)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output_dir: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield `<output_dir>.tmp` to write into; on success replace `output_dir` by it, on failure delete it.
+
+    An existing adapter at `output_dir` survives a failed run untouched.
+    """
+    final = Path(output_dir)
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(model: Any, tokenizer: Any, directory: Path) -> None:
+    """Adapter weights + config only (a few MB), plus the tokenizer so the folder is self-describing.
+
+    Trainer scratch files (runs/, checkpoint-*) are removed so the folder holds the adapter alone."""
+    for child in directory.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+
+
+def run_trainer(
+    trainer: Any,
+    recorder: LossRecorder,
+    *,
+    method: str,
+    tmp_dir: Path,
+    final_dir: Path,
+    tokenizer: Any,
+    train_rows: int,
+    tokens_per_epoch: int,
+    setup_s: float,
+    counted_tokens: Any = None,
+) -> TrainResult:
+    """Train, save the adapter into `tmp_dir` and report; the caller's `atomic_output_dir` publishes it."""
+    output = trainer.train()
+    steps = int(output.global_step)
+    epochs_done = float(trainer.state.epoch or 0.0)
+    save_adapter(trainer.model, tokenizer, tmp_dir)
+    wall = recorder.wall_s
+    # Exact count where the caller's collator counted real tokens; else rows seen x mean row length
+    tokens = int(counted_tokens()) if counted_tokens is not None else int(round(tokens_per_epoch * epochs_done))
+    return TrainResult(
+        method=method,
+        adapter_dir=str(final_dir),
+        train_rows=train_rows,
+        train_tokens=tokens,
+        steps=steps,
+        wall_s=round(wall, 3),
+        tokens_per_s=round(tokens / wall, 2) if wall > 0 else 0.0,
+        final_loss=recorder.losses[-1] if recorder.losses else None,
+        loss_history=recorder.losses,
+        peak_rss_mb=round(peak_rss_mb(), 1),
+        setup_s=round(setup_s, 3),
+    )

@@ -1,0 +1,77 @@
+"""Settings and results of one fine-tuning run, shared by the SFT, DPO and KTO backends.
+
+Defaults were measured on a 2-core AVX512-BF16 CPU with SmolLM2-135M (see bench/train.py): LoRA r=16 on the
+attention projections, bf16 weights, no gradient checkpointing, batches of similar length.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class TrainConfig(BaseModel):
+    """Hyper-parameters of a LoRA fine-tune.
+
+    `learning_rate=None` picks the usual value per method: LoRA SFT tolerates 2e-4, while DPO/KTO push a
+    log-ratio against a frozen reference and diverge at that rate, so they get 5e-5.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    learning_rate: float | None = None
+    epochs: float = 2.0
+    max_steps: int = -1
+    """When > 0, overrides `epochs` (tests and benchmarks use it to bound the work)."""
+    per_device_batch_size: int = 8
+    gradient_accumulation: int = 1
+    max_length: int = 1024
+    """Rows longer than this (prompt + completion tokens) are cut from the start of the prompt, never the
+    completion, so what is trained is always the tail the model must produce."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """"auto": bfloat16 on CUDA or on a CPU with AVX512-BF16/AMX (about 4x float32 there), else float32."""
+    gradient_checkpointing: bool = False
+    """Off: it recomputes the forward (about +30% time) and a 135M model's activations fit in RAM."""
+    group_by_length: bool = True
+    """Batch rows of similar length together, so little of each batch is padding."""
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"
+    seed: int = 0
+    beta: float = 0.1
+    """DPO/KTO temperature of the implicit reward (higher = stay closer to the reference)."""
+    logging_steps: int = 1
+    num_threads: int | None = None
+    """torch threads while training; None = leave torch's setting (on CPU: one per core)."""
+    progress_bar: bool = True
+
+    def lr_for(self, method: str) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-4 if method == "sft" else 5e-5
+
+
+class TrainResult(BaseModel):
+    """What a training run produced and how fast it went."""
+
+    method: str
+    adapter_dir: str
+    train_rows: int
+    train_tokens: int
+    """Non-padding tokens through the model (prompt + completion, each epoch; DPO counts both branches)."""
+    steps: int
+    wall_s: float
+    """Time inside the optimisation loop (model loading and tokenisation excluded)."""
+    tokens_per_s: float
+    final_loss: float | None
+    loss_history: list[float]
+    peak_rss_mb: float
+    """Peak resident memory of the whole process so far (getrusage), not of this run alone."""
+    setup_s: float = 0.0

@@ -1,0 +1,169 @@
+"""Preference fine-tuning of the LoRA student: DPO on (chosen, rejected) pairs and KTO on unpaired
+desirable/undesirable completions, through TRL's DPOTrainer/KTOTrainer.
+
+The reference policy is the same weights with the adapter disabled (ref_model=None with a PEFT model), so no
+second copy of the model is held. With `init_adapter` that means the reference is the *base* model, not the
+previous iteration's policy: the preference loss then also pulls towards what SFT already taught.
+
+Rows are handed to TRL as plain strings already rendered by the chat template (`data.prompt_text` and
+`data.completion_text`), so the prompt the model is trained on is exactly the inference prompt, and TRL's own
+tokenisation (prompt, then prompt + completion split at their common prefix) sees the same text as SFT does.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from leap_dspy.train.common import (
+    LossRecorder,
+    atomic_output_dir,
+    load_trainable_model,
+    quiet_libraries,
+    run_trainer,
+    torch_threads,
+    trl_common_args,
+)
+from leap_dspy.train.config import TrainConfig, TrainResult
+from leap_dspy.train.data import _messages, check_rows, completion_text, prompt_text
+
+
+def _render(
+    tokenizer: Any, prompt: Any, completions: Sequence[Any], max_length: int | None
+) -> tuple[str, list[str], int]:
+    """(prompt string, completion strings, tokens of prompt + all completions); the prompt is cut from its start
+    when the prompt plus the longest completion exceeds `max_length`."""
+    messages = _messages(prompt, "prompt")
+    head = prompt_text(tokenizer, messages)
+    tails = [completion_text(tokenizer, messages, _messages(c, "completion")) for c in completions]
+    p_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    c_lens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in tails]
+    if max_length is not None and len(p_ids) + max(c_lens) > max_length:
+        keep = max(max_length - max(c_lens), 1)
+        p_ids = p_ids[-keep:]
+        head = tokenizer.decode(p_ids)
+    return head, tails, len(p_ids) * len(tails) + sum(c_lens)
+
+
+def train_dpo(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    model: str,
+    output_dir: str | os.PathLike[str],
+    init_adapter: str | os.PathLike[str] | None = None,
+    config: TrainConfig | None = None,
+) -> TrainResult:
+    """DPO on `{"prompt": [...], "chosen": [assistant msg], "rejected": [assistant msg]}` rows; saves the adapter
+    (only) at output_dir, atomically. `config.beta` is DPO's beta."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    config = config or TrainConfig()
+    check_rows(rows, ("prompt", "chosen", "rejected"), "dpo")
+    t0 = time.perf_counter()
+    final_dir = Path(output_dir)
+    with torch_threads(config.num_threads), quiet_libraries(config.progress_bar), atomic_output_dir(final_dir) as tmp:
+        peft_model, tokenizer = load_trainable_model(model, config, init_adapter)
+        columns: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
+        tokens = 0
+        for row in rows:
+            head, (chosen, rejected), n = _render(tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
+                                                   config.max_length)
+            columns["prompt"].append(head)
+            columns["chosen"].append(chosen)
+            columns["rejected"].append(rejected)
+            tokens += n
+        args = DPOConfig(
+            **trl_common_args(config, tmp, "dpo"),
+            beta=config.beta,
+            max_length=None,  # rows were cut to config.max_length above, keeping the completions
+            precompute_ref_log_probs=False,
+        )
+        recorder = LossRecorder()
+        trainer = DPOTrainer(
+            model=peft_model,
+            ref_model=None,
+            args=args,
+            train_dataset=Dataset.from_dict(columns),
+            processing_class=tokenizer,
+            callbacks=[recorder.callback()],
+        )
+        return run_trainer(
+            trainer, recorder, method="dpo", tmp_dir=tmp, final_dir=final_dir, tokenizer=tokenizer,
+            train_rows=len(rows), tokens_per_epoch=tokens, setup_s=time.perf_counter() - t0,
+        )
+
+
+def train_kto(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    model: str,
+    output_dir: str | os.PathLike[str],
+    init_adapter: str | os.PathLike[str] | None = None,
+    config: TrainConfig | None = None,
+) -> TrainResult:
+    """KTO on `{"prompt": [...], "completion": [assistant msg], "label": bool}` rows (True = desirable).
+
+    KTO compares each completion with a KL baseline estimated from mismatched pairs in the same batch, and needs
+    both desirable and undesirable examples; rows are shuffled once (seeded) so that every batch mixes both
+    kinds, since TRL's KTO samples sequentially.
+    """
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    config = config or TrainConfig()
+    check_rows(rows, ("prompt", "completion", "label"), "kto")
+    desirable = sum(1 for r in rows if bool(r["label"]))
+    if desirable == 0 or desirable == len(rows):
+        kind = "undesirable (label=False)" if desirable else "desirable (label=True)"
+        raise ValueError(
+            f"kto: all {len(rows)} rows have label={bool(desirable)}; KTO needs at least one {kind} example too "
+            "(use train_sft for positive-only data)"
+        )
+    if len(rows) < 2:
+        raise ValueError("kto: needs at least 2 rows (the KL baseline pairs rows within a batch)")
+    order = list(range(len(rows)))
+    random.Random(config.seed).shuffle(order)
+    t0 = time.perf_counter()
+    final_dir = Path(output_dir)
+    with torch_threads(config.num_threads), quiet_libraries(config.progress_bar), atomic_output_dir(final_dir) as tmp:
+        peft_model, tokenizer = load_trainable_model(model, config, init_adapter)
+        columns: dict[str, list[Any]] = {"prompt": [], "completion": [], "label": []}
+        tokens = 0
+        for i in order:
+            row = rows[i]
+            head, (completion,), n = _render(tokenizer, row["prompt"], [row["completion"]], config.max_length)
+            columns["prompt"].append(head)
+            columns["completion"].append(completion)
+            columns["label"].append(bool(row["label"]))
+            tokens += 2 * n  # each row also runs once as another row's KL (mismatched) completion
+        batch = max(2, min(config.per_device_batch_size, len(rows)))
+        undesirable = len(rows) - desirable
+        common = trl_common_args(config, tmp, "kto")
+        common["per_device_train_batch_size"] = batch
+        args = KTOConfig(
+            **common,
+            beta=config.beta,
+            max_length=None,
+            precompute_ref_log_probs=False,
+            # weight the rarer kind up so both contribute equally (KTO paper's recommended ratio range)
+            desirable_weight=max(1.0, undesirable / desirable),
+            undesirable_weight=max(1.0, desirable / undesirable),
+        )
+        recorder = LossRecorder()
+        trainer = KTOTrainer(
+            model=peft_model,
+            ref_model=None,
+            args=args,
+            train_dataset=Dataset.from_dict(columns),
+            processing_class=tokenizer,
+            callbacks=[recorder.callback()],
+        )
+        return run_trainer(
+            trainer, recorder, method="kto", tmp_dir=tmp, final_dir=final_dir, tokenizer=tokenizer,
+            train_rows=len(rows), tokens_per_epoch=tokens, setup_s=time.perf_counter() - t0,
+        )

@@ -1,0 +1,117 @@
+"""The student: a DSPy agent that sees only its task, observation and recent history."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import dspy
+
+from leap_dspy.signatures import StudentStep
+from leap_dspy.types import Step, StudentInputs, Task, Trajectory
+
+INVALID_MARKERS = ("Nothing happens.",)
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split()) if "\n" not in text else text.strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Student(dspy.Module):
+    """`StudentStep` in an agent loop.
+
+    The prompt is what a step costs on a CPU, so the program bounds it: the last `history_window` steps
+    (action and a clipped observation), a clipped observation, and the admissible actions when the
+    environment knows them (a small model picks far better from a list than from memory).
+    """
+
+    def __init__(
+        self,
+        history_window: int = 2,
+        max_observation_chars: int = 600,
+        max_history_observation_chars: int = 120,
+        show_admissible_actions: bool = True,
+        max_invalid_streak: int = 4,
+    ) -> None:
+        super().__init__()
+        self.step = dspy.Predict(StudentStep)
+        self.history_window = history_window
+        self.max_observation_chars = max_observation_chars
+        self.max_history_observation_chars = max_history_observation_chars
+        self.show_admissible_actions = show_admissible_actions
+        self.max_invalid_streak = max_invalid_streak
+
+    def forward(self, task: str, observation: str, history: str) -> dspy.Prediction:
+        return self.step(task=task, observation=observation, history=history)
+
+    # -- the agent loop ------------------------------------------------------------------------------------
+
+    def inputs(self, task: Task, observation: Observation, past: list[Step]) -> StudentInputs:
+        """The student's view of the current state: all that a student prompt or training row contains."""
+        text = _clip(observation.text, self.max_observation_chars)
+        if self.show_admissible_actions and observation.admissible_actions:
+            text += "\nActions: " + ", ".join(observation.admissible_actions)
+        recent = past[-self.history_window :] if self.history_window > 0 else []
+        lines = [
+            f"{step.action or '(no action)'} -> {_clip(step.next_observation, self.max_history_observation_chars)}"
+            for step in recent
+        ]
+        return StudentInputs(task=task.instruction, observation=text, history="\n".join(lines) or "(none)")
+
+    def act(self, inputs: StudentInputs) -> tuple[str, str, str | None]:
+        """(reason, action, error): a malformed model output becomes a recorded error, never an exception."""
+        try:
+            prediction = self(**inputs.model_dump())
+        except (dspy.utils.exceptions.AdapterParseError, ValueError) as exc:
+            return "", "", f"{type(exc).__name__}: {_clip(str(exc), 300)}"
+        reason = str(getattr(prediction, "reason", "") or "").strip()
+        action = str(getattr(prediction, "action", "") or "").strip().splitlines()
+        action_text = action[0].strip() if action else ""
+        return reason, action_text, None if action_text else "the model gave no action"
+
+    def run(self, env: Any, task: Task, max_steps: int | None = None, capture_level: int | None = None,
+            policy: str = "student") -> Trajectory:
+        """Play one episode. `capture_level` records the privileged state at each step for an expert."""
+        return run_episode(self.act, self.inputs, env, task, max_steps=max_steps, capture_level=capture_level,
+                           policy=policy, max_invalid_streak=self.max_invalid_streak)
+
+
+def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: int | None = None,
+                capture_level: int | None = None, policy: str = "student",
+                max_invalid_streak: int = 0) -> Trajectory:
+    """The loop shared by every policy: observe, decide, step, record.
+
+    An episode also ends after `max_invalid_streak` consecutive unusable steps (a malformed output or an
+    action the environment rejected): with greedy decoding a policy that fails that often in a row is stuck,
+    and playing out its remaining steps would only spend the step budget of a rollout.
+    """
+    start = time.perf_counter()
+    limit = max_steps or getattr(env, "max_steps", 30)
+    observation = env.reset(task)
+    trajectory = Trajectory(task=task, policy=policy)
+    streak = 0
+    for index in range(limit):
+        inputs = make_inputs(task, observation, trajectory.steps)
+        privileged = None
+        if capture_level is not None:
+            privileged = env.privileged_state(capture_level)
+            privileged.oracle_action = env.oracle_action()
+        reason, action, error = act(inputs)
+        admissible = observation.admissible_actions
+        observation = env.step(action)
+        trajectory.steps.append(
+            Step(index=index, inputs=inputs, reason=reason, action=action, admissible_actions=admissible,
+                 next_observation=observation.text, reward=observation.reward, done=observation.done,
+                 error=error, privileged=privileged)
+        )
+        invalid = error is not None or observation.text.strip() in INVALID_MARKERS or (
+            admissible is not None and action not in admissible
+        )
+        streak = streak + 1 if invalid else 0
+        if observation.done or (max_invalid_streak and streak >= max_invalid_streak):
+            break
+    trajectory.success = bool(observation.success)
+    trajectory.reward = float(observation.reward)
+    trajectory.wall_s = time.perf_counter() - start
+    return trajectory

@@ -9,6 +9,7 @@ teacher's inputs hold the privileged state.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterable, Sequence
@@ -25,7 +26,7 @@ from leap_dspy.programs.student import Student
 from leap_dspy.progress import console, progress_bar
 from leap_dspy.rollout import expert_rollout, mean_reward, rollout, success_rate
 from leap_dspy.runs import RunFolder, default_run_dir
-from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_yaml
+from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, atomic_write_yaml
 from leap_dspy.training_data import preference_rows, sft_rows
 from leap_dspy.types import Correction, Task, Trajectory
 
@@ -217,6 +218,7 @@ class LEAP(dspy.Teleprompter):
 
         current = [c for c in corrections.load().values() if c.iteration == k]
         rows, train_examples = self._training_rows(k, current)
+        atomic_write_text(stage / "train_rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         train_start = time.perf_counter()
         if not (adapter_dir / "adapter_config.json").exists():
             self._train(rows, adapter_dir, previous_adapter, epochs=self.bc_epochs if k == 0 else self.epochs)

@@ -1,0 +1,235 @@
+"""`leap-dspy`: compile a student with LEAP, evaluate it, roll out any saved program, list tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.table import Table
+
+from leap_dspy.progress import console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train small LLM agents that beat their teacher, with privileged AI feedback (LEAP).")
+
+EnvOption = Annotated[str, typer.Option("--env", "-e", help="alfworld, webshop, intercode-bash, intercode-sql")]
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", "-s", help="environment option KEY=VALUE (e.g. num_receptacles=6); repeatable")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def parse_sets(values: list[str] | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise fail(f"--set takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = yaml.safe_load(raw)
+    return options
+
+
+def build_env(name: str, options: dict[str, Any]) -> Any:
+    from leap_dspy.envs import UnknownEnvironment, make_env
+
+    try:
+        return make_env(name, **options)
+    except UnknownEnvironment as exc:
+        raise fail(str(exc)) from exc
+    except TypeError as exc:
+        raise fail(f"bad option for {name}: {exc}") from exc
+
+
+def build_expert(spec: str, model: str) -> Any:
+    from leap_dspy.programs import OracleExpert, PrivilegedExpert
+
+    if spec == "oracle":
+        return OracleExpert()
+    if spec == "self":
+        from leap_dspy.lm import local_lm
+
+        return PrivilegedExpert(local_lm(model))
+    if "/" not in spec:
+        raise fail(f"--expert is 'oracle', 'self' or a LiteLLM model string like openai/gpt-4o, not {spec!r}")
+    return PrivilegedExpert(spec)
+
+
+@app.command("compile")
+def compile_(
+    env: EnvOption = "alfworld",
+    run_dir: Annotated[Path | None, typer.Option(help="run folder (default runs/<env>-<timestamp>)")] = None,
+    iterations: Annotated[int, typer.Option(min=0, help="LEAP iterations after behaviour cloning")] = 2,
+    update: Annotated[str, typer.Option(help="sft, dpo or kto")] = "sft",
+    expert: Annotated[str, typer.Option(help="oracle (scripted), self, or a LiteLLM model string")] = "oracle",
+    privilege_level: Annotated[int | None, typer.Option(help="privilege dial (env default if unset)")] = None,
+    model: Annotated[str, typer.Option(help="student base model: the embedded default or an HF folder")] = "",
+    max_train_rows: Annotated[int, typer.Option(min=1, help="rows per LEAP fine-tuning round")] = 400,
+    threads: Annotated[int, typer.Option(min=1, help="episodes played at once")] = 32,
+    base: Annotated[bool, typer.Option(help="evaluate the untrained student")] = True,
+    expert_reference: Annotated[bool, typer.Option("--expert-reference/--no-expert-reference",
+                                                   help="evaluate the expert acting itself")] = True,
+    sets: SetOption = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Behaviour cloning, then LEAP iterations; writes a run folder with metrics.csv and report.html."""
+    from leap_dspy.lm import DEFAULT_MODEL
+    from leap_dspy.programs import Student
+    from leap_dspy.teleprompt import LEAP, ConfigMismatch
+
+    if update not in ("sft", "dpo", "kto"):
+        raise fail(f"--update must be sft, dpo or kto, not {update!r}")
+    environment = build_env(env, parse_sets(sets))
+    model = model or DEFAULT_MODEL
+    teacher = build_expert(expert, model)
+    try:
+        leap = LEAP(environment, iterations=iterations, update=update, model=model,  # type: ignore[arg-type]
+                    privilege_level=privilege_level, run_dir=run_dir, max_train_rows=max_train_rows,
+                    num_threads=threads, evaluate_base=base, evaluate_expert=expert_reference,
+                    progress=not quiet)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    trainset = environment.tasks("train")
+    valset = environment.tasks("seen") + environment.tasks("unseen")
+    try:
+        leap.compile(Student(), trainset=trainset, teacher=teacher, valset=valset)
+    except ConfigMismatch as exc:
+        raise fail(str(exc)) from exc
+    print_metrics(leap.run.path)
+
+
+def print_metrics(run_dir: Path) -> None:
+    import csv
+
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return
+    rows = list(csv.DictReader(path.open()))
+    table = Table(title=str(path))
+    for column in rows[0] if rows else []:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row.values())
+    console.print(table)
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], Any]:
+    config_path = run_dir / "config.yaml"
+    if not config_path.exists():
+        raise fail(f"{run_dir} is not a run folder (no config.yaml)")
+    config = yaml.safe_load(config_path.read_text())
+    env_options = dict(config["env"])
+    return config, build_env(env_options.pop("name"), env_options)
+
+
+def load_program(path: Path) -> Any:
+    from leap_dspy.programs import Student
+
+    if not path.exists():
+        raise fail(f"no saved program at {path}")
+    student = Student()
+    try:
+        student.load(str(path), allow_unsafe_lm_state=True)
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise fail(f"{path} is not a saved Student program: {exc}") from exc
+    return student
+
+
+def report_rollout(name: str, trajectories: list[Any]) -> dict[str, Any]:
+    from leap_dspy.teleprompt import split_metrics
+
+    metrics = split_metrics(trajectories)
+    table = Table(title=name)
+    for column in ("split", "episodes", "success", "score", "mean steps"):
+        table.add_column(column, justify="right")
+    for split in ("train", "seen", "unseen"):
+        if f"{split}_episodes" in metrics:
+            table.add_row(split, str(metrics[f"{split}_episodes"]), f"{metrics[f'{split}_success']:.3f}",
+                          f"{metrics[f'{split}_score']:.1f}", f"{metrics[f'{split}_steps']:.1f}")
+    console.print(table)
+    return metrics
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder written by compile")],
+    split: Annotated[str, typer.Option(help="train, seen or unseen")] = "unseen",
+    threads: Annotated[int, typer.Option(min=1)] = 32,
+    limit: Annotated[int | None, typer.Option(min=1, help="only the first N tasks")] = None,
+) -> None:
+    """Evaluate a compiled student (the run folder's student.json) on a split."""
+    if not run_dir.exists():
+        raise fail(f"run folder {run_dir} does not exist")
+    _, environment = load_run(run_dir)
+    student = load_program(run_dir / "student.json")
+    _play(student, environment, split, threads, limit, f"{run_dir.name} on {split}")
+
+
+@app.command("rollout")
+def rollout_(
+    program: Annotated[Path, typer.Argument(help="a saved Student program (student.json)")],
+    env: EnvOption = "alfworld",
+    split: Annotated[str, typer.Option(help="train, seen or unseen")] = "unseen",
+    threads: Annotated[int, typer.Option(min=1)] = 32,
+    limit: Annotated[int | None, typer.Option(min=1)] = None,
+    sets: SetOption = None,
+) -> None:
+    """Run any saved program on a split and print its success."""
+    environment = build_env(env, parse_sets(sets))
+    student = load_program(program)
+    _play(student, environment, split, threads, limit, f"{program.name} on {env}/{split}")
+
+
+def _play(student: Any, environment: Any, split: str, threads: int, limit: int | None, title: str) -> None:
+    import dspy
+
+    from leap_dspy.progress import progress_bar
+    from leap_dspy.rollout import rollout
+
+    if split not in ("train", "seen", "unseen"):
+        raise fail(f"--split must be train, seen or unseen, not {split!r}")
+    tasks = environment.tasks(split)[:limit]
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        with progress_bar(f"rollout {split}", len(tasks)) as advance:
+            trajectories = rollout(student, environment, tasks, num_threads=threads,
+                                   on_trajectory=lambda _: advance())
+    report_rollout(title, trajectories)
+
+
+@app.command()
+def tasks(
+    env: EnvOption = "alfworld",
+    split: Annotated[str, typer.Option(help="train, seen or unseen")] = "train",
+    sets: SetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON task per line")] = False,
+) -> None:
+    """List (generating if needed) an environment's tasks."""
+    if split not in ("train", "seen", "unseen"):
+        raise fail(f"--split must be train, seen or unseen, not {split!r}")
+    environment = build_env(env, parse_sets(sets))
+    found = environment.tasks(split)
+    if as_json:
+        for task in found:
+            typer.echo(task.model_dump_json())
+        return
+    table = Table(title=f"{env} {split}: {len(found)} tasks")
+    table.add_column("id")
+    table.add_column("instruction")
+    for task in found:
+        table.add_row(task.id, task.instruction)
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,33 @@
+"""Shared fixtures: an isolated cache, and a tiny randomly initialised Llama with SmolLM2's tokenizer
+(real transformers/PEFT/TRL code paths at a fraction of the cost of the real model)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from leap_dspy.lm.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = Path(tmp_path_factory.mktemp("tiny-llama"))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from leap_dspy.runs import RunFolder
+from leap_dspy.store import JsonlLog, atomic_write_json, read_json
+from leap_dspy.types import Correction, StudentInputs
+
+
+def correction(step: int, action: str = "look") -> Correction:
+    inputs = StudentInputs(task="t", observation="o", history="h")
+    return Correction(task_id="a", step=step, inputs=inputs, reason="r", action=action, expert="oracle")
+
+
+def test_torn_tail_is_dropped_and_repaired(tmp_path: Path) -> None:
+    log = JsonlLog(tmp_path / "c.jsonl", Correction, key=lambda c: c.key)
+    log.append(correction(0))
+    log.append(correction(1))
+    whole = (tmp_path / "c.jsonl").read_bytes()
+    (tmp_path / "c.jsonl").write_bytes(whole + correction(2).model_dump_json().encode()[:25])  # killed mid-write
+    records = log.load()
+    assert sorted(records) == ["0:a:0", "0:a:1"]
+    assert (tmp_path / "c.jsonl").read_bytes() == whole  # repaired, so the next append starts a clean line
+    log.append(correction(2))
+    assert sorted(log.load()) == ["0:a:0", "0:a:1", "0:a:2"]
+
+
+def test_one_record_per_key(tmp_path: Path) -> None:
+    log = JsonlLog(tmp_path / "c.jsonl", Correction, key=lambda c: c.key)
+    log.append(correction(0, "look"))
+    log.append(correction(0, "inventory"))
+    records = log.load()
+    assert len(records) == 1 and records["0:a:0"].action == "inventory"
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path: Path) -> None:
+    atomic_write_json(tmp_path / "m.json", {"x": 1})
+    atomic_write_json(tmp_path / "m.json", {"x": 2})
+    assert read_json(tmp_path / "m.json") == {"x": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_metrics_csv_rows_in_policy_order(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path)
+    for name in ("iter_1", "expert", "iter_0", "base"):
+        atomic_write_json(tmp_path / name / "metrics.json",
+                          {"iteration": name.removeprefix("iter_"), "seen_success": 0.5, "unseen_success": 0.25,
+                           "train_examples": 3, "wall_s": 1.0})
+    text = run.write_metrics_csv().read_text().splitlines()
+    assert text[0].startswith("iteration,seen_success,unseen_success")
+    assert [line.split(",")[0] for line in text[1:]] == ["base", "expert", "0", "1"]
+    report = run.write_report("test")
+    assert report.exists() and (tmp_path / "learning_curve.png").exists()

@@ -8,6 +8,7 @@ many episodes can run side by side.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -58,3 +59,24 @@ class TextEnv(ABC):
             known = ", ".join(f"{k} ({v})" for k, v in self.privilege_levels.items())
             raise ValueError(f"{self.name}: privilege level {level} is not one of {known}")
         return level
+
+
+_PLACEHOLDER = re.compile(r"<[^<>]+>")
+
+
+def action_admissible(action: str, admissible: list[str] | None) -> bool:
+    """Whether `action` is one of `admissible`, where an entry may be a template with `<placeholders>`
+    (WebShop lists `search[<keywords>]`). Unknown lists (None) admit everything."""
+    if admissible is None:
+        return True
+    action = action.strip()
+    for entry in admissible:
+        if entry == action:
+            return True
+        if "<" in entry:
+            pieces = _PLACEHOLDER.split(entry)
+            holes = len(_PLACEHOLDER.findall(entry))
+            pattern = ".+".join(re.escape(p) for p in pieces) if holes else re.escape(entry)
+            if re.fullmatch(pattern, action, flags=re.DOTALL):
+                return True
+    return False

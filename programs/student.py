@@ -7,6 +7,7 @@ from typing import Any
 
 import dspy
 
+from leap_dspy.envs.base import action_admissible
 from leap_dspy.signatures import StudentStep
 from leap_dspy.types import Step, StudentInputs, Task, Trajectory
 
@@ -105,9 +106,8 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
                  next_observation=observation.text, reward=observation.reward, done=observation.done,
                  error=error, privileged=privileged)
         )
-        invalid = error is not None or observation.text.strip() in INVALID_MARKERS or (
-            admissible is not None and action not in admissible
-        )
+        invalid = (error is not None or observation.text.strip() in INVALID_MARKERS
+                   or not action_admissible(action, admissible))
         streak = streak + 1 if invalid else 0
         if observation.done or (max_invalid_streak and streak >= max_invalid_streak):
             break

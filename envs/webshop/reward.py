@@ -93,17 +93,20 @@ def type_reward(product: dict[str, Any], goal: dict[str, Any]) -> dict[str, Any]
         r_type = 0.1
     if title_score == 0.0:
         r_type = 0.0
-    return {"r_type": r_type, "query_match": query_match, "category_match": category_match,
-            "title_score": title_score}
+    return {
+        "r_type": r_type,
+        "query_match": query_match,
+        "category_match": category_match,
+        "title_score": title_score,
+    }
 
 
 def attribute_matches(product: dict[str, Any], goal_attributes: list[str]) -> int:
     title, features, description = _text_fields(product)
     matches = 0
     for g_attr in goal_attributes:
-        if any(token_set_ratio(p_attr, g_attr) > FUZZY_THRESHOLD for p_attr in product.get("attributes", [])):
-            matches += 1
-        elif g_attr in title or g_attr in features or g_attr in description:
+        fuzzy = any(token_set_ratio(p, g_attr) > FUZZY_THRESHOLD for p in product.get("attributes", []))
+        if fuzzy or g_attr in title or g_attr in features or g_attr in description:
             matches += 1
     return matches
 

@@ -195,10 +195,9 @@ def _play(student: Any, environment: Any, split: str, threads: int, limit: int |
     if split not in ("train", "seen", "unseen"):
         raise fail(f"--split must be train, seen or unseen, not {split!r}")
     tasks = environment.tasks(split)[:limit]
-    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
-        with progress_bar(f"rollout {split}", len(tasks)) as advance:
-            trajectories = rollout(student, environment, tasks, num_threads=threads,
-                                   on_trajectory=lambda _: advance())
+    adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+    with dspy.context(adapter=adapter), progress_bar(f"rollout {split}", len(tasks)) as advance:
+        trajectories = rollout(student, environment, tasks, num_threads=threads, on_trajectory=lambda _: advance())
     report_rollout(title, trajectories)
 
 

@@ -96,12 +96,12 @@ def run_parallel(play: Callable[[TextEnv, Task], Trajectory], env: TextEnv, task
 
 
 def rollout(student: Student, env: TextEnv, tasks: Iterable[Task], *, num_threads: int = 32,
-            capture_level: int | None = None, policy: str = "student",
+            capture_level: int | None = None, policy: str = "student", max_steps: int | None = None,
             on_trajectory: Progress | None = None) -> list[Trajectory]:
     """The student plays each task; with `capture_level`, each step also records the privileged state."""
 
     def play(episode_env: TextEnv, task: Task) -> Trajectory:
-        return student.run(episode_env, task, capture_level=capture_level, policy=policy)
+        return student.run(episode_env, task, max_steps=max_steps, capture_level=capture_level, policy=policy)
 
     return run_parallel(play, env, tasks, num_threads=num_threads, program=student, on_trajectory=on_trajectory)
 

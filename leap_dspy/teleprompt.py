@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import dspy
+from dspy.teleprompt import Teleprompter
 
-from leap_dspy.envs.base import TextEnv
+from leap_dspy.envs.base import TextEnv, action_admissible
 from leap_dspy.lm import DEFAULT_MODEL, local_lm
 from leap_dspy.programs.experts import OracleExpert, expert_inputs
 from leap_dspy.programs.student import Student
@@ -48,7 +49,7 @@ def as_tasks(examples: Iterable[Any]) -> list[Task]:
     return tasks
 
 
-class LEAP(dspy.Teleprompter):
+class LEAP(Teleprompter):
     """Learning from privileged AI feedback (arXiv 2410.05434) as a DSPy teleprompter.
 
     Args:
@@ -293,7 +294,7 @@ class LEAP(dspy.Teleprompter):
                 dropped = None
                 if not action:
                     dropped = "expert gave no action"
-                elif step.admissible_actions is not None and action not in step.admissible_actions:
+                elif not action_admissible(action, step.admissible_actions):
                     dropped = f"expert action not admissible: {action[:80]}"
                 return Correction(**record, reason=reason, action=action, dropped=dropped)
             return Correction(**record, reason="", action="", dropped=error)

@@ -11,8 +11,8 @@ import re
 from collections.abc import Callable
 
 import dspy
-
 from leap_dspy.signatures import PrivilegedCorrection
+
 from leap_dspy.types import PrivilegedState, StudentInputs
 
 

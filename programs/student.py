@@ -6,10 +6,10 @@ import time
 from typing import Any
 
 import dspy
-
 from leap_dspy.envs.base import action_admissible
 from leap_dspy.signatures import StudentStep
-from leap_dspy.types import Step, StudentInputs, Task, Trajectory
+
+from leap_dspy.types import Observation, Step, StudentInputs, Task, Trajectory
 
 INVALID_MARKERS = ("Nothing happens.",)
 

@@ -48,6 +48,8 @@ class WebShop(TextEnv):
         3: "level 2 + the oracle's click path from the current page to the purchase",
     }
     default_privilege_level: ClassVar[int] = 2
+    reports_score: ClassVar[bool] = True
+    """Rewards are graded (0..1): metrics report WebShop's score (mean reward x 100) next to success."""
 
     def __init__(
         self,

@@ -171,7 +171,9 @@ class Expert:
         return action
 
 
-def play_expert(game_file: str | Path, seed: int, max_steps: int, env: Any = None) -> tuple[bool, list[str], str]:
+def play_expert(
+    game_file: str | Path, seed: int, max_steps: int, env: Any = None
+) -> tuple[bool, list[str], str]:
     """Let the handcoded expert play a game from the start: (won, commands, intro text)."""
     own = env is None
     env = env if env is not None else acquire_pddl_env()
@@ -198,6 +200,16 @@ def play_expert(game_file: str | Path, seed: int, max_steps: int, env: Any = Non
             release_pddl_env(env)
 
 
+_ALFWORLD_DEFAULT_DATA = os.path.expanduser("~/.cache/alfworld")
+
+
 def data_root_from_env() -> str | None:
+    """$ALFWORLD_DATA when a user set it. alfworld sets it to ~/.cache/alfworld itself on import, so that
+    value counts only when it really holds the official games."""
     value = os.environ.get("ALFWORLD_DATA")
-    return value or None
+    if not value:
+        return None
+    is_default = os.path.abspath(os.path.expanduser(value)) == os.path.abspath(_ALFWORLD_DEFAULT_DATA)
+    if is_default and not os.path.isdir(os.path.join(_ALFWORLD_DEFAULT_DATA, "json_2.1.1")):
+        return None
+    return value

@@ -43,8 +43,12 @@ UTILITY = {
 }
 LAMP_HOSTS = ("Desk", "SideTable", "Dresser")
 LAMP = "DeskLamp"
-ROOM_GROUPS = {"kitchen": range(1, 31), "livingroom": range(201, 231), "bedroom": range(301, 331),
-               "bathroom": range(401, 431)}
+ROOM_GROUPS = {
+    "kitchen": range(1, 31),
+    "livingroom": range(201, 231),
+    "bedroom": range(301, 331),
+    "bathroom": range(401, 431),
+}
 UNSEEN_PER_GROUP = 6  # 24 of 120 floor plans are held out for the unseen split
 
 
@@ -75,8 +79,12 @@ def _constants() -> dict[str, Any]:
     for objs in c.VAL_RECEPTACLE_OBJECTS.values():
         placeable |= set(objs)
     pickupable = {
-        o for o in placeable
-        if o in c.OBJECTS and o not in fixed and "Sliced" not in o and o not in c.VAL_ACTION_OBJECTS["Toggleable"]
+        o
+        for o in placeable
+        if o in c.OBJECTS
+        and o not in fixed
+        and "Sliced" not in o
+        and o not in c.VAL_ACTION_OBJECTS["Toggleable"]
     }
     return {
         "fixed": fixed,
@@ -113,7 +121,7 @@ def floor_plan(num: int) -> dict[str, Any]:
 def all_floor_plans() -> list[int]:
     nums = []
     for path in layouts_dir().glob("FloorPlan*-objects.json"):
-        nums.append(int(path.name[len("FloorPlan"):].split("-")[0]))
+        nums.append(int(path.name[len("FloorPlan") :].split("-")[0]))
     return sorted(nums)
 
 
@@ -185,8 +193,11 @@ def _new_id(kind: str, rng: random.Random, taken: set[str]) -> str:
 
 
 def _kind(ident: str) -> str:
-    return "SinkBasin" if ident.endswith("|SinkBasin") else ("BathtubBasin" if ident.endswith("|BathtubBasin")
-                                                                else ident.split("|")[0])
+    return (
+        "SinkBasin"
+        if ident.endswith("|SinkBasin")
+        else ("BathtubBasin" if ident.endswith("|BathtubBasin") else ident.split("|")[0])
+    )
 
 
 def build_problem(fp_num: int, task_type: str, num_receptacles: int, rng: random.Random) -> tuple[str, dict]:
@@ -248,7 +259,8 @@ def build_problem(fp_num: int, task_type: str, num_receptacles: int, rng: random
     def fresh_point() -> str:
         while points:
             x, z = points.pop()
-            name = f"loc|{int(round(x * 4))}|{int(round(z * 4))}|{rng.choice((0, 90, 180, 270))}|{rng.choice((0, 30, 60))}"
+            rot, hor = rng.choice((0, 90, 180, 270)), rng.choice((0, 30, 60))
+            name = f"loc|{int(round(x * 4))}|{int(round(z * 4))}|{rot}|{hor}"
             if name not in used:
                 used.add(name)
                 return name
@@ -272,7 +284,9 @@ def build_problem(fp_num: int, task_type: str, num_receptacles: int, rng: random
     obj_taken: set[str] = set()
 
     def place(kind: str, exclude_kind: str = "") -> None:
-        options = [c for c in chosen if kind in const["contains"].get(_kind(c), ()) and _kind(c) != exclude_kind]
+        options = [
+            c for c in chosen if kind in const["contains"].get(_kind(c), ()) and _kind(c) != exclude_kind
+        ]
         if options:
             objects.append((_new_id(kind, rng, obj_taken), rng.choice(options)))
 
@@ -285,8 +299,11 @@ def build_problem(fp_num: int, task_type: str, num_receptacles: int, rng: random
     if lamp_host:
         lamp = _new_id(LAMP, rng, obj_taken)
         objects.append((lamp, lamp_host))
-    others = [o for o in fp["object_types"] if o != obj_t
-              and any(o in const["contains"].get(_kind(c), ()) for c in chosen)]
+    others = [
+        o
+        for o in fp["object_types"]
+        if o != obj_t and any(o in const["contains"].get(_kind(c), ()) for c in chosen)
+    ]
     for _ in range(rng.randint(num_receptacles // 2, num_receptacles) if others else 0):
         place(rng.choice(others))
 
@@ -322,8 +339,12 @@ def build_problem(fp_num: int, task_type: str, num_receptacles: int, rng: random
             init.append(f"(toggleable {mo})")
             continue
         init.append(f"(pickupable {mo})")
-        for flag, table in (("cleanable", "Cleanable"), ("heatable", "Heatable"), ("coolable", "Coolable"),
-                            ("sliceable", "Sliceable")):
+        for flag, table in (
+            ("cleanable", "Cleanable"),
+            ("heatable", "Heatable"),
+            ("coolable", "Coolable"),
+            ("sliceable", "Sliceable"),
+        ):
             if kind in const["actions"][table]:
                 init.append(f"({flag} {mo})")
 
@@ -342,8 +363,13 @@ def build_problem(fp_num: int, task_type: str, num_receptacles: int, rng: random
     goal_text = template.format(obj=obj_t.lower(), recep=parent_t.lower(), toggle=toggle_t.lower(), mrecep="")
     traj = {
         "task_type": task_type,
-        "pddl_params": {"object_target": obj_t, "parent_target": parent_t, "toggle_target": toggle_t,
-                        "mrecep_target": "", "object_sliced": False},
+        "pddl_params": {
+            "object_target": obj_t,
+            "parent_target": parent_t,
+            "toggle_target": toggle_t,
+            "mrecep_target": "",
+            "object_sliced": False,
+        },
         "scene": {"floor_plan": f"FloorPlan{fp_num}", "scene_num": fp_num},
         "goal_text": goal_text,
         "turk_annotations": {"anns": [{"task_desc": goal_text}]},
@@ -435,3 +461,17 @@ def _fresh(env: Any) -> Any:
 
     del env
     return acquire_pddl_env()
+
+
+def _worker_main(argv: list[str]) -> None:
+    """`python -m leap_dspy.envs.alfworld.generate SPECS.json ROOT INDEX COUNT`: one generation worker."""
+    spec_file, root, index, count = argv[0], argv[1], int(argv[2]), int(argv[3])
+    specs = json.loads(Path(spec_file).read_text())
+    for spec in specs[index::count]:
+        generate_game(spec, root)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _worker_main(sys.argv[1:])

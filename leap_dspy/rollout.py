@@ -19,7 +19,7 @@ import dspy
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.programs.experts import OracleExpert, expert_inputs
 from leap_dspy.programs.student import Student, run_episode
-from leap_dspy.types import StudentInputs, Task, Trajectory
+from leap_dspy.types import PrivilegedState, StudentInputs, Task, Trajectory
 
 Progress = Callable[[Trajectory], None]
 
@@ -96,12 +96,13 @@ def run_parallel(play: Callable[[TextEnv, Task], Trajectory], env: TextEnv, task
 
 
 def rollout(student: Student, env: TextEnv, tasks: Iterable[Task], *, num_threads: int = 32,
-            capture_level: int | None = None, policy: str = "student", max_steps: int | None = None,
-            on_trajectory: Progress | None = None) -> list[Trajectory]:
-    """The student plays each task; with `capture_level`, each step also records the privileged state."""
+            capture_level: int | None = None, capture_oracle: bool = False, policy: str = "student",
+            max_steps: int | None = None, on_trajectory: Progress | None = None) -> list[Trajectory]:
+    """The student plays each task, each step recording what the expert will read (see `run_episode`)."""
 
     def play(episode_env: TextEnv, task: Task) -> Trajectory:
-        return student.run(episode_env, task, max_steps=max_steps, capture_level=capture_level, policy=policy)
+        return student.run(episode_env, task, max_steps=max_steps, capture_level=capture_level,
+                           capture_oracle=capture_oracle, policy=policy)
 
     return run_parallel(play, env, tasks, num_threads=num_threads, program=student, on_trajectory=on_trajectory)
 
@@ -117,8 +118,9 @@ def expert_rollout(expert: dspy.Module, student: Student, env: TextEnv, tasks: I
 
     def play(episode_env: TextEnv, task: Task) -> Trajectory:
         def act(inputs: StudentInputs) -> tuple[str, str, str | None]:
-            privileged = episode_env.privileged_state(level)
-            privileged.oracle_action = episode_env.oracle_action() if _needs_oracle(expert) else None
+            privileged = (episode_env.privileged_state(level) if reads_privileged_text(expert)
+                          else PrivilegedState(level=-1))
+            privileged.oracle_action = episode_env.oracle_action() if needs_oracle(expert) else None
             try:
                 out = expert(**expert_inputs(inputs, "", "", privileged))
             except Exception as exc:  # an expert failure is recorded on the step, not raised
@@ -130,8 +132,14 @@ def expert_rollout(expert: dspy.Module, student: Student, env: TextEnv, tasks: I
     return run_parallel(play, env, tasks, num_threads=num_threads, program=expert, on_trajectory=on_trajectory)
 
 
-def _needs_oracle(expert: dspy.Module) -> bool:
+def needs_oracle(expert: dspy.Module) -> bool:
+    """Scripted experts read the environment's oracle action."""
     return bool(getattr(expert, "requires_oracle", False)) or isinstance(expert, OracleExpert)
+
+
+def reads_privileged_text(expert: dspy.Module) -> bool:
+    """LM experts read the privileged state as text; the scripted oracle does not."""
+    return bool(getattr(expert, "reads_privileged_text", not needs_oracle(expert)))
 
 
 def success_rate(trajectories: list[Trajectory]) -> float:

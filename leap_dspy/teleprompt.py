@@ -25,7 +25,14 @@ from leap_dspy.lm import DEFAULT_MODEL, local_lm
 from leap_dspy.programs.experts import OracleExpert, expert_inputs
 from leap_dspy.programs.student import Student
 from leap_dspy.progress import console, progress_bar
-from leap_dspy.rollout import expert_rollout, mean_reward, rollout, success_rate
+from leap_dspy.rollout import (
+    expert_rollout,
+    mean_reward,
+    needs_oracle,
+    reads_privileged_text,
+    rollout,
+    success_rate,
+)
 from leap_dspy.runs import RunFolder, default_run_dir
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, atomic_write_yaml
 from leap_dspy.training_data import preference_rows, sft_rows
@@ -213,8 +220,10 @@ class LEAP(Teleprompter):
             self._demonstrations(done, corrections)
         else:
             done = self._collect(trajectories, train_tasks, lambda todo, save: rollout(
-                student, self.env, todo, num_threads=self.num_threads, capture_level=self.privilege_level,
-                policy=f"student@{k - 1}", on_trajectory=save), f"iteration {k}: rollouts")
+                student, self.env, todo, num_threads=self.num_threads,
+                capture_level=self.privilege_level if reads_privileged_text(teacher) else None,
+                capture_oracle=needs_oracle(teacher), policy=f"student@{k - 1}", on_trajectory=save),
+                f"iteration {k}: rollouts")
             self._correct(k, teacher, done, corrections)
 
         current = [c for c in corrections.load().values() if c.iteration == k]

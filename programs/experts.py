@@ -26,6 +26,7 @@ class OracleExpert(dspy.Module):
     """
 
     requires_oracle = True
+    reads_privileged_text = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,6 +49,7 @@ class PrivilegedExpert(dspy.Module):
     `anthropic/...`, `ollama/...`, `hosted_vllm/...`) or a ready `dspy.LM` (a local model)."""
 
     requires_oracle = False
+    reads_privileged_text = True
 
     def __init__(self, model: str | dspy.LM | None = None, **lm_kwargs: object) -> None:
         super().__init__()

@@ -9,7 +9,7 @@ import dspy
 from leap_dspy.envs.base import action_admissible
 from leap_dspy.signatures import StudentStep
 
-from leap_dspy.types import Observation, Step, StudentInputs, Task, Trajectory
+from leap_dspy.types import Observation, PrivilegedState, Step, StudentInputs, Task, Trajectory
 
 INVALID_MARKERS = ("Nothing happens.",)
 
@@ -72,16 +72,20 @@ class Student(dspy.Module):
         return reason, action_text, None if action_text else "the model gave no action"
 
     def run(self, env: Any, task: Task, max_steps: int | None = None, capture_level: int | None = None,
-            policy: str = "student") -> Trajectory:
-        """Play one episode. `capture_level` records the privileged state at each step for an expert."""
+            capture_oracle: bool = False, policy: str = "student") -> Trajectory:
+        """Play one episode, recording what an expert will need to correct each step (see `run_episode`)."""
         return run_episode(self.act, self.inputs, env, task, max_steps=max_steps, capture_level=capture_level,
-                           policy=policy, max_invalid_streak=self.max_invalid_streak)
+                           capture_oracle=capture_oracle, policy=policy, max_invalid_streak=self.max_invalid_streak)
 
 
 def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: int | None = None,
-                capture_level: int | None = None, policy: str = "student",
+                capture_level: int | None = None, capture_oracle: bool = False, policy: str = "student",
                 max_invalid_streak: int = 0) -> Trajectory:
     """The loop shared by every policy: observe, decide, step, record.
+
+    `capture_level` records the privileged state at each step (for an LM expert's prompt) and
+    `capture_oracle` the oracle's next action (for the scripted expert): each only when the expert reads it,
+    since a full plan can cost far more than the step itself.
 
     An episode also ends after `max_invalid_streak` consecutive unusable steps (a malformed output or an
     action the environment rejected): with greedy decoding a policy that fails that often in a row is stuck,
@@ -95,9 +99,10 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
     for index in range(limit):
         inputs = make_inputs(task, observation, trajectory.steps)
         privileged = None
-        if capture_level is not None:
-            privileged = env.privileged_state(capture_level)
-            privileged.oracle_action = env.oracle_action()
+        if capture_level is not None or capture_oracle:
+            privileged = (env.privileged_state(capture_level) if capture_level is not None
+                          else PrivilegedState(level=-1))
+            privileged.oracle_action = env.oracle_action() if capture_oracle else None
         reason, action, error = act(inputs)
         admissible = observation.admissible_actions
         observation = env.step(action)

@@ -70,6 +70,8 @@ class LEAP(Teleprompter):
         run_dir: where everything is written; an existing folder with the same configuration is resumed.
         max_train_rows: rows per fine-tuning round after behaviour cloning: every new correction, then older
             ones (DAgger's aggregate) sampled to fill up. Bounds a round's cost as the aggregate grows.
+        lm_kwargs: settings of the student's local engine (`LocalEngine`); `max_new_tokens` defaults to 80,
+            room for a one-sentence reason and an action in DSPy's chat format.
     """
 
     def __init__(
@@ -118,7 +120,7 @@ class LEAP(Teleprompter):
         self.expert_retries = expert_retries
         self.evaluate_base = evaluate_base
         self.evaluate_expert = evaluate_expert
-        self.lm_kwargs = dict(lm_kwargs or {})
+        self.lm_kwargs = {"max_new_tokens": 80, **(lm_kwargs or {})}
         self.seed = seed
         self.progress = progress
         self.adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)

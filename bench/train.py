@@ -42,13 +42,12 @@ def best_matmul_flops(dtype_name: str, sizes: tuple[int, ...] = (2048, 4096), re
 
 
 FIELDS_SYSTEM = """Your input fields are:
-1. `task` (str): The household task to accomplish, in natural language.
-2. `observation` (str): What the agent sees after its last action, including the room description.
-3. `history` (str): The previous actions and their observations, most recent last.
+1. `task` (str): The household task to accomplish.
+2. `observation` (str): What the agent sees after its last action.
+3. `history` (str): The previous actions and observations, most recent last.
 Your output fields are:
-1. `reason` (str): A short justification of the next action, using only what has been observed.
-2. `action` (str): The next text command, exactly in the environment's grammar (e.g. "go to desk 1").
-3. `completed` (str): Always the literal marker.
+1. `reason` (str): Why the next action, from what has been observed.
+2. `action` (str): The next command in the environment's grammar.
 All interactions will be structured in the following way, with the appropriate values filled in.
 
 [[ ## task ## ]]
@@ -67,8 +66,7 @@ All interactions will be structured in the following way, with the appropriate v
 {action}
 
 [[ ## completed ## ]]
-In adhering to this structure, your objective is:
-        Choose the next action of a household agent from the task, the observation and the history."""
+In adhering to this structure, your objective is: choose the next action of a household agent."""
 
 OBJECTS = ["apple", "mug", "book", "keychain", "pencil", "cellphone", "bowl", "plate", "vase", "remotecontrol"]
 RECEPTACLES = ["desk", "drawer", "shelf", "countertop", "cabinet", "sidetable", "dresser", "garbagecan", "fridge"]
@@ -80,11 +78,11 @@ def agent_rows(n: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         obj, rec = rng.choice(OBJECTS), rng.choice(RECEPTACLES)
-        seen = ", ".join(f"a {rng.choice(RECEPTACLES)} {rng.randint(1, 4)}" for _ in range(rng.randint(6, 12)))
+        seen = ", ".join(f"a {rng.choice(RECEPTACLES)} {rng.randint(1, 4)}" for _ in range(rng.randint(2, 5)))
         history = "\n".join(
             f"> go to {rng.choice(RECEPTACLES)} {rng.randint(1, 4)}\nOn it, you see a {rng.choice(OBJECTS)} "
             f"{rng.randint(1, 3)}, and a {rng.choice(OBJECTS)} {rng.randint(1, 3)}."
-            for _ in range(rng.randint(1, 4))
+            for _ in range(rng.randint(0, 2))
         )
         user = (
             f"[[ ## task ## ]]\nYour task is to: put a {obj} in {rec}.\n\n"
@@ -95,8 +93,8 @@ def agent_rows(n: int, seed: int = 0) -> list[dict]:
         )
         target = f"{rng.choice(RECEPTACLES)} {rng.randint(1, 4)}"
         answer = (
-            f"[[ ## reason ## ]]\nThe {obj} is likely on the {target.split()[0]}, which I have not checked yet, "
-            f"so I go there first.\n\n[[ ## action ## ]]\ngo to {target}\n\n[[ ## completed ## ]]"
+            f"[[ ## reason ## ]]\nThe {obj} may be on the {target.split()[0]}, not checked yet.\n\n"
+            f"[[ ## action ## ]]\ngo to {target}\n\n[[ ## completed ## ]]"
         )
         rows.append(
             {
@@ -115,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--targets", default=None, help="comma-separated LoRA target modules")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--attn", default=None, help="attention implementation (sdpa, eager)")
     args = parser.parse_args(argv)
 
     import torch
@@ -138,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"dtype": args.dtype, "epochs": args.epochs, "progress_bar": False, "logging_steps": 1}
     if args.batch:
         overrides["per_device_batch_size"] = args.batch
+    if args.attn:
+        overrides["attn_implementation"] = args.attn
     if args.targets:
         overrides["target_modules"] = args.targets.split(",")
     config = TrainConfig(**overrides)
@@ -149,12 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     frac = result.tokens_per_s * 6 * n_params / best
 
     table = [
-        ("device", f"CPU, torch threads {torch.get_num_threads()}"),
+        ("device", f"CPU, torch threads {torch.get_num_threads()}, attention {args.attn or 'model default'}"),
         ("best matmul float32", f"{f32 / 1e9:,.0f} GFLOP/s ({n32}^2)"),
         ("best matmul bfloat16", f"{bf16 / 1e9:,.0f} GFLOP/s ({n16}^2)"),
         ("model", f"{DEFAULT_MODEL}, {n_params / 1e6:.1f}M params, dtype {pick_dtype(args.dtype)}"),
         ("rows", f"{len(rows)} (prompt {p_mean:.0f} tok, completion {c_mean:.0f} tok on average)"),
-        ("config", f"batch {config.per_device_batch_size}, LoRA r={config.lora_r} on {','.join(config.target_modules)}"),
+        ("config", f"batch {config.per_device_batch_size}, LoRA r={config.lora_r} on "
+                   f"{','.join(config.target_modules)}"),
         ("steps / train tokens", f"{result.steps} / {result.train_tokens:,}"),
         ("train wall", f"{result.wall_s:.1f} s (setup {result.setup_s:.1f} s)"),
         ("SFT train tokens/s", f"{result.tokens_per_s:,.0f}"),

@@ -39,6 +39,7 @@ class GenParams:
     top_k: int | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
     @property
     def greedy(self) -> bool:
@@ -165,15 +166,21 @@ class Generator:
 
     # -- public -------------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], params: GenParams) -> list[GenResult]:
-        """Generate for every prompt (token ids) with the same `params`; order of results = order of prompts."""
+    def generate(
+        self, prompts: list[list[int]], params: GenParams, prefix_cache: bool | None = None
+    ) -> list[GenResult]:
+        """Generate for every prompt (token ids) with the same `params`; order of results = order of prompts.
+
+        `prefix_cache` overrides the generator's default for this call (engines sharing a model may differ).
+        """
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        use_prefix = self.prefix_cache if prefix_cache is None else prefix_cache
         with self.lock, torch.inference_mode():
             start = time.perf_counter()
-            results = self._generate(prompts, params)
+            results = self._generate(prompts, params, use_prefix)
             self.stats.seconds += time.perf_counter() - start
         return results
 
@@ -207,7 +214,7 @@ class Generator:
         self.store.put(prefix, kv)
         return kv
 
-    def _generate(self, prompts: list[list[int]], params: GenParams) -> list[GenResult]:
+    def _generate(self, prompts: list[list[int]], params: GenParams, use_prefix: bool) -> list[GenResult]:
         from transformers import DynamicCache
 
         device = self.device
@@ -218,7 +225,7 @@ class Generator:
 
         # Shared prefix: every row keeps at least one suffix token, whose logits give the first new token.
         prefix_len = 0
-        if self.prefix_cache:
+        if use_prefix:
             prefix_len = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
             if prefix_len < self.min_prefix:
                 prefix_len = 0
@@ -264,7 +271,7 @@ class Generator:
             for row in range(batch):
                 if done[row]:
                     continue
-                if eos_list[row]:
+                if eos_list[row] and not params.ignore_eos:
                     done[row], finish[row], ended_eos[row] = True, "stop", True
                     continue
                 tokens[row].append(nxt_list[row])

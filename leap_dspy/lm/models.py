@@ -138,3 +138,26 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None) -> An
     _drop_gguf_marker(lm)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return lm.to(device).eval()
+
+
+def load_model_with_adapter(model: str, adapter: str | os.PathLike | None, dtype: str = "auto",
+                            device: str | None = None) -> Any:
+    """`load_model`, with a PEFT LoRA adapter merged into the weights (`merge_and_unload`).
+
+    Merged, inference pays nothing for LoRA. The base is loaded in float32 for the merge (bf16 weights would
+    round the small LoRA delta away) and cast to `dtype` afterwards. The result is a private copy: merging
+    changes the base weights in place, so it must never be a model another engine shares.
+    """
+    import torch
+
+    if adapter is None:
+        return load_model(model, dtype, device)
+    adapter_dir = Path(adapter).expanduser()
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise ModelNotFound(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
+    from peft import PeftModel
+
+    base = load_model(model, "float32", "cpu")
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return merged.to(device=device, dtype=pick_dtype(dtype)).eval()

@@ -55,6 +55,11 @@ def load_trainable_model(
     tokenizer = load_tokenizer(model)
     base = load_model(model, dtype=config.dtype)
     base.config.use_cache = False
+    attn = config.attn_implementation
+    if attn == "auto":
+        attn = None if torch.cuda.is_available() else "eager"
+    if attn:
+        base.set_attn_implementation(attn)
     if init_adapter is not None:
         adapter_path = Path(init_adapter)
         if not (adapter_path / "adapter_config.json").exists():

@@ -14,7 +14,7 @@ from typing import Any
 Message = Mapping[str, Any]
 
 
-def _messages(value: Any, field: str) -> list[dict[str, Any]]:
+def as_messages(value: Any, field: str) -> list[dict[str, Any]]:
     if isinstance(value, Mapping):
         value = [value]
     if not isinstance(value, Sequence) or isinstance(value, str) or not value:
@@ -73,7 +73,7 @@ def sft_features(tokenizer: Any, rows: Sequence[Mapping[str, Any]], max_length: 
         if "prompt" not in row or "completion" not in row:
             raise ValueError(f"row {i} needs 'prompt' and 'completion' (conversational prompt-completion)")
         p, c = encode_prompt_completion(
-            tokenizer, _messages(row["prompt"], "prompt"), _messages(row["completion"], "completion"), max_length
+            tokenizer, as_messages(row["prompt"], "prompt"), as_messages(row["completion"], "completion"), max_length
         )
         input_ids.append(p + c)
         labels.append([-100] * len(p) + c)

@@ -29,7 +29,7 @@ from leap_dspy.train.common import (
     trl_common_args,
 )
 from leap_dspy.train.config import TrainConfig, TrainResult
-from leap_dspy.train.data import _messages, check_rows, completion_text, prompt_text
+from leap_dspy.train.data import as_messages, check_rows, completion_text, prompt_text
 
 
 def _render(
@@ -37,9 +37,9 @@ def _render(
 ) -> tuple[str, list[str], int]:
     """(prompt string, completion strings, tokens of prompt + all completions); the prompt is cut from its start
     when the prompt plus the longest completion exceeds `max_length`."""
-    messages = _messages(prompt, "prompt")
+    messages = as_messages(prompt, "prompt")
     head = prompt_text(tokenizer, messages)
-    tails = [completion_text(tokenizer, messages, _messages(c, "completion")) for c in completions]
+    tails = [completion_text(tokenizer, messages, as_messages(c, "completion")) for c in completions]
     p_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     c_lens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in tails]
     if max_length is not None and len(p_ids) + max(c_lens) > max_length:

@@ -1,0 +1,268 @@
+"""InterCode-Bash over the real task sets, each command run in a bubblewrap sandbox (see sandbox.py).
+
+Tasks come from the installed packages (data.py): `intercode-bench`'s 24 benchmark tasks on its `setup_fs.sh`
+file system and `icalfa`'s nl2bash task sets (~300 tasks on five file systems). Each task's file system is
+built once per process by running the upstream setup script inside a sandbox (its absolute paths land in the
+sandbox's private root, so the script runs unmodified); every episode, and every gold evaluation, starts from
+a fresh copy of it (mtimes preserved, so time-dependent commands agree between agent and gold).
+
+Action grammar (as upstream): any shell command, run with `bash -c` in the current directory (a bare
+`cd DIR` changes it, as upstream tracks `cd`); `submit` ends the episode and computes the reward.
+Splits (`task_set`):
+- `default`: train/seen = the nl2bash tasks (without those whose question is also a benchmark question),
+  shuffled by `seed` and cut 80/20; unseen = the 24 benchmark tasks.
+- `bench`: the 24 benchmark tasks shuffled by `seed`, 12 train / 6 seen / 6 unseen.
+- `nl2bash`: the nl2bash tasks shuffled by `seed`, 60/20/20.
+"""
+
+from __future__ import annotations
+
+import atexit
+import random
+import re
+import threading
+from pathlib import Path
+from typing import Any, ClassVar
+
+from leap_dspy.envs.base import TextEnv
+from leap_dspy.envs.intercode import data
+from leap_dspy.envs.intercode.reward import bash_reward, fs_changes
+from leap_dspy.envs.intercode.sandbox import Sandbox, SandboxLimits, check_bwrap, new_uid, snapshot_tree
+
+from leap_dspy.types import Observation, PrivilegedState, Split, Task
+
+TASK_SETS = ("default", "bench", "nl2bash")
+SUBMIT = "submit"
+
+
+def truncate(text: str, limit: int) -> str:
+    text = text.rstrip("\n")
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[... {len(text) - limit} more characters]"
+
+
+class _Templates:
+    """One built file system per setup script, shared by all episodes of this process."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.boxes: dict[str, Sandbox] = {}
+        self.states: dict[str, dict[str, str]] = {}
+
+    def get(self, setup: str) -> tuple[Path, dict[str, str]]:
+        with self.lock:
+            if setup not in self.boxes:
+                box = Sandbox(SandboxLimits(wall_s=30))
+                res = box.run(data.setup_script(setup))
+                if res.killed:
+                    box.close()
+                    raise RuntimeError(f"setup script {setup} failed: {res.output[-500:]}")
+                self.boxes[setup] = box
+                self.states[setup] = snapshot_tree(box.root)
+            return self.boxes[setup].root, self.states[setup]
+
+
+TEMPLATES = _Templates()
+
+
+class InterCodeBash(TextEnv):
+    name: ClassVar[str] = "intercode-bash"
+    privilege_levels: ClassVar[dict[int, str]] = {
+        0: "nothing",
+        1: "the gold command",
+        2: "the gold command, its expected output and the file changes it makes (and nl2bash's alternative gold)",
+    }
+    default_privilege_level: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        task_set: str = "default",
+        seed: int = 0,
+        max_steps: int = 10,
+        obs_chars: int = 400,
+        limits: dict[str, Any] | None = None,
+    ):
+        if task_set not in TASK_SETS:
+            raise ValueError(f"task_set must be one of {TASK_SETS}, not {task_set!r}")
+        self.task_set = task_set
+        self.seed = seed
+        self.max_steps = max_steps
+        self.obs_chars = obs_chars
+        self.limits_kwargs = dict(limits or {})
+        self.limits = SandboxLimits(**self.limits_kwargs)
+        self._splits: dict[str, list[Task]] | None = None
+        self.task: Task | None = None
+        self.box: Sandbox | None = None
+        self._gold_cache: dict[str, tuple[str, dict[str, str]]] = {}
+        self.uid = new_uid()  # used in root mode only
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "task_set": self.task_set,
+            "seed": self.seed,
+            "max_steps": self.max_steps,
+            "obs_chars": self.obs_chars,
+            "limits": self.limits_kwargs,
+        }
+
+    # -- tasks -----------------------------------------------------------------------------------------------
+    def _task(self, rec: data.BashRecord, split: Split) -> Task:
+        return Task(
+            id=f"{rec.source}-{rec.index}",
+            env=self.name,
+            split=split,
+            instruction=rec.query,
+            gold=rec.gold,
+            gold2=rec.gold2,
+            setup=rec.setup,
+            source=rec.source,
+        )
+
+    def _build_splits(self) -> dict[str, list[Task]]:
+        rng = random.Random(self.seed)
+        bench = list(data.bench_bash())
+        if self.task_set == "bench":
+            rng.shuffle(bench)
+            parts = {"train": bench[:12], "seen": bench[12:18], "unseen": bench[18:]}
+        else:
+            bench_queries = {r.query.strip().lower() for r in bench}
+            nl = [r for r in data.nl2bash() if r.query.strip().lower() not in bench_queries]
+            rng.shuffle(nl)
+            if self.task_set == "default":
+                cut = int(0.8 * len(nl))
+                parts = {"train": nl[:cut], "seen": nl[cut:], "unseen": bench}
+            else:
+                a, b = int(0.6 * len(nl)), int(0.8 * len(nl))
+                parts = {"train": nl[:a], "seen": nl[a:b], "unseen": nl[b:]}
+        return {s: [self._task(r, s) for r in recs] for s, recs in parts.items()}  # type: ignore[arg-type]
+
+    def tasks(self, split: Split) -> list[Task]:
+        if self._splits is None:
+            self._splits = self._build_splits()
+        return list(self._splits[split])
+
+    # -- episode ---------------------------------------------------------------------------------------------
+    def reset(self, task: Task) -> Observation:
+        check_bwrap()
+        self.close()
+        template, initial = TEMPLATES.get(task.setup)
+        self.task = task
+        self.initial = initial
+        self.box = Sandbox(self.limits, template=template, uid=self.uid)
+        self.workdir = "/"
+        self.last_output = ""
+        self.steps = 0
+        self.done = False
+        self.actions: list[str] = []
+        return Observation(text=task.instruction, info={"task_id": task.id, "cwd": self.workdir})
+
+    def step(self, action: str) -> Observation:
+        if self.task is None or self.box is None:
+            return Observation(text="No episode is running: call reset(task) first.", done=True)
+        if self.done:
+            return Observation(text="The episode is over.", done=True, reward=self.reward, success=self.success)
+        action = (action or "").strip()
+        if not action:
+            return Observation(text="Empty command: give a shell command, or `submit` to finish.")
+        if "\x00" in action:
+            return Observation(text="Malformed command: it contains a NUL byte.")
+        if action.lower() == SUBMIT:
+            return self._finish()
+        self.steps += 1
+        self.actions.append(action)
+        m = re.fullmatch(r"cd(?:\s+(\S+))?", action)
+        if m:
+            target = _simplify_path(self.workdir, m.group(1) or "/root")
+            res = self.box.run(f"cd -- {_q(target)}", cwd="/")
+            if res.exit_code == 0:
+                self.workdir = target
+            output = res.output
+        else:
+            res = self.box.run(action, cwd=self.workdir)
+            output = res.output
+        self.last_output = output
+        info = {"exit_code": res.exit_code, "cwd": self.workdir, "killed": res.killed, "wall_s": res.wall_s}
+        if self.steps >= self.max_steps:
+            obs = self._finish()
+            obs.text = truncate(output, self.obs_chars) + "\n" + obs.text
+            return obs
+        return Observation(text=truncate(output, self.obs_chars), info=info)
+
+    def _gold(self) -> tuple[str, dict[str, str]]:
+        assert self.task is not None
+        key = self.task.id
+        if key not in self._gold_cache:
+            template, _ = TEMPLATES.get(self.task.setup)
+            with Sandbox(self.limits, template=template, uid=self.uid) as gold_box:
+                res = gold_box.run(self.task.gold, cwd="/")
+                self._gold_cache[key] = (res.output, gold_box.snapshot())
+        return self._gold_cache[key]
+
+    def _finish(self) -> Observation:
+        assert self.box is not None
+        gold_out, gold_fs = self._gold()
+        reward, info = bash_reward(self.initial, self.box.snapshot(), gold_fs, self.last_output, gold_out)
+        self.done = True
+        self.reward = reward
+        self.success = reward >= 0.995
+        text = f"Submitted. Reward {reward:.2f}."
+        return Observation(text=text, reward=reward, done=True, success=self.success, info=info)
+
+    # -- expert ----------------------------------------------------------------------------------------------
+    def privileged_state(self, level: int) -> PrivilegedState:
+        self.check_level(level)
+        sections: dict[str, str | list[str]] = {}
+        if self.task is None or level == 0:
+            return PrivilegedState(level=level, sections=sections)
+        sections["gold command"] = self.task.gold
+        if level >= 2:
+            gold_out, gold_fs = self._gold()
+            sections["expected output"] = truncate(gold_out, self.obs_chars) or "(no output)"
+            changes = fs_changes(self.initial, gold_fs)
+            sections["expected file changes"] = [f"{k} {p}" for p, k in sorted(changes.items())] or ["(none)"]
+            if self.task.gold2:
+                sections["alternative gold command"] = self.task.gold2
+        return PrivilegedState(level=level, sections=sections)
+
+    def oracle_action(self) -> str | None:
+        if self.task is None or self.done:
+            return None
+        if self.actions and self.actions[-1] == self.task.gold.strip():
+            return SUBMIT
+        return self.task.gold.strip()
+
+    def close(self) -> None:
+        if self.box is not None:
+            self.box.close()
+            self.box = None
+
+
+def cleanup_templates() -> None:
+    with TEMPLATES.lock:
+        for box in TEMPLATES.boxes.values():
+            box.close()
+        TEMPLATES.boxes.clear()
+        TEMPLATES.states.clear()
+
+
+def _simplify_path(current: str, changed: str) -> str:
+    if changed.startswith("/"):
+        current = ""
+    path: list[str] = []
+    for seg in (current + "/" + changed).split("/"):
+        if seg == "..":
+            if path:
+                path.pop()
+        elif seg and seg != ".":
+            path.append(seg)
+    return "/" + "/".join(path)
+
+
+def _q(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+atexit.register(cleanup_templates)
+
+__all__ = ["InterCodeBash", "TASK_SETS", "cleanup_templates"]

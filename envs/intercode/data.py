@@ -1,0 +1,97 @@
+"""Where InterCode's real data lives: read at run time from the installed PyPI packages' files.
+
+- `intercode-bench` (import name `intercode`): `assets/datasets/bash_queries.json` (24 tasks),
+  `assets/docker/setup_fs.sh`, `assets/datasets/sql_queries.csv` (23 queries), `assets/datasets/spider_dev.sql`.
+- `icalfa`: `assets/datasets/nl2bash_fs_{1..5}.json` with `assets/docker/setup_nl2b_fs_{1..5}.sh`.
+
+The packages are located with `importlib.util.find_spec` on the top-level name only, which does not run their
+`__init__` (that would import docker, gymnasium and scikit-learn); nothing is copied into this repository.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+PIP_HINT = {
+    "intercode": "pip install --no-deps intercode-bench==0.1.22",
+    "icalfa": "pip install --no-deps icalfa==0.3.6",
+}
+
+
+class DataUnavailable(RuntimeError):
+    """The package that ships the InterCode data is not installed."""
+
+
+def package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataUnavailable(f"InterCode data package `{name}` is not installed: {PIP_HINT[name]}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def asset(package: str, *parts: str) -> Path:
+    path = package_dir(package).joinpath("assets", *parts)
+    if not path.exists():
+        raise DataUnavailable(f"{path} is missing from the installed `{package}`: {PIP_HINT[package]}")
+    return path
+
+
+@dataclass(frozen=True)
+class BashRecord:
+    source: str
+    """`bench` (intercode-bench) or `nl2bash_fs_<k>` (icalfa)."""
+    index: int
+    query: str
+    gold: str
+    gold2: str | None
+    setup: str
+    """Name of the file-system setup script the task runs against (same as upstream's Docker image)."""
+
+
+@cache
+def bench_bash() -> tuple[BashRecord, ...]:
+    rows = json.loads(asset("intercode", "datasets", "bash_queries.json").read_text())
+    return tuple(
+        BashRecord("bench", i, r["query"], r["gold"], None, "intercode:setup_fs.sh") for i, r in enumerate(rows)
+    )
+
+
+@cache
+def nl2bash() -> tuple[BashRecord, ...]:
+    out = []
+    for k in range(1, 6):
+        rows = json.loads(asset("icalfa", "datasets", f"nl2bash_fs_{k}.json").read_text())
+        for i, r in enumerate(rows):
+            out.append(
+                BashRecord(f"nl2bash_fs_{k}", i, r["query"], r["gold"], r.get("gold2"), f"icalfa:setup_nl2b_fs_{k}.sh")
+            )
+    return tuple(out)
+
+
+def setup_script(name: str) -> str:
+    package, _, file = name.partition(":")
+    return asset(package, "docker", file).read_text()
+
+
+@dataclass(frozen=True)
+class SQLRecord:
+    index: int
+    query: str
+    gold: str
+    db: str
+
+
+@cache
+def bench_sql() -> tuple[SQLRecord, ...]:
+    with asset("intercode", "datasets", "sql_queries.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return tuple(SQLRecord(i, r["query"].strip(), r["gold"].strip(), r["db"].strip()) for i, r in enumerate(rows))
+
+
+def spider_dump() -> Path:
+    return asset("intercode", "datasets", "spider_dev.sql")

@@ -1,0 +1,260 @@
+"""The Spider databases from intercode-bench's `spider_dev.sql` (a MySQL dump): parsed, loaded into SQLite
+files (cached) or into a MariaDB/MySQL server, and used to generate extra training questions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import sqlite3
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from leap_dspy.envs.intercode import data
+
+TEXT_TYPES = ("char", "varchar", "text", "tinytext", "mediumtext", "longtext", "enum", "set")
+NUM_TYPES = ("int", "integer", "smallint", "bigint", "tinyint", "decimal", "double", "float", "real", "numeric")
+
+
+@dataclass
+class Column:
+    name: str
+    type: str
+
+    @property
+    def is_text(self) -> bool:
+        return self.type in TEXT_TYPES
+
+    @property
+    def is_number(self) -> bool:
+        return self.type in NUM_TYPES
+
+
+@dataclass
+class Table:
+    name: str
+    sqlite_ddl: str
+    columns: list[Column] = field(default_factory=list)
+    foreign_keys: list[tuple[str, str, str]] = field(default_factory=list)
+    """(column, referenced table, referenced column)."""
+    rows: list[tuple] = field(default_factory=list)
+
+
+_ESC = {"0": "\0", "b": "\b", "n": "\n", "r": "\r", "t": "\t", "Z": "\x1a"}
+
+
+def parse_values(s: str) -> list[tuple]:
+    """The tuples of a MySQL `VALUES (...),(...)` list, with MySQL's backslash escapes."""
+    rows: list[tuple] = []
+    i, n = 0, len(s)
+    row: list | None = None
+    while i < n:
+        c = s[i]
+        if c == "(" and row is None:
+            row = []
+            i += 1
+        elif c == ")" and row is not None:
+            rows.append(tuple(row))
+            row = None
+            i += 1
+        elif c == "'" and row is not None:
+            buf = []
+            i += 1
+            while i < n:
+                ch = s[i]
+                if ch == "\\" and i + 1 < n:
+                    buf.append(_ESC.get(s[i + 1], s[i + 1]))
+                    i += 2
+                elif ch == "'" and i + 1 < n and s[i + 1] == "'":
+                    buf.append("'")
+                    i += 2
+                elif ch == "'":
+                    i += 1
+                    break
+                else:
+                    buf.append(ch)
+                    i += 1
+            row.append("".join(buf))
+        elif row is not None and c not in ", \t\n":
+            m = re.match(r"[^,)]+", s[i:])
+            assert m is not None
+            tok = m.group(0).strip()
+            i += len(m.group(0))
+            if tok.upper() == "NULL":
+                row.append(None)
+            else:
+                try:
+                    row.append(int(tok))
+                except ValueError:
+                    row.append(float(tok))
+        else:
+            i += 1
+    return rows
+
+
+def _sqlite_column(line: str) -> tuple[str, Column] | None:
+    m = re.match(r"\s*`([^`]+)`\s+([a-zA-Z]+)(\([^)]*\))?(.*?),?$", line)
+    if not m:
+        return None
+    name, typ, args, rest = m.group(1), m.group(2).lower(), m.group(3) or "", m.group(4)
+    rest = re.sub(r"COLLATE \w+|CHARACTER SET \w+|AUTO_INCREMENT|ON UPDATE CURRENT_TIMESTAMP|COMMENT '[^']*'", "", rest)
+    rest = re.sub(r"\bunsigned\b", "", rest, flags=re.I)
+    sql_type = "TEXT" if typ in ("enum", "set") else typ.upper() + args
+    collate = " COLLATE NOCASE" if typ in TEXT_TYPES else ""
+    return f'  "{name}" {sql_type}{collate} {" ".join(rest.split())}'.rstrip(), Column(name, typ)
+
+
+@cache
+def parse_dump(path: str | None = None) -> dict[str, dict[str, Table]]:
+    """db -> table name -> Table (SQLite DDL, columns, foreign keys, rows)."""
+    text = Path(path or data.spider_dump()).read_text(encoding="utf-8")
+    dbs: dict[str, dict[str, Table]] = {}
+    db = None
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if m := re.match(r"USE `([^`]+)`;", line):
+            db = m.group(1)
+            dbs.setdefault(db, {})
+        elif (m := re.match(r"CREATE TABLE `([^`]+)` \(", line)) and db:
+            name = m.group(1)
+            body, cols, fks = [], [], []
+            i += 1
+            while not lines[i].startswith(")"):
+                ln = re.sub(r"`\(\d+\)", "`", lines[i].strip().rstrip(","))  # key prefix lengths
+                if ln.startswith("`"):
+                    parsed = _sqlite_column(ln)
+                    if parsed:
+                        body.append(parsed[0])
+                        cols.append(parsed[1])
+                elif ln.startswith("PRIMARY KEY"):
+                    body.append("  " + ln.replace("`", '"'))
+                elif ln.startswith("UNIQUE KEY"):
+                    body.append("  UNIQUE " + re.sub(r"UNIQUE KEY `[^`]*` ", "", ln).replace("`", '"'))
+                elif ln.startswith("CONSTRAINT"):
+                    fk = re.search(r"FOREIGN KEY \(`([^`]+)`\) REFERENCES `([^`]+)` \(`([^`]+)`\)", ln)
+                    if fk:
+                        fks.append((fk.group(1), fk.group(2), fk.group(3)))
+                    body.append("  " + ln.replace("`", '"'))
+                i += 1
+            ddl = f'CREATE TABLE "{name}" (\n' + ",\n".join(body) + "\n)"
+            dbs[db][name] = Table(name, ddl, cols, fks)
+        elif (m := re.match(r"INSERT INTO `([^`]+)` VALUES (.*);$", line)) and db:
+            dbs[db][m.group(1)].rows.extend(parse_values(m.group(2)))
+        i += 1
+    return dbs
+
+
+def cache_root() -> Path:
+    base = os.environ.get("LEAP_DSPY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "leap-dspy")
+    return Path(base) / "intercode"
+
+
+_BUILD_LOCK = threading.Lock()
+
+
+def sqlite_dir() -> Path:
+    """A directory with one read-only `<db>.sqlite` per Spider database, built once and cached."""
+    dump = data.spider_dump()
+    digest = hashlib.sha256(dump.read_bytes()).hexdigest()[:12]
+    out = cache_root() / f"spider-sqlite-{digest}"
+    with _BUILD_LOCK:
+        if (out / "COMPLETE").exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".spider-", dir=out.parent))
+        for db, tables in parse_dump(str(dump)).items():
+            conn = sqlite3.connect(tmp / f"{db}.sqlite")
+            for t in tables.values():
+                conn.execute(t.sqlite_ddl)
+                if t.rows:
+                    marks = ",".join("?" * len(t.rows[0]))
+                    conn.executemany(f'INSERT INTO "{t.name}" VALUES ({marks})', t.rows)
+            conn.commit()
+            conn.close()
+            os.chmod(tmp / f"{db}.sqlite", 0o444)
+        (tmp / "COMPLETE").write_text(digest)
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# -- generated questions -------------------------------------------------------------------------------------
+def _h(name: str) -> str:
+    return re.sub(r"\s+", " ", name.replace("_", " ")).strip().lower()
+
+
+def generate_questions(db: str, tables: dict[str, Table], rng: random.Random) -> list[tuple[str, str]]:
+    """Spider-style (question, gold SQL) pairs from templates over the schema and its rows."""
+    out: list[tuple[str, str]] = []
+    for t in tables.values():
+        if not t.rows:
+            continue
+        T = _h(t.name)
+        tq = f"`{t.name}`"
+        out.append((f"How many rows does the {T} table have?", f"SELECT count(*) FROM {tq}"))
+        text_cols = [c for c in t.columns if c.is_text]
+        num_cols = [c for c in t.columns if c.is_number and not c.name.lower().endswith("id")]
+        for c in text_cols[:2]:
+            out.append(
+                (f"List the distinct {_h(c.name)} values in the {T} table.", f"SELECT DISTINCT `{c.name}` FROM {tq}")
+            )
+            out.append(
+                (
+                    f"For each {_h(c.name)} in the {T} table, give the number of rows.",
+                    f"SELECT `{c.name}`, count(*) FROM {tq} GROUP BY `{c.name}`",
+                )
+            )
+            idx = [k for k, col in enumerate(t.columns) if col is c][0]
+            vals = sorted({r[idx] for r in t.rows if isinstance(r[idx], str) and "'" not in r[idx] and r[idx]})
+            if vals:
+                v = rng.choice(vals)
+                out.append(
+                    (
+                        f"How many rows of the {T} table have {_h(c.name)} equal to '{v}'?",
+                        f"SELECT count(*) FROM {tq} WHERE `{c.name}` = '{v}'",
+                    )
+                )
+        for c in num_cols[:2]:
+            agg, word = rng.choice([("max", "maximum"), ("min", "minimum"), ("avg", "average")])
+            out.append((f"What is the {word} {_h(c.name)} in the {T} table?", f"SELECT {agg}(`{c.name}`) FROM {tq}"))
+            if text_cols:
+                tc = text_cols[0]
+                out.append(
+                    (
+                        f"Show the {_h(tc.name)} of the {T} row with the highest {_h(c.name)}.",
+                        f"SELECT `{tc.name}` FROM {tq} ORDER BY `{c.name}` DESC LIMIT 1",
+                    )
+                )
+                out.append(
+                    (
+                        f"List the {_h(tc.name)} and {_h(c.name)} of every row of {T}, "
+                        f"ordered by {_h(c.name)} ascending.",
+                        f"SELECT `{tc.name}`, `{c.name}` FROM {tq} ORDER BY `{c.name}` ASC",
+                    )
+                )
+        for col, ref_t, ref_c in t.foreign_keys:
+            other = tables.get(ref_t)
+            if other is None or not other.rows:
+                continue
+            oc = next((c for c in other.columns if c.is_text), None)
+            if oc is None:
+                continue
+            out.append(
+                (
+                    f"For every row of {T}, show its {_h(col)} and the {_h(oc.name)} of the matching {_h(ref_t)}.",
+                    f"SELECT T1.`{col}`, T2.`{oc.name}` FROM {tq} AS T1 JOIN `{ref_t}` AS T2 "
+                    f"ON T1.`{col}` = T2.`{ref_c}`",
+                )
+            )
+    return out

@@ -1,0 +1,239 @@
+"""`LocalEngine`: a DSPy 3.4 engine (`complete(Request) -> Response`) over a local transformers model.
+
+DSPy 3.4 routes a `dspy.LM(..., engine=obj)` call to `obj.complete(request)`; DSPy keeps the cache,
+retries, history and callbacks, the engine only turns one canonical request into one response. This engine
+renders the request with the tokenizer's chat template (`format_prompt`, shared with training), and either
+batches concurrent calls on one worker thread (`batching=True`) or runs each call alone under a lock.
+
+Engines are saved inside programs as `{"class": "leap_dspy.lm.engine:LocalEngine", "state": dump_state()}`;
+`load_state` rebuilds through the engine registry, so loading never loads the same model twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+from leap_dspy.lm import chat
+from leap_dspy.lm.batcher import Batcher
+from leap_dspy.lm.generate import GenParams, GenResult
+from leap_dspy.lm.models import DEFAULT_MODEL
+from leap_dspy.lm.registry import LoadedModel, get_loaded
+
+_STATE_KEYS = ("model", "adapter", "dtype", "max_batch", "max_new_tokens", "batching", "prefix_cache",
+               "batch_wait_s", "device")
+
+
+class LocalEngine:
+    """Runs a Hugging Face causal LM (optionally with a merged LoRA adapter) for `dspy.LM(engine=...)`.
+
+    Args:
+        model: `DEFAULT_MODEL` (the embedded SmolLM2-135M-Instruct), a model directory, or a hub id in the
+            local cache.
+        adapter: a PEFT LoRA adapter directory; merged into the weights at load time.
+        dtype: "auto" (bf16 on CUDA or on a CPU with AVX512-BF16/AMX, else float32), "float32", "bfloat16".
+        max_batch: the largest batch one `generate` call takes.
+        max_new_tokens: the default generation length when a request does not set `max_tokens`.
+        batching: gather concurrent calls into batches (True) or run each call alone (False).
+        prefix_cache: compute the KV cache of a batch's common token prefix once (see `generate.py`).
+        batch_wait_s: how long the worker waits for another request before starting a partial batch.
+        device: "cpu", "cuda", ...; None picks CUDA when available.
+
+    `expected` (attribute, int or None) may be set by a caller that knows how many clients call at once
+    (the rollout runner sets it to the number of live environments): a batch then starts as soon as that
+    many requests are pending, without waiting `batch_wait_s`.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        adapter: str | os.PathLike | None = None,
+        dtype: str = "auto",
+        max_batch: int = 32,
+        max_new_tokens: int = 128,
+        batching: bool = True,
+        *,
+        prefix_cache: bool = True,
+        batch_wait_s: float = 0.05,
+        device: str | None = None,
+    ) -> None:
+        if max_batch < 1 or max_new_tokens < 1:
+            raise ValueError("max_batch and max_new_tokens must be at least 1")
+        self.model = str(model)
+        self.adapter = str(Path(adapter).expanduser().resolve()) if adapter is not None else None
+        self.dtype = dtype
+        self.max_batch = max_batch
+        self.max_new_tokens = max_new_tokens
+        self.batching = batching
+        self.prefix_cache = prefix_cache
+        self.batch_wait_s = batch_wait_s
+        self.device = device
+        self.expected: int | None = None
+        self._loaded: LoadedModel = get_loaded(self.model, self.adapter, dtype, device)
+        self._solo_lock = threading.Lock()
+        self._batcher = Batcher(
+            self._run_batch, max_batch=max_batch, batch_wait_s=batch_wait_s, expected=lambda: self.expected,
+            name=f"leap-dspy-engine-{Path(self.model).name}",
+        )
+
+    # -- prompt formatting (shared with training) ---------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._loaded.tokenizer
+
+    @property
+    def hf_model(self) -> Any:
+        """The loaded (merged) transformers model; shared with other engines of the same settings."""
+        return self._loaded.model
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Sizes of the batches the worker ran so far (benchmarks, tests)."""
+        return self._batcher.batch_sizes
+
+    def format_prompt(self, messages: list[dict]) -> str:
+        """The exact prompt text the model sees for chat `messages` (chat template, generation prompt on).
+
+        Training must build its prompts with this function (or `leap_dspy.lm.chat.format_prompt` with the
+        same tokenizer) so that the fine-tuned model sees at inference what it saw in training.
+        """
+        return chat.format_prompt(self.tokenizer, messages)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Prompt token ids (no special tokens added: the template wrote them). Thread-safe."""
+        with self._loaded.tokenizer_lock:
+            return chat.tokenize_prompt(self.tokenizer, text)
+
+    # -- the engine contract ------------------------------------------------------------------------
+
+    def complete(self, request: Any) -> Any:
+        """One `dspy.lm15.Request` -> one `dspy.lm15.Response` (may be called from many threads)."""
+        from dspy.clients.engines.base import validate_request
+        from dspy.lm15 import Message, Response, TextPart, Usage
+
+        validate_request(request)
+        if request.tools:
+            raise ValueError("LocalEngine does not support tool calling; DSPy's Chat/JSON adapters need none")
+        ids = self.tokenize(self.format_prompt(chat.request_to_messages(request)))
+        params = self._params(request.config, len(ids))
+        if self.batching:
+            result: GenResult = self._batcher.submit(params, ids)
+        else:
+            with self._solo_lock:
+                result = self._loaded.generator.generate([ids], params, self.prefix_cache)[0]
+        return Response(
+            id=f"local-{uuid.uuid4().hex[:16]}",
+            model=self.model,
+            message=Message.assistant([TextPart(result.text)]),
+            finish_reason=result.finish_reason,
+            usage=Usage(input_tokens=result.prompt_tokens, output_tokens=result.output_tokens),
+        )
+
+    def stream(self, request: Any) -> Iterator[Any]:
+        """No token streaming: the whole response, as the event sequence DSPy expects."""
+        from dspy.lm15 import response_to_events
+
+        return iter(response_to_events(self.complete(request)))
+
+    def close(self) -> None:
+        """Stop the batching worker (waiting requests fail with `EngineClosed`); a later call restarts it."""
+        self._batcher.close()
+
+    def generate_texts(self, prompts: list[str], **config: Any) -> list[GenResult]:
+        """Generate for already formatted prompts in one batch (benchmarks, training-time sampling).
+
+        `config` takes `max_tokens`, `temperature`, `top_p`, `top_k`, `stop`, `seed` like a request.
+        """
+        from dspy.lm15 import Config
+
+        ids = [self.tokenize(p) for p in prompts]
+        params = self._params(Config(**config), max(len(i) for i in ids))
+        return self._loaded.generator.generate(ids, params, self.prefix_cache)
+
+    # -- saving -------------------------------------------------------------------------------------
+
+    def dump_state(self) -> dict[str, Any]:
+        """JSON-serialisable settings; the model itself is found again by name/path when loading."""
+        return {key: getattr(self, key) for key in _STATE_KEYS}
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> LocalEngine:
+        """Rebuild (or reuse, through the registry) the engine that `dump_state` described."""
+        from leap_dspy.lm.lms import get_engine
+
+        return get_engine(**{key: state[key] for key in _STATE_KEYS if key in state})
+
+    def __reduce__(self) -> tuple:
+        # Pickling (multiprocessing, deep copies) carries the settings, never the weights or the threads.
+        return (_engine_from_state, (self.dump_state(),))
+
+    def __copy__(self) -> LocalEngine:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> LocalEngine:
+        return self
+
+    def __repr__(self) -> str:
+        extra = f", adapter={self.adapter!r}" if self.adapter else ""
+        return f"LocalEngine(model={self.model!r}{extra}, dtype={self.dtype!r}, batching={self.batching})"
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _params(self, config: Any, prompt_len: int) -> GenParams:
+        max_new = config.max_tokens or self.max_new_tokens
+        limit = self._loaded.max_positions
+        if limit is not None:
+            if prompt_len >= limit:
+                raise ValueError(f"the prompt has {prompt_len} tokens; {self.model} reads at most {limit}")
+            max_new = min(max_new, limit - prompt_len)
+        temperature = float(config.temperature or 0.0)
+        return GenParams(
+            max_new_tokens=int(max_new),
+            temperature=temperature,
+            top_p=config.top_p if temperature else None,
+            top_k=config.top_k if temperature else None,
+            stop=tuple(config.stop or ()),
+            seed=config.seed if temperature else None,
+        )
+
+    def _run_batch(self, params: GenParams, prompts: list[list[int]]) -> list[GenResult]:
+        return self._loaded.generator.generate(prompts, params, self.prefix_cache)
+
+
+def _engine_from_state(state: dict[str, Any]) -> LocalEngine:
+    return LocalEngine.load_state(state)
+
+
+class AsyncLocalEngine:
+    """The async counterpart DSPy asks for on `acall`/`aforward`: the same engine, run in a thread."""
+
+    def __init__(self, sync: LocalEngine) -> None:
+        self.sync = sync
+
+    async def complete(self, request: Any) -> Any:
+        return await asyncio.to_thread(self.sync.complete, request)
+
+    async def stream(self, request: Any) -> AsyncIterator[Any]:
+        from dspy.lm15 import response_to_events
+
+        for event in response_to_events(await self.complete(request)):
+            yield event
+
+    async def aclose(self) -> None:
+        """Nothing to release: the sync engine owns the worker and is shared."""
+
+    def dump_state(self) -> dict[str, Any]:
+        return self.sync.dump_state()
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> AsyncLocalEngine:
+        return cls(LocalEngine.load_state(state))
+
+    def __deepcopy__(self, memo: dict) -> AsyncLocalEngine:
+        return self

@@ -1,0 +1,178 @@
+"""InterCode Bash and SQL: oracle success on the shipped tasks, sandbox attacks contained, backends agree.
+
+Needs the data packages (`intercode-bench`, `icalfa`), bubblewrap and, for the MariaDB tests, a running server
+with the Spider databases: .ci/services.sh installs and starts all of them. Tests skip, with the reason, only
+where a tool is truly absent.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from leap_dspy.envs import make_env
+from leap_dspy.envs.intercode import InterCodeBash, InterCodeSQL, SandboxUnavailable
+from leap_dspy.envs.intercode.data import DataUnavailable, bench_bash
+from leap_dspy.envs.intercode.reward import sql_reward, tfidf_similarity
+from leap_dspy.envs.intercode.sandbox import check_bwrap
+from leap_dspy.envs.intercode.sql_env import mysql_ready
+
+
+def _need_data() -> None:
+    try:
+        bench_bash()
+    except DataUnavailable as err:
+        pytest.skip(str(err))
+
+
+def _need_bwrap() -> None:
+    _need_data()
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed (apt-get install -y bubblewrap; .ci/services.sh)")
+    check_bwrap()  # installed but unusable is a failure, not a skip
+
+
+def _need_mysql() -> None:
+    _need_data()
+    reason = mysql_ready()
+    if reason is not None:
+        pytest.skip(f"MariaDB not available: {reason}")
+
+
+def _oracle(env, task) -> tuple[bool, float, int]:
+    env.reset(task)
+    steps, obs = 0, None
+    while (action := env.oracle_action()) is not None and steps < 5:
+        obs = env.step(action)
+        steps += 1
+    assert obs is not None
+    return obs.success, obs.reward, steps
+
+
+def test_rewards_match_upstream_definitions():
+    assert tfidf_similarity("a b", "a b") == 1.0  # no word of two characters: exact match
+    assert tfidf_similarity("hello world", "hello world") == pytest.approx(1.0)
+    assert sql_reward([(1,), (2,)], [(1,), (2,)]) == 1.0
+    assert sql_reward([(2,), (1,)], [(1,), (2,)]) == -1.0  # upstream scales IoU by Kendall's tau
+    assert sql_reward([(1,)], [(1,), (2,)]) == 0.5
+    assert sql_reward("Error executing query: x", [(1,)]) == 0.0
+    assert sql_reward([], []) == 1.0
+
+
+def test_registry_and_splits():
+    _need_data()
+    bash = make_env("intercode-bash", seed=3)
+    assert isinstance(bash, InterCodeBash) and bash.config()["seed"] == 3
+    assert len(bash.tasks("unseen")) == 24 and len(bash.tasks("train")) > 150
+    assert [t.id for t in bash.tasks("train")] == [t.id for t in bash.clone().tasks("train")]
+    sql = make_env("intercode-sql")
+    assert isinstance(sql, InterCodeSQL) and len(sql.tasks("unseen")) == 23
+    train_dbs = {t.db for t in sql.tasks("train")}
+    assert train_dbs.isdisjoint({t.db for t in sql.tasks("unseen")})  # unseen = held-out databases
+    assert len(sql.tasks("train")) > 100 and sql.tasks("seen")
+
+
+def test_sql_oracle_all_shipped_sqlite():
+    _need_data()
+    env = InterCodeSQL(backend="sqlite")
+    results = [_oracle(env, t) for t in env.tasks("unseen")]
+    assert all(ok for ok, _, steps in results), results
+    assert all(steps == 2 for *_, steps in results)  # gold, then submit
+
+
+def test_sql_privileged_levels_and_malformed_actions():
+    _need_data()
+    env = InterCodeSQL()
+    task = env.tasks("unseen")[0]
+    env.reset(task)
+    assert env.privileged_state(0).sections == {}
+    assert env.privileged_state(1).sections["gold query"] == task.gold
+    assert "expected result" in env.privileged_state(2).sections
+    for bad in ["", "   ", "SELEC * FRM", "\x00", "SELECT 1; SELECT 2", "DESCRIBE nosuchtable", "'; --", "🙂" * 50]:
+        obs = env.step(bad)
+        assert isinstance(obs.text, str) and not obs.done
+    assert env.step("SHOW TABLES").text.startswith("[(")
+    assert env.step("submit").done
+
+
+def test_sql_attacks_sqlite():
+    _need_data()
+    from leap_dspy.envs.intercode.attacks import run_sql_attacks
+
+    results = run_sql_attacks("sqlite", timeout_s=1.0)
+    assert all(r.contained for r in results), [(r.name, r.detail) for r in results]
+
+
+def test_sql_generated_tasks_solvable():
+    _need_data()
+    env = InterCodeSQL()
+    tasks = env.tasks("train")[:15]
+    assert all(_oracle(env, t)[0] for t in tasks)
+
+
+def test_mysql_oracle_and_agreement_with_sqlite():
+    _need_mysql()
+    lite, maria = InterCodeSQL(backend="sqlite"), InterCodeSQL(backend="mysql")
+    for task in lite.tasks("unseen"):
+        assert _oracle(maria, task)[0], task.id
+        a = (lite.reset(task), lite._gold())[1]
+        b = (maria.reset(task), maria._gold())[1]
+        # the same rows; four gold queries have no ORDER BY, and the two engines return those in another order
+        assert sorted(map(str, a)) == sorted(map(str, b)), task.id
+    maria.close()
+
+
+def test_sql_attacks_mysql():
+    _need_mysql()
+    from leap_dspy.envs.intercode.attacks import run_sql_attacks
+
+    results = run_sql_attacks("mysql", timeout_s=1.0)
+    assert all(r.contained for r in results), [(r.name, r.detail) for r in results]
+
+
+BASH_SUBSET = ["bench-0", "bench-1", "bench-3", "bench-6", "bench-11", "bench-12", "bench-13", "bench-16", "bench-22"]
+
+
+def test_bash_oracle_representative_subset():
+    _need_bwrap()
+    env = InterCodeBash()
+    tasks = [t for t in env.tasks("unseen") if t.id in BASH_SUBSET]
+    assert len(tasks) == len(BASH_SUBSET)
+    results = {t.id: _oracle(env, t) for t in tasks}
+    env.close()
+    assert all(ok for ok, *_ in results.values()), results
+
+
+def test_bash_wrong_answer_scores_less_and_malformed_actions():
+    _need_bwrap()
+    env = InterCodeBash()
+    task = next(t for t in env.tasks("unseen") if t.id == "bench-12")  # rename .txt -> .md
+    env.reset(task)
+    for bad in ["", "\x00", "((((", "cd /nonexistent", "cd", "'unterminated", "exit 3", "kill -9 -1"]:
+        obs = env.step(bad)
+        assert isinstance(obs.text, str)
+    assert env.privileged_state(1).sections["gold command"] == task.gold
+    assert "expected file changes" in env.privileged_state(2).sections
+    obs = env.step("submit")
+    assert obs.done and not obs.success and obs.reward < 1
+    env.reset(task)
+    env.step("cd /testbed")
+    assert env.step("pwd").text.strip() == "/testbed"
+    env.close()
+
+
+def test_bash_sandbox_unavailable_message(monkeypatch):
+    from leap_dspy.envs.intercode import sandbox
+
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    with pytest.raises(SandboxUnavailable, match="bubblewrap"):
+        sandbox.Sandbox()
+
+
+def test_bash_attacks_contained():
+    _need_bwrap()
+    from leap_dspy.envs.intercode.attacks import run_bash_attacks
+
+    results = run_bash_attacks(wall_s=3.0)
+    assert len(results) == 8
+    assert all(r.contained for r in results), [(r.name, r.detail) for r in results]

@@ -1,0 +1,190 @@
+"""The LEAP teleprompter on the real engine: real ALFWorld games, real DSPy, real TRL, a tiny random model.
+
+The slow test at the end runs the embedded SmolLM2 end to end at a tiny size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dspy
+import pytest
+
+from leap_dspy.envs.alfworld import ALFWorld
+from leap_dspy.lm import DEFAULT_MODEL
+from leap_dspy.programs import OracleExpert, Student
+from leap_dspy.store import JsonlLog
+from leap_dspy.teleprompt import LEAP, ConfigMismatch
+from leap_dspy.train import TrainConfig
+from leap_dspy.types import Correction, Trajectory
+
+FAST_TRAIN = TrainConfig(max_length=768, per_device_batch_size=8, progress_bar=False)
+
+
+def tiny_env(cache: Path) -> ALFWorld:
+    return ALFWorld(num_receptacles=5, task_types=["pick_and_place_simple"], num_train=4, num_seen=1,
+                    num_unseen=1, max_steps=10, cache_dir=str(cache))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> ALFWorld:
+    return tiny_env(tmp_path_factory.mktemp("alfworld-cache"))
+
+
+class PeekingOracle(OracleExpert):
+    """The oracle, handed the full privileged text as an LM expert would be: the leak test's worst case."""
+
+    reads_privileged_text = True
+
+
+def compile_tiny(env: ALFWorld, model: str, run_dir: Path, teacher: dspy.Module | None = None,
+                 iterations: int = 1) -> Student:
+    leap = LEAP(env, iterations=iterations, model=model, run_dir=run_dir, train_config=FAST_TRAIN,
+                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False)
+    return leap.compile(Student(), trainset=env.tasks("train"), teacher=teacher or OracleExpert(),
+                        valset=env.tasks("seen") + env.tasks("unseen"))
+
+
+def test_privileged_state_never_reaches_a_student_training_row(env: ALFWorld, tiny_model: str,
+                                                              tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    compile_tiny(env, tiny_model, run, teacher=PeekingOracle())
+
+    trajectories = JsonlLog(run / "iter_1" / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id).load()
+    privileged = [s.privileged for t in trajectories.values() for s in t.steps if s.privileged is not None]
+    assert privileged, "the expert was given no privileged state: the test would prove nothing"
+    assert all(p.sections for p in privileged)
+    secrets = {p.to_text() for p in privileged}
+    secrets |= {line for p in privileged for line in p.sections.get("object locations", [])}
+    secrets |= {f"{name}:" for p in privileged for name in p.sections}
+    assert any(" is in/on " in s for s in secrets)
+
+    for k in (0, 1):
+        rows = [json.loads(line) for line in (run / f"iter_{k}" / "train_rows.jsonl").read_text().splitlines()]
+        assert rows
+        for row in rows:
+            prompt = "\n".join(m["content"] for m in row["prompt"])
+            assert "privileged" not in prompt.lower()
+            for secret in secrets:
+                assert secret not in prompt, f"privileged text leaked into iter_{k}: {secret!r}"
+            user = row["prompt"][-1]["content"]
+            fields = [line for line in user.splitlines() if line.startswith("[[ ## ")]
+            assert fields == ["[[ ## task ## ]]", "[[ ## observation ## ]]", "[[ ## history ## ]]"]
+
+
+def test_compile_writes_the_run_folder_and_a_loadable_student(env: ALFWorld, tiny_model: str,
+                                                              tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    student = compile_tiny(env, tiny_model, run)
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",")[:3] == ["iteration", "seen_success", "unseen_success"]
+    assert [line.split(",")[0] for line in lines[1:]] == ["base", "expert", "0", "1"]
+    assert (run / "report.html").exists() and (run / "learning_curve.png").exists()
+    assert (run / "iter_1" / "adapter" / "adapter_config.json").exists()
+    expert_row = dict(zip(lines[0].split(","), lines[2].split(","), strict=True))
+    assert float(expert_row["seen_success"]) == 1.0  # the oracle wins every generated game
+
+    restored = Student()
+    restored.load(str(run / "student.json"), allow_unsafe_lm_state=True)
+    assert restored.step.lm.engine.adapter == str((run / "iter_1" / "adapter").resolve())
+    assert student.step.lm.engine.adapter == restored.step.lm.engine.adapter
+
+    with pytest.raises(ConfigMismatch):
+        LEAP(env, iterations=1, model=tiny_model, run_dir=run, update="sft", max_train_rows=7,
+             train_config=FAST_TRAIN, progress=False).compile(
+            Student(), trainset=env.tasks("train"), valset=env.tasks("seen"))
+
+
+RESUME_SCRIPT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_leap import compile_tiny, tiny_env
+compile_tiny(tiny_env(Path({cache!r})), {model!r}, Path({run!r}))
+"""
+
+
+def test_a_killed_run_resumes_without_losing_or_duplicating_records(env: ALFWorld, tiny_model: str,
+                                                                     tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    script = RESUME_SCRIPT.format(tests=str(Path(__file__).parent), cache=env.config()["cache_dir"],
+                                  model=tiny_model, run=str(run))
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = run / "iter_1" / "trajectories.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if target.exists() and target.read_text().count("\n") >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    before = target.read_text().count("\n")
+    assert 1 <= before < 4
+    with open(target, "a") as handle:  # the kill also tore a record in half
+        handle.write('{"task": {"id": "alfworld-train-')
+
+    compile_tiny(env, tiny_model, run)
+
+    for name, model, key in (("trajectories.jsonl", Trajectory, lambda t: t.task.id),
+                             ("corrections.jsonl", Correction, lambda c: c.key)):
+        for k in (0, 1):
+            path = run / f"iter_{k}" / name
+            lines = path.read_text().splitlines()
+            keys = [key(model.model_validate_json(line)) for line in lines]
+            assert len(keys) == len(set(keys)), f"duplicated records in {path}"
+    trajectories = (run / "iter_1" / "trajectories.jsonl").read_text().splitlines()
+    assert len(trajectories) == len(env.tasks("train"))
+    steps = sum(len(Trajectory.model_validate_json(line).steps) for line in trajectories)
+    corrections = (run / "iter_1" / "corrections.jsonl").read_text().splitlines()
+    assert len(corrections) == steps  # every visited step corrected exactly once
+    rows = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert rows == ["base", "expert", "0", "1"]
+
+
+def test_malformed_model_output_is_recorded_not_raised(env: ALFWorld) -> None:
+    task = env.tasks("train")[0]
+    answers = [
+        {"reason": "I will not say what I do."},                                   # no action field
+        {"reason": "Flying is faster.", "action": "fly to the moon"},                # not admissible
+        {"reason": "Looking around.", "action": "look"},
+    ]
+    lm = dspy.utils.DummyLM(answers * 3)
+    student = Student(max_invalid_streak=0)
+    student.set_lm(lm)
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        trajectory = student.run(env.clone(), task, max_steps=3)
+    first, second, third = trajectory.steps
+    assert first.error is not None and first.action == ""
+    assert first.next_observation == "Nothing happens."
+    assert second.error is None and second.action == "fly to the moon"
+    assert second.next_observation == "Nothing happens."
+    assert third.action == "look" and third.next_observation != "Nothing happens."
+    assert trajectory.num_errors == 1
+
+
+def test_invalid_streak_ends_a_stuck_episode(env: ALFWorld) -> None:
+    lm = dspy.utils.DummyLM([{"reason": "x", "action": "fly"}] * 10)
+    student = Student(max_invalid_streak=3)
+    student.set_lm(lm)
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        trajectory = student.run(env.clone(), env.tasks("train")[0])
+    assert len(trajectory.steps) == 3 and not trajectory.success
+
+
+@pytest.mark.slow
+def test_end_to_end_on_the_embedded_smollm2(env: ALFWorld, tmp_path: Path) -> None:
+    """BC + one LEAP iteration on the real 135M weights, at a tiny size (a few minutes on 2 cores)."""
+    run = tmp_path / "run"
+    compile_tiny(env, DEFAULT_MODEL, run)
+    metrics = {json.loads((run / f"iter_{k}" / "metrics.json").read_text())["iteration"] for k in (0, 1)}
+    assert metrics == {"0", "1"}
+    train = json.loads((run / "iter_0" / "train.json").read_text())
+    assert train["loss_history"][-1] < train["loss_history"][0]  # BC learns something on real weights

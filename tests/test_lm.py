@@ -1,0 +1,278 @@
+"""The local LM backend on the real embedded model (SmolLM2-135M), kept short: few tokens per call.
+
+Equality of batched and batch-1 greedy outputs is checked in float32: in bfloat16 a batch's matmuls have
+other shapes than a single row's, so rare near-ties between two tokens can flip (seen on 1 of 4 prompts).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+dspy = pytest.importorskip("dspy")
+
+from dspy.lm15 import Config, Message, Request  # noqa: E402
+
+from leap_dspy.lm import LocalEngine, get_engine, local_lm, vllm_lm  # noqa: E402
+from leap_dspy.lm.batcher import Batcher, EngineClosed  # noqa: E402
+from leap_dspy.lm.chat import format_prompt, request_to_messages, split_for_training  # noqa: E402
+
+SYSTEM = (
+    "Your input fields are:\n1. `question` (str)\nYour output fields are:\n1. `answer` (str)\n"
+    "All interactions will be structured in the following way.\n\n[[ ## question ## ]]\n{question}\n\n"
+    "[[ ## answer ## ]]\n{answer}\n\n[[ ## completed ## ]]\nIn adhering to this structure, your objective is: "
+    "Answer the question."
+)
+QUESTIONS = ["What is the capital of France?", "Name three colors.", "Why is the sky blue?", "What is 2+2?"]
+
+
+def request(question: str, max_tokens: int = 10, **config) -> Request:
+    return Request(
+        model="local",
+        system=SYSTEM,
+        messages=(Message.user(f"[[ ## question ## ]]\n{question}"),),
+        config=Config(max_tokens=max_tokens, temperature=0.0, **config),
+    )
+
+
+class QA(dspy.Signature):
+    """Answer the question."""
+
+    question: str = dspy.InputField()
+    answer: str = dspy.OutputField()
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return local_lm(max_new_tokens=16)
+
+
+# -- batching machinery, no model ---------------------------------------------------------------------
+
+
+def test_batcher_gathers_expected_clients_and_routes_errors():
+    seen: list[tuple] = []
+
+    def run(key, payloads):
+        seen.append((key, list(payloads)))
+        if "boom" in payloads:
+            raise RuntimeError("generation failed")
+        return [f"{key}:{p}" for p in payloads]
+
+    batcher = Batcher(run, max_batch=8, batch_wait_s=5.0, expected=lambda: 3)
+    results: dict[int, object] = {}
+
+    def call(i, key, payload):
+        try:
+            results[i] = batcher.submit(key, payload)
+        except Exception as exc:  # noqa: BLE001
+            results[i] = exc
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=call, args=(i, "a", str(i))) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert time.monotonic() - start < 4, "expected=3 should start the batch without waiting batch_wait_s"
+    assert sorted(results.values()) == ["a:0", "a:1", "a:2"] and batcher.batch_sizes == [3]
+
+    results.clear()
+    threads = [threading.Thread(target=call, args=(i, "b", "boom" if i == 0 else "x")) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert all(isinstance(r, RuntimeError) and "generation failed" in str(r) for r in results.values())
+
+    batcher.expected = lambda: None
+    batcher.batch_wait_s = 0.01
+    assert batcher.submit(("k", 1), "y") == "('k', 1):y"  # the worker survived the failure
+    batcher.close()
+    assert batcher.submit("c", "z") == "c:z"  # and restarts after close
+    batcher.close()
+
+
+def test_batcher_close_fails_waiting_requests():
+    release = threading.Event()
+
+    def slow(key, payloads):
+        release.wait(5)
+        return list(payloads)
+
+    batcher = Batcher(slow, max_batch=1, batch_wait_s=0.0)
+    errors: list[BaseException] = []
+
+    def call(p):
+        try:
+            batcher.submit("k", p)
+        except EngineClosed as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # one in flight, two waiting
+    closer = threading.Thread(target=batcher.close)
+    closer.start()
+    time.sleep(0.1)
+    release.set()
+    closer.join(10)
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert len(errors) == 2
+
+
+def test_request_to_messages_and_training_split():
+    req = request("hi")
+    messages = request_to_messages(req)
+    assert messages == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": req.messages[0].text}]
+    engine = get_engine(max_new_tokens=16)
+    prompt = engine.format_prompt(messages)
+    assert prompt.endswith("<|im_start|>assistant\n") and prompt == format_prompt(engine.tokenizer, messages)
+    p, completion = split_for_training(engine.tokenizer, [*messages, {"role": "assistant", "content": "Paris"}])
+    assert p == prompt and completion.startswith("Paris<|im_end|>")
+
+
+# -- the real model -------------------------------------------------------------------------------------
+
+
+def test_predict_through_chat_adapter(lm):
+    predict = dspy.Predict(QA)
+    with dspy.context(lm=lm, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        try:
+            prediction = predict(question="What is the capital of France?")
+        except dspy.utils.exceptions.AdapterParseError as exc:  # an untrained 135M model rarely keeps the format
+            assert "answer" in str(exc)
+        else:
+            assert isinstance(prediction.answer, str)
+    response = lm.history[-1]["response"]
+    assert response.usage.input_tokens > 50 and 0 < response.usage.output_tokens <= 16
+
+
+def test_batched_equals_batch1_greedy_float32():
+    solo = get_engine(dtype="float32", batching=False, prefix_cache=False, max_new_tokens=12)
+    batched = get_engine(dtype="float32", batching=True, prefix_cache=True, max_new_tokens=12, batch_wait_s=2.0)
+    assert solo.hf_model is batched.hf_model  # one model in memory for both engines
+    reference = [solo.complete(request(q, 12)) for q in QUESTIONS]
+
+    batched.expected = len(QUESTIONS)
+    out: dict[int, object] = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, batched.complete(request(QUESTIONS[i], 12))))
+               for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert batched.batch_sizes[-1] == len(QUESTIONS)
+    for i, ref in enumerate(reference):
+        assert out[i].text == ref.text
+        assert out[i].usage.output_tokens == ref.usage.output_tokens
+        assert out[i].usage.input_tokens == ref.usage.input_tokens
+
+
+def test_stop_strings_trim_and_stop_early():
+    engine = get_engine(max_new_tokens=16)
+    free = engine.complete(request(QUESTIONS[1], 16))
+    text = free.text
+    assert len(text) > 8
+    stop = text[4:7]
+    stopped = engine.complete(request(QUESTIONS[1], 16, stop=(stop, "\u2603never")))
+    assert stopped.text == text[: text.find(stop)]
+    assert stopped.finish_reason == "stop"
+    assert stopped.usage.output_tokens < free.usage.output_tokens
+
+
+def test_lm_call_with_stop_kwarg(lm):
+    outputs = lm("Count from one to ten in words, separated by commas.", stop=[","], max_tokens=12)
+    assert "," not in outputs[0]
+
+
+def test_adapter_directory_loads(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from leap_dspy.lm.models import DEFAULT_MODEL, load_model
+
+    base = load_model(DEFAULT_MODEL, "float32", "cpu")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    del base
+
+    lm = local_lm(adapter=tmp_path / "adapter", max_new_tokens=6)
+    engine = lm._engine_spec
+    assert engine.adapter == str((tmp_path / "adapter").resolve())
+    assert engine.hf_model is not get_engine(max_new_tokens=16).hf_model
+    assert not any("lora" in name for name, _ in engine.hf_model.named_parameters())  # merged
+    response = engine.complete(request(QUESTIONS[0], 6))
+    assert response.usage.output_tokens >= 1
+    assert local_lm(adapter=tmp_path / "adapter", max_new_tokens=6)._engine_spec is engine
+    engine.close()
+
+
+def test_save_and_load_predict_round_trip(tmp_path, lm):
+    predict = dspy.Predict(QA)
+    predict.lm = lm
+    path = tmp_path / "program.json"
+    predict.save(str(path))
+
+    loaded = dspy.Predict(QA)
+    loaded.load(str(path), allow_unsafe_lm_state=True)
+    assert isinstance(loaded.lm._engine_spec, LocalEngine)
+    assert loaded.lm._engine_spec is lm._engine_spec  # the registry hands back the same engine
+    assert loaded.lm.kwargs["temperature"] == 0.0 and loaded.lm.kwargs["max_tokens"] == 16
+    with pytest.raises(ValueError, match="allow_unsafe_lm_state"):
+        dspy.Predict(QA).load(str(path))
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_generation_errors_reach_the_caller(monkeypatch, batching):
+    engine = LocalEngine(max_new_tokens=4, batching=batching)  # its own engine: the patch stays local
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated generation failure")
+
+    if batching:
+        monkeypatch.setattr(engine._batcher, "run_batch", boom)
+    else:
+        monkeypatch.setattr(engine, "_loaded", type(engine._loaded)(**{**vars(engine._loaded)}))
+        monkeypatch.setattr(engine._loaded, "generator", type("G", (), {"generate": staticmethod(boom)})())
+    lm = dspy.LM("local/broken", engine=engine, cache=False, num_retries=0, max_tokens=4)
+    errors: list[BaseException] = []
+
+    def call():
+        try:
+            lm("hello")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert len(errors) == 3
+    assert all("simulated generation failure" in f"{e} {e.__cause__}" for e in errors)
+    engine.close()
+
+
+def test_async_call(lm):
+    import asyncio
+
+    outputs = asyncio.run(lm.acall("Say hi.", max_tokens=4))
+    assert isinstance(outputs[0], str)
+
+
+def test_vllm_lm_constructs():
+    lm = vllm_lm("HuggingFaceTB/SmolLM2-135M-Instruct", adapter="/runs/x/iter_1/adapter",
+                 base_url="http://localhost:8000/v1")
+    assert lm.model == "hosted_vllm/adapter"
+    assert lm.kwargs["temperature"] == 0.0

@@ -1,0 +1,197 @@
+"""Fine-tuning backends on a tiny randomly initialised Llama (hidden 64, 2 layers) with the SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+from leap_dspy.lm.models import load_tokenizer  # noqa: E402
+from leap_dspy.train import TrainConfig, merge_adapter, train_dpo, train_kto, train_sft  # noqa: E402
+from leap_dspy.train.data import encode_prompt_completion, sft_features  # noqa: E402
+
+SYSTEM = "Your input fields are `task` and `observation`. Your output fields are `reason` and `action`."
+
+
+def _prompt(i: int) -> list[dict[str, str]]:
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"[[ ## task ## ]]\nput a mug in desk {i % 3}\n\n[[ ## observation ## ]]\nroom"},
+    ]
+
+
+def _answer(action: str) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": f"[[ ## reason ## ]]\nsee desk\n\n[[ ## action ## ]]\n{action}\n\n"
+             "[[ ## completed ## ]]"}]
+
+
+def sft_rows(n: int = 8) -> list[dict]:
+    return [{"prompt": _prompt(i), "completion": _answer("go to desk 1")} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def fast(**overrides) -> TrainConfig:
+    base = dict(max_steps=4, per_device_batch_size=4, learning_rate=5e-3, progress_bar=False, dtype="float32")
+    return TrainConfig(**{**base, **overrides})
+
+
+def _lora_state(adapter_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def test_training_text_is_the_inference_prompt_plus_completion(tokenizer):
+    row = sft_rows(1)[0]
+    p_ids, c_ids = encode_prompt_completion(tokenizer, row["prompt"], row["completion"])
+    inference_prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    assert p_ids == tokenizer(inference_prompt, add_special_tokens=False)["input_ids"]
+    full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+    full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    assert p_ids + c_ids == full_ids[: len(p_ids) + len(c_ids)]
+    assert c_ids[-1] == tokenizer.convert_tokens_to_ids(tokenizer.eos_token)  # learns to stop at <|im_end|>
+    assert tokenizer.decode(full_ids[len(p_ids) + len(c_ids):]).strip() == ""  # only the template's newline left
+    assert tokenizer.decode(c_ids).startswith("[[ ## reason ## ]]")
+    # DPO/KTO hand TRL these strings; TRL tokenises plain text with tokenizer(text): no extra special tokens
+    assert tokenizer(inference_prompt)["input_ids"] == p_ids
+
+
+def test_labels_mask_the_prompt(tokenizer):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rows = sft_rows(2)
+    features = sft_features(tokenizer, rows, max_length=None)
+    batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(
+        [{"input_ids": i, "labels": la} for i, la in zip(features["input_ids"], features["labels"], strict=True)]
+    )
+    for k, row in enumerate(rows):
+        p_ids, c_ids = encode_prompt_completion(tokenizer, row["prompt"], row["completion"])
+        labels = batch["labels"][k]
+        assert (labels[: len(p_ids)] == -100).all()
+        assert labels[len(p_ids): len(p_ids) + len(c_ids)].tolist() == c_ids
+        assert (labels[len(p_ids) + len(c_ids):] == -100).all()  # padding
+
+
+def test_max_length_cuts_the_prompt_not_the_completion(tokenizer):
+    row = sft_rows(1)[0]
+    _, c_full = encode_prompt_completion(tokenizer, row["prompt"], row["completion"])
+    p_ids, c_ids = encode_prompt_completion(tokenizer, row["prompt"], row["completion"], max_length=len(c_full) + 5)
+    assert c_ids == c_full and len(p_ids) == 5
+
+
+def test_sft_loss_decreases_and_saves_adapter(tiny_model, tmp_path):
+    out = tmp_path / "adapter"
+    result = train_sft(sft_rows(), model=tiny_model, output_dir=out, config=fast(max_steps=6))
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "adapter.tmp").exists()
+    assert result.steps == 6 and len(result.loss_history) == 6
+    assert result.loss_history[-1] < result.loss_history[0] - 0.1
+    per_epoch = sum(len(ids) for ids in sft_features(load_tokenizer(tiny_model), sft_rows(), None)["input_ids"])
+    assert result.train_tokens == 3 * per_epoch  # 6 steps x 4 rows = 3 epochs of 8 rows, padding not counted
+    assert result.tokens_per_s > 0 and result.peak_rss_mb > 0
+
+
+def test_sft_continues_from_init_adapter(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    first = tmp_path / "iter0"
+    r0 = train_sft(sft_rows(), model=tiny_model, output_dir=first, config=fast(max_steps=6))
+    # zero-step continuation: the saved adapter must equal the init adapter exactly
+    same = tmp_path / "same"
+    train_sft(sft_rows(), model=tiny_model, output_dir=same, init_adapter=str(first), config=fast(learning_rate=0.0))
+    a, b = _lora_state(first), _lora_state(same)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and a real continuation starts from the trained loss, not from scratch
+    second = tmp_path / "iter1"
+    r1 = train_sft(sft_rows(), model=tiny_model, output_dir=second, init_adapter=str(first), config=fast())
+    assert r1.loss_history[0] < r0.loss_history[0] - 0.1
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    loaded = PeftModel.from_pretrained(base, str(second))
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in loaded.named_parameters())
+
+
+def test_failed_training_leaves_no_adapter(tiny_model, tmp_path, monkeypatch):
+    import leap_dspy.train.common as common
+
+    out = tmp_path / "adapter"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("killed mid-training")
+
+    monkeypatch.setattr(common, "save_adapter", boom)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_sft(sft_rows(4), model=tiny_model, output_dir=out, config=fast(max_steps=1))
+    assert not out.exists() and not (tmp_path / "adapter.tmp").exists()
+    # an adapter already at output_dir survives a failed retraining untouched
+    monkeypatch.undo()
+    train_sft(sft_rows(4), model=tiny_model, output_dir=out, config=fast(max_steps=1))
+    before = _lora_state(out)
+    monkeypatch.setattr(common, "save_adapter", boom)
+    with pytest.raises(RuntimeError):
+        train_sft(sft_rows(4), model=tiny_model, output_dir=out, config=fast(max_steps=1, learning_rate=1e-2))
+    after = _lora_state(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_dpo_runs_and_saves(tiny_model, tmp_path):
+    rows = [{"prompt": _prompt(i), "chosen": _answer("go to desk 1"), "rejected": _answer("look")} for i in range(4)]
+    out = tmp_path / "dpo"
+    result = train_dpo(rows, model=tiny_model, output_dir=out, config=fast(max_steps=2, per_device_batch_size=2))
+    assert (out / "adapter_model.safetensors").exists() and result.steps == 2 and result.final_loss is not None
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
+
+
+def test_kto_runs_and_saves(tiny_model, tmp_path):
+    rows = [{"prompt": _prompt(i), "completion": _answer("go to desk 1" if i % 2 else "look"), "label": bool(i % 2)}
+            for i in range(4)]
+    out = tmp_path / "kto"
+    result = train_kto(rows, model=tiny_model, output_dir=out, config=fast(max_steps=2, per_device_batch_size=2))
+    assert (out / "adapter_model.safetensors").exists() and result.steps == 2
+
+
+def test_kto_needs_both_kinds(tiny_model, tmp_path):
+    rows = [{"prompt": _prompt(i), "completion": _answer("look"), "label": True} for i in range(4)]
+    with pytest.raises(ValueError, match="undesirable"):
+        train_kto(rows, model=tiny_model, output_dir=tmp_path / "kto", config=fast())
+    assert not (tmp_path / "kto").exists()
+
+
+def test_merge_adapter_matches_peft_outputs(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    train_sft(sft_rows(4), model=tiny_model, output_dir=adapter, config=fast(max_steps=2))
+    merged_dir = merge_adapter(tiny_model, adapter, tmp_path / "merged", dtype="float32")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(adapter)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
+    with torch.no_grad():
+        assert torch.allclose(peft(ids).logits, merged(ids).logits, atol=1e-4)

@@ -53,9 +53,9 @@ def build_expert(spec: str, model: str) -> Any:
     if spec == "oracle":
         return OracleExpert()
     if spec == "self":
-        from leap_dspy.lm import local_lm
+        from leap_dspy.programs import SelfExpert
 
-        return PrivilegedExpert(local_lm(model))
+        return SelfExpert()
     if "/" not in spec:
         raise fail(f"--expert is 'oracle', 'self' or a LiteLLM model string like openai/gpt-4o, not {spec!r}")
     return PrivilegedExpert(spec)

@@ -22,9 +22,10 @@ from dspy.teleprompt import Teleprompter
 
 from leap_dspy.envs.base import TextEnv, action_admissible
 from leap_dspy.lm import DEFAULT_MODEL, local_lm
-from leap_dspy.programs.experts import OracleExpert, expert_inputs
+from leap_dspy.programs.experts import OracleExpert, SelfExpert, expert_inputs
 from leap_dspy.programs.student import Student
 from leap_dspy.progress import console, progress_bar
+from leap_dspy.realizability import unobserved_mentions
 from leap_dspy.rollout import (
     expert_rollout,
     mean_reward,
@@ -70,6 +71,10 @@ class LEAP(Teleprompter):
         run_dir: where everything is written; an existing folder with the same configuration is resumed.
         max_train_rows: rows per fine-tuning round after behaviour cloning: every new correction, then older
             ones (DAgger's aggregate) sampled to fill up. Bounds a round's cost as the aggregate grows.
+        drop_unrealizable: keep corrections whose reason names things the student never saw out of training
+            (they are always flagged in `corrections.jsonl` and counted in the metrics).
+        demonstrator: who plays the behaviour-cloning demonstrations; default the teacher, or the scripted
+            oracle when the teacher is the student's own privileged self (untrained, it has nothing to show).
         lm_kwargs: settings of the student's local engine (`LocalEngine`); `max_new_tokens` defaults to 80,
             room for a one-sentence reason and an action in DSPy's chat format.
     """
@@ -88,6 +93,8 @@ class LEAP(Teleprompter):
         epochs: float = 1.0,
         max_train_rows: int = 400,
         bc_successful_only: bool = True,
+        drop_unrealizable: bool = False,
+        demonstrator: dspy.Module | None = None,
         num_threads: int = 32,
         expert_threads: int = 8,
         expert_retries: int = 3,
@@ -115,6 +122,8 @@ class LEAP(Teleprompter):
         self.epochs = epochs
         self.max_train_rows = max_train_rows
         self.bc_successful_only = bc_successful_only
+        self.drop_unrealizable = drop_unrealizable
+        self.demonstrator = demonstrator
         self.num_threads = num_threads
         self.expert_threads = expert_threads
         self.expert_retries = expert_retries
@@ -216,11 +225,14 @@ class LEAP(Teleprompter):
         corrections = JsonlLog(stage / "corrections.jsonl", Correction, key=lambda c: c.key)
 
         if k == 0:
+            demonstrator = self._demonstrator(teacher)
             done = self._collect(trajectories, train_tasks, lambda todo, save: expert_rollout(
-                teacher, student, self.env, todo, level=self.privilege_level, num_threads=self.expert_threads,
-                policy="expert", on_trajectory=save), "demonstrations")
+                demonstrator, student, self.env, todo, level=self.privilege_level,
+                num_threads=self.expert_threads, policy="expert", on_trajectory=save), "demonstrations")
             self._demonstrations(done, corrections)
         else:
+            if isinstance(teacher, SelfExpert):
+                teacher.follow(student)
             done = self._collect(trajectories, train_tasks, lambda todo, save: rollout(
                 student, self.env, todo, num_threads=self.num_threads,
                 capture_level=self.privilege_level if reads_privileged_text(teacher) else None,
@@ -241,11 +253,17 @@ class LEAP(Teleprompter):
             "corrections": len(current),
             "corrections_changed": sum(c.changed for c in current if c.dropped is None),
             "corrections_dropped": sum(c.dropped is not None for c in current),
+            "corrections_unrealizable": sum(bool(c.unobserved) for c in current),
             "train_success": success_rate(list(done.values())),
             "train_s": round(train_s, 1),
         }
         self._evaluate_stage(k, student, val_tasks, stage_s=time.perf_counter() - start, extra=extra)
         return adapter_dir
+
+    def _demonstrator(self, teacher: dspy.Module) -> dspy.Module:
+        if self.demonstrator is not None:
+            return self.demonstrator
+        return OracleExpert() if isinstance(teacher, SelfExpert) else teacher
 
     def _collect(self, log: JsonlLog[Trajectory], tasks: list[Task], play: Any, label: str) -> dict[str, Trajectory]:
         """Run the episodes not yet in `log`, appending each as it finishes (the resume point)."""
@@ -303,11 +321,14 @@ class LEAP(Teleprompter):
                     time.sleep(min(2.0**attempt * 0.5, 8.0) if attempt + 1 < self.expert_retries else 0)
                     continue
                 dropped = None
+                unobserved = unobserved_mentions(reason, step.inputs)
                 if not action:
                     dropped = "expert gave no action"
                 elif not action_admissible(action, step.admissible_actions):
                     dropped = f"expert action not admissible: {action[:80]}"
-                return Correction(**record, reason=reason, action=action, dropped=dropped)
+                elif unobserved and self.drop_unrealizable:
+                    dropped = f"reason not realizable: mentions {', '.join(unobserved[:3])}"
+                return Correction(**record, reason=reason, action=action, dropped=dropped, unobserved=unobserved)
             return Correction(**record, reason="", action="", dropped=error)
 
         workers = 1 if isinstance(teacher, OracleExpert) else self.expert_threads
@@ -323,8 +344,14 @@ class LEAP(Teleprompter):
         """DAgger's aggregate, bounded: all of this round's records, then earlier rounds' to fill up."""
         usable = [c for c in current if c.dropped is None]
         if self.update != "sft" and k > 0:
-            rows = preference_rows(self.student_signature, self.adapter, usable, kind=self.update)
-            return rows, len(rows)
+            # Pairs exist only where the expert changed the student's step; earlier rounds' pairs fill up.
+            pairs = [c for c in usable if c.changed]
+            if len(pairs) < self.max_train_rows:
+                earlier = [c for j in range(1, k) for c in self._load_corrections(j) if c.dropped is None and c.changed]
+                random.Random(self.seed * 1000 + k).shuffle(earlier)
+                pairs += earlier[: self.max_train_rows - len(pairs)]
+            rows = preference_rows(self.student_signature, self.adapter, pairs, kind=self.update)
+            return rows, len(pairs)
         chosen = list(usable)
         if k > 0 and len(chosen) < self.max_train_rows:
             earlier = [c for j in range(k) for c in self._load_corrections(j) if c.dropped is None]

@@ -118,6 +118,9 @@ class Correction(BaseModel):
     source: Literal["demonstration", "correction"] = "correction"
     dropped: str | None = None
     """Why this record is kept out of training (an inadmissible action, an expert failure), if it is."""
+    unobserved: list[str] = Field(default_factory=list)
+    """What the reason names that the student never saw (see `leap_dspy.realizability`): non-empty means the
+    correction is not realizable."""
 
     @property
     def changed(self) -> bool:

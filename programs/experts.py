@@ -66,6 +66,24 @@ class PrivilegedExpert(dspy.Module):
                             student_action=student_action, privileged_state=text)
 
 
+class SelfExpert(PrivilegedExpert):
+    """The student's own current weights, given the privileged state: the paper's self-improvement setting.
+
+    LEAP points it at the student's latest LM before every round of corrections (`follow`), so the expert
+    improves with the student. Behaviour cloning, which needs a competent demonstrator, uses the scripted
+    oracle instead (see `LEAP(demonstrator=...)`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(model=None)
+
+    def follow(self, student: dspy.Module) -> None:
+        lms = [p.lm for p in student.predictors() if getattr(p, "lm", None) is not None]
+        if not lms:
+            raise ValueError("the student has no LM to share with its privileged self")
+        self.correct.lm = lms[0]
+
+
 def expert_inputs(inputs: StudentInputs, student_reason: str, student_action: str,
                   privileged: PrivilegedState) -> dict[str, object]:
     return {**inputs.model_dump(), "student_reason": student_reason, "student_action": student_action,

@@ -27,8 +27,8 @@ SYSTEM = (
     "action that makes progress. Use only admissible commands such as go to, open, close, take, move, heat, "
     "cool, clean, use and examine."
 )
-WORDS = ("cabinet drawer countertop fridge microwave sinkbasin shelf desk apple mug plate knife lamp towel "
-         "book pencil bowl kettle spoon cup sponge").split()
+WORDS = ["cabinet", "drawer", "countertop", "fridge", "microwave", "sinkbasin", "shelf", "desk", "apple", "mug",
+         "plate", "knife", "lamp", "towel", "book", "pencil", "bowl", "kettle", "spoon", "cup", "sponge"]
 
 
 def make_prompts(engine, n: int, seed: int = 0, user_words: int = 60) -> list[str]:

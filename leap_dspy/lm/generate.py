@@ -264,23 +264,31 @@ class Generator:
         done = [False] * batch
         ended_eos = [False] * batch
         stop = params.stop
+        rows = list(range(batch))  # tensor row -> original row; finished rows are dropped as they pile up
         for step in range(params.max_new_tokens):
             nxt = self._choose(logits, params, generator)
             is_eos = torch.isin(nxt, eos)
             nxt_list, eos_list = nxt.tolist(), is_eos.tolist()
-            for row in range(batch):
+            for i, row in enumerate(rows):
                 if done[row]:
                     continue
-                if eos_list[row] and not params.ignore_eos:
+                if eos_list[i] and not params.ignore_eos:
                     done[row], finish[row], ended_eos[row] = True, "stop", True
                     continue
-                tokens[row].append(nxt_list[row])
+                tokens[row].append(nxt_list[i])
                 if stop and self._hits_stop(tokens[row], stop):
                     done[row], finish[row] = True, "stop"
             if all(done) or step == params.max_new_tokens - 1:
                 break
-            feed = nxt.masked_fill(torch.tensor(done, device=device), self.pad_id).unsqueeze(1)
-            mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
+            keep = [i for i, row in enumerate(rows) if not done[row]]
+            if len(rows) - len(keep) >= max(1, len(rows) // 4):
+                # Finished rows still cost a full decode step each: drop them from the batch and the cache.
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, next_pos, nxt = mask[index], next_pos[index], nxt[index]
+                rows = [rows[i] for i in keep]
+            feed = nxt.masked_fill(torch.tensor([done[r] for r in rows], device=device), self.pad_id).unsqueeze(1)
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
             out = self.model(
                 input_ids=feed, attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True,
                 logits_to_keep=1,

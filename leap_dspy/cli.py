@@ -225,6 +225,59 @@ def tasks(
     console.print(table)
 
 
+@app.command()
+def serve(
+    target: Annotated[str | None, typer.Argument(
+        help="a run folder (serves its final adapter) or a model: the embedded default, an HF folder")] = None,
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port (0 picks a free one)")] = 8000,
+    adapter: Annotated[Path | None, typer.Option(help="a LoRA adapter folder (a run folder's newest by default)")
+                       ] = None,
+    backend: Annotated[str, typer.Option(help="transformers (built in) or vllm (execs `vllm serve`)")
+                       ] = "transformers",
+    served_name: Annotated[str | None, typer.Option(
+        help="the model name clients ask for (default: the model's label, +<adapter folder>)")] = None,
+) -> None:
+    """Serve a compiled student (or any local model) over an OpenAI-compatible HTTP API."""
+    import importlib.util
+    import shutil
+
+    from leap_dspy.lm.models import ModelNotFound
+    from leap_dspy.serve import make_server, resolve_target, vllm_command
+
+    if backend not in ("transformers", "vllm"):
+        raise fail(f"--backend must be transformers or vllm, not {backend!r}")
+    if adapter is not None and not (adapter / "adapter_config.json").exists():
+        raise fail(f"{adapter} is not a LoRA adapter folder (no adapter_config.json)")
+    try:
+        model, adapter_path, engine_kwargs = resolve_target(target, adapter)
+    except (OSError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    if backend == "vllm":
+        if importlib.util.find_spec("vllm") is None or shutil.which("vllm") is None:
+            raise fail("--backend vllm needs vLLM (pip install vllm, on a machine with a GPU); "
+                       "or serve with the built-in --backend transformers")
+        try:
+            command = vllm_command(model, adapter_path, host, port, served_name)
+        except (OSError, ValueError) as exc:
+            raise fail(str(exc)) from exc
+        console.print(" ".join(command))
+        os.execvp(command[0], command)
+    try:
+        server, url = make_server(model, adapter_path, host=host, port=port, served_name=served_name,
+                                  **engine_kwargs)
+    except (ModelNotFound, OSError, ValueError) as exc:
+        raise fail(f"cannot serve {model}{f' + {adapter_path}' if adapter_path else ''}: {exc}") from exc
+    console.print(f"serving [bold]{server.served_name}[/bold] at {url}/v1 — e.g. "
+                  f"dspy.LM(\"openai/{server.served_name}\", api_base=\"{url}/v1\", api_key=\"none\"); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 def main() -> None:  # pragma: no cover - console script entry
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     app()

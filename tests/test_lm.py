@@ -156,21 +156,27 @@ def test_predict_through_chat_adapter(lm):
     assert response.usage.input_tokens > 50 and 0 < response.usage.output_tokens <= 16
 
 
-def test_batched_equals_batch1_greedy_float32():
+@pytest.mark.parametrize("stop", [(), (".",)], ids=["no-stop", "stop-prunes-rows"])
+def test_batched_equals_batch1_greedy_float32(stop):
     solo = get_engine(dtype="float32", batching=False, prefix_cache=False, max_new_tokens=12)
     batched = get_engine(dtype="float32", batching=True, prefix_cache=True, max_new_tokens=12, batch_wait_s=2.0)
     assert solo.hf_model is batched.hf_model  # one model in memory for both engines
-    reference = [solo.complete(request(q, 12)) for q in QUESTIONS]
+    reference = [solo.complete(request(q, 12, stop=stop)) for q in QUESTIONS]
 
     batched.expected = len(QUESTIONS)
     out: dict[int, object] = {}
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, batched.complete(request(QUESTIONS[i], 12))))
-               for i in range(len(QUESTIONS))]
+
+    def call(i: int) -> None:
+        out[i] = batched.complete(request(QUESTIONS[i], 12, stop=stop))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(QUESTIONS))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
     assert batched.batch_sizes[-1] == len(QUESTIONS)
+    if stop:  # rows finish at different steps, so finished rows were dropped mid-batch
+        assert len({r.usage.output_tokens for r in reference}) > 1
     for i, ref in enumerate(reference):
         assert out[i].text == ref.text
         assert out[i].usage.output_tokens == ref.usage.output_tokens

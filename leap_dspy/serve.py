@@ -1,0 +1,426 @@
+"""An OpenAI-compatible HTTP server over the shared local engine: how a compiled student is deployed.
+
+`make_server(model, adapter)` serves one model (a LoRA adapter merged in, as `local_lm` loads it) under one
+name, with the standard library's `ThreadingHTTPServer`:
+
+- `GET /v1/models` (and `/v1/models/<name>`): the served name, OpenAI's list shape.
+- `POST /v1/chat/completions`: `messages`, `max_tokens` (or `max_completion_tokens`), `temperature`,
+  `top_p`, `seed`, `stop`, `n` (1 only), `stream` (one content chunk, then the finish chunk and `[DONE]`).
+  The prompt is the tokenizer's chat template, exactly what `local_lm` sends the same engine. A request
+  without `temperature` is greedy (the engine's default), unlike OpenAI's 1.0.
+- `GET /health`.
+
+Each request runs on its own thread and calls the engine's `complete`, so concurrent requests land in the
+engine's batches. Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a
+malformed body or bad parameters, 404 for an unknown path or model, 500 when generation fails.
+
+Any OpenAI client reaches it, DSPy included: `dspy.LM("openai/<served name>", api_base=url + "/v1",
+api_key="none")`. `leap-dspy serve runs/<name>` serves a run's final adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+MAX_BODY_BYTES = 16 * 1024 * 1024
+
+
+class ApiError(Exception):
+    """An error answered to the client as OpenAI's JSON error object."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",  # noqa: A002
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def served_label(model: str, adapter: str | os.PathLike | None = None) -> str:
+    """The default served name: the model's label (a folder's last part), `+<adapter folder>` with an adapter.
+    The same label `local_lm` gives its `dspy.LM`."""
+    from leap_dspy.lm.lms import model_label
+
+    label = model_label(str(model))
+    return label + (f"+{Path(adapter).resolve().name}" if adapter is not None else "")
+
+
+class OpenAIServer(ThreadingHTTPServer):
+    """A `ThreadingHTTPServer` holding the engine and the served name; counts the requests it answered.
+
+    `counts` maps a route (`chat.completions`, `models`, `health`, `error`) to how many requests it took
+    (tests and monitoring read it).
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], engine: Any, served_name: str) -> None:
+        super().__init__(address, _Handler)
+        self.engine = engine
+        self.served_name = served_name
+        self.created = int(time.time())
+        self.counts: dict[str, int] = {}
+        self._counts_lock = threading.Lock()
+
+    def count(self, route: str) -> None:
+        with self._counts_lock:
+            self.counts[route] = self.counts.get(route, 0) + 1
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = str(host)
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}"
+
+
+def make_server(model: str | None = None, adapter: str | os.PathLike | None = None, host: str = "127.0.0.1",
+                port: int = 0, served_name: str | None = None, **engine_kwargs: Any) -> tuple[OpenAIServer, str]:
+    """Load (or reuse) the shared `LocalEngine` for `model` + `adapter` and bind a server to it.
+
+    Returns `(server, url)` with the server bound but not yet serving: run `server.serve_forever()` (in a
+    thread if need be), then `server.shutdown()` and `server.server_close()`. `port=0` picks a free port;
+    `url` has no `/v1` (clients take `url + "/v1"`). `engine_kwargs` go to `LocalEngine` (`max_new_tokens`,
+    `max_batch`, `batch_wait_s`, `dtype`, `device`, ...).
+    """
+    from leap_dspy.lm.lms import get_engine
+    from leap_dspy.lm.models import DEFAULT_MODEL
+
+    model = model or DEFAULT_MODEL
+    engine = get_engine(model, adapter, **engine_kwargs)
+    server = OpenAIServer((host, port), engine, served_name or served_label(model, adapter))
+    return server, server.url
+
+
+def serve(model: str | None = None, adapter: str | os.PathLike | None = None, host: str = "127.0.0.1",
+          port: int = 8000, served_name: str | None = None, **engine_kwargs: Any) -> None:
+    """`make_server` and serve until interrupted (Ctrl-C)."""
+    server, url = make_server(model, adapter, host, port, served_name, **engine_kwargs)
+    print(f"serving {server.served_name!r} at {url}/v1 (OpenAI-compatible; Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+# -- request handling ------------------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: OpenAIServer
+    protocol_version = "HTTP/1.1"
+    server_version = "leap-dspy-serve"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet by default
+        if os.environ.get("LEAP_DSPY_SERVE_LOG"):
+            super().log_message(format, *args)
+
+    # routing
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        try:
+            body = self._read_body()
+            if method == "GET" and path == "/health":
+                self.server.count("health")
+                self._send_json(200, {"status": "ok", "model": self.server.served_name})
+            elif method == "GET" and path == "/v1/models":
+                self.server.count("models")
+                self._send_json(200, {"object": "list", "data": [self._model_card()]})
+            elif method == "GET" and path.startswith("/v1/models/"):
+                self.server.count("models")
+                self._check_model(path.removeprefix("/v1/models/"))
+                self._send_json(200, self._model_card())
+            elif method == "POST" and path in ("/v1/chat/completions", "/chat/completions"):
+                self.server.count("chat.completions")
+                self._chat(body)
+            else:
+                raise ApiError(404, f"no route {method} {path}", code="not_found")
+        except ApiError as exc:
+            self.server.count("error")
+            self._send_json(exc.status, exc.body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as exc:  # an engine failure: the client gets a 500, the server keeps serving
+            self.server.count("error")
+            self._send_json(500, ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error").body)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
+            raise ApiError(411, "chunked request bodies are not supported; send Content-Length")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, "bad Content-Length header") from None
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.server.served_name, "object": "model", "created": self.server.created,
+                "owned_by": "leap-dspy"}
+
+    def _check_model(self, name: Any) -> None:
+        if name != self.server.served_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{self.server.served_name!r}", param="model", code="model_not_found")
+
+    # chat completions
+
+    def _chat(self, body: bytes) -> None:
+        request = _parse_json(body)
+        if "model" in request:
+            self._check_model(request["model"])
+        engine_request = chat_request(request, self.server.served_name)
+        try:
+            response = self.server.engine.complete(engine_request)
+        except ValueError as exc:  # the engine's request checks (e.g. a prompt over the context length)
+            raise ApiError(400, str(exc)) from exc
+        created = int(time.time())
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        text = response.text or ""
+        finish = response.finish_reason if response.finish_reason in ("stop", "length") else "stop"
+        usage = {"prompt_tokens": response.usage.input_tokens or 0,
+                 "completion_tokens": response.usage.output_tokens or 0}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if request.get("stream"):
+            self._stream(completion_id, created, text, finish, usage, request)
+            return
+        self._send_json(200, {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.server.served_name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish}],
+            "usage": usage,
+        })
+
+    def _stream(self, completion_id: str, created: int, text: str, finish: str, usage: dict[str, int],
+                request: dict[str, Any]) -> None:
+        """The whole answer as server-sent events: one content chunk, the finish chunk, usage if asked."""
+        base = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": self.server.served_name}
+        chunks = [
+            {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
+                                  "finish_reason": None}]},
+            {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]},
+        ]
+        options = request.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            chunks.append({**base, "choices": [], "usage": usage})
+        data = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _parse_json(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise ApiError(400, "the request body is empty; send a JSON object")
+    try:
+        request = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return request
+
+
+def _content_text(content: Any, index: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type") in ("text", "input_text") and isinstance(
+                    part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                raise ApiError(400, f"messages[{index}].content: only text parts are supported",
+                               param=f"messages[{index}].content")
+        return "".join(texts)
+    raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts",
+                   param=f"messages[{index}].content")
+
+
+def chat_request(body: dict[str, Any], model: str) -> Any:
+    """An OpenAI chat-completions body -> the `dspy.lm15.Request` the engine completes (400s on bad input).
+
+    A system message that opens the conversation becomes the request's system text; later system or
+    developer messages stay in place (the engine's `request_to_messages` turns them into user turns, as
+    chat templates accept a system turn only first); tool results become user turns.
+    """
+    from dspy.lm15 import Config, Message, Request, TextPart
+
+    messages = body.get("messages")
+    if messages is None:
+        raise ApiError(400, "'messages' is a required property", param="messages", code="missing_required_parameter")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+    system: str | None = None
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", param=f"messages[{i}]")
+        role = message.get("role")
+        text = _content_text(message.get("content"), i)
+        if role in ("system", "developer"):
+            if i == 0:
+                system = text
+                continue
+            turns.append(Message(role="developer", parts=(TextPart(text),)))
+        elif role in ("user", "tool", "function"):
+            turns.append(Message(role="user", parts=(TextPart(text),)))
+        elif role == "assistant":
+            turns.append(Message(role="assistant", parts=(TextPart(text),)))
+        else:
+            raise ApiError(400, f"messages[{i}].role {role!r} is not one of system, developer, user, assistant, "
+                                "tool", param=f"messages[{i}].role")
+    if not turns:
+        raise ApiError(400, "'messages' holds only a system message; add a user message", param="messages")
+
+    n = body.get("n", 1)
+    if n not in (1, None):
+        raise ApiError(400, "this server returns one choice per request: n must be 1", param="n")
+    if body.get("tools"):
+        raise ApiError(400, "tool calling is not supported by this server", param="tools")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    stop = body.get("stop")
+    stop = (stop,) if isinstance(stop, str) else stop
+    try:
+        config = Config(
+            max_tokens=_number(max_tokens, "max_tokens", int, minimum=1),
+            temperature=_number(body.get("temperature"), "temperature", float, minimum=0.0),
+            top_p=_number(body.get("top_p"), "top_p", float, minimum=0.0),
+            seed=_number(body.get("seed"), "seed", int),
+            stop=tuple(_stop_list(stop)),
+        )
+        return Request(model=model, messages=tuple(turns), system=system, config=config)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, f"bad request: {exc}") from exc
+
+
+def _number(value: Any, name: str, kind: type, minimum: float | None = None) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ApiError(400, f"{name} must be {'an integer' if kind is int else 'a number'}", param=name)
+    if minimum is not None and value < minimum:
+        raise ApiError(400, f"{name} must be at least {minimum}", param=name)
+    return kind(value)
+
+
+def _stop_list(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
+    return stop
+
+
+# -- deploying a run -------------------------------------------------------------------------------------------
+
+
+def resolve_target(target: str | os.PathLike | None, adapter: str | os.PathLike | None = None
+                   ) -> tuple[str, str | None, dict[str, Any]]:
+    """`(model, adapter, engine_kwargs)` for `leap-dspy serve TARGET`.
+
+    A run folder (it has `config.yaml`) gives its `model`, its newest finished `iter_<k>/adapter` (unless
+    `adapter` is given) and its student's engine settings (`lm`); anything else is a model name or folder,
+    served with `adapter` if given.
+    """
+    from leap_dspy.lm.models import DEFAULT_MODEL
+    from leap_dspy.runs import RunFolder
+
+    if target is not None and (Path(target) / "config.yaml").is_file():
+        import yaml
+
+        run = RunFolder(target)
+        config = yaml.safe_load(run.config_path.read_text()) or {}
+        model = config.get("model")
+        if not model:
+            raise ValueError(f"{run.config_path} names no model")
+        if adapter is None:
+            last = run.last_adapter()
+            if last is None:
+                raise ValueError(f"{run.path} has no finished adapter yet (no iter_<k>/adapter/adapter_config.json)")
+            adapter = last
+        engine_kwargs = dict(config.get("lm") or {})
+        return str(model), str(adapter), engine_kwargs
+    return str(target or DEFAULT_MODEL), (str(adapter) if adapter is not None else None), {}
+
+
+def vllm_command(model: str, adapter: str | None, host: str, port: int, served_name: str | None = None,
+                 max_lora_rank: int | None = None) -> list[str]:
+    """The `vllm serve` command line serving `model` (+ `adapter` as a LoRA module) under the same names
+    as the transformers server."""
+    from leap_dspy.lm.models import resolve_model
+
+    weights = str(resolve_model(model))
+    command = ["vllm", "serve", weights, "--host", host, "--port", str(port)]
+    if adapter is None:
+        command += ["--served-model-name", served_name or served_label(model)]
+        return command
+    command += ["--served-model-name", served_label(model), "--enable-lora",
+                "--lora-modules", f"{served_name or served_label(model, adapter)}={Path(adapter).resolve()}"]
+    rank = max_lora_rank or _adapter_rank(adapter)
+    if rank:
+        command += ["--max-lora-rank", str(rank)]
+    return command
+
+
+def _adapter_rank(adapter: str | os.PathLike) -> int | None:
+    try:
+        rank = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rank, int):
+        return None
+    # vLLM accepts a fixed set of ranks; the smallest that holds the adapter.
+    return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), None)
+
+
+__all__ = ["ApiError", "OpenAIServer", "chat_request", "make_server", "resolve_target", "serve", "served_label",
+           "vllm_command"]

@@ -1,0 +1,260 @@
+"""A misbehaving OpenAI-compatible expert behind LEAP's correction step.
+
+A stdlib HTTP server on 127.0.0.1 plays the remote expert: it answers 500s, bodies that are not JSON, empty
+content, answers too slow for the client's timeout, an inadmissible or empty action, or fails once and then
+answers. The expert is a real `PrivilegedExpert` over a LiteLLM-routed `dspy.LM`; the student's trajectories
+come from real rollouts of the tiny random model in a tiny ALFWorld. `LEAP._correct` must finish in bounded
+time, write one record per visited step, record failures as dropped with their reason, and keep what the
+log held before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no cost-map download attempts (offline)
+
+import dspy  # noqa: E402
+import pytest  # noqa: E402
+from leap_dspy.envs.alfworld import ALFWorld  # noqa: E402
+from leap_dspy.programs import PrivilegedExpert, Student  # noqa: E402
+
+from leap_dspy.lm import local_lm  # noqa: E402
+from leap_dspy.rollout import rollout  # noqa: E402
+from leap_dspy.store import JsonlLog  # noqa: E402
+from leap_dspy.teleprompt import LEAP  # noqa: E402
+from leap_dspy.types import Correction, Trajectory  # noqa: E402
+
+CLIENT_TIMEOUT_S = 1.0
+LITELLM_RETRIES = 1
+EXPERT_RETRIES = 2
+
+
+def chat_answer(reason: str, action: str) -> str:
+    return f"[[ ## reason ## ]]\n{reason}\n\n[[ ## action ## ]]\n{action}\n\n[[ ## completed ## ]]"
+
+
+class BadExpertHandler(BaseHTTPRequestHandler):
+    server: BadExpertServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        mode = self.server.mode
+        with self.server.lock:
+            self.server.requests += 1
+            first_time = body not in self.server.seen
+            self.server.seen.add(body)
+        if mode == "500" or (mode == "flaky" and first_time):
+            self.reply(500, json.dumps({"error": {"message": "boom", "type": "server_error", "param": None,
+                                                  "code": None}}).encode())
+        elif mode == "invalid_json":
+            self.reply(200, b'{"id": "x", "choices": [ this is not json')
+        elif mode == "empty":
+            self.reply(200, completion(""))
+        elif mode == "slow":
+            self.server.release.wait(CLIENT_TIMEOUT_S * 5)
+            self.reply(200, completion(chat_answer("late", "look")))
+        elif mode == "inadmissible":
+            self.reply(200, completion(chat_answer("Flying is faster.", "fly to the moon")))
+        elif mode == "empty_action":
+            self.reply(200, completion(chat_answer("I am not sure.", "")))
+        else:  # "ok", and "flaky" after its first failure
+            self.reply(200, completion(chat_answer("I look around first.", "look")))
+
+    def reply(self, status: int, data: bytes) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+            pass
+
+
+def completion(content: str) -> bytes:
+    return json.dumps({
+        "id": "chatcmpl-bad", "object": "chat.completion", "created": int(time.time()), "model": "bad-expert",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }).encode()
+
+
+class BadExpertServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), BadExpertHandler)
+        self.mode = "ok"
+        self.requests = 0
+        self.seen: set[bytes] = set()
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+
+    def reset(self, mode: str) -> None:
+        with self.lock:
+            self.mode, self.requests, self.seen = mode, 0, set()
+
+    @property
+    def api_base(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+@pytest.fixture(scope="module")
+def bad_server() -> Iterator[BadExpertServer]:
+    server = BadExpertServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.release.set()
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> ALFWorld:
+    return ALFWorld(num_receptacles=5, task_types=["pick_and_place_simple"], num_train=2, num_seen=1,
+                    num_unseen=1, max_steps=10, cache_dir=str(tmp_path_factory.mktemp("alfworld-cache")))
+
+
+@pytest.fixture(scope="module")
+def trajectories(env: ALFWorld, tiny_model: str) -> dict[str, Trajectory]:
+    """The tiny student's real rollouts, with the privileged state captured for an LM expert."""
+    student = Student()
+    student.set_lm(local_lm(tiny_model, max_new_tokens=16))
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        played = rollout(student, env, env.tasks("train"), num_threads=2, max_steps=2,
+                         capture_level=env.default_privilege_level, policy="student@0")
+    return {t.task.id: t for t in played}
+
+
+def expert_for(server: BadExpertServer) -> PrivilegedExpert:
+    return PrivilegedExpert("openai/bad-expert", api_base=server.api_base, api_key="x", engine="litellm",
+                            num_retries=LITELLM_RETRIES, timeout=CLIENT_TIMEOUT_S, cache=False, max_tokens=64)
+
+
+def correct(env: ALFWorld, model: str, run_dir: Path, server: BadExpertServer, mode: str,
+            trajectories: dict[str, Trajectory], earlier: list[Correction] = ()
+            ) -> tuple[dict[str, Correction], float, LEAP]:
+    leap = LEAP(env, model=model, run_dir=run_dir, expert_retries=EXPERT_RETRIES, expert_threads=4,
+                progress=False)
+    log = JsonlLog(run_dir / "iter_1" / "corrections.jsonl", Correction, key=lambda c: c.key)
+    log.extend(earlier)
+    server.reset(mode)
+    start = time.perf_counter()
+    with dspy.context(adapter=leap.adapter):  # as compile() calls it
+        leap._correct(1, expert_for(server), trajectories, log)
+    return log.load(), time.perf_counter() - start, leap
+
+
+def visited(trajectories: dict[str, Trajectory]) -> set[str]:
+    return {f"1:{t.task.id}:{s.index}" for t in trajectories.values() for s in t.steps}
+
+
+FAILURES = {
+    # mode: (what the dropped reason says, its worst-case seconds per step)
+    "500": ("InternalServerError", 2 * CLIENT_TIMEOUT_S),
+    "invalid_json": ("expert failed", 2 * CLIENT_TIMEOUT_S),
+    "empty": ("AdapterParseError", 2 * CLIENT_TIMEOUT_S),
+    "slow": ("Timeout", (LITELLM_RETRIES + 1) * CLIENT_TIMEOUT_S * 1.5),
+}
+
+
+@pytest.mark.parametrize("mode", list(FAILURES))
+def test_failing_expert_calls_become_dropped_records(mode: str, env: ALFWorld, tiny_model: str, tmp_path: Path,
+                                                    bad_server: BadExpertServer,
+                                                    trajectories: dict[str, Trajectory]) -> None:
+    steps = visited(trajectories)
+    assert 2 <= len(steps) <= 4 and all(s.privileged is not None for t in trajectories.values() for s in t.steps)
+    first = next(iter(trajectories.values()))
+    earlier = [
+        # a record from the previous iteration, and one for a step of this iteration corrected before a crash
+        Correction(task_id=first.task.id, step=0, inputs=first.steps[0].inputs, reason="r0", action="look",
+                   expert="OracleExpert", iteration=0),
+        Correction(task_id=first.task.id, step=0, inputs=first.steps[0].inputs, reason="kept", action="look",
+                   expert="PrivilegedExpert", iteration=1),
+    ]
+    records, elapsed, _ = correct(env, tiny_model, tmp_path, bad_server, mode, trajectories, earlier)
+
+    assert set(records) == steps | {f"0:{first.task.id}:0"}  # one record per visited step, nothing lost
+    assert records[f"0:{first.task.id}:0"].reason == "r0"
+    assert records[f"1:{first.task.id}:0"].reason == "kept"  # already corrected: kept, not asked again
+    lines = (tmp_path / "iter_1" / "corrections.jsonl").read_text().splitlines()
+    assert len(lines) == len(records)  # nothing duplicated
+    new = [records[key] for key in steps - {f"1:{first.task.id}:0"}]
+    expected_reason, per_call_s = FAILURES[mode]
+    for record in new:
+        assert record.dropped is not None and record.dropped.startswith("expert failed:"), record.dropped
+        assert expected_reason in record.dropped, record.dropped
+        assert record.action == "" and record.reason == ""
+        assert record.student_action == next(s.action for s in trajectories[record.task_id].steps
+                                             if s.index == record.step)
+    # Every new step was asked EXPERT_RETRIES times (each LM call doing its own LiteLLM retries); with four
+    # expert threads the steps run side by side. Bound: all steps in one thread, every call at its worst, the
+    # backoff sleeps, plus slack for the loaded test machine.
+    calls = len(new) * EXPERT_RETRIES
+    bound = calls * per_call_s * (LITELLM_RETRIES + 1) + len(new) * 0.5 + 10
+    assert elapsed < bound, f"{mode}: {elapsed:.1f}s for {len(new)} steps (bound {bound:.0f}s)"
+    assert bad_server.requests >= calls
+    print(f"\n{mode}: {len(new)} steps, {bad_server.requests} HTTP requests, {elapsed:.2f}s")
+
+
+def test_a_flaky_expert_is_retried_into_usable_corrections(env: ALFWorld, tiny_model: str, tmp_path: Path,
+                                                           bad_server: BadExpertServer,
+                                                           trajectories: dict[str, Trajectory]) -> None:
+    records, elapsed, _ = correct(env, tiny_model, tmp_path, bad_server, "flaky", trajectories)
+    assert set(records) == visited(trajectories)
+    for record in records.values():
+        assert record.dropped is None, record.dropped
+        assert (record.reason, record.action) == ("I look around first.", "look")
+    assert bad_server.requests == 2 * len(records)  # one 500 and one answer per step
+    assert elapsed < 30
+
+
+def test_an_inadmissible_action_is_dropped_with_the_action(env: ALFWorld, tiny_model: str, tmp_path: Path,
+                                                           bad_server: BadExpertServer,
+                                                           trajectories: dict[str, Trajectory]) -> None:
+    records, _, _ = correct(env, tiny_model, tmp_path, bad_server, "inadmissible", trajectories)
+    assert set(records) == visited(trajectories)
+    for record in records.values():
+        assert record.action == "fly to the moon"
+        assert record.dropped == "expert action not admissible: fly to the moon"
+    assert bad_server.requests == len(records)  # an answer that parses is not retried
+
+
+def test_an_empty_action_is_dropped_as_no_action(env: ALFWorld, tiny_model: str, tmp_path: Path,
+                                                 bad_server: BadExpertServer,
+                                                 trajectories: dict[str, Trajectory]) -> None:
+    records, _, _ = correct(env, tiny_model, tmp_path, bad_server, "empty_action", trajectories)
+    assert set(records) == visited(trajectories)
+    for record in records.values():
+        assert record.dropped is not None and record.action == ""
+    reasons = {r.dropped for r in records.values()}
+    if reasons != {"expert gave no action"}:
+        pytest.xfail(f"known bug in LEAP._correct: ''.splitlines()[0] raises IndexError, so an empty action is "
+                     f"retried as an expert failure and recorded as {reasons}")
+
+
+def test_corrections_use_the_compile_adapter_in_their_threads(env: ALFWorld, tiny_model: str, tmp_path: Path,
+                                                              bad_server: BadExpertServer,
+                                                              trajectories: dict[str, Trajectory]) -> None:
+    """compile() sets ChatAdapter(use_json_adapter_fallback=False); an unparsable answer should then cost one
+    HTTP call per attempt, not a second JSONAdapter call."""
+    records, _, _ = correct(env, tiny_model, tmp_path, bad_server, "empty", trajectories)
+    attempts = len(records) * EXPERT_RETRIES
+    if bad_server.requests != attempts:
+        pytest.xfail(f"known bug in LEAP._correct: its ThreadPoolExecutor does not copy the caller's DSPy "
+                     f"context, so the expert runs with DSPy's default adapter (JSON fallback on): "
+                     f"{bad_server.requests} HTTP calls for {attempts} attempts")

@@ -22,7 +22,7 @@ SetOption = Annotated[list[str] | None, typer.Option(
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -70,7 +70,7 @@ def compile_(
     expert: Annotated[str, typer.Option(help="oracle (scripted), self, or a LiteLLM model string")] = "oracle",
     privilege_level: Annotated[int | None, typer.Option(help="privilege dial (env default if unset)")] = None,
     model: Annotated[str, typer.Option(help="student base model: the embedded default or an HF folder")] = "",
-    max_train_rows: Annotated[int, typer.Option(min=1, help="rows per LEAP fine-tuning round")] = 400,
+    max_train_rows: Annotated[int, typer.Option(min=1, help="rows per LEAP fine-tuning round")] = 300,
     threads: Annotated[int, typer.Option(min=1, help="episodes played at once")] = 32,
     base: Annotated[bool, typer.Option(help="evaluate the untrained student")] = True,
     expert_reference: Annotated[bool, typer.Option("--expert-reference/--no-expert-reference",
@@ -187,7 +187,6 @@ def rollout_(
 
 
 def _play(student: Any, environment: Any, split: str, threads: int, limit: int | None, title: str) -> None:
-    import dspy
 
     from leap_dspy.progress import progress_bar
     from leap_dspy.rollout import rollout
@@ -195,8 +194,7 @@ def _play(student: Any, environment: Any, split: str, threads: int, limit: int |
     if split not in ("train", "seen", "unseen"):
         raise fail(f"--split must be train, seen or unseen, not {split!r}")
     tasks = environment.tasks(split)[:limit]
-    adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
-    with dspy.context(adapter=adapter), progress_bar(f"rollout {split}", len(tasks)) as advance:
+    with progress_bar(f"rollout {split}", len(tasks)) as advance:
         trajectories = rollout(student, environment, tasks, num_threads=threads, on_trajectory=lambda _: advance())
     report_rollout(title, trajectories)
 

@@ -9,11 +9,12 @@ teacher's inputs hold the privileged state.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import random
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,7 +71,10 @@ class LEAP(Teleprompter):
             None uses the environment's default.
         run_dir: where everything is written; an existing folder with the same configuration is resumed.
         max_train_rows: rows per fine-tuning round after behaviour cloning: every new correction, then older
-            ones (DAgger's aggregate) sampled to fill up. Bounds a round's cost as the aggregate grows.
+            ones (DAgger's aggregate) sampled to fill up. Bounds a round's cost as the aggregate grows;
+            behaviour cloning takes up to 1.5x as many demonstration steps.
+        rollout_tasks: training tasks the student plays per iteration (a fresh seeded sample each round, all
+            when None): rollouts of a weak student run to the step limit, so they bound a round's cost too.
         drop_unrealizable: keep corrections whose reason names things the student never saw out of training
             (they are always flagged in `corrections.jsonl` and counted in the metrics).
         demonstrator: who plays the behaviour-cloning demonstrations; default the teacher, or the scripted
@@ -89,9 +93,10 @@ class LEAP(Teleprompter):
         privilege_level: int | None = None,
         run_dir: str | Path | None = None,
         train_config: Any = None,
-        bc_epochs: float = 2.0,
+        bc_epochs: float = 1.0,
         epochs: float = 1.0,
-        max_train_rows: int = 400,
+        max_train_rows: int = 300,
+        rollout_tasks: int | None = 30,
         bc_successful_only: bool = True,
         drop_unrealizable: bool = False,
         demonstrator: dspy.Module | None = None,
@@ -121,6 +126,7 @@ class LEAP(Teleprompter):
         self.bc_epochs = bc_epochs
         self.epochs = epochs
         self.max_train_rows = max_train_rows
+        self.rollout_tasks = rollout_tasks
         self.bc_successful_only = bc_successful_only
         self.drop_unrealizable = drop_unrealizable
         self.demonstrator = demonstrator
@@ -132,7 +138,6 @@ class LEAP(Teleprompter):
         self.lm_kwargs = {"max_new_tokens": 80, **(lm_kwargs or {})}
         self.seed = seed
         self.progress = progress
-        self.adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
 
     # -- configuration -------------------------------------------------------------------------------------
 
@@ -152,6 +157,7 @@ class LEAP(Teleprompter):
             "bc_epochs": self.bc_epochs,
             "epochs": self.epochs,
             "max_train_rows": self.max_train_rows,
+            "rollout_tasks": self.rollout_tasks,
             "bc_successful_only": self.bc_successful_only,
             "train": train_config.model_dump(),
             "lm": self.lm_kwargs,
@@ -193,14 +199,14 @@ class LEAP(Teleprompter):
         random.seed(self.seed)
 
         student.set_lm(local_lm(self.model, **self.lm_kwargs))
-        with dspy.context(adapter=self.adapter):
-            if self.evaluate_base and val_tasks:
-                self._evaluate_stage("base", student, val_tasks, stage_s=0.0, extra={})
-            if self.evaluate_expert and val_tasks:
-                self._expert_reference(teacher, student, val_tasks)
-            adapter = None
-            for k in range(self.iterations + 1):
-                adapter = self._iteration(k, student, teacher, train_tasks, val_tasks, adapter)
+        self._student = student
+        if self.evaluate_base and val_tasks:
+            self._evaluate_stage("base", student, val_tasks, stage_s=0.0, extra={})
+        if self.evaluate_expert and val_tasks:
+            self._expert_reference(teacher, student, val_tasks)
+        adapter = None
+        for k in range(self.iterations + 1):
+            adapter = self._iteration(k, student, teacher, train_tasks, val_tasks, adapter)
         self.run.write_metrics_csv(with_scores=self._with_scores)
         self.run.write_report(f"LEAP on {self.env.name}", with_scores=self._with_scores)
         student.set_lm(local_lm(self.model, adapter=str(adapter), **self.lm_kwargs))
@@ -233,7 +239,10 @@ class LEAP(Teleprompter):
         else:
             if isinstance(teacher, SelfExpert):
                 teacher.follow(student)
-            done = self._collect(trajectories, train_tasks, lambda todo, save: rollout(
+            tasks = train_tasks
+            if self.rollout_tasks is not None and self.rollout_tasks < len(train_tasks):
+                tasks = random.Random(self.seed * 7919 + k).sample(train_tasks, self.rollout_tasks)
+            done = self._collect(trajectories, tasks, lambda todo, save: rollout(
                 student, self.env, todo, num_threads=self.num_threads,
                 capture_level=self.privilege_level if reads_privileged_text(teacher) else None,
                 capture_oracle=needs_oracle(teacher), policy=f"student@{k - 1}", on_trajectory=save),
@@ -315,7 +324,9 @@ class LEAP(Teleprompter):
             for attempt in range(self.expert_retries):
                 try:
                     out = teacher(**expert_inputs(step.inputs, step.reason, step.action, step.privileged))
-                    reason, action = str(out.reason).strip(), str(out.action).strip().splitlines()[0].strip()
+                    reason = str(out.reason).strip()
+                    lines = str(out.action).strip().splitlines()
+                    action = lines[0].strip() if lines else ""
                 except Exception as exc:  # any expert failure: retry, then record it
                     error = f"expert failed: {type(exc).__name__}: {str(exc)[:200]}"
                     time.sleep(min(2.0**attempt * 0.5, 8.0) if attempt + 1 < self.expert_retries else 0)
@@ -332,10 +343,12 @@ class LEAP(Teleprompter):
             return Correction(**record, reason="", action="", dropped=error)
 
         workers = 1 if isinstance(teacher, OracleExpert) else self.expert_threads
+        context = contextvars.copy_context()  # dspy.context settings live in contextvars: carry them over
         with progress_bar(f"iteration {k}: corrections", len(todo), self.progress) as advance, \
                 ThreadPoolExecutor(max_workers=workers) as pool:
-            for record in pool.map(correct, todo):
-                log.append(record)
+            futures = [pool.submit(context.copy().run, correct, item) for item in todo]
+            for future in as_completed(futures):  # each record is saved as soon as it exists
+                log.append(future.result())
                 advance()
 
     # -- training ------------------------------------------------------------------------------------------
@@ -350,7 +363,7 @@ class LEAP(Teleprompter):
                 earlier = [c for j in range(1, k) for c in self._load_corrections(j) if c.dropped is None and c.changed]
                 random.Random(self.seed * 1000 + k).shuffle(earlier)
                 pairs += earlier[: self.max_train_rows - len(pairs)]
-            rows = preference_rows(self.student_signature, self.adapter, pairs, kind=self.update)
+            rows = preference_rows(self._student.step.signature, self._student.adapter, pairs, kind=self.update)
             return rows, len(pairs)
         chosen = list(usable)
         if k > 0 and len(chosen) < self.max_train_rows:
@@ -358,15 +371,13 @@ class LEAP(Teleprompter):
             rng = random.Random(self.seed * 1000 + k)
             rng.shuffle(earlier)
             chosen += earlier[: self.max_train_rows - len(chosen)]
-        elif k == 0 and len(chosen) > self.max_train_rows * 2:
-            chosen = random.Random(self.seed).sample(chosen, self.max_train_rows * 2)
-        return sft_rows(self.student_signature, self.adapter, chosen), len(chosen)
+        elif k == 0 and len(chosen) > int(self.max_train_rows * 1.5):
+            chosen = random.Random(self.seed).sample(chosen, int(self.max_train_rows * 1.5))
+        return sft_rows(self._student.step.signature, self._student.adapter, chosen), len(chosen)
 
     def _load_corrections(self, k: int) -> list[Correction]:
         path = self.run.path / f"iter_{k}" / "corrections.jsonl"
         return list(JsonlLog(path, Correction, key=lambda c: c.key).load().values())
-
-    student_signature = Student().step.signature
 
     def _train(self, rows: list[dict[str, Any]], out: Path, init: Path | None, epochs: float) -> None:
         from leap_dspy.train import TrainConfig, train_dpo, train_kto, train_sft

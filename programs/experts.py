@@ -13,6 +13,7 @@ from collections.abc import Callable
 import dspy
 from leap_dspy.signatures import PrivilegedCorrection
 
+from leap_dspy.adapters import CompactChatAdapter
 from leap_dspy.types import PrivilegedState, StudentInputs
 
 
@@ -51,10 +52,14 @@ class PrivilegedExpert(dspy.Module):
     requires_oracle = False
     reads_privileged_text = True
 
-    def __init__(self, model: str | dspy.LM | None = None, **lm_kwargs: object) -> None:
+    def __init__(self, model: str | dspy.LM | None = None, adapter: dspy.Adapter | None = None,
+                 **lm_kwargs: object) -> None:
         super().__init__()
         self.correct = dspy.Predict(PrivilegedCorrection)
+        self.adapter = adapter or dspy.ChatAdapter(use_json_adapter_fallback=False)
+        """ChatAdapter without its JSON retry: a failed parse is one failed attempt, retried by LEAP."""
         if isinstance(model, str):
+            lm_kwargs.setdefault("timeout", 120)  # a hung endpoint must not stall an iteration for LiteLLM's 600 s
             self.correct.lm = dspy.LM(model, **lm_kwargs)
         elif model is not None:
             self.correct.lm = model
@@ -62,8 +67,9 @@ class PrivilegedExpert(dspy.Module):
     def forward(self, task: str, observation: str, history: str, student_reason: str, student_action: str,
                 privileged_state: PrivilegedState | str) -> dspy.Prediction:
         text = privileged_state.to_text() if isinstance(privileged_state, PrivilegedState) else privileged_state
-        return self.correct(task=task, observation=observation, history=history, student_reason=student_reason,
-                            student_action=student_action, privileged_state=text)
+        with dspy.context(adapter=self.adapter):
+            return self.correct(task=task, observation=observation, history=history,
+                                student_reason=student_reason, student_action=student_action, privileged_state=text)
 
 
 class SelfExpert(PrivilegedExpert):
@@ -75,7 +81,7 @@ class SelfExpert(PrivilegedExpert):
     """
 
     def __init__(self) -> None:
-        super().__init__(model=None)
+        super().__init__(model=None, adapter=CompactChatAdapter())
 
     def follow(self, student: dspy.Module) -> None:
         lms = [p.lm for p in student.predictors() if getattr(p, "lm", None) is not None]

@@ -9,6 +9,7 @@ import dspy
 from leap_dspy.envs.base import action_admissible
 from leap_dspy.signatures import StudentStep
 
+from leap_dspy.adapters import CompactChatAdapter
 from leap_dspy.types import Observation, PrivilegedState, Step, StudentInputs, Task, Trajectory
 
 INVALID_MARKERS = ("Nothing happens.",)
@@ -22,7 +23,8 @@ def _clip(text: str, limit: int) -> str:
 class Student(dspy.Module):
     """`StudentStep` in an agent loop.
 
-    The prompt is what a step costs on a CPU, so the program bounds it: the last `history_window` steps
+    The prompt is what a step costs on a CPU, so the program bounds it (and formats it with the compact
+    adapter by default): the last `history_window` steps
     (action and a clipped observation), a clipped observation, and the admissible actions when the
     environment knows them (a small model picks far better from a list than from memory).
     """
@@ -34,9 +36,13 @@ class Student(dspy.Module):
         max_history_observation_chars: int = 120,
         show_admissible_actions: bool = True,
         max_invalid_streak: int = 4,
+        adapter: dspy.Adapter | None = None,
     ) -> None:
         super().__init__()
         self.step = dspy.Predict(StudentStep)
+        self.adapter = adapter or CompactChatAdapter()
+        """How the student's prompts are formatted and parsed. It belongs to the program, not to the global
+        DSPy settings, because the fine-tuned weights only understand the format they were trained on."""
         self.history_window = history_window
         self.max_observation_chars = max_observation_chars
         self.max_history_observation_chars = max_history_observation_chars
@@ -44,7 +50,8 @@ class Student(dspy.Module):
         self.max_invalid_streak = max_invalid_streak
 
     def forward(self, task: str, observation: str, history: str) -> dspy.Prediction:
-        return self.step(task=task, observation=observation, history=history)
+        with dspy.context(adapter=self.adapter):
+            return self.step(task=task, observation=observation, history=history)
 
     # -- the agent loop ------------------------------------------------------------------------------------
 

@@ -154,8 +154,7 @@ def correct(env: ALFWorld, model: str, run_dir: Path, server: BadExpertServer, m
     log.extend(earlier)
     server.reset(mode)
     start = time.perf_counter()
-    with dspy.context(adapter=leap.adapter):  # as compile() calls it
-        leap._correct(1, expert_for(server), trajectories, log)
+    leap._correct(1, expert_for(server), trajectories, log)
     return log.load(), time.perf_counter() - start, leap
 
 
@@ -241,20 +240,13 @@ def test_an_empty_action_is_dropped_as_no_action(env: ALFWorld, tiny_model: str,
     assert set(records) == visited(trajectories)
     for record in records.values():
         assert record.dropped is not None and record.action == ""
-    reasons = {r.dropped for r in records.values()}
-    if reasons != {"expert gave no action"}:
-        pytest.xfail(f"known bug in LEAP._correct: ''.splitlines()[0] raises IndexError, so an empty action is "
-                     f"retried as an expert failure and recorded as {reasons}")
+    assert {r.dropped for r in records.values()} == {"expert gave no action"}
 
 
-def test_corrections_use_the_compile_adapter_in_their_threads(env: ALFWorld, tiny_model: str, tmp_path: Path,
-                                                              bad_server: BadExpertServer,
-                                                              trajectories: dict[str, Trajectory]) -> None:
-    """compile() sets ChatAdapter(use_json_adapter_fallback=False); an unparsable answer should then cost one
-    HTTP call per attempt, not a second JSONAdapter call."""
+def test_an_unparsable_answer_costs_one_call_per_attempt(env: ALFWorld, tiny_model: str, tmp_path: Path,
+                                                        bad_server: BadExpertServer,
+                                                        trajectories: dict[str, Trajectory]) -> None:
+    """The expert owns its adapter (ChatAdapter without the JSON fallback) in the correction threads, so an
+    unparsable answer costs one HTTP call per attempt, not a second JSONAdapter call."""
     records, _, _ = correct(env, tiny_model, tmp_path, bad_server, "empty", trajectories)
-    attempts = len(records) * EXPERT_RETRIES
-    if bad_server.requests != attempts:
-        pytest.xfail(f"known bug in LEAP._correct: its ThreadPoolExecutor does not copy the caller's DSPy "
-                     f"context, so the expert runs with DSPy's default adapter (JSON fallback on): "
-                     f"{bad_server.requests} HTTP calls for {attempts} attempts")
+    assert bad_server.requests == len(records) * EXPERT_RETRIES

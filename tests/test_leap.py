@@ -15,10 +15,10 @@ from pathlib import Path
 
 import dspy
 import pytest
-
 from leap_dspy.envs.alfworld import ALFWorld
-from leap_dspy.lm import DEFAULT_MODEL
 from leap_dspy.programs import OracleExpert, Student
+
+from leap_dspy.lm import DEFAULT_MODEL
 from leap_dspy.store import JsonlLog
 from leap_dspy.teleprompt import LEAP, ConfigMismatch
 from leap_dspy.train import TrainConfig

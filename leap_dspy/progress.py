@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,3 +33,27 @@ def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator
     with Progress(*columns, console=console, transient=False) as progress:
         task_id = progress.add_task(description, total=total)
         yield lambda: progress.advance(task_id)
+
+
+class _OncePerMessage(logging.Filter):
+    """Lets a repeated warning through once: an untrained student truncates every answer, and DSPy would
+    otherwise log one line per step of every episode."""
+
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.fragment not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+def quiet_repeated_warnings() -> None:
+    logger = logging.getLogger("dspy.clients.lm")
+    if not any(isinstance(f, _OncePerMessage) for f in logger.filters):
+        logger.addFilter(_OncePerMessage("LM response was truncated"))

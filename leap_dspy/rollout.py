@@ -19,9 +19,11 @@ import dspy
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.programs.experts import OracleExpert, expert_inputs
 from leap_dspy.programs.student import Student, run_episode
+from leap_dspy.progress import quiet_repeated_warnings
 from leap_dspy.types import PrivilegedState, StudentInputs, Task, Trajectory
 
 Progress = Callable[[Trajectory], None]
+quiet_repeated_warnings()
 
 
 def _engines(program: dspy.Module | None) -> list[Any]:

@@ -366,7 +366,15 @@ class LEAP(Teleprompter):
             rows = preference_rows(self._student.step.signature, self._student.adapter, pairs, kind=self.update)
             return rows, len(pairs)
         chosen = list(usable)
-        if k > 0 and len(chosen) < self.max_train_rows:
+        if k > 0 and len(chosen) > self.max_train_rows:
+            # The states where the student went wrong first: they are what this round is for.
+            rng = random.Random(self.seed * 1000 + k)
+            changed = [c for c in chosen if c.changed]
+            same = [c for c in chosen if not c.changed]
+            rng.shuffle(changed)
+            rng.shuffle(same)
+            chosen = (changed + same)[: self.max_train_rows]
+        elif k > 0 and len(chosen) < self.max_train_rows:
             earlier = [c for j in range(k) for c in self._load_corrections(j) if c.dropped is None]
             rng = random.Random(self.seed * 1000 + k)
             rng.shuffle(earlier)

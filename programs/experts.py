@@ -8,7 +8,6 @@ next action from the privileged state; `PrivilegedExpert` asks any LM (LiteLLM m
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 import dspy
 from leap_dspy.signatures import PrivilegedCorrection
@@ -42,7 +41,7 @@ class OracleExpert(dspy.Module):
             )
         if action.strip() == student_action.strip() and student_reason.strip():
             return dspy.Prediction(reason=student_reason, action=action)
-        return dspy.Prediction(reason=realizable_reason(task, observation, action), action=action)
+        return dspy.Prediction(reason=realizable_reason(task, observation, action, history), action=action)
 
 
 class PrivilegedExpert(dspy.Module):
@@ -97,46 +96,78 @@ def expert_inputs(inputs: StudentInputs, student_reason: str, student_action: st
 
 
 # -- realizable reasons ---------------------------------------------------------------------------------------
+#
+# A reason is worth imitating when it states the sub-goal the action serves ("I carry the mug to the
+# microwave"), and it is realizable when everything it names is in the action (which is admissible, so
+# visible) or in the student's task, observation and history. The templates below use nothing else.
 
-_Template = tuple[re.Pattern[str], Callable[[re.Match[str], str, str], str]]
-
-
-def _seen(thing: str, observation: str) -> bool:
-    return re.search(rf"\b{re.escape(thing)}\b", observation) is not None
-
-
-def _go(m: re.Match[str], task: str, observation: str) -> str:
-    place = m["place"]
-    return f"I go to {place}, a place I can see in the room that may help with the task."
-
-
-_TEMPLATES: list[_Template] = [
-    (re.compile(r"^go to (?P<place>.+)$"), _go),
-    (re.compile(r"^open (?P<x>.+)$"), lambda m, t, o: f"The {m['x']} is closed, so I open it to look inside."),
-    (re.compile(r"^close (?P<x>.+)$"), lambda m, t, o: f"I am done with the {m['x']}, so I close it."),
-    (re.compile(r"^take (?P<obj>.+) from (?P<place>.+)$"),
-     lambda m, t, o: f"I see the {m['obj']} here and the task needs it, so I take it."),
-    (re.compile(r"^(?:move|put) (?P<obj>.+?) (?:to|in/on|in|on) (?P<place>.+)$"),
-     lambda m, t, o: f"I hold the {m['obj']} and the task wants it at the {m['place']}, so I put it there."),
-    (re.compile(r"^heat (?P<obj>.+) with (?P<x>.+)$"),
-     lambda m, t, o: f"The task needs a hot {m['obj'].split()[0]}, so I heat it with the {m['x']}."),
-    (re.compile(r"^cool (?P<obj>.+) with (?P<x>.+)$"),
-     lambda m, t, o: f"The task needs a cool {m['obj'].split()[0]}, so I cool it with the {m['x']}."),
-    (re.compile(r"^clean (?P<obj>.+) with (?P<x>.+)$"),
-     lambda m, t, o: f"The task needs a clean {m['obj'].split()[0]}, so I clean it with the {m['x']}."),
-    (re.compile(r"^use (?P<x>.+)$"), lambda m, t, o: f"I turn on the {m['x']} to look at what I hold in its light."),
-    (re.compile(r"^search\[(?P<q>.*)\]$"), lambda m, t, o: "I search for the product the task describes."),
-    (re.compile(r"^click\[(?P<b>.*)\]$"), lambda m, t, o: f"The {m['b']} button brings me closer to the task."),
-    (re.compile(r"^submit$"), lambda m, t, o: "The output now answers the task, so I submit."),
+_TASK_OBJECT = [
+    re.compile(r"\b(?:put|find|place) (?:a|an|some|two) (?:clean |hot |cool |heated |cooled )?(?P<obj>[a-z]+)"),
+    re.compile(r"\b(?:heat|cool|clean) (?:a|an|some|the) (?P<obj>[a-z]+)"),
+    re.compile(r"\b(?:look at|examine) (?:(?:a|an|some|the) )?(?P<obj>[a-z]+)"),
 ]
 
 
-def realizable_reason(task: str, observation: str, action: str) -> str:
-    """A one-sentence reason built from the action and what the student can see, never from privileged
-    facts (it names only things that occur in the action, which is admissible, or in the task)."""
-    text = action.strip()
-    for pattern, write in _TEMPLATES:
-        match = pattern.match(text)
+def task_object(task: str) -> str | None:
+    """The kind of object an ALFWorld-style instruction is about ("put a clean mug in ..." -> "mug")."""
+    for pattern in _TASK_OBJECT:
+        match = pattern.search(task.lower())
         if match:
-            return write(match, task, observation)
+            return match["obj"]
+    return None
+
+
+def holding(history: str, observation: str) -> str | None:
+    """What the student visibly picked up and has not put down since, if its inputs show it."""
+    held = None
+    for line in (history + "\n" + observation).splitlines():
+        picked = re.search(r"You pick up the ([a-z]+ \d+)", line)
+        if picked:
+            held = picked[1]
+        if held and re.search(rf"You (?:move|put) the {re.escape(held)}", line):
+            held = None
+    return held
+
+
+def realizable_reason(task: str, observation: str, action: str, history: str = "") -> str:
+    """A one-sentence reason for `action` that names only what the student can see."""
+    text = action.strip()
+    goal = task_object(task) or "thing the task needs"
+    held = holding(history, observation)
+    m = re.match(r"^go to (?P<x>.+)$", text)
+    if m:
+        if held:
+            return f"I have the {held}, so I carry it to the {m['x']}."
+        return f"I look for a {goal} at the {m['x']}."
+    m = re.match(r"^take (?P<obj>.+) from (?P<x>.+)$", text)
+    if m:
+        return f"I see the {m['obj']} on the {m['x']}, so I take it."
+    m = re.match(r"^(?:move|put) (?P<obj>.+?) (?:to|in/on|in|on) (?P<x>.+)$", text)
+    if m:
+        return f"I put the {m['obj']} in the {m['x']} as the task asks."
+    m = re.match(r"^(?P<verb>heat|cool|clean) (?P<obj>.+) with (?P<x>.+)$", text)
+    if m:
+        return f"The task wants it {dict(heat='hot', cool='cool', clean='clean')[m['verb']]}, so I {m['verb']} the " \
+               f"{m['obj']} with the {m['x']}."
+    m = re.match(r"^open (?P<x>.+)$", text)
+    if m:
+        return f"The {m['x']} is closed; I open it to look inside."
+    m = re.match(r"^close (?P<x>.+)$", text)
+    if m:
+        return f"I close the {m['x']}."
+    m = re.match(r"^use (?P<x>.+)$", text)
+    if m:
+        return f"I turn on the {m['x']} to look at the {held or goal} in its light."
+    if text == "look":
+        return "I look around to see where I am."
+    if text == "inventory":
+        return "I check what I am carrying."
+    m = re.match(r"^search\[(?P<q>.*)\]$", text)
+    if m:
+        return "I search for the product the task describes."
+    m = re.match(r"^click\[(?P<b>.*)\]$", text)
+    if m:
+        return f"I click {m['b']} to get closer to the product the task asks for."
+    if text == "submit":
+        return "The output now answers the task, so I submit."
     return "This command is the next step towards the task."

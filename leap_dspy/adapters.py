@@ -12,6 +12,9 @@ from __future__ import annotations
 from dspy.adapters.chat_adapter import ChatAdapter
 from dspy.signatures.signature import Signature
 
+END_MARKER = "completed"
+"""ChatAdapter's end-of-answer field."""
+
 
 def _describe(fields: dict) -> str:
     parts = []

@@ -23,6 +23,7 @@ from dspy.teleprompt import Teleprompter
 
 from leap_dspy.envs.base import TextEnv, action_admissible
 from leap_dspy.lm import DEFAULT_MODEL, local_lm
+from leap_dspy.programs.agent import Agent
 from leap_dspy.programs.experts import OracleExpert, SelfExpert, expert_inputs
 from leap_dspy.programs.student import Student
 from leap_dspy.progress import console, progress_bar
@@ -79,6 +80,8 @@ class LEAP(Teleprompter):
             (they are always flagged in `corrections.jsonl` and counted in the metrics).
         demonstrator: who plays the behaviour-cloning demonstrations; default the teacher, or the scripted
             oracle when the teacher is the student's own privileged self (untrained, it has nothing to show).
+        teacher: the expert when `compile` is given none (how `dspy.BetterTogether`, which only passes teachers
+            shaped like the student, gets a privileged expert to LEAP); default the scripted oracle.
         lm_kwargs: settings of the student's local engine (`LocalEngine`); `max_new_tokens` defaults to 80,
             room for a one-sentence reason and an action in DSPy's chat format.
     """
@@ -95,8 +98,8 @@ class LEAP(Teleprompter):
         train_config: Any = None,
         bc_epochs: float = 1.0,
         epochs: float = 1.0,
-        max_train_rows: int = 300,
-        rollout_tasks: int | None = 30,
+        max_train_rows: int = 240,
+        rollout_tasks: int | None = 24,
         bc_successful_only: bool = True,
         drop_unrealizable: bool = False,
         demonstrator: dspy.Module | None = None,
@@ -106,6 +109,7 @@ class LEAP(Teleprompter):
         evaluate_base: bool = True,
         evaluate_expert: bool = True,
         lm_kwargs: dict[str, Any] | None = None,
+        teacher: dspy.Module | None = None,
         seed: int = 0,
         progress: bool = True,
     ) -> None:
@@ -136,6 +140,7 @@ class LEAP(Teleprompter):
         self.evaluate_base = evaluate_base
         self.evaluate_expert = evaluate_expert
         self.lm_kwargs = {"max_new_tokens": 80, **(lm_kwargs or {})}
+        self.teacher = teacher
         self.seed = seed
         self.progress = progress
 
@@ -184,14 +189,25 @@ class LEAP(Teleprompter):
 
     # -- the loop ------------------------------------------------------------------------------------------
 
-    def compile(self, student: Student, *, trainset: Sequence[Any], teacher: dspy.Module | None = None,
-                valset: Sequence[Any] | None = None, **kwargs: Any) -> Student:
-        """Train `student` with LEAP and return it pointing at the final adapter."""
+    def compile(self, student: Student | Agent, *, trainset: Sequence[Any],
+                teacher: dspy.Module | list[dspy.Module] | None = None, valset: Sequence[Any] | None = None,
+                **kwargs: Any) -> Student | Agent:
+        """Train `student` (a `Student`, or an `Agent` holding one) with LEAP; returns it pointing at the final
+        adapter."""
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
-        teacher = teacher or OracleExpert()
-        train_tasks = as_tasks(trainset)
-        val_tasks = as_tasks(valset or [])
+        if isinstance(teacher, list):
+            teacher = teacher[0] if teacher else None
+        teacher = teacher or self.teacher or OracleExpert()
+        if isinstance(student, Agent):
+            self._compile_student(student.student, train_tasks=as_tasks(trainset), val_tasks=as_tasks(valset or []),
+                                  teacher=teacher)
+            return student
+        return self._compile_student(student, train_tasks=as_tasks(trainset), val_tasks=as_tasks(valset or []),
+                                     teacher=teacher)
+
+    def _compile_student(self, student: Student, *, train_tasks: list[Task], val_tasks: list[Task],
+                         teacher: dspy.Module) -> Student:
         if not train_tasks:
             raise ValueError("trainset is empty")
         self._start(self.config(teacher, train_tasks, val_tasks))

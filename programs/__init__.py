@@ -1,5 +1,6 @@
 """DSPy programs: the student agent and the privileged experts that correct it."""
 
+from leap_dspy.programs.agent import Agent, task_reward, task_success
 from leap_dspy.programs.experts import (
     MissingPrivilege,
     OracleExpert,
@@ -10,6 +11,7 @@ from leap_dspy.programs.experts import (
 from leap_dspy.programs.student import Student, run_episode
 
 __all__ = [
+    "Agent",
     "MissingPrivilege",
     "OracleExpert",
     "PrivilegedExpert",
@@ -17,4 +19,6 @@ __all__ = [
     "Student",
     "realizable_reason",
     "run_episode",
+    "task_reward",
+    "task_success",
 ]

@@ -9,7 +9,7 @@ import dspy
 from leap_dspy.envs.base import action_admissible
 from leap_dspy.signatures import StudentStep
 
-from leap_dspy.adapters import CompactChatAdapter
+from leap_dspy.adapters import END_MARKER, CompactChatAdapter
 from leap_dspy.types import Observation, PrivilegedState, Step, StudentInputs, Task, Trajectory
 
 INVALID_MARKERS = ("Nothing happens.",)
@@ -24,7 +24,7 @@ class Student(dspy.Module):
     """`StudentStep` in an agent loop.
 
     The prompt is what a step costs on a CPU, so the program bounds it (and formats it with the compact
-    adapter by default): the last `history_window` steps
+    adapter by default): the student's earlier actions, once each; the last `history_window` steps
     (action and a clipped observation), a clipped observation, and the admissible actions when the
     environment knows them (a small model picks far better from a list than from memory).
     """
@@ -37,12 +37,15 @@ class Student(dspy.Module):
         show_admissible_actions: bool = True,
         max_invalid_streak: int = 4,
         adapter: dspy.Adapter | None = None,
+        remember_actions: int = 16,
     ) -> None:
         super().__init__()
-        self.step = dspy.Predict(StudentStep)
         self.adapter = adapter or CompactChatAdapter()
         """How the student's prompts are formatted and parsed. It belongs to the program, not to the global
         DSPy settings, because the fine-tuned weights only understand the format they were trained on."""
+        # Stop as the end-of-answer marker begins instead of generating it: the parser needs only the fields.
+        self.step = dspy.Predict(StudentStep, stop=[f"[[ ## {END_MARKER}"])
+        self.remember_actions = remember_actions
         self.history_window = history_window
         self.max_observation_chars = max_observation_chars
         self.max_history_observation_chars = max_history_observation_chars
@@ -65,6 +68,16 @@ class Student(dspy.Module):
             f"{step.action or '(no action)'} -> {_clip(step.next_observation, self.max_history_observation_chars)}"
             for step in recent
         ]
+        earlier = past[: len(past) - len(recent)]
+        if self.remember_actions and earlier:
+            # The student's own earlier actions, once each, newest last: enough to not search the same place
+            # twice, for a few tokens per action instead of a whole transcript.
+            seen: dict[str, None] = {}
+            for step in earlier:
+                if step.action:
+                    seen.pop(step.action, None)
+                    seen[step.action] = None
+            lines.insert(0, "Earlier: " + "; ".join(list(seen)[-self.remember_actions :]))
         return StudentInputs(task=task.instruction, observation=text, history="\n".join(lines) or "(none)")
 
     def act(self, inputs: StudentInputs) -> tuple[str, str, str | None]:

@@ -70,7 +70,7 @@ def compile_(
     expert: Annotated[str, typer.Option(help="oracle (scripted), self, or a LiteLLM model string")] = "oracle",
     privilege_level: Annotated[int | None, typer.Option(help="privilege dial (env default if unset)")] = None,
     model: Annotated[str, typer.Option(help="student base model: the embedded default or an HF folder")] = "",
-    max_train_rows: Annotated[int, typer.Option(min=1, help="rows per LEAP fine-tuning round")] = 240,
+    max_train_rows: Annotated[int, typer.Option(min=1, help="rows per LEAP fine-tuning round")] = 200,
     threads: Annotated[int, typer.Option(min=1, help="episodes played at once")] = 32,
     base: Annotated[bool, typer.Option(help="evaluate the untrained student")] = True,
     expert_reference: Annotated[bool, typer.Option("--expert-reference/--no-expert-reference",

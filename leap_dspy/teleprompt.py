@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import json
 import random
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -73,7 +74,7 @@ class LEAP(Teleprompter):
         run_dir: where everything is written; an existing folder with the same configuration is resumed.
         max_train_rows: rows per fine-tuning round after behaviour cloning: every new correction, then older
             ones (DAgger's aggregate) sampled to fill up. Bounds a round's cost as the aggregate grows;
-            behaviour cloning takes up to 1.5x as many demonstration steps.
+            behaviour cloning takes up to twice as many demonstration steps.
         rollout_tasks: training tasks the student plays per iteration (a fresh seeded sample each round, all
             when None): rollouts of a weak student run to the step limit, so they bound a round's cost too.
         drop_unrealizable: keep corrections whose reason names things the student never saw out of training
@@ -96,10 +97,10 @@ class LEAP(Teleprompter):
         privilege_level: int | None = None,
         run_dir: str | Path | None = None,
         train_config: Any = None,
-        bc_epochs: float = 1.0,
+        bc_epochs: float = 2.0,
         epochs: float = 1.0,
-        max_train_rows: int = 240,
-        rollout_tasks: int | None = 24,
+        max_train_rows: int = 200,
+        rollout_tasks: int | None = 20,
         bc_successful_only: bool = True,
         drop_unrealizable: bool = False,
         demonstrator: dspy.Module | None = None,
@@ -395,8 +396,8 @@ class LEAP(Teleprompter):
             rng = random.Random(self.seed * 1000 + k)
             rng.shuffle(earlier)
             chosen += earlier[: self.max_train_rows - len(chosen)]
-        elif k == 0 and len(chosen) > int(self.max_train_rows * 1.5):
-            chosen = random.Random(self.seed).sample(chosen, int(self.max_train_rows * 1.5))
+        elif k == 0 and len(chosen) > self.max_train_rows * 2:
+            chosen = random.Random(self.seed).sample(chosen, self.max_train_rows * 2)
         return sft_rows(self._student.step.signature, self._student.adapter, chosen), len(chosen)
 
     def _load_corrections(self, k: int) -> list[Correction]:
@@ -407,7 +408,17 @@ class LEAP(Teleprompter):
         from leap_dspy.train import TrainConfig, train_dpo, train_kto, train_sft
 
         if not rows:
-            raise RuntimeError(f"no training rows for {out.parent.name}: every correction was dropped")
+            if init is None:
+                raise RuntimeError(f"no training rows for {out.parent.name}: every demonstration was dropped")
+            # Every correction of this round was dropped (an expert that failed throughout, say): the round
+            # keeps the previous weights, says so, and the run goes on with what it has.
+            console.print(f"[yellow]{out.parent.name}: no usable corrections; keeping the previous adapter[/yellow]")
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(init, tmp)
+            tmp.rename(out)
+            atomic_write_json(out.parent / "train.json", {"skipped": "no usable corrections", "adapter_dir": str(out)})
+            return
         config = (self.train_config or TrainConfig()).model_copy(update={"epochs": epochs})
         trainer = {"sft": train_sft, "dpo": train_dpo, "kto": train_kto}[self.update]
         if "chosen" not in rows[0] and "label" not in rows[0]:

@@ -130,38 +130,43 @@ def holding(history: str, observation: str) -> str | None:
 
 
 def realizable_reason(task: str, observation: str, action: str, history: str = "") -> str:
-    """A one-sentence reason for `action` that names only what the student can see."""
+    """A one-sentence reason for `action` that names only what the student can see.
+
+    Each kind of step opens with its own word ("Searching", "Carrying", "Opening", ...): the student writes
+    the reason before the action, so the first words it generates are where it commits to a kind of step,
+    and a small model learns that decision best when it is made at once rather than a few tokens in.
+    """
     text = action.strip()
     goal = task_object(task) or "thing the task needs"
     held = holding(history, observation)
     m = re.match(r"^go to (?P<x>.+)$", text)
     if m:
         if held:
-            return f"I have the {held}, so I carry it to the {m['x']}."
-        return f"I look for a {goal} at the {m['x']}."
+            return f"Carrying the {held} to the {m['x']}."
+        return f"Searching for a {goal}: I check the {m['x']}."
     m = re.match(r"^take (?P<obj>.+) from (?P<x>.+)$", text)
     if m:
-        return f"I see the {m['obj']} on the {m['x']}, so I take it."
+        return f"Found the {m['obj']} on the {m['x']}, so I take it."
     m = re.match(r"^(?:move|put) (?P<obj>.+?) (?:to|in/on|in|on) (?P<x>.+)$", text)
     if m:
-        return f"I put the {m['obj']} in the {m['x']} as the task asks."
+        return f"Placing the {m['obj']} in the {m['x']} as the task asks."
     m = re.match(r"^(?P<verb>heat|cool|clean) (?P<obj>.+) with (?P<x>.+)$", text)
     if m:
-        return f"The task wants it {dict(heat='hot', cool='cool', clean='clean')[m['verb']]}, so I {m['verb']} the " \
-               f"{m['obj']} with the {m['x']}."
+        gerund = {"heat": "Heating", "cool": "Cooling", "clean": "Cleaning"}[m["verb"]]
+        return f"{gerund} the {m['obj']} with the {m['x']}, as the task asks."
     m = re.match(r"^open (?P<x>.+)$", text)
     if m:
-        return f"The {m['x']} is closed; I open it to look inside."
+        return f"Opening the closed {m['x']} to look inside."
     m = re.match(r"^close (?P<x>.+)$", text)
     if m:
-        return f"I close the {m['x']}."
+        return f"Closing the {m['x']}."
     m = re.match(r"^use (?P<x>.+)$", text)
     if m:
-        return f"I turn on the {m['x']} to look at the {held or goal} in its light."
+        return f"Turning on the {m['x']} to look at the {held or goal} in its light."
     if text == "look":
-        return "I look around to see where I am."
+        return "Looking around the room first."
     if text == "inventory":
-        return "I check what I am carrying."
+        return "Checking what I carry."
     m = re.match(r"^search\[(?P<q>.*)\]$", text)
     if m:
         return "I search for the product the task describes."

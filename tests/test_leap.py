@@ -188,3 +188,39 @@ def test_end_to_end_on_the_embedded_smollm2(env: ALFWorld, tmp_path: Path) -> No
     assert metrics == {"0", "1"}
     train = json.loads((run / "iter_0" / "train.json").read_text())
     assert train["loss_history"][-1] < train["loss_history"][0]  # BC learns something on real weights
+
+
+@pytest.mark.parametrize("update", ["dpo", "kto"])
+def test_preference_updates_run_through_the_loop(env: ALFWorld, tiny_model: str, tmp_path: Path, update: str) -> None:
+    run = tmp_path / update
+    leap = LEAP(env, iterations=1, update=update, model=tiny_model, run_dir=run, train_config=FAST_TRAIN,
+                lm_kwargs={"max_new_tokens": 16}, num_threads=4, evaluate_base=False, evaluate_expert=False,
+                progress=False)
+    leap.compile(Student(), trainset=env.tasks("train"), valset=env.tasks("unseen"))
+    rows = [json.loads(line) for line in (run / "iter_1" / "train_rows.jsonl").read_text().splitlines()]
+    assert rows, "a random student disagrees with the oracle, so there must be preference rows"
+    if update == "dpo":
+        assert all(set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"] for r in rows)
+    else:
+        assert {r["label"] for r in rows} == {True, False}
+    train = json.loads((run / "iter_1" / "train.json").read_text())
+    assert train["method"] == update and (run / "iter_1" / "adapter" / "adapter_config.json").exists()
+
+
+def test_self_expert_that_cannot_answer_keeps_the_previous_weights(env: ALFWorld, tiny_model: str,
+                                                                   tmp_path: Path) -> None:
+    """The untrained tiny student, as its own privileged expert, produces nothing parseable: every correction
+    is dropped and counted, and the round keeps the BC adapter instead of failing."""
+    from leap_dspy.programs import SelfExpert
+
+    run = tmp_path / "self"
+    leap = LEAP(env, iterations=1, model=tiny_model, run_dir=run, train_config=FAST_TRAIN, expert_retries=1,
+                lm_kwargs={"max_new_tokens": 16}, num_threads=4, evaluate_base=False, evaluate_expert=False,
+                progress=False)
+    leap.compile(Student(), trainset=env.tasks("train"), teacher=SelfExpert(), valset=env.tasks("unseen"))
+    metrics = json.loads((run / "iter_1" / "metrics.json").read_text())
+    assert metrics["corrections"] > 0 and metrics["corrections_dropped"] == metrics["corrections"]
+    assert json.loads((run / "iter_1" / "train.json").read_text())["skipped"] == "no usable corrections"
+    assert (run / "iter_1" / "adapter" / "adapter_config.json").exists()
+    demos = (run / "iter_0" / "trajectories.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["policy"] == "expert" for line in demos)  # BC came from the scripted oracle

@@ -44,11 +44,10 @@ def test_reasons_name_only_what_the_student_can_see() -> None:
     assert holding(history, "") == "mug 1"
     assert holding(history + "\nmove mug 1 to shelf 1 -> You move the mug 1 to the shelf 1.", "") is None
     cases = {
-        ("go to cabinet 2", ""): "I look for a mug at the cabinet 2.",
-        ("go to microwave 1", history): "I have the mug 1, so I carry it to the microwave 1.",
-        ("clean mug 1 with sinkbasin 1", history):
-            "The task wants it clean, so I clean the mug 1 with the sinkbasin 1.",
-        ("open cabinet 2", ""): "The cabinet 2 is closed; I open it to look inside.",
+        ("go to cabinet 2", ""): "Searching for a mug: I check the cabinet 2.",
+        ("go to microwave 1", history): "Carrying the mug 1 to the microwave 1.",
+        ("clean mug 1 with sinkbasin 1", history): "Cleaning the mug 1 with the sinkbasin 1, as the task asks.",
+        ("open cabinet 2", ""): "Opening the closed cabinet 2 to look inside.",
     }
     for (action, hist), expected in cases.items():
         reason = realizable_reason(task, "You arrive at cabinet 2.", action, hist)

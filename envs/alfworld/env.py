@@ -46,10 +46,10 @@ class ALFWorld(TextEnv):
         num_receptacles: int = 6,
         task_types: list[str] | tuple[str, ...] | None = None,
         num_train: int | None = 60,
-        num_seen: int | None = 20,
+        num_seen: int | None = 10,
         num_unseen: int | None = 20,
         seed: int = 0,
-        max_steps: int = 30,
+        max_steps: int = 20,
         cache_dir: str | None = None,
         data_dir: str | None = None,
     ) -> None:

@@ -1,0 +1,46 @@
+"""The distribution: folders stay top-level in the repository and land under one import root in the wheel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHECK = """
+import sys
+sys.meta_path = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
+sys.path_hooks = [h for h in sys.path_hooks if "editable" not in getattr(h, "__module__", "").lower()]
+sys.path = [p for p in sys.path if p != "" and "/work/main" not in p]
+sys.path.insert(0, {target!r})
+import leap_dspy, leap_dspy.signatures, leap_dspy.programs, leap_dspy.envs.alfworld, leap_dspy.envs.webshop
+import leap_dspy.envs.intercode, leap_dspy.cli, leap_dspy.teleprompt
+for module in (leap_dspy, leap_dspy.signatures, leap_dspy.programs, leap_dspy.envs.alfworld):
+    assert module.__file__.startswith({target!r}), module.__file__
+print("ok", leap_dspy.LEAP.__name__)
+"""
+
+
+def test_wheel_maps_the_top_level_folders_under_leap_dspy(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
+                    str(ROOT)], check=True)
+    wheel = next(dist.glob("leap_dspy-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    for expected in ("leap_dspy/signatures/__init__.py", "leap_dspy/programs/student.py",
+                     "leap_dspy/envs/base.py", "leap_dspy/envs/alfworld/env.py", "leap_dspy/envs/webshop/env.py",
+                     "leap_dspy/envs/intercode/sandbox.py", "leap_dspy/teleprompt.py"):
+        assert expected in names, expected
+    top = {name.split("/")[0] for name in names}
+    assert not top & {"envs", "programs", "signatures", "tests", "bench"}, top
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "leap-dspy = leap_dspy.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True)
+    out = subprocess.run([sys.executable, "-c", CHECK.format(target=str(target))], check=True, capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert out.stdout.strip() == "ok LEAP"

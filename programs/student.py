@@ -32,7 +32,7 @@ class Student(dspy.Module):
     def __init__(
         self,
         history_window: int = 2,
-        max_observation_chars: int = 600,
+        max_observation_chars: int = 1100,
         max_history_observation_chars: int = 120,
         show_admissible_actions: bool = True,
         max_invalid_streak: int = 4,

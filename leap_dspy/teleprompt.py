@@ -383,22 +383,23 @@ class LEAP(Teleprompter):
             rows = preference_rows(self._student.step.signature, self._student.adapter, pairs, kind=self.update)
             return rows, len(pairs)
         chosen = list(usable)
-        if k > 0 and len(chosen) > self.max_train_rows:
-            # The states where the student went wrong first: they are what this round is for.
+        if k > 0:
+            # DAgger trains on the aggregate of everything collected so far. A round is bounded, so it takes
+            # this round's corrections (at most half the rows: the student's newest mistakes) and fills the
+            # rest from all earlier data, demonstrations included, so that what the student already did
+            # right is not forgotten while the new states are learned.
             rng = random.Random(self.seed * 1000 + k)
-            changed = [c for c in chosen if c.changed]
-            same = [c for c in chosen if not c.changed]
-            rng.shuffle(changed)
-            rng.shuffle(same)
-            chosen = (changed + same)[: self.max_train_rows]
-        elif k > 0 and len(chosen) < self.max_train_rows:
+            rng.shuffle(chosen)
+            chosen = chosen[: max(self.max_train_rows // 2, self.max_train_rows - self._earlier_count(k))]
             earlier = [c for j in range(k) for c in self._load_corrections(j) if c.dropped is None]
-            rng = random.Random(self.seed * 1000 + k)
             rng.shuffle(earlier)
             chosen += earlier[: self.max_train_rows - len(chosen)]
-        elif k == 0 and len(chosen) > self.max_train_rows * 2:
+        elif len(chosen) > self.max_train_rows * 2:
             chosen = random.Random(self.seed).sample(chosen, self.max_train_rows * 2)
         return sft_rows(self._student.step.signature, self._student.adapter, chosen), len(chosen)
+
+    def _earlier_count(self, k: int) -> int:
+        return sum(c.dropped is None for j in range(k) for c in self._load_corrections(j))
 
     def _load_corrections(self, k: int) -> list[Correction]:
         path = self.run.path / f"iter_{k}" / "corrections.jsonl"

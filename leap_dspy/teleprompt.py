@@ -97,7 +97,7 @@ class LEAP(Teleprompter):
         privilege_level: int | None = None,
         run_dir: str | Path | None = None,
         train_config: Any = None,
-        bc_epochs: float = 2.0,
+        bc_epochs: float = 1.5,
         epochs: float = 1.0,
         max_train_rows: int = 200,
         rollout_tasks: int | None = 20,

@@ -28,8 +28,15 @@ class OracleExpert(dspy.Module):
     requires_oracle = True
     reads_privileged_text = False
 
-    def __init__(self) -> None:
+    def __init__(self, realizable_search: bool = True) -> None:
         super().__init__()
+        self.realizable_search = realizable_search
+        """While the student has not yet seen what the task needs, where to look next is a guess for the
+        student but a certainty for the oracle, which knows where things are. Corrections that send the
+        student straight to the hidden object cannot be learned from the student's inputs (they are not
+        realizable) and teach it to wander; with this on, the expert searches the way the student can: it
+        keeps a student's step that explores somewhere new, and otherwise opens what is closed here or visits
+        the first place not yet visited. Once the thing is in view, or in hand, the oracle leads again."""
 
     def forward(self, task: str, observation: str, history: str, student_reason: str, student_action: str,
                 privileged_state: PrivilegedState) -> dspy.Prediction:
@@ -39,6 +46,8 @@ class OracleExpert(dspy.Module):
                 "OracleExpert needs the oracle's next action in the privileged state; it is only given at the "
                 "environment's top privilege level"
             )
+        if self.realizable_search:
+            action = realizable_search_action(task, observation, history, student_action, action)
         if action.strip() == student_action.strip() and student_reason.strip():
             return dspy.Prediction(reason=student_reason, action=action)
         return dspy.Prediction(reason=realizable_reason(task, observation, action, history), action=action)
@@ -127,6 +136,44 @@ def holding(history: str, observation: str) -> str | None:
         if held and re.search(rf"You (?:move|put) the {re.escape(held)}", line):
             held = None
     return held
+
+
+def _admissible_from(observation: str) -> list[str]:
+    for line in observation.splitlines():
+        if line.startswith("Actions: "):
+            return [a.strip() for a in line.removeprefix("Actions: ").split(", ")]
+    return []
+
+
+def _visited(history: str, observation: str) -> set[str]:
+    places = set(re.findall(r"go to ([a-z]+ \d+)", history))
+    here = re.match(r"You arrive at ([a-z]+ \d+)", observation)
+    if here:
+        places.add(here[1])
+    return places
+
+
+def realizable_search_action(task: str, observation: str, history: str, student_action: str, oracle: str) -> str:
+    """The oracle's action, unless it is a `go to` that only the oracle's knowledge of hidden locations can
+    justify (see `OracleExpert.realizable_search`); then a search step the student could have chosen."""
+    goal = task_object(task)
+    if not oracle.startswith("go to ") or goal is None:
+        return oracle
+    seen = re.search(rf"\b{re.escape(goal)}\b", observation + "\n" + history.replace(task, "")) is not None
+    if seen or holding(history, observation):
+        return oracle
+    visited = _visited(history, observation)
+    admissible = _admissible_from(observation)
+    student = student_action.strip()
+    if student.startswith("go to ") and student.removeprefix("go to ") not in visited and student in admissible:
+        return student
+    here = re.match(r"You arrive at ([a-z]+ \d+)\. The \1 is closed\.", observation)
+    if here and f"open {here[1]}" in admissible:
+        return f"open {here[1]}"
+    for candidate in admissible:
+        if candidate.startswith("go to ") and candidate.removeprefix("go to ") not in visited:
+            return candidate
+    return oracle
 
 
 def realizable_reason(task: str, observation: str, action: str, history: str = "") -> str:

@@ -31,3 +31,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_models() -> object:
+    """Models stay loaded in the process-wide engine registry for speed; a test module's engines are let go
+    when it ends, so the whole suite's memory stays that of its largest module."""
+    yield
+    import gc
+
+    from leap_dspy.lm import close_all
+
+    close_all()
+    gc.collect()

@@ -25,7 +25,7 @@ print("ok", leap_dspy.LEAP.__name__)
 
 def test_wheel_maps_the_top_level_folders_under_leap_dspy(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist),
                     str(ROOT)], check=True)
     wheel = next(dist.glob("leap_dspy-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()

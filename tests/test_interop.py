@@ -44,6 +44,8 @@ def test_better_together_uses_leap_as_its_weight_optimizer(env: ALFWorld, tiny_m
     optimizer = BetterTogether(metric=task_success, w=leap)
     compiled = optimizer.compile(agent, trainset=examples(env.tasks("train")), valset=examples(env.tasks("seen")),
                                  strategy="w")
-    assert compiled.student.step.lm.engine.adapter == str((tmp_path / "run" / "iter_1" / "adapter").resolve())
-    assert [c["strategy"] for c in compiled.candidate_programs] != []
+    by_strategy = {c["strategy"]: c["program"] for c in compiled.candidate_programs}
+    assert set(by_strategy) == {"", "w"}  # the baseline and LEAP's result, both scored by BetterTogether
+    leap_program = by_strategy["w"]
+    assert leap_program.student.step.lm.engine.adapter == str((tmp_path / "run" / "iter_1" / "adapter").resolve())
     assert (tmp_path / "run" / "metrics.csv").exists()

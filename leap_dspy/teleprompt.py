@@ -428,6 +428,7 @@ class LEAP(Teleprompter):
         result = trainer(rows, model=self.model, output_dir=out, init_adapter=str(init) if init else None,
                          config=config)
         atomic_write_json(out.parent / "train.json", result.model_dump())
+        release_memory()
 
     # -- evaluation ----------------------------------------------------------------------------------------
 
@@ -466,6 +467,19 @@ class LEAP(Teleprompter):
         self.run.write_metrics_csv(with_scores=self._with_scores)
         shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("seen_success", "unseen_success") if k in metrics)
         console.print(f"[bold]{name}[/bold]: {shown}")
+
+
+def release_memory() -> None:
+    """Hand the trainer's freed memory back to the system: without it the process keeps the peak of every
+    training round (glibc holds freed heap), and rollouts that follow run with gigabytes less."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def split_metrics(trajectories: list[Trajectory]) -> dict[str, Any]:

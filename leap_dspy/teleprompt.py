@@ -472,14 +472,13 @@ class LEAP(Teleprompter):
 def release_memory() -> None:
     """Hand the trainer's freed memory back to the system: without it the process keeps the peak of every
     training round (glibc holds freed heap), and rollouts that follow run with gigabytes less."""
+    import contextlib
     import ctypes
     import gc
 
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def split_metrics(trajectories: list[Trajectory]) -> dict[str, Any]:

@@ -390,16 +390,13 @@ class LEAP(Teleprompter):
             # right is not forgotten while the new states are learned.
             rng = random.Random(self.seed * 1000 + k)
             rng.shuffle(chosen)
-            chosen = chosen[: max(self.max_train_rows // 2, self.max_train_rows - self._earlier_count(k))]
             earlier = [c for j in range(k) for c in self._load_corrections(j) if c.dropped is None]
+            chosen = chosen[: max(self.max_train_rows // 2, self.max_train_rows - len(earlier))]
             rng.shuffle(earlier)
             chosen += earlier[: self.max_train_rows - len(chosen)]
         elif len(chosen) > self.max_train_rows * 2:
             chosen = random.Random(self.seed).sample(chosen, self.max_train_rows * 2)
         return sft_rows(self._student.step.signature, self._student.adapter, chosen), len(chosen)
-
-    def _earlier_count(self, k: int) -> int:
-        return sum(c.dropped is None for j in range(k) for c in self._load_corrections(j))
 
     def _load_corrections(self, k: int) -> list[Correction]:
         path = self.run.path / f"iter_{k}" / "corrections.jsonl"

@@ -35,8 +35,9 @@ class OracleExpert(dspy.Module):
         student but a certainty for the oracle, which knows where things are. Corrections that send the
         student straight to the hidden object cannot be learned from the student's inputs (they are not
         realizable) and teach it to wander; with this on, the expert searches the way the student can: it
-        keeps a student's step that explores somewhere new, and otherwise opens what is closed here or visits
-        the first place not yet visited. Once the thing is in view, or in hand, the oracle leads again."""
+        opens what is closed here, or sweeps the scene in the order its first observation lists the places,
+        going on from where it stands to the next place not yet visited (`sweep_next`). Once the thing is in
+        view, or in hand, the oracle leads again."""
 
     def forward(self, task: str, observation: str, history: str, student_reason: str, student_action: str,
                 privileged_state: PrivilegedState) -> dspy.Prediction:
@@ -130,6 +131,14 @@ def holding(history: str, observation: str) -> str | None:
     """What the student visibly picked up and has not put down since, if its inputs show it."""
     held = None
     for line in (history + "\n" + observation).splitlines():
+        if line.startswith("Earlier: "):  # actions only, oldest first
+            for action in line.removeprefix("Earlier: ").split("; "):
+                taken = re.match(r"take ([a-z]+ \d+) from ", action)
+                if taken:
+                    held = taken[1]
+                elif held and re.match(rf"(?:move|put) {re.escape(held)} ", action):
+                    held = None
+            continue
         picked = re.search(r"You pick up the ([a-z]+ \d+)", line)
         if picked:
             held = picked[1]
@@ -153,27 +162,65 @@ def _visited(history: str, observation: str) -> set[str]:
     return places
 
 
+def scene_places(observation: str, history: str) -> list[str]:
+    """The places the episode's first scene lists, in its order ("you see a cabinet 2, a cabinet 1, ...")."""
+    start = next((line for line in history.splitlines() if line.startswith("Start: ")), observation)
+    listed = re.search(r"you see (.+?)\.(?:\s|$)", start)
+    if not listed:
+        return []
+    parts = re.split(r",\s*(?:and\s+)?|\s+and\s+", listed[1])
+    return [re.sub(r"^(?:a|an)\s+", "", part.strip()) for part in parts if part.strip()]
+
+
+def current_place(observation: str, history: str) -> str | None:
+    """Where the student last arrived, as its inputs show it."""
+    here = re.match(r"You arrive at ([a-z]+ \d+)", observation)
+    if here:
+        return here[1]
+    for line in reversed(history.splitlines()):
+        if line.startswith("Start: "):
+            continue
+        went = re.findall(r"go to ([a-z]+ \d+)", line)
+        if went:
+            return went[-1]
+    return None
+
+
+def sweep_next(observation: str, history: str) -> str | None:
+    """The next place to search: the first not yet visited after the current one, in the scene's order.
+
+    A rule a small student can follow from two things in its prompt, the scene line and where it stands,
+    instead of from its whole history: the step after "countertop 1" in the scene's list is found by
+    looking up "countertop 1" there and reading on.
+    """
+    places = scene_places(observation, history)
+    visited = _visited(history, observation)
+    admissible = set(_admissible_from(observation))
+    current = current_place(observation, history)
+    order = places[places.index(current) + 1 :] + places[: places.index(current)] if current in places else places
+    return next((p for p in order if p not in visited and f"go to {p}" in admissible), None)
+
+
 def realizable_search_action(task: str, observation: str, history: str, student_action: str, oracle: str) -> str:
     """The oracle's action, unless it is a `go to` that only the oracle's knowledge of hidden locations can
     justify (see `OracleExpert.realizable_search`); then a search step the student could have chosen."""
     goal = task_object(task)
-    if not oracle.startswith("go to ") or goal is None:
+    # Closing what it searched and looking around are the oracle's habits, not steps a search needs.
+    if goal is None or not (oracle.startswith(("go to ", "close ")) or oracle == "look"):
         return oracle
-    seen = re.search(rf"\b{re.escape(goal)}\b", observation + "\n" + history.replace(task, "")) is not None
-    if seen or holding(history, observation):
+    if _goal_in_view(goal, task, observation, history) or holding(history, observation):
         return oracle
-    visited = _visited(history, observation)
-    admissible = _admissible_from(observation)
-    student = student_action.strip()
-    if student.startswith("go to ") and student.removeprefix("go to ") not in visited and student in admissible:
-        return student
     here = re.match(r"You arrive at ([a-z]+ \d+)\. The \1 is closed\.", observation)
-    if here and f"open {here[1]}" in admissible:
+    if here and f"open {here[1]}" in _admissible_from(observation):
         return f"open {here[1]}"
-    for candidate in admissible:
-        if candidate.startswith("go to ") and candidate.removeprefix("go to ") not in visited:
-            return candidate
-    return oracle
+    place = sweep_next(observation, history)
+    return f"go to {place}" if place else oracle
+
+
+def _goal_in_view(goal: str, task: str, observation: str, history: str) -> bool:
+    lines = [line for line in history.replace(task, "").splitlines() if not line.startswith("Start: ")]
+    text = observation.replace(task, "") + "\n" + "\n".join(lines)
+    return re.search(rf"\b{re.escape(goal)}\b", text) is not None
 
 
 def realizable_reason(task: str, observation: str, action: str, history: str = "") -> str:
@@ -190,6 +237,13 @@ def realizable_reason(task: str, observation: str, action: str, history: str = "
     if m:
         if held:
             return f"Carrying the {held} to the {m['x']}."
+        if _goal_in_view(goal, task, observation, history):
+            return f"Going to the {m['x']}, where I saw a {goal}."
+        if m["x"] == sweep_next(observation, history):
+            current = current_place(observation, history)
+            if current is None:
+                return f"Searching for a {goal}: I start with the {m['x']}."
+            return f"Searching for a {goal}: after the {current} comes the {m['x']}."
         return f"Searching for a {goal}: I check the {m['x']}."
     m = re.match(r"^take (?P<obj>.+) from (?P<x>.+)$", text)
     if m:

@@ -24,9 +24,11 @@ class Student(dspy.Module):
     """`StudentStep` in an agent loop.
 
     The prompt is what a step costs on a CPU, so the program bounds it (and formats it with the compact
-    adapter by default): the student's earlier actions, once each; the last `history_window` steps
-    (action and a clipped observation), a clipped observation, and the admissible actions when the
-    environment knows them (a small model picks far better from a list than from memory).
+    adapter by default): the scene the episode started in (the first paragraph of the first observation,
+    `remember_start_chars` at most: a room's furniture, a shop's front page), the student's earlier actions,
+    once each; the last `history_window` steps (action and a clipped observation), a clipped observation,
+    and the admissible actions when the environment knows them (a small model picks far better from a list
+    than from memory).
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class Student(dspy.Module):
         max_invalid_streak: int = 4,
         adapter: dspy.Adapter | None = None,
         remember_actions: int = 16,
+        remember_start_chars: int = 300,
     ) -> None:
         super().__init__()
         self.adapter = adapter or CompactChatAdapter()
@@ -46,6 +49,7 @@ class Student(dspy.Module):
         # Stop as the end-of-answer marker begins instead of generating it: the parser needs only the fields.
         self.step = dspy.Predict(StudentStep, stop=[f"[[ ## {END_MARKER}"])
         self.remember_actions = remember_actions
+        self.remember_start_chars = remember_start_chars
         self.history_window = history_window
         self.max_observation_chars = max_observation_chars
         self.max_history_observation_chars = max_history_observation_chars
@@ -78,6 +82,10 @@ class Student(dspy.Module):
                     seen.pop(step.action, None)
                     seen[step.action] = None
             lines.insert(0, "Earlier: " + "; ".join(list(seen)[-self.remember_actions :]))
+        if self.remember_start_chars and past:
+            # The scene never comes back once the window moves on, and it is the map a search follows.
+            scene = past[0].inputs.observation.split("\nActions: ")[0].split("\n\n")[0]
+            lines.insert(0, "Start: " + _clip(scene, self.remember_start_chars))
         return StudentInputs(task=task.instruction, observation=text, history="\n".join(lines) or "(none)")
 
     def act(self, inputs: StudentInputs) -> tuple[str, str, str | None]:

@@ -5,33 +5,41 @@ from __future__ import annotations
 import dspy
 from leap_dspy.envs.base import action_admissible
 from leap_dspy.programs import OracleExpert, Student, realizable_reason
-from leap_dspy.programs.experts import holding, task_object
+from leap_dspy.programs.experts import (
+    holding,
+    realizable_search_action,
+    scene_places,
+    sweep_next,
+    task_object,
+)
 
 from leap_dspy.realizability import unobserved_mentions
 from leap_dspy.types import Observation, PrivilegedState, Step, StudentInputs, Task
 
 
-def step(i: int, action: str, result: str) -> Step:
-    return Step(index=i, inputs=StudentInputs(task="t", observation="o", history="h"), action=action,
+def step(i: int, action: str, result: str, observation: str = "o") -> Step:
+    return Step(index=i, inputs=StudentInputs(task="t", observation=observation, history="h"), action=action,
                 next_observation=result)
 
 
 def test_student_inputs_bound_the_prompt_and_remember_earlier_actions() -> None:
     student = Student(history_window=2, max_observation_chars=60)
     task = Task(id="x", env="alfworld", split="train", instruction="put a mug in shelf.")
-    past = [step(0, "go to drawer 1", "You arrive at drawer 1."), step(1, "open drawer 1", "You open it."),
+    scene = "You are in a room. You see a drawer 1 and a shelf 1.\n\nYour task is to: put a mug in it.\nActions: look"
+    past = [step(0, "go to drawer 1", "You arrive at drawer 1.", scene), step(1, "open drawer 1", "You open it."),
             step(2, "go to shelf 1", "You arrive at shelf 1."), step(3, "go to drawer 1", "You arrive at drawer 1."),
             step(4, "look", "You are in the middle of a room.")]
     repeated = student.inputs(Task(id="y", env="alfworld", split="train", instruction="i"), Observation(text="o"),
                               past[:3] + [step(3, "go to drawer 1", "a"), step(4, "look", "b"), step(5, "look", "c")])
-    assert repeated.history.splitlines()[0] == "Earlier: open drawer 1; go to shelf 1; go to drawer 1"  # once each
+    assert repeated.history.splitlines()[1] == "Earlier: open drawer 1; go to shelf 1; go to drawer 1"  # once each
     observation = Observation(text="You arrive at a place. " * 10, admissible_actions=["look", "inventory"])
     inputs = student.inputs(task, observation, past)
     assert inputs.task == "put a mug in shelf."
     assert inputs.observation.endswith("...\nActions: look, inventory")
     lines = inputs.history.splitlines()
-    assert lines[0] == "Earlier: go to drawer 1; open drawer 1; go to shelf 1"  # steps before the window
-    assert lines[1:] == ["go to drawer 1 -> You arrive at drawer 1.", "look -> You are in the middle of a room."]
+    assert lines[0] == "Start: You are in a room. You see a drawer 1 and a shelf 1."  # the scene, without the rest
+    assert lines[1] == "Earlier: go to drawer 1; open drawer 1; go to shelf 1"  # steps before the window
+    assert lines[2:] == ["go to drawer 1 -> You arrive at drawer 1.", "look -> You are in the middle of a room."]
     assert student.inputs(task, observation, []).history == "(none)"
 
 
@@ -82,3 +90,26 @@ def test_admissible_templates() -> None:
     assert not action_admissible("search[]", admissible)
     assert not action_admissible("click[Buy Now]", admissible)
     assert action_admissible("anything", None)
+
+
+def test_the_realizable_search_sweeps_the_scene_from_where_the_student_stands() -> None:
+    task = "clean some spatula and put it in countertop."
+    history = ("Start: You are in the middle of a room. Looking quickly around you, you see a coffeemachine 1, "
+               "a countertop 1, a garbagecan 1, and a sinkbasin 1.\nEarlier: go to coffeemachine 1\n"
+               "go to countertop 1 -> You arrive at countertop 1. On the countertop 1, you see a egg 1.")
+    here = ("You arrive at countertop 1. On the countertop 1, you see a egg 1.\nActions: examine countertop 1, "
+            "go to coffeemachine 1, go to garbagecan 1, go to sinkbasin 1, look, take egg 1 from countertop 1")
+    assert scene_places(here, history) == ["coffeemachine 1", "countertop 1", "garbagecan 1", "sinkbasin 1"]
+    assert sweep_next(here, history) == "garbagecan 1"
+    # The oracle knows the spatula is in the sinkbasin; the student does not, so the correction searches on,
+    # and its reason names the two places the rule reads (both in the student's prompt).
+    action = realizable_search_action(task, here, history, "go to coffeemachine 1", "go to sinkbasin 1")
+    assert action == "go to garbagecan 1"
+    reason = realizable_reason(task, here, action, history)
+    assert reason == "Searching for a spatula: after the countertop 1 comes the garbagecan 1."
+    assert not unobserved_mentions(reason, StudentInputs(task=task, observation=here, history=history))
+    # Once the spatula was in view the oracle leads, and the oracle's habits (closing, looking) are skipped.
+    seen = history + "\ngo to garbagecan 1 -> You arrive at garbagecan 1. On it, you see a spatula 1."
+    assert realizable_search_action(task, here, seen, "look", "go to garbagecan 1") == "go to garbagecan 1"
+    assert realizable_search_action(task, here, history, "look", "close countertop 1") == "go to garbagecan 1"
+    assert holding("Earlier: take spatula 1 from sinkbasin 1; clean spatula 1 with sinkbasin 1", "") == "spatula 1"

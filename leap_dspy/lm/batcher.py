@@ -7,7 +7,8 @@ one worker collects the pending requests and runs them together.
 When to start a batch (checked whenever a request arrives or the wait times out):
 - `max_batch` requests are pending; or
 - as many requests are pending as `expected()` says there are concurrent clients (None = unknown); or
-- no new request has arrived for `batch_wait_s` seconds.
+- no new request has arrived for `batch_wait_s` seconds (`expected_wait_s` while `expected()` is known: then
+  every client will call soon, and a client busy stepping its environment for 60 ms must not split the batch).
 Requests whose generation settings differ (their `key`) go to separate batches: the oldest pending
 request's key is served first, so no key starves.
 """
@@ -53,12 +54,14 @@ class Batcher:
         *,
         max_batch: int = 32,
         batch_wait_s: float = 0.05,
+        expected_wait_s: float = 2.0,
         expected: Callable[[], int | None] = lambda: None,
         name: str = "leap-dspy-batcher",
     ) -> None:
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
+        self.expected_wait_s = expected_wait_s
         self.expected = expected
         self.name = name
         self._cond = threading.Condition()
@@ -109,7 +112,10 @@ class Batcher:
         expected = self.expected()
         if expected is not None and n >= expected:
             return True
-        return time.monotonic() - self._last_arrival >= self.batch_wait_s
+        return time.monotonic() - self._last_arrival >= self._wait_s(expected)
+
+    def _wait_s(self, expected: int | None) -> float:
+        return self.batch_wait_s if expected is None else max(self.batch_wait_s, self.expected_wait_s)
 
     def _take(self) -> tuple[Hashable, list[_Pending]]:
         key = self._pending[0].key
@@ -124,7 +130,7 @@ class Batcher:
                 with self._cond:
                     while not worker.stop and not self._ready():
                         if self._pending:
-                            left = self.batch_wait_s - (time.monotonic() - self._last_arrival)
+                            left = self._wait_s(self.expected()) - (time.monotonic() - self._last_arrival)
                             self._cond.wait(max(left, 1e-4))
                         else:
                             self._cond.wait()

@@ -73,6 +73,7 @@ class GenStats:
     output_tokens: int = 0
     prefix_hits: int = 0
     seconds: float = 0.0
+    prefill_seconds: float = 0.0  # the part of `seconds` spent before the first new token
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -217,6 +218,7 @@ class Generator:
     def _generate(self, prompts: list[list[int]], params: GenParams, use_prefix: bool) -> list[GenResult]:
         from transformers import DynamicCache
 
+        started = time.perf_counter()
         device = self.device
         batch = len(prompts)
         self.stats.batches += 1
@@ -253,6 +255,7 @@ class Generator:
             logits_to_keep=1,
         )
         logits = out.logits[:, -1, :]
+        self.stats.prefill_seconds += time.perf_counter() - started
         next_pos = positions[:, -1:] + 1
 
         generator = None

@@ -22,7 +22,8 @@ from leap_dspy.store import atomic_write_text, read_json
 
 BASE_COLUMNS = ["iteration", "seen_success", "unseen_success"]
 SCORE_COLUMNS = ["seen_score", "unseen_score"]
-TAIL_COLUMNS = ["train_examples", "corrections_changed", "parse_errors", "train_s", "eval_s", "wall_s"]
+TAIL_COLUMNS = ["train_examples", "corrections_changed", "parse_errors", "expert_calls", "expert_tokens",
+                "expert_cost_usd", "train_s", "eval_s", "wall_s"]
 ROW_ORDER = ["base", "expert"]
 
 

@@ -10,7 +10,9 @@ teacher's inputs hold the privileged state.
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
+import os
 import random
 import shutil
 import time
@@ -40,7 +42,7 @@ from leap_dspy.rollout import (
 from leap_dspy.runs import RunFolder, default_run_dir
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, atomic_write_yaml
 from leap_dspy.training_data import preference_rows, sft_rows
-from leap_dspy.types import Correction, Task, Trajectory
+from leap_dspy.types import Correction, ExpertUsage, Task, Trajectory
 
 Update = Literal["sft", "dpo", "kto"]
 
@@ -281,6 +283,7 @@ class LEAP(Teleprompter):
             "corrections_dropped": sum(c.dropped is not None for c in current),
             "corrections_unrealizable": sum(bool(c.unobserved) for c in current),
             "train_success": success_rate(list(done.values())),
+            **expert_usage_metrics(current),
             "train_s": round(train_s, 1),
         }
         self._evaluate_stage(k, student, val_tasks, stage_s=time.perf_counter() - start, extra=extra)
@@ -329,6 +332,7 @@ class LEAP(Teleprompter):
         if not todo:
             return
         name = describe_expert(teacher)["name"]
+        uses_lm = not needs_oracle(teacher)
 
         def correct(item: tuple[Trajectory, Any]) -> Correction:
             trajectory, step = item
@@ -338,9 +342,17 @@ class LEAP(Teleprompter):
             if step.privileged is None:
                 return Correction(**record, reason="", action="", dropped="no privileged state was captured")
             error = "expert gave no answer"
+            usage = ExpertUsage() if uses_lm else None
+            record["usage"] = usage
             for attempt in range(self.expert_retries):
                 try:
-                    out = teacher(**expert_inputs(step.inputs, step.reason, step.action, step.privileged))
+                    with dspy.track_usage() as tracker:
+                        try:
+                            out = teacher(**expert_inputs(step.inputs, step.reason, step.action, step.privileged))
+                        finally:
+                            if usage is not None:
+                                usage += call_usage(tracker)
+                                record["usage"] = usage
                     reason = str(out.reason).strip()
                     lines = str(out.action).strip().splitlines()
                     action = lines[0].strip() if lines else ""
@@ -464,6 +476,54 @@ class LEAP(Teleprompter):
         self.run.write_metrics_csv(with_scores=self._with_scores)
         shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("seen_success", "unseen_success") if k in metrics)
         console.print(f"[bold]{name}[/bold]: {shown}")
+
+
+def call_usage(tracker: Any) -> ExpertUsage:
+    """One expert call as `dspy.track_usage` saw it: a call that billed no tokens was served from the cache."""
+    prompt = completion = 0
+    cost: float | None = None
+    for model, entries in tracker.usage_data.items():
+        for entry in entries:
+            p, c = int(entry.get("prompt_tokens") or 0), int(entry.get("completion_tokens") or 0)
+            prompt, completion = prompt + p, completion + c
+            price = token_cost_usd(model, p, c)
+            if price is not None:
+                cost = (cost or 0.0) + price
+    billed = bool(tracker.usage_data) and (prompt or completion)
+    return ExpertUsage(calls=1, cached=0 if billed else 1, prompt_tokens=prompt, completion_tokens=completion,
+                       cost_usd=cost)
+
+
+@functools.cache
+def _litellm() -> Any:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # the price list it ships, not a download
+    import litellm
+
+    return litellm
+
+
+def token_cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """LiteLLM's price for these tokens on `model`, or None for a model it has no price for (a local one)."""
+    if model.startswith("local/"):
+        return None
+    try:
+        prompt_cost, completion_cost = _litellm().cost_per_token(
+            model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    except Exception:  # unknown model or provider: no price, not an error
+        return None
+    return float(prompt_cost + completion_cost)
+
+
+def expert_usage_metrics(corrections: list[Correction]) -> dict[str, Any]:
+    """An iteration's expert bill, from the correction records (so a resumed run still counts every call)."""
+    usages = [c.usage for c in corrections if c.usage is not None]
+    if not usages:
+        return {}
+    total = sum(usages, ExpertUsage())
+    return {"expert_calls": total.calls, "expert_cached_calls": total.cached,
+            "expert_prompt_tokens": total.prompt_tokens, "expert_completion_tokens": total.completion_tokens,
+            "expert_tokens": total.prompt_tokens + total.completion_tokens,
+            "expert_cost_usd": round(total.cost_usd, 6) if total.cost_usd is not None else None}
 
 
 def release_memory() -> None:

@@ -98,6 +98,24 @@ class Trajectory(BaseModel):
         return sum(step.error is not None for step in self.steps)
 
 
+class ExpertUsage(BaseModel):
+    """The expert calls behind one correction: attempts, answers served from DSPy's cache, tokens billed and,
+    where LiteLLM knows the model's price, their cost in US dollars."""
+
+    calls: int = 0
+    cached: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+
+    def __add__(self, other: ExpertUsage) -> ExpertUsage:
+        costs = [c for c in (self.cost_usd, other.cost_usd) if c is not None]
+        return ExpertUsage(calls=self.calls + other.calls, cached=self.cached + other.cached,
+                           prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+                           completion_tokens=self.completion_tokens + other.completion_tokens,
+                           cost_usd=sum(costs) if costs else None)
+
+
 class Correction(BaseModel):
     """The expert's realizable reason and action for a state the student visited.
 
@@ -121,6 +139,8 @@ class Correction(BaseModel):
     unobserved: list[str] = Field(default_factory=list)
     """What the reason names that the student never saw (see `leap_dspy.realizability`): non-empty means the
     correction is not realizable."""
+    usage: ExpertUsage | None = None
+    """What asking an LM expert for this record cost; None where no LM was asked (demonstrations, scripts)."""
 
     @property
     def changed(self) -> bool:

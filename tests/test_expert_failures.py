@@ -28,8 +28,9 @@ from leap_dspy.programs import PrivilegedExpert, Student  # noqa: E402
 
 from leap_dspy.lm import local_lm  # noqa: E402
 from leap_dspy.rollout import rollout  # noqa: E402
+from leap_dspy.serve import make_server  # noqa: E402
 from leap_dspy.store import JsonlLog  # noqa: E402
-from leap_dspy.teleprompt import LEAP  # noqa: E402
+from leap_dspy.teleprompt import LEAP, expert_usage_metrics, token_cost_usd  # noqa: E402
 from leap_dspy.types import Correction, Trajectory  # noqa: E402
 
 CLIENT_TIMEOUT_S = 1.0
@@ -250,3 +251,50 @@ def test_an_unparsable_answer_costs_one_call_per_attempt(env: ALFWorld, tiny_mod
     unparsable answer costs one HTTP call per attempt, not a second JSONAdapter call."""
     records, _, _ = correct(env, tiny_model, tmp_path, bad_server, "empty", trajectories)
     assert bad_server.requests == len(records) * EXPERT_RETRIES
+
+
+def test_an_expert_over_http_is_billed_once_and_answers_a_rerun_from_the_cache(
+        env: ALFWorld, tiny_model: str, tmp_path: Path, trajectories: dict[str, Trajectory]) -> None:
+    """A LiteLLM-routed expert served by `leap-dspy serve` over real HTTP: every correction records its calls
+    and tokens, and the same corrections asked again (a rerun) cost no HTTP call and no token."""
+    server, url = make_server(tiny_model, max_new_tokens=24)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    previous = dspy.cache
+    dspy.configure_cache(enable_disk_cache=True, enable_memory_cache=False, disk_cache_dir=str(tmp_path / "cache"))
+    try:
+        def run(name: str) -> list[Correction]:
+            expert = PrivilegedExpert(f"openai/{server.served_name}", api_base=url + "/v1", api_key="x",
+                                      engine="litellm", cache=True, max_tokens=24, num_retries=0)
+            leap = LEAP(env, model=tiny_model, run_dir=tmp_path / name, expert_retries=1, expert_threads=2,
+                        progress=False)
+            log = JsonlLog(tmp_path / name / "iter_1" / "corrections.jsonl", Correction, key=lambda c: c.key)
+            leap._correct(1, expert, trajectories, log)
+            return sorted(log.load().values(), key=lambda c: c.key)
+
+        first = run("first")
+        asked = server.counts["chat.completions"]
+        bill = expert_usage_metrics(first)
+        assert asked == len(first) == bill["expert_calls"] == len(visited(trajectories))
+        assert bill["expert_cached_calls"] == 0 and bill["expert_prompt_tokens"] > 100
+        assert bill["expert_cost_usd"] is None  # a local model has no price
+
+        second = run("second")
+        assert server.counts["chat.completions"] == asked  # zero new expert calls
+        rebill = expert_usage_metrics(second)
+        assert rebill["expert_calls"] == rebill["expert_cached_calls"] == len(second)
+        assert rebill["expert_tokens"] == 0
+        assert [(c.key, c.reason, c.action, c.dropped) for c in second] == \
+            [(c.key, c.reason, c.action, c.dropped) for c in first]
+    finally:
+        dspy.cache = previous
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def test_known_models_are_priced_and_unknown_ones_are_not() -> None:
+    assert token_cost_usd("openai/gpt-4o", 1_000_000, 0) > 0
+    assert token_cost_usd("openai/gpt-4o", 1000, 100) < token_cost_usd("openai/gpt-4o", 2000, 100)
+    assert token_cost_usd("openai/no-such-model-anywhere", 1000, 100) is None
+    assert token_cost_usd("local/smollm2-135m", 1000, 100) is None

@@ -47,7 +47,7 @@ def build_env(name: str, options: dict[str, Any]) -> Any:
         raise fail(f"bad option for {name}: {exc}") from exc
 
 
-def build_expert(spec: str, model: str) -> Any:
+def build_expert(spec: str, model: str, per: str = "step") -> Any:
     from leap_dspy.programs import OracleExpert, PrivilegedExpert
 
     if spec == "oracle":
@@ -58,7 +58,9 @@ def build_expert(spec: str, model: str) -> Any:
         return SelfExpert()
     if "/" not in spec:
         raise fail(f"--expert is 'oracle', 'self' or a LiteLLM model string like openai/gpt-4o, not {spec!r}")
-    return PrivilegedExpert(spec)
+    if per not in ("step", "trajectory"):
+        raise fail(f"--expert-per is 'step' or 'trajectory', not {per!r}")
+    return PrivilegedExpert(spec, per=per)
 
 
 @app.command("compile")
@@ -68,6 +70,8 @@ def compile_(
     iterations: Annotated[int, typer.Option(min=0, help="LEAP iterations after behaviour cloning")] = 2,
     update: Annotated[str, typer.Option(help="sft, dpo or kto")] = "sft",
     expert: Annotated[str, typer.Option(help="oracle (scripted), self, or a LiteLLM model string")] = "oracle",
+    expert_per: Annotated[str, typer.Option(help="an LM expert corrects each 'step' or a whole 'trajectory' "
+                                                 "per call")] = "step",
     privilege_level: Annotated[int | None, typer.Option(help="privilege dial (env default if unset)")] = None,
     model: Annotated[str, typer.Option(help="student base model: the embedded default or an HF folder")] = "",
     max_train_rows: Annotated[int, typer.Option(min=1, help="rows per LEAP fine-tuning round")] = 200,
@@ -87,7 +91,7 @@ def compile_(
         raise fail(f"--update must be sft, dpo or kto, not {update!r}")
     environment = build_env(env, parse_sets(sets))
     model = model or DEFAULT_MODEL
-    teacher = build_expert(expert, model)
+    teacher = build_expert(expert, model, expert_per)
     try:
         leap = LEAP(environment, iterations=iterations, update=update, model=model,  # type: ignore[arg-type]
                     privilege_level=privilege_level, run_dir=run_dir, max_train_rows=max_train_rows,

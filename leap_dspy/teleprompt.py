@@ -40,6 +40,7 @@ from leap_dspy.rollout import (
     success_rate,
 )
 from leap_dspy.runs import RunFolder, default_run_dir
+from leap_dspy.signatures import StudentTurn
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, atomic_write_yaml
 from leap_dspy.training_data import preference_rows, sft_rows
 from leap_dspy.types import Correction, ExpertUsage, Task, Trajectory
@@ -326,59 +327,100 @@ class LEAP(Teleprompter):
 
     def _correct(self, k: int, teacher: dspy.Module, trajectories: dict[str, Trajectory],
                  log: JsonlLog[Correction]) -> None:
-        """Ask the expert about every visited step not yet corrected; failures are recorded, not raised."""
+        """Ask the expert about every visited step not yet corrected; failures are recorded, not raised.
+
+        One call per step, or one per trajectory for an expert with `per == "trajectory"`; either way one
+        record per step, saved as soon as its call returns.
+        """
         have = log.load()
-        todo = [(t, s) for t in trajectories.values() for s in t.steps if f"{k}:{t.task.id}:{s.index}" not in have]
-        if not todo:
+        pending = {t.task.id: [s for s in t.steps if f"{k}:{t.task.id}:{s.index}" not in have]
+                   for t in trajectories.values()}
+        per_trajectory = getattr(teacher, "per", "step") == "trajectory"
+        jobs = [(trajectories[tid], steps) for tid, steps in pending.items() if steps]
+        if not per_trajectory:
+            jobs = [(trajectory, [step]) for trajectory, steps in jobs for step in steps]
+        if not jobs:
             return
         name = describe_expert(teacher)["name"]
         uses_lm = not needs_oracle(teacher)
 
-        def correct(item: tuple[Trajectory, Any]) -> Correction:
-            trajectory, step = item
-            record = dict(task_id=trajectory.task.id, step=step.index, inputs=step.inputs,
-                          student_reason=step.reason, student_action=step.action, expert=name,
-                          level=self.privilege_level, iteration=k)
-            if step.privileged is None:
-                return Correction(**record, reason="", action="", dropped="no privileged state was captured")
-            error = "expert gave no answer"
+        def record(trajectory: Trajectory, step: Any, **fields: Any) -> Correction:
+            base = dict(task_id=trajectory.task.id, step=step.index, inputs=step.inputs,
+                        student_reason=step.reason, student_action=step.action, expert=name,
+                        level=self.privilege_level, iteration=k)
+            return Correction(**base, **{"reason": "", "action": "", **fields})
+
+        def judged(trajectory: Trajectory, step: Any, reason: str, action: str, usage: ExpertUsage | None
+                   ) -> Correction:
+            action = (action.strip().splitlines() or [""])[0].strip()
+            reason = reason.strip()
+            dropped = None
+            unobserved = unobserved_mentions(reason, step.inputs)
+            if not action:
+                dropped = "expert gave no action"
+            elif not action_admissible(action, step.admissible_actions):
+                dropped = f"expert action not admissible: {action[:80]}"
+            elif unobserved and self.drop_unrealizable:
+                dropped = f"reason not realizable: mentions {', '.join(unobserved[:3])}"
+            return record(trajectory, step, reason=reason, action=action, dropped=dropped, unobserved=unobserved,
+                          usage=usage)
+
+        def ask(call: Any) -> tuple[Any, ExpertUsage | None, str | None]:
+            """`call()` with retries and backoff: (answer, what the attempts cost, the last error)."""
             usage = ExpertUsage() if uses_lm else None
-            record["usage"] = usage
+            error = "expert gave no answer"
             for attempt in range(self.expert_retries):
-                try:
-                    with dspy.track_usage() as tracker:
-                        try:
-                            out = teacher(**expert_inputs(step.inputs, step.reason, step.action, step.privileged))
-                        finally:
-                            if usage is not None:
-                                usage += call_usage(tracker)
-                                record["usage"] = usage
-                    reason = str(out.reason).strip()
-                    lines = str(out.action).strip().splitlines()
-                    action = lines[0].strip() if lines else ""
-                except Exception as exc:  # any expert failure: retry, then record it
-                    error = f"expert failed: {type(exc).__name__}: {str(exc)[:200]}"
-                    time.sleep(min(2.0**attempt * 0.5, 8.0) if attempt + 1 < self.expert_retries else 0)
-                    continue
-                dropped = None
-                unobserved = unobserved_mentions(reason, step.inputs)
-                if not action:
-                    dropped = "expert gave no action"
-                elif not action_admissible(action, step.admissible_actions):
-                    dropped = f"expert action not admissible: {action[:80]}"
-                elif unobserved and self.drop_unrealizable:
-                    dropped = f"reason not realizable: mentions {', '.join(unobserved[:3])}"
-                return Correction(**record, reason=reason, action=action, dropped=dropped, unobserved=unobserved)
-            return Correction(**record, reason="", action="", dropped=error)
+                with dspy.track_usage() as tracker:
+                    try:
+                        answer = call()
+                    except Exception as exc:  # any expert failure: retry, then record it
+                        error = f"expert failed: {type(exc).__name__}: {str(exc)[:200]}"
+                        answer = None
+                if usage is not None:
+                    usage += call_usage(tracker)
+                if answer is not None:
+                    return answer, usage, None
+                time.sleep(min(2.0**attempt * 0.5, 8.0) if attempt + 1 < self.expert_retries else 0)
+            return None, usage, error
+
+        def correct(job: tuple[Trajectory, list[Any]]) -> list[Correction]:
+            trajectory, steps = job
+            if steps[0].privileged is None:
+                return [record(trajectory, s, dropped="no privileged state was captured") for s in steps]
+            if not per_trajectory:
+                step = steps[0]
+                out, usage, error = ask(lambda: teacher(**expert_inputs(step.inputs, step.reason, step.action,
+                                                                      step.privileged)))
+                if out is None:
+                    return [record(trajectory, step, dropped=error, usage=usage)]
+                return [judged(trajectory, step, str(out.reason), str(out.action), usage)]
+            turns = [StudentTurn(step=s.index, observation=s.inputs.observation, student_reason=s.reason,
+                                 student_action=s.action) for s in steps]
+            fixes, usage, error = ask(lambda: teacher.correct_trajectory(trajectory.task.instruction, turns,
+                                                                          steps[0].privileged))
+            if fixes is None:  # the call's cost is booked once, on the trajectory's first record
+                return [record(trajectory, s, dropped=error, usage=usage if i == 0 else ExpertUsage())
+                        for i, s in enumerate(steps)]
+            by_step = {fix.step: fix for fix in fixes}
+            records = []
+            for i, step in enumerate(steps):
+                share = usage if i == 0 else ExpertUsage()
+                fix = by_step.get(step.index)
+                records.append(record(trajectory, step, dropped="expert gave no correction for this step",
+                                      usage=share) if fix is None
+                               else judged(trajectory, step, fix.reason, fix.action, share))
+            return records
 
         workers = 1 if isinstance(teacher, OracleExpert) else self.expert_threads
         context = contextvars.copy_context()  # dspy.context settings live in contextvars: carry them over
-        with progress_bar(f"iteration {k}: corrections", len(todo), self.progress) as advance, \
+        total = sum(len(steps) for _, steps in jobs)
+        with progress_bar(f"iteration {k}: corrections", total, self.progress) as advance, \
                 ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(context.copy().run, correct, item) for item in todo]
+            futures = [pool.submit(context.copy().run, correct, job) for job in jobs]
             for future in as_completed(futures):  # each record is saved as soon as it exists
-                log.append(future.result())
-                advance()
+                for correction in future.result():
+                    log.append(correction)
+                    advance()
 
     # -- training ------------------------------------------------------------------------------------------
 
@@ -558,4 +600,6 @@ def describe_expert(teacher: dspy.Module) -> dict[str, Any]:
     lms = [p.lm for p in teacher.predictors() if getattr(p, "lm", None) is not None]
     if lms:
         info["model"] = getattr(lms[0], "model", str(lms[0]))
+    if getattr(teacher, "per", "step") != "step":
+        info["per"] = teacher.per
     return info

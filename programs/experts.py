@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import dspy
-from leap_dspy.signatures import PrivilegedCorrection
+from leap_dspy.signatures import PrivilegedCorrection, StepFix, StudentTurn, TrajectoryCorrection
 
 from leap_dspy.adapters import CompactChatAdapter
 from leap_dspy.types import PrivilegedState, StudentInputs
@@ -56,22 +56,39 @@ class OracleExpert(dspy.Module):
 
 class PrivilegedExpert(dspy.Module):
     """An LM expert over `PrivilegedCorrection`: `model` is any LiteLLM model string (`openai/gpt-4o`,
-    `anthropic/...`, `ollama/...`, `hosted_vllm/...`) or a ready `dspy.LM` (a local model)."""
+    `anthropic/...`, `ollama/...`, `hosted_vllm/...`) or a ready `dspy.LM` (a local model).
+
+    `per="trajectory"` makes LEAP ask once per student trajectory (`TrajectoryCorrection`, a typed list of
+    per-step fixes, as the paper's code does with GPT-4o) instead of once per step: far fewer calls and a
+    prompt that shows where the attempt went wrong, for one long answer that must cover every step.
+    """
 
     requires_oracle = False
     reads_privileged_text = True
 
     def __init__(self, model: str | dspy.LM | None = None, adapter: dspy.Adapter | None = None,
-                 **lm_kwargs: object) -> None:
+                 per: str = "step", **lm_kwargs: object) -> None:
         super().__init__()
+        if per not in ("step", "trajectory"):
+            raise ValueError(f"PrivilegedExpert: per must be 'step' or 'trajectory', not {per!r}")
+        self.per = per
         self.correct = dspy.Predict(PrivilegedCorrection)
+        self.correct_all = dspy.Predict(TrajectoryCorrection)
         self.adapter = adapter or dspy.ChatAdapter(use_json_adapter_fallback=False)
         """ChatAdapter without its JSON retry: a failed parse is one failed attempt, retried by LEAP."""
         if isinstance(model, str):
             lm_kwargs.setdefault("timeout", 120)  # a hung endpoint must not stall an iteration for LiteLLM's 600 s
-            self.correct.lm = dspy.LM(model, **lm_kwargs)
-        elif model is not None:
-            self.correct.lm = model
+            model = dspy.LM(model, **lm_kwargs)
+        if model is not None:
+            self.correct.lm = self.correct_all.lm = model
+
+    def correct_trajectory(self, task: str, steps: list[StudentTurn],
+                           privileged_state: PrivilegedState | str) -> list[StepFix]:
+        """The expert's fixes for a whole trajectory, one call; steps it skipped are simply absent."""
+        text = privileged_state.to_text() if isinstance(privileged_state, PrivilegedState) else privileged_state
+        with dspy.context(adapter=self.adapter):
+            out = self.correct_all(task=task, steps=steps, privileged_state=text)
+        return [fix if isinstance(fix, StepFix) else StepFix.model_validate(fix) for fix in out.corrections or []]
 
     def forward(self, task: str, observation: str, history: str, student_reason: str, student_action: str,
                 privileged_state: PrivilegedState | str) -> dspy.Prediction:
@@ -96,7 +113,7 @@ class SelfExpert(PrivilegedExpert):
         lms = [p.lm for p in student.predictors() if getattr(p, "lm", None) is not None]
         if not lms:
             raise ValueError("the student has no LM to share with its privileged self")
-        self.correct.lm = lms[0]
+        self.correct.lm = self.correct_all.lm = lms[0]
 
 
 def expert_inputs(inputs: StudentInputs, student_reason: str, student_action: str,

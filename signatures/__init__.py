@@ -7,6 +7,7 @@ prompt's length is what training and rollouts pay for.
 from __future__ import annotations
 
 import dspy
+from pydantic import BaseModel, Field
 
 
 class StudentStep(dspy.Signature):
@@ -35,6 +36,36 @@ class PrivilegedCorrection(dspy.Signature):
     action: str = dspy.OutputField(desc="exactly one admissible action")
 
 
+class StudentTurn(BaseModel):
+    """One step of the student's trajectory as the trajectory expert reads it."""
+
+    step: int
+    observation: str
+    history: str = ""
+    student_reason: str = ""
+    student_action: str = ""
+
+
+class StepFix(BaseModel):
+    """The expert's corrected reason and action for one step, by its index."""
+
+    step: int
+    reason: str
+    action: str
+
+
+class TrajectoryCorrection(dspy.Signature):
+    """You are an expert teacher. You see every step of the student's attempt at the task and privileged facts
+    the student cannot see. For each step, write the step the student should have taken there: the best next
+    action and a reason that uses only what the student could see at that step (never mention the privileged
+    facts). Where the student's step is already right, repeat it."""
+
+    task: str = dspy.InputField()
+    steps: list[StudentTurn] = dspy.InputField(desc="the student's steps, in order")
+    privileged_state: str = dspy.InputField(desc="facts only you can see, as of the first step")
+    corrections: list[StepFix] = dspy.OutputField(desc="one per step, same step numbers")
+
+
 STUDENT_INPUTS: tuple[str, ...] = tuple(StudentStep.input_fields)
 
-__all__ = ["STUDENT_INPUTS", "PrivilegedCorrection", "StudentStep"]
+__all__ = ["STUDENT_INPUTS", "PrivilegedCorrection", "StepFix", "StudentStep", "StudentTurn", "TrajectoryCorrection"]

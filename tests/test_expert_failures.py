@@ -70,6 +70,10 @@ class BadExpertHandler(BaseHTTPRequestHandler):
             self.reply(200, completion(chat_answer("Flying is faster.", "fly to the moon")))
         elif mode == "empty_action":
             self.reply(200, completion(chat_answer("I am not sure.", "")))
+        elif mode == "trajectory":  # a whole-trajectory answer that fixes step 0 and skips the others
+            fixes = [{"step": 0, "reason": "I look around first.", "action": "look"},
+                     {"step": 7, "reason": "A step that was never taken.", "action": "look"}]
+            self.reply(200, completion(f"[[ ## corrections ## ]]\n{json.dumps(fixes)}\n\n[[ ## completed ## ]]"))
         else:  # "ok", and "flaky" after its first failure
             self.reply(200, completion(chat_answer("I look around first.", "look")))
 
@@ -141,13 +145,14 @@ def trajectories(env: ALFWorld, tiny_model: str) -> dict[str, Trajectory]:
     return {t.task.id: t for t in played}
 
 
-def expert_for(server: BadExpertServer) -> PrivilegedExpert:
+def expert_for(server: BadExpertServer, per: str = "step") -> PrivilegedExpert:
     return PrivilegedExpert("openai/bad-expert", api_base=server.api_base, api_key="x", engine="litellm",
-                            num_retries=LITELLM_RETRIES, timeout=CLIENT_TIMEOUT_S, cache=False, max_tokens=64)
+                            num_retries=LITELLM_RETRIES, timeout=CLIENT_TIMEOUT_S, cache=False, max_tokens=64,
+                            per=per)
 
 
 def correct(env: ALFWorld, model: str, run_dir: Path, server: BadExpertServer, mode: str,
-            trajectories: dict[str, Trajectory], earlier: list[Correction] = ()
+            trajectories: dict[str, Trajectory], earlier: list[Correction] = (), per: str = "step"
             ) -> tuple[dict[str, Correction], float, LEAP]:
     leap = LEAP(env, model=model, run_dir=run_dir, expert_retries=EXPERT_RETRIES, expert_threads=4,
                 progress=False)
@@ -155,7 +160,7 @@ def correct(env: ALFWorld, model: str, run_dir: Path, server: BadExpertServer, m
     log.extend(earlier)
     server.reset(mode)
     start = time.perf_counter()
-    leap._correct(1, expert_for(server), trajectories, log)
+    leap._correct(1, expert_for(server, per), trajectories, log)
     return log.load(), time.perf_counter() - start, leap
 
 
@@ -298,3 +303,21 @@ def test_known_models_are_priced_and_unknown_ones_are_not() -> None:
     assert token_cost_usd("openai/gpt-4o", 1000, 100) < token_cost_usd("openai/gpt-4o", 2000, 100)
     assert token_cost_usd("openai/no-such-model-anywhere", 1000, 100) is None
     assert token_cost_usd("local/smollm2-135m", 1000, 100) is None
+
+
+def test_a_trajectory_expert_answers_every_step_in_one_call(env: ALFWorld, tiny_model: str, tmp_path: Path,
+                                                           bad_server: BadExpertServer,
+                                                           trajectories: dict[str, Trajectory]) -> None:
+    """`per="trajectory"`: one call per trajectory returns a typed list of fixes; each step still gets its own
+    record, a step the answer skipped is dropped as such, and the call's tokens are booked once."""
+    records, _, _ = correct(env, tiny_model, tmp_path, bad_server, "trajectory", trajectories, per="trajectory")
+    assert set(records) == visited(trajectories)
+    assert bad_server.requests == len(trajectories)
+    for record in records.values():
+        if record.step == 0:
+            assert (record.reason, record.action, record.dropped) == ("I look around first.", "look", None)
+            assert record.usage.calls == 1 and record.usage.prompt_tokens == 10
+        else:
+            assert record.dropped == "expert gave no correction for this step"
+            assert record.usage.calls == 0
+    assert expert_usage_metrics(list(records.values()))["expert_calls"] == len(trajectories)

@@ -77,6 +77,63 @@ class GenStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _growing_cache(config: Any, headroom: int, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
+    """A `DynamicCache` whose full-attention layers append into preallocated room (see `_GrowingLayer`)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    cache.layers = [_growing_layer_class()(headroom) if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+    for layer, (keys, values) in zip(cache.layers, kv or [], strict=False):
+        layer.update(keys, values)
+    return cache
+
+
+_GROWING: type | None = None
+
+
+def _growing_layer_class() -> type:
+    """`DynamicLayer` concatenates the whole cache with each new token: at batch 64 and a few hundred tokens that
+    copy costs as much as the decode step's matmuls. This layer writes the new token into spare room of one
+    buffer and hands attention a view of the filled part (same values, same shapes)."""
+    global _GROWING
+    if _GROWING is not None:
+        return _GROWING
+    from transformers.cache_utils import DynamicLayer
+
+    class _GrowingLayer(DynamicLayer):
+        def __init__(self, headroom: int) -> None:
+            super().__init__()
+            self.headroom = max(1, headroom)
+            self._k: torch.Tensor | None = None
+            self._v: torch.Tensor | None = None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            have = self.get_seq_length()
+            need = have + key_states.shape[-2]
+            buffer = self._k
+            if (buffer is None or buffer.shape[-2] < need or buffer.shape[0] != key_states.shape[0]
+                    or (have and self.keys.data_ptr() != buffer.data_ptr())):  # batch_select_indices replaced it
+                batch, heads, _, dim = key_states.shape
+                self._k = key_states.new_empty((batch, heads, need + self.headroom, dim))
+                self._v = value_states.new_empty((batch, value_states.shape[1], need + self.headroom,
+                                                  value_states.shape[-1]))
+                if have:
+                    self._k[..., :have, :] = self.keys
+                    self._v[..., :have, :] = self.values
+            self._k[..., have:need, :] = key_states
+            self._v[..., have:need, :] = value_states
+            self.keys, self.values = self._k[..., :need, :], self._v[..., :need, :]
+            return self.keys, self.values
+
+    _GROWING = _GrowingLayer
+    return _GROWING
+
+
 def _common_prefix_len(seqs: list[list[int]] | list[tuple[int, ...]]) -> int:
     first = seqs[0]
     n = min(len(s) for s in seqs)
@@ -216,8 +273,6 @@ class Generator:
         return kv
 
     def _generate(self, prompts: list[list[int]], params: GenParams, use_prefix: bool) -> list[GenResult]:
-        from transformers import DynamicCache
-
         started = time.perf_counter()
         device = self.device
         batch = len(prompts)
@@ -241,13 +296,14 @@ class Generator:
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
 
+        room = width + params.max_new_tokens + 1
         if prefix_len:
             kv = self._prefix_kv(tuple(prompts[0][:prefix_len]))
             expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
-            cache = DynamicCache(ddp_cache_data=expanded, config=self.model.config)
+            cache = _growing_cache(self.model.config, room, expanded)
             mask = torch.cat([torch.ones((batch, prefix_len), dtype=torch.long, device=device), mask], dim=1)
         else:
-            cache = DynamicCache(config=self.model.config)
+            cache = _growing_cache(self.model.config, room)
         self.stats.prefill_tokens += int(sum(len(s) for s in suffixes))
 
         out = self.model(

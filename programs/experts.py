@@ -218,14 +218,28 @@ def sweep_next(observation: str, history: str) -> str | None:
     return next((p for p in order if p not in visited and f"go to {p}" in admissible), None)
 
 
+def sought(task: str, observation: str, history: str) -> str | None:
+    """What the student is looking for and has not seen yet (the task's object, or, holding it on a look-at
+    task, the lamp), or None when nothing is missing from its view."""
+    goal = task_object(task)
+    if goal is None:
+        return None
+    held = holding(history, observation)
+    if held:
+        lamp = re.search(r"\b(desklamp|floorlamp)\b", task.lower())
+        if not lamp or not held.startswith(goal):
+            return None
+        goal = lamp[1]
+    return None if _goal_in_view(goal, task, observation, history) else goal
+
+
 def realizable_search_action(task: str, observation: str, history: str, student_action: str, oracle: str) -> str:
     """The oracle's action, unless it is a `go to` that only the oracle's knowledge of hidden locations can
     justify (see `OracleExpert.realizable_search`); then a search step the student could have chosen."""
-    goal = task_object(task)
     # Closing what it searched and looking around are the oracle's habits, not steps a search needs.
-    if goal is None or not (oracle.startswith(("go to ", "close ")) or oracle == "look"):
+    if not (oracle.startswith(("go to ", "close ")) or oracle == "look"):
         return oracle
-    if _goal_in_view(goal, task, observation, history) or holding(history, observation):
+    if sought(task, observation, history) is None:
         return oracle
     here = re.match(r"You arrive at ([a-z]+ \d+)\. The \1 is closed\.", observation)
     if here and f"open {here[1]}" in _admissible_from(observation):
@@ -235,36 +249,45 @@ def realizable_search_action(task: str, observation: str, history: str, student_
 
 
 def _goal_in_view(goal: str, task: str, observation: str, history: str) -> bool:
+    """Whether an instance of `goal` that the student has not already put somewhere is in its view."""
     lines = [line for line in history.replace(task, "").splitlines() if not line.startswith("Start: ")]
     text = observation.replace(task, "") + "\n" + "\n".join(lines)
-    return re.search(rf"\b{re.escape(goal)}\b", text) is not None
+    placed = set(re.findall(rf"(?:move|put) ({re.escape(goal)} \d+) ", text))
+    return any(instance not in placed for instance in re.findall(rf"\b({re.escape(goal)}(?: \d+)?)\b", text))
 
 
 def realizable_reason(task: str, observation: str, action: str, history: str = "") -> str:
     """A one-sentence reason for `action` that names only what the student can see.
 
-    Each kind of step opens with its own word ("Searching", "Carrying", "Opening", ...): the student writes
-    the reason before the action, so the first words it generates are where it commits to a kind of step,
-    and a small model learns that decision best when it is made at once rather than a few tokens in.
+    The student writes the reason before the action, so the reason is where it decides. While it looks for
+    something, the reason first copies what it needs from the task ("Need box:"), and only then commits to
+    taking it ("here is the box 1"), opening a closed place, or moving on; the two facts the decision
+    compares are then next to each other in its own output, which a small model can compare. Other kinds of
+    step open with their own word ("Carrying", "Placing", "Heating", ...), committing at once.
     """
     text = action.strip()
     goal = task_object(task) or "thing the task needs"
     held = holding(history, observation)
+    missing = sought(task, observation, history)
+    need = missing or (goal if not held else None)
     m = re.match(r"^go to (?P<x>.+)$", text)
-    if m:
-        if held:
-            return f"Carrying the {held} to the {m['x']}."
-        if _goal_in_view(goal, task, observation, history):
-            return f"Going to the {m['x']}, where I saw a {goal}."
+    if m and need:
+        if missing is None:
+            return f"Need {need}: I saw one at the {m['x']}."
         if m["x"] == sweep_next(observation, history):
             current = current_place(observation, history)
             if current is None:
-                return f"Searching for a {goal}: I start with the {m['x']}."
-            return f"Searching for a {goal}: after the {current} comes the {m['x']}."
-        return f"Searching for a {goal}: I check the {m['x']}."
+                return f"Need {need}: I start with the {m['x']}."
+            return f"Need {need}: none here, after the {current} comes the {m['x']}."
+        return f"Need {need}: I check the {m['x']}."
+    if m:
+        return f"Carrying the {held} to the {m['x']}."
     m = re.match(r"^take (?P<obj>.+) from (?P<x>.+)$", text)
     if m:
-        return f"Found the {m['obj']} on the {m['x']}, so I take it."
+        return f"Need {goal}: here is the {m['obj']}, I take it."
+    m = re.match(r"^open (?P<x>.+)$", text)
+    if m and need:
+        return f"Need {need}: the {m['x']} is closed, I open it."
     m = re.match(r"^(?:move|put) (?P<obj>.+?) (?:to|in/on|in|on) (?P<x>.+)$", text)
     if m:
         return f"Placing the {m['obj']} in the {m['x']} as the task asks."

@@ -9,6 +9,7 @@ from leap_dspy.programs.experts import (
     holding,
     realizable_search_action,
     scene_places,
+    sought,
     sweep_next,
     task_object,
 )
@@ -52,10 +53,12 @@ def test_reasons_name_only_what_the_student_can_see() -> None:
     assert holding(history, "") == "mug 1"
     assert holding(history + "\nmove mug 1 to shelf 1 -> You move the mug 1 to the shelf 1.", "") is None
     cases = {
-        ("go to cabinet 2", ""): "Searching for a mug: I check the cabinet 2.",
+        ("go to cabinet 2", ""): "Need mug: I check the cabinet 2.",
+        ("take mug 2 from cabinet 2", ""): "Need mug: here is the mug 2, I take it.",
         ("go to microwave 1", history): "Carrying the mug 1 to the microwave 1.",
         ("clean mug 1 with sinkbasin 1", history): "Cleaning the mug 1 with the sinkbasin 1, as the task asks.",
-        ("open cabinet 2", ""): "Opening the closed cabinet 2 to look inside.",
+        ("open cabinet 2", ""): "Need mug: the cabinet 2 is closed, I open it.",
+        ("open cabinet 2", history): "Opening the closed cabinet 2 to look inside.",
     }
     for (action, hist), expected in cases.items():
         reason = realizable_reason(task, "You arrive at cabinet 2.", action, hist)
@@ -106,10 +109,18 @@ def test_the_realizable_search_sweeps_the_scene_from_where_the_student_stands() 
     action = realizable_search_action(task, here, history, "go to coffeemachine 1", "go to sinkbasin 1")
     assert action == "go to garbagecan 1"
     reason = realizable_reason(task, here, action, history)
-    assert reason == "Searching for a spatula: after the countertop 1 comes the garbagecan 1."
+    assert reason == "Need spatula: none here, after the countertop 1 comes the garbagecan 1."
     assert not unobserved_mentions(reason, StudentInputs(task=task, observation=here, history=history))
     # Once the spatula was in view the oracle leads, and the oracle's habits (closing, looking) are skipped.
     seen = history + "\ngo to garbagecan 1 -> You arrive at garbagecan 1. On it, you see a spatula 1."
     assert realizable_search_action(task, here, seen, "look", "go to garbagecan 1") == "go to garbagecan 1"
     assert realizable_search_action(task, here, history, "look", "close countertop 1") == "go to garbagecan 1"
     assert holding("Earlier: take spatula 1 from sinkbasin 1; clean spatula 1 with sinkbasin 1", "") == "spatula 1"
+    # A spatula already put away does not count as one in view: the search for the next one is a search.
+    placed = history + "\nmove spatula 1 to countertop 1 -> You move the spatula 1 to the countertop 1."
+    assert sought(task, here, placed) == "spatula"
+    # Holding the object of a look-at task, the student searches for the lamp.
+    lamp_task = "look at bowl under the desklamp."
+    with_bowl = "take bowl 1 from shelf 1 -> You pick up the bowl 1 from the shelf 1."
+    assert sought(lamp_task, "You arrive at bed 1. On the bed 1, you see a pillow 1.", with_bowl) == "desklamp"
+    assert sought(lamp_task, "You arrive at desk 1. On the desk 1, you see a desklamp 1.", with_bowl) is None

@@ -249,10 +249,17 @@ def realizable_search_action(task: str, observation: str, history: str, student_
 
 
 def _goal_in_view(goal: str, task: str, observation: str, history: str) -> bool:
-    """Whether an instance of `goal` that the student has not already put somewhere is in its view."""
-    lines = [line for line in history.replace(task, "").splitlines() if not line.startswith("Start: ")]
-    text = observation.replace(task, "") + "\n" + "\n".join(lines)
-    placed = set(re.findall(rf"(?:move|put) ({re.escape(goal)} \d+) ", text))
+    """Whether the student has seen an instance of `goal` that it has not already put somewhere.
+
+    Only what the environment said counts: the student's own actions (the `Earlier:` line, the part of a
+    history line before " -> ") can name things it never saw, such as a guessed "take cloth from sinkbasin 1".
+    """
+    said = [observation.replace(task, "")]
+    for line in history.replace(task, "").splitlines():
+        if " -> " in line and not line.startswith(("Start: ", "Earlier: ")):
+            said.append(line.split(" -> ", 1)[1])
+    text = "\n".join(said)
+    placed = set(re.findall(rf"(?:move|put)(?: the)? ({re.escape(goal)} \d+) ", text))
     return any(instance not in placed for instance in re.findall(rf"\b({re.escape(goal)}(?: \d+)?)\b", text))
 
 

@@ -119,6 +119,9 @@ def test_the_realizable_search_sweeps_the_scene_from_where_the_student_stands() 
     # A spatula already put away does not count as one in view: the search for the next one is a search.
     placed = history + "\nmove spatula 1 to countertop 1 -> You move the spatula 1 to the countertop 1."
     assert sought(task, here, placed) == "spatula"
+    # The student's own guess names a spatula it never saw: that is no sighting.
+    guessed = history + "\ntake spatula from countertop 1 -> Nothing happens."
+    assert sought(task, "Nothing happens.", guessed) == "spatula"
     # Holding the object of a look-at task, the student searches for the lamp.
     lamp_task = "look at bowl under the desklamp."
     with_bowl = "take bowl 1 from shelf 1 -> You pick up the bowl 1 from the shelf 1."

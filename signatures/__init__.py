@@ -7,7 +7,7 @@ prompt's length is what training and rollouts pay for.
 from __future__ import annotations
 
 import dspy
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 
 class StudentStep(dspy.Signature):

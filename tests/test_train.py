@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -166,6 +167,20 @@ def test_dpo_runs_and_saves(tiny_model, tmp_path):
     result = train_dpo(rows, model=tiny_model, output_dir=out, config=fast(max_steps=2, per_device_batch_size=2))
     assert (out / "adapter_model.safetensors").exists() and result.steps == 2 and result.final_loss is not None
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
+
+
+def test_dpo_reference_is_the_policy_it_continues_from(tiny_model, tmp_path):
+    """Iterative DPO: continuing from an adapter, the first step compares the policy with itself (implicit
+    rewards 0, loss log 2), although that adapter is far from the base model on these rows."""
+    sft = tmp_path / "sft"
+    train_sft(sft_rows(), model=tiny_model, output_dir=sft, config=fast(max_steps=6))
+    rows = [{"prompt": _prompt(i), "chosen": _answer("look"), "rejected": _answer("go to desk 1")} for i in range(4)]
+    previous = train_dpo(rows, model=tiny_model, output_dir=tmp_path / "dpo-prev", init_adapter=str(sft),
+                         config=fast(max_steps=1, per_device_batch_size=4))
+    assert previous.loss_history[0] == pytest.approx(math.log(2), abs=1e-4)
+    fresh = train_dpo(rows, model=tiny_model, output_dir=tmp_path / "dpo-fresh",
+                      config=fast(max_steps=4, per_device_batch_size=4, learning_rate=5e-2))
+    assert abs(fresh.loss_history[-1] - math.log(2)) > 0.01  # a policy that moved is not at log 2
 
 
 def test_kto_runs_and_saves(tiny_model, tmp_path):

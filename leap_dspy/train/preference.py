@@ -1,9 +1,11 @@
 """Preference fine-tuning of the LoRA student: DPO on (chosen, rejected) pairs and KTO on unpaired
 desirable/undesirable completions, through TRL's DPOTrainer/KTOTrainer.
 
-The reference policy is the same weights with the adapter disabled (ref_model=None with a PEFT model), so no
-second copy of the model is held. With `init_adapter` that means the reference is the *base* model, not the
-previous iteration's policy: the preference loss then also pulls towards what SFT already taught.
+The reference policy is the policy training starts from: with `init_adapter`, TRL (ref_model=None with a PEFT
+model) adds a frozen copy of that adapter, named "ref", and computes reference log-probs through it, so each
+LEAP round is a step of iterative DPO/KTO away from the student's last policy (tests/test_train.py checks that
+the first step's DPO loss is log 2: policy and reference agree). Without one, the adapter is fresh and the
+reference is the base model.
 
 Rows are handed to TRL as plain strings already rendered by the chat template (`data.prompt_text` and
 `data.completion_text`), so the prompt the model is trained on is exactly the inference prompt, and TRL's own

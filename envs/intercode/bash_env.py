@@ -82,11 +82,14 @@ class InterCodeBash(TextEnv):
         max_steps: int = 10,
         obs_chars: int = 400,
         limits: dict[str, Any] | None = None,
+        num_train: int | None = None,
+        num_seen: int | None = None,
     ):
         if task_set not in TASK_SETS:
             raise ValueError(f"task_set must be one of {TASK_SETS}, not {task_set!r}")
         self.task_set = task_set
         self.seed = seed
+        self.num_train, self.num_seen = num_train, num_seen
         self.max_steps = max_steps
         self.obs_chars = obs_chars
         self.limits_kwargs = dict(limits or {})
@@ -104,6 +107,8 @@ class InterCodeBash(TextEnv):
             "max_steps": self.max_steps,
             "obs_chars": self.obs_chars,
             "limits": self.limits_kwargs,
+            "num_train": self.num_train,
+            "num_seen": self.num_seen,
         }
 
     # -- tasks -----------------------------------------------------------------------------------------------
@@ -140,7 +145,8 @@ class InterCodeBash(TextEnv):
     def tasks(self, split: Split) -> list[Task]:
         if self._splits is None:
             self._splits = self._build_splits()
-        return list(self._splits[split])
+        limit = {"train": self.num_train, "seen": self.num_seen}.get(split)  # a small run's subset, same order
+        return list(self._splits[split][:limit])
 
     # -- episode ---------------------------------------------------------------------------------------------
     def reset(self, task: Task) -> Observation:

@@ -304,6 +304,8 @@ class InterCodeSQL(TextEnv):
         timeout_s: float = 5.0,
         max_rows: int = 1000,
         mysql: dict[str, Any] | None = None,
+        num_train: int | None = None,
+        num_seen: int | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
@@ -313,6 +315,7 @@ class InterCodeSQL(TextEnv):
         self.max_steps, self.obs_chars = max_steps, obs_chars
         self.timeout_s, self.max_rows = timeout_s, max_rows
         self.mysql = dict(mysql or {})
+        self.num_train, self.num_seen = num_train, num_seen
         self._splits: dict[str, list[Task]] | None = None
         self.task: Task | None = None
         self.conn: SQLiteBackend | MySQLBackend | None = None
@@ -328,6 +331,8 @@ class InterCodeSQL(TextEnv):
             "timeout_s": self.timeout_s,
             "max_rows": self.max_rows,
             "mysql": self.mysql,
+            "num_train": self.num_train,
+            "num_seen": self.num_seen,
         }
 
     # -- tasks -----------------------------------------------------------------------------------------------
@@ -387,7 +392,8 @@ class InterCodeSQL(TextEnv):
     def tasks(self, split: Split) -> list[Task]:
         if self._splits is None:
             self._splits = self._build_splits()
-        return list(self._splits[split])
+        limit = {"train": self.num_train, "seen": self.num_seen}.get(split)  # a small run's subset, same order
+        return list(self._splits[split][:limit])
 
     # -- episode ---------------------------------------------------------------------------------------------
     def _open(self, db: str) -> SQLiteBackend | MySQLBackend:

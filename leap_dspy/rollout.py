@@ -18,7 +18,7 @@ import dspy
 
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.programs.experts import OracleExpert, expert_inputs
-from leap_dspy.programs.student import Student, run_episode
+from leap_dspy.programs.student import Student, capture_privileged, run_episode
 from leap_dspy.progress import quiet_repeated_warnings
 from leap_dspy.types import PrivilegedState, StudentInputs, Task, Trajectory
 
@@ -120,9 +120,8 @@ def expert_rollout(expert: dspy.Module, student: Student, env: TextEnv, tasks: I
 
     def play(episode_env: TextEnv, task: Task) -> Trajectory:
         def act(inputs: StudentInputs) -> tuple[str, str, str | None]:
-            privileged = (episode_env.privileged_state(level) if reads_privileged_text(expert)
-                          else PrivilegedState(level=-1))
-            privileged.oracle_action = episode_env.oracle_action() if needs_oracle(expert) else None
+            privileged = capture_privileged(episode_env, level if reads_privileged_text(expert) else None,
+                                            needs_oracle(expert)) or PrivilegedState(level=-1)
             try:
                 out = expert(**expert_inputs(inputs, "", "", privileged))
             except Exception as exc:  # an expert failure is recorded on the step, not raised

@@ -106,6 +106,16 @@ class Student(dspy.Module):
                            capture_oracle=capture_oracle, policy=policy, max_invalid_streak=self.max_invalid_streak)
 
 
+def capture_privileged(env: Any, level: int | None, oracle: bool) -> PrivilegedState | None:
+    """What an expert will read about the current state: the privileged state at `level` (None: not read), the
+    oracle's next action if `oracle`; None when it reads neither."""
+    if level is None and not oracle:
+        return None
+    state = env.privileged_state(level) if level is not None else PrivilegedState(level=-1)
+    state.oracle_action = env.oracle_action() if oracle else None
+    return state
+
+
 def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: int | None = None,
                 capture_level: int | None = None, capture_oracle: bool = False, policy: str = "student",
                 max_invalid_streak: int = 0) -> Trajectory:
@@ -126,11 +136,7 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
     streak = 0
     for index in range(limit):
         inputs = make_inputs(task, observation, trajectory.steps)
-        privileged = None
-        if capture_level is not None or capture_oracle:
-            privileged = (env.privileged_state(capture_level) if capture_level is not None
-                          else PrivilegedState(level=-1))
-            privileged.oracle_action = env.oracle_action() if capture_oracle else None
+        privileged = capture_privileged(env, capture_level, capture_oracle)
         reason, action, error = act(inputs)
         admissible = observation.admissible_actions
         observation = env.step(action)

@@ -24,22 +24,14 @@ import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
-from leap_dspy.envs.base import TextEnv
 from leap_dspy.envs.intercode import data
+from leap_dspy.envs.intercode.common import SUBMIT, InterCodeEnv, truncate
 from leap_dspy.envs.intercode.reward import bash_reward, fs_changes
 from leap_dspy.envs.intercode.sandbox import Sandbox, SandboxLimits, check_bwrap, new_uid, snapshot_tree
 
 from leap_dspy.types import Observation, PrivilegedState, Split, Task
 
 TASK_SETS = ("default", "bench", "nl2bash")
-SUBMIT = "submit"
-
-
-def truncate(text: str, limit: int) -> str:
-    text = text.rstrip("\n")
-    if len(text) <= limit:
-        return text
-    return text[:limit] + f"\n[... {len(text) - limit} more characters]"
 
 
 class _Templates:
@@ -66,7 +58,7 @@ class _Templates:
 TEMPLATES = _Templates()
 
 
-class InterCodeBash(TextEnv):
+class InterCodeBash(InterCodeEnv):
     name: ClassVar[str] = "intercode-bash"
     privilege_levels: ClassVar[dict[int, str]] = {
         0: "nothing",
@@ -141,12 +133,6 @@ class InterCodeBash(TextEnv):
                 a, b = int(0.6 * len(nl)), int(0.8 * len(nl))
                 parts = {"train": nl[:a], "seen": nl[a:b], "unseen": nl[b:]}
         return {s: [self._task(r, s) for r in recs] for s, recs in parts.items()}  # type: ignore[arg-type]
-
-    def tasks(self, split: Split) -> list[Task]:
-        if self._splits is None:
-            self._splits = self._build_splits()
-        limit = {"train": self.num_train, "seen": self.num_seen}.get(split)  # a small run's subset, same order
-        return list(self._splits[split][:limit])
 
     # -- episode ---------------------------------------------------------------------------------------------
     def reset(self, task: Task) -> Observation:
@@ -231,12 +217,6 @@ class InterCodeBash(TextEnv):
                 sections["alternative gold command"] = self.task.gold2
         return PrivilegedState(level=level, sections=sections)
 
-    def oracle_action(self) -> str | None:
-        if self.task is None or self.done:
-            return None
-        if self.actions and self.actions[-1] == self.task.gold.strip():
-            return SUBMIT
-        return self.task.gold.strip()
 
     def close(self) -> None:
         if self.box is not None:

@@ -32,16 +32,14 @@ import sqlite3
 import time
 from typing import Any, ClassVar
 
-from leap_dspy.envs.base import TextEnv
 from leap_dspy.envs.intercode import data, spider
-from leap_dspy.envs.intercode.bash_env import truncate
+from leap_dspy.envs.intercode.common import SUBMIT, InterCodeEnv, truncate
 from leap_dspy.envs.intercode.reward import normalize_rows, sql_reward
 
-from leap_dspy.types import Observation, PrivilegedState, Split, Task
+from leap_dspy.types import Observation, PrivilegedState, Task
 
 TASK_SETS = ("default", "bench", "generated")
 BACKENDS = ("sqlite", "mysql")
-SUBMIT = "submit"
 MYSQL_USER = "leap_ro"
 MYSQL_HINT = (
     "InterCode-SQL backend='mysql' needs a running MariaDB/MySQL server with the Spider databases: "
@@ -285,7 +283,7 @@ def render_rows(rows: list[tuple] | None, truncated: bool, limit: int) -> str:
     return truncate(text, limit) + note
 
 
-class InterCodeSQL(TextEnv):
+class InterCodeSQL(InterCodeEnv):
     name: ClassVar[str] = "intercode-sql"
     privilege_levels: ClassVar[dict[int, str]] = {
         0: "nothing",
@@ -389,12 +387,6 @@ class InterCodeSQL(TextEnv):
                 parts = {"train": g[:a], "seen": g[a:b2], "unseen": g[b2:]}
         return {s: [t.model_copy(update={"split": s}) for t in ts] for s, ts in parts.items()}
 
-    def tasks(self, split: Split) -> list[Task]:
-        if self._splits is None:
-            self._splits = self._build_splits()
-        limit = {"train": self.num_train, "seen": self.num_seen}.get(split)  # a small run's subset, same order
-        return list(self._splits[split][:limit])
-
     # -- episode ---------------------------------------------------------------------------------------------
     def _open(self, db: str) -> SQLiteBackend | MySQLBackend:
         if self.backend == "sqlite":
@@ -473,12 +465,6 @@ class InterCodeSQL(TextEnv):
             sections["expected result"] = truncate(str(gold), self.obs_chars)
         return PrivilegedState(level=level, sections=sections)
 
-    def oracle_action(self) -> str | None:
-        if self.task is None or self.done:
-            return None
-        if self.actions and self.actions[-1] == self.task.gold.strip():
-            return SUBMIT
-        return self.task.gold.strip()
 
     def close(self) -> None:
         if self.conn is not None:

@@ -1,0 +1,49 @@
+"""What InterCode's Bash and SQL environments share: the submit action, the split caps and the oracle.
+
+Both grade the last output at `submit` against the gold command's, so the scripted oracle is the same: run the
+gold command, then submit.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+from leap_dspy.envs.base import TextEnv
+
+from leap_dspy.types import Split, Task
+
+SUBMIT = "submit"
+
+
+def truncate(text: str, limit: int) -> str:
+    text = text.rstrip("\n")
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n[... {len(text) - limit} more characters]"
+
+
+class InterCodeEnv(TextEnv):
+    """The shared part: subclasses set `task`, `done`, `actions` per episode and build `_build_splits()`."""
+
+    num_train: int | None = None
+    num_seen: int | None = None
+    task: Task | None = None
+    done: bool = False
+    actions: list[str]
+    _splits: dict[str, list[Task]] | None = None
+
+    @abstractmethod
+    def _build_splits(self) -> dict[str, list[Task]]: ...
+
+    def tasks(self, split: Split) -> list[Task]:
+        if self._splits is None:
+            self._splits = self._build_splits()
+        limit = {"train": self.num_train, "seen": self.num_seen}.get(split)  # a small run's subset, same order
+        return list(self._splits[split][:limit])
+
+    def oracle_action(self) -> str | None:
+        if self.task is None or self.done:
+            return None
+        if self.actions and self.actions[-1] == self.task.gold.strip():
+            return SUBMIT
+        return self.task.gold.strip()

@@ -51,6 +51,18 @@ def _render(
     return head, tails, len(p_ids) * len(tails) + sum(c_lens)
 
 
+def _fit(trainer_class: Any, method: str, peft_model: Any, tokenizer: Any, args: Any, columns: dict[str, list[Any]],
+         tmp: Path, final_dir: Path, train_rows: int, tokens: int, t0: float) -> TrainResult:
+    """Run TRL's `trainer_class` over the rendered columns; ref_model=None: see the module docstring."""
+    from datasets import Dataset
+
+    recorder = LossRecorder()
+    trainer = trainer_class(model=peft_model, ref_model=None, args=args, train_dataset=Dataset.from_dict(columns),
+                            processing_class=tokenizer, callbacks=[recorder.callback()])
+    return run_trainer(trainer, recorder, method=method, tmp_dir=tmp, final_dir=final_dir, tokenizer=tokenizer,
+                       train_rows=train_rows, tokens_per_epoch=tokens, setup_s=time.perf_counter() - t0)
+
+
 def train_dpo(
     rows: Sequence[Mapping[str, Any]],
     *,
@@ -61,7 +73,6 @@ def train_dpo(
 ) -> TrainResult:
     """DPO on `{"prompt": [...], "chosen": [assistant msg], "rejected": [assistant msg]}` rows; saves the adapter
     (only) at output_dir, atomically. `config.beta` is DPO's beta."""
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     config = config or TrainConfig()
@@ -85,19 +96,7 @@ def train_dpo(
             max_length=None,  # rows were cut to config.max_length above, keeping the completions
             precompute_ref_log_probs=False,
         )
-        recorder = LossRecorder()
-        trainer = DPOTrainer(
-            model=peft_model,
-            ref_model=None,
-            args=args,
-            train_dataset=Dataset.from_dict(columns),
-            processing_class=tokenizer,
-            callbacks=[recorder.callback()],
-        )
-        return run_trainer(
-            trainer, recorder, method="dpo", tmp_dir=tmp, final_dir=final_dir, tokenizer=tokenizer,
-            train_rows=len(rows), tokens_per_epoch=tokens, setup_s=time.perf_counter() - t0,
-        )
+        return _fit(DPOTrainer, "dpo", peft_model, tokenizer, args, columns, tmp, final_dir, len(rows), tokens, t0)
 
 
 def train_kto(
@@ -114,7 +113,6 @@ def train_kto(
     both desirable and undesirable examples; rows are shuffled once (seeded) so that every batch mixes both
     kinds, since TRL's KTO samples sequentially.
     """
-    from datasets import Dataset
     from trl import KTOConfig, KTOTrainer
 
     config = config or TrainConfig()
@@ -156,16 +154,4 @@ def train_kto(
             desirable_weight=max(1.0, undesirable / desirable),
             undesirable_weight=max(1.0, desirable / undesirable),
         )
-        recorder = LossRecorder()
-        trainer = KTOTrainer(
-            model=peft_model,
-            ref_model=None,
-            args=args,
-            train_dataset=Dataset.from_dict(columns),
-            processing_class=tokenizer,
-            callbacks=[recorder.callback()],
-        )
-        return run_trainer(
-            trainer, recorder, method="kto", tmp_dir=tmp, final_dir=final_dir, tokenizer=tokenizer,
-            train_rows=len(rows), tokens_per_epoch=tokens, setup_s=time.perf_counter() - t0,
-        )
+        return _fit(KTOTrainer, "kto", peft_model, tokenizer, args, columns, tmp, final_dir, len(rows), tokens, t0)

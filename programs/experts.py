@@ -218,6 +218,14 @@ def sweep_next(observation: str, history: str) -> str | None:
     return next((p for p in order if p not in visited and f"go to {p}" in admissible), None)
 
 
+def wrong_object(task: str, observation: str, history: str) -> str | None:
+    """What the student holds that is not what the task is about (a candle, when it needs a cloth), if anything."""
+    goal, held = task_object(task), holding(history, observation)
+    if goal is None or held is None or held.rsplit(" ", 1)[0] == goal:
+        return None
+    return held
+
+
 def sought(task: str, observation: str, history: str) -> str | None:
     """What the student is looking for and has not seen yet (the task's object, or, holding it on a look-at
     task, the lamp), or None when nothing is missing from its view."""
@@ -236,6 +244,13 @@ def sought(task: str, observation: str, history: str) -> str | None:
 def realizable_search_action(task: str, observation: str, history: str, student_action: str, oracle: str) -> str:
     """The oracle's action, unless it is a `go to` that only the oracle's knowledge of hidden locations can
     justify (see `OracleExpert.realizable_search`); then a search step the student could have chosen."""
+    wrong = wrong_object(task, observation, history)
+    if wrong:
+        # The oracle would carry a wrongly taken object back where it was; putting it down here, where
+        # the student can, costs one step and teaches no trip with the wrong thing in hand.
+        here = current_place(observation, history)
+        put_down = f"move {wrong} to {here}"
+        return put_down if here and put_down in _admissible_from(observation) else oracle
     # Closing what it searched and looking around are the oracle's habits, not steps a search needs.
     if not (oracle.startswith(("go to ", "close ")) or oracle == "look"):
         return oracle
@@ -275,6 +290,11 @@ def realizable_reason(task: str, observation: str, action: str, history: str = "
     text = action.strip()
     goal = task_object(task) or "thing the task needs"
     held = holding(history, observation)
+    wrong = wrong_object(task, observation, history)
+    if wrong and re.match(rf"^(?:move|put) {re.escape(wrong)} ", text):
+        return f"The {wrong} is not a {goal}: I put it down here."
+    if wrong and text.startswith("go to "):
+        return f"The {wrong} is not a {goal}: I take it to the {text.removeprefix('go to ')}."
     missing = sought(task, observation, history)
     need = missing or (goal if not held else None)
     m = re.match(r"^go to (?P<x>.+)$", text)

@@ -1,7 +1,9 @@
 """The typed DSPy signatures LEAP is built on.
 
 Docstrings and field descriptions are short on purpose: they are part of every prompt, and on a CPU the
-prompt's length is what training and rollouts pay for.
+prompt's length is what training and rollouts pay for. The student's current observation comes last, right
+before its answer: a small model attends most to what is nearest, and the step's decision (take what is here,
+or move on) is read off the observation, not the history.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ class StudentStep(dspy.Signature):
     """Act in a text environment to complete the task. Give a short reason, then one action."""
 
     task: str = dspy.InputField()
-    observation: str = dspy.InputField(desc="what you see now, with the actions you can take")
     history: str = dspy.InputField(desc="your recent actions and what they did")
+    observation: str = dspy.InputField(desc="what you see now, with the actions you can take")
     reason: str = dspy.OutputField(desc="one sentence")
     action: str = dspy.OutputField(desc="exactly one admissible action")
 

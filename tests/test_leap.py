@@ -75,7 +75,7 @@ def test_privileged_state_never_reaches_a_student_training_row(env: ALFWorld, ti
                 assert secret not in prompt, f"privileged text leaked into iter_{k}: {secret!r}"
             user = row["prompt"][-1]["content"]
             fields = [line for line in user.splitlines() if line.startswith("[[ ## ")]
-            assert fields == ["[[ ## task ## ]]", "[[ ## observation ## ]]", "[[ ## history ## ]]"]
+            assert fields == ["[[ ## task ## ]]", "[[ ## history ## ]]", "[[ ## observation ## ]]"]
 
 
 def test_compile_writes_the_run_folder_and_a_loadable_student(env: ALFWorld, tiny_model: str,

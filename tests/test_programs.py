@@ -122,6 +122,15 @@ def test_the_realizable_search_sweeps_the_scene_from_where_the_student_stands() 
     # The student's own guess names a spatula it never saw: that is no sighting.
     guessed = history + "\ntake spatula from countertop 1 -> Nothing happens."
     assert sought(task, "Nothing happens.", guessed) == "spatula"
+    # A wrong object in hand is put down where the student stands, not carried back where the oracle took it from.
+    wrong = ("Start: You are in the middle of a room. Looking quickly around you, you see a dresser 1, and a "
+             "toilet 1.\ntake candle 1 from dresser 1 -> You pick up the candle 1 from the dresser 1.\n"
+             "go to toilet 1 -> You arrive at toilet 1. On the toilet 1, you see a spatula 1.")
+    at_toilet = ("You arrive at toilet 1. On the toilet 1, you see a spatula 1.\nActions: go to dresser 1, "
+                 "move candle 1 to toilet 1")
+    action = realizable_search_action(task, at_toilet, wrong, "go to dresser 1", "go to dresser 1")
+    assert action == "move candle 1 to toilet 1"
+    assert realizable_reason(task, at_toilet, action, wrong) == "The candle 1 is not a spatula: I put it down here."
     # Holding the object of a look-at task, the student searches for the lamp.
     lamp_task = "look at bowl under the desklamp."
     with_bowl = "take bowl 1 from shelf 1 -> You pick up the bowl 1 from the shelf 1."

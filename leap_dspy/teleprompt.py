@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -80,6 +81,8 @@ class LEAP(Teleprompter):
             behaviour cloning takes up to twice as many demonstration steps.
         rollout_tasks: training tasks the student plays per iteration (a fresh seeded sample each round, all
             when None): rollouts of a weak student run to the step limit, so they bound a round's cost too.
+        balance_actions: SFT rows of rarer kinds of action are repeated up to this many times, within the same
+            row budget (see `balance_by_action`); 1 trains on the raw mix.
         drop_unrealizable: keep corrections whose reason names things the student never saw out of training
             (they are always flagged in `corrections.jsonl` and counted in the metrics).
         demonstrator: who plays the behaviour-cloning demonstrations; default the teacher, or the scripted
@@ -105,6 +108,7 @@ class LEAP(Teleprompter):
         max_train_rows: int = 200,
         rollout_tasks: int | None = 20,
         bc_successful_only: bool = True,
+        balance_actions: int = 3,
         drop_unrealizable: bool = False,
         demonstrator: dspy.Module | None = None,
         num_threads: int = 32,
@@ -136,6 +140,7 @@ class LEAP(Teleprompter):
         self.max_train_rows = max_train_rows
         self.rollout_tasks = rollout_tasks
         self.bc_successful_only = bc_successful_only
+        self.balance_actions = balance_actions
         self.drop_unrealizable = drop_unrealizable
         self.demonstrator = demonstrator
         self.num_threads = num_threads
@@ -168,6 +173,7 @@ class LEAP(Teleprompter):
             "max_train_rows": self.max_train_rows,
             "rollout_tasks": self.rollout_tasks,
             "bc_successful_only": self.bc_successful_only,
+            "balance_actions": self.balance_actions,
             "train": train_config.model_dump(),
             "lm": self.lm_kwargs,
             "seed": self.seed,
@@ -448,8 +454,8 @@ class LEAP(Teleprompter):
             chosen = chosen[: max(self.max_train_rows // 2, self.max_train_rows - len(earlier))]
             rng.shuffle(earlier)
             chosen += earlier[: self.max_train_rows - len(chosen)]
-        elif len(chosen) > self.max_train_rows * 2:
-            chosen = random.Random(self.seed).sample(chosen, self.max_train_rows * 2)
+        budget = self.max_train_rows * 2 if k == 0 else self.max_train_rows
+        chosen = balance_by_action(chosen, self.balance_actions, budget, random.Random(self.seed * 31 + k))
         return sft_rows(self._student.step.signature, self._student.adapter, chosen), len(chosen)
 
     def _load_corrections(self, k: int) -> list[Correction]:
@@ -518,6 +524,28 @@ class LEAP(Teleprompter):
         self.run.write_metrics_csv(with_scores=self._with_scores)
         shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("seen_success", "unseen_success") if k in metrics)
         console.print(f"[bold]{name}[/bold]: {shown}")
+
+
+def balance_by_action(records: list[Correction], cap: int, budget: int, rng: random.Random) -> list[Correction]:
+    """At most `budget` records, in which rarer kinds of action (the action's first word) are repeated up to
+    `cap` times (count of the commonest kind / count of this kind, rounded).
+
+    An agent's data is mostly one kind of step (moving on) and its hardest decisions are rare ones (taking
+    what the task needs, once per episode): trained on the raw mix, a small student's rare-decision token
+    stays near its prior and greedy decoding never picks it. Repeating the rare kinds, then sampling down to
+    the same budget, shifts that prior for the same training time. `cap` 1 keeps the raw mix.
+    """
+    if cap > 1 and records:
+        kinds = Counter(_action_kind(r) for r in records)
+        top = max(kinds.values())
+        records = [r for r in records for _ in range(min(cap, max(1, round(top / kinds[_action_kind(r)]))))]
+    if len(records) > budget:
+        records = rng.sample(records, budget)
+    return records
+
+
+def _action_kind(record: Correction) -> str:
+    return (record.action.split() or [""])[0].split("[")[0].lower()
 
 
 def call_usage(tracker: Any) -> ExpertUsage:

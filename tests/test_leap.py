@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import dspy
@@ -20,9 +22,9 @@ from leap_dspy.programs import OracleExpert, Student
 
 from leap_dspy.lm import DEFAULT_MODEL
 from leap_dspy.store import JsonlLog
-from leap_dspy.teleprompt import LEAP, ConfigMismatch
+from leap_dspy.teleprompt import LEAP, ConfigMismatch, balance_by_action
 from leap_dspy.train import TrainConfig
-from leap_dspy.types import Correction, Trajectory
+from leap_dspy.types import Correction, StudentInputs, Trajectory
 
 FAST_TRAIN = TrainConfig(max_length=768, per_device_batch_size=8, progress_bar=False)
 
@@ -223,3 +225,16 @@ def test_self_expert_that_cannot_answer_is_counted_not_fatal(env: ALFWorld, tiny
     assert (run / "iter_1" / "adapter" / "adapter_config.json").exists()
     demos = (run / "iter_0" / "trajectories.jsonl").read_text().splitlines()
     assert all(json.loads(line)["policy"] == "expert" for line in demos)  # BC came from the scripted oracle
+
+
+def test_rare_actions_are_repeated_within_the_same_row_budget() -> None:
+    inputs = StudentInputs(task="t", observation="o", history="h")
+    records = [Correction(task_id="a", step=n, inputs=inputs, reason="r", action=action, expert="x")
+               for n, action in enumerate(["go to shelf 1"] * 60 + ["take mug 1 from shelf 1"] * 10
+                                          + ["click[Buy Now]"] * 30)]
+    kept = balance_by_action(records, 3, 200, random.Random(0))
+    kinds = Counter(r.action.split()[0].split("[")[0] for r in kept)
+    assert kinds == {"go": 60, "take": 30, "click": 60}  # 60/10 -> capped at 3; 60/30 -> 2
+    budgeted = balance_by_action(records, 3, 100, random.Random(0))
+    assert len(budgeted) == 100 and len({id(r) for r in budgeted}) < 100  # repeats survive the cut
+    assert balance_by_action(records, 1, 1000, random.Random(0)) == records  # cap 1: the raw mix

@@ -619,6 +619,7 @@ def split_metrics(trajectories: list[Trajectory]) -> dict[str, Any]:
         metrics[f"{split}_episodes"] = len(group)
         metrics[f"{split}_steps"] = sum(len(t.steps) for t in group) / len(group)
     metrics["parse_errors"] = sum(t.num_errors for t in trajectories)
+    metrics["snapped_actions"] = sum(t.num_snapped for t in trajectories)
     return metrics
 
 

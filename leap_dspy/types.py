@@ -80,6 +80,9 @@ class Step(BaseModel):
     done: bool = False
     error: str | None = None
     """Why the model's output could not be used (parse failure, no action), recorded instead of raised."""
+    executed: str | None = None
+    """The admissible action the environment ran instead of `action`, when the student's `action` was a near
+    miss that it snapped to its list (see `Student.snap_actions`); None when `action` itself ran."""
     privileged: PrivilegedState | None = None
     """The privileged state at this step, captured for the expert while the environment was in it. Only
     experts read it; student training rows are built from `inputs` alone."""
@@ -96,6 +99,10 @@ class Trajectory(BaseModel):
     @property
     def num_errors(self) -> int:
         return sum(step.error is not None for step in self.steps)
+
+    @property
+    def num_snapped(self) -> int:
+        return sum(step.executed is not None for step in self.steps)
 
 
 class ExpertUsage(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import time
 from typing import Any
 
@@ -41,6 +42,7 @@ class Student(dspy.Module):
         adapter: dspy.Adapter | None = None,
         remember_actions: int = 16,
         remember_start_chars: int = 300,
+        snap_actions: bool = True,
     ) -> None:
         super().__init__()
         self.adapter = adapter or CompactChatAdapter()
@@ -55,6 +57,13 @@ class Student(dspy.Module):
         self.max_history_observation_chars = max_history_observation_chars
         self.show_admissible_actions = show_admissible_actions
         self.max_invalid_streak = max_invalid_streak
+        self.snap_actions = snap_actions
+        """When the environment lists its admissible actions and the student writes one that is not among
+        them but close to one ("take tomato from countertop" for "take tomato 2 from countertop 1"), run the
+        closest instead (`snap_action`), as text-game agents commonly do: a small model's slips of a number or
+        an article then cost nothing, while its `action` is still recorded as written (and corrected) and the
+        substitution is kept in `Step.executed`. Only numbers and articles are forgiven: an action that names
+        another object or place runs as written, and the environment says it is invalid."""
 
     def forward(self, task: str, observation: str, history: str) -> dspy.Prediction:
         with dspy.context(adapter=self.adapter):
@@ -69,7 +78,7 @@ class Student(dspy.Module):
             text += "\nActions: " + ", ".join(observation.admissible_actions)
         recent = past[-self.history_window :] if self.history_window > 0 else []
         lines = [
-            f"{step.action or '(no action)'} -> {_clip(step.next_observation, self.max_history_observation_chars)}"
+            f"{_ran(step) or '(no action)'} -> {_clip(step.next_observation, self.max_history_observation_chars)}"
             for step in recent
         ]
         earlier = past[: len(past) - len(recent)]
@@ -78,9 +87,9 @@ class Student(dspy.Module):
             # twice, for a few tokens per action instead of a whole transcript.
             seen: dict[str, None] = {}
             for step in earlier:
-                if step.action:
-                    seen.pop(step.action, None)
-                    seen[step.action] = None
+                if _ran(step):
+                    seen.pop(_ran(step), None)
+                    seen[_ran(step)] = None
             lines.insert(0, "Earlier: " + "; ".join(list(seen)[-self.remember_actions :]))
         if self.remember_start_chars and past:
             # The scene never comes back once the window moves on, and it is the map a search follows.
@@ -103,7 +112,34 @@ class Student(dspy.Module):
             capture_oracle: bool = False, policy: str = "student") -> Trajectory:
         """Play one episode, recording what an expert will need to correct each step (see `run_episode`)."""
         return run_episode(self.act, self.inputs, env, task, max_steps=max_steps, capture_level=capture_level,
-                           capture_oracle=capture_oracle, policy=policy, max_invalid_streak=self.max_invalid_streak)
+                           capture_oracle=capture_oracle, policy=policy, max_invalid_streak=self.max_invalid_streak,
+                           snap=self.snap_actions)
+
+
+def _ran(step: Step) -> str:
+    return step.executed or step.action
+
+
+def _gist(action: str) -> tuple[str, ...]:
+    """An action's words without numbers and articles: what a near miss must still get right."""
+    return tuple(w for w in action.lower().split() if not w.isdigit() and w not in ("a", "an", "the"))
+
+
+def snap_action(action: str, admissible: list[str] | None) -> str | None:
+    """The admissible action that `action` misses only by numbers or articles ("take tomato from
+    countertop" -> "take tomato 2 from countertop 1"), the closest word by word when several do; None when
+    `action` is admissible itself, when no admissible action has the same words, or when the list is unknown
+    or holds templates such as WebShop's `search[<keywords>]`, whose free text cannot be snapped."""
+    if not action or not admissible or any("<" in entry for entry in admissible):
+        return None
+    if action_admissible(action, admissible):
+        return None
+    gist, words = _gist(action), action.lower().split()
+    candidates = [entry for entry in admissible if _gist(entry) == gist]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda entry: difflib.SequenceMatcher(None, words, entry.lower().split(),
+                                                                     autojunk=False).ratio())
 
 
 def capture_privileged(env: Any, level: int | None, oracle: bool) -> PrivilegedState | None:
@@ -118,7 +154,7 @@ def capture_privileged(env: Any, level: int | None, oracle: bool) -> PrivilegedS
 
 def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: int | None = None,
                 capture_level: int | None = None, capture_oracle: bool = False, policy: str = "student",
-                max_invalid_streak: int = 0) -> Trajectory:
+                max_invalid_streak: int = 0, snap: bool = False) -> Trajectory:
     """The loop shared by every policy: observe, decide, step, record.
 
     `capture_level` records the privileged state at each step (for an LM expert's prompt) and
@@ -128,6 +164,8 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
     An episode also ends after `max_invalid_streak` consecutive unusable steps (a malformed output or an
     action the environment rejected): with greedy decoding a policy that fails that often in a row is stuck,
     and playing out its remaining steps would only spend the step budget of a rollout.
+
+    `snap` runs the closest admissible action in place of a near miss (see `Student.snap_actions`).
     """
     start = time.perf_counter()
     limit = max_steps or getattr(env, "max_steps", 30)
@@ -139,14 +177,15 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
         privileged = capture_privileged(env, capture_level, capture_oracle)
         reason, action, error = act(inputs)
         admissible = observation.admissible_actions
-        observation = env.step(action)
+        executed = snap_action(action, admissible) if snap else None
+        observation = env.step(executed or action)
         trajectory.steps.append(
             Step(index=index, inputs=inputs, reason=reason, action=action, admissible_actions=admissible,
                  next_observation=observation.text, reward=observation.reward, done=observation.done,
-                 error=error, privileged=privileged)
+                 error=error, privileged=privileged, executed=executed)
         )
         invalid = (error is not None or observation.text.strip() in INVALID_MARKERS
-                   or not action_admissible(action, admissible))
+                   or not action_admissible(executed or action, admissible))
         streak = streak + 1 if invalid else 0
         if observation.done or (max_invalid_streak and streak >= max_invalid_streak):
             break

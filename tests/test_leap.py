@@ -181,6 +181,32 @@ def test_invalid_streak_ends_a_stuck_episode(env: ALFWorld) -> None:
     assert len(trajectory.steps) == 3 and not trajectory.success
 
 
+def test_a_near_miss_runs_the_admissible_action_it_names_and_keeps_what_was_written(env: ALFWorld) -> None:
+    task = env.tasks("train")[0]
+    first = env.clone().reset(task).admissible_actions
+    place = next(a for a in first if a.startswith("go to "))            # "go to cabinet 1"
+    slip = "go to the " + place.removeprefix("go to ").rsplit(" ", 1)[0]  # "go to the cabinet": no number
+    lm = dspy.utils.DummyLM([{"reason": "x", "action": slip}, {"reason": "y", "action": "go to the moon 1"},
+                             {"reason": "z", "action": "look"}])
+    student = Student(max_invalid_streak=0)
+    student.set_lm(lm)
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        trajectory = student.run(env.clone(), task, max_steps=3)
+    snapped, other, _ = trajectory.steps
+    assert snapped.action == slip and snapped.executed is not None
+    assert snapped.executed.rsplit(" ", 1)[0] == place.rsplit(" ", 1)[0]   # same kind of place, some number
+    assert snapped.next_observation.startswith(f"You arrive at {snapped.executed.removeprefix('go to ')}")
+    assert other.executed is None and other.next_observation == "Nothing happens."  # names no place here
+    assert trajectory.num_snapped == 1
+    # The student's history shows what ran; the written action stays what an expert corrects.
+    history = student.inputs(task, env.clone().reset(task), trajectory.steps).history
+    assert snapped.executed in history and slip not in history
+    unsnapped = Student(snap_actions=False, max_invalid_streak=0)
+    unsnapped.set_lm(dspy.utils.DummyLM([{"reason": "x", "action": slip}]))
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        assert unsnapped.run(env.clone(), task, max_steps=1).steps[0].next_observation == "Nothing happens."
+
+
 @pytest.mark.slow
 def test_end_to_end_on_the_embedded_smollm2(env: ALFWorld, tmp_path: Path) -> None:
     """BC + one LEAP iteration on the real 135M weights, at a tiny size (a few minutes on 2 cores)."""

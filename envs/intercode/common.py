@@ -7,6 +7,7 @@ gold command, then submit.
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import ClassVar
 
 from leap_dspy.envs.base import TextEnv
 
@@ -25,6 +26,9 @@ def truncate(text: str, limit: int) -> str:
 class InterCodeEnv(TextEnv):
     """The shared part: subclasses set `task`, `done`, `actions` per episode and build `_build_splits()`."""
 
+    reports_score: ClassVar[bool] = True
+    """Rewards are graded (partial credit for a near answer): metrics report the mean reward x 100 next to the
+    success rate (reward 1), which a small student rarely reaches."""
     num_train: int | None = None
     num_seen: int | None = None
     task: Task | None = None

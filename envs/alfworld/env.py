@@ -43,9 +43,9 @@ class ALFWorld(TextEnv):
 
     def __init__(
         self,
-        num_receptacles: int = 6,
+        num_receptacles: int = 5,
         task_types: list[str] | tuple[str, ...] | None = None,
-        num_train: int | None = 60,
+        num_train: int | None = 120,
         num_seen: int | None = 10,
         num_unseen: int | None = 20,
         seed: int = 0,

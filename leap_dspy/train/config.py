@@ -32,8 +32,11 @@ class TrainConfig(BaseModel):
     epochs: float = 2.0
     max_steps: int = -1
     """When > 0, overrides `epochs` (tests and benchmarks use it to bound the work)."""
-    per_device_batch_size: int = 8
-    gradient_accumulation: int = 1
+    per_device_batch_size: int = 4
+    gradient_accumulation: int = 2
+    """Eight rows per optimizer step, four at a time: at eight, a WebShop BC round (rows near `max_length`)
+    went past 24 GB on the CPU (eager attention and the 49k-word logits grow with rows x length) and was
+    OOM-killed; ALFWorld's peaked at 15-19 GB."""
     max_length: int = 1024
     """Rows longer than this (prompt + completion tokens) are cut from the start of the prompt, never the
     completion, so what is trained is always the tail the model must produce."""

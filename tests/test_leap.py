@@ -26,7 +26,7 @@ from leap_dspy.teleprompt import LEAP, ConfigMismatch, balance_by_action
 from leap_dspy.train import TrainConfig
 from leap_dspy.types import Correction, StudentInputs, Trajectory
 
-FAST_TRAIN = TrainConfig(max_length=768, per_device_batch_size=8, progress_bar=False)
+FAST_TRAIN = TrainConfig(max_length=768, per_device_batch_size=8, gradient_accumulation=1, progress_bar=False)
 
 
 def tiny_env(cache: Path) -> ALFWorld:

@@ -58,7 +58,8 @@ def tiny_model(tmp_path_factory, tokenizer) -> str:
 
 
 def fast(**overrides) -> TrainConfig:
-    base = dict(max_steps=4, per_device_batch_size=4, learning_rate=5e-3, progress_bar=False, dtype="float32")
+    base = dict(max_steps=4, per_device_batch_size=4, gradient_accumulation=1, learning_rate=5e-3, progress_bar=False,
+                dtype="float32")
     return TrainConfig(**{**base, **overrides})
 
 

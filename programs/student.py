@@ -86,10 +86,9 @@ class Student(dspy.Module):
             # The student's own earlier actions, once each, newest last: enough to not search the same place
             # twice, for a few tokens per action instead of a whole transcript.
             seen: dict[str, None] = {}
-            for step in earlier:
-                if _ran(step):
-                    seen.pop(_ran(step), None)
-                    seen[_ran(step)] = None
+            for action in filter(None, map(_ran, earlier)):
+                seen.pop(action, None)
+                seen[action] = None
             lines.insert(0, "Earlier: " + "; ".join(list(seen)[-self.remember_actions :]))
         if self.remember_start_chars and past:
             # The scene never comes back once the window moves on, and it is the map a search follows.

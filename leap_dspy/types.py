@@ -29,6 +29,10 @@ class Observation(BaseModel):
     """What the environment returns from `reset` and `step`: the only thing the student ever sees."""
 
     text: str
+    notes: str | None = None
+    """What the episode has shown so far, kept short by an environment that can (ALFWorld: what the student
+    holds, where it saw what it needs, where it has not been). Derived only from texts the student was shown,
+    so it is part of the student's view; the student reads it beside `text`."""
     reward: float = 0.0
     done: bool = False
     success: bool = False

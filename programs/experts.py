@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 
 import dspy
+from leap_dspy.envs.alfworld.notes import read_note, task_object
+from leap_dspy.envs.alfworld.notes import scene_places as _scene_of
 from leap_dspy.signatures import PrivilegedCorrection, StepFix, StudentTurn, TrajectoryCorrection
 
 from leap_dspy.adapters import CompactChatAdapter
@@ -128,24 +130,11 @@ def expert_inputs(inputs: StudentInputs, student_reason: str, student_action: st
 # microwave"), and it is realizable when everything it names is in the action (which is admissible, so
 # visible) or in the student's task, observation and history. The templates below use nothing else.
 
-_TASK_OBJECT = [
-    re.compile(r"\b(?:put|find|place) (?:a|an|some|two) (?:clean |hot |cool |heated |cooled )?(?P<obj>[a-z]+)"),
-    re.compile(r"\b(?:heat|cool|clean) (?:a|an|some|the) (?P<obj>[a-z]+)"),
-    re.compile(r"\b(?:look at|examine) (?:(?:a|an|some|the) )?(?P<obj>[a-z]+)"),
-]
-
-
-def task_object(task: str) -> str | None:
-    """The kind of object an ALFWorld-style instruction is about ("put a clean mug in ..." -> "mug")."""
-    for pattern in _TASK_OBJECT:
-        match = pattern.search(task.lower())
-        if match:
-            return match["obj"]
-    return None
-
-
 def holding(history: str, observation: str) -> str | None:
     """What the student visibly picked up and has not put down since, if its inputs show it."""
+    noted = read_note(observation, "Holding")
+    if noted is not None:
+        return None if noted == "nothing" else noted.split(" (")[0]
     held = None
     for line in (history + "\n" + observation).splitlines():
         if line.startswith("Earlier: "):  # actions only, oldest first
@@ -182,15 +171,14 @@ def _visited(history: str, observation: str) -> set[str]:
 def scene_places(observation: str, history: str) -> list[str]:
     """The places the episode's first scene lists, in its order ("you see a cabinet 2, a cabinet 1, ...")."""
     start = next((line for line in history.splitlines() if line.startswith("Start: ")), observation)
-    listed = re.search(r"you see (.+?)\.(?:\s|$)", start)
-    if not listed:
-        return []
-    parts = re.split(r",\s*(?:and\s+)?|\s+and\s+", listed[1])
-    return [re.sub(r"^(?:a|an)\s+", "", part.strip()) for part in parts if part.strip()]
+    return _scene_of(start)
 
 
 def current_place(observation: str, history: str) -> str | None:
     """Where the student last arrived, as its inputs show it."""
+    noted = read_note(observation, "At")
+    if noted is not None:
+        return None if noted == "start" else noted
     here = re.match(r"You arrive at ([a-z]+ \d+)", observation)
     if here:
         return here[1]
@@ -210,9 +198,12 @@ def sweep_next(observation: str, history: str) -> str | None:
     instead of from its whole history: the step after "countertop 1" in the scene's list is found by
     looking up "countertop 1" there and reading on.
     """
+    admissible = set(_admissible_from(observation))
+    unvisited = read_note(observation, "Unvisited")
+    if unvisited is not None:  # the notes keep the scene's order, less the places been to: take the first
+        return next((p for p in unvisited.split(", ") if f"go to {p}" in admissible), None)
     places = scene_places(observation, history)
     visited = _visited(history, observation)
-    admissible = set(_admissible_from(observation))
     current = current_place(observation, history)
     order = places[places.index(current) + 1 :] + places[: places.index(current)] if current in places else places
     return next((p for p in order if p not in visited and f"go to {p}" in admissible), None)
@@ -255,12 +246,24 @@ def realizable_search_action(task: str, observation: str, history: str, student_
     if not (oracle.startswith(("go to ", "close ")) or oracle == "look"):
         return oracle
     if sought(task, observation, history) is None:
-        return oracle
+        return _toward_seen(task, observation, history, oracle)
     here = re.match(r"You arrive at ([a-z]+ \d+)\. The \1 is closed\.", observation)
     if here and f"open {here[1]}" in _admissible_from(observation):
         return f"open {here[1]}"
     place = sweep_next(observation, history)
     return f"go to {place}" if place else oracle
+
+
+def _toward_seen(task: str, observation: str, history: str, oracle: str) -> str:
+    """The oracle's `go to`, unless the student's notes say it saw what it needs elsewhere: then the first
+    place the notes name (the oracle may head for another instance it knows of, which the student cannot)."""
+    goal, seen = task_object(task), read_note(observation, "Seen")
+    if not goal or not seen or not oracle.startswith("go to ") or holding(history, observation):
+        return oracle
+    places = re.findall(rf"\b{re.escape(goal)} \d+ at ([a-z]+ \d+)", seen)
+    if not places or oracle.removeprefix("go to ") in places:
+        return oracle
+    return f"go to {places[0]}" if f"go to {places[0]}" in _admissible_from(observation) else oracle
 
 
 def _goal_in_view(goal: str, task: str, observation: str, history: str) -> bool:
@@ -269,6 +272,9 @@ def _goal_in_view(goal: str, task: str, observation: str, history: str) -> bool:
     Only what the environment said counts: the student's own actions (the `Earlier:` line, the part of a
     history line before " -> ") can name things it never saw, such as a guessed "take cloth from sinkbasin 1".
     """
+    seen = read_note(observation, "Seen")
+    if seen is not None:
+        return bool(re.search(rf"\b{re.escape(goal)} \d+ at ", seen))
     said = [observation.replace(task, "")]
     for line in history.replace(task, "").splitlines():
         if " -> " in line and not line.startswith(("Start: ", "Earlier: ")):
@@ -302,6 +308,8 @@ def realizable_reason(task: str, observation: str, action: str, history: str = "
         if missing is None:
             return f"Need {need}: I saw one at the {m['x']}."
         if m["x"] == sweep_next(observation, history):
+            if read_note(observation, "Unvisited") is not None:
+                return f"Need {need}: not seen yet, the first unvisited is the {m['x']}."
             current = current_place(observation, history)
             if current is None:
                 return f"Need {need}: I start with the {m['x']}."

@@ -25,7 +25,8 @@ class Student(dspy.Module):
     """`StudentStep` in an agent loop.
 
     The prompt is what a step costs on a CPU, so the program bounds it (and formats it with the compact
-    adapter by default): the scene the episode started in (the first paragraph of the first observation,
+    adapter by default): the environment's notes when it keeps them (see `show_notes`), else the scene the
+    episode started in (the first paragraph of the first observation,
     `remember_start_chars` at most: a room's furniture, a shop's front page), the student's earlier actions,
     once each; the last `history_window` steps (action and a clipped observation), a clipped observation,
     and the admissible actions when the environment knows them (a small model picks far better from a list
@@ -43,6 +44,7 @@ class Student(dspy.Module):
         remember_actions: int = 16,
         remember_start_chars: int = 300,
         snap_actions: bool = True,
+        show_notes: bool = True,
     ) -> None:
         super().__init__()
         self.adapter = adapter or CompactChatAdapter()
@@ -58,6 +60,11 @@ class Student(dspy.Module):
         self.show_admissible_actions = show_admissible_actions
         self.max_invalid_streak = max_invalid_streak
         self.snap_actions = snap_actions
+        self.show_notes = show_notes
+        """Show the environment's notes (`Observation.notes`) after the observation. Notes are the memory
+        an environment can keep better than a transcript can (ALFWorld: what the student holds, where it saw
+        what it needs, where it has not been); when an observation has them they replace the `Start:` and
+        `Earlier:` lines, which serve the same purpose for environments without notes."""
         """When the environment lists its admissible actions and the student writes one that is not among
         them but close to one ("take tomato from countertop" for "take tomato 2 from countertop 1"), run the
         closest instead (`snap_action`), as text-game agents commonly do: a small model's slips of a number or
@@ -74,6 +81,8 @@ class Student(dspy.Module):
     def inputs(self, task: Task, observation: Observation, past: list[Step]) -> StudentInputs:
         """The student's view of the current state: all that a student prompt or training row contains."""
         text = _clip(observation.text, self.max_observation_chars)
+        if self.show_notes and observation.notes:
+            text += "\n" + observation.notes
         if self.show_admissible_actions and observation.admissible_actions:
             text += "\nActions: " + ", ".join(observation.admissible_actions)
         recent = past[-self.history_window :] if self.history_window > 0 else []
@@ -82,7 +91,8 @@ class Student(dspy.Module):
             for step in recent
         ]
         earlier = past[: len(past) - len(recent)]
-        if self.remember_actions and earlier:
+        kept_by_notes = self.show_notes and observation.notes
+        if self.remember_actions and earlier and not kept_by_notes:
             # The student's own earlier actions, once each, newest last: enough to not search the same place
             # twice, for a few tokens per action instead of a whole transcript.
             seen: dict[str, None] = {}
@@ -90,7 +100,7 @@ class Student(dspy.Module):
                 seen.pop(action, None)
                 seen[action] = None
             lines.insert(0, "Earlier: " + "; ".join(list(seen)[-self.remember_actions :]))
-        if self.remember_start_chars and past:
+        if self.remember_start_chars and past and not kept_by_notes:
             # The scene never comes back once the window moves on, and it is the map a search follows.
             scene = past[0].inputs.observation.split("\nActions: ")[0].split("\n\n")[0]
             lines.insert(0, "Start: " + _clip(scene, self.remember_start_chars))

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from leap_dspy.envs.alfworld import expert as ex
 from leap_dspy.envs.alfworld.generate import TASK_TYPES
+from leap_dspy.envs.alfworld.notes import transcript_notes
 from leap_dspy.envs.alfworld.tasks import ALFWorldTask, cached_tasks
 from leap_dspy.envs.base import TextEnv
 
@@ -52,6 +53,7 @@ class ALFWorld(TextEnv):
         max_steps: int = 20,
         cache_dir: str | None = None,
         data_dir: str | None = None,
+        notes: bool = True,
     ) -> None:
         types = list(task_types) if task_types else list(TASK_TYPES)
         unknown = [t for t in types if t not in TASK_TYPES]
@@ -66,6 +68,9 @@ class ALFWorld(TextEnv):
         self.max_steps = int(max_steps)
         self.cache_dir = None if cache_dir is None else str(cache_dir)
         self.data_dir = None if data_dir is None else str(data_dir)
+        self.notes = bool(notes)
+        """Return `Observation.notes` (see `notes.py`): what the episode has shown so far about the student's
+        hands, the objects it needs and the places it has not searched, computed from the texts it was shown."""
         self._env: Any = None
         self._loaded: str | None = None
         self._clear_episode()
@@ -83,6 +88,7 @@ class ALFWorld(TextEnv):
             "max_steps": self.max_steps,
             "cache_dir": self.cache_dir,
             "data_dir": self.data_dir,
+            "notes": self.notes,
         }
 
     def _cache_root(self) -> Path:
@@ -99,7 +105,7 @@ class ALFWorld(TextEnv):
     def tasks(self, split: Split) -> list[ALFWorldTask]:  # type: ignore[override]
         if split not in ("train", "seen", "unseen"):
             raise ValueError(f"alfworld: unknown split {split!r}")
-        cfg = {k: v for k, v in self.config().items() if k not in ("cache_dir", "data_dir")}
+        cfg = {k: v for k, v in self.config().items() if k not in ("cache_dir", "data_dir", "notes")}
         return cached_tasks(cfg, split, self._cache_root(), self._data_root())
 
     # -- episode ---------------------------------------------------------------------------------------
@@ -113,6 +119,7 @@ class ALFWorld(TextEnv):
         self._done = False
         self._won = False
         self._intro = ""
+        self._turns: list[tuple[str, str]] = []
         self._plan_cache: tuple[int, list[str]] | None = None
 
     def _as_task(self, task: Task | dict[str, Any]) -> ALFWorldTask:
@@ -139,6 +146,7 @@ class ALFWorld(TextEnv):
         self._expert.start(state)
         return Observation(
             text=_strip_welcome(state["feedback"]),
+            notes=self._notes(),
             admissible_actions=list(state["admissible_commands"]),
             info={"task_type": task.task_type, "steps": 0, "max_steps": self.max_steps},
         )
@@ -184,6 +192,7 @@ class ALFWorld(TextEnv):
         except Exception as exc:  # never raise on a student's action
             return Observation(
                 text=NOTHING,
+                notes=self._notes(),
                 admissible_actions=list(self._state["admissible_commands"]),
                 info={"steps": self._steps, "valid": False, "error": repr(exc)},
             )
@@ -197,8 +206,10 @@ class ALFWorld(TextEnv):
         if self._expert is not None and not self._done and valid:
             self._expert.update(state, command)
         text = state["feedback"].strip() if valid else NOTHING
+        self._turns.append((command if valid else action, text))
         return Observation(
             text=text,
+            notes=None if self._done else self._notes(),
             reward=1.0 if self._won else 0.0,
             done=self._done,
             success=self._won,
@@ -211,6 +222,11 @@ class ALFWorld(TextEnv):
                 "task_type": self._task.task_type,
             },
         )
+
+    def _notes(self) -> str | None:
+        if not self.notes or self._task is None:
+            return None
+        return transcript_notes(self._task.instruction, _strip_welcome(self._intro), self._turns)
 
     # -- the oracle ---------------------------------------------------------------------------------------
 

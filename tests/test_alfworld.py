@@ -172,3 +172,34 @@ def test_official_data_dir_without_games_is_a_clear_error(tmp_path: Path) -> Non
     env = ALFWorld(**SMALL, data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="json_2.1.1"):
         env.tasks("seen")
+
+
+def test_notes_follow_the_episode_from_what_the_student_was_shown(env: ALFWorld, all_tasks) -> None:
+    """The notes are recomputed here from the texts the student saw alone: nothing else can shape them."""
+    from leap_dspy.envs.alfworld.notes import read_note, scene_places, transcript_notes
+
+    for task in all_tasks["train"]:
+        first = env.reset(task)
+        places = scene_places(first.text)
+        assert read_note(first.notes, "At") == "start" and read_note(first.notes, "Holding") == "nothing"
+        assert read_note(first.notes, "Unvisited") == ", ".join(places)
+        turns, obs, held_once = [], first, False
+        while not obs.done:
+            action = env.oracle_action()
+            obs = env.step(action)
+            turns.append((action, obs.text))
+            if obs.done:
+                assert obs.notes is None  # the episode is over: nothing left to decide
+                break
+            assert obs.notes == transcript_notes(task.instruction, first.text, turns)
+            arrived = obs.text.startswith("You arrive at ")
+            if arrived:
+                assert read_note(obs.notes, "At") == obs.text.removeprefix("You arrive at ").split(".")[0]
+                assert read_note(obs.notes, "At") not in (read_note(obs.notes, "Unvisited") or "")
+            if obs.text.startswith("You pick up the "):
+                held_once = True
+                assert read_note(obs.notes, "Holding").split(" (")[0] in obs.text
+        assert obs.success and held_once
+    obs = env.reset(all_tasks["train"][0])
+    before = obs.notes
+    assert env.step("fly to the moon").notes == before  # an invalid action teaches nothing

@@ -136,3 +136,48 @@ def test_the_realizable_search_sweeps_the_scene_from_where_the_student_stands() 
     with_bowl = "take bowl 1 from shelf 1 -> You pick up the bowl 1 from the shelf 1."
     assert sought(lamp_task, "You arrive at bed 1. On the bed 1, you see a pillow 1.", with_bowl) == "desklamp"
     assert sought(lamp_task, "You arrive at desk 1. On the desk 1, you see a desklamp 1.", with_bowl) is None
+
+
+def test_notes_keep_hands_sightings_and_the_unsearched_places() -> None:
+    from leap_dspy.envs.alfworld.notes import read_note, transcript_notes
+
+    first = ("You are in the middle of a room. Looking quickly around you, you see a cabinet 1, a fridge 1, "
+             "a countertop 1, and a garbagecan 1.\n\nYour task is to: put a cool apple in garbagecan.")
+    task = "put a cool apple in garbagecan."
+    turns = [("go to cabinet 1", "You arrive at cabinet 1. The cabinet 1 is closed."),
+             ("open cabinet 1", "You open the cabinet 1. The cabinet 1 is open. In it, you see a apple 2."),
+             ("go to countertop 1", "You arrive at countertop 1. On the countertop 1, you see a apple 1, a mug 1."),
+             ("take apple 1 from countertop 1", "You pick up the apple 1 from the countertop 1."),
+             ("go to fridge 1", "You arrive at fridge 1. The fridge 1 is closed."),
+             ("cool apple 1 with fridge 1", "You cool the apple 1 using the fridge 1."),
+             ("go to mars", "Nothing happens.")]
+    notes = transcript_notes(task, first, turns)
+    assert notes.splitlines() == ["At: fridge 1", "Holding: apple 1 (cool)", "Seen: apple 2 at cabinet 1",
+                                  "Unvisited: garbagecan 1"]
+    placed = transcript_notes(task, first, [*turns, ("go to garbagecan 1", "You arrive at garbagecan 1. On the "
+                                                     "garbagecan 1, you see nothing."),
+                                            ("move apple 1 to garbagecan 1",
+                                             "You move the apple 1 to the garbagecan 1.")])
+    assert read_note(placed, "Holding") == "nothing" and read_note(placed, "Unvisited") == "none"
+    start = transcript_notes(task, first, [])
+    assert start.splitlines()[0] == "At: start" and read_note(start, "Seen") == "none"
+
+
+def test_notes_replace_the_start_and_earlier_lines_and_steer_the_expert() -> None:
+    student = Student()
+    task = Task(id="x", env="alfworld", split="train", instruction="put a mug in shelf 1.")
+    notes = "At: drawer 1\nHolding: nothing\nSeen: none\nUnvisited: shelf 2, shelf 1"
+    past = [step(i, "go to drawer 1", "You arrive at drawer 1.", "You see a drawer 1.") for i in range(4)]
+    observation = Observation(text="You arrive at drawer 1.", notes=notes,
+                              admissible_actions=["go to shelf 1", "go to shelf 2", "look"])
+    inputs = student.inputs(task, observation, past)
+    assert inputs.observation == "You arrive at drawer 1.\n" + notes + "\nActions: go to shelf 1, go to shelf 2, look"
+    assert not any(line.startswith(("Start: ", "Earlier: ")) for line in inputs.history.splitlines())
+    assert sweep_next(inputs.observation, inputs.history) == "shelf 2"  # the first unvisited, not the nearest
+    assert realizable_reason(inputs.task, inputs.observation, "go to shelf 2", inputs.history) == (
+        "Need mug: not seen yet, the first unvisited is the shelf 2.")
+    seen = inputs.observation.replace("Seen: none", "Seen: mug 3 at shelf 1")
+    # the oracle knows of another mug in the shelf 2; the student saw one in the shelf 1 and goes there
+    assert realizable_search_action(inputs.task, seen, inputs.history, "look", "go to shelf 2") == "go to shelf 1"
+    without = Student(show_notes=False).inputs(task, observation, past)
+    assert "Holding:" not in without.observation and without.history.startswith("Start: ")

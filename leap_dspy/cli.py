@@ -79,6 +79,8 @@ def compile_(
     base: Annotated[bool, typer.Option(help="evaluate the untrained student")] = True,
     expert_reference: Annotated[bool, typer.Option("--expert-reference/--no-expert-reference",
                                                    help="evaluate the expert acting itself")] = True,
+    bc_from: Annotated[Path | None, typer.Option(help="start from the behaviour cloning of this finished run "
+                                                      "folder (same env, model, tasks and training settings)")] = None,
     sets: SetOption = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
@@ -96,7 +98,7 @@ def compile_(
         leap = LEAP(environment, iterations=iterations, update=update, model=model,  # type: ignore[arg-type]
                     privilege_level=privilege_level, run_dir=run_dir, max_train_rows=max_train_rows,
                     num_threads=threads, evaluate_base=base, evaluate_expert=expert_reference,
-                    progress=not quiet)
+                    progress=not quiet, bc_from=bc_from)
     except ValueError as exc:
         raise fail(str(exc)) from exc
     trainset = environment.tasks("train")

@@ -64,6 +64,12 @@ def as_tasks(examples: Iterable[Any]) -> list[Task]:
     return tasks
 
 
+BC_KEYS = ("env", "model", "trainset", "valset", "demonstrator", "bc_epochs", "bc_successful_only",
+           "balance_actions", "train", "lm", "seed")
+"""The configuration that behaviour cloning depends on: runs that agree on it may share one (`bc_from`), whatever
+their expert, update or privilege level."""
+
+
 class LEAP(Teleprompter):
     """Learning from privileged AI feedback (arXiv 2410.05434) as a DSPy teleprompter.
 
@@ -91,6 +97,10 @@ class LEAP(Teleprompter):
             shaped like the student, gets a privileged expert to LEAP); default the scripted oracle.
         lm_kwargs: settings of the student's local engine (`LocalEngine`); `max_new_tokens` defaults to 80,
             room for a one-sentence reason and an action in DSPy's chat format.
+        bc_from: a finished run folder whose behaviour cloning this run starts from (its `iter_0`, and its
+            `base` row; its `expert` row too when the expert is the same). Comparisons of updates, experts
+            and privilege levels then differ only in what they compare, as in the paper, and each skips the
+            costliest stage. The runs must agree on everything behaviour cloning depends on (`BC_KEYS`).
     """
 
     def __init__(
@@ -120,6 +130,7 @@ class LEAP(Teleprompter):
         teacher: dspy.Module | None = None,
         seed: int = 0,
         progress: bool = True,
+        bc_from: str | Path | None = None,
     ) -> None:
         super().__init__()
         if update not in ("sft", "dpo", "kto"):
@@ -152,6 +163,7 @@ class LEAP(Teleprompter):
         self.teacher = teacher
         self.seed = seed
         self.progress = progress
+        self.bc_from = None if bc_from is None else Path(bc_from)
 
     # -- configuration -------------------------------------------------------------------------------------
 
@@ -166,6 +178,7 @@ class LEAP(Teleprompter):
             "update": self.update,
             "privilege_level": self.privilege_level,
             "expert": describe_expert(teacher),
+            "demonstrator": describe_expert(self._demonstrator(teacher)),
             "trainset": [t.id for t in trainset],
             "valset": [t.id for t in valset],
             "bc_epochs": self.bc_epochs,
@@ -177,6 +190,7 @@ class LEAP(Teleprompter):
             "train": train_config.model_dump(),
             "lm": self.lm_kwargs,
             "seed": self.seed,
+            "bc_from": None if self.bc_from is None else str(self.bc_from.resolve()),
         }
 
     def _start(self, config: dict[str, Any]) -> None:
@@ -196,6 +210,32 @@ class LEAP(Teleprompter):
             console.print(f"resuming the run in {self.run.path}")
         self.run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_yaml(path, config)
+
+    def _adopt_behaviour_cloning(self, config: dict[str, Any]) -> None:
+        """Copy `bc_from`'s behaviour cloning (and its reference rows) into this run, once."""
+        import yaml
+
+        source = RunFolder(self.bc_from)
+        bc = source.path / "iter_0"
+        if not source.config_path.exists() or not (bc / "metrics.json").exists() or not (
+                bc / "adapter" / "adapter_config.json").exists():
+            raise ConfigMismatch(f"bc_from: {source.path} holds no finished behaviour cloning (iter_0)")
+        theirs = yaml.safe_load(source.config_path.read_text())
+        keys = BC_KEYS + (("privilege_level",) if "model" in config["demonstrator"] else ())  # an LM reads it
+        diff = sorted(k for k in keys if theirs.get(k) != config.get(k))
+        if diff:
+            raise ConfigMismatch(f"bc_from: {source.path} cloned behaviour under another configuration "
+                                 f"({', '.join(diff)})")
+        stages = ["iter_0", "base"] + (["expert"] if theirs.get("expert") == config["expert"] else [])
+        for name in stages:
+            target = self.run.path / name
+            if (source.path / name / "metrics.json").exists() and not (target / "metrics.json").exists():
+                tmp = target.with_name(name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(source.path / name, tmp)
+                shutil.rmtree(target, ignore_errors=True)
+                tmp.rename(target)
+        console.print(f"behaviour cloning from {source.path}")
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -220,7 +260,10 @@ class LEAP(Teleprompter):
                          teacher: dspy.Module) -> Student:
         if not train_tasks:
             raise ValueError("trainset is empty")
-        self._start(self.config(teacher, train_tasks, val_tasks))
+        config = self.config(teacher, train_tasks, val_tasks)
+        self._start(config)
+        if self.bc_from is not None:
+            self._adopt_behaviour_cloning(config)
         compile_start = time.perf_counter()
         random.seed(self.seed)
 

@@ -264,3 +264,29 @@ def test_rare_actions_are_repeated_within_the_same_row_budget() -> None:
     budgeted = balance_by_action(records, 3, 100, random.Random(0))
     assert len(budgeted) == 100 and len({id(r) for r in budgeted}) < 100  # repeats survive the cut
     assert balance_by_action(records, 1, 1000, random.Random(0)) == records  # cap 1: the raw mix
+
+
+def test_a_run_can_start_from_another_runs_behaviour_cloning(env: ALFWorld, tiny_model: str,
+                                                             tmp_path: Path) -> None:
+    source = tmp_path / "bc"
+    compile_tiny(env, tiny_model, source, iterations=0)
+    run = tmp_path / "dpo"
+    leap = LEAP(env, iterations=1, update="dpo", model=tiny_model, run_dir=run, train_config=FAST_TRAIN,
+                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False, bc_from=source)
+    leap.compile(Student(), trainset=env.tasks("train"), valset=env.tasks("seen") + env.tasks("unseen"))
+    for name in ("base", "expert", "iter_0"):  # adopted as they were, not played or trained again
+        assert (run / name / "metrics.json").read_text() == (source / name / "metrics.json").read_text()
+    assert ((run / "iter_0" / "trajectories.jsonl").read_text()
+            == (source / "iter_0" / "trajectories.jsonl").read_text())
+    assert json.loads((run / "iter_1" / "train.json").read_text())["method"] == "dpo"
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines[1:]] == ["base", "expert", "0", "1"]
+
+    with pytest.raises(ConfigMismatch, match="bc_epochs"):
+        LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "other", train_config=FAST_TRAIN,
+             lm_kwargs={"max_new_tokens": 16}, bc_epochs=3.0, progress=False, bc_from=source).compile(
+            Student(), trainset=env.tasks("train"), valset=env.tasks("seen") + env.tasks("unseen"))
+    with pytest.raises(ConfigMismatch, match="no finished behaviour cloning"):
+        LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "third", train_config=FAST_TRAIN,
+             lm_kwargs={"max_new_tokens": 16}, progress=False, bc_from=tmp_path / "nowhere").compile(
+            Student(), trainset=env.tasks("train"), valset=env.tasks("seen") + env.tasks("unseen"))

@@ -25,6 +25,10 @@ class TextEnv(ABC):
     default_privilege_level: ClassVar[int] = 0
     max_steps: int = 30
 
+    scripted_levels: ClassVar[tuple[int, ...]] = ()
+    """Levels below the top at which the scripted expert (`OracleExpert`) has a policy of its own; at the top
+    level it follows the environment's oracle."""
+
     @abstractmethod
     def tasks(self, split: Split) -> list[Task]:
         """The split's tasks, reproducible from the environment's seed."""

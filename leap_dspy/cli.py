@@ -99,6 +99,7 @@ def compile_(
                     privilege_level=privilege_level, run_dir=run_dir, max_train_rows=max_train_rows,
                     num_threads=threads, evaluate_base=base, evaluate_expert=expert_reference,
                     progress=not quiet, bc_from=bc_from)
+        leap.check_teacher(teacher)
     except ValueError as exc:
         raise fail(str(exc)) from exc
     trainset = environment.tasks("train")

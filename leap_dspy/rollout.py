@@ -118,10 +118,11 @@ def expert_rollout(expert: dspy.Module, student: Student, env: TextEnv, tasks: I
     they stand) plus the privileged state of the state it is in.
     """
 
+    capture_level, capture_oracle = expert_capture(expert, env, level)
+
     def play(episode_env: TextEnv, task: Task) -> Trajectory:
         def act(inputs: StudentInputs) -> tuple[str, str, str | None]:
-            privileged = capture_privileged(episode_env, level if reads_privileged_text(expert) else None,
-                                            needs_oracle(expert)) or PrivilegedState(level=-1)
+            privileged = capture_privileged(episode_env, capture_level, capture_oracle) or PrivilegedState(level=-1)
             try:
                 out = expert(**expert_inputs(inputs, "", "", privileged))
             except Exception as exc:  # an expert failure is recorded on the step, not raised
@@ -131,6 +132,16 @@ def expert_rollout(expert: dspy.Module, student: Student, env: TextEnv, tasks: I
         return run_episode(act, student.inputs, episode_env, task, policy=policy)
 
     return run_parallel(play, env, tasks, num_threads=num_threads, program=expert, on_trajectory=on_trajectory)
+
+
+def expert_capture(expert: dspy.Module, env: TextEnv, level: int) -> tuple[int | None, bool]:
+    """What to record at each step for `expert` at privilege `level`: (the level whose privileged state it
+    reads, or None; whether it reads the oracle's next action). The scripted expert follows the oracle only at
+    the environment's top level; below it, it reads that level's facts (see `OracleExpert`)."""
+    if isinstance(expert, OracleExpert):
+        top = max(env.privilege_levels)
+        return (None, True) if level >= top else (level, False)
+    return (level if reads_privileged_text(expert) else None), needs_oracle(expert)
 
 
 def needs_oracle(expert: dspy.Module) -> bool:

@@ -33,10 +33,10 @@ from leap_dspy.programs.student import Student
 from leap_dspy.progress import console, progress_bar
 from leap_dspy.realizability import unobserved_mentions
 from leap_dspy.rollout import (
+    expert_capture,
     expert_rollout,
     mean_reward,
     needs_oracle,
-    reads_privileged_text,
     rollout,
     success_rate,
 )
@@ -211,6 +211,14 @@ class LEAP(Teleprompter):
         self.run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_yaml(path, config)
 
+    def check_teacher(self, teacher: dspy.Module) -> None:
+        """Refuse a teacher that cannot correct at this run's privilege level, before anything runs."""
+        top = max(self.env.privilege_levels)
+        if isinstance(teacher, OracleExpert) and self.privilege_level < top and (
+                self.privilege_level not in self.env.scripted_levels):
+            raise ValueError(f"the scripted expert has no policy at privilege level {self.privilege_level} on "
+                             f"{self.env.name} (it follows the oracle at level {top}); use an LM expert there")
+
     def _adopt_behaviour_cloning(self, config: dict[str, Any]) -> None:
         """Copy `bc_from`'s behaviour cloning (and its reference rows) into this run, once."""
         import yaml
@@ -260,6 +268,7 @@ class LEAP(Teleprompter):
                          teacher: dspy.Module) -> Student:
         if not train_tasks:
             raise ValueError("trainset is empty")
+        self.check_teacher(teacher)
         config = self.config(teacher, train_tasks, val_tasks)
         self._start(config)
         if self.bc_from is not None:
@@ -302,19 +311,19 @@ class LEAP(Teleprompter):
         if k == 0:
             demonstrator = self._demonstrator(teacher)
             done = self._collect(trajectories, train_tasks, lambda todo, save: expert_rollout(
-                demonstrator, student, self.env, todo, level=self.privilege_level,
+                demonstrator, student, self.env, todo, level=self._demonstration_level(demonstrator),
                 num_threads=self.expert_threads, policy="expert", on_trajectory=save), "demonstrations")
-            self._demonstrations(done, corrections)
+            self._demonstrations(done, corrections, self._demonstration_level(demonstrator))
         else:
             if isinstance(teacher, SelfExpert):
                 teacher.follow(student)
             tasks = train_tasks
             if self.rollout_tasks is not None and self.rollout_tasks < len(train_tasks):
                 tasks = random.Random(self.seed * 7919 + k).sample(train_tasks, self.rollout_tasks)
+            capture_level, capture_oracle = expert_capture(teacher, self.env, self.privilege_level)
             done = self._collect(trajectories, tasks, lambda todo, save: rollout(
-                student, self.env, todo, num_threads=self.num_threads,
-                capture_level=self.privilege_level if reads_privileged_text(teacher) else None,
-                capture_oracle=needs_oracle(teacher), policy=f"student@{k - 1}", on_trajectory=save),
+                student, self.env, todo, num_threads=self.num_threads, capture_level=capture_level,
+                capture_oracle=capture_oracle, policy=f"student@{k - 1}", on_trajectory=save),
                 f"iteration {k}: rollouts")
             self._correct(k, teacher, done, corrections)
 
@@ -339,6 +348,11 @@ class LEAP(Teleprompter):
         self._evaluate_stage(k, student, val_tasks, stage_s=time.perf_counter() - start, extra=extra)
         return adapter_dir
 
+    def _demonstration_level(self, demonstrator: dspy.Module) -> int:
+        """The scripted oracle demonstrates with everything it knows, whatever level corrections are made at:
+        runs along the privilege dial then share one behaviour cloning, as in the paper's comparison."""
+        return max(self.env.privilege_levels) if isinstance(demonstrator, OracleExpert) else self.privilege_level
+
     def _demonstrator(self, teacher: dspy.Module) -> dspy.Module:
         if self.demonstrator is not None:
             return self.demonstrator
@@ -360,7 +374,7 @@ class LEAP(Teleprompter):
 
     # -- corrections ---------------------------------------------------------------------------------------
 
-    def _demonstrations(self, demos: dict[str, Trajectory], log: JsonlLog[Correction]) -> None:
+    def _demonstrations(self, demos: dict[str, Trajectory], log: JsonlLog[Correction], level: int) -> None:
         have = log.load()
         for trajectory in demos.values():
             if self.bc_successful_only and not trajectory.success:
@@ -369,7 +383,7 @@ class LEAP(Teleprompter):
                 record = Correction(task_id=trajectory.task.id, step=step.index, inputs=step.inputs,
                                     reason=step.reason, action=step.action, student_reason=step.reason,
                                     student_action=step.action, expert=trajectory.policy, iteration=0,
-                                    level=self.privilege_level, source="demonstration",
+                                    level=level, source="demonstration",
                                     dropped=step.error)
                 if record.key not in have:
                     log.append(record)

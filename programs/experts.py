@@ -12,6 +12,7 @@ import re
 import dspy
 from leap_dspy.envs.alfworld.notes import read_note, task_object
 from leap_dspy.envs.alfworld.notes import scene_places as _scene_of
+from leap_dspy.envs.alfworld.policy import scripted_action
 from leap_dspy.signatures import PrivilegedCorrection, StepFix, StudentTurn, TrajectoryCorrection
 
 from leap_dspy.adapters import CompactChatAdapter
@@ -25,6 +26,10 @@ class MissingPrivilege(ValueError):
 class OracleExpert(dspy.Module):
     """The scripted expert: the environment's own oracle action, with a reason written from the student's
     view only (templates over the task, the observation and the action), so that the reason is realizable.
+
+    The oracle knows everything, so it is what the scripted expert follows at the environment's top privilege
+    level. Below it, on ALFWorld, it plays a scripted policy that uses only what the level grants
+    (`envs/alfworld/policy.py`: level 0 the student's own view, 1 adds object locations, 2 their states).
     """
 
     requires_oracle = True
@@ -44,12 +49,20 @@ class OracleExpert(dspy.Module):
     def forward(self, task: str, observation: str, history: str, student_reason: str, student_action: str,
                 privileged_state: PrivilegedState) -> dspy.Prediction:
         action = privileged_state.oracle_action
-        if not action:
+        if not action and privileged_state.level >= 0:
+            action = scripted_action(task, observation, history, privileged_state.level,
+                                     {k: v for k, v in privileged_state.sections.items() if isinstance(v, list)})
+            if action is None:
+                raise MissingPrivilege(
+                    "OracleExpert below the top privilege level plays a scripted policy over the student's "
+                    "notes, which this environment does not keep, or which has no move left here"
+                )
+        elif not action:
             raise MissingPrivilege(
                 "OracleExpert needs the oracle's next action in the privileged state; it is only given at the "
                 "environment's top privilege level"
             )
-        if self.realizable_search:
+        elif self.realizable_search:
             action = realizable_search_action(task, observation, history, student_action, action)
         if action.strip() == student_action.strip() and student_reason.strip():
             return dspy.Prediction(reason=student_reason, action=action)

@@ -203,3 +203,19 @@ def test_notes_follow_the_episode_from_what_the_student_was_shown(env: ALFWorld,
     obs = env.reset(all_tasks["train"][0])
     before = obs.notes
     assert env.step("fly to the moon").notes == before  # an invalid action teaches nothing
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_the_scripted_expert_wins_below_the_oracle_level(env: ALFWorld, all_tasks, level: int) -> None:
+    """Level 0 plays from the student's view alone, 1 and 2 add what the privileged state says."""
+    from leap_dspy.programs import OracleExpert, Student
+
+    from leap_dspy.rollout import expert_capture, expert_rollout
+
+    assert expert_capture(OracleExpert(), env, level) == (level, False)  # no oracle below the top
+    assert expert_capture(OracleExpert(), env, 3) == (None, True)
+    tasks = all_tasks["train"] + all_tasks["seen"] + all_tasks["unseen"]
+    trajectories = expert_rollout(OracleExpert(), Student(), env, tasks, level=level, num_threads=1)
+    assert all(t.success for t in trajectories), [(t.task.task_type, [s.action for s in t.steps])
+                                                  for t in trajectories if not t.success]
+    assert not any(s.error for t in trajectories for s in t.steps)

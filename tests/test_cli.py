@@ -44,3 +44,8 @@ def test_bad_options_exit_2() -> None:
 def test_bad_split_exits_2() -> None:
     result = runner.invoke(app, ["tasks", "--split", "dev"])
     assert result.exit_code == 2
+
+
+def test_a_scripted_expert_below_the_top_level_without_a_policy_exits_2() -> None:
+    result = runner.invoke(app, ["compile", "--env", "intercode-bash", "--privilege-level", "0", "--quiet"])
+    assert result.exit_code == 2 and "no policy at privilege level 0" in result.output

@@ -181,3 +181,26 @@ def test_notes_replace_the_start_and_earlier_lines_and_steer_the_expert() -> Non
     assert realizable_search_action(inputs.task, seen, inputs.history, "look", "go to shelf 2") == "go to shelf 1"
     without = Student(show_notes=False).inputs(task, observation, past)
     assert "Holding:" not in without.observation and without.history.startswith("Start: ")
+
+
+def test_the_scripted_policy_uses_only_what_its_level_grants() -> None:
+    from leap_dspy.envs.alfworld.policy import scripted_action, task_change, task_target
+
+    assert task_change("put a hot apple in fridge.") == "hot" and task_change("put some mug on shelf.") is None
+    assert task_target("clean some mug and put it in coffeemachine.") == "coffeemachine"
+    task = "put a cool apple in garbagecan."
+    view = ("You arrive at cabinet 1. The cabinet 1 is closed.\nAt: cabinet 1\nHolding: nothing\nSeen: none\n"
+            "Unvisited: fridge 1, garbagecan 1\nActions: go to fridge 1, go to garbagecan 1, open cabinet 1, look")
+    facts = {"object locations": ["apple 3 is in/on fridge 1"]}
+    assert scripted_action(task, view, "", 0, facts) == "open cabinet 1"  # level 0 ignores the facts
+    assert scripted_action(task, view, "", 1, facts) == "go to fridge 1"  # level 1 goes where the apple is
+    holding = view.replace("Holding: nothing", "Holding: apple 3")
+    assert scripted_action(task, holding, "", 0) == "go to fridge 1"  # nothing to cool it with here
+    at_fridge = holding.replace(", look", ", cool apple 3 with fridge 1")
+    assert scripted_action(task, at_fridge, "", 0) == "cool apple 3 with fridge 1"
+    cooled = view.replace("Holding: nothing", "Holding: apple 3 (cool)")
+    assert scripted_action(task, cooled, "", 0) == "go to garbagecan 1"
+    states = {"states": ["apple 3 is cool"]}
+    assert scripted_action(task, view.replace("Holding: nothing", "Holding: apple 3"), "", 2, states) == (
+        "go to garbagecan 1")  # level 2 knows it is cool already
+    assert scripted_action(task, "You arrive at cabinet 1.", "", 0) is None  # no notes, no policy

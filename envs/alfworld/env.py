@@ -41,6 +41,7 @@ class ALFWorld(TextEnv):
         3: "locations + states + the handcoded expert's remaining plan from the current state",
     }
     default_privilege_level: ClassVar[int] = 3
+    scripted_levels: ClassVar[tuple[int, ...]] = (0, 1, 2)  # policy.py
 
     def __init__(
         self,

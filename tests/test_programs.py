@@ -152,13 +152,18 @@ def test_notes_keep_hands_sightings_and_the_unsearched_places() -> None:
              ("cool apple 1 with fridge 1", "You cool the apple 1 using the fridge 1."),
              ("go to mars", "Nothing happens.")]
     notes = transcript_notes(task, first, turns)
-    assert notes.splitlines() == ["At: fridge 1", "Holding: apple 1 (cool)", "Seen: apple 2 at cabinet 1",
-                                  "Unvisited: garbagecan 1"]
+    # the second apple is not what it looks for while it carries the first
+    assert notes.splitlines() == ["At: fridge 1", "Holding: apple 1 (cool)", "Seen: none", "Unvisited: garbagecan 1"]
     placed = transcript_notes(task, first, [*turns, ("go to garbagecan 1", "You arrive at garbagecan 1. On the "
                                                      "garbagecan 1, you see nothing."),
                                             ("move apple 1 to garbagecan 1",
                                              "You move the apple 1 to the garbagecan 1.")])
     assert read_note(placed, "Holding") == "nothing" and read_note(placed, "Unvisited") == "none"
+    assert read_note(placed, "Seen") == "apple 2 at cabinet 1"  # once its hands are free, it is again
+    lamp = transcript_notes("look at apple under the desklamp.", first, [
+        ("go to cabinet 1", "You arrive at cabinet 1. On the cabinet 1, you see a desklamp 1, a apple 1."),
+        ("take apple 1 from cabinet 1", "You pick up the apple 1 from the cabinet 1.")])
+    assert read_note(lamp, "Seen") == "desklamp 1 at cabinet 1"
     start = transcript_notes(task, first, [])
     assert start.splitlines()[0] == "At: start" and read_note(start, "Seen") == "none"
 
@@ -175,10 +180,15 @@ def test_notes_replace_the_start_and_earlier_lines_and_steer_the_expert() -> Non
     assert not any(line.startswith(("Start: ", "Earlier: ")) for line in inputs.history.splitlines())
     assert sweep_next(inputs.observation, inputs.history) == "shelf 2"  # the first unvisited, not the nearest
     assert realizable_reason(inputs.task, inputs.observation, "go to shelf 2", inputs.history) == (
-        "Need mug: not seen yet, the first unvisited is the shelf 2.")
+        "Need mug, seen none: the first unvisited is the shelf 2.")
     seen = inputs.observation.replace("Seen: none", "Seen: mug 3 at shelf 1")
     # the oracle knows of another mug in the shelf 2; the student saw one in the shelf 1 and goes there
     assert realizable_search_action(inputs.task, seen, inputs.history, "look", "go to shelf 2") == "go to shelf 1"
+    assert realizable_reason(inputs.task, seen, "go to shelf 1", inputs.history) == (
+        "Need mug, seen mug 3 at shelf 1: I go to the shelf 1.")
+    here = seen.replace("At: drawer 1", "At: shelf 1")
+    assert realizable_reason(inputs.task, here, "take mug 3 from shelf 1", inputs.history) == (
+        "Need mug, seen mug 3 at shelf 1: here, I take the mug 3.")
     without = Student(show_notes=False).inputs(task, observation, past)
     assert "Holding:" not in without.observation and without.history.startswith("Start: ")
 

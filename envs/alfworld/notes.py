@@ -51,8 +51,9 @@ def scene_places(first_observation: str) -> list[str]:
 
 def transcript_notes(task: str, first_observation: str, turns: list[tuple[str, str]]) -> str:
     """Four lines from what the student has been shown: where it is, what it holds (and whether it is clean,
-    hot or cool), where it saw the objects the task needs that it has not moved since, and the places of the
-    first observation it has not been to, in that observation's order (the order a search follows).
+    hot or cool), where it saw what it is looking for now (the task's object, or holding it on a look-at task,
+    the lamp) and has not moved since, and the places of the first observation it has not been to, in that
+    observation's order (the order a search follows).
 
     `turns` are (command, feedback) pairs in play order; feedback that says nothing happened changes nothing.
     """
@@ -89,7 +90,12 @@ def transcript_notes(task: str, first_observation: str, turns: list[tuple[str, s
         if changed and changed[2] == held:
             states.setdefault(held, []).append(_STATE_WORDS[changed[1]])
     holding = f"{held} ({', '.join(states[held])})" if held and states.get(held) else held or "nothing"
-    seen_text = ", ".join(f"{instance} at {place}" for instance, place in seen.items()) or "none"
+    goal, lamp = task_object(task), task_lamp(task)
+    # Only what the student looks for now: the task's object, or with it in hand on a look-at task, the lamp.
+    # A second apple seen while carrying the first would only invite a detour.
+    looking_for = goal if held is None or held.rsplit(" ", 1)[0] != goal else lamp
+    seen_text = ", ".join(f"{instance} at {place}" for instance, place in seen.items()
+                          if instance.rsplit(" ", 1)[0] == looking_for) or "none"
     unvisited = [p for p in places if p not in visited and p != here]
     return (f"At: {here or 'start'}\nHolding: {holding}\nSeen: {seen_text}\n"
             f"Unvisited: {', '.join(unvisited) if unvisited else 'none'}")

@@ -1,4 +1,4 @@
-"""`leap-dspy`: compile a student with LEAP, evaluate it, roll out any saved program, list tasks."""
+"""`leap-dspy`: compile a student with LEAP, evaluate it, roll out any saved program, compare runs, list tasks."""
 
 from __future__ import annotations
 
@@ -204,6 +204,41 @@ def _play(student: Any, environment: Any, split: str, threads: int, limit: int |
     with progress_bar(f"rollout {split}", len(tasks)) as advance:
         trajectories = rollout(student, environment, tasks, num_threads=threads, on_trajectory=lambda _: advance())
     report_rollout(title, trajectories)
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run folders written by compile")],
+    split: Annotated[str, typer.Option(help="seen or unseen")] = "unseen",
+) -> None:
+    """One row per run: what it varied (update, expert, privilege level) and its success after behaviour cloning
+    and after each LEAP iteration, with the time the run's own stages took (a run started with --bc-from
+    counts only its iterations)."""
+    import csv
+
+    if split not in ("seen", "unseen"):
+        raise fail(f"--split must be seen or unseen, not {split!r}")
+    runs = []
+    for run_dir in run_dirs:
+        config, _ = load_run(run_dir) if (run_dir / "config.yaml").exists() else (None, None)
+        if config is None or not (run_dir / "metrics.csv").exists():
+            raise fail(f"{run_dir} is not a run folder with metrics (no config.yaml or metrics.csv)")
+        rows = {row["iteration"]: row for row in csv.DictReader((run_dir / "metrics.csv").open())}
+        runs.append((run_dir, config, rows))
+    width = max((sum(k.isdigit() for k in rows) for _, _, rows in runs), default=0)
+    table = Table(title=f"{split} success")
+    for column in ["run", "update", "expert", "level", "expert's own", *(
+            ["BC"] + [f"iter {k}" for k in range(1, width)]), "minutes"]:
+        table.add_column(column, justify="right")
+    for run_dir, config, rows in runs:
+        own = [k for k in rows if k.isdigit() and (k != "0" or not config.get("bc_from"))]
+        minutes = sum(float(rows[k].get("wall_s") or 0) for k in own) / 60
+        cells = [rows[str(k)][f"{split}_success"] if str(k) in rows else "" for k in range(width)]
+        expert = config["expert"]
+        name = {"OracleExpert": "oracle", "SelfExpert": "self"}.get(expert["name"], expert.get("model", expert["name"]))
+        table.add_row(run_dir.name, config["update"], name, str(config["privilege_level"]),
+                      rows.get("expert", {}).get(f"{split}_success", ""), *cells, f"{minutes:.1f}")
+    console.print(table)
 
 
 @app.command()

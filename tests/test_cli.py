@@ -49,3 +49,30 @@ def test_bad_split_exits_2() -> None:
 def test_a_scripted_expert_below_the_top_level_without_a_policy_exits_2() -> None:
     result = runner.invoke(app, ["compile", "--env", "intercode-bash", "--privilege-level", "0", "--quiet"])
     assert result.exit_code == 2 and "no policy at privilege level 0" in result.output
+
+
+def test_compare_puts_runs_side_by_side(tmp_path: Path) -> None:
+    import yaml
+
+    from leap_dspy.runs import RunFolder
+    from leap_dspy.store import atomic_write_json
+
+    for name, update, bc_from, unseen in (("sft", "sft", None, [0.05, 0.1, 0.2]), ("dpo", "dpo", "x", [0.05, 0.15])):
+        run = RunFolder(tmp_path / name)
+        run.path.mkdir()
+        config = {"env": {"name": "alfworld", "num_train": 2}, "update": update, "privilege_level": 3,
+                  "expert": {"name": "OracleExpert"}, "bc_from": bc_from}
+        run.config_path.write_text(yaml.safe_dump(config))
+        atomic_write_json(run.stage("expert") / "metrics.json", {"iteration": "expert", "unseen_success": 1.0})
+        for k, value in enumerate(unseen):
+            atomic_write_json(run.stage(k) / "metrics.json", {"iteration": str(k), "unseen_success": value,
+                                                              "wall_s": 60.0})
+        run.write_metrics_csv()
+    result = runner.invoke(app, ["compare", str(tmp_path / "sft"), str(tmp_path / "dpo")], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "│" in line]
+    sft, dpo = ([c.strip() for c in line.split("│")[1:-1]] for line in lines[-2:])
+    assert sft == ["sft", "sft", "oracle", "3", "1.0", "0.05", "0.1", "0.2", "3.0"]
+    assert dpo == ["dpo", "dpo", "oracle", "3", "1.0", "0.05", "0.15", "", "1.0"]  # its BC was another run's
+    missing = runner.invoke(app, ["compare", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "not a run folder" in missing.output

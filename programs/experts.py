@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 
 import dspy
-from leap_dspy.envs.alfworld.notes import read_note, task_object
+from leap_dspy.envs.alfworld.notes import read_note, task_lamp, task_object
 from leap_dspy.envs.alfworld.notes import scene_places as _scene_of
-from leap_dspy.envs.alfworld.policy import scripted_action
+from leap_dspy.envs.alfworld.policy import APPLIANCE, scripted_action, task_change, task_target
 from leap_dspy.signatures import PrivilegedCorrection, StepFix, StudentTurn, TrajectoryCorrection
 
 from leap_dspy.adapters import CompactChatAdapter
@@ -328,6 +328,24 @@ def _noted_reason(action: str, need: str | None, seen: str, observation: str, hi
     return None
 
 
+def _carry_reason(task: str, action: str, held: str | None, observation: str) -> str | None:
+    """Copy-then-decide while carrying: where to go is in the task, so the reason copies the task's word for
+    it first ("Holding the mug 1 (clean), the task says shelf: I go to the shelf 1"). To treat the object,
+    the word is the state the task wants and the reason names the appliance that gives it."""
+    m = re.match(r"^go to (?P<x>.+)$", action)
+    if not m or not held:
+        return None
+    holding = read_note(observation, "Holding") or held
+    place_kind = m["x"].rsplit(" ", 1)[0].replace(" ", "")
+    change = task_change(task)
+    if change and f"({change}" not in holding and f" {change})" not in holding and place_kind == APPLIANCE[change]:
+        return f"Holding the {holding}, the task wants it {change}: the {m['x']} does that, I go there."
+    target = task_target(task)
+    if target and place_kind == target:
+        return f"Holding the {holding}, the task says {target}: I go to the {m['x']}."
+    return None
+
+
 def realizable_reason(task: str, observation: str, action: str, history: str = "") -> str:
     """A one-sentence reason for `action` that names only what the student can see.
 
@@ -349,7 +367,10 @@ def realizable_reason(task: str, observation: str, action: str, history: str = "
     need = missing or (goal if not held else None)
     seen = read_note(observation, "Seen")
     if seen is not None:
-        noted = _noted_reason(text, need, seen, observation, history)
+        lamp = task_lamp(task)
+        if held and lamp and held.rsplit(" ", 1)[0] == goal:
+            need = lamp  # the object is in hand; the lamp is what it looks for now, as its notes' Seen line
+        noted = _noted_reason(text, need, seen, observation, history) or _carry_reason(task, text, held, observation)
         if noted:
             return noted
     m = re.match(r"^go to (?P<x>.+)$", text)

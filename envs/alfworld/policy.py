@@ -20,7 +20,8 @@ import re
 
 from leap_dspy.envs.alfworld.notes import read_note, scene_places, task_lamp, task_object
 
-_APPLIANCE = {"clean": "sinkbasin", "hot": "microwave", "cool": "fridge"}
+APPLIANCE = {"clean": "sinkbasin", "hot": "microwave", "cool": "fridge"}
+"""Where ALFWorld's objects become clean, hot or cool."""
 _VERB = {"clean": "clean", "hot": "heat", "cool": "cool"}
 
 
@@ -114,7 +115,7 @@ def scripted_action(task: str, observation: str, history: str, level: int,
             use = next((a for a in admissible if a.startswith(f"use {lamp} ")), None)
             return use or search(lamp)
         if change and change not in held_states:
-            verb, appliance = _VERB[change], _APPLIANCE[change]
+            verb, appliance = _VERB[change], APPLIANCE[change]
             act = next((a for a in admissible if a.startswith(f"{verb} {held} with {appliance} ")), None)
             return act or go(_first_of_kind(places, appliance))
         place = next((a for a in admissible if a.startswith(f"move {held} to ") and target

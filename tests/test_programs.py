@@ -214,3 +214,24 @@ def test_the_scripted_policy_uses_only_what_its_level_grants() -> None:
     assert scripted_action(task, view.replace("Holding: nothing", "Holding: apple 3"), "", 2, states) == (
         "go to garbagecan 1")  # level 2 knows it is cool already
     assert scripted_action(task, "You arrive at cabinet 1.", "", 0) is None  # no notes, no policy
+
+
+def test_carrying_reasons_copy_the_task_word_before_the_place() -> None:
+    def view(holding: str, seen: str = "none") -> str:
+        return (f"You pick up the mug 1 from the shelf 2.\nAt: shelf 2\nHolding: {holding}\nSeen: {seen}\n"
+                "Unvisited: none\nActions: go to sinkbasin 1, go to shelf 1, go to desk 1, use desklamp 1")
+
+    task = "clean some mug and put it in shelf."
+    assert realizable_reason(task, view("mug 1"), "go to sinkbasin 1") == (
+        "Holding the mug 1, the task wants it clean: the sinkbasin 1 does that, I go there.")
+    assert realizable_reason(task, view("mug 1 (clean)"), "go to shelf 1") == (
+        "Holding the mug 1 (clean), the task says shelf: I go to the shelf 1.")
+    look = "look at mug under the desklamp."
+    assert realizable_reason(look, view("mug 1", "desklamp 1 at desk 1"), "go to desk 1") == (
+        "Need desklamp, seen desklamp 1 at desk 1: I go to the desk 1.")
+    assert realizable_reason(look, view("mug 1", "desklamp 1 at shelf 2"), "use desklamp 1") == (
+        "Need desklamp, seen desklamp 1 at shelf 2: here, I turn it on.")
+    for reason in (realizable_reason(task, view("mug 1"), "go to sinkbasin 1"),
+                   realizable_reason(look, view("mug 1", "desklamp 1 at desk 1"), "go to desk 1")):
+        inputs = StudentInputs(task=task if "clean" in reason else look, observation=view("mug 1"), history="")
+        assert not unobserved_mentions(reason, inputs)

@@ -330,7 +330,7 @@ def _noted_reason(action: str, need: str | None, seen: str, observation: str, hi
 
 def _carry_reason(task: str, action: str, held: str | None, observation: str) -> str | None:
     """Copy-then-decide while carrying: where to go is in the task, so the reason copies the task's word for
-    it first ("Holding the mug 1 (clean), the task says shelf: I go to the shelf 1"). To treat the object,
+    it first ("The task says shelf: I go to the shelf 1"). To treat the object,
     the word is the state the task wants and the reason names the appliance that gives it."""
     m = re.match(r"^go to (?P<x>.+)$", action)
     if not m or not held:
@@ -339,14 +339,25 @@ def _carry_reason(task: str, action: str, held: str | None, observation: str) ->
     place_kind = m["x"].rsplit(" ", 1)[0].replace(" ", "")
     change = task_change(task)
     if change and f"({change}" not in holding and f" {change})" not in holding and place_kind == APPLIANCE[change]:
-        return f"Holding the {holding}, the task wants it {change}: the {m['x']} does that, I go there."
+        return f"The task wants it {change}: the {m['x']} does that, I go there."
     target = task_target(task)
     if target and place_kind == target:
-        return f"Holding the {holding}, the task says {target}: I go to the {m['x']}."
+        return f"The task says {target}: I go to the {m['x']}."
     return None
 
 
 def realizable_reason(task: str, observation: str, action: str, history: str = "") -> str:
+    """A one-sentence reason for `action` that names only what the student can see (see `_reason`).
+
+    With notes, the reason first copies the `Holding:` line: whether the student is still looking for
+    the object or already carries it is the first decision of every step, and the token that makes it then
+    follows the copied fact instead of a line several rows up in the prompt."""
+    reason = _reason(task, observation, action, history)
+    holding = read_note(observation, "Holding")
+    return reason if holding is None else f"Holding {holding}. {reason}"
+
+
+def _reason(task: str, observation: str, action: str, history: str = "") -> str:
     """A one-sentence reason for `action` that names only what the student can see.
 
     The student writes the reason before the action, so the reason is where it decides. While it looks for

@@ -180,15 +180,15 @@ def test_notes_replace_the_start_and_earlier_lines_and_steer_the_expert() -> Non
     assert not any(line.startswith(("Start: ", "Earlier: ")) for line in inputs.history.splitlines())
     assert sweep_next(inputs.observation, inputs.history) == "shelf 2"  # the first unvisited, not the nearest
     assert realizable_reason(inputs.task, inputs.observation, "go to shelf 2", inputs.history) == (
-        "Need mug, seen none: the first unvisited is the shelf 2.")
+        "Holding nothing. Need mug, seen none: the first unvisited is the shelf 2.")
     seen = inputs.observation.replace("Seen: none", "Seen: mug 3 at shelf 1")
     # the oracle knows of another mug in the shelf 2; the student saw one in the shelf 1 and goes there
     assert realizable_search_action(inputs.task, seen, inputs.history, "look", "go to shelf 2") == "go to shelf 1"
     assert realizable_reason(inputs.task, seen, "go to shelf 1", inputs.history) == (
-        "Need mug, seen mug 3 at shelf 1: I go to the shelf 1.")
+        "Holding nothing. Need mug, seen mug 3 at shelf 1: I go to the shelf 1.")
     here = seen.replace("At: drawer 1", "At: shelf 1")
     assert realizable_reason(inputs.task, here, "take mug 3 from shelf 1", inputs.history) == (
-        "Need mug, seen mug 3 at shelf 1: here, I take the mug 3.")
+        "Holding nothing. Need mug, seen mug 3 at shelf 1: here, I take the mug 3.")
     without = Student(show_notes=False).inputs(task, observation, past)
     assert "Holding:" not in without.observation and without.history.startswith("Start: ")
 
@@ -223,14 +223,14 @@ def test_carrying_reasons_copy_the_task_word_before_the_place() -> None:
 
     task = "clean some mug and put it in shelf."
     assert realizable_reason(task, view("mug 1"), "go to sinkbasin 1") == (
-        "Holding the mug 1, the task wants it clean: the sinkbasin 1 does that, I go there.")
+        "Holding mug 1. The task wants it clean: the sinkbasin 1 does that, I go there.")
     assert realizable_reason(task, view("mug 1 (clean)"), "go to shelf 1") == (
-        "Holding the mug 1 (clean), the task says shelf: I go to the shelf 1.")
+        "Holding mug 1 (clean). The task says shelf: I go to the shelf 1.")
     look = "look at mug under the desklamp."
     assert realizable_reason(look, view("mug 1", "desklamp 1 at desk 1"), "go to desk 1") == (
-        "Need desklamp, seen desklamp 1 at desk 1: I go to the desk 1.")
+        "Holding mug 1. Need desklamp, seen desklamp 1 at desk 1: I go to the desk 1.")
     assert realizable_reason(look, view("mug 1", "desklamp 1 at shelf 2"), "use desklamp 1") == (
-        "Need desklamp, seen desklamp 1 at shelf 2: here, I turn it on.")
+        "Holding mug 1. Need desklamp, seen desklamp 1 at shelf 2: here, I turn it on.")
     for reason in (realizable_reason(task, view("mug 1"), "go to sinkbasin 1"),
                    realizable_reason(look, view("mug 1", "desklamp 1 at desk 1"), "go to desk 1")):
         inputs = StudentInputs(task=task if "clean" in reason else look, observation=view("mug 1"), history="")

@@ -26,7 +26,7 @@ from leap_dspy.lm.models import DEFAULT_MODEL
 from leap_dspy.lm.registry import LoadedModel, get_loaded
 
 _STATE_KEYS = ("model", "adapter", "dtype", "max_batch", "max_new_tokens", "batching", "prefix_cache",
-               "batch_wait_s", "device")
+               "batch_wait_s", "device", "no_repeat_ngram")
 
 
 class LocalEngine:
@@ -43,6 +43,8 @@ class LocalEngine:
         prefix_cache: compute the KV cache of a batch's common token prefix once (see `generate.py`).
         batch_wait_s: how long the worker waits for another request before starting a partial batch.
         device: "cpu", "cuda", ...; None picks CUDA when available.
+        no_repeat_ngram: never generate an n-gram of this many tokens twice in one answer (0: off; see
+            `GenParams.no_repeat_ngram`).
 
     `expected` (attribute, int or None) may be set by a caller that knows how many clients call at once
     (the rollout runner sets it to the number of live environments): a batch then starts as soon as that
@@ -61,6 +63,7 @@ class LocalEngine:
         prefix_cache: bool = True,
         batch_wait_s: float = 0.05,
         device: str | None = None,
+        no_repeat_ngram: int = 0,
     ) -> None:
         if max_batch < 1 or max_new_tokens < 1:
             raise ValueError("max_batch and max_new_tokens must be at least 1")
@@ -73,6 +76,7 @@ class LocalEngine:
         self.prefix_cache = prefix_cache
         self.batch_wait_s = batch_wait_s
         self.device = device
+        self.no_repeat_ngram = int(no_repeat_ngram)
         self.expected: int | None = None
         self._loaded: LoadedModel = get_loaded(self.model, self.adapter, dtype, device)
         self._solo_lock = threading.Lock()
@@ -200,6 +204,7 @@ class LocalEngine:
             top_k=config.top_k if temperature else None,
             stop=tuple(config.stop or ()),
             seed=config.seed if temperature else None,
+            no_repeat_ngram=self.no_repeat_ngram,
         )
 
     def _run_batch(self, params: GenParams, prompts: list[list[int]]) -> list[GenResult]:

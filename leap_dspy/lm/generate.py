@@ -40,6 +40,10 @@ class GenParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
+    no_repeat_ngram: int = 0
+    """Never generate an n-gram of this many tokens twice within one answer (0: off). Greedy decoding of a
+    small model can fall into a loop ("the first unvisited is the first unvisited is ..."), which spends the
+    whole token budget and leaves nothing to parse; only the generated tokens count, never the prompt."""
 
     @property
     def greedy(self) -> bool:
@@ -132,6 +136,17 @@ def _growing_layer_class() -> type:
 
     _GROWING = _GrowingLayer
     return _GROWING
+
+
+def _ban_repeats(logits: torch.Tensor, generated: list[list[int]], n: int) -> None:
+    """Forbid, in each row, every token that would complete an n-gram the row has already generated."""
+    for i, row in enumerate(generated):
+        if len(row) < n - 1:
+            continue
+        tail = row[len(row) - n + 1:]
+        banned = [row[j + n - 1] for j in range(len(row) - n + 1) if row[j:j + n - 1] == tail]
+        if banned:
+            logits[i, banned] = float("-inf")
 
 
 def _common_prefix_len(seqs: list[list[int]] | list[tuple[int, ...]]) -> int:
@@ -325,6 +340,8 @@ class Generator:
         stop = params.stop
         rows = list(range(batch))  # tensor row -> original row; finished rows are dropped as they pile up
         for step in range(params.max_new_tokens):
+            if params.no_repeat_ngram > 1:
+                _ban_repeats(logits, [tokens[row] for row in rows], params.no_repeat_ngram)
             nxt = self._choose(logits, params, generator)
             is_eos = torch.isin(nxt, eos)
             nxt_list, eos_list = nxt.tolist(), is_eos.tolist()

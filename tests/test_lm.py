@@ -282,3 +282,27 @@ def test_vllm_lm_constructs():
                  base_url="http://localhost:8000/v1")
     assert lm.model == "hosted_vllm/adapter"
     assert lm.kwargs["temperature"] == 0.0
+
+
+def test_no_repeat_ngram_breaks_greedy_loops(tiny_model):
+    """A random tiny model loops at once under greedy decoding; with the guard no n-gram of its answer
+    repeats, and the prompt (which the answer may quote) does not count."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from leap_dspy.lm.generate import Generator, GenParams
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    generator = Generator(AutoModelForCausalLM.from_pretrained(tiny_model), tokenizer, prefix_cache=False)
+    prompts = [tokenizer.encode("go to shelf 1, go to shelf 2, go to shelf 3"), tokenizer.encode("hello there")]
+
+    def ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
+        return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+    free = generator.generate(prompts, GenParams(max_new_tokens=40, ignore_eos=True), False)
+    assert any(len(set(ngrams(r.token_ids, 3))) < len(ngrams(r.token_ids, 3)) for r in free)  # it loops
+    guarded = generator.generate(prompts, GenParams(max_new_tokens=40, ignore_eos=True, no_repeat_ngram=3), False)
+    for result in guarded:
+        assert len(result.token_ids) == 40
+        assert len(set(ngrams(result.token_ids, 3))) == len(ngrams(result.token_ids, 3))
+    engine = LocalEngine(tiny_model, no_repeat_ngram=3)
+    assert engine.dump_state()["no_repeat_ngram"] == 3

@@ -96,8 +96,10 @@ class LEAP(Teleprompter):
         teacher: the expert when `compile` is given none (how `dspy.BetterTogether`, which only passes teachers
             shaped like the student, gets a privileged expert to LEAP); default the scripted oracle.
         lm_kwargs: settings of the student's local engine (`LocalEngine`); `max_new_tokens` defaults to 80,
-            room for a one-sentence reason and an action in DSPy's chat format, and `no_repeat_ngram` to 5
-            (a greedy 135M student otherwise loops within a reason: "the first unvisited is the first ...").
+            room for a one-sentence reason and an action in DSPy's chat format, and `no_repeat_ngram` to 12
+            (a greedy 135M student otherwise loops within a reason: "the first unvisited is the first ...";
+            no training answer of any environment repeats a 12-gram, while at 5 the action's "sinkbasin 1"
+            repeated the reason's and was cut short).
         bc_from: a finished run folder whose behaviour cloning this run starts from (its `iter_0`, and its
             `base` row; its `expert` row too when the expert is the same). Comparisons of updates, experts
             and privilege levels then differ only in what they compare, as in the paper, and each skips the
@@ -160,7 +162,7 @@ class LEAP(Teleprompter):
         self.expert_retries = expert_retries
         self.evaluate_base = evaluate_base
         self.evaluate_expert = evaluate_expert
-        self.lm_kwargs = {"max_new_tokens": 80, "no_repeat_ngram": 5, **(lm_kwargs or {})}
+        self.lm_kwargs = {"max_new_tokens": 80, "no_repeat_ngram": 12, **(lm_kwargs or {})}
         self.teacher = teacher
         self.seed = seed
         self.progress = progress

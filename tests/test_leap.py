@@ -92,6 +92,16 @@ def test_compile_writes_the_run_folder_and_a_loadable_student(env: ALFWorld, tin
     expert_row = dict(zip(lines[0].split(","), lines[2].split(","), strict=True))
     assert float(expert_row["seen_success"]) == 1.0  # the oracle wins every generated game
 
+    # The repetition guard must never forbid what the student is taught to write.
+    from leap_dspy.lm.models import load_tokenizer
+
+    tokenizer, n = load_tokenizer("smollm2-135m"), LEAP(env).lm_kwargs["no_repeat_ngram"]
+    for line in (run / "iter_0" / "train_rows.jsonl").read_text().splitlines():
+        answer = json.loads(line)["completion"][-1]["content"]
+        ids = tokenizer.encode(answer, add_special_tokens=False)
+        grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+        assert len(set(grams)) == len(grams), answer
+
     restored = Student()
     restored.load(str(run / "student.json"), allow_unsafe_lm_state=True)
     assert restored.step.lm.engine.adapter == str((run / "iter_1" / "adapter").resolve())

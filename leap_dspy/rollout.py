@@ -140,7 +140,9 @@ def expert_capture(expert: dspy.Module, env: TextEnv, level: int) -> tuple[int |
     the environment's top level; below it, it reads that level's facts (see `OracleExpert`)."""
     if isinstance(expert, OracleExpert):
         top = max(env.privilege_levels)
-        return (None, True) if level >= top else (level, False)
+        if level < top:
+            return level, False
+        return (level if reads_privileged_text(expert) else None), True
     return (level if reads_privileged_text(expert) else None), needs_oracle(expert)
 
 

@@ -12,7 +12,7 @@ import re
 import dspy
 from leap_dspy.envs.alfworld.notes import read_note, task_lamp, task_object
 from leap_dspy.envs.alfworld.notes import scene_places as _scene_of
-from leap_dspy.envs.alfworld.policy import APPLIANCE, scripted_action, task_change, task_target
+from leap_dspy.envs.alfworld.policy import APPLIANCE, admissible_from, scripted_action, task_change, task_target
 from leap_dspy.signatures import PrivilegedCorrection, StepFix, StudentTurn, TrajectoryCorrection
 
 from leap_dspy.adapters import CompactChatAdapter
@@ -166,13 +166,6 @@ def holding(history: str, observation: str) -> str | None:
     return held
 
 
-def _admissible_from(observation: str) -> list[str]:
-    for line in observation.splitlines():
-        if line.startswith("Actions: "):
-            return [a.strip() for a in line.removeprefix("Actions: ").split(", ")]
-    return []
-
-
 def _visited(history: str, observation: str) -> set[str]:
     places = set(re.findall(r"go to ([a-z]+ \d+)", history))
     here = re.match(r"You arrive at ([a-z]+ \d+)", observation)
@@ -211,7 +204,7 @@ def sweep_next(observation: str, history: str) -> str | None:
     instead of from its whole history: the step after "countertop 1" in the scene's list is found by
     looking up "countertop 1" there and reading on.
     """
-    admissible = set(_admissible_from(observation))
+    admissible = set(admissible_from(observation))
     unvisited = read_note(observation, "Unvisited")
     if unvisited is not None:  # the notes keep the scene's order, less the places been to: take the first
         return next((p for p in unvisited.split(", ") if f"go to {p}" in admissible), None)
@@ -254,7 +247,7 @@ def realizable_search_action(task: str, observation: str, history: str, student_
         # the student can, costs one step and teaches no trip with the wrong thing in hand.
         here = current_place(observation, history)
         put_down = f"move {wrong} to {here}"
-        return put_down if here and put_down in _admissible_from(observation) else oracle
+        return put_down if here and put_down in admissible_from(observation) else oracle
     # Closing what it searched and looking around are the oracle's habits, not steps a search needs.
     if not (oracle.startswith(("go to ", "close ")) or oracle == "look"):
         return oracle
@@ -265,7 +258,7 @@ def realizable_search_action(task: str, observation: str, history: str, student_
             return scripted_action(task, observation, history, 0) or oracle
         return _toward_seen(task, observation, history, oracle)
     here = re.match(r"You arrive at ([a-z]+ \d+)\. The \1 is closed\.", observation)
-    if here and f"open {here[1]}" in _admissible_from(observation):
+    if here and f"open {here[1]}" in admissible_from(observation):
         return f"open {here[1]}"
     place = sweep_next(observation, history)
     return f"go to {place}" if place else oracle
@@ -280,7 +273,7 @@ def _toward_seen(task: str, observation: str, history: str, oracle: str) -> str:
     places = re.findall(rf"\b{re.escape(goal)} \d+ at ([a-z]+ \d+)", seen)
     if not places or oracle.removeprefix("go to ") in places:
         return oracle
-    return f"go to {places[0]}" if f"go to {places[0]}" in _admissible_from(observation) else oracle
+    return f"go to {places[0]}" if f"go to {places[0]}" in admissible_from(observation) else oracle
 
 
 def _goal_in_view(goal: str, task: str, observation: str, history: str) -> bool:

@@ -40,13 +40,14 @@ def task_target(task: str) -> str | None:
     return match[1] if match else None
 
 
-def _kind(instance: str) -> str:
-    return instance.rsplit(" ", 1)[0].replace(" ", "")
-
-
-def _admissible(observation: str) -> list[str]:
+def admissible_from(observation: str) -> list[str]:
+    """The admissible actions a student's observation text lists on its `Actions:` line."""
     line = read_note(observation, "Actions")
     return [a.strip() for a in line.split(", ")] if line else []
+
+
+def _kind(instance: str) -> str:
+    return instance.rsplit(" ", 1)[0].replace(" ", "")
 
 
 def _first_of_kind(places: list[str], kind: str) -> str | None:
@@ -69,7 +70,7 @@ def scripted_action(task: str, observation: str, history: str, level: int,
     if read_note(observation, "Unvisited") is None:
         return None
     facts = facts or {}
-    admissible = _admissible(observation)
+    admissible = admissible_from(observation)
     allowed = set(admissible)
     here = read_note(observation, "At")
     here = None if here in (None, "start") else here

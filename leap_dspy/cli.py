@@ -75,6 +75,8 @@ def compile_(
     privilege_level: Annotated[int | None, typer.Option(help="privilege dial (env default if unset)")] = None,
     model: Annotated[str, typer.Option(help="student base model: the embedded default or an HF folder")] = "",
     max_train_rows: Annotated[int, typer.Option(min=1, help="rows per LEAP fine-tuning round")] = 200,
+    iteration_lr: Annotated[float | None, typer.Option(min=0.0, help="learning rate of the LEAP rounds "
+                            "(default: a tenth of behaviour cloning's for sft, the method's own for dpo/kto)")] = None,
     threads: Annotated[int, typer.Option(min=1, help="episodes played at once")] = 32,
     base: Annotated[bool, typer.Option(help="evaluate the untrained student")] = True,
     expert_reference: Annotated[bool, typer.Option("--expert-reference/--no-expert-reference",
@@ -97,8 +99,8 @@ def compile_(
     try:
         leap = LEAP(environment, iterations=iterations, update=update, model=model,  # type: ignore[arg-type]
                     privilege_level=privilege_level, run_dir=run_dir, max_train_rows=max_train_rows,
-                    num_threads=threads, evaluate_base=base, evaluate_expert=expert_reference,
-                    progress=not quiet, bc_from=bc_from)
+                    iteration_lr=iteration_lr, num_threads=threads, evaluate_base=base,
+                    evaluate_expert=expert_reference, progress=not quiet, bc_from=bc_from)
         leap.check_teacher(teacher)
     except ValueError as exc:
         raise fail(str(exc)) from exc

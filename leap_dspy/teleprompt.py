@@ -69,6 +69,11 @@ BC_KEYS = ("env", "model", "trainset", "valset", "demonstrator", "bc_epochs", "b
 """The configuration that behaviour cloning depends on: runs that agree on it may share one (`bc_from`), whatever
 their expert, update or privilege level."""
 
+ITERATION_LR_SCALE = 0.1
+"""An SFT round after behaviour cloning continues an adapter that already fits the format (loss 0.01-0.1): at
+behaviour cloning's rate its updates broke the student's copying ("drawerbasin", "wateringcanned") and every
+ALFWorld run fell to 0 after iteration 1, so the rounds fine-tune at a tenth of it."""
+
 
 class LEAP(Teleprompter):
     """Learning from privileged AI feedback (arXiv 2410.05434) as a DSPy teleprompter.
@@ -100,6 +105,8 @@ class LEAP(Teleprompter):
             (a greedy 135M student otherwise loops within a reason: "the first unvisited is the first ...";
             no training answer of any environment repeats a 12-gram, while at 5 the action's "sinkbasin 1"
             repeated the reason's and was cut short).
+        iteration_lr: the learning rate of the rounds after behaviour cloning; None = a tenth of behaviour
+            cloning's for SFT (`ITERATION_LR_SCALE`), the method's own for DPO/KTO (`TrainConfig.lr_for`).
         bc_from: a finished run folder whose behaviour cloning this run starts from (its `iter_0`, and its
             `base` row; its `expert` row too when the expert is the same). Comparisons of updates, experts
             and privilege levels then differ only in what they compare, as in the paper, and each skips the
@@ -118,6 +125,7 @@ class LEAP(Teleprompter):
         train_config: Any = None,
         bc_epochs: float = 1.0,
         epochs: float = 1.0,
+        iteration_lr: float | None = None,
         max_train_rows: int = 200,
         rollout_tasks: int | None = 20,
         bc_successful_only: bool = True,
@@ -151,6 +159,7 @@ class LEAP(Teleprompter):
         self.train_config = train_config
         self.bc_epochs = bc_epochs
         self.epochs = epochs
+        self.iteration_lr = iteration_lr
         self.max_train_rows = max_train_rows
         self.rollout_tasks = rollout_tasks
         self.bc_successful_only = bc_successful_only
@@ -186,6 +195,7 @@ class LEAP(Teleprompter):
             "valset": [t.id for t in valset],
             "bc_epochs": self.bc_epochs,
             "epochs": self.epochs,
+            "iteration_lr": self._iteration_lr(),
             "max_train_rows": self.max_train_rows,
             "rollout_tasks": self.rollout_tasks,
             "bc_successful_only": self.bc_successful_only,
@@ -335,7 +345,8 @@ class LEAP(Teleprompter):
         atomic_write_text(stage / "train_rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         train_start = time.perf_counter()
         if not (adapter_dir / "adapter_config.json").exists():
-            self._train(rows, adapter_dir, previous_adapter, epochs=self.bc_epochs if k == 0 else self.epochs)
+            self._train(rows, adapter_dir, previous_adapter, epochs=self.bc_epochs if k == 0 else self.epochs,
+                        learning_rate=None if k == 0 else self._iteration_lr())
         train_s = time.perf_counter() - train_start
         student.set_lm(local_lm(self.model, adapter=str(adapter_dir), **self.lm_kwargs))
         extra = {
@@ -522,7 +533,18 @@ class LEAP(Teleprompter):
         path = self.run.path / f"iter_{k}" / "corrections.jsonl"
         return list(JsonlLog(path, Correction, key=lambda c: c.key).load().values())
 
-    def _train(self, rows: list[dict[str, Any]], out: Path, init: Path | None, epochs: float) -> None:
+    def _iteration_lr(self) -> float:
+        from leap_dspy.train import TrainConfig
+
+        if self.iteration_lr is not None:
+            return self.iteration_lr
+        config = self.train_config or TrainConfig()
+        if self.update != "sft":
+            return config.lr_for(self.update)
+        return config.lr_for("sft") * ITERATION_LR_SCALE
+
+    def _train(self, rows: list[dict[str, Any]], out: Path, init: Path | None, epochs: float,
+               learning_rate: float | None) -> None:
         from leap_dspy.train import TrainConfig, train_dpo, train_kto, train_sft
 
         if not rows:
@@ -538,6 +560,8 @@ class LEAP(Teleprompter):
             atomic_write_json(out.parent / "train.json", {"skipped": "no usable corrections", "adapter_dir": str(out)})
             return
         config = (self.train_config or TrainConfig()).model_copy(update={"epochs": epochs})
+        if learning_rate is not None:
+            config = config.model_copy(update={"learning_rate": learning_rate})
         trainer = {"sft": train_sft, "dpo": train_dpo, "kto": train_kto}[self.update]
         if "chosen" not in rows[0] and "label" not in rows[0]:
             trainer = train_sft

@@ -89,6 +89,8 @@ def test_compile_writes_the_run_folder_and_a_loadable_student(env: ALFWorld, tin
     assert [line.split(",")[0] for line in lines[1:]] == ["base", "expert", "0", "1"]
     assert (run / "report.html").exists() and (run / "learning_curve.png").exists()
     assert (run / "iter_1" / "adapter" / "adapter_config.json").exists()
+    rates = [json.loads((run / f"iter_{k}" / "train.json").read_text())["learning_rate"] for k in (0, 1)]
+    assert rates == [FAST_TRAIN.lr_for("sft"), pytest.approx(FAST_TRAIN.lr_for("sft") / 10)]  # rounds continue gently
     expert_row = dict(zip(lines[0].split(","), lines[2].split(","), strict=True))
     assert float(expert_row["seen_success"]) == 1.0  # the oracle wins every generated game
 
@@ -289,7 +291,9 @@ def test_a_run_can_start_from_another_runs_behaviour_cloning(env: ALFWorld, tiny
         assert (run / name / "metrics.json").read_text() == (source / name / "metrics.json").read_text()
     assert ((run / "iter_0" / "trajectories.jsonl").read_text()
             == (source / "iter_0" / "trajectories.jsonl").read_text())
-    assert json.loads((run / "iter_1" / "train.json").read_text())["method"] == "dpo"
+    trained = json.loads((run / "iter_1" / "train.json").read_text())
+    assert trained["method"] == "dpo"
+    assert trained["learning_rate"] == TrainConfig().lr_for("dpo") == leap._iteration_lr()
     lines = (run / "metrics.csv").read_text().splitlines()
     assert [line.split(",")[0] for line in lines[1:]] == ["base", "expert", "0", "1"]
 

@@ -256,6 +256,7 @@ def run_trainer(
     return TrainResult(
         method=method,
         adapter_dir=str(final_dir),
+        learning_rate=float(trainer.args.learning_rate),
         train_rows=train_rows,
         train_tokens=tokens,
         steps=steps,

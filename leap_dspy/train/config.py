@@ -71,6 +71,8 @@ class TrainResult(BaseModel):
 
     method: str
     adapter_dir: str
+    learning_rate: float | None = None
+    """The peak rate the scheduler used (None in results written before it was recorded)."""
     train_rows: int
     train_tokens: int
     """Non-padding tokens through the model (prompt + completion, each epoch; DPO counts both branches)."""

@@ -77,7 +77,7 @@ def compile_(
     max_train_rows: Annotated[int, typer.Option(min=1, help="rows per LEAP fine-tuning round")] = 200,
     iteration_lr: Annotated[float | None, typer.Option(min=0.0, help="learning rate of the LEAP rounds "
                             "(default: a tenth of behaviour cloning's for sft, the method's own for dpo/kto)")] = None,
-    threads: Annotated[int, typer.Option(min=1, help="episodes played at once")] = 32,
+    threads: Annotated[int, typer.Option(min=1, help="episodes played at once")] = 64,
     base: Annotated[bool, typer.Option(help="evaluate the untrained student")] = True,
     expert_reference: Annotated[bool, typer.Option("--expert-reference/--no-expert-reference",
                                                    help="evaluate the expert acting itself")] = True,

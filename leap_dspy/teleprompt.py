@@ -10,6 +10,7 @@ teacher's inputs hold the privileged state.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import json
 import os
@@ -37,7 +38,7 @@ from leap_dspy.rollout import (
     expert_rollout,
     mean_reward,
     needs_oracle,
-    rollout,
+    run_parallel,
     success_rate,
 )
 from leap_dspy.runs import RunFolder, default_run_dir
@@ -73,6 +74,18 @@ ITERATION_LR_SCALE = 0.1
 """An SFT round after behaviour cloning continues an adapter that already fits the format (loss 0.01-0.1): at
 behaviour cloning's rate its updates broke the student's copying ("drawerbasin", "wateringcanned") and every
 ALFWorld run fell to 0 after iteration 1, so the rounds fine-tune at a tenth of it."""
+
+
+@dataclasses.dataclass
+class Episodes:
+    """Episodes for the current student to play: the tasks, what each step records, the log each lands in."""
+
+    log: JsonlLog[Trajectory]
+    tasks: list[Task]
+    label: str
+    policy: str
+    capture_level: int | None = None
+    capture_oracle: bool = False
 
 
 class LEAP(Teleprompter):
@@ -132,7 +145,7 @@ class LEAP(Teleprompter):
         balance_actions: int = 2,
         drop_unrealizable: bool = False,
         demonstrator: dspy.Module | None = None,
-        num_threads: int = 32,
+        num_threads: int = 64,
         expert_threads: int = 8,
         expert_retries: int = 3,
         evaluate_base: bool = True,
@@ -330,14 +343,7 @@ class LEAP(Teleprompter):
         else:
             if isinstance(teacher, SelfExpert):
                 teacher.follow(student)
-            tasks = train_tasks
-            if self.rollout_tasks is not None and self.rollout_tasks < len(train_tasks):
-                tasks = random.Random(self.seed * 7919 + k).sample(train_tasks, self.rollout_tasks)
-            capture_level, capture_oracle = expert_capture(teacher, self.env, self.privilege_level)
-            done = self._collect(trajectories, tasks, lambda todo, save: rollout(
-                student, self.env, todo, num_threads=self.num_threads, capture_level=capture_level,
-                capture_oracle=capture_oracle, policy=f"student@{k - 1}", on_trajectory=save),
-                f"iteration {k}: rollouts")
+            (done,) = self._play(student, [self._rollouts(k, teacher, train_tasks)])
             self._correct(k, teacher, done, corrections)
 
         current = [c for c in corrections.load().values() if c.iteration == k]
@@ -359,8 +365,50 @@ class LEAP(Teleprompter):
             **expert_usage_metrics(current),
             "train_s": round(train_s, 1),
         }
-        self._evaluate_stage(k, student, val_tasks, stage_s=time.perf_counter() - start, extra=extra)
+        # The next round's rollouts need these weights too: they are played alongside the evaluation.
+        alongside = self._rollouts(k + 1, teacher, train_tasks) if k < self.iterations else None
+        self._evaluate_stage(k, student, val_tasks, stage_s=time.perf_counter() - start, extra=extra,
+                             alongside=alongside)
         return adapter_dir
+
+    def _rollouts(self, k: int, teacher: dspy.Module, train_tasks: list[Task]) -> Episodes:
+        """Round k's rollouts: the student of round k - 1 on a seeded sample of the training tasks."""
+        tasks = train_tasks
+        if self.rollout_tasks is not None and self.rollout_tasks < len(train_tasks):
+            tasks = random.Random(self.seed * 7919 + k).sample(train_tasks, self.rollout_tasks)
+        capture_level, capture_oracle = expert_capture(teacher, self.env, self.privilege_level)
+        log = JsonlLog(self.run.stage(k) / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
+        return Episodes(log, tasks, f"iteration {k}: rollouts", f"student@{k - 1}", capture_level, capture_oracle)
+
+    def _play(self, student: Student, jobs: list[Episodes]) -> list[dict[str, Trajectory]]:
+        """Play the episodes not yet in each job's log, all jobs at once, each appended as it ends (the resume
+        point); returns every job's episodes by task id.
+
+        One round's evaluation and the next round's rollouts are played by the same weights. Together they
+        fill the engine's batches, and the rounds near the end, when most episodes are over and a batch holds
+        a few stragglers, are paid for once instead of twice.
+        """
+        done = [job.log.load() for job in jobs]
+        todo = [(job, have, task) for job, have in zip(jobs, done, strict=True) for task in job.tasks
+                if task.id not in have]
+        if not todo:
+            return done
+        keys = [task.model_copy() for _, _, task in todo]  # one object per episode, even if two jobs share a task
+        owner = {id(key): item for key, item in zip(keys, todo, strict=True)}
+
+        def play(env: TextEnv, key: Task) -> Trajectory:
+            job, have, task = owner[id(key)]
+            trajectory = student.run(env, task, capture_level=job.capture_level, capture_oracle=job.capture_oracle,
+                                     policy=job.policy)
+            job.log.append(trajectory)
+            have[task.id] = trajectory
+            return trajectory
+
+        label = " + ".join(dict.fromkeys(job.label for job, _, _ in todo))
+        with progress_bar(label, len(todo), self.progress) as advance:
+            run_parallel(play, self.env, keys, num_threads=self.num_threads, program=student,
+                         on_trajectory=lambda _: advance())
+        return done
 
     def _demonstration_level(self, demonstrator: dspy.Module) -> int:
         """The scripted oracle demonstrates with everything it knows, whatever level corrections are made at:
@@ -574,15 +622,14 @@ class LEAP(Teleprompter):
     # -- evaluation ----------------------------------------------------------------------------------------
 
     def _evaluate_stage(self, name: str | int, student: Student, tasks: list[Task], stage_s: float,
-                        extra: dict[str, Any]) -> None:
+                        extra: dict[str, Any], alongside: Episodes | None = None) -> None:
         stage = self.run.stage(name)
         if (stage / "metrics.json").exists():
             return
         start = time.perf_counter()
         log = JsonlLog(stage / "eval.jsonl", Trajectory, key=lambda t: t.task.id)
-        done = self._collect(log, tasks, lambda todo, save: rollout(
-            student, self.env, todo, num_threads=self.num_threads, policy=str(name), on_trajectory=save),
-            f"evaluate {name}")
+        jobs = [Episodes(log, tasks, f"evaluate {name}", str(name))] + ([alongside] if alongside else [])
+        done = self._play(student, jobs)[0]
         self._write_metrics(stage, name, done, start, stage_s, extra)
 
     def _expert_reference(self, teacher: dspy.Module, student: Student, tasks: list[Task]) -> None:
@@ -603,7 +650,7 @@ class LEAP(Teleprompter):
         metrics.setdefault("train_examples", 0)
         metrics.update(extra)
         metrics["eval_s"] = round(eval_s, 1)
-        metrics["wall_s"] = round(stage_s if stage_s else eval_s, 1)
+        metrics["wall_s"] = round(stage_s + eval_s, 1)  # the whole stage: collecting, training and evaluating
         atomic_write_json(stage / "metrics.json", metrics)
         self.run.write_metrics_csv(with_scores=self._with_scores)
         shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("seen_success", "unseen_success") if k in metrics)

@@ -133,13 +133,17 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_records(env: ALFWorl
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = run / "iter_1" / "trajectories.jsonl"
     deadline = time.time() + 600
+    evaluated_first = None
     while time.time() < deadline and proc.poll() is None:
         if target.exists() and target.read_text().count("\n") >= 1:
             proc.send_signal(signal.SIGKILL)
+            evaluated_first = (run / "iter_0" / "metrics.json").exists()
             break
         time.sleep(0.02)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # Round 1's rollouts are played alongside the evaluation of round 0 (same weights): killed in that phase.
+    assert evaluated_first is False
     before = target.read_text().count("\n")
     assert 1 <= before < 4
     with open(target, "a") as handle:  # the kill also tore a record in half
@@ -148,6 +152,7 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_records(env: ALFWorl
     compile_tiny(env, tiny_model, run)
 
     for name, model, key in (("trajectories.jsonl", Trajectory, lambda t: t.task.id),
+                             ("eval.jsonl", Trajectory, lambda t: t.task.id),
                              ("corrections.jsonl", Correction, lambda c: c.key)):
         for k in (0, 1):
             path = run / f"iter_{k}" / name

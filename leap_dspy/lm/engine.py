@@ -56,7 +56,7 @@ class LocalEngine:
         model: str = DEFAULT_MODEL,
         adapter: str | os.PathLike | None = None,
         dtype: str = "auto",
-        max_batch: int = 32,
+        max_batch: int = 64,
         max_new_tokens: int = 128,
         batching: bool = True,
         *,

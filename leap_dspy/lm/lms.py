@@ -27,7 +27,7 @@ def get_engine(model: str = DEFAULT_MODEL, adapter: str | os.PathLike | None = N
     from leap_dspy.lm.registry import adapter_key
 
     adapter_path = str(Path(adapter).expanduser().resolve()) if adapter is not None else None
-    # Defaults filled in, so local_lm(max_batch=32) and a loaded state naming every setting share one engine.
+    # Defaults filled in, so local_lm(max_batch=64) and a loaded state naming every setting share one engine.
     bound = inspect.signature(LocalEngine).bind(str(model), adapter_path, **engine_kwargs)
     bound.apply_defaults()
     settings = dict(bound.arguments)

@@ -66,7 +66,7 @@ def as_tasks(examples: Iterable[Any]) -> list[Task]:
 
 
 BC_KEYS = ("env", "model", "trainset", "valset", "demonstrator", "bc_epochs", "bc_successful_only",
-           "balance_actions", "train", "lm", "seed")
+           "balance_actions", "max_train_rows", "train", "lm", "seed")
 """The configuration that behaviour cloning depends on: runs that agree on it may share one (`bc_from`), whatever
 their expert, update or privilege level."""
 

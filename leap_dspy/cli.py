@@ -169,7 +169,7 @@ def report_rollout(name: str, trajectories: list[Any]) -> dict[str, Any]:
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a run folder written by compile")],
     split: Annotated[str, typer.Option(help="train, seen or unseen")] = "unseen",
-    threads: Annotated[int, typer.Option(min=1)] = 32,
+    threads: Annotated[int, typer.Option(min=1)] = 64,
     limit: Annotated[int | None, typer.Option(min=1, help="only the first N tasks")] = None,
 ) -> None:
     """Evaluate a compiled student (the run folder's student.json) on a split."""
@@ -185,7 +185,7 @@ def rollout_(
     program: Annotated[Path, typer.Argument(help="a saved Student program (student.json)")],
     env: EnvOption = "alfworld",
     split: Annotated[str, typer.Option(help="train, seen or unseen")] = "unseen",
-    threads: Annotated[int, typer.Option(min=1)] = 32,
+    threads: Annotated[int, typer.Option(min=1)] = 64,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
     sets: SetOption = None,
 ) -> None:

@@ -121,9 +121,10 @@ class LEAP(Teleprompter):
         iteration_lr: the learning rate of the rounds after behaviour cloning; None = a tenth of behaviour
             cloning's for SFT (`ITERATION_LR_SCALE`), the method's own for DPO/KTO (`TrainConfig.lr_for`).
         bc_from: a finished run folder whose behaviour cloning this run starts from (its `iter_0`, and its
-            `base` row; its `expert` row too when the expert is the same). Comparisons of updates, experts
-            and privilege levels then differ only in what they compare, as in the paper, and each skips the
-            costliest stage. The runs must agree on everything behaviour cloning depends on (`BC_KEYS`).
+            `base` row; its `expert` row too when the expert and privilege level are the same). Comparisons
+            of updates, experts and privilege levels then differ only in what they compare, as in the paper,
+            and each skips the costliest stage. The runs must agree on everything behaviour cloning depends
+            on (`BC_KEYS`).
     """
 
     def __init__(
@@ -260,7 +261,8 @@ class LEAP(Teleprompter):
         if diff:
             raise ConfigMismatch(f"bc_from: {source.path} cloned behaviour under another configuration "
                                  f"({', '.join(diff)})")
-        stages = ["iter_0", "base"] + (["expert"] if theirs.get("expert") == config["expert"] else [])
+        same_expert = all(theirs.get(k) == config[k] for k in ("expert", "privilege_level"))
+        stages = ["iter_0", "base"] + (["expert"] if same_expert else [])  # the expert row plays at its level
         for name in stages:
             target = self.run.path / name
             if (source.path / name / "metrics.json").exists() and not (target / "metrics.json").exists():

@@ -306,6 +306,17 @@ def test_a_run_can_start_from_another_runs_behaviour_cloning(env: ALFWorld, tiny
         LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "other", train_config=FAST_TRAIN,
              lm_kwargs={"max_new_tokens": 16}, bc_epochs=3.0, progress=False, bc_from=source).compile(
             Student(), trainset=env.tasks("train"), valset=env.tasks("seen") + env.tasks("unseen"))
+    # Another privilege level shares the behaviour cloning, not the expert's own row: that plays at its level.
+    level0 = tmp_path / "level0"
+    LEAP(env, iterations=0, model=tiny_model, run_dir=level0, train_config=FAST_TRAIN, privilege_level=0,
+         lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False, bc_from=source).compile(
+        Student(), trainset=env.tasks("train"), valset=env.tasks("seen") + env.tasks("unseen"))
+    def timings(run_dir: Path) -> list[float]:
+        lines = (run_dir / "expert" / "eval.jsonl").read_text().splitlines()
+        return [Trajectory.model_validate_json(line).wall_s for line in lines]
+
+    assert timings(level0) and timings(level0) != timings(source)  # played again, not copied
+    assert (level0 / "iter_0" / "metrics.json").read_text() == (source / "iter_0" / "metrics.json").read_text()
     with pytest.raises(ConfigMismatch, match="no finished behaviour cloning"):
         LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "third", train_config=FAST_TRAIN,
              lm_kwargs={"max_new_tokens": 16}, progress=False, bc_from=tmp_path / "nowhere").compile(

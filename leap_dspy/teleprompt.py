@@ -333,12 +333,12 @@ class LEAP(Teleprompter):
             student.set_lm(local_lm(self.model, adapter=str(adapter_dir), **self.lm_kwargs))
             return adapter_dir
         start = time.perf_counter()
-        trajectories = JsonlLog(stage / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
         corrections = JsonlLog(stage / "corrections.jsonl", Correction, key=lambda c: c.key)
 
         if k == 0:
             demonstrator = self._demonstrator(teacher)
-            done = self._collect(trajectories, train_tasks, lambda todo, save: expert_rollout(
+            demonstrations = JsonlLog(stage / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
+            done = self._collect(demonstrations, train_tasks, lambda todo, save: expert_rollout(
                 demonstrator, student, self.env, todo, level=self._demonstration_level(demonstrator),
                 num_threads=self.expert_threads, policy="expert", on_trajectory=save), "demonstrations")
             self._demonstrations(done, corrections, self._demonstration_level(demonstrator))

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 
 from leap_dspy.progress import console
@@ -242,8 +240,7 @@ def compare(
         name = {"OracleExpert": "oracle", "SelfExpert": "self"}.get(expert["name"], expert.get("model", expert["name"]))
         table.add_row(run_dir.name, config["update"], name, str(config["privilege_level"]),
                       rows.get("expert", {}).get(f"{split}_success", ""), *cells, f"{minutes:.1f}")
-    # Off a terminal rich assumes 80 columns and cuts the headers; a comparison is read from logs as often.
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    console.print(table)
 
 
 @app.command()

@@ -163,6 +163,25 @@ def _common_prefix_len(seqs: list[list[int]] | list[tuple[int, ...]]) -> int:
     return n
 
 
+def _length_chunks(lengths: list[int], waste: float) -> list[list[int]]:
+    """Row indices grouped by length, shortest first: a chunk grows while padding stays within `waste` of its
+    padded size (waste >= 1: one chunk of all rows)."""
+    if waste >= 1:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    chunks: list[list[int]] = []
+    total = 0
+    for row in order:
+        n = lengths[row]  # the longest so far: rows come in ascending length
+        if chunks and (n * (len(chunks[-1]) + 1) - (total + n)) <= waste * n * (len(chunks[-1]) + 1):
+            chunks[-1].append(row)
+            total += n
+        else:
+            chunks.append([row])
+            total = n
+    return chunks
+
+
 class PrefixStore:
     """A small LRU of batch-1 KV caches keyed by their token prefix.
 
@@ -206,7 +225,8 @@ class Generator:
     """Runs batched generation for one loaded model; serialises calls with `lock` (one model, many engines).
 
     `prefix_cache` turns on the shared-prefix path described in the module docstring; `min_prefix` is the
-    shortest common prefix worth the extra forward call.
+    shortest common prefix worth the extra forward call. `prefill_waste` bounds the padding of each prefill
+    chunk (see `_prefill`); 1.0 prefills the whole batch at once.
     """
 
     def __init__(
@@ -217,12 +237,14 @@ class Generator:
         prefix_cache: bool = True,
         prefix_store_size: int = 8,
         min_prefix: int = 16,
+        prefill_waste: float = 0.125,
         lock: threading.Lock | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache
         self.min_prefix = min_prefix
+        self.prefill_waste = prefill_waste
         self.store = PrefixStore(prefix_store_size)
         self.lock = lock or threading.Lock()
         self.stats = GenStats()
@@ -303,29 +325,18 @@ class Generator:
                 prefix_len = 0
         suffixes = [p[prefix_len:] for p in prompts]
         width = max(len(s) for s in suffixes)
-        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((batch, width), dtype=torch.long)
         for row, suffix in enumerate(suffixes):
-            ids[row, width - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
             mask[row, width - len(suffix):] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        mask = mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0) + prefix_len
 
         room = width + params.max_new_tokens + 1
+        kv = self._prefix_kv(tuple(prompts[0][:prefix_len])) if prefix_len else []
         if prefix_len:
-            kv = self._prefix_kv(tuple(prompts[0][:prefix_len]))
-            expanded = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv]
-            cache = _growing_cache(self.model.config, room, expanded)
             mask = torch.cat([torch.ones((batch, prefix_len), dtype=torch.long, device=device), mask], dim=1)
-        else:
-            cache = _growing_cache(self.model.config, room)
         self.stats.prefill_tokens += int(sum(len(s) for s in suffixes))
-
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1, :]
+        cache, logits = self._prefill(suffixes, kv, prefix_len, room)
         self.stats.prefill_seconds += time.perf_counter() - started
         next_pos = positions[:, -1:] + 1
 
@@ -383,6 +394,69 @@ class Generator:
             self.stats.output_tokens += result.output_tokens
             results.append(result)
         return results
+
+    def _prefill(
+        self, suffixes: list[list[int]], prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], prefix_len: int,
+        room: int,
+    ) -> tuple[Any, torch.Tensor]:
+        """Run every row's suffix through the model after the shared prefix; return the batch's KV cache, laid
+        out as the module docstring draws it, and each row's last logits.
+
+        Rows are prefilled in chunks of similar length, then their KV is placed right-aligned in one batch
+        cache. Agent prompts differ in length by a factor of two (history and admissible-action lists vary),
+        and on a CPU a padded position costs as much as a real one: one padded prefill of 64 rows spent about
+        a third of its work on padding. Each row's KV is the same wherever it sits (pads are masked out and
+        positions are explicit), so decoding is unchanged.
+        """
+        device = self.device
+        batch = len(suffixes)
+        width = max(len(s) for s in suffixes)
+        growing = _growing_layer_class()
+        probe = _growing_cache(self.model.config, 1)
+        # Other layer kinds (sliding windows) keep their own layout: those models prefill in one piece.
+        waste = self.prefill_waste if all(type(layer) is growing for layer in probe.layers) else 1.0
+        chunks = _length_chunks([len(s) for s in suffixes], waste)
+        if len(chunks) == 1:
+            chunks = [list(range(batch))]  # one piece: the rows in their own order
+        self.stats.extra["prefill_chunks"] = self.stats.extra.get("prefill_chunks", 0) + len(chunks)
+        logits: torch.Tensor | None = None
+        layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for chunk in chunks:
+            w = max(len(suffixes[row]) for row in chunk)
+            ids = torch.full((len(chunk), w), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), prefix_len + w), dtype=torch.long)
+            mask[:, :prefix_len] = 1
+            for i, row in enumerate(chunk):
+                ids[i, w - len(suffixes[row]):] = torch.tensor(suffixes[row], dtype=torch.long)
+                mask[i, prefix_len + w - len(suffixes[row]):] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            positions = (mask[:, prefix_len:].cumsum(-1) - 1).clamp(min=0) + prefix_len
+            expanded = [(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in prefix_kv]
+            if len(chunks) == 1:
+                cache = _growing_cache(self.model.config, room, expanded)
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                 use_cache=True, logits_to_keep=1)
+                return cache, out.logits[:, -1, :]
+            part = _growing_cache(self.model.config, 1, expanded)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=part,
+                             use_cache=True, logits_to_keep=1)
+            if logits is None:
+                logits = out.logits.new_empty((batch, out.logits.shape[-1]))
+                for layer in part.layers:
+                    k, v = layer.keys, layer.values
+                    layers.append((k.new_zeros((batch, k.shape[1], prefix_len + width, k.shape[-1])),
+                                   v.new_zeros((batch, v.shape[1], prefix_len + width, v.shape[-1]))))
+            index = torch.tensor(chunk, device=device)
+            logits[index] = out.logits[:, -1, :]
+            for (keys, values), layer in zip(layers, part.layers, strict=True):
+                keys[index, :, prefix_len + width - w:] = layer.keys[:, :, prefix_len:]
+                values[index, :, prefix_len + width - w:] = layer.values[:, :, prefix_len:]
+        if prefix_len:
+            for (keys, values), (k, v) in zip(layers, prefix_kv, strict=True):
+                keys[:, :, :prefix_len] = k
+                values[:, :, :prefix_len] = v
+        assert logits is not None
+        return _growing_cache(self.model.config, room, layers), logits
 
     def _hits_stop(self, row_tokens: list[int], stop: tuple[str, ...]) -> bool:
         # A stop string completed by the newest token lies within its last few tokens (each >= 1 char).

@@ -211,3 +211,23 @@ def test_merge_adapter_matches_peft_outputs(tiny_model, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
     with torch.no_grad():
         assert torch.allclose(peft(ids).logits, merged(ids).logits, atol=1e-4)
+
+
+def test_adapters_compute_in_the_base_dtype_with_float32_master_weights(tiny_model):
+    """Under `adapters_in_base_dtype` a bf16 base's LoRA layers multiply in bf16 (no float32 copies of the
+    activations), gradients still reach the float32 adapter weights, and a float32 base is left alone."""
+    import torch
+
+    from leap_dspy.train.common import adapters_in_base_dtype, load_trainable_model
+
+    seen: list[torch.dtype] = []
+    for dtype in ("bfloat16", "float32"):
+        model, tokenizer = load_trainable_model(tiny_model, fast(dtype=dtype))
+        lora_a = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_A.default"))
+        hook = lora_a.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        ids = torch.tensor([tokenizer.encode("go to shelf 1")])
+        with adapters_in_base_dtype(model):
+            model(input_ids=ids, labels=ids).loss.backward()
+        hook.remove()
+        assert lora_a.weight.dtype == torch.float32 and lora_a.weight.grad is not None
+    assert seen == [torch.bfloat16, torch.float32]

@@ -48,7 +48,7 @@ class ALFWorld(TextEnv):
         num_receptacles: int = 5,
         task_types: list[str] | tuple[str, ...] | None = None,
         num_train: int | None = 120,
-        num_seen: int | None = 10,
+        num_seen: int | None = 5,
         num_unseen: int | None = 20,
         seed: int = 0,
         max_steps: int = 20,

@@ -232,6 +232,27 @@ def save_adapter(model: Any, tokenizer: Any, directory: Path) -> None:
     tokenizer.save_pretrained(str(directory))
 
 
+@contextlib.contextmanager
+def adapters_in_base_dtype(model: Any) -> Iterator[None]:
+    """Run the float32 LoRA layers' matmuls in the frozen base's bf16/fp16, keeping float32 master weights.
+
+    PEFT casts each LoRA layer's input up to the adapter's float32, so every one of the 7 x 30 adapted
+    projections copies its activations and multiplies in float32, which on the CPU is 4x slower than bf16.
+    Measured on the embedded model, 4 rows of ~380 tokens: 4.6-5.0 s a step as PEFT does it, 3.8-4.1 s under
+    autocast with PEFT's cast off. The optimizer still updates float32 weights.
+    """
+    import torch
+    from peft.helpers import disable_input_dtype_casting
+
+    dtype = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
+    if dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=dtype), disable_input_dtype_casting(model):
+        yield
+
+
 def run_trainer(
     trainer: Any,
     recorder: LossRecorder,
@@ -246,7 +267,8 @@ def run_trainer(
     counted_tokens: Any = None,
 ) -> TrainResult:
     """Train, save the adapter into `tmp_dir` and report; the caller's `atomic_output_dir` publishes it."""
-    output = trainer.train()
+    with adapters_in_base_dtype(trainer.model):
+        output = trainer.train()
     steps = int(output.global_step)
     epochs_done = float(trainer.state.epoch or 0.0)
     save_adapter(trainer.model, tokenizer, tmp_dir)

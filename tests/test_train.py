@@ -215,7 +215,8 @@ def test_merge_adapter_matches_peft_outputs(tiny_model, tmp_path):
 
 def test_adapters_compute_in_the_base_dtype_with_float32_master_weights(tiny_model):
     """Under `adapters_in_base_dtype` a bf16 base's LoRA layers multiply in bf16 (no float32 copies of the
-    activations), gradients still reach the float32 adapter weights, and a float32 base is left alone."""
+    activations), gradients reach the float32 adapter weights, every update is seen by the next forward within
+    the same context (autocast's cast cache would freeze the first bf16 copy), and a float32 base is left alone."""
     import torch
 
     from leap_dspy.train.common import adapters_in_base_dtype, load_trainable_model
@@ -225,9 +226,17 @@ def test_adapters_compute_in_the_base_dtype_with_float32_master_weights(tiny_mod
         model, tokenizer = load_trainable_model(tiny_model, fast(dtype=dtype))
         lora_a = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_A.default"))
         hook = lora_a.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-        ids = torch.tensor([tokenizer.encode("go to shelf 1")])
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ids = torch.tensor([tokenizer.encode("go to shelf 1, take mug 1 from shelf 1")])
+        losses = []
         with adapters_in_base_dtype(model):
-            model(input_ids=ids, labels=ids).loss.backward()
+            for _ in range(3):
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                assert lora_a.weight.dtype == torch.float32 and lora_a.weight.grad is not None
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(loss.item())
         hook.remove()
-        assert lora_a.weight.dtype == torch.float32 and lora_a.weight.grad is not None
-    assert seen == [torch.bfloat16, torch.float32]
+        assert losses[2] < losses[1] < losses[0], losses
+    assert set(seen[:3]) == {torch.bfloat16} and set(seen[3:]) == {torch.float32}

@@ -249,7 +249,9 @@ def adapters_in_base_dtype(model: Any) -> Iterator[None]:
         yield
         return
     device = next(model.parameters()).device.type
-    with torch.autocast(device, dtype=dtype), disable_input_dtype_casting(model):
+    # No cast cache: autocast keeps the bf16 copy of a weight until its context exits, and this context spans
+    # the whole training loop, so cached copies would hide every optimizer update from later forwards.
+    with torch.autocast(device, dtype=dtype, cache_enabled=False), disable_input_dtype_casting(model):
         yield
 
 

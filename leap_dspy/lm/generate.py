@@ -432,14 +432,18 @@ class Generator:
             ids, mask = ids.to(device), mask.to(device)
             positions = (mask[:, prefix_len:].cumsum(-1) - 1).clamp(min=0) + prefix_len
             expanded = [(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in prefix_kv]
+            # The last position as an index tensor, not `logits_to_keep=1`: the slice `[:, -1:]` of a longer
+            # sequence is not contiguous, and the LM head then runs as a batched matmul over a copy of its
+            # weight per row (64 x 576 x 49k: several GB and seconds per prefill, measured on the CPU).
+            last = torch.tensor([w - 1], device=device)
             if len(chunks) == 1:
                 cache = _growing_cache(self.model.config, room, expanded)
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                                 use_cache=True, logits_to_keep=1)
+                                 use_cache=True, logits_to_keep=last)
                 return cache, out.logits[:, -1, :]
             part = _growing_cache(self.model.config, 1, expanded)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=part,
-                             use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=last)
             if logits is None:
                 logits = out.logits.new_empty((batch, out.logits.shape[-1]))
                 for layer in part.layers:

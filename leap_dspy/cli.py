@@ -77,6 +77,8 @@ def compile_(
     max_train_rows: Annotated[int, typer.Option(min=1, help="rows per LEAP fine-tuning round")] = 200,
     iteration_lr: Annotated[float | None, typer.Option(min=0.0, help="learning rate of the LEAP rounds "
                             "(default: a tenth of behaviour cloning's for sft, the method's own for dpo/kto)")] = None,
+    preference_anchor: Annotated[float, typer.Option(min=0.0, max=0.99, help="share of a dpo/kto round's rows "
+                                 "that are steps known to be right, trained toward (0: pairs alone)")] = 0.5,
     threads: Annotated[int, typer.Option(min=1, help="episodes played at once")] = 64,
     base: Annotated[bool, typer.Option(help="evaluate the untrained student")] = True,
     expert_reference: Annotated[bool, typer.Option("--expert-reference/--no-expert-reference",
@@ -99,8 +101,8 @@ def compile_(
     try:
         leap = LEAP(environment, iterations=iterations, update=update, model=model,  # type: ignore[arg-type]
                     privilege_level=privilege_level, run_dir=run_dir, max_train_rows=max_train_rows,
-                    iteration_lr=iteration_lr, num_threads=threads, evaluate_base=base,
-                    evaluate_expert=expert_reference, progress=not quiet, bc_from=bc_from)
+                    iteration_lr=iteration_lr, preference_anchor=preference_anchor, num_threads=threads,
+                    evaluate_base=base, evaluate_expert=expert_reference, progress=not quiet, bc_from=bc_from)
         leap.check_teacher(teacher)
     except ValueError as exc:
         raise fail(str(exc)) from exc

@@ -110,12 +110,13 @@ def rollout(student: Student, env: TextEnv, tasks: Iterable[Task], *, num_thread
 
 
 def expert_rollout(expert: dspy.Module, student: Student, env: TextEnv, tasks: Iterable[Task], *, level: int,
-                   num_threads: int = 8, policy: str = "expert",
+                   num_threads: int = 8, policy: str = "expert", record_level: int | None = None,
                    on_trajectory: Progress | None = None) -> list[Trajectory]:
     """The expert acts (demonstrations for behaviour cloning, and the `expert` reference row).
 
     It sees the student's inputs (formatted by the student program, so demonstrations are training rows as
-    they stand) plus the privileged state of the state it is in.
+    they stand) plus the privileged state of the state it is in. `record_level` keeps the privileged state at
+    that level on each step, for training a privileged self on the demonstrations (see `privileged_self_rows`).
     """
 
     capture_level, capture_oracle = expert_capture(expert, env, level)
@@ -129,7 +130,7 @@ def expert_rollout(expert: dspy.Module, student: Student, env: TextEnv, tasks: I
                 return "", "", f"expert failed: {type(exc).__name__}: {exc}"
             return str(out.reason).strip(), str(out.action).strip(), None
 
-        return run_episode(act, student.inputs, episode_env, task, policy=policy)
+        return run_episode(act, student.inputs, episode_env, task, policy=policy, capture_level=record_level)
 
     return run_parallel(play, env, tasks, num_threads=num_threads, program=expert, on_trajectory=on_trajectory)
 

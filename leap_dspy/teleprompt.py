@@ -29,7 +29,7 @@ from dspy.teleprompt import Teleprompter
 from leap_dspy.envs.base import TextEnv, action_admissible
 from leap_dspy.lm import DEFAULT_MODEL, local_lm
 from leap_dspy.programs.agent import Agent
-from leap_dspy.programs.experts import OracleExpert, SelfExpert, expert_inputs
+from leap_dspy.programs.experts import OracleExpert, SelfExpert, expert_inputs, realizable_reason
 from leap_dspy.programs.student import Student
 from leap_dspy.progress import console, progress_bar
 from leap_dspy.realizability import unobserved_mentions
@@ -42,9 +42,9 @@ from leap_dspy.rollout import (
     success_rate,
 )
 from leap_dspy.runs import RunFolder, default_run_dir
-from leap_dspy.signatures import StudentTurn
+from leap_dspy.signatures import PrivilegedCorrection, StudentTurn
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, atomic_write_yaml
-from leap_dspy.training_data import preference_rows, sft_rows
+from leap_dspy.training_data import preference_rows, privileged_self_rows, sft_rows
 from leap_dspy.types import Correction, ExpertUsage, Task, Trajectory
 
 Update = Literal["sft", "dpo", "kto"]
@@ -66,7 +66,7 @@ def as_tasks(examples: Iterable[Any]) -> list[Task]:
 
 
 BC_KEYS = ("env", "model", "trainset", "valset", "demonstrator", "bc_epochs", "bc_successful_only",
-           "balance_actions", "max_train_rows", "train", "lm", "seed")
+           "balance_actions", "max_train_rows", "train", "lm", "seed", "bc_expert_level")
 """The configuration that behaviour cloning depends on: runs that agree on it may share one (`bc_from`), whatever
 their expert, update or privilege level."""
 
@@ -111,6 +111,9 @@ class LEAP(Teleprompter):
             (they are always flagged in `corrections.jsonl` and counted in the metrics).
         demonstrator: who plays the behaviour-cloning demonstrations; default the teacher, or the scripted
             oracle when the teacher is the student's own privileged self (untrained, it has nothing to show).
+            With the privileged self as teacher, behaviour cloning also trains the weights in the expert's part
+            on the same demonstrations (`privileged_self_rows`): those rows are expert prompts, with the
+            privileged state, and never student prompts.
         teacher: the expert when `compile` is given none (how `dspy.BetterTogether`, which only passes teachers
             shaped like the student, gets a privileged expert to LEAP); default the scripted oracle.
         lm_kwargs: settings of the student's local engine (`LocalEngine`); `max_new_tokens` defaults to 80,
@@ -120,6 +123,12 @@ class LEAP(Teleprompter):
             repeated the reason's and was cut short).
         iteration_lr: the learning rate of the rounds after behaviour cloning; None = a tenth of behaviour
             cloning's for SFT (`ITERATION_LR_SCALE`), the method's own for DPO/KTO (`TrainConfig.lr_for`).
+        preference_anchor: the share of a DPO/KTO round's rows that are anchors: steps that were right (the
+            expert left them unchanged, or earlier rounds' data, demonstrations included) trained as
+            desirable (KTO) or by DPO's NLL term (DPO). Pairs alone only say what to avoid where the student
+            erred: on ALFWorld most pairs were "move X to Y" rejected for "go to Y" (the student put things
+            down before arriving), and one anchorless round taught the student never to write "move" again
+            (0 of its actions, from 73), which took it from 0.15 to 0 on unseen. 0 trains on pairs alone.
         bc_from: a finished run folder whose behaviour cloning this run starts from (its `iter_0`, and its
             `base` row; its `expert` row too when the expert and privilege level are the same). Comparisons
             of updates, experts and privilege levels then differ only in what they compare, as in the paper,
@@ -140,6 +149,7 @@ class LEAP(Teleprompter):
         bc_epochs: float = 1.0,
         epochs: float = 1.0,
         iteration_lr: float | None = None,
+        preference_anchor: float = 0.5,
         max_train_rows: int = 200,
         rollout_tasks: int | None = 20,
         bc_successful_only: bool = True,
@@ -173,7 +183,10 @@ class LEAP(Teleprompter):
         self.train_config = train_config
         self.bc_epochs = bc_epochs
         self.epochs = epochs
+        if not 0 <= preference_anchor < 1:
+            raise ValueError("preference_anchor must be in [0, 1)")
         self.iteration_lr = iteration_lr
+        self.preference_anchor = preference_anchor
         self.max_train_rows = max_train_rows
         self.rollout_tasks = rollout_tasks
         self.bc_successful_only = bc_successful_only
@@ -205,11 +218,13 @@ class LEAP(Teleprompter):
             "privilege_level": self.privilege_level,
             "expert": describe_expert(teacher),
             "demonstrator": describe_expert(self._demonstrator(teacher)),
+            **({"bc_expert_level": self.privilege_level} if isinstance(teacher, SelfExpert) else {}),
             "trainset": [t.id for t in trainset],
             "valset": [t.id for t in valset],
             "bc_epochs": self.bc_epochs,
             "epochs": self.epochs,
             "iteration_lr": self._iteration_lr(),
+            **({"preference_anchor": self.preference_anchor} if self.update != "sft" else {}),
             "max_train_rows": self.max_train_rows,
             "rollout_tasks": self.rollout_tasks,
             "bc_successful_only": self.bc_successful_only,
@@ -338,9 +353,11 @@ class LEAP(Teleprompter):
         if k == 0:
             demonstrator = self._demonstrator(teacher)
             demonstrations = JsonlLog(stage / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
+            record_level = self.privilege_level if isinstance(teacher, SelfExpert) else None
             done = self._collect(demonstrations, train_tasks, lambda todo, save: expert_rollout(
                 demonstrator, student, self.env, todo, level=self._demonstration_level(demonstrator),
-                num_threads=self.expert_threads, policy="expert", on_trajectory=save), "demonstrations")
+                num_threads=self.expert_threads, policy="expert", record_level=record_level,
+                on_trajectory=save), "demonstrations")
             self._demonstrations(done, corrections, self._demonstration_level(demonstrator))
         else:
             if isinstance(teacher, SelfExpert):
@@ -350,6 +367,12 @@ class LEAP(Teleprompter):
 
         current = [c for c in corrections.load().values() if c.iteration == k]
         rows, train_examples = self._training_rows(k, current)
+        if k == 0 and isinstance(teacher, SelfExpert):
+            # The privileged self is these same weights: behaviour cloning also teaches them the expert's part.
+            expert_rows = privileged_self_rows(PrivilegedCorrection, teacher.adapter, done.values(),
+                                               self.max_train_rows, random.Random(self.seed * 17),
+                                               realizable_reason)
+            rows, train_examples = rows + expert_rows, train_examples + len(expert_rows)
         atomic_write_text(stage / "train_rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         train_start = time.perf_counter()
         if not (adapter_dir / "adapter_config.json").exists():
@@ -557,14 +580,7 @@ class LEAP(Teleprompter):
         """DAgger's aggregate, bounded: all of this round's records, then earlier rounds' to fill up."""
         usable = [c for c in current if c.dropped is None]
         if self.update != "sft" and k > 0:
-            # Pairs exist only where the expert changed the student's step; earlier rounds' pairs fill up.
-            pairs = [c for c in usable if c.changed]
-            if len(pairs) < self.max_train_rows:
-                earlier = [c for j in range(1, k) for c in self._load_corrections(j) if c.dropped is None and c.changed]
-                random.Random(self.seed * 1000 + k).shuffle(earlier)
-                pairs += earlier[: self.max_train_rows - len(pairs)]
-            rows = preference_rows(self._student.step.signature, self._student.adapter, pairs, kind=self.update)
-            return rows, len(pairs)
+            return self._preference_rows(k, usable)
         chosen = list(usable)
         if k > 0:
             # DAgger trains on the aggregate of everything collected so far. A round is bounded, so it takes
@@ -580,6 +596,30 @@ class LEAP(Teleprompter):
         budget = self.max_train_rows * 2 if k == 0 else self.max_train_rows
         chosen = balance_by_action(chosen, self.balance_actions, budget, random.Random(self.seed * 31 + k))
         return sft_rows(self._student.step.signature, self._student.adapter, chosen), len(chosen)
+
+    def _preference_rows(self, k: int, usable: list[Correction]) -> tuple[list[dict[str, Any]], int]:
+        """Pairs where the expert changed the student's step (this round's first, earlier rounds' to fill up),
+        and anchors (`preference_anchor`): a preference round is bounded by `max_train_rows` like an SFT one."""
+        rng = random.Random(self.seed * 1000 + k)
+        per_pair = 2 if self.update == "kto" else 1  # KTO trains the two sides of a pair as two rows
+        n_anchor = round(self.max_train_rows * self.preference_anchor)
+        pairs = [c for c in usable if c.changed]
+        rng.shuffle(pairs)
+        earlier = [c for j in range(1, k) for c in self._load_corrections(j) if c.dropped is None]
+        older_pairs = [c for c in earlier if c.changed]
+        rng.shuffle(older_pairs)
+        pairs = (pairs + older_pairs)[: (self.max_train_rows - n_anchor) // per_pair]
+        anchors: list[Correction] = []
+        if n_anchor:
+            # As many anchor rows as pair rows at most, so the anchors keep the pairs' signal from drowning.
+            right = [c for c in usable if not c.changed] + [c for c in earlier if not c.changed]
+            right += [c for c in self._load_corrections(0) if c.dropped is None]
+            rng.shuffle(right)
+            anchors = balance_by_action(right, self.balance_actions, min(n_anchor, len(pairs) * per_pair),
+                                        random.Random(self.seed * 31 + k))
+        rows = preference_rows(self._student.step.signature, self._student.adapter, pairs, kind=self.update,
+                               anchors=anchors)
+        return rows, len(pairs) + len(anchors)
 
     def _load_corrections(self, k: int) -> list[Correction]:
         path = self.run.path / f"iter_{k}" / "corrections.jsonl"

@@ -245,10 +245,19 @@ def test_preference_updates_run_through_the_loop(env: ALFWorld, tiny_model: str,
     leap.compile(Student(), trainset=env.tasks("train"), valset=env.tasks("unseen"))
     rows = [json.loads(line) for line in (run / "iter_1" / "train_rows.jsonl").read_text().splitlines()]
     assert rows, "a random student disagrees with the oracle, so there must be preference rows"
+    # Pairs where the student erred, and as many anchors at most: steps that were right, trained toward.
     if update == "dpo":
-        assert all(set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"] for r in rows)
+        pairs = [r for r in rows if not r.get("anchor")]
+        anchors = [r for r in rows if r.get("anchor")]
+        assert pairs and all(set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"]
+                             for r in pairs)
+        assert anchors and all(r["chosen"] == r["rejected"] for r in anchors)
     else:
-        assert {r["label"] for r in rows} == {True, False}
+        pairs = [r for r in rows if not r["label"]]
+        anchors = rows[2 * len(pairs):]
+        assert pairs and anchors and all(r["label"] for r in anchors)
+    assert len(anchors) <= len(pairs) * (2 if update == "kto" else 1)
+    assert len(rows) <= leap.max_train_rows
     train = json.loads((run / "iter_1" / "train.json").read_text())
     assert train["method"] == update and (run / "iter_1" / "adapter" / "adapter_config.json").exists()
 
@@ -269,6 +278,22 @@ def test_self_expert_that_cannot_answer_is_counted_not_fatal(env: ALFWorld, tiny
     assert (run / "iter_1" / "adapter" / "adapter_config.json").exists()
     demos = (run / "iter_0" / "trajectories.jsonl").read_text().splitlines()
     assert all(json.loads(line)["policy"] == "expert" for line in demos)  # BC came from the scripted oracle
+
+    # Behaviour cloning also trained the weights in the expert's part, on the same demonstrations: expert
+    # prompts carry the privileged state and a proposed step, kept where it was the oracle's, replaced where not.
+    rows = [json.loads(line) for line in (run / "iter_0" / "train_rows.jsonl").read_text().splitlines()]
+    expert_rows = [r for r in rows if "[[ ## privileged_state ## ]]" in r["prompt"][-1]["content"]]
+    assert expert_rows and len(expert_rows) < len(rows)
+    assert json.loads((run / "iter_0" / "metrics.json").read_text())["train_examples"] == len(rows)
+
+    def field(text: str, name: str) -> str:
+        return text.split(f"[[ ## {name} ## ]]\n", 1)[1].split("\n", 1)[0]
+
+    kept = [field(r["prompt"][-1]["content"], "student_action") == field(r["completion"][0]["content"], "action")
+            for r in expert_rows]
+    assert any(kept) and not all(kept)
+    config = (run / "config.yaml").read_text()
+    assert "bc_expert_level: 3" in config
 
 
 def test_rare_actions_are_repeated_within_the_same_row_budget() -> None:

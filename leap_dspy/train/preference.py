@@ -72,7 +72,12 @@ def train_dpo(
     config: TrainConfig | None = None,
 ) -> TrainResult:
     """DPO on `{"prompt": [...], "chosen": [assistant msg], "rejected": [assistant msg]}` rows; saves the adapter
-    (only) at output_dir, atomically. `config.beta` is DPO's beta."""
+    (only) at output_dir, atomically. `config.beta` is DPO's beta.
+
+    When any row has `"anchor": True` (chosen == rejected: a step known to be right, see
+    `training_data.preference_rows`), the loss is DPO's sigmoid plus TRL's "sft" term, the NLL of every chosen
+    completion in the batch, which is what trains the anchors.
+    """
     from trl import DPOConfig, DPOTrainer
 
     config = config or TrainConfig()
@@ -95,6 +100,7 @@ def train_dpo(
             beta=config.beta,
             max_length=None,  # rows were cut to config.max_length above, keeping the completions
             precompute_ref_log_probs=False,
+            loss_type=["sigmoid", "sft"] if any(row.get("anchor") for row in rows) else ["sigmoid"],
         )
         return _fit(DPOTrainer, "dpo", peft_model, tokenizer, args, columns, tmp, final_dir, len(rows), tokens, t0)
 

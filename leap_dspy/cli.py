@@ -74,7 +74,7 @@ def compile_(
                                                  "per call")] = "step",
     privilege_level: Annotated[int | None, typer.Option(help="privilege dial (env default if unset)")] = None,
     model: Annotated[str, typer.Option(help="student base model: the embedded default or an HF folder")] = "",
-    max_train_rows: Annotated[int, typer.Option(min=1, help="rows per LEAP fine-tuning round")] = 200,
+    max_train_rows: Annotated[int, typer.Option(min=1, help="rows per LEAP fine-tuning round")] = 120,
     iteration_lr: Annotated[float | None, typer.Option(min=0.0, help="learning rate of the LEAP rounds "
                             "(default: a tenth of behaviour cloning's for sft, the method's own for dpo/kto)")] = None,
     preference_anchor: Annotated[float, typer.Option(min=0.0, max=0.99, help="share of a dpo/kto round's rows "

@@ -86,11 +86,11 @@ def privileged_self_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdap
     student never trained on this format ignores the privileged facts and repeats the proposal (measured on
     ALFWorld: 5 of 252 steps changed, 99 corrections not admissible).
     """
-    steps = [(t, s) for t in demonstrations if t.success for s in t.steps
+    steps = [s for t in demonstrations if t.success for s in t.steps
              if s.privileged is not None and s.error is None and s.action]
     rng.shuffle(steps)
     rows = []
-    for _, step in steps[:budget]:
+    for step in steps[:budget]:
         others = [a for a in step.admissible_actions or [] if a != step.action and a not in UNINFORMATIVE]
         inputs = step.inputs
         if others and rng.random() < 0.5:

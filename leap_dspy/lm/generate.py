@@ -244,7 +244,10 @@ class Generator:
         self.tokenizer = tokenizer
         self.prefix_cache = prefix_cache
         self.min_prefix = min_prefix
-        self.prefill_waste = prefill_waste
+        # Other layer kinds (sliding windows) keep their own layout: those models prefill in one piece.
+        growing = _growing_layer_class()
+        self.prefill_waste = prefill_waste if all(
+            type(layer) is growing for layer in _growing_cache(model.config, 1).layers) else 1.0
         self.store = PrefixStore(prefix_store_size)
         self.lock = lock or threading.Lock()
         self.stats = GenStats()
@@ -411,11 +414,7 @@ class Generator:
         device = self.device
         batch = len(suffixes)
         width = max(len(s) for s in suffixes)
-        growing = _growing_layer_class()
-        probe = _growing_cache(self.model.config, 1)
-        # Other layer kinds (sliding windows) keep their own layout: those models prefill in one piece.
-        waste = self.prefill_waste if all(type(layer) is growing for layer in probe.layers) else 1.0
-        chunks = _length_chunks([len(s) for s in suffixes], waste)
+        chunks = _length_chunks([len(s) for s in suffixes], self.prefill_waste)
         if len(chunks) == 1:
             chunks = [list(range(batch))]  # one piece: the rows in their own order
         self.stats.extra["prefill_chunks"] = self.stats.extra.get("prefill_chunks", 0) + len(chunks)

@@ -1,12 +1,13 @@
 """Benchmark: LoRA SFT throughput on the embedded SmolLM2-135M against this machine's best matmul rate.
 
-    python bench/train.py [--rows 64] [--dtype auto] [--batch 8] [--steps 0]
+    python bench/train.py [--rows 64] [--dtype auto] [--batch 8] [--model DIR]
 
 Prints one table, all measured in this run: the best square-matmul FLOP/s in float32 and bfloat16, SFT train
 tokens/s with the default TrainConfig on realistic agent-step rows (~300-token prompt, ~40-token completion),
 the model-FLOPs fraction (tokens/s x 6 x parameters / best matmul FLOP/s) and peak RSS.
 The 6 x parameters convention counts a full backward; with LoRA the frozen weights need no weight gradients,
 so the true work per token is nearer 4 x parameters and the fraction overstates hardware use by ~1.5x.
+With a CUDA GPU present, the matmuls and the training run on it.
 """
 
 from __future__ import annotations
@@ -21,19 +22,23 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def best_matmul_flops(dtype_name: str, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3) -> tuple[float, int]:
+def best_matmul_flops(dtype_name: str, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3,
+                      device: str = "cpu") -> tuple[float, int]:
     """Best FLOP/s over a few square matmuls of each size (after one warm-up); returns (flops, size)."""
     import torch
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     best, best_n = 0.0, 0
     for n in sizes:
-        a = torch.randn(n, n, dtype=dtype)
-        b = torch.randn(n, n, dtype=dtype)
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
         torch.matmul(a, b)
+        sync()
         for _ in range(repeats):
             t = time.perf_counter()
             torch.matmul(a, b)
+            sync()
             dt = time.perf_counter() - t
             flops = 2 * n**3 / dt
             if flops > best:
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", default=None, help="comma-separated LoRA target modules")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--attn", default=None, help="attention implementation (sdpa, eager)")
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
     args = parser.parse_args(argv)
 
     import torch
@@ -124,12 +130,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    f32, n32 = best_matmul_flops("float32")
-    bf16, n16 = best_matmul_flops("bfloat16")
+    model = args.model or DEFAULT_MODEL
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = (4096, 8192) if device == "cuda" else (2048, 4096)
+    f32, n32 = best_matmul_flops("float32", sizes, repeats=10 if device == "cuda" else 3, device=device)
+    bf16, n16 = best_matmul_flops("bfloat16", sizes, repeats=10 if device == "cuda" else 3, device=device)
     best = max(f32, bf16)
 
     rows = agent_rows(args.rows)
-    tok = load_tokenizer(DEFAULT_MODEL)
+    tok = load_tokenizer(model)
     lengths = [encode_prompt_completion(tok, r["prompt"], r["completion"]) for r in rows]
     p_mean = sum(len(p) for p, _ in lengths) / len(lengths)
     c_mean = sum(len(c) for _, c in lengths) / len(lengths)
@@ -143,17 +152,18 @@ def main(argv: list[str] | None = None) -> int:
         overrides["target_modules"] = args.targets.split(",")
     config = TrainConfig(**overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        result = train_sft(rows, model=DEFAULT_MODEL, output_dir=os.path.join(tmp, "adapter"), config=config)
+        result = train_sft(rows, model=model, output_dir=os.path.join(tmp, "adapter"), config=config)
     from leap_dspy.lm.models import load_model
 
-    n_params = sum(p.numel() for p in load_model(DEFAULT_MODEL, dtype="float32").parameters())
+    n_params = sum(p.numel() for p in load_model(model, dtype="float32", device="cpu").parameters())
     frac = result.tokens_per_s * 6 * n_params / best
 
     table = [
-        ("device", f"CPU, torch threads {torch.get_num_threads()}, attention {args.attn or 'model default'}"),
+        ("device", f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}, "
+                   f"threads {torch.get_num_threads()}, attention {args.attn or 'TrainConfig default'}"),
         ("best matmul float32", f"{f32 / 1e9:,.0f} GFLOP/s ({n32}^2)"),
         ("best matmul bfloat16", f"{bf16 / 1e9:,.0f} GFLOP/s ({n16}^2)"),
-        ("model", f"{DEFAULT_MODEL}, {n_params / 1e6:.1f}M params, dtype {pick_dtype(args.dtype)}"),
+        ("model", f"{model}, {n_params / 1e6:.1f}M params, dtype {pick_dtype(args.dtype)}"),
         ("rows", f"{len(rows)} (prompt {p_mean:.0f} tok, completion {c_mean:.0f} tok on average)"),
         ("config", f"batch {config.per_device_batch_size}, LoRA r={config.lora_r} on "
                    f"{','.join(config.target_modules)}"),

@@ -14,13 +14,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+def tokenizer_source() -> str:
+    """Where the tiny models' tokenizer comes from: the embedded model, or (`$LEAP_DSPY_TEST_TOKENIZER`) a
+    tokenizer folder, for machines without the embedded package (a lent GPU, see bench/device_check.sh)."""
+    return os.environ.get("LEAP_DSPY_TEST_TOKENIZER", "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_source: str) -> str:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from leap_dspy.lm.models import load_tokenizer
 
-    tokenizer = load_tokenizer("smollm2-135m")
+    tokenizer = load_tokenizer(tokenizer_source)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,

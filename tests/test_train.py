@@ -36,8 +36,8 @@ def sft_rows(n: int = 8) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer("smollm2-135m")
+def tokenizer(tokenizer_source):
+    return load_tokenizer(tokenizer_source)
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def test_adapters_compute_in_the_base_dtype_with_float32_master_weights(tiny_mod
         lora_a = next(m for n, m in model.named_modules() if n.endswith("q_proj.lora_A.default"))
         hook = lora_a.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        ids = torch.tensor([tokenizer.encode("go to shelf 1, take mug 1 from shelf 1")])
+        ids = torch.tensor([tokenizer.encode("go to shelf 1, take mug 1 from shelf 1")], device=model.device)
         losses = []
         with adapters_in_base_dtype(model):
             for _ in range(3):

@@ -66,16 +66,18 @@ def main() -> None:
     parser.add_argument("--prefix", choices=["on", "off", "both"], default="both")
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--rows1", type=int, default=4, help="rows timed at batch 1")
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
     args = parser.parse_args()
 
     from leap_dspy.lm.lms import get_engine
+    from leap_dspy.lm.models import DEFAULT_MODEL
 
     prefix_modes = {"on": [True], "off": [False], "both": [False, True]}[args.prefix]
     print(f"{'dtype':9} {'prefix':6} {'batch':>5} {'rows':>4} {'prompt':>6} {'wall s':>7} {'tok/s':>7} "
           f"{'cpu s':>6}", flush=True)
     for dtype in args.dtypes:
         for prefix in prefix_modes:
-            engine = get_engine(dtype=dtype, prefix_cache=prefix, batching=False)
+            engine = get_engine(args.model or DEFAULT_MODEL, dtype=dtype, prefix_cache=prefix, batching=False)
             engine._loaded.generator.store.clear()
             for batch in args.batches:
                 rows = args.rows1 if batch == 1 else batch

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from leap_dspy.lm.models import attention_kernels
+
 
 @dataclass(frozen=True)
 class GenParams:
@@ -276,7 +278,7 @@ class Generator:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         use_prefix = self.prefix_cache if prefix_cache is None else prefix_cache
-        with self.lock, torch.inference_mode():
+        with self.lock, torch.inference_mode(), attention_kernels(self.device.type):
             start = time.perf_counter()
             results = self._generate(prompts, params, use_prefix)
             self.stats.seconds += time.perf_counter() - start

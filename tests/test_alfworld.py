@@ -219,3 +219,33 @@ def test_the_scripted_expert_wins_below_the_oracle_level(env: ALFWorld, all_task
     assert all(t.success for t in trajectories), [(t.task.task_type, [s.action for s in t.steps])
                                                   for t in trajectories if not t.success]
     assert not any(s.error for t in trajectories for s in t.steps)
+
+
+def test_memoised_textworld_parsing_changes_no_observation(env: ALFWorld, all_tasks, monkeypatch) -> None:
+    """Every observation of an oracle episode is the same with TextWorld's own parsers as with the memoised ones,
+    and a second play of the same game is answered from the caches."""
+    import fast_downward
+    import textworld.logic
+    from textworld.envs.pddl import logic, textgen
+
+    from leap_dspy.envs.alfworld import textworld_cache
+
+    def transcript(task: ALFWorldTask) -> list[tuple[str, tuple[str, ...]]]:
+        obs = env.reset(task)
+        seen = [(obs.text, tuple(obs.admissible_actions))]
+        while not obs.done and (action := env.oracle_action()) is not None:
+            obs = env.step(action)
+            seen.append((obs.text, tuple(obs.admissible_actions)))
+        return seen
+
+    task = all_tasks["train"][0]
+    env.reset(all_tasks["seen"][0])  # another game loaded first, so the next reset loads and translates again
+    cached = transcript(task)
+    hits = textgen._parse_and_convert.cache_info().hits
+    assert transcript(task) == cached and textgen._parse_and_convert.cache_info().hits > hits
+    for module, name in ((textgen, "_parse_and_convert"), (logic, "_parse_and_convert"),
+                         (textworld.logic, "_parse_and_convert"), (fast_downward, "pddl2sas")):
+        monkeypatch.setattr(module, name, getattr(module, name).__wrapped__)
+    env.reset(all_tasks["seen"][0])
+    assert transcript(task) == cached
+    assert textworld_cache._installed

@@ -102,10 +102,12 @@ def acquire_pddl_env() -> Any:
             return _POOL.pop()
     import textworld
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
+    from leap_dspy.envs.alfworld import textworld_cache
     from textworld.envs import PddlEnv
 
     infos = textworld.EnvInfos(facts=True, admissible_commands=True, won=True)
     with TEXTWORLD_LOCK:
+        textworld_cache.install()
         env = AlfredDemangler(PddlEnv(infos), shuffle=False)
     return env
 

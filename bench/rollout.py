@@ -9,7 +9,7 @@ The batched run plays `--tasks` episodes at once; the two slower ways play fewer
 `--peer-tasks`) of the same tasks, so that the benchmark ends in minutes: the rates compared are per
 environment step, with the same weights, prompts and step limit.
 
-Usage: python bench/rollout.py [--tasks 48] [--adapter runs/x/iter_2/adapter] [--max-steps 10]
+Usage: python bench/rollout.py [--tasks 64] [--adapter runs/x/iter_2/adapter] [--max-steps 10]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Episode(dspy.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=48)
+    parser.add_argument("--tasks", type=int, default=64, help="episodes played at once (compile's --threads default)")
     parser.add_argument("--peer-tasks", type=int, default=16, help="tasks for the dspy.Evaluate run")
     parser.add_argument("--split", default="train")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder (default: the untrained model)")

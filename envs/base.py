@@ -29,6 +29,10 @@ class TextEnv(ABC):
     """Levels below the top at which the scripted expert (`OracleExpert`) has a policy of its own; at the top
     level it follows the environment's oracle."""
 
+    idle_actions: ClassVar[tuple[str, ...]] = ()
+    """Admissible actions that change nothing and teach nothing when proposed as a wrong step (ALFWorld's
+    `look`); the privileged self's training rows propose other actions instead."""
+
     @abstractmethod
     def tasks(self, split: Split) -> list[Task]:
         """The split's tasks, reproducible from the environment's seed."""

@@ -371,7 +371,7 @@ class LEAP(Teleprompter):
             # The privileged self is these same weights: behaviour cloning also teaches them the expert's part.
             expert_rows = privileged_self_rows(PrivilegedCorrection, teacher.adapter, done.values(),
                                                self.max_train_rows, random.Random(self.seed * 17),
-                                               realizable_reason)
+                                               realizable_reason, self.env.idle_actions)
             rows, train_examples = rows + expert_rows, train_examples + len(expert_rows)
         atomic_write_text(stage / "train_rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         train_start = time.perf_counter()

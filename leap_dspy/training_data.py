@@ -71,12 +71,9 @@ def preference_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
     return rows
 
 
-UNINFORMATIVE = ("help", "look", "inventory")
-
-
 def privileged_self_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
                          demonstrations: Iterable[Trajectory], budget: int, rng: random.Random,
-                         propose_reason: Any) -> list[dict[str, Any]]:
+                         propose_reason: Any, idle_actions: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Rows that teach the student's weights to act as its own privileged expert, from demonstrations whose
     steps recorded the privileged state (`expert_rollout(record_level=...)`).
 
@@ -91,7 +88,7 @@ def privileged_self_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdap
     rng.shuffle(steps)
     rows = []
     for step in steps[:budget]:
-        others = [a for a in step.admissible_actions or [] if a != step.action and a not in UNINFORMATIVE]
+        others = [a for a in step.admissible_actions or [] if a != step.action and a not in idle_actions]
         inputs = step.inputs
         if others and rng.random() < 0.5:
             proposed = rng.choice(others)

@@ -42,6 +42,7 @@ class ALFWorld(TextEnv):
     }
     default_privilege_level: ClassVar[int] = 3
     scripted_levels: ClassVar[tuple[int, ...]] = (0, 1, 2)  # policy.py
+    idle_actions: ClassVar[tuple[str, ...]] = ("help", "look", "inventory")
 
     def __init__(
         self,

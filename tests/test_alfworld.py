@@ -226,9 +226,8 @@ def test_memoised_textworld_parsing_changes_no_observation(env: ALFWorld, all_ta
     and a second play of the same game is answered from the caches."""
     import fast_downward
     import textworld.logic
-    from textworld.envs.pddl import logic, textgen
-
     from leap_dspy.envs.alfworld import textworld_cache
+    from textworld.envs.pddl import logic, textgen
 
     def transcript(task: ALFWorldTask) -> list[tuple[str, tuple[str, ...]]]:
         obs = env.reset(task)

@@ -34,7 +34,8 @@ def _memoised(parse: Callable[..., Any], maxsize: int) -> Callable[..., Any]:
 
 
 def install() -> None:
-    """Replace TextWorld's two module-level parse functions with memoised ones (once per process)."""
+    """Replace TextWorld's three parse functions and Fast Downward's translation with memoised ones (once per
+    process)."""
     global _installed
     if _installed:
         return

@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model = args.model or DEFAULT_MODEL
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sizes = (4096, 8192) if device == "cuda" else (2048, 4096)
-    f32, n32 = best_matmul_flops("float32", sizes, repeats=10 if device == "cuda" else 3, device=device)
-    bf16, n16 = best_matmul_flops("bfloat16", sizes, repeats=10 if device == "cuda" else 3, device=device)
+    sizes, repeats = ((4096, 8192), 10) if device == "cuda" else ((2048, 4096), 3)
+    f32, n32 = best_matmul_flops("float32", sizes, repeats, device=device)
+    bf16, n16 = best_matmul_flops("bfloat16", sizes, repeats, device=device)
     best = max(f32, bf16)
 
     rows = agent_rows(args.rows)

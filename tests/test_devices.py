@@ -13,8 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU"))]
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 HEAD = ("Inputs: task, history, observation. Outputs: reason (one sentence), action (exactly one admissible "
         "action). Act in a text environment to complete the task.")

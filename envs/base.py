@@ -12,6 +12,7 @@ import re
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
+from leap_dspy.envs.expertise import Expertise
 from leap_dspy.types import Observation, PrivilegedState, Split, Task
 
 
@@ -24,10 +25,6 @@ class TextEnv(ABC):
 
     default_privilege_level: ClassVar[int] = 0
     max_steps: int = 30
-
-    scripted_levels: ClassVar[tuple[int, ...]] = ()
-    """Levels below the top at which the scripted expert (`OracleExpert`) has a policy of its own; at the top
-    level it follows the environment's oracle."""
 
     idle_actions: ClassVar[tuple[str, ...]] = ()
     """Admissible actions that change nothing and teach nothing when proposed as a wrong step (ALFWorld's
@@ -54,6 +51,12 @@ class TextEnv(ABC):
     @abstractmethod
     def config(self) -> dict[str, Any]:
         """Constructor keyword arguments that rebuild this environment (written to a run's config.yaml)."""
+
+    def expertise(self) -> Expertise:
+        """What a scripted expert knows here (see `leap_dspy.envs.expertise`): how to act at each privilege
+        level below the top, and how to explain an action from the student's view. The default follows the
+        oracle with an honest, generic reason; override it to teach more."""
+        return Expertise()
 
     def clone(self) -> TextEnv:
         """A fresh instance over the same tasks, for running another episode side by side."""

@@ -17,7 +17,7 @@ from typing import Any
 import dspy
 
 from leap_dspy.envs.base import TextEnv
-from leap_dspy.programs.experts import OracleExpert, expert_inputs
+from leap_dspy.programs.experts import expert_inputs
 from leap_dspy.programs.student import Student, capture_privileged, run_episode
 from leap_dspy.progress import quiet_repeated_warnings
 from leap_dspy.types import PrivilegedState, StudentInputs, Task, Trajectory
@@ -119,41 +119,58 @@ def expert_rollout(expert: dspy.Module, student: Student, env: TextEnv, tasks: I
     that level on each step, for training a privileged self on the demonstrations (see `privileged_self_rows`).
     """
 
+    attach_env(expert, env)
     capture_level, capture_oracle = expert_capture(expert, env, level)
 
     def play(episode_env: TextEnv, task: Task) -> Trajectory:
+        used: list[PrivilegedState] = []  # what the expert read at each step, kept for the realizability check
+
         def act(inputs: StudentInputs) -> tuple[str, str, str | None]:
             privileged = capture_privileged(episode_env, capture_level, capture_oracle) or PrivilegedState(level=-1)
+            used.append(privileged)
             try:
                 out = expert(**expert_inputs(inputs, "", "", privileged))
             except Exception as exc:  # an expert failure is recorded on the step, not raised
                 return "", "", f"expert failed: {type(exc).__name__}: {exc}"
             return str(out.reason).strip(), str(out.action).strip(), None
 
-        return run_episode(act, student.inputs, episode_env, task, policy=policy, capture_level=record_level)
+        trajectory = run_episode(act, student.inputs, episode_env, task, policy=policy, capture_level=record_level)
+        for step, privileged in zip(trajectory.steps, used, strict=False):
+            step.privileged = step.privileged or privileged
+        return trajectory
 
     return run_parallel(play, env, tasks, num_threads=num_threads, program=expert, on_trajectory=on_trajectory)
 
 
+def attach_env(expert: dspy.Module, env: TextEnv) -> dspy.Module:
+    """Give an expert that uses the environment's expertise (it has `attach`) this environment's."""
+    attach = getattr(expert, "attach", None)
+    if callable(attach):
+        attach(env)
+    return expert
+
+
 def expert_capture(expert: dspy.Module, env: TextEnv, level: int) -> tuple[int | None, bool]:
     """What to record at each step for `expert` at privilege `level`: (the level whose privileged state it
-    reads, or None; whether it reads the oracle's next action). The scripted expert follows the oracle only at
-    the environment's top level; below it, it reads that level's facts (see `OracleExpert`)."""
-    if isinstance(expert, OracleExpert):
-        top = max(env.privilege_levels)
-        if level < top:
+    reads, or None; whether it reads the oracle's next action), from its capability flags.
+
+    A scripted expert is given the oracle only at the environment's top level; below it, and at the top when
+    its expertise asks (`Expertise.state_at_top`), it reads the level's typed sections."""
+    if getattr(expert, "scripted", False):
+        expertise = getattr(expert, "expertise", None)
+        if level < max(env.privilege_levels):
             return level, False
-        return (level if reads_privileged_text(expert) else None), True
+        return (level if getattr(expertise, "state_at_top", False) else None), True
     return (level if reads_privileged_text(expert) else None), needs_oracle(expert)
 
 
 def needs_oracle(expert: dspy.Module) -> bool:
-    """Scripted experts read the environment's oracle action."""
-    return bool(getattr(expert, "requires_oracle", False)) or isinstance(expert, OracleExpert)
+    """Whether `expert` reads the environment's oracle action (the `reads_oracle` flag)."""
+    return bool(getattr(expert, "reads_oracle", False))
 
 
 def reads_privileged_text(expert: dspy.Module) -> bool:
-    """LM experts read the privileged state as text; the scripted oracle does not."""
+    """LM experts read the privileged state as text; scripted ones do not (the `reads_privileged_text` flag)."""
     return bool(getattr(expert, "reads_privileged_text", not needs_oracle(expert)))
 
 

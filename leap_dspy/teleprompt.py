@@ -29,11 +29,12 @@ from dspy.teleprompt import Teleprompter
 from leap_dspy.envs.base import TextEnv, action_admissible
 from leap_dspy.lm import DEFAULT_MODEL, local_lm
 from leap_dspy.programs.agent import Agent
-from leap_dspy.programs.experts import OracleExpert, SelfExpert, expert_inputs, realizable_reason
+from leap_dspy.programs.experts import OracleExpert, expert_inputs
 from leap_dspy.programs.student import Student
 from leap_dspy.progress import console, progress_bar
 from leap_dspy.realizability import unobserved_mentions
 from leap_dspy.rollout import (
+    attach_env,
     expert_capture,
     expert_rollout,
     mean_reward,
@@ -218,7 +219,7 @@ class LEAP(Teleprompter):
             "privilege_level": self.privilege_level,
             "expert": describe_expert(teacher),
             "demonstrator": describe_expert(self._demonstrator(teacher)),
-            **({"bc_expert_level": self.privilege_level} if isinstance(teacher, SelfExpert) else {}),
+            **({"bc_expert_level": self.privilege_level} if _follows_student(teacher) else {}),
             "trainset": [t.id for t in trainset],
             "valset": [t.id for t in valset],
             "bc_epochs": self.bc_epochs,
@@ -256,8 +257,8 @@ class LEAP(Teleprompter):
     def check_teacher(self, teacher: dspy.Module) -> None:
         """Refuse a teacher that cannot correct at this run's privilege level, before anything runs."""
         top = max(self.env.privilege_levels)
-        if isinstance(teacher, OracleExpert) and self.privilege_level < top and (
-                self.privilege_level not in self.env.scripted_levels):
+        levels = getattr(getattr(teacher, "expertise", None), "levels", ())
+        if getattr(teacher, "scripted", False) and self.privilege_level < top and self.privilege_level not in levels:
             raise ValueError(f"the scripted expert has no policy at privilege level {self.privilege_level} on "
                              f"{self.env.name} (it follows the oracle at level {top}); use an LM expert there")
 
@@ -311,6 +312,7 @@ class LEAP(Teleprompter):
                          teacher: dspy.Module) -> Student:
         if not train_tasks:
             raise ValueError("trainset is empty")
+        teacher = attach_env(teacher, self.env)
         self.check_teacher(teacher)
         config = self.config(teacher, train_tasks, val_tasks)
         self._start(config)
@@ -353,25 +355,25 @@ class LEAP(Teleprompter):
         if k == 0:
             demonstrator = self._demonstrator(teacher)
             demonstrations = JsonlLog(stage / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
-            record_level = self.privilege_level if isinstance(teacher, SelfExpert) else None
+            record_level = self.privilege_level if _follows_student(teacher) else None
             done = self._collect(demonstrations, train_tasks, lambda todo, save: expert_rollout(
                 demonstrator, student, self.env, todo, level=self._demonstration_level(demonstrator),
                 num_threads=self.expert_threads, policy="expert", record_level=record_level,
                 on_trajectory=save), "demonstrations")
             self._demonstrations(done, corrections, self._demonstration_level(demonstrator))
         else:
-            if isinstance(teacher, SelfExpert):
+            if _follows_student(teacher):
                 teacher.follow(student)
             (done,) = self._play(student, [self._rollouts(k, teacher, train_tasks)])
             self._correct(k, teacher, done, corrections)
 
         current = [c for c in corrections.load().values() if c.iteration == k]
         rows, train_examples = self._training_rows(k, current)
-        if k == 0 and isinstance(teacher, SelfExpert):
+        if k == 0 and _follows_student(teacher):
             # The privileged self is these same weights: behaviour cloning also teaches them the expert's part.
             expert_rows = privileged_self_rows(PrivilegedCorrection, teacher.adapter, done.values(),
                                                self.max_train_rows, random.Random(self.seed * 17),
-                                               realizable_reason, self.env.idle_actions)
+                                               self._propose_reason, self.env.idle_actions)
             rows, train_examples = rows + expert_rows, train_examples + len(expert_rows)
         atomic_write_text(stage / "train_rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         train_start = time.perf_counter()
@@ -440,12 +442,18 @@ class LEAP(Teleprompter):
     def _demonstration_level(self, demonstrator: dspy.Module) -> int:
         """The scripted oracle demonstrates with everything it knows, whatever level corrections are made at:
         runs along the privilege dial then share one behaviour cloning, as in the paper's comparison."""
-        return max(self.env.privilege_levels) if isinstance(demonstrator, OracleExpert) else self.privilege_level
+        return max(self.env.privilege_levels) if getattr(demonstrator, "scripted", False) else self.privilege_level
 
     def _demonstrator(self, teacher: dspy.Module) -> dspy.Module:
         if self.demonstrator is not None:
             return self.demonstrator
-        return OracleExpert() if isinstance(teacher, SelfExpert) else teacher
+        return attach_env(OracleExpert(), self.env) if _follows_student(teacher) else teacher
+
+    def _propose_reason(self, task: str, observation: str, action: str, history: str) -> str:
+        from leap_dspy.types import PrivilegedState, StudentInputs
+
+        inputs = StudentInputs(task=task, observation=observation, history=history)
+        return self.env.expertise().explain(inputs, PrivilegedState(level=0), action)
 
     def _collect(self, log: JsonlLog[Trajectory], tasks: list[Task], play: Any, label: str) -> dict[str, Trajectory]:
         """Run the episodes not yet in `log`, appending each as it finishes (the resume point)."""
@@ -563,7 +571,7 @@ class LEAP(Teleprompter):
                                else judged(trajectory, step, fix.reason, fix.action, share))
             return records
 
-        workers = 1 if isinstance(teacher, OracleExpert) else self.expert_threads
+        workers = 1 if getattr(teacher, "scripted", False) else self.expert_threads
         context = contextvars.copy_context()  # dspy.context settings live in contextvars: carry them over
         total = sum(len(steps) for _, steps in jobs)
         with progress_bar(f"iteration {k}: corrections", total, self.progress) as advance, \
@@ -796,6 +804,10 @@ def split_metrics(trajectories: list[Trajectory]) -> dict[str, Any]:
     metrics["parse_errors"] = sum(t.num_errors for t in trajectories)
     metrics["snapped_actions"] = sum(t.num_snapped for t in trajectories)
     return metrics
+
+
+def _follows_student(expert: dspy.Module) -> bool:
+    return bool(getattr(expert, "follows_student", False))
 
 
 def describe_expert(teacher: dspy.Module) -> dict[str, Any]:

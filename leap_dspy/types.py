@@ -150,6 +150,9 @@ class Correction(BaseModel):
     unobserved: list[str] = Field(default_factory=list)
     """What the reason names that the student never saw (see `leap_dspy.realizability`): non-empty means the
     correction is not realizable."""
+    unjustified: str | None = None
+    """Why the action is one only the privileged state could justify, where the environment can tell
+    (`Expertise.unjustified`); the student could not have chosen it from its own inputs."""
     usage: ExpertUsage | None = None
     """What asking an LM expert for this record cost; None where no LM was asked (demonstrations, scripts)."""
 

@@ -6,7 +6,6 @@ from leap_dspy.programs.experts import (
     OracleExpert,
     PrivilegedExpert,
     SelfExpert,
-    realizable_reason,
 )
 from leap_dspy.programs.student import Student, run_episode
 
@@ -17,7 +16,6 @@ __all__ = [
     "PrivilegedExpert",
     "SelfExpert",
     "Student",
-    "realizable_reason",
     "run_episode",
     "task_reward",
     "task_success",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dspy
 from leap_dspy.envs.base import action_admissible
-from leap_dspy.programs import OracleExpert, Student, realizable_reason
-from leap_dspy.programs.experts import (
+from leap_dspy.programs import OracleExpert, Student
+from leap_dspy.envs.alfworld.expertise import (
+    ALFWorldExpertise,
     holding,
+    realizable_reason,
     realizable_search_action,
     scene_places,
     sought,

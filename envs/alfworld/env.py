@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from leap_dspy.envs.alfworld import expert as ex
+from leap_dspy.envs.alfworld.expertise import ALFWorldExpertise
 from leap_dspy.envs.alfworld.generate import TASK_TYPES
 from leap_dspy.envs.alfworld.notes import transcript_notes
 from leap_dspy.envs.alfworld.tasks import ALFWorldTask, cached_tasks
@@ -41,7 +42,6 @@ class ALFWorld(TextEnv):
         3: "locations + states + the handcoded expert's remaining plan from the current state",
     }
     default_privilege_level: ClassVar[int] = 3
-    scripted_levels: ClassVar[tuple[int, ...]] = (0, 1, 2)  # policy.py
     idle_actions: ClassVar[tuple[str, ...]] = ("help", "look", "inventory")
 
     def __init__(
@@ -56,6 +56,7 @@ class ALFWorld(TextEnv):
         cache_dir: str | None = None,
         data_dir: str | None = None,
         notes: bool = True,
+        realizable_search: bool = True,
     ) -> None:
         types = list(task_types) if task_types else list(TASK_TYPES)
         unknown = [t for t in types if t not in TASK_TYPES]
@@ -73,6 +74,8 @@ class ALFWorld(TextEnv):
         self.notes = bool(notes)
         """Return `Observation.notes` (see `notes.py`): what the episode has shown so far about the student's
         hands, the objects it needs and the places it has not searched, computed from the texts it was shown."""
+        self.realizable_search = bool(realizable_search)
+        """The scripted expert searches the way the student can (see `ALFWorldExpertise`)."""
         self._env: Any = None
         self._loaded: str | None = None
         self._clear_episode()
@@ -91,6 +94,7 @@ class ALFWorld(TextEnv):
             "cache_dir": self.cache_dir,
             "data_dir": self.data_dir,
             "notes": self.notes,
+            "realizable_search": self.realizable_search,
         }
 
     def _cache_root(self) -> Path:
@@ -229,6 +233,9 @@ class ALFWorld(TextEnv):
         if not self.notes or self._task is None:
             return None
         return transcript_notes(self._task.instruction, _strip_welcome(self._intro), self._turns)
+
+    def expertise(self) -> ALFWorldExpertise:
+        return ALFWorldExpertise(realizable_search=self.realizable_search)
 
     # -- the oracle ---------------------------------------------------------------------------------------
 

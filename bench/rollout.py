@@ -21,12 +21,12 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import dspy  # noqa: E402
-from leap_dspy.envs.alfworld import ALFWorld  # noqa: E402
-from leap_dspy.programs import Student  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from leap_dspy.envs.alfworld import ALFWorld  # noqa: E402
 from leap_dspy.lm import DEFAULT_MODEL, local_lm  # noqa: E402
+from leap_dspy.programs import Student  # noqa: E402
 from leap_dspy.rollout import rollout  # noqa: E402
 
 

@@ -1,9 +1,8 @@
 """`CompactChatAdapter`: DSPy's ChatAdapter with a short system message.
 
 The student's prompt is paid for at every step of every rollout and every training row. ChatAdapter's
-system message spells out each field's type and the whole input/output layout (about 200 tokens for
-`StudentStep`) and repeats the output order in every user message (about 40 more); for a model that is
-fine-tuned on the format anyway, that is a third of each training row. This adapter keeps ChatAdapter's
+system message spells out each field's type and the whole input/output layout and repeats the output order
+in every user message, which a model fine-tuned on the format does not need. This adapter keeps ChatAdapter's
 `[[ ## field ## ]]` sections, its parser and its fine-tuning format, and says the rest in a few words.
 """
 

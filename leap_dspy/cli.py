@@ -63,56 +63,79 @@ def build_expert(spec: str, model: str, per: str = "step") -> Any:
     return PrivilegedExpert(spec, per=per)
 
 
+def _default(name: str) -> Any:
+    from leap_dspy.config import LEAPConfig
+
+    return LEAPConfig.model_fields[name].default
+
+
+def _help(name: str, extra: str = "") -> str:
+    from leap_dspy.config import LEAPConfig
+
+    return (LEAPConfig.model_fields[name].description or "") + extra
+
+
 @app.command("compile")
 def compile_(
     env: EnvOption = "alfworld",
     run_dir: Annotated[Path | None, typer.Option(help="run folder (default runs/<env>-<timestamp>)")] = None,
-    iterations: Annotated[int, typer.Option(min=0, help="LEAP iterations after behaviour cloning")] = 2,
-    update: Annotated[str, typer.Option(help="sft, dpo or kto")] = "sft",
+    iterations: Annotated[int, typer.Option(min=0, help=_help("iterations"))] = _default("iterations"),
+    update: Annotated[str, typer.Option(help=_help("update"))] = _default("update"),
     expert: Annotated[str, typer.Option(help="oracle (scripted), self, or a LiteLLM model string")] = "oracle",
     expert_per: Annotated[str, typer.Option(help="an LM expert corrects each 'step' or a whole 'trajectory' "
                                                  "per call")] = "step",
-    privilege_level: Annotated[int | None, typer.Option(help="privilege dial (env default if unset)")] = None,
-    model: Annotated[str, typer.Option(help="student base model: the embedded default or an HF folder")] = "",
-    max_train_rows: Annotated[int, typer.Option(min=1, help="rows per LEAP fine-tuning round")] = 120,
-    iteration_lr: Annotated[float | None, typer.Option(min=0.0, help="learning rate of the LEAP rounds "
-                            "(default: a tenth of behaviour cloning's for sft, the method's own for dpo/kto)")] = None,
-    preference_anchor: Annotated[float, typer.Option(min=0.0, max=0.99, help="share of a dpo/kto round's rows "
-                                 "that are steps known to be right, trained toward (0: pairs alone)")] = 0.5,
-    threads: Annotated[int, typer.Option(min=1, help="episodes played at once")] = 64,
-    base: Annotated[bool, typer.Option(help="evaluate the untrained student")] = True,
+    privilege_level: Annotated[int | None, typer.Option(help=_help("privilege_level"))] = None,
+    model: Annotated[str, typer.Option(help=_help("model"))] = _default("model"),
+    max_train_rows: Annotated[int, typer.Option(min=1, help=_help("max_train_rows"))] = _default("max_train_rows"),
+    iteration_lr: Annotated[float | None, typer.Option(min=0.0, help=_help("iteration_lr"))] = None,
+    preference_anchor: Annotated[float, typer.Option(min=0.0, max=0.99, help=_help("preference_anchor"))
+                                 ] = _default("preference_anchor"),
+    drop_unrealizable: Annotated[bool, typer.Option(help=_help("drop_unrealizable"))] = _default("drop_unrealizable"),
+    threads: Annotated[int, typer.Option(min=1, help=_help("num_threads"))] = _default("num_threads"),
+    base: Annotated[bool, typer.Option(help=_help("evaluate_base"))] = _default("evaluate_base"),
     expert_reference: Annotated[bool, typer.Option("--expert-reference/--no-expert-reference",
-                                                   help="evaluate the expert acting itself")] = True,
-    bc_from: Annotated[Path | None, typer.Option(help="start from the behaviour cloning of this finished run "
-                                                      "folder (same env, model, tasks and training settings)")] = None,
+                                                   help=_help("evaluate_expert"))] = _default("evaluate_expert"),
+    bc_from: Annotated[Path | None, typer.Option(help=_help("bc_from"))] = None,
+    seed: Annotated[int, typer.Option(help=_help("seed"))] = _default("seed"),
     sets: SetOption = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Behaviour cloning, then LEAP iterations; writes a run folder with metrics.csv and report.html."""
-    from leap_dspy.lm import DEFAULT_MODEL
+    from leap_dspy.config import LEAPConfig
     from leap_dspy.programs import Student
+    from leap_dspy.rollout import attach_env
     from leap_dspy.teleprompt import LEAP, ConfigMismatch
 
     if update not in ("sft", "dpo", "kto"):
         raise fail(f"--update must be sft, dpo or kto, not {update!r}")
     environment = build_env(env, parse_sets(sets))
-    model = model or DEFAULT_MODEL
     teacher = build_expert(expert, model, expert_per)
     try:
-        leap = LEAP(environment, iterations=iterations, update=update, model=model,  # type: ignore[arg-type]
-                    privilege_level=privilege_level, run_dir=run_dir, max_train_rows=max_train_rows,
-                    iteration_lr=iteration_lr, preference_anchor=preference_anchor, num_threads=threads,
-                    evaluate_base=base, evaluate_expert=expert_reference, progress=not quiet, bc_from=bc_from)
-        leap.check_teacher(teacher)
+        config = LEAPConfig(iterations=iterations, update=update, model=model, privilege_level=privilege_level,
+                            max_train_rows=max_train_rows, iteration_lr=iteration_lr,
+                            preference_anchor=preference_anchor, drop_unrealizable=drop_unrealizable,
+                            num_threads=threads, evaluate_base=base, evaluate_expert=expert_reference,
+                            bc_from=bc_from, seed=seed, progress=not quiet)
+        leap = LEAP(environment, config, run_dir=run_dir)
+        leap.check_teacher(attach_env(teacher, environment))
     except ValueError as exc:
-        raise fail(str(exc)) from exc
+        raise fail(str(exc).splitlines()[0] if "validation error" not in str(exc) else _first_error(exc)) from exc
     trainset = environment.tasks("train")
     valset = environment.tasks("seen") + environment.tasks("unseen")
     try:
         leap.compile(Student(), trainset=trainset, teacher=teacher, valset=valset)
-    except ConfigMismatch as exc:
+    except (ConfigMismatch, OSError) as exc:
         raise fail(str(exc)) from exc
     print_metrics(leap.run.path)
+
+
+def _first_error(exc: Exception) -> str:
+    """A pydantic validation error as one line: the field and what is wrong with it."""
+    errors = getattr(exc, "errors", lambda: [])()
+    if not errors:
+        return str(exc).splitlines()[0]
+    first = errors[0]
+    return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
 
 
 def print_metrics(run_dir: Path) -> None:
@@ -153,7 +176,7 @@ def load_program(path: Path) -> Any:
 
 
 def report_rollout(name: str, trajectories: list[Any]) -> dict[str, Any]:
-    from leap_dspy.teleprompt import split_metrics
+    from leap_dspy.metrics import split_metrics
 
     metrics = split_metrics(trajectories)
     table = Table(title=name)

@@ -17,13 +17,16 @@ from collections.abc import Iterable
 from leap_dspy.types import PrivilegedState, StudentInputs
 
 _WORD = re.compile(r"[A-Za-z0-9_*]+(?:[.\-/][A-Za-z0-9_*]+)*")
-_STOP = frozenset(
-    "a an the and or of to in on at by for with from into onto is are was be it its this that these those "
-    "i you we he she they not no yes do does done go get put take use open close look find see seen need "
-    "what which where there here then than now one some all any more most each other same so as if in/on "
-    "has have had will would can could should must let me my your our their them his her only also just "
-    "very next first last step steps task item items line lines page row rows column columns".split()
-)
+_STOP = frozenset((
+    "a", "an", "the", "and", "or", "of", "to", "in", "on", "at", "by", "for", "with", "from", "into", "onto",
+    "is", "are", "was", "be", "it", "its", "this", "that", "these", "those", "i", "you", "we", "he", "she",
+    "they", "not", "no", "yes", "do", "does", "done", "go", "get", "put", "take", "use", "open", "close",
+    "look", "find", "see", "seen", "need", "what", "which", "where", "there", "here", "then", "than", "now",
+    "one", "some", "all", "any", "more", "most", "each", "other", "same", "so", "as", "if", "in/on", "has",
+    "have", "had", "will", "would", "can", "could", "should", "must", "let", "me", "my", "your", "our",
+    "their", "them", "his", "her", "only", "also", "just", "very", "next", "first", "last", "step", "steps",
+    "task", "item", "items", "line", "lines", "page", "row", "rows", "column", "columns",
+))
 _ENTITY = re.compile(r"\b([a-z][a-z]+) (\d+)\b")
 _QUOTED = re.compile(r"['\"`]([^'\"`]{3,60})['\"`]")
 _PRODUCT_ID = re.compile(r"\b(B0[0-9A-Z]{8})\b")
@@ -89,11 +92,10 @@ def privileged_mentions(text: str, inputs: StudentInputs, privileged: Privileged
         for term in terms:
             if _has(term, said) and not _has(term, seen) and term not in found:
                 found.append(term)
-        stated = [t for t in terms if _has(t, said)]
-        if len(terms) >= 2 and len(stated) == len(terms) and not any(
-                all(_has(t, line) for t in terms) for line in seen_lines):
-            if fact not in found and not all(t in found for t in terms):
-                found.append(fact)
+        stated = len(terms) >= 2 and all(_has(t, said) for t in terms)
+        if stated and not any(all(_has(t, line) for t in terms) for line in seen_lines) and fact not in found \
+                and not all(t in found for t in terms):
+            found.append(fact)
     return found
 
 

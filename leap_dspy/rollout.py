@@ -9,6 +9,7 @@ instead of waiting on a timer: the environments step in lockstep and the model s
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -19,7 +20,8 @@ import dspy
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.programs.experts import expert_inputs
 from leap_dspy.programs.student import Student, capture_privileged, run_episode
-from leap_dspy.progress import quiet_repeated_warnings
+from leap_dspy.progress import progress_bar, quiet_repeated_warnings
+from leap_dspy.store import JsonlLog
 from leap_dspy.types import PrivilegedState, StudentInputs, Task, Trajectory
 
 Progress = Callable[[Trajectory], None]
@@ -97,33 +99,67 @@ def run_parallel(play: Callable[[TextEnv, Task], Trajectory], env: TextEnv, task
     return [r for r in results if r is not None]
 
 
-def rollout(student: Student, env: TextEnv, tasks: Iterable[Task], *, num_threads: int = 32,
-            capture_level: int | None = None, capture_oracle: bool = False, policy: str = "student",
-            max_steps: int | None = None, on_trajectory: Progress | None = None) -> list[Trajectory]:
-    """The student plays each task, each step recording what the expert will read (see `run_episode`)."""
+@dataclasses.dataclass
+class Episodes:
+    """A resumable batch of episodes: the tasks, how one is played, and the log each lands in as it ends."""
+
+    log: JsonlLog[Trajectory]
+    tasks: list[Task]
+    label: str
+    play: Callable[[TextEnv, Task], Trajectory]
+
+
+def play_episodes(job: Episodes, env: TextEnv, *, program: dspy.Module | None, num_threads: int,
+                  progress: bool = True) -> dict[str, Trajectory]:
+    """The one episode runner of a compile: plays the tasks not yet in the job's log, appends each episode as it
+    ends (the resume point) and returns all of them by task id."""
+    done = job.log.load()
+    todo = [task for task in job.tasks if task.id not in done]
+    if todo:
+        with progress_bar(job.label, len(todo), progress) as advance:
+            def save(trajectory: Trajectory) -> None:
+                job.log.append(trajectory)
+                done[trajectory.task.id] = trajectory
+                advance()
+
+            run_parallel(job.play, env, todo, num_threads=num_threads, program=program, on_trajectory=save)
+    return done
+
+
+def student_policy(student: Student, *, capture_level: int | None = None, capture_oracle: bool = False,
+                   policy: str = "student", max_steps: int | None = None) -> Callable[[TextEnv, Task], Trajectory]:
+    """The student plays; each step records what the expert will read there (see `run_episode`)."""
 
     def play(episode_env: TextEnv, task: Task) -> Trajectory:
         return student.run(episode_env, task, max_steps=max_steps, capture_level=capture_level,
                            capture_oracle=capture_oracle, policy=policy)
 
+    return play
+
+
+def rollout(student: Student, env: TextEnv, tasks: Iterable[Task], *, num_threads: int = 32,
+            capture_level: int | None = None, capture_oracle: bool = False, policy: str = "student",
+            max_steps: int | None = None, on_trajectory: Progress | None = None) -> list[Trajectory]:
+    """The student plays each task, in task order (for scripts; a compile's runs go through `play_episodes`)."""
+    play = student_policy(student, capture_level=capture_level, capture_oracle=capture_oracle, policy=policy,
+                          max_steps=max_steps)
     return run_parallel(play, env, tasks, num_threads=num_threads, program=student, on_trajectory=on_trajectory)
 
 
-def expert_rollout(expert: dspy.Module, student: Student, env: TextEnv, tasks: Iterable[Task], *, level: int,
-                   num_threads: int = 8, policy: str = "expert", record_level: int | None = None,
-                   on_trajectory: Progress | None = None) -> list[Trajectory]:
+def expert_policy(expert: dspy.Module, student: Student, env: TextEnv, *, level: int, policy: str = "expert",
+                  record_level: int | None = None) -> Callable[[TextEnv, Task], Trajectory]:
     """The expert acts (demonstrations for behaviour cloning, and the `expert` reference row).
 
     It sees the student's inputs (formatted by the student program, so demonstrations are training rows as
-    they stand) plus the privileged state of the state it is in. `record_level` keeps the privileged state at
-    that level on each step, for training a privileged self on the demonstrations (see `privileged_self_rows`).
+    they stand) plus the privileged state of the state it is in, which each step keeps for the realizability
+    check; `record_level` keeps the privileged state at that level instead, for training a privileged self on
+    the demonstrations (see `privileged_self_rows`).
     """
-
     attach_env(expert, env)
     capture_level, capture_oracle = expert_capture(expert, env, level)
 
     def play(episode_env: TextEnv, task: Task) -> Trajectory:
-        used: list[PrivilegedState] = []  # what the expert read at each step, kept for the realizability check
+        used: list[PrivilegedState] = []
 
         def act(inputs: StudentInputs) -> tuple[str, str, str | None]:
             privileged = capture_privileged(episode_env, capture_level, capture_oracle) or PrivilegedState(level=-1)
@@ -139,6 +175,14 @@ def expert_rollout(expert: dspy.Module, student: Student, env: TextEnv, tasks: I
             step.privileged = step.privileged or privileged
         return trajectory
 
+    return play
+
+
+def expert_rollout(expert: dspy.Module, student: Student, env: TextEnv, tasks: Iterable[Task], *, level: int,
+                   num_threads: int = 8, policy: str = "expert", record_level: int | None = None,
+                   on_trajectory: Progress | None = None) -> list[Trajectory]:
+    """The expert plays each task, in task order (see `expert_policy`)."""
+    play = expert_policy(expert, student, env, level=level, policy=policy, record_level=record_level)
     return run_parallel(play, env, tasks, num_threads=num_threads, program=expert, on_trajectory=on_trajectory)
 
 
@@ -160,7 +204,8 @@ def expert_capture(expert: dspy.Module, env: TextEnv, level: int) -> tuple[int |
         expertise = getattr(expert, "expertise", None)
         if level < max(env.privilege_levels):
             return level, False
-        return (level if getattr(expertise, "state_at_top", False) else None), True
+        reads_state = getattr(expertise, "state_at_top", False) or reads_privileged_text(expert)
+        return (level if reads_state else None), True
     return (level if reads_privileged_text(expert) else None), needs_oracle(expert)
 
 
@@ -172,11 +217,3 @@ def needs_oracle(expert: dspy.Module) -> bool:
 def reads_privileged_text(expert: dspy.Module) -> bool:
     """LM experts read the privileged state as text; scripted ones do not (the `reads_privileged_text` flag)."""
     return bool(getattr(expert, "reads_privileged_text", not needs_oracle(expert)))
-
-
-def success_rate(trajectories: list[Trajectory]) -> float:
-    return sum(t.success for t in trajectories) / len(trajectories) if trajectories else 0.0
-
-
-def mean_reward(trajectories: list[Trajectory]) -> float:
-    return sum(t.reward for t in trajectories) / len(trajectories) if trajectories else 0.0

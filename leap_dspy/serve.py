@@ -103,19 +103,6 @@ def make_server(model: str | None = None, adapter: str | os.PathLike | None = No
     return server, server.url
 
 
-def serve(model: str | None = None, adapter: str | os.PathLike | None = None, host: str = "127.0.0.1",
-          port: int = 8000, served_name: str | None = None, **engine_kwargs: Any) -> None:
-    """`make_server` and serve until interrupted (Ctrl-C)."""
-    server, url = make_server(model, adapter, host, port, served_name, **engine_kwargs)
-    print(f"serving {server.served_name!r} at {url}/v1 (OpenAI-compatible; Ctrl-C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
-
 # -- request handling ------------------------------------------------------------------------------------------
 
 
@@ -422,5 +409,5 @@ def _adapter_rank(adapter: str | os.PathLike) -> int | None:
     return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), None)
 
 
-__all__ = ["ApiError", "OpenAIServer", "chat_request", "make_server", "resolve_target", "serve", "served_label",
+__all__ = ["ApiError", "OpenAIServer", "chat_request", "make_server", "resolve_target", "served_label",
            "vllm_command"]

@@ -93,6 +93,3 @@ class JsonlLog(Generic[M]):
     def extend(self, records: Iterable[M]) -> None:
         for record in records:
             self.append(record)
-
-    def rewrite(self, records: Iterable[M]) -> None:
-        atomic_write_text(self.path, "".join(r.model_dump_json() + "\n" for r in records))

@@ -7,6 +7,7 @@ privileged state is not an argument of anything here: there is no path by which 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -80,8 +81,7 @@ def privileged_self_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdap
     The expert's prompt holds a proposed step to judge. Half the rows propose the demonstrated step itself,
     which the expert keeps; the other half propose another admissible action (with a plausible reason from
     `propose_reason(task, observation, action, history)`), which it replaces by the demonstrated step. A
-    student never trained on this format ignores the privileged facts and repeats the proposal (measured on
-    ALFWorld: 5 of 252 steps changed, 99 corrections not admissible).
+    student never trained on this format ignores the privileged facts and repeats the proposal.
     """
     steps = [s for t in demonstrations if t.success for s in t.steps
              if s.privileged is not None and s.error is None and s.action]
@@ -100,3 +100,62 @@ def privileged_self_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdap
         prompt, completion = _prompt_and_completion(signature, adapter, values, step.reason, step.action)
         rows.append({"prompt": prompt, "completion": completion})
     return rows
+
+
+# -- DAgger's aggregate, bounded ------------------------------------------------------------------------------
+
+def aggregate_sft(current: list[Correction], earlier: list[Correction], budget: int, rng: random.Random,
+                  balance: int, balance_rng: random.Random) -> list[Correction]:
+    """A round's SFT records: this round's corrections (at most half the budget: the student's newest
+    mistakes), then earlier data (demonstrations included) to fill up, so that what the student already did
+    right is not forgotten while the new states are learned. With no earlier data it is behaviour cloning's
+    demonstrations alone."""
+    chosen = list(current)
+    if earlier:
+        rng.shuffle(chosen)
+        chosen = chosen[: max(budget // 2, budget - len(earlier))]
+        earlier = list(earlier)
+        rng.shuffle(earlier)
+        chosen += earlier[: budget - len(chosen)]
+    return balance_by_action(chosen, balance, budget, balance_rng)
+
+
+def aggregate_preference(current: list[Correction], earlier: list[Correction], right: list[Correction],
+                         budget: int, anchor_share: float, kind: str, rng: random.Random, balance: int,
+                         balance_rng: random.Random) -> tuple[list[Correction], list[Correction]]:
+    """A preference round's (pairs, anchors): pairs where the expert changed the student's step (this round's
+    first, earlier rounds' to fill up) and anchors, steps known to be right (`right`), trained toward; as many
+    anchor rows as pair rows at most, so that the anchors keep the pairs' signal from drowning."""
+    per_pair = 2 if kind == "kto" else 1  # KTO trains the two sides of a pair as two rows
+    n_anchor = round(budget * anchor_share)
+    pairs = [c for c in current if c.changed]
+    rng.shuffle(pairs)
+    older = [c for c in earlier if c.changed]
+    rng.shuffle(older)
+    pairs = (pairs + older)[: (budget - n_anchor) // per_pair]
+    if not n_anchor:
+        return pairs, []
+    right = list(right)
+    rng.shuffle(right)
+    return pairs, balance_by_action(right, balance, min(n_anchor, len(pairs) * per_pair), balance_rng)
+
+
+def balance_by_action(records: list[Correction], cap: int, budget: int, rng: random.Random) -> list[Correction]:
+    """At most `budget` records, in which rarer kinds of action (the action's first word) are repeated up to
+    `cap` times (count of the commonest kind / count of this kind, rounded).
+
+    An agent's data is mostly one kind of step (moving on) and its hardest decisions are rare ones (taking
+    what the task needs, once per episode): trained on the raw mix, a small student's rare-decision token
+    stays near its prior and greedy decoding never picks it. `cap` 1 keeps the raw mix.
+    """
+    if cap > 1 and records:
+        kinds = Counter(_action_kind(r) for r in records)
+        top = max(kinds.values())
+        records = [r for r in records for _ in range(min(cap, max(1, round(top / kinds[_action_kind(r)]))))]
+    if len(records) > budget:
+        records = rng.sample(records, budget)
+    return records
+
+
+def _action_kind(record: Correction) -> str:
+    return (record.action.split() or [""])[0].split("[")[0].lower()

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import dspy
+
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.programs.student import Student
-
 from leap_dspy.types import Task
 
 

@@ -7,10 +7,10 @@ import time
 from typing import Any
 
 import dspy
-from leap_dspy.envs.base import action_admissible
-from leap_dspy.signatures import StudentStep
 
 from leap_dspy.adapters import END_MARKER, CompactChatAdapter
+from leap_dspy.envs.base import action_admissible
+from leap_dspy.signatures import StudentStep
 from leap_dspy.types import Observation, PrivilegedState, Step, StudentInputs, Task, Trajectory
 
 INVALID_MARKERS = ("Nothing happens.",)

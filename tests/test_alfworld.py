@@ -209,7 +209,6 @@ def test_notes_follow_the_episode_from_what_the_student_was_shown(env: ALFWorld,
 def test_the_scripted_expert_wins_below_the_oracle_level(env: ALFWorld, all_tasks, level: int) -> None:
     """Level 0 plays from the student's view alone, 1 and 2 add what the privileged state says."""
     from leap_dspy.programs import OracleExpert, Student
-
     from leap_dspy.rollout import expert_capture, expert_rollout
 
     assert expert_capture(OracleExpert(), env, level) == (level, False)  # no oracle below the top
@@ -226,8 +225,9 @@ def test_memoised_textworld_parsing_changes_no_observation(env: ALFWorld, all_ta
     and a second play of the same game is answered from the caches."""
     import fast_downward
     import textworld.logic
-    from leap_dspy.envs.alfworld import textworld_cache
     from textworld.envs.pddl import logic, textgen
+
+    from leap_dspy.envs.alfworld import textworld_cache
 
     def transcript(task: ALFWorldTask) -> list[tuple[str, tuple[str, ...]]]:
         obs = env.reset(task)

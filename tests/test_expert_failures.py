@@ -23,14 +23,15 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no cost-map dow
 
 import dspy  # noqa: E402
 import pytest  # noqa: E402
-from leap_dspy.envs.alfworld import ALFWorld  # noqa: E402
-from leap_dspy.programs import PrivilegedExpert, Student  # noqa: E402
 
+from leap_dspy.envs.alfworld import ALFWorld  # noqa: E402
 from leap_dspy.lm import local_lm  # noqa: E402
+from leap_dspy.metrics import expert_usage_metrics, token_cost_usd  # noqa: E402
+from leap_dspy.programs import PrivilegedExpert, Student  # noqa: E402
 from leap_dspy.rollout import rollout  # noqa: E402
 from leap_dspy.serve import make_server  # noqa: E402
 from leap_dspy.store import JsonlLog  # noqa: E402
-from leap_dspy.teleprompt import LEAP, expert_usage_metrics, token_cost_usd  # noqa: E402
+from leap_dspy.teleprompt import LEAP  # noqa: E402
 from leap_dspy.types import Correction, Trajectory  # noqa: E402
 
 CLIENT_TIMEOUT_S = 1.0
@@ -160,7 +161,7 @@ def correct(env: ALFWorld, model: str, run_dir: Path, server: BadExpertServer, m
     log.extend(earlier)
     server.reset(mode)
     start = time.perf_counter()
-    leap._correct(1, expert_for(server, per), trajectories, log)
+    leap.corrections(1, expert_for(server, per), trajectories)
     return log.load(), time.perf_counter() - start, leap
 
 
@@ -274,7 +275,7 @@ def test_an_expert_over_http_is_billed_once_and_answers_a_rerun_from_the_cache(
             leap = LEAP(env, model=tiny_model, run_dir=tmp_path / name, expert_retries=1, expert_threads=2,
                         progress=False)
             log = JsonlLog(tmp_path / name / "iter_1" / "corrections.jsonl", Correction, key=lambda c: c.key)
-            leap._correct(1, expert, trajectories, log)
+            leap.corrections(1, expert, trajectories)
             return sorted(log.load().values(), key=lambda c: c.key)
 
         first = run("first")

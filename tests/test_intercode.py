@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+
 from leap_dspy.envs import make_env
 from leap_dspy.envs.intercode import InterCodeBash, InterCodeSQL, SandboxUnavailable
 from leap_dspy.envs.intercode.data import DataUnavailable, bench_bash

@@ -8,10 +8,10 @@ from pathlib import Path
 import dspy
 import pytest
 from dspy.teleprompt import BetterTogether
-from leap_dspy.envs.alfworld import ALFWorld
-from leap_dspy.programs import Agent, OracleExpert, Student, task_success
 
+from leap_dspy.envs.alfworld import ALFWorld
 from leap_dspy.lm import local_lm
+from leap_dspy.programs import Agent, OracleExpert, Student, task_success
 from leap_dspy.teleprompt import LEAP
 from leap_dspy.train import TrainConfig
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dspy
-from leap_dspy.envs.base import action_admissible
-from leap_dspy.programs import OracleExpert, Student
+
 from leap_dspy.envs.alfworld.expertise import (
-    ALFWorldExpertise,
     holding,
     realizable_reason,
     realizable_search_action,
@@ -15,7 +13,8 @@ from leap_dspy.envs.alfworld.expertise import (
     sweep_next,
     task_object,
 )
-
+from leap_dspy.envs.base import action_admissible
+from leap_dspy.programs import OracleExpert, Student
 from leap_dspy.realizability import unobserved_mentions
 from leap_dspy.types import Observation, PrivilegedState, Step, StudentInputs, Task
 

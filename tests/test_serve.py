@@ -22,10 +22,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no cost-map dow
 import dspy  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
-from leap_dspy.programs import PrivilegedExpert  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from leap_dspy.cli import app  # noqa: E402
+from leap_dspy.programs import PrivilegedExpert  # noqa: E402
 from leap_dspy.serve import OpenAIServer, make_server, resolve_target, served_label, vllm_command  # noqa: E402
 from leap_dspy.types import PrivilegedState  # noqa: E402
 

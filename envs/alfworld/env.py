@@ -15,7 +15,6 @@ from leap_dspy.envs.alfworld.generate import TASK_TYPES
 from leap_dspy.envs.alfworld.notes import transcript_notes
 from leap_dspy.envs.alfworld.tasks import ALFWorldTask, cached_tasks
 from leap_dspy.envs.base import TextEnv
-
 from leap_dspy.types import Observation, PrivilegedState, Split, Task
 
 NOTHING = "Nothing happens."

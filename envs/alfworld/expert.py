@@ -12,13 +12,12 @@ Three things are fixed or guarded here rather than in alfworld itself:
   share one.
 - The tatsu parsers and Fast Downward's translator are module globals: every call into textworld goes
   through `TEXTWORLD_LOCK`. Each PddlEnv holds its own copy of libdownward.so (textworld copies it), so the
-  planner state itself is per instance; PddlEnvs are pooled because each copy costs ~34 MB.
+  planner state itself is per instance; PddlEnvs are pooled because each copy is costly to make and to hold.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import threading
@@ -102,8 +101,9 @@ def acquire_pddl_env() -> Any:
             return _POOL.pop()
     import textworld
     from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
-    from leap_dspy.envs.alfworld import textworld_cache
     from textworld.envs import PddlEnv
+
+    from leap_dspy.envs.alfworld import textworld_cache
 
     infos = textworld.EnvInfos(facts=True, admissible_commands=True, won=True)
     with TEXTWORLD_LOCK:
@@ -118,11 +118,6 @@ def release_pddl_env(env: Any) -> None:
     with _POOL_LOCK:
         if len(_POOL) < _POOL_MAX:
             _POOL.append(env)
-
-
-def load_task_params(game_file: str | Path) -> dict[str, Any]:
-    traj = json.loads((Path(game_file).parent / "traj_data.json").read_text())
-    return {**traj["pddl_params"], "task_type": traj["task_type"]}
 
 
 class Expert:

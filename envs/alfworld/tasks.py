@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from leap_dspy.envs.alfworld import generate as gen
-
 from leap_dspy.types import Split, Task
 
 OFFICIAL_SPLITS = {"train": "train", "seen": "valid_seen", "unseen": "valid_unseen"}

@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 
 from leap_dspy.envs.intercode import data
 from leap_dspy.envs.intercode.common import SUBMIT, InterCodeEnv, truncate
+from leap_dspy.envs.intercode.expertise import BashExpertise
 from leap_dspy.envs.intercode.reward import bash_reward, fs_changes
 from leap_dspy.envs.intercode.sandbox import Sandbox, SandboxLimits, check_bwrap, new_uid, snapshot_tree
-
 from leap_dspy.types import Observation, PrivilegedState, Split, Task
 
 TASK_SETS = ("default", "bench", "nl2bash")
@@ -217,6 +217,10 @@ class InterCodeBash(InterCodeEnv):
                 sections["alternative gold command"] = self.task.gold2
         return PrivilegedState(level=level, sections=sections)
 
+    def expertise(self) -> BashExpertise:
+        """Look (`ls`) where the gold command goes before running it (see expertise.py); level 1, the
+        default, has a policy of its own."""
+        return BashExpertise()
 
     def close(self) -> None:
         if self.box is not None:

@@ -10,7 +10,6 @@ from abc import abstractmethod
 from typing import ClassVar
 
 from leap_dspy.envs.base import TextEnv
-
 from leap_dspy.types import Split, Task
 
 SUBMIT = "submit"

@@ -29,7 +29,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # Top-level names that are the sandbox's own mounts or, as in upstream InterCode's .gitignore, system folders:
@@ -99,9 +99,6 @@ class SandboxLimits:
     nproc: int = 64
     nofile: int = 256
     output_bytes: int = 64 * 1024
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

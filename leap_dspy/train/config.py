@@ -1,7 +1,8 @@
 """Settings and results of one fine-tuning run, shared by the SFT, DPO and KTO backends.
 
-Defaults were measured on a 2-core AVX512-BF16 CPU with SmolLM2-135M (see bench/train.py): LoRA r=16 on the
-attention projections, bf16 weights, no gradient checkpointing, batches of similar length.
+Defaults suit a small model fine-tuned on a CPU (bench/train.py measures them; docs/results.md has the numbers):
+LoRA r=16 on the attention and MLP projections, bf16 weights, no gradient checkpointing, batches of similar
+length.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ class TrainConfig(BaseModel):
     """Hyper-parameters of a LoRA fine-tune.
 
     `learning_rate=None` picks the usual value per method: LoRA SFT of a small model on a few hundred rows
-    needs 2e-3 to learn an agent's policy within an epoch or two (at 1e-3 the 135M student learned the format
-    but its one-token decisions stayed near their prior), while DPO/KTO push a
-    log-ratio against a frozen reference and diverge at that rate, so they get 5e-5.
+    needs 2e-3 to learn an agent's policy within an epoch or two, while DPO/KTO push a log-ratio against a
+    frozen reference and diverge at that rate, so they get 5e-5.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -34,19 +34,18 @@ class TrainConfig(BaseModel):
     """When > 0, overrides `epochs` (tests and benchmarks use it to bound the work)."""
     per_device_batch_size: int = 4
     gradient_accumulation: int = 2
-    """Eight rows per optimizer step, four at a time: at eight, a WebShop BC round (rows near `max_length`)
-    went past 24 GB on the CPU (eager attention and the 49k-word logits grow with rows x length) and was
-    OOM-killed; ALFWorld's peaked at 15-19 GB."""
+    """Eight rows per optimizer step, four at a time: memory grows with rows x length (eager attention, the
+    vocabulary-wide logits), and eight rows near `max_length` at once do not fit a CPU machine's RAM."""
     max_length: int = 1024
     """Rows longer than this (prompt + completion tokens) are cut from the start of the prompt, never the
     completion, so what is trained is always the tail the model must produce."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """"auto": bfloat16 on CUDA or on a CPU with AVX512-BF16/AMX (about 4x float32 there), else float32."""
+    """"auto": bfloat16 on CUDA or on a CPU with AVX512-BF16/AMX (much faster than float32 there), else float32."""
     gradient_checkpointing: bool = False
-    """Off: it recomputes the forward (about +30% time) and a 135M model's activations fit in RAM."""
+    """Off: it recomputes the forward, and a small model's activations fit in RAM."""
     attn_implementation: str | None = "auto"
-    """"auto": eager on CPU (measured 197 vs 177 tok/s for sdpa on ~400-token rows: the CPU flash kernel's
-    backward is slow; eager costs ~2 GB more RAM), the model's own (sdpa/flash) on CUDA. None keeps the model's."""
+    """"auto": eager on CPU (the CPU flash kernel's backward is slow, though eager takes more RAM), the model's own
+    (sdpa/flash) on CUDA. None keeps the model's."""
     group_by_length: bool = True
     """Batch rows of similar length together, so little of each batch is padding."""
     warmup_ratio: float = 0.05

@@ -2,9 +2,9 @@
 
 Rows are tokenised here (see `data.py`) rather than by TRL so that the prompt ids are, by construction, the ids
 the inference engine feeds the model. The loss is computed on completion tokens only, and the LM head is applied
-only at those positions: on CPU, TRL's fused head scores every position, and with ~300-token prompts and
-~40-token completions the vocabulary projection (49k x 576 for SmolLM2) would otherwise cost about a fifth of
-each step for logits nobody uses.
+only at those positions: on CPU, TRL's fused head scores every position, and with prompts much longer than
+their completions the vocabulary projection would otherwise spend a large share of each step on logits nobody
+uses.
 """
 
 from __future__ import annotations

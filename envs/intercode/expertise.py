@@ -1,0 +1,403 @@
+"""What InterCode's scripted experts know: how to reach the gold command from what the student can see, and
+how to say why in terms of what it saw.
+
+The oracle runs the gold command at once. For the student that is a guess: the table and column names of a
+Spider database, or where a file lives in the sandbox, are nowhere in its inputs until it looks. A correction
+it can learn from looks first the way the student can (SQL: `SHOW TABLES`, `DESCRIBE t`; Bash: `ls DIR`), then
+runs the gold command, whose names the student has now seen, and submits once the last output answers the
+task. Reasons name only what the student's task, observation and history show (and the action itself).
+
+"Seen" is judged on the student's inputs as its prompt holds them: the task, the current observation, the
+last steps' (clipped) outputs and the actions of earlier steps (`Earlier:`), so a table listed three steps ago
+still counts through the `DESCRIBE t` that followed, while its columns, clipped away, do not.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import shlex
+import threading
+
+from leap_dspy.envs.expertise import Expertise
+from leap_dspy.realizability import unobserved_mentions, words
+from leap_dspy.types import PrivilegedState, StudentInputs
+
+SUBMIT = "submit"
+_STUDENT = threading.local()
+"""The student's action of the step being corrected: `explain` contrasts with it (`act` sees it, `explain`
+does not), per thread since rollouts play episodes side by side."""
+
+
+# -- the student's view --------------------------------------------------------------------------------------
+def visible_steps(inputs: StudentInputs) -> list[tuple[str, str]]:
+    """(action, output) of the steps whose output the student still sees, oldest first; the last one's
+    output is the current observation, in full."""
+    steps = []
+    for line in inputs.history.splitlines():
+        if line.startswith(("Start: ", "Earlier: ")) or " -> " not in line:
+            continue
+        action, _, output = line.partition(" -> ")
+        steps.append((action.strip(), output))
+    if steps:
+        steps[-1] = (steps[-1][0], inputs.observation)
+    return steps
+
+
+def past_actions(inputs: StudentInputs) -> list[str]:
+    """Every earlier action the student's inputs still name (the `Earlier:` list and the recent steps)."""
+    actions: list[str] = []
+    for line in inputs.history.splitlines():
+        if line.startswith("Earlier: "):
+            actions.extend(a.strip() for a in line.removeprefix("Earlier: ").split("; "))
+    return actions + [action for action, _ in visible_steps(inputs)]
+
+
+def seen_tokens(inputs: StudentInputs) -> set[str]:
+    """The lower-cased words of the student's inputs, dotted and slashed names also split into their parts."""
+    tokens: set[str] = set()
+    for token in words("\n".join((inputs.task, inputs.observation, inputs.history))):
+        tokens.add(token)
+        tokens.update(t for t in re.split(r"[./]", token) if t)
+    return tokens
+
+
+def _same(a: str, b: str) -> bool:
+    return " ".join(a.split()).rstrip(";").lower() == " ".join(b.split()).rstrip(";").lower()
+
+
+def ran_last(inputs: StudentInputs, command: str) -> bool:
+    """Whether `command` was the student's last action: its history ends with `command -> <the current
+    observation, clipped>` (whitespace-blind, so a command spanning lines still matches)."""
+    history, command = " ".join(inputs.history.split()), " ".join(command.split())
+    at = history.rfind(command + " ->")
+    if not command or at < 0:
+        return False
+    tail = history[at + len(command) + 3 :].strip().removesuffix("...")
+    return " ".join(inputs.observation.split()).startswith(tail)
+
+
+def last_action(inputs: StudentInputs) -> str | None:
+    steps = visible_steps(inputs)
+    return steps[-1][0] if steps else None
+
+
+def _gist(task: str, limit: int = 90) -> str:
+    task = " ".join(task.split()).rstrip(".?!")
+    return task if len(task) <= limit else task[: limit - 3].rsplit(" ", 1)[0] + "..."
+
+
+def _student_action() -> str:
+    return getattr(_STUDENT, "action", "") or ""
+
+
+def _student_contrast(inputs: StudentInputs, action: str, unseen: list[str], answered: bool) -> str:
+    """Why not the student's own action, in words its inputs support ("" when there is nothing to say)."""
+    student = _student_action()
+    if not student or _same(student, action):
+        return ""
+    if student.strip().lower() == SUBMIT and not answered:
+        return " Submitting now would grade an output that does not answer the task yet."
+    if unseen:
+        return " Yours names things my inputs have not shown yet."
+    return ""
+
+
+def _plain(reason: str, inputs: StudentInputs, privileged: PrivilegedState, action: str) -> str:
+    """`reason` without its restated task when the check would read a task's token as unseen ("ping 192"
+    out of "ping 192.168.1.1"): the rest of the reason stands on its own."""
+    if not unobserved_mentions(reason, inputs, privileged, action):
+        return reason
+    return reason.split(". ", 1)[1] if ". " in reason else reason
+
+
+class _InterCodeExpertise(Expertise):
+    """The shared part: the gold command comes from the level's sections (or the oracle at the top)."""
+
+    levels = (1,)
+    state_at_top = True
+
+    def gold(self, privileged: PrivilegedState) -> str | None:
+        for key in ("gold query", "gold command"):
+            body = privileged.sections.get(key)
+            if isinstance(body, str) and body.strip():
+                return body.strip()
+        oracle = privileged.oracle_action
+        return oracle if oracle and oracle != SUBMIT else None
+
+    def answered(self, inputs: StudentInputs, privileged: PrivilegedState, gold: str) -> bool:
+        """Whether the last output answers the task: the gold command was the last action, or (level 2, where
+        the expected output is known) the observation is that output."""
+        if ran_last(inputs, gold):
+            return True
+        last = last_action(inputs)
+        if last is None or last.strip().lower() == SUBMIT:
+            return False
+        expected = privileged.sections.get("expected output", privileged.sections.get("expected result"))
+        changes = privileged.sections.get("expected file changes", ["(none)"])
+        return (isinstance(expected, str) and changes == ["(none)"] and expected != "(no output)"
+                and _same(expected, inputs.observation.split("\nSubmitted.")[0]))
+
+    def act(self, inputs: StudentInputs, privileged: PrivilegedState, student_action: str) -> str | None:
+        _STUDENT.action = student_action
+        gold = self.gold(privileged)
+        if gold is None:
+            return SUBMIT if privileged.oracle_action == SUBMIT else None
+        if self.answered(inputs, privileged, gold):
+            return SUBMIT
+        return self.look(inputs, gold) or gold
+
+    def look(self, inputs: StudentInputs, gold: str) -> str | None:
+        """The exploring action to take before the gold command, or None when the student has seen enough."""
+        raise NotImplementedError
+
+    def unseen(self, inputs: StudentInputs, command: str) -> list[str]:
+        """The names `command` uses that the student's inputs never showed."""
+        raise NotImplementedError
+
+    def unjustified(self, inputs: StudentInputs, privileged: PrivilegedState, action: str) -> str | None:
+        """A command naming a table, column or path the student never saw: only the gold justifies it."""
+        gold = self.gold(privileged) or ""
+        gold_words = set(words(gold)) | {t for w in words(gold) for t in re.split(r"[./]", w) if t}
+        hidden = [name for name in self.unseen(inputs, action) if name.lower() in gold_words]
+        if hidden:
+            return f"the command names {', '.join(hidden[:3])}, which the student never saw: only the gold shows it"
+        return super().unjustified(inputs, privileged, action)
+
+
+# -- SQL -----------------------------------------------------------------------------------------------------
+_KEYWORDS = (
+    "select from where join inner left right outer cross natural on as and or not in is null like between "
+    "group by order having limit offset distinct union intersect except all any exists case when then else end "
+    "asc desc count sum avg min max abs round length lower upper cast coalesce ifnull substr substring if "
+    "date year month day now with values true false using"
+)
+_SQL_WORDS = frozenset(_KEYWORDS.split())
+_IDENT = re.compile(r"`([^`]+)`|\b([A-Za-z_][A-Za-z0-9_]*)\b")
+_STRINGS = re.compile(r"'(?:[^'\\]|\\.|'')*'|\"(?:[^\"\\]|\\.)*\"")
+
+
+def sql_names(query: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The tables a query reads (in order) and the columns it uses per table ("" for a column whose table
+    the query does not say). Literals, keywords, functions and aliases are left out."""
+    text = _STRINGS.sub(" '' ", query)
+    tokens = [(m.group(1) or m.group(2), m.start(), m.end()) for m in _IDENT.finditer(text)]
+    tables, aliases = _sql_tables(tokens)
+    names = {t.lower() for t in tables}
+    columns: dict[str, list[str]] = {}
+    for i, (name, start, end) in enumerate(tokens):
+        low, prev = name.lower(), tokens[i - 1][0].lower() if i else ""
+        if (prev in ("from", "join", "as") or low in _SQL_WORDS or low in aliases or low in names
+                or text[end:].lstrip().startswith(("(", "."))):
+            continue
+        owner = tokens[i - 1][0] if text[:start].rstrip().endswith(".") else ""
+        columns.setdefault(aliases.get(owner.lower(), owner), []).append(name)
+    if len(tables) == 1 and "" in columns:
+        columns.setdefault(tables[0], []).extend(columns.pop(""))
+    return tables, {t: list(dict.fromkeys(cs)) for t, cs in columns.items()}
+
+
+def _sql_tables(tokens: list[tuple[str, int, int]]) -> tuple[list[str], dict[str, str]]:
+    """The tables after FROM/JOIN, in order, and their aliases (lower-cased alias -> table)."""
+    tables: list[str] = []
+    aliases: dict[str, str] = {}
+    for i, (name, _, _) in enumerate(tokens):
+        if i == 0 or tokens[i - 1][0].lower() not in ("from", "join") or name.lower() in _SQL_WORDS:
+            continue
+        if name not in tables:
+            tables.append(name)
+        nxt = tokens[i + 1][0] if i + 1 < len(tokens) else ""
+        alias = tokens[i + 2][0] if nxt.lower() == "as" and i + 2 < len(tokens) else nxt
+        if alias and alias.lower() not in _SQL_WORDS:
+            aliases[alias.lower()] = name
+    return tables, aliases
+
+
+def _describe_target(action: str) -> str | None:
+    m = re.fullmatch(r"(?i)\s*(?:describe|desc|show\s+columns\s+from)\s+`?(\w+)`?\s*;?\s*", action)
+    return m.group(1) if m else None
+
+
+class SQLExpertise(_InterCodeExpertise):
+    """InterCode-SQL: `SHOW TABLES` while a table the gold query reads is unseen, `DESCRIBE t` for each table
+    whose columns it uses are unseen (once each), then the gold query, then `submit`.
+
+    Levels: 1 (the gold query) and the top, 2 (also its expected rows, which let it submit after a student's
+    own query that already returned them). The default stays 1: the policy needs only the gold query, and
+    the expected rows would add nothing a level-1 expert lacks but that early submit. Level 0 has no gold and
+    no policy: exploring without knowing the answer's shape teaches nothing.
+    """
+
+    def unseen(self, inputs: StudentInputs, command: str) -> list[str]:
+        seen = seen_tokens(inputs)
+        tables, columns = sql_names(command)
+        names = tables + [c for cs in columns.values() for c in cs]
+        return [n for n in dict.fromkeys(names) if n.lower() not in seen]
+
+    def look(self, inputs: StudentInputs, gold: str) -> str | None:
+        seen = seen_tokens(inputs)
+        done = {a.strip().lower().rstrip(";") for a in past_actions(inputs)}
+        tables, columns = sql_names(gold)
+        if any(t.lower() not in seen for t in tables) and "show tables" not in done:
+            return "SHOW TABLES"
+        described = {(_describe_target(a) or "").lower() for a in done}
+        loose = [c for c in columns.get("", []) if c.lower() not in seen]
+        for table in tables:
+            if table.lower() in described:
+                continue
+            own = [c for c in columns.get(table, []) if c.lower() not in seen]
+            if own or loose:
+                return f"DESCRIBE {table}"
+        return None
+
+    def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str) -> str:
+        gold = self.gold(privileged) or action
+        answered = self.answered(inputs, privileged, gold)
+        contrast = _student_contrast(inputs, action, self.unseen(inputs, _student_action()), answered)
+        if action == SUBMIT:
+            return ("The last query ran without error and its rows are what the question asks for, so I submit."
+                    + contrast)
+        if action.upper() == "SHOW TABLES":
+            return ("I have not seen this database's tables yet, so I list them before I write a query whose "
+                    "names could otherwise be wrong." + contrast)
+        table = _describe_target(action)
+        if table:
+            where = "SHOW TABLES listed it" if _listed(inputs, table) else "it is the table the question is about"
+            return (f"The question needs the columns of {table} ({where}); DESCRIBE {table} shows their exact "
+                    "names before I use them." + contrast)
+        return _plain(self._explain_query(inputs, action), inputs, privileged, action) + contrast
+
+    def _explain_query(self, inputs: StudentInputs, action: str) -> str:
+        """The reason for the query itself: the question, and where each name it uses was seen."""
+        tables, columns = sql_names(action)
+        shown = []
+        for step_action, output in visible_steps(inputs):
+            target = _describe_target(step_action)
+            out = set(seen_tokens(StudentInputs(task="", observation=output, history="")))
+            cols = [c for cs in columns.values() for c in cs if c.lower() in out]
+            if target and cols:
+                shown.append(f"DESCRIBE {target} showed {', '.join(dict.fromkeys(cols))}")
+        names = ", ".join(tables)
+        basis = "; ".join(shown) if shown else f"the names it uses, from {names}, are ones I have seen"
+        return f"The question asks: {_gist(inputs.task)}. {basis[0].upper() + basis[1:]}: this query answers it."
+
+
+def _listed(inputs: StudentInputs, table: str) -> bool:
+    for step_action, output in visible_steps(inputs):
+        if step_action.strip().upper().rstrip(";") == "SHOW TABLES" and table.lower() in output.lower():
+            return True
+    return "show tables" in {a.lower().rstrip(";") for a in past_actions(inputs)}
+
+
+# -- Bash ----------------------------------------------------------------------------------------------------
+_SYSTEM = ("/etc", "/dev", "/bin", "/usr", "/proc", "/tmp", "/sbin", "/lib", "/var", "/sys", "/home", "/root")
+_LOOKS = 4
+"""At most this many listings in an episode: the step budget (10) must leave room to act and submit."""
+
+
+def _tokens(command: str) -> list[str]:
+    try:
+        return shlex.split(command, comments=False)
+    except ValueError:
+        return command.split()
+
+
+def bash_paths(command: str) -> list[str]:
+    """The files and directories a command names that must exist before it runs: path-like words (a slash,
+    or a name with an extension), less globs, options, system paths, numbers and redirection targets."""
+    out: list[str] = []
+    words_ = _tokens(command)
+    for i, word in enumerate(words_):
+        prev = words_[i - 1] if i else ""
+        if prev in (">", ">>", "2>") or word.startswith(("-", ">", "2>")) or any(c in word for c in "*?{}$;|&'\"="):
+            continue
+        if not re.fullmatch(r"[\w./~+-]+", word) or re.fullmatch(r"[\d.]+", word) or word in (".", "..", "/"):
+            continue
+        if ("/" in word or re.search(r"[A-Za-z0-9_]\.[A-Za-z]{1,5}$", word)) and not word.startswith(_SYSTEM):
+            out.append(word.rstrip("/") or word)
+    return list(dict.fromkeys(out))
+
+
+def _absolute(path: str) -> str:
+    return posixpath.normpath(path if path.startswith("/") else "/" + path)
+
+
+def listing(inputs: StudentInputs, folder: str) -> set[str]:
+    """The names the student saw listed in `folder` (the outputs of its visible `ls`/`find` of it)."""
+    names: set[str] = set()
+    for action, output in visible_steps(inputs):
+        parts = _tokens(action)
+        if parts and parts[0] in ("ls", "find") and folder in {_absolute(p) for p in parts[1:] if p[0] != "-"}:
+            names.update(seen_tokens(StudentInputs(task="", observation=output, history="")))
+    return names
+
+
+def path_seen(path: str, inputs: StudentInputs) -> bool:
+    """Whether the student's inputs show `path`: named whole (the task, an action), or its folder seen and
+    its name in a listing of that folder."""
+    shown = "\n".join((inputs.task, inputs.observation, inputs.history)).lower()
+    full = _absolute(path)
+    if full == "/" or full.lower() in shown or path.lower() in shown:
+        return True
+    parent, name = posixpath.split(full)
+    return path_seen(parent, inputs) and name.lower() in listing(inputs, parent)
+
+
+def nearest_seen(path: str, inputs: StudentInputs) -> str:
+    """The deepest folder above `path` that the student has seen (the root at worst)."""
+    parent = posixpath.dirname(_absolute(path))
+    while parent != "/" and not path_seen(parent, inputs):
+        parent = posixpath.dirname(parent)
+    return parent
+
+
+class BashExpertise(_InterCodeExpertise):
+    """InterCode-Bash: `ls DIR` on the deepest folder it has seen above a path the gold command names and the
+    student has not seen (each folder once, four at most), then the gold command, then `submit`.
+
+    Levels: 1 (the gold command) and the top, 2 (also its expected output and file changes, which let it
+    submit after a student's own command that printed the expected output and changes nothing). The default
+    stays 1: the policy needs only the gold. Level 0 has no gold: where to look is then aimless.
+    """
+
+    def unseen(self, inputs: StudentInputs, command: str) -> list[str]:
+        return [p for p in bash_paths(command) if not path_seen(p, inputs)]
+
+    def look(self, inputs: StudentInputs, gold: str) -> str | None:
+        done = [" ".join(a.split()) for a in past_actions(inputs)]
+        if sum(a.startswith("ls") for a in done) >= _LOOKS:
+            return None
+        for path in bash_paths(gold):
+            if path_seen(path, inputs):
+                continue
+            folder = nearest_seen(path, inputs)
+            if f"ls {folder}" not in done:
+                return f"ls {folder}"
+        return None
+
+    def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str) -> str:
+        gold = self.gold(privileged) or action
+        answered = self.answered(inputs, privileged, gold)
+        contrast = _student_contrast(inputs, action, self.unseen(inputs, _student_action()), answered)
+        if action == SUBMIT:
+            return ("The last command ran and its output is what the instruction asks for, so I submit."
+                    + contrast)
+        if action != gold and re.fullmatch(r"ls \S+", action):
+            folder = action.removeprefix("ls ").strip()
+            return (f"The instruction works on files I have not seen yet; listing {folder} shows what is there "
+                    "before I act on it." + contrast)
+        return _plain(self._explain_command(inputs, action), inputs, privileged, action) + contrast
+
+    def _explain_command(self, inputs: StudentInputs, action: str) -> str:
+        """The reason for the command itself: the instruction, the paths it uses and where they were seen."""
+        programs = [(_tokens(part) or [""])[0] for part in re.split(r"\|(?!\|)", action)]
+        programs = [posixpath.basename(p) for p in programs if p and not p.startswith("-")]
+        listed = [a.removeprefix("ls ").strip() for a in past_actions(inputs) if a.startswith("ls ")]
+        paths = [p for p in bash_paths(action) if path_seen(p, inputs)]
+        where = ""
+        if paths and listed:
+            where = f" I saw {', '.join(paths[:3])} by listing {', '.join(dict.fromkeys(listed))}."
+        elif paths:
+            where = f" It names {', '.join(paths[:3])}, as the instruction does."
+        run = " | ".join(dict.fromkeys(programs)) or "it"
+        return f"The instruction asks: {_gist(inputs.task)}.{where} One command, {run}, does that."

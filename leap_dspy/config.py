@@ -1,0 +1,97 @@
+"""One object for everything a LEAP compile is configured by, in the spirit of TRL's `SFTConfig`.
+
+`config.yaml` is its dump (with the run's environment, expert and tasks beside it), the CLI's defaults are its
+defaults, and the fields marked `bc` are what behaviour cloning depends on: runs that agree on them may share
+one behaviour cloning (`bc_from`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from leap_dspy.lm import DEFAULT_MODEL
+from leap_dspy.train import TrainConfig
+
+Update = Literal["sft", "dpo", "kto"]
+
+ITERATION_LR_SCALE = 0.1
+"""The rounds after behaviour cloning continue an adapter that already fits the format, so they fine-tune
+gently, at a tenth of behaviour cloning's rate, to keep what it learned (docs/results.md)."""
+
+
+def _bc(**kwargs: Any) -> Any:
+    """A field behaviour cloning depends on."""
+    return Field(json_schema_extra={"bc": True}, **kwargs)
+
+
+class LEAPConfig(BaseModel):
+    """Settings of a LEAP compile. Each field's description is its CLI help."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    iterations: int = Field(2, ge=0, description="LEAP rounds after behaviour cloning")
+    update: Update = Field("sft", description="how corrections become weights: sft, or dpo/kto (correction "
+                           "preferred over the student's step)")
+    model: str = _bc(default=DEFAULT_MODEL, description="the student's base weights: the embedded default or a "
+                     "local Hugging Face folder")
+    privilege_level: int | None = Field(None, description="how much privileged state the expert sees (the "
+                                        "environment documents its levels); None: the environment's default")
+    bc_epochs: float = _bc(default=1.0, gt=0, description="epochs of behaviour cloning")
+    epochs: float = Field(1.0, gt=0, description="epochs of each LEAP round")
+    iteration_lr: float | None = Field(None, ge=0, description="learning rate of the rounds (None: a tenth of "
+                                       "behaviour cloning's for sft, the method's own for dpo/kto)")
+    preference_anchor: float = Field(0.5, ge=0, lt=1, description="share of a dpo/kto round's rows that are "
+                                     "steps known to be right, trained toward (0: pairs alone)")
+    max_train_rows: int = _bc(default=120, ge=1, description="rows per LEAP round (behaviour cloning takes "
+                              "twice as many): this round's corrections, then earlier data to fill up")
+    rollout_tasks: int | None = Field(12, ge=1, description="training tasks the student plays per round (a "
+                                      "seeded sample; all when unset)")
+    bc_successful_only: bool = _bc(default=True, description="clone only demonstrations that succeeded")
+    balance_actions: int = _bc(default=2, ge=1, description="repeat rarer kinds of action up to this many "
+                               "times within the row budget (1: the raw mix)")
+    drop_unrealizable: bool = Field(False, description="keep corrections whose reason names what the student "
+                                    "never saw, or whose action only privileged facts justify, out of training")
+    num_threads: int = Field(64, ge=1, description="episodes played at once")
+    expert_threads: int = Field(8, ge=1, description="concurrent calls to an LM expert")
+    expert_retries: int = Field(3, ge=1, description="attempts per expert call before the failure is recorded")
+    evaluate_base: bool = Field(True, description="evaluate the untrained student")
+    evaluate_expert: bool = Field(True, description="evaluate the expert acting itself")
+    lm: dict[str, Any] = _bc(default_factory=lambda: {"max_new_tokens": 80, "no_repeat_ngram": 12},
+                             description="settings of the student's local engine (`LocalEngine`)")
+    train: TrainConfig = _bc(default_factory=TrainConfig, description="LoRA fine-tuning hyper-parameters")
+    seed: int = _bc(default=0, description="seeds task samples, row selection and training")
+    progress: bool = Field(True, description="progress bars")
+    bc_from: Path | None = Field(None, description="a finished run folder whose behaviour cloning this run "
+                                 "starts from (it must agree on every behaviour-cloning setting)")
+
+    @field_validator("lm", mode="before")
+    @classmethod
+    def _lm_defaults(cls, value: dict[str, Any] | None) -> dict[str, Any]:
+        """`max_new_tokens` 80 leaves room for a one-sentence reason and an action; `no_repeat_ngram` 12 stops a
+        greedy 135M student looping within a reason, and no training answer repeats a 12-gram."""
+        return {"max_new_tokens": 80, "no_repeat_ngram": 12, **(value or {})}
+
+    @classmethod
+    def bc_keys(cls) -> tuple[str, ...]:
+        return tuple(name for name, f in cls.model_fields.items()
+                     if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("bc"))
+
+    def iteration_learning_rate(self) -> float:
+        if self.iteration_lr is not None:
+            return self.iteration_lr
+        if self.update != "sft":
+            return self.train.lr_for(self.update)
+        return self.train.lr_for("sft") * ITERATION_LR_SCALE
+
+    def dump(self) -> dict[str, Any]:
+        """The YAML-ready settings: paths as strings; a preference anchor only where it applies."""
+        data = self.model_dump(mode="json", exclude={"progress"})
+        data["iteration_lr"] = self.iteration_learning_rate()
+        if self.bc_from is not None:
+            data["bc_from"] = str(self.bc_from.resolve())
+        if self.update == "sft":
+            data.pop("preference_anchor")
+        return data

@@ -1,0 +1,155 @@
+"""Privileged corrections: the expert's reason and action at every state the student visited, one record each.
+
+Records are judged as they are made (an action the environment would not admit, a reason that names what the
+student never saw, an action only privileged facts justify) and saved the moment they exist, so that a killed
+round resumes without asking the expert twice. An expert failure is retried, then recorded, never raised.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any
+
+import dspy
+
+from leap_dspy.envs.base import action_admissible
+from leap_dspy.envs.expertise import Expertise
+from leap_dspy.metrics import call_usage, describe_expert
+from leap_dspy.programs.experts import expert_inputs
+from leap_dspy.progress import progress_bar
+from leap_dspy.realizability import unobserved_mentions
+from leap_dspy.rollout import needs_oracle
+from leap_dspy.signatures import StudentTurn
+from leap_dspy.store import JsonlLog
+from leap_dspy.types import Correction, ExpertUsage, Step, Trajectory
+
+
+def demonstration_records(demos: Iterable[Trajectory], log: JsonlLog[Correction], level: int,
+                          expertise: Expertise, successful_only: bool = True) -> None:
+    """The demonstrator's own steps as records of iteration 0 (behaviour cloning's data), judged like any
+    correction so that an unrealizable demonstration is flagged too."""
+    have = log.load()
+    for trajectory in demos:
+        if successful_only and not trajectory.success:
+            continue
+        for step in trajectory.steps:
+            record = Correction(task_id=trajectory.task.id, step=step.index, inputs=step.inputs, reason=step.reason,
+                                action=step.action, student_reason=step.reason, student_action=step.action,
+                                expert=trajectory.policy, iteration=0, level=level, source="demonstration",
+                                dropped=step.error, **realizability(step, step.reason, step.action, expertise))
+            if record.key not in have:
+                log.append(record)
+
+
+def realizability(step: Step, reason: str, action: str, expertise: Expertise) -> dict[str, Any]:
+    """What a correction's reason names that the student never saw, and why its action is one only the
+    privileged state justifies (judged against what was captured for the expert at that step)."""
+    privileged = step.privileged
+    unjustified = expertise.unjustified(step.inputs, privileged, action) if privileged is not None and action \
+        else None
+    return {"unobserved": unobserved_mentions(reason, step.inputs, privileged, action), "unjustified": unjustified}
+
+
+class Corrector:
+    """Asks one expert about the steps of round `k`, with retries, and turns each answer into a judged record."""
+
+    def __init__(self, teacher: dspy.Module, k: int, level: int, expertise: Expertise, retries: int = 3,
+                 drop_unrealizable: bool = False) -> None:
+        self.teacher, self.k, self.level, self.expertise = teacher, k, level, expertise
+        self.retries, self.drop_unrealizable = retries, drop_unrealizable
+        self.name = describe_expert(teacher)["name"]
+        self.uses_lm = not needs_oracle(teacher)
+        self.per_trajectory = getattr(teacher, "per", "step") == "trajectory"
+
+    def record(self, trajectory: Trajectory, step: Step, **fields: Any) -> Correction:
+        return Correction(task_id=trajectory.task.id, step=step.index, inputs=step.inputs,
+                          student_reason=step.reason, student_action=step.action, expert=self.name,
+                          level=self.level, iteration=self.k, **{"reason": "", "action": "", **fields})
+
+    def judged(self, trajectory: Trajectory, step: Step, reason: str, action: str,
+               usage: ExpertUsage | None) -> Correction:
+        action = (action.strip().splitlines() or [""])[0].strip()
+        reason = reason.strip()
+        judged = realizability(step, reason, action, self.expertise)
+        dropped = None
+        if not action:
+            dropped = "expert gave no action"
+        elif not action_admissible(action, step.admissible_actions):
+            dropped = f"expert action not admissible: {action[:80]}"
+        elif self.drop_unrealizable and judged["unobserved"]:
+            dropped = f"reason not realizable: mentions {', '.join(judged['unobserved'][:3])}"
+        elif self.drop_unrealizable and judged["unjustified"]:
+            dropped = f"action not realizable: {judged['unjustified']}"
+        return self.record(trajectory, step, reason=reason, action=action, dropped=dropped, usage=usage, **judged)
+
+    def ask(self, call: Callable[[], Any]) -> tuple[Any, ExpertUsage | None, str | None]:
+        """`call()` with retries and backoff: (answer, what the attempts cost, the last error)."""
+        usage = ExpertUsage() if self.uses_lm else None
+        error = "expert gave no answer"
+        for attempt in range(self.retries):
+            with dspy.track_usage() as tracker:
+                try:
+                    answer = call()
+                except Exception as exc:  # any expert failure: retry, then record it
+                    error, answer = f"expert failed: {type(exc).__name__}: {str(exc)[:200]}", None
+            if usage is not None:
+                usage += call_usage(tracker)
+            if answer is not None:
+                return answer, usage, None
+            time.sleep(min(2.0**attempt * 0.5, 8.0) if attempt + 1 < self.retries else 0)
+        return None, usage, error
+
+    def __call__(self, job: tuple[Trajectory, list[Step]]) -> list[Correction]:
+        trajectory, steps = job
+        if steps[0].privileged is None:
+            return [self.record(trajectory, s, dropped="no privileged state was captured") for s in steps]
+        if self.per_trajectory:
+            return self._whole(trajectory, steps)
+        step = steps[0]
+        out, usage, error = self.ask(lambda: self.teacher(**expert_inputs(step.inputs, step.reason, step.action,
+                                                                          step.privileged)))
+        if out is None:
+            return [self.record(trajectory, step, dropped=error, usage=usage)]
+        return [self.judged(trajectory, step, str(out.reason), str(out.action), usage)]
+
+    def _whole(self, trajectory: Trajectory, steps: list[Step]) -> list[Correction]:
+        """One call for the trajectory's pending steps; its cost is booked on the first record."""
+        turns = [StudentTurn(step=s.index, observation=s.inputs.observation, student_reason=s.reason,
+                             student_action=s.action) for s in steps]
+        fixes, usage, error = self.ask(lambda: self.teacher.correct_trajectory(
+            trajectory.task.instruction, turns, steps[0].privileged))
+        shares = [usage if i == 0 else ExpertUsage() for i in range(len(steps))]
+        if fixes is None:
+            return [self.record(trajectory, s, dropped=error, usage=u) for s, u in zip(steps, shares, strict=True)]
+        by_step = {fix.step: fix for fix in fixes}
+        return [self.judged(trajectory, s, by_step[s.index].reason, by_step[s.index].action, u)
+                if s.index in by_step else self.record(trajectory, s, usage=u,
+                                                       dropped="expert gave no correction for this step")
+                for s, u in zip(steps, shares, strict=True)]
+
+
+def collect_corrections(corrector: Corrector, trajectories: dict[str, Trajectory], log: JsonlLog[Correction],
+                        threads: int, progress: bool = True) -> list[Correction]:
+    """Ask about every visited step not yet in `log` (one call per step, or per trajectory), saving each record
+    as soon as its call returns; returns the round's records."""
+    have = log.load()
+    k = corrector.k
+    pending = [(t, [s for s in t.steps if f"{k}:{t.task.id}:{s.index}" not in have]) for t in trajectories.values()]
+    jobs = [(t, steps) for t, steps in pending if steps]
+    if not corrector.per_trajectory:
+        jobs = [(t, [s]) for t, steps in jobs for s in steps]
+    if jobs:
+        context = contextvars.copy_context()  # dspy.context settings live in contextvars: carry them over
+        total = sum(len(steps) for _, steps in jobs)
+        with progress_bar(f"iteration {k}: corrections", total, progress) as advance, \
+                ThreadPoolExecutor(max_workers=threads) as pool:
+            futures = [pool.submit(context.copy().run, corrector, job) for job in jobs]
+            for future in as_completed(futures):
+                for correction in future.result():
+                    log.append(correction)
+                    have[correction.key] = correction
+                    advance()
+    return [c for c in have.values() if c.iteration == k]

@@ -1,0 +1,137 @@
+"""InterCode's scripted experts: they look before they act, solve the tasks at the default privilege level,
+and give reasons that the realizability check passes, while reasons that leak privileged facts are flagged.
+
+Real components throughout: SQLite Spider databases (and MariaDB where .ci/services.sh started it), Bash in
+bubblewrap sandboxes. Tests skip, with the reason, only where a tool is truly absent.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from leap_dspy.envs.intercode import InterCodeBash, InterCodeSQL
+from leap_dspy.envs.intercode.data import DataUnavailable, bench_bash
+from leap_dspy.envs.intercode.expertise import bash_paths, sql_names
+from leap_dspy.envs.intercode.sandbox import check_bwrap
+from leap_dspy.envs.intercode.sql_env import mysql_ready
+from leap_dspy.programs import OracleExpert, Student
+from leap_dspy.realizability import unobserved_mentions
+from leap_dspy.rollout import expert_rollout
+from leap_dspy.types import StudentInputs, Trajectory
+
+
+def _need_data() -> None:
+    try:
+        bench_bash()
+    except DataUnavailable as err:
+        pytest.skip(str(err))
+
+
+def _need_bwrap() -> None:
+    _need_data()
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed (apt-get install -y bubblewrap; .ci/services.sh)")
+    check_bwrap()
+
+
+def _play(env, tasks) -> list[Trajectory]:
+    return expert_rollout(OracleExpert(), Student(), env, tasks, level=env.default_privilege_level, num_threads=1)
+
+
+def _flags(trajectories: list[Trajectory]) -> list[tuple[str, list[str]]]:
+    return [(s.reason, m) for t in trajectories for s in t.steps
+            if (m := unobserved_mentions(s.reason, s.inputs, s.privileged, s.action))]
+
+
+def test_name_parsers():
+    tables, columns = sql_names("SELECT T1.fname, count(*) AS n FROM Student AS T1 JOIN Has_Pet AS T2 "
+                                "ON T1.stuid = T2.stuid WHERE T1.sex = 'F' GROUP BY T1.fname")
+    assert tables == ["Student", "Has_Pet"]
+    assert columns == {"Student": ["fname", "stuid", "sex"], "Has_Pet": ["stuid"]}
+    assert sql_names("SELECT `Title` FROM `song` ORDER BY `Highest_Position` DESC LIMIT 1") == (
+        ["song"], {"song": ["Title", "Highest_Position"]})
+    assert bash_paths("sort -r /testbed/dir1/a.txt > /testbed/out.txt") == ["/testbed/dir1/a.txt"]
+    assert bash_paths("find /testbed -name '*.py' -exec cat {} \\; | wc -l 2>/dev/null") == ["/testbed"]
+
+
+def test_default_levels_have_a_scripted_policy():
+    for env in (InterCodeSQL(), InterCodeBash()):
+        assert env.default_privilege_level in env.expertise().levels
+        assert 0 not in env.expertise().levels
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "mysql"])
+def test_sql_expert_explores_then_solves(backend):
+    _need_data()
+    if backend == "mysql" and (reason := mysql_ready()) is not None:
+        pytest.skip(f"MariaDB not available: {reason}")
+    env = InterCodeSQL(backend=backend)
+    tasks = env.tasks("unseen")[:12] + env.tasks("train")[:8]
+    trajectories = _play(env, tasks)
+    assert sum(t.success for t in trajectories) >= 0.9 * len(tasks)
+    assert not _flags(trajectories)
+    joined = next(t for t in trajectories if " JOIN " in t.task.gold)  # names it cannot guess: it looks first
+    actions = [s.action for s in joined.steps]
+    assert actions[0] == "SHOW TABLES" and actions[1].startswith("DESCRIBE ") and actions[-1] == "submit"
+    assert "DESCRIBE" in joined.steps[-2].reason and "question asks" in joined.steps[-2].reason
+
+
+def test_bash_expert_looks_then_solves():
+    _need_bwrap()
+    env = InterCodeBash()
+    tasks = [t for t in env.tasks("unseen") if t.id in {"bench-3", "bench-8", "bench-18", "bench-21", "bench-23"}]
+    trajectories = _play(env, tasks + env.tasks("train")[:6])
+    assert sum(t.success for t in trajectories) >= len(trajectories) - 1
+    assert not _flags(trajectories)
+    by_id = {t.task.id: [s.action for s in t.steps] for t in trajectories}
+    assert by_id["bench-21"][:3] == ["ls /", "ls /testbed", "ls /testbed/dir1"]  # the file's folder is unseen
+    assert by_id["bench-8"] == ["ls -lhS /testbed/dir1", "submit"]  # the instruction names every path
+    assert by_id["bench-18"][-1] == "submit"  # a gold command over two lines is recognised as run
+
+
+def _start(env, task_id: str, level: int):
+    task = next(t for t in env.tasks("unseen") if t.id == task_id)
+    obs = env.reset(task)
+    inputs = StudentInputs(task=task.instruction, observation=obs.text, history="(none)")
+    return task, inputs, env.privileged_state(level)
+
+
+def test_sql_leaks_are_flagged_and_unjustified():
+    _need_data()
+    env = InterCodeSQL()
+    task, inputs, privileged = _start(env, "bench-4", 2)  # pets_1: Student, Has_Pet, Pets
+    expertise = env.expertise()
+    try:
+        for leak in (f"The answer is {task.gold}.",  # the gold query
+                     "I join Has_Pet to Pets on petid.",  # tables and columns never listed
+                     "Filter on T3.pettype and T3.pet_age.",  # columns never described (as the gold writes them)
+                     f"The result should be {privileged.sections['expected result']}."):  # expected rows
+            assert unobserved_mentions(leak, inputs, privileged, "SHOW TABLES"), leak
+        assert expertise.act(inputs, privileged, "") == "SHOW TABLES"
+        assert "has_pet" in (expertise.unjustified(inputs, privileged, task.gold) or "").lower()
+        assert expertise.unjustified(inputs, privileged, "SHOW TABLES") is None
+        reason = expertise.explain(inputs, privileged, "SHOW TABLES")
+        assert not unobserved_mentions(reason, inputs, privileged, "SHOW TABLES")
+    finally:
+        env.close()
+
+
+def test_bash_leaks_are_flagged_and_unjustified():
+    _need_bwrap()
+    env = InterCodeBash()
+    task, inputs, privileged = _start(env, "bench-21", 2)  # jsonfile1.json, in /testbed/dir1/subdir1
+    expertise = env.expertise()
+    try:
+        for leak in (f"Run {task.gold}.",  # the gold command
+                     "The file is /testbed/dir1/subdir1/jsonfile1.json.",  # an unseen path
+                     f"It prints {privileged.sections['expected output'][:60]}"):  # the expected output
+            assert unobserved_mentions(leak, inputs, privileged, "ls /"), leak
+        assert "jsonfile1" in (expertise.unjustified(inputs, privileged, task.gold) or "")
+        assert expertise.act(inputs, privileged, "cat jsonfile1.json") == "ls /"
+        assert expertise.act(inputs, privileged, "submit") == "ls /"
+        reason = expertise.explain(inputs, privileged, "ls /")
+        assert "Submitting now" in reason and not unobserved_mentions(reason, inputs, privileged, "ls /")
+    finally:
+        env.close()

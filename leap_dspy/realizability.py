@@ -27,6 +27,8 @@ _STOP = frozenset((
     "their", "them", "his", "her", "only", "also", "just", "very", "next", "first", "last", "step", "steps",
     "task", "item", "items", "line", "lines", "page", "row", "rows", "column", "columns",
 ))
+ACTIONS_PREFIX = "Actions:"
+"""How the student's observation lists the admissible actions (`Student`)."""
 _ENTITY = re.compile(r"\b([a-z][a-z]+) (\d+)\b")
 _QUOTED = re.compile(r"['\"`]([^'\"`]{3,60})['\"`]")
 _PRODUCT_ID = re.compile(r"\b(B0[0-9A-Z]{8})\b")
@@ -35,6 +37,13 @@ _PRODUCT_ID = re.compile(r"\b(B0[0-9A-Z]{8})\b")
 def words(text: str) -> list[str]:
     """Lower-cased word tokens; paths, dotted names and globs stay whole (`/testbed/a.py`, `t1.name`)."""
     return [w.lower() for w in _WORD.findall(text)]
+
+
+def _parts(token: str) -> list[str]:
+    """The pieces of a compound token that can be named alone: a path's folders, a qualified column's name."""
+    if not any(sep in token for sep in "./"):
+        return []
+    return [p for p in re.split(r"[./]", token) if len(p) >= 3 and p not in _STOP and not p.isdigit()]
 
 
 def _terms(text: str) -> list[str]:
@@ -52,8 +61,9 @@ def _terms(text: str) -> list[str]:
             continue
         else:
             term = token
-        if term not in out:
-            out.append(term)
+        for piece in [term, *_parts(term)]:
+            if piece not in out:
+                out.append(piece)
     return out
 
 
@@ -73,7 +83,8 @@ def _has(term: str, text: str) -> bool:
 
 
 def _normal(text: str) -> str:
-    return " ".join(words(text))
+    """`text` as its words, each compound followed by its pieces, so that a piece seen counts as seen."""
+    return " ".join(piece for w in words(text) for piece in [w, *_parts(w)])
 
 
 def privileged_mentions(text: str, inputs: StudentInputs, privileged: PrivilegedState | None,
@@ -83,7 +94,10 @@ def privileged_mentions(text: str, inputs: StudentInputs, privileged: Privileged
     if privileged is None:
         return []
     shown = [inputs.task, inputs.observation, inputs.history, *also_seen]
-    seen_lines = [_normal(line) for block in shown for line in block.splitlines()]
+    lines = [line for block in shown for line in block.splitlines()]
+    seen_lines = [_normal(line) for line in lines]
+    # A list of what can be done names things side by side without stating any fact about them.
+    stating = [_normal(line) for line in lines if not line.lstrip().startswith(ACTIONS_PREFIX)]
     seen = " ".join(seen_lines)
     said = _normal(text)
     found: list[str] = []
@@ -93,7 +107,7 @@ def privileged_mentions(text: str, inputs: StudentInputs, privileged: Privileged
             if _has(term, said) and not _has(term, seen) and term not in found:
                 found.append(term)
         stated = len(terms) >= 2 and all(_has(t, said) for t in terms)
-        if stated and not any(all(_has(t, line) for t in terms) for line in seen_lines) and fact not in found \
+        if stated and not any(all(_has(t, line) for t in terms) for line in stating) and fact not in found \
                 and not all(t in found for t in terms):
             found.append(fact)
     return found

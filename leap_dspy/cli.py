@@ -16,7 +16,8 @@ from leap_dspy.progress import console
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train small LLM agents that beat their teacher, with privileged AI feedback (LEAP).")
 
-EnvOption = Annotated[str, typer.Option("--env", "-e", help="alfworld, webshop, intercode-bash, intercode-sql")]
+EnvOption = Annotated[str, typer.Option("--env", "-e", help="alfworld, webshop, intercode-bash, intercode-sql, "
+                                                            "or your own TextEnv as package.module:Class")]
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="environment option KEY=VALUE (e.g. num_receptacles=6); repeatable")]
 

@@ -52,7 +52,7 @@ class LEAPConfig(BaseModel):
     bc_successful_only: bool = _bc(default=True, description="clone only demonstrations that succeeded")
     balance_actions: int = _bc(default=2, ge=1, description="repeat rarer kinds of action up to this many "
                                "times within the row budget (1: the raw mix)")
-    drop_unrealizable: bool = Field(False, description="keep corrections whose reason names what the student "
+    drop_unrealizable: bool = _bc(default=False, description="keep records whose reason names what the student "
                                     "never saw, or whose action only privileged facts justify, out of training")
     num_threads: int = Field(64, ge=1, description="episodes played at once")
     expert_threads: int = Field(8, ge=1, description="concurrent calls to an LM expert")

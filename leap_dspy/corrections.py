@@ -28,20 +28,28 @@ from leap_dspy.types import Correction, ExpertUsage, Step, Trajectory
 
 
 def demonstration_records(demos: Iterable[Trajectory], log: JsonlLog[Correction], level: int,
-                          expertise: Expertise, successful_only: bool = True) -> None:
+                          expertise: Expertise, successful_only: bool = True, drop_unrealizable: bool = False) -> None:
     """The demonstrator's own steps as records of iteration 0 (behaviour cloning's data), judged like any
-    correction so that an unrealizable demonstration is flagged too."""
+    correction so that an unrealizable demonstration is flagged (and with `drop_unrealizable`, dropped) too."""
     have = log.load()
     for trajectory in demos:
         if successful_only and not trajectory.success:
             continue
         for step in trajectory.steps:
+            judged = realizability(step, step.reason, step.action, expertise)
             record = Correction(task_id=trajectory.task.id, step=step.index, inputs=step.inputs, reason=step.reason,
                                 action=step.action, student_reason=step.reason, student_action=step.action,
                                 expert=trajectory.policy, iteration=0, level=level, source="demonstration",
-                                dropped=step.error, **realizability(step, step.reason, step.action, expertise))
+                                dropped=step.error or (unrealizable(judged) if drop_unrealizable else None), **judged)
             if record.key not in have:
                 log.append(record)
+
+
+def unrealizable(judged: dict[str, Any]) -> str | None:
+    """Why a judged record is not realizable, as its `dropped` note, or None."""
+    if judged["unobserved"]:
+        return f"reason not realizable: mentions {', '.join(judged['unobserved'][:3])}"
+    return f"action not realizable: {judged['unjustified']}" if judged["unjustified"] else None
 
 
 def realizability(step: Step, reason: str, action: str, expertise: Expertise) -> dict[str, Any]:
@@ -79,10 +87,8 @@ class Corrector:
             dropped = "expert gave no action"
         elif not action_admissible(action, step.admissible_actions):
             dropped = f"expert action not admissible: {action[:80]}"
-        elif self.drop_unrealizable and judged["unobserved"]:
-            dropped = f"reason not realizable: mentions {', '.join(judged['unobserved'][:3])}"
-        elif self.drop_unrealizable and judged["unjustified"]:
-            dropped = f"action not realizable: {judged['unjustified']}"
+        elif self.drop_unrealizable:
+            dropped = unrealizable(judged)
         return self.record(trajectory, step, reason=reason, action=action, dropped=dropped, usage=usage, **judged)
 
     def ask(self, call: Callable[[], Any]) -> tuple[Any, ExpertUsage | None, str | None]:

@@ -148,7 +148,8 @@ class LEAP(Teleprompter):
         demos = play_episodes(Episodes(log, train, "demonstrations", play), self.env, program=demonstrator,
                               num_threads=self.config.expert_threads, progress=self.config.progress)
         records = self._corrections_log(0)
-        demonstration_records(demos.values(), records, level, self.env.expertise(), self.config.bc_successful_only)
+        demonstration_records(demos.values(), records, level, self.env.expertise(), self.config.bc_successful_only,
+                              self.config.drop_unrealizable)
         current = list(records.load().values())
         rows, examples = self.aggregate(0, student, current)
         if _follows_student(teacher):  # the privileged self is these same weights: teach them the expert's part

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dspy
 
 from leap_dspy.envs.alfworld.expertise import (
+    ALFWorldExpertise,
     holding,
     realizable_reason,
     realizable_search_action,
@@ -190,6 +191,12 @@ def test_notes_replace_the_start_and_earlier_lines_and_steer_the_expert() -> Non
     here = seen.replace("At: drawer 1", "At: shelf 1")
     assert realizable_reason(inputs.task, here, "take mug 3 from shelf 1", inputs.history) == (
         "Holding nothing. Need mug, seen mug 3 at shelf 1: here, I take the mug 3.")
+    # The oracle's straight line to a hidden mug is a guess from the student's view; the sweep is not.
+    expertise, hidden = ALFWorldExpertise(), PrivilegedState(level=3, oracle_action="go to shelf 1")
+    assert expertise.unjustified(inputs, hidden, "go to shelf 1") is not None
+    assert expertise.unjustified(inputs, hidden, "go to shelf 2") is None
+    assert expertise.act(inputs, hidden, "look") == "go to shelf 2"
+    assert ALFWorldExpertise(realizable_search=False).act(inputs, hidden, "look") == "go to shelf 1"
     without = Student(show_notes=False).inputs(task, observation, past)
     assert "Holding:" not in without.observation and without.history.startswith("Start: ")
 

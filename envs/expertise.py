@@ -33,8 +33,10 @@ class Expertise:
         """
         return privileged.oracle_action
 
-    def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str) -> str:
-        """A one-sentence reason for `action` that names only what the student could observe.
+    def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str,
+                student_action: str = "") -> str:
+        """A one-sentence reason for `action` that names only what the student could observe (and, where it
+        can, why not `student_action`, the step the student took here; "" in demonstrations).
 
         The default says what is true and no more: it cannot tell why the oracle acts, so it does not pretend
         to. A reason that states the sub-goal the action serves is what a student learns from.

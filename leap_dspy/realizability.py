@@ -29,7 +29,7 @@ _STOP = frozenset((
 ))
 ACTIONS_PREFIX = "Actions:"
 """How the student's observation lists the admissible actions (`Student`)."""
-_ENTITY = re.compile(r"\b([a-z][a-z]+) (\d+)\b")
+_ENTITY = re.compile(r"\b([a-z][a-z]+) (\d+)\b(?![.,]\d)")
 _QUOTED = re.compile(r"['\"`]([^'\"`]{3,60})['\"`]")
 _PRODUCT_ID = re.compile(r"\b(B0[0-9A-Z]{8})\b")
 

@@ -23,6 +23,7 @@ from dspy.teleprompt import Teleprompter
 
 from leap_dspy.config import LEAPConfig
 from leap_dspy.corrections import Corrector, collect_corrections, demonstration_records
+from leap_dspy.envs import env_spec
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.lm import local_lm
 from leap_dspy.metrics import describe_expert, expert_usage_metrics, split_metrics, success_rate
@@ -284,7 +285,7 @@ class LEAP(Teleprompter):
     def run_config(self, teacher: dspy.Module, train: list[Task], val: list[Task]) -> dict[str, Any]:
         """What `config.yaml` holds: the settings, the environment, the expert and the tasks."""
         return {
-            "env": {"name": self.env.name, **self.env.config()},
+            "env": {"name": env_spec(self.env), **self.env.config()},
             **self.config.dump(),
             "privilege_level": self.privilege_level,
             "expert": describe_expert(teacher),

@@ -55,7 +55,8 @@ class OracleExpert(dspy.Module):
             )
         if action.strip() == student_action.strip() and student_reason.strip():
             return dspy.Prediction(reason=student_reason, action=action)
-        return dspy.Prediction(reason=self.expertise.explain(inputs, privileged_state, action), action=action)
+        reason = self.expertise.explain(inputs, privileged_state, action, student_action)
+        return dspy.Prediction(reason=reason, action=action)
 
 
 class PrivilegedExpert(dspy.Module):

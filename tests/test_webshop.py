@@ -12,6 +12,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
 from leap_dspy.envs import make_env
 from leap_dspy.envs.webshop import WebShop, WebShopServerUnavailable, get_reward
 from leap_dspy.envs.webshop.agents import evaluate, oracle_policy, random_click_policy

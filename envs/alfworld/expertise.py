@@ -41,7 +41,8 @@ class ALFWorldExpertise(Expertise):
             return realizable_search_action(task, observation, history, student_action, oracle)
         return oracle
 
-    def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str) -> str:
+    def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str,
+                student_action: str = "") -> str:
         return realizable_reason(inputs.task, inputs.observation, action, inputs.history)
 
     def unjustified(self, inputs: StudentInputs, privileged: PrivilegedState, action: str) -> str | None:

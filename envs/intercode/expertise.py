@@ -17,16 +17,12 @@ from __future__ import annotations
 import posixpath
 import re
 import shlex
-import threading
 
 from leap_dspy.envs.expertise import Expertise
 from leap_dspy.realizability import unobserved_mentions, words
 from leap_dspy.types import PrivilegedState, StudentInputs
 
 SUBMIT = "submit"
-_STUDENT = threading.local()
-"""The student's action of the step being corrected: `explain` contrasts with it (`act` sees it, `explain`
-does not), per thread since rollouts play episodes side by side."""
 
 
 # -- the student's view --------------------------------------------------------------------------------------
@@ -87,13 +83,8 @@ def _gist(task: str, limit: int = 90) -> str:
     return task if len(task) <= limit else task[: limit - 3].rsplit(" ", 1)[0] + "..."
 
 
-def _student_action() -> str:
-    return getattr(_STUDENT, "action", "") or ""
-
-
-def _student_contrast(inputs: StudentInputs, action: str, unseen: list[str], answered: bool) -> str:
+def _student_contrast(inputs: StudentInputs, action: str, student: str, unseen: list[str], answered: bool) -> str:
     """Why not the student's own action, in words its inputs support ("" when there is nothing to say)."""
-    student = _student_action()
     if not student or _same(student, action):
         return ""
     if student.strip().lower() == SUBMIT and not answered:
@@ -139,7 +130,6 @@ class _InterCodeExpertise(Expertise):
                 and _same(expected, inputs.observation.split("\nSubmitted.")[0]))
 
     def act(self, inputs: StudentInputs, privileged: PrivilegedState, student_action: str) -> str | None:
-        _STUDENT.action = student_action
         gold = self.gold(privileged)
         if gold is None:
             return SUBMIT if privileged.oracle_action == SUBMIT else None
@@ -250,10 +240,11 @@ class SQLExpertise(_InterCodeExpertise):
                 return f"DESCRIBE {table}"
         return None
 
-    def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str) -> str:
+    def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str,
+                student_action: str = "") -> str:
         gold = self.gold(privileged) or action
         answered = self.answered(inputs, privileged, gold)
-        contrast = _student_contrast(inputs, action, self.unseen(inputs, _student_action()), answered)
+        contrast = _student_contrast(inputs, action, student_action, self.unseen(inputs, student_action), answered)
         if action == SUBMIT:
             return ("The last query ran without error and its rows are what the question asks for, so I submit."
                     + contrast)
@@ -375,10 +366,11 @@ class BashExpertise(_InterCodeExpertise):
                 return f"ls {folder}"
         return None
 
-    def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str) -> str:
+    def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str,
+                student_action: str = "") -> str:
         gold = self.gold(privileged) or action
         answered = self.answered(inputs, privileged, gold)
-        contrast = _student_contrast(inputs, action, self.unseen(inputs, _student_action()), answered)
+        contrast = _student_contrast(inputs, action, student_action, self.unseen(inputs, student_action), answered)
         if action == SUBMIT:
             return ("The last command ran and its output is what the instruction asks for, so I submit."
                     + contrast)

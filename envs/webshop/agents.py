@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 from leap_dspy.envs.webshop.env import WebShop
-
 from leap_dspy.types import Observation, Task
 
 Policy = Callable[[WebShop, Task, Observation], str]

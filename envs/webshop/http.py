@@ -32,7 +32,6 @@ from leap_dspy.envs.webshop.pages import (
     SUB_PAGES,
     parse_action,
 )
-
 from leap_dspy.types import Observation, Task
 
 SPLIT_OFFSETS = {"unseen": 0, "seen": 500, "train": 1500}

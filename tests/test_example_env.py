@@ -1,0 +1,116 @@
+"""The "write your own environment" example (`examples/keybox.py`): it plays by the protocol, its expertise is
+realizable where the oracle is not, and it compiles from Python and from the CLI by import path."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from leap_dspy.cli import app
+from leap_dspy.envs import UnknownEnvironment, env_class
+from leap_dspy.programs import OracleExpert, Student
+from leap_dspy.programs.student import run_episode
+from leap_dspy.realizability import unobserved_mentions
+from leap_dspy.teleprompt import LEAP
+from leap_dspy.train import TrainConfig
+from leap_dspy.types import StudentInputs, Trajectory
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `examples` is a folder of the repository, not an installed package
+
+from examples.keybox import KeyBox, KeyboxExpertise  # noqa: E402
+
+FAST_TRAIN = TrainConfig(max_length=512, per_device_batch_size=8, gradient_accumulation=1, progress_bar=False)
+TINY = {"num_boxes": 3, "num_train": 3, "num_seen": 1, "num_unseen": 1, "max_steps": 8}
+
+
+def expert_episode(env: KeyBox, split: str = "train", index: int = 0) -> Trajectory:
+    """The realizable expert plays a task, each step recording the level-1 state and the oracle's action."""
+    expertise, student = env.expertise(), Student()
+
+    def act(inputs: StudentInputs) -> tuple[str, str, None]:
+        privileged = env.privileged_state(1)
+        privileged.oracle_action = env.oracle_action()
+        action = expertise.act(inputs, privileged, "")
+        assert action is not None
+        return expertise.explain(inputs, privileged, action), action, None
+
+    return run_episode(act, student.inputs, env, env.tasks(split)[index], capture_level=1, capture_oracle=True)
+
+
+def metrics_rows(run: Path) -> list[str]:
+    return [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+
+
+def test_tasks_are_reproducible_and_unseen_ones_are_bigger() -> None:
+    env = KeyBox(num_boxes=4)
+    assert [t.model_dump() for t in env.tasks("train")] == [t.model_dump() for t in KeyBox(num_boxes=4).tasks("train")]
+    assert {len(t.boxes) for t in env.tasks("train")} <= {3, 4}
+    assert {len(t.boxes) for t in env.tasks("unseen")} <= {5, 6}
+    assert type(env.clone()).__name__ == "KeyBox" and env.clone().config() == env.config()
+    assert env.step("fly away").text.startswith("The door is open")  # before any reset: nothing to do, no raise
+    env.reset(env.tasks("train")[0])
+    for action in ("fly away", "take key", "unlock door", "open door"):
+        observation = env.step(action)
+        assert not observation.done and action not in observation.admissible_actions
+
+
+def test_the_realizable_expert_wins_and_says_only_what_the_student_saw() -> None:
+    env = KeyBox()
+    for split, index in (("train", 0), ("unseen", 3), ("unseen", 4)):
+        trajectory = expert_episode(env, split, index)
+        assert trajectory.success
+        expertise = KeyboxExpertise()
+        opened = [s.action for s in trajectory.steps if s.action.startswith("open ") and s.action != "open door"]
+        assert opened == [f"open {b}" for b in trajectory.task.boxes[: len(opened)]]  # in the room's order
+        for step in trajectory.steps:
+            assert step.privileged is not None and step.privileged.sections
+            assert unobserved_mentions(step.reason, step.inputs, step.privileged, step.action) == []
+            assert expertise.unjustified(step.inputs, step.privileged, step.action) is None
+
+
+def test_the_oracle_straight_to_the_key_is_flagged_as_unjustified() -> None:
+    env = KeyBox()
+    task = next(t for t in env.tasks("train") if t.key_box != t.boxes[0])
+    env.reset(task)
+    inputs = Student().inputs(task, env.reset(task), [])
+    privileged = env.privileged_state(1)
+    privileged.oracle_action = env.oracle_action()
+    assert privileged.oracle_action == f"open {task.key_box}"
+    why = KeyboxExpertise().unjustified(inputs, privileged, privileged.oracle_action)
+    assert why is not None and task.key_box in why
+    assert KeyBox(realizable=False).expertise().act(inputs, privileged, "") == privileged.oracle_action
+
+
+def test_env_class_takes_an_import_path_and_says_what_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    assert env_class("examples.keybox:KeyBox") is KeyBox
+    for bad, says in (("examples.nowhere:KeyBox", "cannot import"), ("examples.keybox:Nope", "has no"),
+                      ("examples.keybox:KeyboxExpertise", "not a TextEnv"), ("keybox", "module:Class")):
+        with pytest.raises(UnknownEnvironment, match=says):
+            env_class(bad)
+    result = CliRunner().invoke(app, ["tasks", "--env", "examples.keybox:Nope"])
+    assert result.exit_code == 2 and "has no" in result.output
+
+
+def test_compiles_from_python_and_from_the_cli(tiny_model: str, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    env = KeyBox(**TINY)
+    leap = LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "py", train_config=FAST_TRAIN,
+                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False)
+    leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(),
+                 valset=env.tasks("seen") + env.tasks("unseen"))
+    assert metrics_rows(tmp_path / "py") == ["base", "expert", "0", "1"]
+    expert_row = (tmp_path / "py" / "metrics.csv").read_text().splitlines()[2].split(",")
+    assert expert_row[1:3] == ["1.0", "1.0"]  # the realizable expert wins every task within max_steps
+
+    monkeypatch.chdir(ROOT)
+    sets = [item for key, value in TINY.items() for item in ("--set", f"{key}={value}")]
+    result = CliRunner().invoke(app, ["compile", "--env", "examples.keybox:KeyBox", *sets, "--iterations", "1",
+                                      "--model", tiny_model, "--run-dir", str(tmp_path / "cli"), "--threads", "4",
+                                      "--max-train-rows", "16", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert metrics_rows(tmp_path / "cli") == ["base", "expert", "0", "1"]

@@ -131,7 +131,7 @@ def test_bash_leaks_are_flagged_and_unjustified():
         assert "jsonfile1" in (expertise.unjustified(inputs, privileged, task.gold) or "")
         assert expertise.act(inputs, privileged, "cat jsonfile1.json") == "ls /"
         assert expertise.act(inputs, privileged, "submit") == "ls /"
-        reason = expertise.explain(inputs, privileged, "ls /")
+        reason = expertise.explain(inputs, privileged, "ls /", "submit")
         assert "Submitting now" in reason and not unobserved_mentions(reason, inputs, privileged, "ls /")
     finally:
         env.close()

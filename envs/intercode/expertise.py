@@ -137,6 +137,17 @@ class _InterCodeExpertise(Expertise):
             return SUBMIT
         return self.look(inputs, gold) or gold
 
+    def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str,
+                student_action: str = "") -> str:
+        """The step's own reason, then why not the student's step where its inputs say."""
+        gold = self.gold(privileged) or action
+        answered = self.answered(inputs, privileged, gold)
+        contrast = _student_contrast(inputs, action, student_action, self.unseen(inputs, student_action), answered)
+        return self.explain_step(inputs, privileged, action, gold) + contrast
+
+    def explain_step(self, inputs: StudentInputs, privileged: PrivilegedState, action: str, gold: str) -> str:
+        raise NotImplementedError
+
     def look(self, inputs: StudentInputs, gold: str) -> str | None:
         """The exploring action to take before the gold command, or None when the student has seen enough."""
         raise NotImplementedError
@@ -240,23 +251,18 @@ class SQLExpertise(_InterCodeExpertise):
                 return f"DESCRIBE {table}"
         return None
 
-    def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str,
-                student_action: str = "") -> str:
-        gold = self.gold(privileged) or action
-        answered = self.answered(inputs, privileged, gold)
-        contrast = _student_contrast(inputs, action, student_action, self.unseen(inputs, student_action), answered)
+    def explain_step(self, inputs: StudentInputs, privileged: PrivilegedState, action: str, gold: str) -> str:
         if action == SUBMIT:
-            return ("The last query ran without error and its rows are what the question asks for, so I submit."
-                    + contrast)
+            return "The last query ran without error and its rows are what the question asks for, so I submit."
         if action.upper() == "SHOW TABLES":
             return ("I have not seen this database's tables yet, so I list them before I write a query whose "
-                    "names could otherwise be wrong." + contrast)
+                    "names could otherwise be wrong.")
         table = _describe_target(action)
         if table:
             where = "SHOW TABLES listed it" if _listed(inputs, table) else "it is the table the question is about"
             return (f"The question needs the columns of {table} ({where}); DESCRIBE {table} shows their exact "
-                    "names before I use them." + contrast)
-        return _plain(self._explain_query(inputs, action), inputs, privileged, action) + contrast
+                    "names before I use them.")
+        return _plain(self._explain_query(inputs, action), inputs, privileged, action)
 
     def _explain_query(self, inputs: StudentInputs, action: str) -> str:
         """The reason for the query itself: the question, and where each name it uses was seen."""
@@ -366,19 +372,14 @@ class BashExpertise(_InterCodeExpertise):
                 return f"ls {folder}"
         return None
 
-    def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str,
-                student_action: str = "") -> str:
-        gold = self.gold(privileged) or action
-        answered = self.answered(inputs, privileged, gold)
-        contrast = _student_contrast(inputs, action, student_action, self.unseen(inputs, student_action), answered)
+    def explain_step(self, inputs: StudentInputs, privileged: PrivilegedState, action: str, gold: str) -> str:
         if action == SUBMIT:
-            return ("The last command ran and its output is what the instruction asks for, so I submit."
-                    + contrast)
+            return "The last command ran and its output is what the instruction asks for, so I submit."
         if action != gold and re.fullmatch(r"ls \S+", action):
             folder = action.removeprefix("ls ").strip()
             return (f"The instruction works on files I have not seen yet; listing {folder} shows what is there "
-                    "before I act on it." + contrast)
-        return _plain(self._explain_command(inputs, action), inputs, privileged, action) + contrast
+                    "before I act on it.")
+        return _plain(self._explain_command(inputs, action), inputs, privileged, action)
 
     def _explain_command(self, inputs: StudentInputs, action: str) -> str:
         """The reason for the command itself: the instruction, the paths it uses and where they were seen."""

@@ -25,6 +25,9 @@ class TextEnv(ABC):
 
     default_privilege_level: ClassVar[int] = 0
     max_steps: int = 30
+    answer_tokens: ClassVar[int] = 80
+    """Tokens a student's answer (a reason and an action) may need here: LEAP's default `max_new_tokens`. An
+    answer cut short loses its action, so an environment whose commands or queries run long asks for more."""
 
     idle_actions: ClassVar[tuple[str, ...]] = ()
     """Admissible actions that change nothing and teach nothing when proposed as a wrong step (ALFWorld's

@@ -59,7 +59,7 @@ class LEAPConfig(BaseModel):
     expert_retries: int = Field(3, ge=1, description="attempts per expert call before the failure is recorded")
     evaluate_base: bool = Field(True, description="evaluate the untrained student")
     evaluate_expert: bool = Field(True, description="evaluate the expert acting itself")
-    lm: dict[str, Any] = _bc(default_factory=lambda: {"max_new_tokens": 80, "no_repeat_ngram": 12},
+    lm: dict[str, Any] = _bc(default_factory=lambda: {"no_repeat_ngram": 12},
                              description="settings of the student's local engine (`LocalEngine`)")
     train: TrainConfig = _bc(default_factory=TrainConfig, description="LoRA fine-tuning hyper-parameters")
     seed: int = _bc(default=0, description="seeds task samples, row selection and training")
@@ -70,9 +70,10 @@ class LEAPConfig(BaseModel):
     @field_validator("lm", mode="before")
     @classmethod
     def _lm_defaults(cls, value: dict[str, Any] | None) -> dict[str, Any]:
-        """`max_new_tokens` 80 leaves room for a one-sentence reason and an action; `no_repeat_ngram` 12 stops a
+        """`max_new_tokens`, unless given, is the environment's `answer_tokens` (set by `LEAP`); `no_repeat_ngram` 12
+        stops a
         greedy 135M student looping within a reason, and no training answer repeats a 12-gram."""
-        return {"max_new_tokens": 80, "no_repeat_ngram": 12, **(value or {})}
+        return {"no_repeat_ngram": 12, **(value or {})}
 
     @classmethod
     def bc_keys(cls) -> tuple[str, ...]:

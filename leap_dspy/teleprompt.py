@@ -87,6 +87,8 @@ class LEAP(Teleprompter):
         settings = {_RENAMED.get(k, k): v for k, v in settings.items()}
         self.config = LEAPConfig.model_validate({**(config or LEAPConfig()).model_dump(exclude_unset=True),
                                                  **{k: v for k, v in settings.items() if v is not None}})
+        if "max_new_tokens" not in self.config.lm:  # the environment knows how long its answers run
+            self.config.lm = {"max_new_tokens": env.answer_tokens, **self.config.lm}
         self.env = env
         level = self.config.privilege_level
         self.privilege_level = env.check_level(env.default_privilege_level if level is None else level)
@@ -223,6 +225,7 @@ class LEAP(Teleprompter):
         if "chosen" not in rows[0] and "label" not in rows[0]:
             trainer = train_sft
         console.print(f"{out.parent.name}: fine-tuning on {len(rows)} rows ({trainer.__name__})")
+        warn_long_answers(rows, self.config.model, self.config.lm["max_new_tokens"])
         result = trainer(rows, model=self.config.model, output_dir=out, init_adapter=str(previous) if previous
                          else None, config=config)
         atomic_write_json(out.parent / "train.json", result.model_dump())
@@ -409,6 +412,21 @@ def round_metrics(current: list[Correction], trajectories: dict[str, Trajectory]
         **expert_usage_metrics(current),
         "train_s": round(train_s, 1),
     }
+
+
+def warn_long_answers(rows: Rows, model: str, limit: int) -> int:
+    """Say how many training answers are longer than the student may write: cut at `max_new_tokens` at play
+    time, such an answer loses its action, so the student learns a step it can never take."""
+    from leap_dspy.lm.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    answers = [row.get("completion") or row.get("chosen") for row in rows]
+    long = sum(len(tokenizer(a[0]["content"])["input_ids"]) > limit for a in answers if a)
+    if long:
+        console.print(f"[yellow]{long} of {len(rows)} training answers are longer than max_new_tokens={limit}: "
+                      "the student will be cut off before their action; shorten the expertise's reasons or "
+                      "raise the limit (LEAP(lm={'max_new_tokens': ...}), TextEnv.answer_tokens)[/yellow]")
+    return long
 
 
 def _read_config(path: Path) -> dict[str, Any]:

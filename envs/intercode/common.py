@@ -25,6 +25,9 @@ def truncate(text: str, limit: int) -> str:
 class InterCodeEnv(TextEnv):
     """The shared part: subclasses set `task`, `done`, `actions` per episode and build `_build_splits()`."""
 
+    answer_tokens: ClassVar[int] = 256
+    """A gold command or query can run to a pipeline of several programs, or a join over several tables."""
+
     reports_score: ClassVar[bool] = True
     """Rewards are graded (partial credit for a near answer): metrics report the mean reward x 100 next to the
     success rate (reward 1), which a small student rarely reaches."""

@@ -55,6 +55,8 @@ class WebShop(TextEnv):
     """The scripted expert plays at every level below the top (`expertise.py`); level 2 is the highest where it
     acts on its own policy: it shops from what the student sees and uses the target's id only to break ties
     between equally good results, so its corrections stay realizable while it wins most tasks."""
+    answer_tokens: ClassVar[int] = 128
+    """A search's keywords come from the instruction and run long."""
     reports_score: ClassVar[bool] = True
     """Rewards are graded (0..1): metrics report WebShop's score (mean reward x 100) next to success."""
 

@@ -314,7 +314,7 @@ def _search_reason(want: Want, query: str, history: str) -> str:
         asked += f" that {'are' if _plural(want.kind) else 'is'} {_and(attributes)}"
     if want.options:
         asked += " with " + " and ".join(f"{k}: {v}" for k, v in want.options.items())
-    return f"The instruction asks for {asked}: I search for {query if speakable(query) else 'these words'}."
+    return f"The instruction asks for {asked}: I search for its words."
 
 
 def _results_reason(want: Want, page: Page, history: str, arg: str) -> str:

@@ -24,6 +24,9 @@ class Expertise:
 
     levels: tuple[int, ...] = ()
     state_at_top: bool = False
+    vocabulary: frozenset[str] = frozenset()
+    """Words a student knows without being shown them (the action grammar, a language's keywords): never a
+    leak, though a privileged fact (a gold command) uses them too."""
 
     def act(self, inputs: StudentInputs, privileged: PrivilegedState, student_action: str) -> str | None:
         """The expert's action at this state, or None when it has none (a level without a policy).
@@ -46,8 +49,8 @@ class Expertise:
     def unjustified(self, inputs: StudentInputs, privileged: PrivilegedState, action: str) -> str | None:
         """Why `action` is one only the privileged state could justify, or None when the environment cannot tell.
 
-        The default catches an action naming something (a word run of the privileged facts) that appears
-        nowhere in the student's inputs.
+        The default catches an action naming a term of the privileged facts that appears nowhere in the
+        student's inputs (a whole fact it restates, such as the gold command it is, is no reason to flag it).
         """
-        leaked = privileged_mentions(action, inputs, privileged)
+        leaked = privileged_mentions(action, inputs, privileged, known=self.vocabulary, facts=False)
         return f"the action names {', '.join(leaked[:3])}, known only from the privileged state" if leaked else None

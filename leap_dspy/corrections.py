@@ -58,7 +58,8 @@ def realizability(step: Step, reason: str, action: str, expertise: Expertise) ->
     privileged = step.privileged
     unjustified = expertise.unjustified(step.inputs, privileged, action) if privileged is not None and action \
         else None
-    return {"unobserved": unobserved_mentions(reason, step.inputs, privileged, action), "unjustified": unjustified}
+    unobserved = unobserved_mentions(reason, step.inputs, privileged, action, known=expertise.vocabulary)
+    return {"unobserved": unobserved, "unjustified": unjustified}
 
 
 class Corrector:

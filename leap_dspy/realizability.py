@@ -88,11 +88,16 @@ def _normal(text: str) -> str:
 
 
 def privileged_mentions(text: str, inputs: StudentInputs, privileged: PrivilegedState | None,
-                        also_seen: Iterable[str] = ()) -> list[str]:
+                        also_seen: Iterable[str] = (), known: Iterable[str] = (), facts: bool = True) -> list[str]:
     """What `text` states of the privileged state that the student never saw: single terms it was never
-    shown, then whole facts (two or more terms) that no line of its inputs states together."""
+    shown, then (with `facts`) whole facts of two or more terms that no line of its inputs states together.
+
+    `known` are words the student knows without being shown them (an environment's action grammar and
+    keywords, `Expertise.vocabulary`): a privileged fact may use them, and so may the student.
+    """
     if privileged is None:
         return []
+    known = {word.lower() for word in known}
     shown = [inputs.task, inputs.observation, inputs.history, *also_seen]
     lines = [line for block in shown for line in block.splitlines()]
     seen_lines = [_normal(line) for line in lines]
@@ -104,8 +109,10 @@ def privileged_mentions(text: str, inputs: StudentInputs, privileged: Privileged
     for fact in _facts(privileged):
         terms = _terms(fact)
         for term in terms:
-            if _has(term, said) and not _has(term, seen) and term not in found:
+            if term not in known and _has(term, said) and not _has(term, seen) and term not in found:
                 found.append(term)
+        if not facts:
+            continue
         stated = len(terms) >= 2 and all(_has(t, said) for t in terms)
         if stated and not any(all(_has(t, line) for t in terms) for line in stating) and fact not in found \
                 and not all(t in found for t in terms):
@@ -114,7 +121,7 @@ def privileged_mentions(text: str, inputs: StudentInputs, privileged: Privileged
 
 
 def unobserved_mentions(reason: str, inputs: StudentInputs, privileged: PrivilegedState | None = None,
-                        action: str = "") -> list[str]:
+                        action: str = "", known: Iterable[str] = ()) -> list[str]:
     """The things `reason` names that the student never saw.
 
     The action the reason explains counts as seen (a reason may name its own action; whether the action is
@@ -130,7 +137,7 @@ def unobserved_mentions(reason: str, inputs: StudentInputs, privileged: Privileg
     for quoted in _QUOTED.findall(reason) + _PRODUCT_ID.findall(reason):
         if not _has(_normal(quoted), seen) and quoted not in found:
             found.append(quoted)
-    for mention in privileged_mentions(reason, inputs, privileged, also_seen=[action]):
+    for mention in privileged_mentions(reason, inputs, privileged, also_seen=[action], known=known):
         if mention not in found:
             found.append(mention)
     return found

@@ -107,6 +107,10 @@ class _InterCodeExpertise(Expertise):
 
     levels = (1,)
     state_at_top = True
+    vocabulary = frozenset(("command", "commands", "output", "query", "result", "results", "row", "rows", "table",
+                            "tables", "column", "columns", "database", "file", "files", "folder", "directory",
+                            "submit"))
+    """What a reason about running commands says without having been shown it."""
 
     def gold(self, privileged: PrivilegedState) -> str | None:
         for key in ("gold query", "gold command"):
@@ -160,10 +164,10 @@ class _InterCodeExpertise(Expertise):
         """A command naming a table, column or path the student never saw: only the gold justifies it."""
         gold = self.gold(privileged) or ""
         gold_words = set(words(gold)) | {t for w in words(gold) for t in re.split(r"[./]", w) if t}
-        hidden = [name for name in self.unseen(inputs, action) if name.lower() in gold_words]
+        hidden = [name for name in self.unseen(inputs, action) if set(words(name)) & gold_words]
         if hidden:
             return f"the command names {', '.join(hidden[:3])}, which the student never saw: only the gold shows it"
-        return super().unjustified(inputs, privileged, action)
+        return None  # programs, options and keywords are the language, not privileged facts
 
 
 # -- SQL -----------------------------------------------------------------------------------------------------
@@ -228,6 +232,8 @@ class SQLExpertise(_InterCodeExpertise):
     the expected rows would add nothing a level-1 expert lacks but that early submit. Level 0 has no gold and
     no policy: exploring without knowing the answer's shape teaches nothing.
     """
+
+    vocabulary = _InterCodeExpertise.vocabulary | _SQL_WORDS
 
     def unseen(self, inputs: StudentInputs, command: str) -> list[str]:
         seen = seen_tokens(inputs)

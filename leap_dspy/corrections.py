@@ -36,13 +36,14 @@ def demonstration_records(demos: Iterable[Trajectory], log: JsonlLog[Correction]
         if successful_only and not trajectory.success:
             continue
         for step in trajectory.steps:
+            if f"0:{trajectory.task.id}:{step.index}" in have:  # logged before a resume: judged already
+                continue
             judged = realizability(step, step.reason, step.action, expertise)
             record = Correction(task_id=trajectory.task.id, step=step.index, inputs=step.inputs, reason=step.reason,
                                 action=step.action, student_reason=step.reason, student_action=step.action,
                                 expert=trajectory.policy, iteration=0, level=level, source="demonstration",
                                 dropped=step.error or (unrealizable(judged) if drop_unrealizable else None), **judged)
-            if record.key not in have:
-                log.append(record)
+            log.append(record)
 
 
 def unrealizable(judged: dict[str, Any]) -> str | None:

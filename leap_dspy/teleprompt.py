@@ -90,6 +90,7 @@ class LEAP(Teleprompter):
         if "max_new_tokens" not in self.config.lm:  # the environment knows how long its answers run
             self.config.lm = {"max_new_tokens": env.answer_tokens, **self.config.lm}
         self.env = env
+        self.expertise = env.expertise()  # what the records are judged by, and the privileged self's proposals
         level = self.config.privilege_level
         self.privilege_level = env.check_level(env.default_privilege_level if level is None else level)
         self.run = RunFolder(run_dir or default_run_dir(env.name))
@@ -151,7 +152,7 @@ class LEAP(Teleprompter):
         demos = play_episodes(Episodes(log, train, "demonstrations", play), self.env, program=demonstrator,
                               num_threads=self.config.expert_threads, progress=self.config.progress)
         records = self._corrections_log(0)
-        demonstration_records(demos.values(), records, level, self.env.expertise(), self.config.bc_successful_only,
+        demonstration_records(demos.values(), records, level, self.expertise, self.config.bc_successful_only,
                               self.config.drop_unrealizable)
         current = list(records.load().values())
         rows, examples = self.aggregate(0, student, current)
@@ -183,7 +184,7 @@ class LEAP(Teleprompter):
         """The privileged expert's reason and action at every visited step, judged and saved one by one."""
         if _follows_student(teacher):
             teacher.follow(self._student)
-        corrector = Corrector(teacher, k, self.privilege_level, self.env.expertise(),
+        corrector = Corrector(teacher, k, self.privilege_level, self.expertise,
                               retries=self.config.expert_retries, drop_unrealizable=self.config.drop_unrealizable)
         threads = 1 if getattr(teacher, "scripted", False) else self.config.expert_threads
         return collect_corrections(corrector, trajectories, self._corrections_log(k), threads, self.config.progress)
@@ -377,7 +378,7 @@ class LEAP(Teleprompter):
 
     def _propose_reason(self, task: str, observation: str, action: str, history: str) -> str:
         inputs = StudentInputs(task=task, observation=observation, history=history)
-        return self.env.expertise().explain(inputs, PrivilegedState(level=0), action)
+        return self.expertise.explain(inputs, PrivilegedState(level=0), action)
 
     def _corrections_log(self, k: int) -> JsonlLog[Correction]:
         return JsonlLog(self.run.stage(k) / "corrections.jsonl", Correction, key=lambda c: c.key)

@@ -7,33 +7,16 @@ bubblewrap sandboxes. Tests skip, with the reason, only where a tool is truly ab
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
+from test_intercode import _need_bwrap, _need_data
 
 from leap_dspy.envs.intercode import InterCodeBash, InterCodeSQL
-from leap_dspy.envs.intercode.data import DataUnavailable, bench_bash
 from leap_dspy.envs.intercode.expertise import bash_paths, sql_names
-from leap_dspy.envs.intercode.sandbox import check_bwrap
 from leap_dspy.envs.intercode.sql_env import mysql_ready
 from leap_dspy.programs import OracleExpert, Student
 from leap_dspy.realizability import unobserved_mentions
 from leap_dspy.rollout import expert_rollout
 from leap_dspy.types import StudentInputs, Trajectory
-
-
-def _need_data() -> None:
-    try:
-        bench_bash()
-    except DataUnavailable as err:
-        pytest.skip(str(err))
-
-
-def _need_bwrap() -> None:
-    _need_data()
-    if shutil.which("bwrap") is None:
-        pytest.skip("bubblewrap is not installed (apt-get install -y bubblewrap; .ci/services.sh)")
-    check_bwrap()
 
 
 def _play(env, tasks) -> list[Trajectory]:

@@ -47,6 +47,8 @@ class LEAPConfig(BaseModel):
                                      "steps known to be right, trained toward (0: pairs alone)")
     max_train_rows: int = _bc(default=120, ge=1, description="rows per LEAP round (behaviour cloning takes "
                               "twice as many): this round's corrections, then earlier data to fill up")
+    train_all_new: bool = Field(True, description="train on every new correction of a round (DAgger; the rows "
+                                "grow past max_train_rows), older data filling up; false caps new ones at half")
     rollout_tasks: int | None = Field(12, ge=1, description="training tasks the student plays per round (a "
                                       "seeded sample; all when unset)")
     bc_successful_only: bool = _bc(default=True, description="clone only demonstrations that succeeded")

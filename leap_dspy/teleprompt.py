@@ -199,12 +199,14 @@ class LEAP(Teleprompter):
             later = [c for c in earlier if c.iteration > 0]
             right = [c for c in usable + later if not c.changed] + [c for c in earlier if c.iteration == 0]
             pairs, anchors = aggregate_preference(usable, later, right, cfg.max_train_rows, cfg.preference_anchor,
-                                                  cfg.update, rng, cfg.balance_actions, balance_rng)
+                                                  cfg.update, rng, cfg.balance_actions, balance_rng,
+                                                  all_new=cfg.train_all_new)
             rows = preference_rows(signature, adapter, pairs, kind=cfg.update, anchors=anchors)
             examples = len(pairs) + len(anchors)
         else:
             budget = cfg.max_train_rows * (2 if k == 0 else 1)
-            chosen = aggregate_sft(usable, earlier, budget, rng, cfg.balance_actions, balance_rng)
+            chosen = aggregate_sft(usable, earlier, budget, rng, cfg.balance_actions, balance_rng,
+                                   all_new=cfg.train_all_new)
             rows, examples = sft_rows(signature, adapter, chosen), len(chosen)
         return rows, examples
 

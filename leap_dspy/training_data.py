@@ -105,34 +105,37 @@ def privileged_self_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdap
 # -- DAgger's aggregate, bounded ------------------------------------------------------------------------------
 
 def aggregate_sft(current: list[Correction], earlier: list[Correction], budget: int, rng: random.Random,
-                  balance: int, balance_rng: random.Random) -> list[Correction]:
-    """A round's SFT records: this round's corrections (at most half the budget: the student's newest
-    mistakes), then earlier data (demonstrations included) to fill up, so that what the student already did
-    right is not forgotten while the new states are learned. With no earlier data it is behaviour cloning's
+                  balance: int, balance_rng: random.Random, all_new: bool = True) -> list[Correction]:
+    """A round's SFT records, as DAgger aggregates them: every one of this round's corrections (the student's
+    newest mistakes; the rows grow past `budget` when there are more), then earlier data (demonstrations
+    included) sampled to fill up, so that what the student already did right is not forgotten. `all_new`
+    False caps this round's share at half the budget instead. With no earlier data it is behaviour cloning's
     demonstrations alone."""
     chosen = list(current)
-    if earlier:
-        rng.shuffle(chosen)
+    rng.shuffle(chosen)
+    if earlier and not all_new:
         chosen = chosen[: max(budget // 2, budget - len(earlier))]
-        earlier = list(earlier)
-        rng.shuffle(earlier)
-        chosen += earlier[: budget - len(chosen)]
-    return balance_by_action(chosen, balance, budget, balance_rng)
+    keep = chosen if earlier else []
+    earlier = list(earlier)
+    rng.shuffle(earlier)
+    chosen += earlier[: max(0, budget - len(chosen))]
+    return balance_by_action(chosen, balance, max(budget, len(keep)), balance_rng, keep=keep)
 
 
 def aggregate_preference(current: list[Correction], earlier: list[Correction], right: list[Correction],
                          budget: int, anchor_share: float, kind: str, rng: random.Random, balance: int,
-                         balance_rng: random.Random) -> tuple[list[Correction], list[Correction]]:
+                         balance_rng: random.Random, all_new: bool = True) -> tuple[list[Correction], list[Correction]]:
     """A preference round's (pairs, anchors): pairs where the expert changed the student's step (this round's
     first, earlier rounds' to fill up) and anchors, steps known to be right (`right`), trained toward; as many
-    anchor rows as pair rows at most, so that the anchors keep the pairs' signal from drowning."""
+    anchor rows as pair rows at most, so that the anchors keep the pairs' signal from drowning. `all_new`
+    keeps every pair of this round even past the budget, as DAgger does."""
     per_pair = 2 if kind == "kto" else 1  # KTO trains the two sides of a pair as two rows
     n_anchor = round(budget * anchor_share)
     pairs = [c for c in current if c.changed]
     rng.shuffle(pairs)
     older = [c for c in earlier if c.changed]
     rng.shuffle(older)
-    pairs = (pairs + older)[: (budget - n_anchor) // per_pair]
+    pairs = (pairs + older)[: max((budget - n_anchor) // per_pair, len(pairs) if all_new else 0)]
     if not n_anchor:
         return pairs, []
     right = list(right)
@@ -140,9 +143,11 @@ def aggregate_preference(current: list[Correction], earlier: list[Correction], r
     return pairs, balance_by_action(right, balance, min(n_anchor, len(pairs) * per_pair), balance_rng)
 
 
-def balance_by_action(records: list[Correction], cap: int, budget: int, rng: random.Random) -> list[Correction]:
+def balance_by_action(records: list[Correction], cap: int, budget: int, rng: random.Random,
+                      keep: list[Correction] = ()) -> list[Correction]:
     """At most `budget` records, in which rarer kinds of action (the action's first word) are repeated up to
-    `cap` times (count of the commonest kind / count of this kind, rounded).
+    `cap` times (count of the commonest kind / count of this kind, rounded); each record of `keep` stays at
+    least once.
 
     An agent's data is mostly one kind of step (moving on) and its hardest decisions are rare ones (taking
     what the task needs, once per episode): trained on the raw mix, a small student's rare-decision token
@@ -152,9 +157,16 @@ def balance_by_action(records: list[Correction], cap: int, budget: int, rng: ran
         kinds = Counter(_action_kind(r) for r in records)
         top = max(kinds.values())
         records = [r for r in records for _ in range(min(cap, max(1, round(top / kinds[_action_kind(r)]))))]
-    if len(records) > budget:
-        records = rng.sample(records, budget)
-    return records
+    if len(records) <= budget:
+        return records
+    kept, rest, pending = [], [], {id(r) for r in keep}
+    for record in records:
+        if id(record) in pending:
+            pending.discard(id(record))
+            kept.append(record)
+        else:
+            rest.append(record)
+    return kept + rng.sample(rest, max(0, budget - len(kept)))
 
 
 def _action_kind(record: Correction) -> str:

@@ -24,7 +24,7 @@ from leap_dspy.programs import OracleExpert, Student
 from leap_dspy.store import JsonlLog
 from leap_dspy.teleprompt import LEAP, ConfigMismatch
 from leap_dspy.train import TrainConfig
-from leap_dspy.training_data import balance_by_action
+from leap_dspy.training_data import aggregate_sft, balance_by_action
 from leap_dspy.types import Correction, StudentInputs, Trajectory
 
 FAST_TRAIN = TrainConfig(max_length=768, per_device_batch_size=8, gradient_accumulation=1, progress_bar=False)
@@ -308,6 +308,22 @@ def test_rare_actions_are_repeated_within_the_same_row_budget() -> None:
     budgeted = balance_by_action(records, 3, 100, random.Random(0))
     assert len(budgeted) == 100 and len({id(r) for r in budgeted}) < 100  # repeats survive the cut
     assert balance_by_action(records, 1, 1000, random.Random(0)) == records  # cap 1: the raw mix
+
+
+def test_a_round_trains_on_every_new_correction_as_dagger_does() -> None:
+    inputs = StudentInputs(task="t", observation="o", history="h")
+
+    def records(task: str, n: int) -> list[Correction]:
+        return [Correction(task_id=task, step=i, inputs=inputs, reason="r", action="go to shelf 1", expert="x")
+                for i in range(n)]
+
+    new, old = records("new", 90), records("old", 300)
+    rows = aggregate_sft(new, old, 60, random.Random(0), 1, random.Random(1))
+    assert len(rows) == 90 and {r.task_id for r in rows} == {"new"}  # past the budget: all new, no old
+    rows = aggregate_sft(new[:20], old, 60, random.Random(0), 2, random.Random(1))
+    assert len(rows) == 60 and sum(r.task_id == "new" for r in rows) == 20  # old ones fill the budget
+    capped = aggregate_sft(new, old, 60, random.Random(0), 1, random.Random(1), all_new=False)
+    assert sum(r.task_id == "new" for r in capped) == 30 and len(capped) == 60  # the half-budget variant
 
 
 def test_a_run_can_start_from_another_runs_behaviour_cloning(env: ALFWorld, tiny_model: str,

@@ -92,6 +92,8 @@ def compile_(
     preference_anchor: Annotated[float, typer.Option(min=0.0, max=0.99, help=_help("preference_anchor"))
                                  ] = _default("preference_anchor"),
     drop_unrealizable: Annotated[bool, typer.Option(help=_help("drop_unrealizable"))] = _default("drop_unrealizable"),
+    train_all_new: Annotated[bool, typer.Option(help=_help("train_all_new"))] = _default("train_all_new"),
+    evaluate_snapped: Annotated[bool, typer.Option(help=_help("evaluate_snapped"))] = _default("evaluate_snapped"),
     threads: Annotated[int, typer.Option(min=1, help=_help("num_threads"))] = _default("num_threads"),
     base: Annotated[bool, typer.Option(help=_help("evaluate_base"))] = _default("evaluate_base"),
     expert_reference: Annotated[bool, typer.Option("--expert-reference/--no-expert-reference",
@@ -115,6 +117,7 @@ def compile_(
         config = LEAPConfig(iterations=iterations, update=update, model=model, privilege_level=privilege_level,
                             max_train_rows=max_train_rows, iteration_lr=iteration_lr,
                             preference_anchor=preference_anchor, drop_unrealizable=drop_unrealizable,
+                            train_all_new=train_all_new, evaluate_snapped=evaluate_snapped,
                             num_threads=threads, evaluate_base=base, evaluate_expert=expert_reference,
                             bc_from=bc_from, seed=seed, progress=not quiet)
         leap = LEAP(environment, config, run_dir=run_dir)
@@ -267,6 +270,26 @@ def compare(
         table.add_row(run_dir.name, config["update"], name, str(config["privilege_level"]),
                       rows.get("expert", {}).get(f"{split}_success", ""), *cells, f"{minutes:.1f}")
     console.print(table)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="run folders, or folders holding them (an experiment's root)")],
+    out: Annotated[Path, typer.Option(help="where report.md, report.html and the plots go")] = Path("report"),
+    title: Annotated[str, typer.Option(help="the page's title")] = "LEAP results",
+) -> None:
+    """One page over many runs: per environment and condition, each stage's mean with a 95% interval over
+    seeds and games, each round's paired gain over behaviour cloning, plots, and what the runs cost."""
+    from leap_dspy.report import write_report
+
+    missing = [str(p) for p in runs if not p.exists()]
+    if missing:
+        raise fail(f"no such folder: {', '.join(missing)}")
+    try:
+        page = write_report(runs, out, title=title)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    console.print(f"wrote {page} and {page.with_suffix('.html')}")
 
 
 @app.command()

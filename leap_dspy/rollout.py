@@ -127,12 +127,14 @@ def play_episodes(job: Episodes, env: TextEnv, *, program: dspy.Module | None, n
 
 
 def student_policy(student: Student, *, capture_level: int | None = None, capture_oracle: bool = False,
-                   policy: str = "student", max_steps: int | None = None) -> Callable[[TextEnv, Task], Trajectory]:
-    """The student plays; each step records what the expert will read there (see `run_episode`)."""
+                   policy: str = "student", max_steps: int | None = None, snap: bool | None = None
+                   ) -> Callable[[TextEnv, Task], Trajectory]:
+    """The student plays; each step records what the expert will read there (see `run_episode`). `snap`
+    overrides the student's own `snap_actions` (evaluation is strict, whatever the student does deployed)."""
 
     def play(episode_env: TextEnv, task: Task) -> Trajectory:
         return student.run(episode_env, task, max_steps=max_steps, capture_level=capture_level,
-                           capture_oracle=capture_oracle, policy=policy)
+                           capture_oracle=capture_oracle, policy=policy, snap=snap)
 
     return play
 

@@ -22,13 +22,25 @@ from leap_dspy.store import atomic_write_text, read_json
 
 BASE_COLUMNS = ["iteration", "seen_success", "unseen_success"]
 SCORE_COLUMNS = ["seen_score", "unseen_score"]
+SNAPPED_COLUMNS = ["seen_success_snapped", "unseen_success_snapped"]
 TAIL_COLUMNS = ["train_examples", "corrections_changed", "parse_errors", "expert_calls", "expert_tokens",
                 "expert_cost_usd", "train_s", "eval_s", "wall_s"]
 ROW_ORDER = ["base", "expert"]
+EPISODE_COLUMNS = ["stage", "task_id", "split", "success", "reward", "steps", "success_snapped", "reward_snapped",
+                   "lenient"]
+"""`episodes.csv`, one row per evaluated episode: what a report's intervals over games are computed from.
+`*_snapped` is the outcome with near misses snapped (the strict one where the episode had none); `lenient` 1
+marks a stage evaluated with snapping before evaluation was strict, whose `success` is the snapped one."""
 
 
 def default_run_dir(env_name: str, root: str | Path = "runs") -> Path:
     return Path(root) / f"{env_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def table_columns(rows: list[dict[str, Any]], with_scores: bool) -> list[str]:
+    """metrics.csv's columns: success (strict), snapped success where it was measured, scores, the rest."""
+    snapped = SNAPPED_COLUMNS if any(c in row for row in rows for c in SNAPPED_COLUMNS) else []
+    return BASE_COLUMNS + snapped + (SCORE_COLUMNS if with_scores else []) + TAIL_COLUMNS
 
 
 class RunFolder:
@@ -74,9 +86,48 @@ class RunFolder:
                 rows.append(read_json(metrics))
         return rows
 
+    def stages(self) -> list[str]:
+        """The evaluated stages in table order: base, expert, 0 (behaviour cloning), 1, 2, ..."""
+        names = [*ROW_ORDER, *map(str, self.iterations())]
+        return [n for n in names if (self.path / (f"iter_{n}" if n.isdigit() else n) / "metrics.json").exists()]
+
+    def episodes(self) -> list[dict[str, Any]]:
+        """Every evaluated episode's outcome, from the stages' eval logs, or from `episodes.csv` where only the
+        published summary of a run is kept."""
+        from leap_dspy.store import JsonlLog
+        from leap_dspy.types import Trajectory
+
+        rows = []
+        for stage in self.stages():
+            folder = self.path / (f"iter_{stage}" if stage.isdigit() else stage)
+            if not (folder / "eval.jsonl").exists():
+                continue
+            strict = JsonlLog(folder / "eval.jsonl", Trajectory, key=lambda t: t.task.id).load()
+            snapped = JsonlLog(folder / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id).load()
+            lenient = int(any(t.num_snapped for t in strict.values()))
+            for task_id, episode in strict.items():
+                other = snapped.get(task_id, episode)
+                rows.append({"stage": stage, "task_id": task_id, "split": episode.task.split,
+                             "success": int(episode.success), "reward": round(episode.reward, 4),
+                             "steps": len(episode.steps), "success_snapped": int(other.success),
+                             "reward_snapped": round(other.reward, 4), "lenient": lenient})
+        if not rows and (self.path / "episodes.csv").exists():
+            with (self.path / "episodes.csv").open() as handle:
+                return list(csv.DictReader(handle))
+        return rows
+
+    def write_episodes_csv(self) -> Path:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=EPISODE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(self.episodes())
+        target = self.path / "episodes.csv"
+        atomic_write_text(target, buffer.getvalue())
+        return target
+
     def write_metrics_csv(self, with_scores: bool = False) -> Path:
         """One row per evaluated policy, rebuilt from each stage's metrics.json (so never duplicated)."""
-        columns = BASE_COLUMNS + (SCORE_COLUMNS if with_scores else []) + TAIL_COLUMNS
+        columns = table_columns(self.metric_rows(), with_scores)
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -89,7 +140,7 @@ class RunFolder:
     def write_report(self, title: str, with_scores: bool = False) -> Path:
         rows = self.metric_rows()
         plot = self._plot(rows, with_scores)
-        columns = BASE_COLUMNS + (SCORE_COLUMNS if with_scores else []) + TAIL_COLUMNS
+        columns = table_columns(rows, with_scores)
         head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
         body = "".join(
             "<tr>" + "".join(f"<td>{html.escape(str(_fmt(r.get(c, ''))))}</td>" for c in columns) + "</tr>"

@@ -29,7 +29,7 @@ from leap_dspy.lm import local_lm
 from leap_dspy.metrics import describe_expert, expert_usage_metrics, split_metrics, success_rate
 from leap_dspy.programs.agent import Agent
 from leap_dspy.programs.experts import OracleExpert
-from leap_dspy.programs.student import Student
+from leap_dspy.programs.student import Student, snap_action
 from leap_dspy.progress import console
 from leap_dspy.rollout import Episodes, attach_env, expert_capture, expert_policy, play_episodes, student_policy
 from leap_dspy.runs import RunFolder, default_run_dir
@@ -46,7 +46,8 @@ from leap_dspy.training_data import (
 from leap_dspy.types import Correction, PrivilegedState, StudentInputs, Task, Trajectory
 
 Rows = list[dict[str, Any]]
-OPERATIONAL = {"iterations", "num_threads", "expert_threads", "expert_retries", "evaluate_base", "evaluate_expert"}
+OPERATIONAL = {"iterations", "num_threads", "expert_threads", "expert_retries", "evaluate_base", "evaluate_expert",
+               "evaluate_snapped"}
 """Settings a resumed run may change: they decide how much is run and how fast, not what a record holds."""
 _RENAMED = {"train_config": "train", "lm_kwargs": "lm"}  # the keyword names of earlier releases
 
@@ -131,6 +132,7 @@ class LEAP(Teleprompter):
                           extra=round_metrics(corrections, trajectories, examples, train_s))
 
         self.run.write_metrics_csv(with_scores=self._with_scores)
+        self.run.write_episodes_csv()
         self.run.write_report(f"LEAP on {self.env.name}", with_scores=self._with_scores)
         student.save(str(self.run.path / "student.json"))
         console.print(f"compiled in {time.perf_counter() - started:.0f} s; run folder: {self.run.path}")
@@ -237,14 +239,14 @@ class LEAP(Teleprompter):
 
     def evaluate(self, name: str | int, policy: dspy.Module, tasks: list[Task], since: float,
                  extra: dict[str, Any], expert_level: int | None = None) -> None:
-        """Play the validation tasks (the student, or with `expert_level` the expert itself) and write the
-        stage's metrics; `wall_s` counts the whole stage from `since`."""
+        """Play the validation tasks (the student, strictly: an action runs as written; or with `expert_level`
+        the expert itself) and write the stage's metrics; `wall_s` counts the whole stage from `since`."""
         stage = self.run.stage(name)
         if (stage / "metrics.json").exists():
             return
         start = time.perf_counter()
         if expert_level is None:
-            play, threads = student_policy(self._student, policy=str(name)), self.config.num_threads
+            play, threads = student_policy(self._student, policy=str(name), snap=False), self.config.num_threads
         else:
             play = expert_policy(policy, self._student, self.env, level=expert_level)
             threads = self.config.expert_threads
@@ -253,12 +255,30 @@ class LEAP(Teleprompter):
                              num_threads=threads, progress=self.config.progress)
         metrics: dict[str, Any] = {"iteration": str(name), **split_metrics(list(done.values())),
                                    "train_examples": 0, **extra}
+        if expert_level is None and self.config.evaluate_snapped:
+            metrics.update(self.evaluate_snapped(name, tasks, done))
         metrics["eval_s"] = round(time.perf_counter() - start, 1)
         metrics["wall_s"] = round(time.perf_counter() - since, 1)
         atomic_write_json(stage / "metrics.json", metrics)
         self.run.write_metrics_csv(with_scores=self._with_scores)
         shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("seen_success", "unseen_success") if k in metrics)
         console.print(f"[bold]{name}[/bold]: {shown}")
+
+    def evaluate_snapped(self, name: str | int, tasks: list[Task], strict: dict[str, Trajectory]
+                         ) -> dict[str, Any]:
+        """Success had near misses been snapped to the admissible action (`Student.snap_actions`), reported
+        beside the strict one. Greedy decoding replays an episode step for step up to its first near miss,
+        so only the episodes that had one play again."""
+        near = [task for task in tasks if any(snap_action(s.action, s.admissible_actions)
+                                              for s in strict[task.id].steps)]
+        play = student_policy(self._student, policy=str(name), snap=True)
+        log = JsonlLog(self.run.stage(name) / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id)
+        replayed = play_episodes(Episodes(log, near, f"evaluate {name}, snapped", play), self.env,
+                                 program=self._student, num_threads=self.config.num_threads,
+                                 progress=self.config.progress) if near else {}
+        metrics = split_metrics([replayed.get(task.id, strict[task.id]) for task in tasks])
+        snapped = {f"{k}_snapped": v for k, v in metrics.items() if k.endswith(("_success", "_score"))}
+        return {**snapped, "near_miss_episodes": len(near)}
 
     def reference(self, student: Student, teacher: dspy.Module, val: list[Task]) -> None:
         """The untrained student and the expert acting itself, evaluated once for the table's reference rows."""

@@ -118,11 +118,12 @@ class Student(dspy.Module):
         return reason, action_text, None if action_text else "the model gave no action"
 
     def run(self, env: Any, task: Task, max_steps: int | None = None, capture_level: int | None = None,
-            capture_oracle: bool = False, policy: str = "student") -> Trajectory:
-        """Play one episode, recording what an expert will need to correct each step (see `run_episode`)."""
+            capture_oracle: bool = False, policy: str = "student", snap: bool | None = None) -> Trajectory:
+        """Play one episode, recording what an expert will need to correct each step (see `run_episode`);
+        `snap` None follows `snap_actions`."""
         return run_episode(self.act, self.inputs, env, task, max_steps=max_steps, capture_level=capture_level,
                            capture_oracle=capture_oracle, policy=policy, max_invalid_streak=self.max_invalid_streak,
-                           snap=self.snap_actions)
+                           snap=self.snap_actions if snap is None else snap)
 
 
 def _ran(step: Step) -> str:

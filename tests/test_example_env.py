@@ -114,3 +114,29 @@ def test_compiles_from_python_and_from_the_cli(tiny_model: str, tmp_path: Path,
                                       "--max-train-rows", "16", "--quiet"])
     assert result.exit_code == 0, result.output
     assert metrics_rows(tmp_path / "cli") == ["base", "expert", "0", "1"]
+
+
+class _Wordy(Student):
+    """A student that plays keybox's plan but writes 'the' before the key and the door: near misses."""
+
+    def act(self, inputs: StudentInputs) -> tuple[str, str, str | None]:
+        listed = [a.strip() for a in inputs.observation.split("Actions: ")[-1].split(",")]
+        for action in ("take key", "unlock door", "open door"):
+            if action in listed:
+                verb, noun = action.split()
+                return "plan", f"{verb} the {noun}", None
+        return "plan", next(a for a in listed if a.startswith("open ")), None
+
+
+def test_evaluation_is_strict_and_reports_snapped_success_beside(tmp_path: Path) -> None:
+    env = KeyBox(**TINY)
+    leap = LEAP(env, run_dir=tmp_path / "run", progress=False, evaluate_snapped=True)
+    leap._student = student = _Wordy()
+    tasks = env.tasks("seen") + env.tasks("unseen")
+    leap.evaluate("probe", student, tasks, since=0.0, extra={})
+    metrics = __import__("json").loads((tmp_path / "run" / "probe" / "metrics.json").read_text())
+    assert metrics["seen_success"] == metrics["unseen_success"] == 0.0  # "take the key" does not run as written
+    assert metrics["seen_success_snapped"] == metrics["unseen_success_snapped"] == 1.0
+    assert metrics["near_miss_episodes"] == 2 and metrics["snapped_actions"] == 0
+    strict = (tmp_path / "run" / "probe" / "eval.jsonl").read_text()
+    assert '"executed":null' in strict.replace(" ", "") and "take the key" in strict

@@ -1,0 +1,288 @@
+"""`leap-dspy report`: many runs as one page, each stage's mean with a 95% interval over seeds and games.
+
+Runs that differ only in their seed are one *condition*; an interval comes from a two-level bootstrap (seeds,
+then the games of each seed), since both vary between reruns. Round − behaviour cloning is paired on the
+games both stages played within a seed, which is far tighter than comparing two unpaired intervals.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from leap_dspy.runs import RunFolder
+from leap_dspy.store import atomic_write_text, read_json
+
+SEED_KEYS = {"seed", "env.seed", "train.seed", "trainset", "valset", "bc_from", "progress", "iterations",
+             "num_threads", "expert_threads", "expert_retries", "evaluate_base", "evaluate_expert",
+             "evaluate_snapped", "bc_expert_level"}
+"""Config keys that do not make another condition: the seed and what it draws, and how a run was operated."""
+RESAMPLES = 2000
+
+
+@dataclass
+class Run:
+    """One run folder as a report reads it."""
+
+    path: Path
+    config: dict[str, Any]
+    outcomes: dict[tuple[str, str], dict[str, dict[str, float]]]  # (stage, split) -> task id -> metric -> value
+    lenient: set[str] = field(default_factory=set)  # stages evaluated with snapping before it was optional
+    wall_s: float = 0.0
+    peak_mb: float = 0.0
+    expert_tokens: float = 0.0
+
+    @property
+    def env(self) -> str:
+        return str(self.config.get("env", {}).get("name", "?"))
+
+
+@dataclass
+class Estimate:
+    mean: float
+    low: float
+    high: float
+    seeds: int
+    games: int
+
+    def text(self, scale: float = 1.0, digits: int = 2) -> str:
+        return (f"{self.mean * scale:.{digits}f} [{self.low * scale:.{digits}f}, {self.high * scale:.{digits}f}]"
+                if self.games else "")
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run folders (with config.yaml and metrics) among `paths` and their sub-folders, two levels down."""
+    found: list[Path] = []
+    for path in paths:
+        candidates = [path, *sorted(path.glob("*")), *sorted(path.glob("*/*"))] if path.is_dir() else [path]
+        found += [c for c in candidates if (c / "config.yaml").exists() and (c / "metrics.csv").exists()]
+    return list(dict.fromkeys(found))
+
+
+def load_run(path: Path) -> Run:
+    folder = RunFolder(path)
+    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    run = Run(path, config, {})
+    for row in folder.episodes():
+        values = {"success": float(row["success"]), "score": 100 * float(row["reward"]),
+                  "success_snapped": float(row["success_snapped"]), "score_snapped": 100 * float(row["reward_snapped"])}
+        run.outcomes.setdefault((str(row["stage"]), str(row["split"])), {})[str(row["task_id"])] = values
+        if int(row.get("lenient") or 0):
+            run.lenient.add(str(row["stage"]))
+    own = [s for s in folder.stages() if s.isdigit() and (s != "0" or not config.get("bc_from"))]
+    for stage in folder.stages():
+        folder_path = path / (f"iter_{stage}" if stage.isdigit() else stage)
+        metrics = read_json(folder_path / "metrics.json")
+        run.wall_s += float(metrics.get("wall_s") or 0) if stage in own else 0.0
+        run.expert_tokens += float(metrics.get("expert_tokens") or 0)
+        if (folder_path / "train.json").exists():
+            run.peak_mb = max(run.peak_mb, float(read_json(folder_path / "train.json").get("peak_rss_mb") or 0))
+    return run
+
+
+def conditions(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """Runs grouped by (environment, what else varies between the runs of that environment)."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for env in dict.fromkeys(r.env for r in runs):
+        mine = [r for r in runs if r.env == env]
+        flat = [_flatten(r.config) for r in mine]
+        keys = sorted({k for f in flat for k in f} - SEED_KEYS)
+        varying = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+        for run, values in zip(mine, flat, strict=True):
+            label = ", ".join(f"{k.removeprefix('env.')}={_short(values.get(k))}" for k in varying) or "all runs"
+            groups.setdefault((env, label), []).append(run)
+    return groups
+
+
+def bootstrap(per_seed: list[np.ndarray], rng: np.random.Generator, resamples: int = RESAMPLES) -> Estimate:
+    """The mean over seeds of each seed's mean over games, with a 95% percentile interval from resampling
+    seeds and then, within each, games."""
+    per_seed = [a for a in per_seed if len(a)]
+    if not per_seed:
+        return Estimate(0.0, 0.0, 0.0, 0, 0)
+    point = float(np.mean([a.mean() for a in per_seed]))
+    draws = np.empty(resamples)
+    for i in range(resamples):
+        seeds = rng.integers(len(per_seed), size=len(per_seed))
+        draws[i] = np.mean([per_seed[s][rng.integers(len(per_seed[s]), size=len(per_seed[s]))].mean()
+                            for s in seeds])
+    low, high = np.percentile(draws, [2.5, 97.5])
+    return Estimate(point, float(low), float(high), len(per_seed), sum(len(a) for a in per_seed))
+
+
+def estimate(runs: list[Run], stage: str, split: str, metric: str, rng: np.random.Generator) -> Estimate:
+    return bootstrap([np.array([v[metric] for v in r.outcomes.get((stage, split), {}).values()]) for r in runs],
+                     rng)
+
+
+def paired(runs: list[Run], stage: str, split: str, metric: str, rng: np.random.Generator,
+           against: str = "0") -> Estimate:
+    """`stage` − `against` on the games both played, per seed."""
+    diffs = []
+    for run in runs:
+        now, before = run.outcomes.get((stage, split), {}), run.outcomes.get((against, split), {})
+        diffs.append(np.array([now[t][metric] - before[t][metric] for t in now if t in before]))
+    return bootstrap(diffs, rng)
+
+
+def stages_of(runs: list[Run]) -> list[str]:
+    names = {stage for r in runs for stage, _ in r.outcomes}
+    return [s for s in ("base", "expert") if s in names] + sorted((s for s in names if s.isdigit()), key=int)
+
+
+def stage_name(stage: str) -> str:
+    return {"0": "BC"}.get(stage, stage if not stage.isdigit() else f"round {stage}")
+
+
+def has_scores(runs: list[Run]) -> bool:
+    return any(any(v["score"] not in (0.0, 100.0) for v in games.values()) for r in runs for games in
+               r.outcomes.values())
+
+
+def write_report(paths: list[Path], out: Path, title: str = "LEAP results", seed: int = 0) -> Path:
+    """report.md and report.html (with their plots) in `out`; returns the Markdown page."""
+    runs = [load_run(p) for p in find_runs(paths)]
+    if not runs:
+        raise ValueError(f"no run folders with metrics under {', '.join(map(str, paths))}")
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    groups = conditions(runs)
+    sections: list[tuple[str, list[tuple[list[str], list[list[str]]]], list[str]]] = []
+    for env in dict.fromkeys(env for env, _ in groups):
+        mine = {label: rs for (e, label), rs in groups.items() if e == env}
+        tables = [_stage_table(env, label, rs, rng) for label, rs in mine.items()]
+        tables.append(_cost_table(mine))
+        sections.append((env, tables, _plots(env, mine, out, rng)))
+    markdown = _markdown(title, sections, runs)
+    atomic_write_text(out / "report.md", markdown)
+    atomic_write_text(out / "report.html", _html(title, sections, runs))
+    return out / "report.md"
+
+
+def _stage_table(env: str, label: str, runs: list[Run], rng: np.random.Generator
+                 ) -> tuple[list[str], list[list[str]]]:
+    scores = has_scores(runs)
+    snapped = any(r.lenient or any(v["success"] != v["success_snapped"] for games in r.outcomes.values()
+                                   for v in games.values()) for r in runs)
+    metrics = ["success"] + (["success_snapped"] if snapped else []) + (["score"] if scores else [])
+    head = [f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})", *(f"unseen {m.replace('_', ' ')}" for m in metrics),
+            "seen success", f"unseen Δ vs BC ({'score' if scores else 'success'})"]
+    rows = []
+    for stage in stages_of(runs):
+        cells = [stage_name(stage)]
+        for metric in metrics:
+            scale, digits = (1.0, 1) if metric == "score" else (1.0, 2)
+            value = estimate(runs, stage, "unseen", metric, rng)
+            lenient = metric == "success" and any(stage in r.lenient for r in runs)
+            cells.append("(snapped only)" if lenient else value.text(scale, digits))
+        cells.append(estimate(runs, stage, "seen", "success", rng).text())
+        key = "score" if scores else "success"
+        cells.append(paired(runs, stage, "unseen", key, rng).text(1.0, 1 if scores else 2)
+                     if stage.isdigit() and stage != "0" else "")
+        rows.append(cells)
+    return head, rows
+
+
+def _cost_table(groups: dict[str, list[Run]]) -> tuple[list[str], list[list[str]]]:
+    head = ["condition", "runs", "minutes per run", "peak training memory (GB)", "expert tokens per run"]
+    rows = [[label, str(len(rs)), f"{np.mean([r.wall_s for r in rs]) / 60:.1f}",
+             f"{max(r.peak_mb for r in rs) / 1024:.1f}", f"{np.mean([r.expert_tokens for r in rs]):.0f}"]
+            for label, rs in groups.items()]
+    return head, rows
+
+
+def _plots(env: str, groups: dict[str, list[Run]], out: Path, rng: np.random.Generator) -> list[str]:
+    """Learning curves with 95% bands (base and expert as reference lines), and each round's paired gain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "score" if any(has_scores(rs) for rs in groups.values()) else "success"
+    fig, (curve, gain) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (label, runs) in enumerate(groups.items()):
+        colour = f"C{i}"
+        rounds = [s for s in stages_of(runs) if s.isdigit()]
+        points = [estimate(runs, s, "unseen", metric, rng) for s in rounds]
+        xs = [int(s) for s in rounds]
+        curve.plot(xs, [p.mean for p in points], marker="o", color=colour, label=label)
+        curve.fill_between(xs, [p.low for p in points], [p.high for p in points], color=colour, alpha=0.2)
+        for ref, style in (("base", ":"), ("expert", "--")):
+            if any((ref, "unseen") in r.outcomes for r in runs):
+                curve.axhline(estimate(runs, ref, "unseen", metric, rng).mean, color=colour, ls=style, alpha=0.5)
+        deltas = [paired(runs, s, "unseen", metric, rng) for s in rounds[1:]]
+        offsets = [int(s) + 0.08 * (i - (len(groups) - 1) / 2) for s in rounds[1:]]
+        gain.errorbar(offsets, [d.mean for d in deltas], yerr=[[d.mean - d.low for d in deltas],
+                      [d.high - d.mean for d in deltas]], fmt="o", color=colour, capsize=4, label=label)
+    ticks = sorted({int(s) for rs in groups.values() for s in stages_of(rs) if s.isdigit()})
+    curve.set_xticks(ticks, [stage_name(str(t)) for t in ticks])
+    gain.set_xticks(ticks[1:], [stage_name(str(t)) for t in ticks[1:]])
+    curve.set(title=f"{env}: unseen {metric}, 95% band (dotted: base, dashed: expert)", ylabel=metric)
+    gain.axhline(0, color="grey", lw=1)
+    gain.set(title="round − behaviour cloning, same games, 95% interval", ylabel=f"Δ {metric}")
+    for ax in (curve, gain):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    name = f"{_slug(env)}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return [name]
+
+
+def _markdown(title: str, sections: list[Any], runs: list[Run]) -> str:
+    lines = [f"# {title}", "", _PREAMBLE, ""]
+    for env, tables, plots in sections:
+        lines += [f"## {env}", ""] + [f"![{env}]({p})" for p in plots] + [""]
+        for head, rows in tables:
+            lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    lines += ["Runs: " + ", ".join(f"`{r.path.name}`" for r in runs), ""]
+    return "\n".join(lines)
+
+
+def _html(title: str, sections: list[Any], runs: list[Run]) -> str:
+    parts = [f"<h1>{html.escape(title)}</h1><p>{html.escape(_PREAMBLE)}</p>"]
+    for env, tables, plots in sections:
+        parts.append(f"<h2>{html.escape(env)}</h2>" + "".join(f'<img src="{p}" width="900">' for p in plots))
+        for head, rows in tables:
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+    parts.append("<p>Runs: " + ", ".join(html.escape(str(r.path)) for r in runs) + "</p>")
+    style = ("body{font-family:system-ui,sans-serif;margin:2rem;max-width:75rem;color:#222}table{border-collapse:"
+             "collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}"
+             "th{background:#f3f3f3}")
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{style}'
+            f"</style></head><body>{''.join(parts)}</body></html>")
+
+
+_PREAMBLE = ("Each cell is the mean over seeds of each seed's mean over games, with a 95% bootstrap interval "
+             "(seeds, then games) in brackets. Success is strict: an action runs as the student wrote it; "
+             "'snapped' is success had near misses been run as the closest admissible action. "
+             "Δ vs BC pairs each round with behaviour cloning on the same games of the same seed.")
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key not in ("expert", "demonstrator"):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):  # an expert: its model or class is what tells two apart
+        return str(value.get("model") or value.get("name"))
+    return str(value)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)

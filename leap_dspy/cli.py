@@ -78,6 +78,7 @@ def _help(name: str, extra: str = "") -> str:
 
 @app.command("compile")
 def compile_(
+    ctx: typer.Context,
     env: EnvOption = "alfworld",
     run_dir: Annotated[Path | None, typer.Option(help="run folder (default runs/<env>-<timestamp>)")] = None,
     iterations: Annotated[int, typer.Option(min=0, help=_help("iterations"))] = _default("iterations"),
@@ -101,6 +102,9 @@ def compile_(
     bc_from: Annotated[Path | None, typer.Option(help=_help("bc_from"))] = None,
     seed: Annotated[int, typer.Option(help=_help("seed"))] = _default("seed"),
     sets: SetOption = None,
+    config_file: Annotated[Path | None, typer.Option("--config", help="a YAML file of LEAP settings (any "
+                                                     "LEAPConfig field; a run's config.yaml works too); options "
+                                                     "given on the command line win")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Behaviour cloning, then LEAP iterations; writes a run folder with metrics.csv and report.html."""
@@ -111,15 +115,22 @@ def compile_(
 
     if update not in ("sft", "dpo", "kto"):
         raise fail(f"--update must be sft, dpo or kto, not {update!r}")
-    environment = build_env(env, parse_sets(sets))
-    teacher = build_expert(expert, model, expert_per)
+    given = {"iterations": iterations, "update": update, "model": model, "privilege_level": privilege_level,
+             "max_train_rows": max_train_rows, "iteration_lr": iteration_lr, "preference_anchor": preference_anchor,
+             "drop_unrealizable": drop_unrealizable, "train_all_new": train_all_new,
+             "evaluate_snapped": evaluate_snapped, "num_threads": threads, "evaluate_base": base,
+             "evaluate_expert": expert_reference, "bc_from": bc_from, "seed": seed, "progress": not quiet}
+    params = {"num_threads": "threads", "evaluate_base": "base", "evaluate_expert": "expert_reference",
+              "progress": "quiet"}
+    explicit = {k: v for k, v in given.items() if _given(ctx, params.get(k, k))}
+    settings = {**given, **read_settings(config_file), **explicit}
+    options = parse_sets(sets)
+    if "seed" not in options and _takes_seed(env):  # one seed fixes the task lists too
+        options["seed"] = settings["seed"]
+    environment = build_env(env, options)
+    teacher = build_expert(expert, settings["model"], expert_per)
     try:
-        config = LEAPConfig(iterations=iterations, update=update, model=model, privilege_level=privilege_level,
-                            max_train_rows=max_train_rows, iteration_lr=iteration_lr,
-                            preference_anchor=preference_anchor, drop_unrealizable=drop_unrealizable,
-                            train_all_new=train_all_new, evaluate_snapped=evaluate_snapped,
-                            num_threads=threads, evaluate_base=base, evaluate_expert=expert_reference,
-                            bc_from=bc_from, seed=seed, progress=not quiet)
+        config = LEAPConfig(**settings)
         leap = LEAP(environment, config, run_dir=run_dir)
         leap.check_teacher(attach_env(teacher, environment))
     except ValueError as exc:
@@ -131,6 +142,42 @@ def compile_(
     except (ConfigMismatch, OSError) as exc:
         raise fail(str(exc)) from exc
     print_metrics(leap.run.path)
+
+
+def _given(ctx: typer.Context, param: str) -> bool:
+    """Whether `param` was typed (by name: typer may carry its own copy of click's ParameterSource)."""
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def read_settings(path: Path | None) -> dict[str, Any]:
+    """The LEAPConfig fields of a settings file (a run's config.yaml holds more: those keys are skipped)."""
+    from leap_dspy.config import LEAPConfig
+
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise fail(f"cannot read --config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise fail(f"--config {path} is not a mapping of LEAP settings")
+    run_keys = {"env", "expert", "demonstrator", "trainset", "valset", "bc_expert_level"}
+    unknown = sorted(set(data) - set(LEAPConfig.model_fields) - run_keys)
+    if unknown:
+        raise fail(f"--config {path}: not LEAP settings: {', '.join(unknown)}")
+    return {k: v for k, v in data.items() if k in LEAPConfig.model_fields}
+
+
+def _takes_seed(env: str) -> bool:
+    import inspect
+
+    from leap_dspy.envs import UnknownEnvironment, env_class
+
+    try:
+        return "seed" in inspect.signature(env_class(env)).parameters
+    except (UnknownEnvironment, TypeError, ValueError):
+        return False
 
 
 def _first_error(exc: Exception) -> str:
@@ -290,6 +337,36 @@ def report(
     except ValueError as exc:
         raise fail(str(exc)) from exc
     console.print(f"wrote {page} and {page.with_suffix('.html')}")
+
+
+@app.command()
+def experiment(
+    grid_file: Annotated[Path, typer.Argument(help="a grid YAML file (see examples/grids/)")],
+    root: Annotated[Path | None, typer.Option(help="where the run folders go (default runs/<grid name>)")] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="runs at once, while --min-free-gb of memory is free")] = 1,
+    min_free_gb: Annotated[float, typer.Option(min=0, help="free memory a further run needs to start")] = 10.0,
+    publish: Annotated[Path | None, typer.Option(help="copy each finished run's small outputs (config, "
+                                                      "metrics, episodes) here, e.g. docs/results/<name>")] = None,
+    dry_run: Annotated[bool, typer.Option(help="list the runs and their commands, run nothing")] = False,
+) -> None:
+    """Run a grid of compiles (environment × seed × settings) as run folders; resumable, sharing behaviour
+    cloning between runs that would clone the same; then `leap-dspy report` over the root."""
+    from leap_dspy.experiment import Grid, command, expand, run_grid
+
+    try:
+        grid = Grid.load(grid_file)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise fail(f"bad grid file {grid_file}: {str(exc).splitlines()[0]}") from exc
+    root = root or Path("runs") / grid.name
+    if dry_run:
+        for spec in expand(grid):
+            console.print(f"{spec.name}: {' '.join(command(spec, root)[3:])}", soft_wrap=True, highlight=False)
+        return
+    states = run_grid(grid, root, jobs=jobs, publish=publish, min_free_gb=min_free_gb)
+    bad = [name for name, state in states.items() if state != "done"]
+    if bad:
+        raise fail(f"{len(bad)} of {len(states)} runs did not finish: {', '.join(bad)}", code=1)
+    console.print(f"all {len(states)} runs done; leap-dspy report {root}")
 
 
 @app.command()

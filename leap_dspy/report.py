@@ -92,7 +92,7 @@ def conditions(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
         mine = [r for r in runs if r.env == env]
         flat = [_flatten(r.config) for r in mine]
         keys = sorted({k for f in flat for k in f} - SEED_KEYS)
-        varying = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+        varying = _independent([k for k in keys if len({repr(f.get(k)) for f in flat}) > 1], flat)
         for run, values in zip(mine, flat, strict=True):
             label = ", ".join(f"{k.removeprefix('env.')}={_short(values.get(k))}" for k in varying) or "all runs"
             groups.setdefault((env, label), []).append(run)
@@ -170,7 +170,8 @@ def _stage_table(env: str, label: str, runs: list[Run], rng: np.random.Generator
     snapped = any(r.lenient or any(v["success"] != v["success_snapped"] for games in r.outcomes.values()
                                    for v in games.values()) for r in runs)
     metrics = ["success"] + (["success_snapped"] if snapped else []) + (["score"] if scores else [])
-    head = [f"{label} ({len(runs)} seed{'s' if len(runs) > 1 else ''})", *(f"unseen {m.replace('_', ' ')}" for m in metrics),
+    seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
+    head = [f"{label} ({seeds})", *(f"unseen {m.replace('_', ' ')}" for m in metrics),
             "seen success", f"unseen Δ vs BC ({'score' if scores else 'success'})"]
     rows = []
     for stage in stages_of(runs):
@@ -265,6 +266,22 @@ _PREAMBLE = ("Each cell is the mean over seeds of each seed's mean over games, w
              "(seeds, then games) in brackets. Success is strict: an action runs as the student wrote it; "
              "'snapped' is success had near misses been run as the closest admissible action. "
              "Δ vs BC pairs each round with behaviour cloning on the same games of the same seed.")
+
+
+DERIVED = ("iteration_lr", "preference_anchor", "demonstrator", "lm.", "train.")
+"""Keys that usually follow from another (a dpo run's learning rate, its anchor share): named last, and left
+out of a condition's label when the keys before them already tell the runs apart."""
+
+
+def _independent(keys: list[str], flat: list[dict[str, Any]]) -> list[str]:
+    kept: list[str] = []
+    for key in sorted(keys, key=lambda k: k.startswith(DERIVED)):
+        groups: dict[str, set[str]] = {}
+        for values in flat:
+            groups.setdefault(repr([values.get(k) for k in kept]), set()).add(repr(values.get(key)))
+        if not kept or any(len(v) > 1 for v in groups.values()):
+            kept.append(key)
+    return kept
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,217 @@
+"""`leap-dspy experiment`: a declared grid of compiles (environment × seed × setting), run as ordinary run folders.
+
+A grid file is a small YAML file::
+
+    name: keybox-experts
+    env: examples.keybox:KeyBox        # or a list, to cross environments
+    seeds: [0, 1, 2]
+    options: {num_train: 8}            # environment options (--set) of every run
+    settings: {iterations: 2}          # LEAPConfig fields of every run
+    grid:                              # the product of these lists; `options.X` is an environment option,
+      options.realizable: [true, false]  # `expert` the --expert spec, anything else a LEAPConfig field
+      update: [sft]
+
+Each run is a `leap-dspy compile` in its own process (its memory is returned when it ends), so a grid is
+resumable: finished runs are skipped and an interrupted one resumes from its folder. Runs that would clone
+the same behaviour share it (`bc_from`): only settings that shape behaviour cloning tell them apart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from leap_dspy.config import LEAPConfig
+from leap_dspy.progress import console
+from leap_dspy.runs import RunFolder
+from leap_dspy.store import atomic_write_json
+
+PUBLISHED = ("config.yaml", "metrics.csv", "episodes.csv", "*/metrics.json", "*/train.json")
+"""What `--publish` keeps of a finished run: enough to rebuild its report, nothing heavy (no weights, logs)."""
+
+
+class Grid(BaseModel):
+    """A grid file, validated: a typo in a key is an error before anything runs."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = "grid"
+    env: str | list[str] = "alfworld"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+    settings: dict[str, Any] = Field(default_factory=dict)
+    expert: str = "oracle"
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Grid:
+        grid = cls.model_validate(yaml.safe_load(path.read_text()) or {})
+        fields = set(LEAPConfig.model_fields) - {"seed", "progress"}
+        for key in [*grid.settings, *(k for k in grid.grid if k not in ("env", "expert")
+                                      and not k.startswith("options."))]:
+            if key not in fields:
+                raise ValueError(f"{path}: {key!r} is not a LEAPConfig field (one of {', '.join(sorted(fields))})")
+        LEAPConfig(**grid.settings)  # the shared settings must be valid on their own
+        return grid
+
+
+@dataclass
+class Spec:
+    """One run of a grid: how to compile it, and which run's behaviour cloning it can share."""
+
+    name: str
+    env: str
+    seed: int
+    options: dict[str, Any]
+    settings: dict[str, Any]
+    expert: str
+    bc_key: str = ""
+    bc_from: str | None = None
+
+
+def expand(grid: Grid) -> list[Spec]:
+    """The grid's runs, in file order: each cell of the product, for each seed."""
+    axes = {"env": grid.env if isinstance(grid.env, list) else [grid.env], **grid.grid}
+    specs: list[Spec] = []
+    first_with: dict[str, str] = {}
+    for values in itertools.product(*axes.values()):
+        cell = dict(zip(axes, values, strict=True))
+        for seed in grid.seeds:
+            options = {**grid.options, **{k.removeprefix("options."): v for k, v in cell.items()
+                                          if k.startswith("options.")}}
+            settings = {**grid.settings, **{k: v for k, v in cell.items()
+                                            if k not in ("env", "expert") and not k.startswith("options.")}}
+            expert = str(cell.get("expert", grid.expert))
+            varied = [f"{k.removeprefix('options.')}={v}" for k, v in cell.items() if len(axes[k]) > 1]
+            name = "-".join([_slug(cell["env"]), *map(_slug, varied), f"seed{seed}"])
+            spec = Spec(name, cell["env"], seed, options, settings, expert)
+            spec.bc_key = _bc_key(spec)
+            if spec.bc_key in first_with:
+                spec.bc_from = first_with[spec.bc_key]
+            else:
+                first_with[spec.bc_key] = name
+            specs.append(spec)
+    return specs
+
+
+def _bc_key(spec: Spec) -> str:
+    """What behaviour cloning depends on: the environment and seed, the settings marked `bc`, the expert (its
+    demonstrator), and the privilege level where an LM expert demonstrates at it."""
+    config = LEAPConfig(**spec.settings)
+    bc = {k: getattr(config, k) for k in LEAPConfig.bc_keys() if k != "seed"}
+    level = config.privilege_level if spec.expert not in ("oracle", "self") else None
+    return json.dumps([spec.env, spec.options, spec.seed, bc, spec.expert, level], sort_keys=True, default=str)
+
+
+def command(spec: Spec, root: Path) -> list[str]:
+    """The `leap-dspy compile` that runs `spec`, its settings in a file beside the run folders (`write_settings`)."""
+    settings_file = root / ".grid" / f"{spec.name}.yaml"
+    cmd = [sys.executable, "-m", "leap_dspy", "compile", "--env", spec.env, "--expert", spec.expert,
+           "--config", str(settings_file), "--seed", str(spec.seed), "--run-dir", str(root / spec.name), "--quiet"]
+    cmd += [item for k, v in spec.options.items() for item in ("--set", f"{k}={json.dumps(v)}")]
+    return cmd + (["--bc-from", str(root / spec.bc_from)] if spec.bc_from else [])
+
+
+def write_settings(spec: Spec, root: Path) -> None:
+    path = root / ".grid" / f"{spec.name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(spec.settings, sort_keys=False))
+
+
+def finished(spec: Spec, root: Path) -> bool:
+    run = root / spec.name
+    iterations = LEAPConfig(**spec.settings).iterations
+    return (run / "student.json").exists() and (run / f"iter_{iterations}" / "metrics.json").exists()
+
+
+def _bc_ready(spec: Spec, root: Path) -> bool:
+    return spec.bc_from is None or (root / spec.bc_from / "iter_0" / "adapter" / "adapter_config.json").exists()
+
+
+def run_grid(grid: Grid, root: Path, jobs: int = 1, publish: Path | None = None, min_free_gb: float = 10.0
+             ) -> dict[str, str]:
+    """Run every spec not yet finished, `jobs` at a time while `min_free_gb` of memory is free; returns each
+    run's state (done, failed: see its log, or skipped: the run it shares behaviour cloning with failed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    specs = expand(grid)
+    states = {s.name: "done" if finished(s, root) else "pending" for s in specs}
+    running: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
+    show(specs, states, root)
+    while any(state in ("pending", "running") for state in states.values()):
+        for spec in specs:
+            if states[spec.name] != "pending" or len(running) >= jobs:
+                continue
+            if spec.bc_from and states[spec.bc_from] in ("failed", "skipped"):
+                states[spec.name] = "skipped"
+            elif _bc_ready(spec, root) and (not running or _free_gb() >= min_free_gb):
+                write_settings(spec, root)
+                log = (root / f"{spec.name}.log").open("ab")
+                running[spec.name] = (subprocess.Popen(command(spec, root), stdout=log, stderr=log),
+                                      time.perf_counter())
+                states[spec.name] = "running"
+                console.print(f"started {spec.name}" + (f" (behaviour cloning of {spec.bc_from})"
+                                                        if spec.bc_from else ""))
+        time.sleep(1.0 if running else 0.0)
+        for name, (process, started) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[name]
+            states[name] = "done" if process.returncode == 0 else "failed"
+            console.print(f"{name}: {states[name]} in {(time.perf_counter() - started) / 60:.1f} min"
+                          + ("" if process.returncode == 0 else f" (exit {process.returncode}; see {name}.log)"))
+            if publish is not None and states[name] == "done":
+                publish_run(root / name, publish / name)
+            show(specs, states, root)
+        atomic_write_json(root / "grid.json", {"name": grid.name, "states": states})
+    return states
+
+
+def publish_run(run: Path, target: Path) -> None:
+    """Copy a finished run's small outputs (see PUBLISHED) to `target`, where a report can be rebuilt from them."""
+    RunFolder(run).write_episodes_csv()
+    for pattern in PUBLISHED:
+        for source in run.glob(pattern):
+            destination = target / source.relative_to(run)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination)
+
+
+def show(specs: list[Spec], states: dict[str, str], root: Path) -> None:
+    """The whole grid at a glance: each run's state, its last finished stage and that stage's unseen result."""
+    from rich.table import Table
+
+    table = Table(title=f"grid: {sum(s == 'done' for s in states.values())}/{len(specs)} done")
+    for column in ("run", "state", "stage", "unseen success", "minutes"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for spec in specs:
+        folder = RunFolder(root / spec.name)
+        stages = [s for s in folder.stages() if s.isdigit()] if folder.path.exists() else []
+        stage, success, minutes = "", "", ""
+        if stages:
+            from leap_dspy.store import read_json
+
+            rows = [read_json(folder.path / f"iter_{s}" / "metrics.json") for s in stages]
+            stage, success = ("BC" if stages[-1] == "0" else f"round {stages[-1]}"), rows[-1].get("unseen_success")
+            minutes = f"{sum(float(r.get('wall_s') or 0) for r in rows) / 60:.1f}"
+        table.add_row(spec.name, states[spec.name], stage, "" if success in ("", None) else f"{success:.2f}", minutes)
+    console.print(table)
+
+
+def _free_gb() -> float:
+    import psutil
+
+    return psutil.virtual_memory().available / 2**30
+
+
+def _slug(value: Any) -> str:
+    text = str(value).split(":")[-1].split("/")[-1].lower()
+    return "".join(c if c.isalnum() or c in "=._" else "-" for c in text)

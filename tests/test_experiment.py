@@ -1,0 +1,85 @@
+"""`leap-dspy experiment` and `leap-dspy report`: a grid of real tiny compiles over two seeds, shared behaviour
+cloning, resumption, published summaries, and intervals that a report rebuilds from those summaries alone."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from leap_dspy.cli import app
+from leap_dspy.experiment import Grid, expand
+from leap_dspy.report import bootstrap
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"num_boxes": 3, "num_train": 3, "num_seen": 1, "num_unseen": 2, "max_steps": 8}
+
+
+def test_bootstrap_intervals_cover_the_mean_and_narrow_with_more_games() -> None:
+    rng = np.random.default_rng(0)
+    few = bootstrap([rng.binomial(1, 0.5, 10).astype(float) for _ in range(3)], np.random.default_rng(1))
+    many = bootstrap([rng.binomial(1, 0.5, 200).astype(float) for _ in range(3)], np.random.default_rng(1))
+    assert few.low <= few.mean <= few.high and many.low <= many.mean <= many.high
+    assert many.high - many.low < few.high - few.low
+    sure = bootstrap([np.ones(5), np.ones(7)], np.random.default_rng(1))
+    assert (sure.mean, sure.low, sure.high, sure.seeds, sure.games) == (1.0, 1.0, 1.0, 2, 12)
+
+
+def test_a_grid_file_is_checked_and_expanded_with_shared_behaviour_cloning(tmp_path: Path) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"env": "examples.keybox:KeyBox", "seeds": [0, 1],
+                                    "grid": {"update": ["sft", "dpo"], "options.realizable": [True, False]}}))
+    specs = expand(Grid.load(path))
+    assert len(specs) == 8 and len({s.name for s in specs}) == 8
+    shared = [s for s in specs if s.bc_from]
+    assert len(shared) == 4 and all("update=dpo" in s.name and "update=sft" in s.bc_from for s in shared)
+    path.write_text(yaml.safe_dump({"env": "alfworld", "grid": {"iterationz": [1]}}))
+    with pytest.raises(ValueError, match="iterationz"):
+        Grid.load(path)
+    result = CliRunner().invoke(app, ["experiment", str(path)])
+    assert result.exit_code == 2 and "iterationz" in result.output
+
+
+def test_experiment_runs_publishes_resumes_and_reports(tiny_model: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)  # `examples` is a folder of the repository
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    settings = {"iterations": 1, "model": tiny_model, "max_train_rows": 16, "num_threads": 4,
+                "lm": {"max_new_tokens": 16}, "evaluate_base": False,
+                "train": {"max_length": 512, "per_device_batch_size": 8, "gradient_accumulation": 1,
+                          "progress_bar": False}}
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "tiny", "env": "examples.keybox:KeyBox", "seeds": [0, 1],
+                                    "options": TINY, "settings": settings,
+                                    "grid": {"update": ["sft", "dpo"]}}))
+    root, published = tmp_path / "runs", tmp_path / "published"
+    args = ["experiment", str(grid), "--root", str(root), "--publish", str(published), "--min-free-gb", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + "".join(p.read_text()[-3000:] for p in root.glob("*.log"))
+    runs = sorted(p.name for p in root.iterdir() if (p / "student.json").exists())
+    assert runs == ["keybox-update=dpo-seed0", "keybox-update=dpo-seed1", "keybox-update=sft-seed0",
+                    "keybox-update=sft-seed1"]
+    dpo = yaml.safe_load((root / "keybox-update=dpo-seed1" / "config.yaml").read_text())
+    assert dpo["bc_from"].endswith("keybox-update=sft-seed1") and dpo["env"]["seed"] == 1
+    assert (dpo["update"], dpo["iterations"], dpo["model"]) == ("dpo", 1, tiny_model)  # the grid's settings
+    assert not list(published.rglob("adapter*")) and len(list(published.glob("*/episodes.csv"))) == 4
+
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "started" not in again.output  # finished runs are not run again
+
+    for source, out in ((root, tmp_path / "report"), (published, tmp_path / "rebuilt")):
+        result = CliRunner().invoke(app, ["report", str(source), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+    page = (tmp_path / "report" / "report.md").read_text()
+    assert "update=sft (2 seeds)" in page and "update=dpo (2 seeds)" in page and "| round 1 |" in page
+    assert page.replace(str(root), "") == (tmp_path / "rebuilt" / "report.md").read_text().replace(
+        str(published), "")  # the published summaries are enough to rebuild the report
+    assert [p.stat().st_size > 10_000 for p in (tmp_path / "report").glob("*.png")] == [True]  # the plot
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -91,7 +91,7 @@ def expand(grid: Grid) -> list[Spec]:
             settings = {**grid.settings, **{k: v for k, v in cell.items()
                                             if k not in ("env", "expert") and not k.startswith("options.")}}
             expert = str(cell.get("expert", grid.expert))
-            varied = [f"{k.removeprefix('options.')}={v}" for k, v in cell.items() if len(axes[k]) > 1]
+            varied = [f"{k.removeprefix('options.')}={v}" for k, v in cell.items() if len(axes[k]) > 1 and k != "env"]
             name = "-".join([_slug(cell["env"]), *map(_slug, varied), f"seed{seed}"])
             spec = Spec(name, cell["env"], seed, options, settings, expert)
             spec.bc_key = _bc_key(spec)

@@ -4,8 +4,8 @@
 config.yaml                      everything needed to rerun
 base/ expert/                    the untrained student and the expert, evaluated for reference
 iter_0/ (behaviour cloning), iter_1/, ...
-    trajectories.jsonl  corrections.jsonl  adapter/  eval.jsonl  metrics.json
-metrics.csv  report.html  learning_curve.png
+    trajectories.jsonl  corrections.jsonl  adapter/  eval.jsonl  eval_snapped.jsonl  metrics.json
+metrics.csv  episodes.csv  report.html  learning_curve.png
 ```
 """
 

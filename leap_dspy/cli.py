@@ -120,13 +120,8 @@ def compile_(
              "drop_unrealizable": drop_unrealizable, "train_all_new": train_all_new,
              "evaluate_snapped": evaluate_snapped, "num_threads": threads, "evaluate_base": base,
              "evaluate_expert": expert_reference, "bc_from": bc_from, "seed": seed, "progress": not quiet}
-    params = {"num_threads": "threads", "evaluate_base": "base", "evaluate_expert": "expert_reference",
-              "progress": "quiet"}
-    explicit = {k: v for k, v in given.items() if _given(ctx, params.get(k, k))}
-    settings = {**given, **read_settings(config_file), **explicit}
-    options = parse_sets(sets)
-    if "seed" not in options and _takes_seed(env):  # one seed fixes the task lists too
-        options["seed"] = settings["seed"]
+    env, options, expert, expert_per, settings = resolve_settings(ctx, given, config_file, env, sets, expert,
+                                                                   expert_per)
     environment = build_env(env, options)
     teacher = build_expert(expert, settings["model"], expert_per)
     try:
@@ -150,12 +145,36 @@ def _given(ctx: typer.Context, param: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-def read_settings(path: Path | None) -> dict[str, Any]:
-    """The LEAPConfig fields of a settings file (a run's config.yaml holds more: those keys are skipped)."""
+def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Path | None, env: str,
+                     sets: list[str] | None, expert: str, expert_per: str
+                     ) -> tuple[str, dict[str, Any], str, str, dict[str, Any]]:
+    """(env, env options, expert, expert_per, LEAP settings): the defaults, then the --config file (a run's
+    config.yaml also gives its environment and expert), then what was typed."""
+    params = {"num_threads": "threads", "evaluate_base": "base", "evaluate_expert": "expert_reference",
+              "progress": "quiet"}
+    explicit = {k: v for k, v in given.items() if _given(ctx, params.get(k, k))}
+    settings, run = read_settings(config_file)
+    settings = {**given, **settings, **explicit}
+    options: dict[str, Any] = {}
+    if isinstance(run.get("env"), dict) and not _given(ctx, "env"):
+        options = {k: v for k, v in run["env"].items() if k != "name" and v is not None}
+        env = str(run["env"]["name"])
+    if isinstance(run.get("expert"), dict) and not _given(ctx, "expert"):
+        described = run["expert"]
+        expert = {"OracleExpert": "oracle", "SelfExpert": "self"}.get(described.get("name"), described.get("model"))
+        expert_per = described.get("per", expert_per)
+    options.update(parse_sets(sets))
+    if _takes_seed(env) and ("seed" not in options or (_given(ctx, "seed") and "seed" not in parse_sets(sets))):
+        options["seed"] = settings["seed"]  # one seed fixes the task lists too
+    return env, options, expert or "oracle", expert_per, settings
+
+
+def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(LEAPConfig fields, the run's other keys) of a settings file or a run's config.yaml."""
     from leap_dspy.config import LEAPConfig
 
     if path is None:
-        return {}
+        return {}, {}
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -166,7 +185,8 @@ def read_settings(path: Path | None) -> dict[str, Any]:
     unknown = sorted(set(data) - set(LEAPConfig.model_fields) - run_keys)
     if unknown:
         raise fail(f"--config {path}: not LEAP settings: {', '.join(unknown)}")
-    return {k: v for k, v in data.items() if k in LEAPConfig.model_fields}
+    return ({k: v for k, v in data.items() if k in LEAPConfig.model_fields},
+            {k: v for k, v in data.items() if k in run_keys})
 
 
 def _takes_seed(env: str) -> bool:

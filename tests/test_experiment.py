@@ -3,6 +3,7 @@ cloning, resumption, published summaries, and intervals that a report rebuilds f
 
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
@@ -71,6 +72,15 @@ def test_experiment_runs_publishes_resumes_and_reports(tiny_model: str, tmp_path
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "started" not in again.output  # finished runs are not run again
 
+    # A rerun of one seed from its config.yaml alone: the same task ids, the same behaviour-cloning outcomes.
+    first = root / "keybox-update=sft-seed0"
+    rerun = CliRunner().invoke(app, ["compile", "--config", str(first / "config.yaml"), "--iterations", "0",
+                                     "--run-dir", str(tmp_path / "rerun"), "--quiet"])
+    assert rerun.exit_code == 0, rerun.output
+    before, after = (yaml.safe_load((p / "config.yaml").read_text()) for p in (first, tmp_path / "rerun"))
+    assert (after["trainset"], after["valset"], after["env"]) == (before["trainset"], before["valset"], before["env"])
+    assert _bc_outcomes(tmp_path / "rerun") == _bc_outcomes(first)
+
     for source, out in ((root, tmp_path / "report"), (published, tmp_path / "rebuilt")):
         result = CliRunner().invoke(app, ["report", str(source), "--out", str(out)])
         assert result.exit_code == 0, result.output
@@ -79,6 +89,11 @@ def test_experiment_runs_publishes_resumes_and_reports(tiny_model: str, tmp_path
     assert page.replace(str(root), "") == (tmp_path / "rebuilt" / "report.md").read_text().replace(
         str(published), "")  # the published summaries are enough to rebuild the report
     assert [p.stat().st_size > 10_000 for p in (tmp_path / "report").glob("*.png")] == [True]  # the plot
+
+
+def _bc_outcomes(run: Path) -> list[tuple[str, str, int, int]]:
+    rows = csv.DictReader((run / "episodes.csv").open())
+    return sorted((r["task_id"], r["split"], int(r["success"]), int(r["steps"])) for r in rows if r["stage"] == "0")
 
 
 if __name__ == "__main__":  # pragma: no cover

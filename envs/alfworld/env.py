@@ -49,7 +49,7 @@ class ALFWorld(TextEnv):
         task_types: list[str] | tuple[str, ...] | None = None,
         num_train: int | None = 120,
         num_seen: int | None = 5,
-        num_unseen: int | None = 20,
+        num_unseen: int | None = 60,
         seed: int = 0,
         max_steps: int = 20,
         cache_dir: str | None = None,

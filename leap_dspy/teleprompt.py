@@ -33,7 +33,6 @@ from leap_dspy.programs.student import Student, snap_action
 from leap_dspy.progress import console
 from leap_dspy.rollout import Episodes, attach_env, expert_capture, expert_policy, play_episodes, student_policy
 from leap_dspy.runs import RunFolder, default_run_dir
-from leap_dspy.signatures import PrivilegedCorrection
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, atomic_write_yaml
 from leap_dspy.train.common import release_memory
 from leap_dspy.training_data import (
@@ -159,7 +158,7 @@ class LEAP(Teleprompter):
         current = list(records.load().values())
         rows, examples = self.aggregate(0, student, current)
         if _follows_student(teacher):  # the privileged self is these same weights: teach them the expert's part
-            expert_rows = privileged_self_rows(PrivilegedCorrection, teacher.adapter, demos.values(),
+            expert_rows = privileged_self_rows(teacher.signature, teacher.adapter, demos.values(),
                                                self.config.max_train_rows, random.Random(self.config.seed * 17),
                                                self._propose_reason, self.env.idle_actions)
             rows, examples = rows + expert_rows, examples + len(expert_rows)

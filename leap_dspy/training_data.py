@@ -76,27 +76,29 @@ def privileged_self_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdap
                          demonstrations: Iterable[Trajectory], budget: int, rng: random.Random,
                          propose_reason: Any, idle_actions: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Rows that teach the student's weights to act as its own privileged expert, from demonstrations whose
-    steps recorded the privileged state (`expert_rollout(record_level=...)`).
+    steps recorded the privileged state (`expert_rollout(record_level=...)`): the student's inputs and the
+    privileged state, completed by the demonstrated step.
 
-    The expert's prompt holds a proposed step to judge. Half the rows propose the demonstrated step itself,
-    which the expert keeps; the other half propose another admissible action (with a plausible reason from
-    `propose_reason(task, observation, action, history)`), which it replaces by the demonstrated step. A
-    student never trained on this format ignores the privileged facts and repeats the proposal.
+    Where `signature` also reads a proposed step to judge (`PrivilegedCorrection`), half the rows propose the
+    demonstrated step itself, which the expert keeps; the other half propose another admissible action (with a
+    plausible reason from `propose_reason(task, observation, action, history)`), which it replaces by the
+    demonstrated step. A student never trained on this format ignores the privileged facts and repeats it.
     """
     steps = [s for t in demonstrations if t.success for s in t.steps
              if s.privileged is not None and s.error is None and s.action]
     rng.shuffle(steps)
+    judges = "student_action" in signature.input_fields
     rows = []
     for step in steps[:budget]:
-        others = [a for a in step.admissible_actions or [] if a != step.action and a not in idle_actions]
         inputs = step.inputs
-        if others and rng.random() < 0.5:
-            proposed = rng.choice(others)
-            proposed_reason = propose_reason(inputs.task, inputs.observation, proposed, inputs.history)
-        else:
+        values = {**inputs.model_dump(), "privileged_state": step.privileged.to_text()}
+        if judges:
+            others = [a for a in step.admissible_actions or [] if a != step.action and a not in idle_actions]
             proposed, proposed_reason = step.action, step.reason
-        values = {**inputs.model_dump(), "student_reason": proposed_reason, "student_action": proposed,
-                  "privileged_state": step.privileged.to_text()}
+            if others and rng.random() < 0.5:
+                proposed = rng.choice(others)
+                proposed_reason = propose_reason(inputs.task, inputs.observation, proposed, inputs.history)
+            values.update(student_reason=proposed_reason, student_action=proposed)
         prompt, completion = _prompt_and_completion(signature, adapter, values, step.reason, step.action)
         rows.append({"prompt": prompt, "completion": completion})
     return rows

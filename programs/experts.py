@@ -11,7 +11,7 @@ import dspy
 
 from leap_dspy.adapters import CompactChatAdapter
 from leap_dspy.envs.expertise import Expertise
-from leap_dspy.signatures import PrivilegedCorrection, StepFix, StudentTurn, TrajectoryCorrection
+from leap_dspy.signatures import PrivilegedCorrection, PrivilegedStep, StepFix, StudentTurn, TrajectoryCorrection
 from leap_dspy.types import PrivilegedState, StudentInputs
 
 
@@ -109,20 +109,39 @@ class SelfExpert(PrivilegedExpert):
 
     LEAP points it at the student's latest LM before every round of corrections (`follow`), so the expert
     improves with the student. Behaviour cloning, which needs a competent demonstrator, uses the scripted
-    oracle instead (see `LEAP(demonstrator=...)`).
+    oracle instead (see `LEAP(demonstrator=...)`), and trains these weights for the expert's part as well.
+
+    By default it writes its step without seeing the student's (`PrivilegedStep`): shown the student's step,
+    a small model learns that keeping it is the safe answer and corrects next to nothing. `sees_student=True`
+    gives it the student's step to judge (`PrivilegedCorrection`), as an LM expert has.
     """
 
     follows_student = True
     """LEAP shares the student's weights with it (`follow`) and trains them for the expert's part as well."""
 
-    def __init__(self) -> None:
+    def __init__(self, sees_student: bool = False) -> None:
         super().__init__(model=None, adapter=CompactChatAdapter())
+        self.sees_student = sees_student
+        self.step = dspy.Predict(PrivilegedStep)
+
+    @property
+    def signature(self) -> type[dspy.Signature]:
+        """The signature its prompts follow, which behaviour cloning's expert rows must match."""
+        return PrivilegedCorrection if self.sees_student else PrivilegedStep
 
     def follow(self, student: dspy.Module) -> None:
         lms = [p.lm for p in student.predictors() if getattr(p, "lm", None) is not None]
         if not lms:
             raise ValueError("the student has no LM to share with its privileged self")
-        self.correct.lm = self.correct_all.lm = lms[0]
+        self.correct.lm = self.correct_all.lm = self.step.lm = lms[0]
+
+    def forward(self, task: str, observation: str, history: str, student_reason: str, student_action: str,
+                privileged_state: PrivilegedState | str) -> dspy.Prediction:
+        if self.sees_student:
+            return super().forward(task, observation, history, student_reason, student_action, privileged_state)
+        text = privileged_state.to_text() if isinstance(privileged_state, PrivilegedState) else privileged_state
+        with dspy.context(adapter=self.adapter):
+            return self.step(task=task, observation=observation, history=history, privileged_state=text)
 
 
 def expert_inputs(inputs: StudentInputs, student_reason: str, student_action: str,

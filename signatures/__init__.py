@@ -38,6 +38,19 @@ class PrivilegedCorrection(dspy.Signature):
     action: str = dspy.OutputField(desc="exactly one admissible action")
 
 
+class PrivilegedStep(dspy.Signature):
+    """You are an expert. You see the student's state and privileged facts the student cannot see. Write the
+    step the student should take now: the best next action and a reason that uses only what the student can see
+    in its task, observation and history (never mention the privileged facts)."""
+
+    task: str = dspy.InputField()
+    observation: str = dspy.InputField(desc="the student's current observation")
+    history: str = dspy.InputField(desc="the student's recent actions and what they did")
+    privileged_state: str = dspy.InputField(desc="facts only you can see")
+    reason: str = dspy.OutputField(desc="one sentence, realizable from the student's own view")
+    action: str = dspy.OutputField(desc="exactly one admissible action")
+
+
 class StudentTurn(BaseModel):
     """One step of the student's trajectory as the trajectory expert reads it."""
 
@@ -70,4 +83,5 @@ class TrajectoryCorrection(dspy.Signature):
 
 STUDENT_INPUTS: tuple[str, ...] = tuple(StudentStep.input_fields)
 
-__all__ = ["STUDENT_INPUTS", "PrivilegedCorrection", "StepFix", "StudentStep", "StudentTurn", "TrajectoryCorrection"]
+__all__ = ["STUDENT_INPUTS", "PrivilegedCorrection", "PrivilegedStep", "StepFix", "StudentStep", "StudentTurn",
+           "TrajectoryCorrection"]

@@ -21,10 +21,11 @@ import pytest
 from leap_dspy.envs.alfworld import ALFWorld
 from leap_dspy.lm import DEFAULT_MODEL
 from leap_dspy.programs import OracleExpert, Student
+from leap_dspy.signatures import PrivilegedCorrection
 from leap_dspy.store import JsonlLog
 from leap_dspy.teleprompt import LEAP, ConfigMismatch
 from leap_dspy.train import TrainConfig
-from leap_dspy.training_data import aggregate_sft, balance_by_action
+from leap_dspy.training_data import aggregate_sft, balance_by_action, privileged_self_rows
 from leap_dspy.types import Correction, StudentInputs, Trajectory
 
 FAST_TRAIN = TrainConfig(max_length=768, per_device_batch_size=8, gradient_accumulation=1, progress_bar=False)
@@ -281,17 +282,24 @@ def test_self_expert_that_cannot_answer_is_counted_not_fatal(env: ALFWorld, tiny
     assert all(json.loads(line)["policy"] == "expert" for line in demos)  # BC came from the scripted oracle
 
     # Behaviour cloning also trained the weights in the expert's part, on the same demonstrations: expert
-    # prompts carry the privileged state and a proposed step, kept where it was the oracle's, replaced where not.
+    # prompts carry the privileged state (and not the student's step: it writes its own), completed by the
+    # demonstrated step.
     rows = [json.loads(line) for line in (run / "iter_0" / "train_rows.jsonl").read_text().splitlines()]
     expert_rows = [r for r in rows if "[[ ## privileged_state ## ]]" in r["prompt"][-1]["content"]]
     assert expert_rows and len(expert_rows) < len(rows)
+    assert not any("[[ ## student_action ## ]]" in r["prompt"][-1]["content"] for r in expert_rows)
     assert json.loads((run / "iter_0" / "metrics.json").read_text())["train_examples"] == len(rows)
 
+    # A privileged self that sees the student's step learns to judge one: kept where it was the demonstrated
+    # step, replaced where not.
     def field(text: str, name: str) -> str:
         return text.split(f"[[ ## {name} ## ]]\n", 1)[1].split("\n", 1)[0]
 
+    demos = [Trajectory.model_validate_json(line) for line in demos]
+    judging = privileged_self_rows(PrivilegedCorrection, SelfExpert().adapter, demos, 60, random.Random(0),
+                                   lambda *_: "A guess.")
     kept = [field(r["prompt"][-1]["content"], "student_action") == field(r["completion"][0]["content"], "action")
-            for r in expert_rows]
+            for r in judging]
     assert any(kept) and not all(kept)
     config = (run / "config.yaml").read_text()
     assert "bc_expert_level: 3" in config

@@ -101,6 +101,7 @@ def compile_(
                                                    help=_help("evaluate_expert"))] = _default("evaluate_expert"),
     bc_from: Annotated[Path | None, typer.Option(help=_help("bc_from"))] = None,
     seed: Annotated[int, typer.Option(help=_help("seed"))] = _default("seed"),
+    report_to: Annotated[list[str] | None, typer.Option(help=_help("report_to", "; repeatable"))] = None,
     sets: SetOption = None,
     config_file: Annotated[Path | None, typer.Option("--config", help="a YAML file of LEAP settings (any "
                                                      "LEAPConfig field; a run's config.yaml works too); options "
@@ -119,7 +120,8 @@ def compile_(
              "max_train_rows": max_train_rows, "iteration_lr": iteration_lr, "preference_anchor": preference_anchor,
              "drop_unrealizable": drop_unrealizable, "train_all_new": train_all_new,
              "evaluate_snapped": evaluate_snapped, "num_threads": threads, "evaluate_base": base,
-             "evaluate_expert": expert_reference, "bc_from": bc_from, "seed": seed, "progress": not quiet}
+             "evaluate_expert": expert_reference, "bc_from": bc_from, "seed": seed, "progress": not quiet,
+             "report_to": report_to or []}
     env, options, expert, expert_per, settings = resolve_settings(ctx, given, config_file, env, sets, expert,
                                                                    expert_per)
     environment = build_env(env, options)

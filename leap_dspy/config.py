@@ -66,6 +66,9 @@ class LEAPConfig(BaseModel):
     lm: dict[str, Any] = _bc(default_factory=lambda: {"no_repeat_ngram": 12},
                              description="settings of the student's local engine (`LocalEngine`)")
     train: TrainConfig = _bc(default_factory=TrainConfig, description="LoRA fine-tuning hyper-parameters")
+    report_to: list[str] = Field(default_factory=list, description="experiment trackers for LEAP's per-stage "
+                                 "metrics, the config and TRL's training curves: tensorboard, mlflow, wandb "
+                                 "(offline: stores in the run folder)")
     seed: int = _bc(default=0, description="seeds task samples, row selection and training")
     progress: bool = Field(True, description="progress bars")
     bc_from: Path | None = Field(None, description="a finished run folder whose behaviour cloning this run "

@@ -34,6 +34,7 @@ from leap_dspy.progress import console
 from leap_dspy.rollout import Episodes, attach_env, expert_capture, expert_policy, play_episodes, student_policy
 from leap_dspy.runs import RunFolder, default_run_dir
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, atomic_write_yaml
+from leap_dspy.trackers import Trackers
 from leap_dspy.train.common import release_memory
 from leap_dspy.training_data import (
     aggregate_preference,
@@ -46,7 +47,7 @@ from leap_dspy.types import Correction, PrivilegedState, StudentInputs, Task, Tr
 
 Rows = list[dict[str, Any]]
 OPERATIONAL = {"iterations", "num_threads", "expert_threads", "expert_retries", "evaluate_base", "evaluate_expert",
-               "evaluate_snapped"}
+               "evaluate_snapped", "report_to"}
 """Settings a resumed run may change: they decide how much is run and how fast, not what a record holds."""
 _RENAMED = {"train_config": "train", "lm_kwargs": "lm"}  # the keyword names of earlier releases
 
@@ -94,6 +95,7 @@ class LEAP(Teleprompter):
         level = self.config.privilege_level
         self.privilege_level = env.check_level(env.default_privilege_level if level is None else level)
         self.run = RunFolder(run_dir or default_run_dir(env.name))
+        self.trackers = Trackers([], self.run.path, self.run.path.name)  # the configured ones open with the run
         self.teacher, self.demonstrator = teacher, demonstrator
 
     # -- the method ----------------------------------------------------------------------------------------
@@ -134,6 +136,7 @@ class LEAP(Teleprompter):
         self.run.write_episodes_csv()
         self.run.write_report(f"LEAP on {self.env.name}", with_scores=self._with_scores)
         student.save(str(self.run.path / "student.json"))
+        self.trackers.close()
         console.print(f"compiled in {time.perf_counter() - started:.0f} s; run folder: {self.run.path}")
         return program
 
@@ -224,7 +227,9 @@ class LEAP(Teleprompter):
             return self._keep_adapter(out, previous), 0.0
         lr = None if k == 0 else self.config.iteration_learning_rate()
         config = self.config.train.model_copy(update={"epochs": self.config.bc_epochs if k == 0 else
-                                                      self.config.epochs, **({"learning_rate": lr} if lr else {})})
+                                                      self.config.epochs, **({"learning_rate": lr} if lr else {}),
+                                                      "report_to": list(self.config.report_to)})
+        self.trackers.training_dir(k)
         trainer = {"sft": train_sft, "dpo": train_dpo, "kto": train_kto}[self.config.update]
         if "chosen" not in rows[0] and "label" not in rows[0]:
             trainer = train_sft
@@ -259,6 +264,7 @@ class LEAP(Teleprompter):
         metrics["eval_s"] = round(time.perf_counter() - start, 1)
         metrics["wall_s"] = round(time.perf_counter() - since, 1)
         atomic_write_json(stage / "metrics.json", metrics)
+        self.trackers.log_stage(str(name), metrics)
         self.run.write_metrics_csv(with_scores=self._with_scores)
         shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("seen_success", "unseen_success") if k in metrics)
         console.print(f"[bold]{name}[/bold]: {shown}")
@@ -302,6 +308,8 @@ class LEAP(Teleprompter):
         config = self.run_config(teacher, train, val)
         source = self._check_bc_from(config) if self.config.bc_from is not None else None
         self._start(config)
+        self.trackers = Trackers(self.config.report_to, self.run.path, self.run.path.name)
+        self.trackers.log_config(config)
         if source is not None:
             self._adopt_behaviour_cloning(source, config)
         random.seed(self.config.seed)

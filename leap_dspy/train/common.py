@@ -99,7 +99,7 @@ def trl_common_args(config: TrainConfig, output_dir: Path, method: str) -> dict[
         weight_decay=config.weight_decay,
         logging_steps=config.logging_steps,
         save_strategy="no",
-        report_to="none",
+        report_to=list(config.report_to) or "none",
         bf16=False,
         fp16=False,
         activation_checkpointing=config.gradient_checkpointing,

@@ -58,6 +58,8 @@ class TrainConfig(BaseModel):
     num_threads: int | None = None
     """torch threads while training; None = leave torch's setting (on CPU: one per core)."""
     progress_bar: bool = True
+    report_to: list[str] = Field(default_factory=list)
+    """Trackers TRL sends the training curves to (tensorboard, mlflow, wandb); none by default."""
 
     def lr_for(self, method: str) -> float:
         if self.learning_rate is not None:

@@ -25,7 +25,9 @@ class KeyBox(TextEnv):
     """A room with closed boxes, one holding the key, and a locked door.
 
     Training and seen tasks have 3 to `num_boxes` boxes, unseen ones one or two more (longer searches than any
-    demonstration). `realizable=False` gives the generic expertise, which follows the oracle straight to the key.
+    demonstration). Six training rooms by default: LEAP's setting, a few demonstrations that behaviour cloning
+    alone does not generalize from. `realizable=False` gives the generic expertise, which follows the oracle
+    straight to the key.
     """
 
     name: ClassVar[str] = "keybox"
@@ -33,7 +35,7 @@ class KeyBox(TextEnv):
     default_privilege_level: ClassVar[int] = 1
     idle_actions: ClassVar[tuple[str, ...]] = ("look", "inventory")
 
-    def __init__(self, num_boxes: int = 5, num_train: int = 40, num_seen: int = 10, num_unseen: int = 15,
+    def __init__(self, num_boxes: int = 5, num_train: int = 6, num_seen: int = 10, num_unseen: int = 30,
                  max_steps: int | None = None, seed: int = 0, realizable: bool = True) -> None:
         if not 2 <= num_boxes <= len(COLOURS) - 2:
             raise ValueError(f"keybox: num_boxes must be between 2 and {len(COLOURS) - 2}")

@@ -44,8 +44,8 @@ def build_env(name: str, options: dict[str, Any]) -> Any:
         return make_env(name, **options)
     except UnknownEnvironment as exc:
         raise fail(str(exc)) from exc
-    except TypeError as exc:
-        raise fail(f"bad option for {name}: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # an unknown option, or a value the environment refuses
+        raise fail(f"bad option for {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
 
 
 def build_expert(spec: str, model: str, per: str = "step") -> Any:
@@ -134,6 +134,8 @@ def compile_(
         raise fail(str(exc).splitlines()[0] if "validation error" not in str(exc) else _first_error(exc)) from exc
     trainset = environment.tasks("train")
     valset = environment.tasks("seen") + environment.tasks("unseen")
+    if not trainset:
+        raise fail(f"{env} has no training tasks with these options (num_train?)")
     try:
         leap.compile(Student(), trainset=trainset, teacher=teacher, valset=valset)
     except (ConfigMismatch, OSError) as exc:

@@ -74,6 +74,16 @@ class LEAPConfig(BaseModel):
     bc_from: Path | None = Field(None, description="a finished run folder whose behaviour cloning this run "
                                  "starts from (it must agree on every behaviour-cloning setting)")
 
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: list[str]) -> list[str]:
+        from leap_dspy.trackers import TRACKERS
+
+        unknown = [name for name in value if name not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)}")
+        return value
+
     @field_validator("lm", mode="before")
     @classmethod
     def _lm_defaults(cls, value: dict[str, Any] | None) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Whole files are written to a temporary name and renamed into place, so a reader sees the old file or the
 new one, never half of one. Record logs are JSONL appended one flushed line at a time and keyed: a run killed
 mid-write leaves at most one torn last line, which `load` drops (and repairs on disk) so that the record is
-simply produced again on resume; loading keeps one record per key, so nothing is duplicated either.
+simply produced again on resume; loading keeps one record per key, so nothing is duplicated either. A bad
+line anywhere else is moved aside to `<log>.corrupt`, loudly, never silently cut with what follows it.
 """
 
 from __future__ import annotations
@@ -59,27 +60,43 @@ class JsonlLog(Generic[M]):
         self._lock = threading.Lock()
 
     def load(self) -> dict[str, M]:
-        """Every complete record, one per key (the last written wins); a torn tail is cut off on disk."""
+        """Every complete record, one per key (the last written wins). A torn last line (a write cut by a kill)
+        is cut off on disk; an unreadable line before it (a disk error, a hand edit, another version's
+        record) is moved to `<log>.corrupt` with a warning, and every other record is kept."""
         records: dict[str, M] = {}
         if not self.path.exists():
             return records
         raw = self.path.read_bytes()
-        good_end = 0
-        offset = 0
-        for line in raw.splitlines(keepends=True):
-            offset += len(line)
-            if not line.endswith(b"\n"):
-                break  # torn: written without its newline
+        lines = raw.splitlines(keepends=True)
+        torn = bool(lines) and not lines[-1].endswith(b"\n")
+        good, bad = [], []
+        for number, line in enumerate(lines[:-1] if torn else lines, start=1):
             try:
                 record = self.model.model_validate_json(line)
             except ValueError:
-                break
+                bad.append((number, line))
+                continue
             records[self.key(record)] = record
-            good_end = offset
-        if good_end < len(raw):
+            good.append(line)
+        if bad:
+            self._move_aside(bad, good, torn)
+        elif torn:
             with self._lock, open(self.path, "r+b") as handle:
-                handle.truncate(good_end)
+                handle.truncate(len(raw) - len(lines[-1]))
         return records
+
+    def _move_aside(self, bad: list[tuple[int, bytes]], good: list[bytes], torn: bool) -> None:
+        corrupt = self.path.with_name(self.path.name + ".corrupt")
+        with self._lock:
+            with open(corrupt, "ab") as handle:
+                handle.writelines(line if line.endswith(b"\n") else line + b"\n" for _, line in bad)
+            atomic_write_text(self.path, b"".join(good).decode("utf-8", errors="replace"))
+        from leap_dspy.progress import console
+
+        where = ", ".join(str(n) for n, _ in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        console.print(f"[yellow]warning:[/yellow] {self.path}: {len(bad)} unreadable line(s) (line {where}) moved "
+                      f"to {corrupt.name}; the other records are kept and the missing ones are produced again"
+                      + (" (and a torn last line was cut)" if torn else ""), soft_wrap=True, highlight=False)
 
     def append(self, record: M) -> None:
         line = record.model_dump_json() + "\n"

@@ -26,6 +26,7 @@ from leap_dspy.corrections import Corrector, collect_corrections, demonstration_
 from leap_dspy.envs import env_spec
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.lm import local_lm
+from leap_dspy.lm.models import check_model
 from leap_dspy.metrics import describe_expert, expert_usage_metrics, split_metrics, success_rate
 from leap_dspy.programs.agent import Agent
 from leap_dspy.programs.experts import OracleExpert
@@ -305,6 +306,7 @@ class LEAP(Teleprompter):
         if not train:
             raise ValueError("trainset is empty")
         self.check_teacher(teacher)
+        check_model(self.config.model)
         config = self.run_config(teacher, train, val)
         source = self._check_bc_from(config) if self.config.bc_from is not None else None
         self._start(config)

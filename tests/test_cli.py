@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from leap_dspy.cli import app
@@ -76,3 +77,31 @@ def test_compare_puts_runs_side_by_side(tmp_path: Path) -> None:
     assert dpo == ["dpo", "dpo", "oracle", "3", "1.0", "0.05", "0.15", "", "1.0"]  # its BC was another run's
     missing = runner.invoke(app, ["compare", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "not a run folder" in missing.output
+
+
+KEYBOX = "examples.keybox:KeyBox"
+BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be written to the run folder
+    (["--set", "num_receptacles=2"], "num_receptacles must be at least 3"),
+    (["--set", "seed=abc"], "bad option for alfworld"),
+    (["--set", "task_types=[x]"], "unknown task types"),
+    (["--env", KEYBOX, "--set", "num_boxes=99"], "num_boxes must be between"),
+    (["--env", KEYBOX, "--set", "num_train=0"], "no training tasks"),
+    (["--env", KEYBOX, "--model", "/nonexistent/model"], "neither the embedded"),
+    (["--env", KEYBOX, "--model", "someone/not-cached"], "not in the local Hugging Face cache"),
+    (["--env", KEYBOX, "--bc-from", "/nonexistent"], "holds no finished behaviour cloning"),
+    (["--env", KEYBOX, "--privilege-level", "7"], "privilege"),
+    (["--env", KEYBOX, "--preference-anchor", "2"], "preference-anchor"),
+    (["--env", KEYBOX, "--report-to", "neptune"], "unknown tracker"),
+    (["--env", KEYBOX, "--config", "/nonexistent.yaml"], "cannot read --config"),
+]
+
+
+@pytest.mark.parametrize(("args", "says"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(args: list[str], says: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # `examples` is a folder of the repository
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["compile", "--run-dir", str(run), "--quiet", *args])
+    assert result.exit_code == 2, result.output
+    assert says in result.output and "Traceback" not in result.output
+    assert not run.exists() or not any(run.iterdir())

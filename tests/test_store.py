@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from leap_dspy.runs import RunFolder
 from leap_dspy.store import JsonlLog, atomic_write_json, read_json
 from leap_dspy.types import Correction, StudentInputs
@@ -23,6 +25,25 @@ def test_torn_tail_is_dropped_and_repaired(tmp_path: Path) -> None:
     assert (tmp_path / "c.jsonl").read_bytes() == whole  # repaired, so the next append starts a clean line
     log.append(correction(2))
     assert sorted(log.load()) == ["0:a:0", "0:a:1", "0:a:2"]
+
+
+def test_a_bad_line_mid_log_is_moved_aside_loudly_and_the_rest_kept(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.jsonl"
+    log = JsonlLog(path, Correction, key=lambda c: c.key)
+    for step in range(5):
+        log.append(correction(step))
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = "{not json\n"  # a disk error or a hand edit
+    lines[3] = lines[3].replace('"reason"', '"renamed_field"')  # another version's record: valid JSON, bad schema
+    path.write_text("".join(lines) + correction(5).model_dump_json()[:20])  # and a torn tail
+    records = log.load()
+    assert sorted(records) == ["0:a:0", "0:a:2", "0:a:4"]  # nothing after a bad line is lost
+    assert (tmp_path / "c.jsonl.corrupt").read_text().splitlines() == [lines[1].strip(), lines[3].strip()]
+    assert "2 unreadable line(s) (line 2, 4) moved to c.jsonl.corrupt" in capsys.readouterr().err.replace("\n", " ")
+    assert sorted(log.load()) == ["0:a:0", "0:a:2", "0:a:4"]  # repaired on disk: the next load is quiet
+    log.append(correction(1))
+    assert sorted(log.load()) == ["0:a:0", "0:a:1", "0:a:2", "0:a:4"]
 
 
 def test_one_record_per_key(tmp_path: Path) -> None:

@@ -67,6 +67,26 @@ def resolve_model(model: str) -> Path | str:
     return model
 
 
+def check_model(model: str) -> None:
+    """Fail now, with a clear line, for a model that cannot load: before a run folder is written for it."""
+    if model in _EMBEDDED:
+        embedded_gguf(model)
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ModelNotFound(f"{model} is a folder without a model in it (no config.json)")
+        return
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelNotFound(f"model {model!r} is neither the embedded {', '.join(_EMBEDDED)} nor an existing folder")
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(model, "config.json"), str):
+        raise ModelNotFound(f"model {model!r} is not in the local Hugging Face cache, and nothing is downloaded "
+                            "at run time: pass a local folder")
+
+
 def _converted_embedded(alias: str) -> Path:
     gguf = embedded_gguf(alias)
     digest = hashlib.sha1(f"{gguf}:{gguf.stat().st_size}".encode()).hexdigest()[:10]

@@ -34,9 +34,9 @@ from leap_dspy.programs.student import Student, snap_action
 from leap_dspy.progress import console
 from leap_dspy.rollout import Episodes, attach_env, expert_capture, expert_policy, play_episodes, student_policy
 from leap_dspy.runs import RunFolder, default_run_dir
-from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, atomic_write_yaml
+from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from leap_dspy.trackers import Trackers
-from leap_dspy.train.common import release_memory
+from leap_dspy.train.common import RESULT_FILE, release_memory
 from leap_dspy.training_data import (
     aggregate_preference,
     aggregate_sft,
@@ -222,8 +222,11 @@ class LEAP(Teleprompter):
         out = self.run.stage(k) / "adapter"
         started = time.perf_counter()
         atomic_write_text(out.parent / "train_rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        if (out / "adapter_config.json").exists():
-            return out, 0.0
+        if (out / "adapter_config.json").exists():  # trained before a kill: its result is in the adapter
+            recorded = out / RESULT_FILE
+            if recorded.exists() and not (out.parent / "train.json").exists():
+                atomic_write_text(out.parent / "train.json", recorded.read_text())
+            return out, float(read_json(recorded).get("wall_s", 0.0)) if recorded.exists() else 0.0
         if not rows:
             return self._keep_adapter(out, previous), 0.0
         lr = None if k == 0 else self.config.iteration_learning_rate()

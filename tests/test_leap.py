@@ -371,3 +371,20 @@ def test_a_run_can_start_from_another_runs_behaviour_cloning(env: ALFWorld, tiny
         LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "third", train_config=FAST_TRAIN,
              lm_kwargs={"max_new_tokens": 16}, progress=False, bc_from=tmp_path / "nowhere").compile(
             Student(), trainset=env.tasks("train"), valset=env.tasks("seen") + env.tasks("unseen"))
+
+
+def test_a_kill_after_the_adapter_is_published_keeps_its_training_result(env: ALFWorld, tiny_model: str,
+                                                                          tmp_path: Path) -> None:
+    """The adapter and its TrainResult are published together: a kill before train.json and the stage's
+    evaluation are written (simulated by removing them) resumes without training again and without a loss."""
+    run = tmp_path / "run"
+    compile_tiny(env, tiny_model, run)
+    kept = json.loads((run / "iter_1" / "adapter" / "train_result.json").read_text())
+    assert kept == json.loads((run / "iter_1" / "train.json").read_text())
+    for name in ("train.json", "metrics.json", "eval.jsonl"):
+        (run / "iter_1" / name).unlink()
+    weights = (run / "iter_1" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    compile_tiny(env, tiny_model, run)
+    assert (run / "iter_1" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == weights  # not retrained
+    assert json.loads((run / "iter_1" / "train.json").read_text()) == kept
+    assert json.loads((run / "iter_1" / "metrics.json").read_text())["train_s"] == round(kept["wall_s"], 1)

@@ -213,6 +213,10 @@ def atomic_output_dir(output_dir: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+RESULT_FILE = "train_result.json"
+"""The fine-tune's `TrainResult`, inside the adapter folder."""
+
+
 def save_adapter(model: Any, tokenizer: Any, directory: Path) -> None:
     """Adapter weights + config only (a few MB), plus the tokenizer so the folder is self-describing.
 
@@ -272,7 +276,7 @@ def run_trainer(
     wall = recorder.wall_s
     # Exact count where the caller's collator counted real tokens; else rows seen x mean row length
     tokens = int(counted_tokens()) if counted_tokens is not None else int(round(tokens_per_epoch * epochs_done))
-    return TrainResult(
+    result = TrainResult(
         method=method,
         adapter_dir=str(final_dir),
         learning_rate=float(trainer.args.learning_rate),
@@ -286,6 +290,11 @@ def run_trainer(
         peak_rss_mb=round(peak_rss_mb(), 1),
         setup_s=round(setup_s, 3),
     )
+    # Published with the adapter, atomically: a kill right after publishing must not lose the result.
+    (tmp_dir / RESULT_FILE).write_text(result.model_dump_json(indent=2))
+    return result
+
+
 def release_memory() -> None:
     """Hand the trainer's freed memory back to the system: without it the process keeps the peak of every
     training round (glibc holds freed heap), and rollouts that follow run with gigabytes less."""

@@ -429,6 +429,12 @@ def serve(
                        ] = "transformers",
     served_name: Annotated[str | None, typer.Option(
         help="the model name clients ask for (default: the model's label, +<adapter folder>)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="LEAP_DSPY_API_KEY", help="the key clients must send "
+                                                "(Authorization: Bearer KEY); without one only 127.0.0.1 is "
+                                                "served")] = None,
+    max_workers: Annotated[int, typer.Option(min=1, help="requests served at once; more get 429")] = 32,
+    timeout: Annotated[float, typer.Option(min=0.1, help="seconds a connection may stay silent before it is "
+                                                         "closed")] = 60.0,
 ) -> None:
     """Serve a compiled student (or any local model) over an OpenAI-compatible HTTP API."""
     import importlib.util
@@ -450,18 +456,19 @@ def serve(
             raise fail("--backend vllm needs vLLM (pip install vllm, on a machine with a GPU); "
                        "or serve with the built-in --backend transformers")
         try:
-            command = vllm_command(model, adapter_path, host, port, served_name)
+            command = vllm_command(model, adapter_path, host, port, served_name, api_key=api_key)
         except (OSError, ValueError) as exc:
             raise fail(str(exc)) from exc
         console.print(" ".join(command))
         os.execvp(command[0], command)
     try:
         server, url = make_server(model, adapter_path, host=host, port=port, served_name=served_name,
-                                  **engine_kwargs)
+                                  api_key=api_key, max_workers=max_workers, timeout_s=timeout, **engine_kwargs)
     except (ModelNotFound, OSError, ValueError) as exc:
         raise fail(f"cannot serve {model}{f' + {adapter_path}' if adapter_path else ''}: {exc}") from exc
+    key = "KEY" if api_key else "none"
     console.print(f"serving [bold]{server.served_name}[/bold] at {url}/v1 — e.g. "
-                  f"dspy.LM(\"openai/{server.served_name}\", api_base=\"{url}/v1\", api_key=\"none\"); Ctrl-C stops")
+                  f"dspy.LM(\"openai/{server.served_name}\", api_base=\"{url}/v1\", api_key=\"{key}\"); Ctrl-C stops")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

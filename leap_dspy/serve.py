@@ -20,7 +20,10 @@ api_key="none")`. `leap-dspy serve runs/<name>` serves a run's final adapter.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
+import logging
 import os
 import threading
 import time
@@ -30,6 +33,14 @@ from pathlib import Path
 from typing import Any
 
 MAX_BODY_BYTES = 16 * 1024 * 1024
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class ApiError(Exception):
@@ -62,13 +73,49 @@ class OpenAIServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], engine: Any, served_name: str) -> None:
+    def __init__(self, address: tuple[str, int], engine: Any, served_name: str, *, api_key: str | None = None,
+                 max_workers: int = 32, timeout_s: float = 60.0) -> None:
+        if not api_key and not is_loopback(address[0]):
+            raise ValueError(f"refusing to serve on {address[0]} without an API key: anyone who can reach it could "
+                             "use the model; pass --api-key (or LEAP_DSPY_API_KEY), or bind 127.0.0.1")
         super().__init__(address, _Handler)
         self.engine = engine
         self.served_name = served_name
+        self.api_key = api_key or None
+        self.timeout_s = timeout_s
+        """Socket timeout of each connection: a client that sends nothing (or too slowly) for this long loses
+        its worker."""
         self.created = int(time.time())
         self.counts: dict[str, int] = {}
         self._counts_lock = threading.Lock()
+        self._workers = threading.BoundedSemaphore(max_workers)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A worker thread per connection, `max_workers` at most: past that, an immediate 429."""
+        if not self._workers.acquire(blocking=False):
+            self.count("busy")
+            _refuse(request, 429, "server busy: too many requests at once; retry shortly")
+            self.shutdown_request(request)
+            return
+        request.settimeout(self.timeout_s)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._workers.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._workers.release()
+
+    def authorized(self, header: str | None) -> bool:
+        """The request's `Authorization: Bearer <key>`, compared in constant time; anything goes without a key."""
+        if self.api_key is None:
+            return True
+        given = (header or "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
 
     def count(self, route: str) -> None:
         with self._counts_lock:
@@ -86,20 +133,24 @@ class OpenAIServer(ThreadingHTTPServer):
 
 
 def make_server(model: str | None = None, adapter: str | os.PathLike | None = None, host: str = "127.0.0.1",
-                port: int = 0, served_name: str | None = None, **engine_kwargs: Any) -> tuple[OpenAIServer, str]:
+                port: int = 0, served_name: str | None = None, *, api_key: str | None = None, max_workers: int = 32,
+                timeout_s: float = 60.0, **engine_kwargs: Any) -> tuple[OpenAIServer, str]:
     """Load (or reuse) the shared `LocalEngine` for `model` + `adapter` and bind a server to it.
 
     Returns `(server, url)` with the server bound but not yet serving: run `server.serve_forever()` (in a
     thread if need be), then `server.shutdown()` and `server.server_close()`. `port=0` picks a free port;
     `url` has no `/v1` (clients take `url + "/v1"`). `engine_kwargs` go to `LocalEngine` (`max_new_tokens`,
-    `max_batch`, `batch_wait_s`, `dtype`, `device`, ...).
+    `max_batch`, `batch_wait_s`, `dtype`, `device`, ...). Without `api_key` only a loopback `host` is served.
     """
+    if not api_key and not is_loopback(host):  # before the model loads
+        raise ValueError(f"refusing to serve on {host} without an API key; pass --api-key or bind 127.0.0.1")
     from leap_dspy.lm.lms import get_engine
     from leap_dspy.lm.models import DEFAULT_MODEL
 
     model = model or DEFAULT_MODEL
     engine = get_engine(model, adapter, **engine_kwargs)
-    server = OpenAIServer((host, port), engine, served_name or served_label(model, adapter))
+    server = OpenAIServer((host, port), engine, served_name or served_label(model, adapter), api_key=api_key,
+                          max_workers=max_workers, timeout_s=timeout_s)
     return server, server.url
 
 
@@ -127,6 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         try:
             body = self._read_body()
+            if path != "/health" and not self.server.authorized(self.headers.get("Authorization")):
+                raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)", code="invalid_api_key")
             if method == "GET" and path == "/health":
                 self.server.count("health")
                 self._send_json(200, {"status": "ok", "model": self.server.served_name})
@@ -145,11 +198,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as exc:
             self.server.count("error")
             self._send_json(exc.status, exc.body)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
-        except Exception as exc:  # an engine failure: the client gets a 500, the server keeps serving
+        except Exception:  # an engine failure: the client gets a 500 without internals, the log gets the cause
+            log.exception("request %s %s failed", method, path)
             self.server.count("error")
-            self._send_json(500, ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error").body)
+            self._send_json(500, ApiError(500, "internal error; the server log has the cause",
+                                          type="server_error").body)
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -237,6 +292,18 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+
+def _refuse(request: Any, status: int, message: str) -> None:
+    """A whole HTTP error response written straight to a connection no worker will read."""
+    body = json.dumps(ApiError(status, message, type="server_error").body).encode()
+    head = (f"HTTP/1.1 {status} {'Too Many Requests' if status == 429 else 'Error'}\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n")
+    try:
+        request.settimeout(2.0)
+        request.sendall(head.encode() + body)
+    except OSError:
+        pass
 
 
 def _parse_json(body: bytes) -> dict[str, Any]:
@@ -380,11 +447,16 @@ def resolve_target(target: str | os.PathLike | None, adapter: str | os.PathLike 
 
 
 def vllm_command(model: str, adapter: str | None, host: str, port: int, served_name: str | None = None,
-                 max_lora_rank: int | None = None) -> list[str]:
+                 max_lora_rank: int | None = None, api_key: str | None = None) -> list[str]:
     """The `vllm serve` command line serving `model` (+ `adapter` as a LoRA module) under the same names
-    as the transformers server."""
+    as the transformers server, with the same rule: no API key, loopback only (vLLM reads the key from
+    VLLM_API_KEY, which keeps it out of the process list)."""
     from leap_dspy.lm.models import resolve_model
 
+    if not api_key and not is_loopback(host):
+        raise ValueError(f"refusing to serve on {host} without an API key; pass --api-key or bind 127.0.0.1")
+    if api_key:
+        os.environ["VLLM_API_KEY"] = api_key
     weights = str(resolve_model(model))
     command = ["vllm", "serve", weights, "--host", host, "--port", str(port)]
     if adapter is None:

@@ -317,3 +317,58 @@ def test_cli_serve_errors_exit_2(run_folder: Path, tiny_model: str, tmp_path: Pa
     assert result.exit_code == 2 and "not a LoRA adapter folder" in said(result)
     result = runner.invoke(app, ["serve", str(tmp_path / "no-such-model"), "--port", "0"])
     assert result.exit_code == 2 and "cannot serve" in said(result)
+
+
+def test_a_key_guards_every_route_but_health_and_no_key_means_loopback_only(tiny_model: str) -> None:
+    with pytest.raises(ValueError, match="without an API key"):
+        make_server(tiny_model, host="0.0.0.0", max_new_tokens=MAX_NEW)
+    server, url = make_server(tiny_model, api_key="s3cret", max_new_tokens=MAX_NEW)
+    thread = start(server)
+    try:
+        assert http("GET", url + "/health")[0] == 200
+        status, body = http("GET", url + "/v1/models")
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        request = urllib.request.Request(url + "/v1/models", headers={"Authorization": "Bearer s3cret"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+        wrong = urllib.request.Request(url + "/v1/models", headers={"Authorization": "Bearer s3cre"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(wrong, timeout=30)
+        assert refused.value.code == 401
+        lm = remote_lm(server, url, api_key="s3cret")
+        assert isinstance(lm(messages=[{"role": "user", "content": "hi"}])[0], str)  # a real client, with the key
+    finally:
+        stop(server, thread)
+    result = CliRunner().invoke(app, ["serve", tiny_model, "--host", "0.0.0.0", "--port", "0"])
+    assert result.exit_code == 2 and "without an API key" in result.output
+
+
+def test_a_full_pool_answers_429_and_a_silent_client_cannot_hold_a_worker(tiny_model: str) -> None:
+    import socket
+
+    server, url = make_server(tiny_model, max_workers=1, timeout_s=1.0, max_new_tokens=MAX_NEW)
+    thread = start(server)
+    try:
+        silent = socket.create_connection(server.server_address[:2])  # connects, never sends a request
+        time.sleep(0.3)
+        status, body = http("GET", url + "/health")
+        assert status == 429 and "busy" in body["error"]["message"]
+        time.sleep(1.5)  # its socket timeout frees the worker
+        assert http("GET", url + "/health")[0] == 200
+        silent.close()
+        assert server.counts["busy"] == 1
+    finally:
+        stop(server, thread)
+
+
+def test_a_failing_engine_answers_500_without_its_internals(served: tuple[OpenAIServer, str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    server, url = served
+
+    def explode(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("secret path /home/someone/model and a stack")
+
+    monkeypatch.setattr(server.engine, "complete", explode)
+    status, body = http("POST", url + "/v1/chat/completions",
+                        {"model": server.served_name, "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 500 and "secret" not in json.dumps(body) and body["error"]["type"] == "server_error"

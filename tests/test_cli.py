@@ -105,3 +105,15 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(args: list[str], say
     assert result.exit_code == 2, result.output
     assert says in result.output and "Traceback" not in result.output
     assert not run.exists() or not any(run.iterdir())
+
+
+def test_a_program_file_naming_foreign_code_or_an_endpoint_is_refused(tmp_path: Path) -> None:
+    """DSPy imports whatever engine class a saved program names: an untrusted student.json must not choose."""
+    import json
+
+    for lm, says in (({"engine": {"class": "os:system", "state": {}}}, "engine class 'os:system'"),
+                     ({"model": "openai/x", "api_base": "http://elsewhere"}, "endpoint (api_base)")):
+        path = tmp_path / "student.json"
+        path.write_text(json.dumps({"step": {"lm": lm, "demos": []}}))
+        result = runner.invoke(app, ["rollout", str(path), "--env", "examples.keybox:KeyBox"])
+        assert result.exit_code == 2 and "refusing to load" in result.output and says in result.output

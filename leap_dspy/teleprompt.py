@@ -162,7 +162,8 @@ class LEAP(Teleprompter):
         current = list(records.load().values())
         rows, examples = self.aggregate(0, student, current)
         if _follows_student(teacher):  # the privileged self is these same weights: teach them the expert's part
-            expert_rows = privileged_self_rows(teacher.signature, teacher.adapter, demos.values(),
+            ordered = sorted(demos.values(), key=lambda t: t.task.id)
+            expert_rows = privileged_self_rows(teacher.signature, teacher.adapter, ordered,
                                                self.config.max_train_rows, random.Random(self.config.seed * 17),
                                                self._propose_reason, self.env.idle_actions)
             rows, examples = rows + expert_rows, examples + len(expert_rows)
@@ -196,8 +197,10 @@ class LEAP(Teleprompter):
 
     def aggregate(self, k: int, student: Student, current: list[Correction]) -> tuple[Rows, int]:
         """DAgger: this round's usable records with all earlier ones, bounded, as the student's training rows."""
-        cfg, usable = self.config, [c for c in current if c.dropped is None]
-        earlier = [c for j in range(k) for c in self._load_corrections(j) if c.dropped is None]
+        # In key order, not the order episodes happened to finish in: a seed then fixes the rows and their order.
+        cfg, usable = self.config, sorted((c for c in current if c.dropped is None), key=lambda c: c.key)
+        earlier = sorted((c for j in range(k) for c in self._load_corrections(j) if c.dropped is None),
+                         key=lambda c: c.key)
         rng, balance_rng = random.Random(cfg.seed * 1000 + k), random.Random(cfg.seed * 31 + k)
         signature, adapter = student.step.signature, student.adapter
         if cfg.update != "sft" and k > 0:

@@ -80,6 +80,8 @@ def test_experiment_runs_publishes_resumes_and_reports(tiny_model: str, tmp_path
     before, after = (yaml.safe_load((p / "config.yaml").read_text()) for p in (first, tmp_path / "rerun"))
     assert (after["trainset"], after["valset"], after["env"]) == (before["trainset"], before["valset"], before["env"])
     assert _bc_outcomes(tmp_path / "rerun") == _bc_outcomes(first)
+    rows = [(p / "iter_0" / "train_rows.jsonl").read_bytes() for p in (first, tmp_path / "rerun")]
+    assert rows[0] == rows[1]  # the same rows in the same order, whichever episode finished first
 
     for source, out in ((root, tmp_path / "report"), (published, tmp_path / "rebuilt")):
         result = CliRunner().invoke(app, ["report", str(source), "--out", str(out)])

@@ -102,6 +102,7 @@ def compile_(
     bc_from: Annotated[Path | None, typer.Option(help=_help("bc_from"))] = None,
     seed: Annotated[int, typer.Option(help=_help("seed"))] = _default("seed"),
     report_to: Annotated[list[str] | None, typer.Option(help=_help("report_to", "; repeatable"))] = None,
+    rollout_server: Annotated[list[str] | None, typer.Option(help=_help("rollout_servers", "; repeatable"))] = None,
     sets: SetOption = None,
     config_file: Annotated[Path | None, typer.Option("--config", help="a YAML file of LEAP settings (any "
                                                      "LEAPConfig field; a run's config.yaml works too); options "
@@ -121,7 +122,7 @@ def compile_(
              "drop_unrealizable": drop_unrealizable, "train_all_new": train_all_new,
              "evaluate_snapped": evaluate_snapped, "num_threads": threads, "evaluate_base": base,
              "evaluate_expert": expert_reference, "bc_from": bc_from, "seed": seed, "progress": not quiet,
-             "report_to": report_to or []}
+             "report_to": report_to or [], "rollout_servers": rollout_server or []}
     env, options, expert, expert_per, settings = resolve_settings(ctx, given, config_file, env, sets, expert,
                                                                    expert_per)
     environment = build_env(env, options)
@@ -155,7 +156,7 @@ def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Pat
     """(env, env options, expert, expert_per, LEAP settings): the defaults, then the --config file (a run's
     config.yaml also gives its environment and expert), then what was typed."""
     params = {"num_threads": "threads", "evaluate_base": "base", "evaluate_expert": "expert_reference",
-              "progress": "quiet"}
+              "progress": "quiet", "rollout_servers": "rollout_server"}
     explicit = {k: v for k, v in given.items() if _given(ctx, params.get(k, k))}
     settings, run = read_settings(config_file)
     settings = {**given, **settings, **explicit}

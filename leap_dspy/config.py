@@ -66,6 +66,9 @@ class LEAPConfig(BaseModel):
     lm: dict[str, Any] = _bc(default_factory=lambda: {"no_repeat_ngram": 12},
                              description="settings of the student's local engine (`LocalEngine`)")
     train: TrainConfig = _bc(default_factory=TrainConfig, description="LoRA fine-tuning hyper-parameters")
+    rollout_servers: list[str] = Field(default_factory=list, description="OpenAI-compatible servers (vLLM, "
+                                       "leap-dspy serve) the student acts through, each round's adapter loaded "
+                                       "into each; none: in this process. Their key: LEAP_DSPY_API_KEY")
     report_to: list[str] = Field(default_factory=list, description="experiment trackers for LEAP's per-stage "
                                  "metrics, the config and TRL's training curves: tensorboard, mlflow, wandb "
                                  "(offline: stores in the run folder)")

@@ -81,6 +81,8 @@ class OpenAIServer(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.engine = engine
         self.served_name = served_name
+        self.adapters: dict[str, Any] = {}
+        """LoRA adapters loaded at run time (`POST /v1/load_lora_adapter`, as vLLM has it), by served name."""
         self.api_key = api_key or None
         self.timeout_s = timeout_s
         """Socket timeout of each connection: a client that sends nothing (or too slowly) for this long loses
@@ -185,14 +187,19 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send_json(200, {"status": "ok", "model": self.server.served_name})
             elif method == "GET" and path == "/v1/models":
                 self.server.count("models")
-                self._send_json(200, {"object": "list", "data": [self._model_card()]})
+                cards = [self._model_card()] + [self._model_card(name) for name in self.server.adapters]
+                self._send_json(200, {"object": "list", "data": cards})
             elif method == "GET" and path.startswith("/v1/models/"):
                 self.server.count("models")
-                self._check_model(path.removeprefix("/v1/models/"))
-                self._send_json(200, self._model_card())
+                name = path.removeprefix("/v1/models/")
+                self._check_model(name)
+                self._send_json(200, self._model_card(name))
             elif method == "POST" and path in ("/v1/chat/completions", "/chat/completions"):
                 self.server.count("chat.completions")
                 self._chat(body)
+            elif method == "POST" and path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+                self.server.count("adapters")
+                self._adapter(path.endswith("/load_lora_adapter"), _parse_json(body))
             else:
                 raise ApiError(404, f"no route {method} {path}", code="not_found")
         except ApiError as exc:
@@ -230,24 +237,49 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _model_card(self) -> dict[str, Any]:
-        return {"id": self.server.served_name, "object": "model", "created": self.server.created,
+    def _model_card(self, name: str | None = None) -> dict[str, Any]:
+        return {"id": name or self.server.served_name, "object": "model", "created": self.server.created,
                 "owned_by": "leap-dspy"}
 
-    def _check_model(self, name: Any) -> None:
-        if name != self.server.served_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
-                                f"{self.server.served_name!r}", param="model", code="model_not_found")
+    def _check_model(self, name: Any) -> Any:
+        """The engine serving `name`: the base one, or a LoRA adapter loaded at run time."""
+        if name == self.server.served_name:
+            return self.server.engine
+        if name in self.server.adapters:
+            return self.server.adapters[name]
+        raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+                            f"{', '.join([self.server.served_name, *self.server.adapters])}", param="model",
+                       code="model_not_found")
+
+    def _adapter(self, load: bool, request: dict[str, Any]) -> None:
+        """vLLM's runtime LoRA endpoints: a new round's adapter is served under a new name, without a restart."""
+        from leap_dspy.lm.lms import get_engine
+
+        name = request.get("lora_name")
+        if not isinstance(name, str) or not name or name == self.server.served_name:
+            raise ApiError(400, "lora_name must be a new model name", param="lora_name")
+        if not load:
+            if self.server.adapters.pop(name, None) is None:
+                raise ApiError(404, f"no adapter {name!r} is loaded", param="lora_name", code="model_not_found")
+            self._send_json(200, {"status": "ok", "unloaded": name})
+            return
+        path = Path(str(request.get("lora_path") or ""))
+        if not (path / "adapter_config.json").exists():
+            raise ApiError(400, f"{path} is not a LoRA adapter folder", param="lora_path")
+        base = self.server.engine
+        settings = {k: getattr(base, k) for k in ("dtype", "max_batch", "max_new_tokens", "batching", "device")
+                    if hasattr(base, k)}
+        self.server.adapters[name] = get_engine(base.model, path, **settings)
+        self._send_json(200, {"status": "ok", "loaded": name})
 
     # chat completions
 
     def _chat(self, body: bytes) -> None:
         request = _parse_json(body)
-        if "model" in request:
-            self._check_model(request["model"])
+        engine = self._check_model(request.get("model", self.server.served_name))
         engine_request = chat_request(request, self.server.served_name)
         try:
-            response = self.server.engine.complete(engine_request)
+            response = engine.complete(engine_request)
         except ValueError as exc:  # the engine's request checks (e.g. a prompt over the context length)
             raise ApiError(400, str(exc)) from exc
         created = int(time.time())
@@ -264,7 +296,7 @@ class _Handler(BaseHTTPRequestHandler):
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
-            "model": self.server.served_name,
+            "model": request.get("model", self.server.served_name),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": None, "finish_reason": finish}],
             "usage": usage,

@@ -10,6 +10,7 @@ teacher's inputs hold the privileged state.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -48,7 +49,7 @@ from leap_dspy.types import Correction, PrivilegedState, StudentInputs, Task, Tr
 
 Rows = list[dict[str, Any]]
 OPERATIONAL = {"iterations", "num_threads", "expert_threads", "expert_retries", "evaluate_base", "evaluate_expert",
-               "evaluate_snapped", "report_to"}
+               "evaluate_snapped", "report_to", "rollout_servers"}
 """Settings a resumed run may change: they decide how much is run and how fast, not what a record holds."""
 _RENAMED = {"train_config": "train", "lm_kwargs": "lm"}  # the keyword names of earlier releases
 
@@ -97,6 +98,7 @@ class LEAP(Teleprompter):
         self.privilege_level = env.check_level(env.default_privilege_level if level is None else level)
         self.run = RunFolder(run_dir or default_run_dir(env.name))
         self.trackers = Trackers([], self.run.path, self.run.path.name)  # the configured ones open with the run
+        self._pool: Any = None
         self.teacher, self.demonstrator = teacher, demonstrator
 
     # -- the method ----------------------------------------------------------------------------------------
@@ -114,7 +116,7 @@ class LEAP(Teleprompter):
         teacher = self.prepare(teacher, train, val)
         self._student = student
         started = time.perf_counter()
-        student.set_lm(local_lm(self.config.model, **self.config.lm))
+        self.point(student, None)
         self.reference(student, teacher, val)
 
         console.print("behaviour cloning: the expert's demonstrations as the student's steps")
@@ -129,14 +131,14 @@ class LEAP(Teleprompter):
             corrections = self.corrections(k, teacher, trajectories)
             rows, examples = self.aggregate(k, student, corrections)
             adapter, train_s = self.fine_tune(k, rows, adapter)
-            student.set_lm(local_lm(self.config.model, adapter=str(adapter), **self.config.lm))
+            self.point(student, adapter)
             self.evaluate(k, student, val, since=round_start,
                           extra=round_metrics(corrections, trajectories, examples, train_s))
 
         self.run.write_metrics_csv(with_scores=self._with_scores)
         self.run.write_episodes_csv()
         self.run.write_report(f"LEAP on {self.env.name}", with_scores=self._with_scores)
-        student.save(str(self.run.path / "student.json"))
+        self.save(student, adapter)
         self.trackers.close()
         console.print(f"compiled in {time.perf_counter() - started:.0f} s; run folder: {self.run.path}")
         return program
@@ -168,7 +170,7 @@ class LEAP(Teleprompter):
                                                self._propose_reason, self.env.idle_actions)
             rows, examples = rows + expert_rows, examples + len(expert_rows)
         adapter, train_s = self.fine_tune(0, rows, None)
-        student.set_lm(local_lm(self.config.model, adapter=str(adapter), **self.config.lm))
+        self.point(student, adapter)
         self.evaluate(0, student, val, since=started,
                       extra=round_metrics(current, demos, examples, train_s))
         return adapter
@@ -344,6 +346,33 @@ class LEAP(Teleprompter):
             raise ValueError(f"the scripted expert has no policy at privilege level {self.privilege_level} on "
                              f"{self.env.name} (it follows the oracle at level {top}); use an LM expert there")
 
+    def point(self, student: Student, adapter: Path | None) -> None:
+        """The student acts with `adapter` on the base weights: in this process, or through the pool of
+        inference servers (`rollout_servers`), into each of which the adapter is loaded first."""
+        if not self.config.rollout_servers:
+            student.set_lm(local_lm(self.config.model, **({"adapter": str(adapter)} if adapter else {}),
+                                    **self.config.lm))
+            return
+        from leap_dspy.lm.pool import ServerPool
+
+        if self._pool is None:
+            self._pool = ServerPool(self.config.rollout_servers, api_key=os.environ.get("LEAP_DSPY_API_KEY"))
+        name = self._pool.base_model()
+        if adapter is not None:
+            name = f"{self.run.path.name}-{adapter.parent.name}"
+            self._pool.load_adapter(name, str(adapter.resolve()))
+        student.set_lm(self._pool.lm(name, max_tokens=self.config.lm["max_new_tokens"]))
+
+    def save(self, student: Student, adapter: Path | None) -> None:
+        """`student.json`, with the local engine on the final adapter even when the student acted through a
+        server pool: a saved program must load anywhere, and must not send its prompts to recorded servers."""
+        saved = student
+        if self.config.rollout_servers:
+            saved = student.deepcopy()
+            saved.set_lm(local_lm(self.config.model, **({"adapter": str(adapter)} if adapter else {}),
+                                  **self.config.lm))
+        saved.save(str(self.run.path / "student.json"))
+
     def finished(self, k: int) -> bool:
         stage = self.run.path / f"iter_{k}"
         return (stage / "metrics.json").exists() and (stage / "adapter" / "adapter_config.json").exists()
@@ -351,7 +380,7 @@ class LEAP(Teleprompter):
     def adopt(self, student: Student, k: int) -> Path:
         """A finished stage of an earlier run of this folder: the student takes its adapter and moves on."""
         adapter = self.run.stage(k) / "adapter"
-        student.set_lm(local_lm(self.config.model, adapter=str(adapter), **self.config.lm))
+        self.point(student, adapter)
         return adapter
 
     def _start(self, config: dict[str, Any]) -> None:

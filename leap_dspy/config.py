@@ -66,6 +66,10 @@ class LEAPConfig(BaseModel):
     lm: dict[str, Any] = _bc(default_factory=lambda: {"no_repeat_ngram": 12},
                              description="settings of the student's local engine (`LocalEngine`)")
     train: TrainConfig = _bc(default_factory=TrainConfig, description="LoRA fine-tuning hyper-parameters")
+    train_launcher: list[str] = Field(default_factory=list, description="run each fine-tune under this launcher "
+                                      "as its own processes, e.g. 'torchrun --nproc_per_node 2' (CPU, gloo) or "
+                                      "'accelerate launch --config_file fsdp.yaml'; none: in this process")
+
     rollout_servers: list[str] = Field(default_factory=list, description="OpenAI-compatible servers (vLLM, "
                                        "leap-dspy serve) the student acts through, each round's adapter loaded "
                                        "into each; none: in this process. Their key: LEAP_DSPY_API_KEY")
@@ -76,6 +80,13 @@ class LEAPConfig(BaseModel):
     progress: bool = Field(True, description="progress bars")
     bc_from: Path | None = Field(None, description="a finished run folder whose behaviour cloning this run "
                                  "starts from (it must agree on every behaviour-cloning setting)")
+
+    @field_validator("train_launcher", mode="before")
+    @classmethod
+    def _split_launcher(cls, value: Any) -> Any:
+        import shlex
+
+        return shlex.split(value) if isinstance(value, str) else value
 
     @field_validator("report_to")
     @classmethod

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
+import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -37,6 +39,7 @@ from leap_dspy.rollout import Episodes, attach_env, expert_capture, expert_polic
 from leap_dspy.runs import RunFolder, default_run_dir
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from leap_dspy.trackers import Trackers
+from leap_dspy.train import TrainConfig, TrainResult
 from leap_dspy.train.common import RESULT_FILE, release_memory
 from leap_dspy.training_data import (
     aggregate_preference,
@@ -49,7 +52,7 @@ from leap_dspy.types import Correction, PrivilegedState, StudentInputs, Task, Tr
 
 Rows = list[dict[str, Any]]
 OPERATIONAL = {"iterations", "num_threads", "expert_threads", "expert_retries", "evaluate_base", "evaluate_expert",
-               "evaluate_snapped", "report_to", "rollout_servers"}
+               "evaluate_snapped", "report_to", "rollout_servers", "train_launcher"}
 """Settings a resumed run may change: they decide how much is run and how fast, not what a record holds."""
 _RENAMED = {"train_config": "train", "lm_kwargs": "lm"}  # the keyword names of earlier releases
 
@@ -244,11 +247,31 @@ class LEAP(Teleprompter):
             trainer = train_sft
         console.print(f"{out.parent.name}: fine-tuning on {len(rows)} rows ({trainer.__name__})")
         warn_long_answers(rows, self.config.model, self.config.lm["max_new_tokens"])
-        result = trainer(rows, model=self.config.model, output_dir=out, init_adapter=str(previous) if previous
-                         else None, config=config)
+        if self.config.train_launcher:
+            result = self._launch(trainer.__name__.removeprefix("train_"), out, previous, config)
+        else:
+            result = trainer(rows, model=self.config.model, output_dir=out, init_adapter=str(previous) if previous
+                             else None, config=config)
         atomic_write_json(out.parent / "train.json", result.model_dump())
         release_memory()
         return out, time.perf_counter() - started
+
+    def _launch(self, method: str, out: Path, previous: Path | None, config: TrainConfig) -> TrainResult:
+        """The fine-tune as its own processes under `train_launcher` (torchrun, accelerate launch): the rows
+        and settings go through files, the result comes back inside the published adapter."""
+        from leap_dspy.train.launch import launch_command
+
+        stage = out.parent
+        atomic_write_text(stage / "train_config.json", config.model_dump_json(indent=2))
+        command = launch_command(self.config.train_launcher, method, stage / "train_rows.jsonl", self.config.model,
+                                 out, previous, stage / "train_config.json")
+        atomic_write_text(stage / "launch.sh", shlex.join(command) + "\n")  # what other nodes run, for many nodes
+        with open(stage / "train_launch.log", "ab") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        if code != 0 or not (out / RESULT_FILE).exists():
+            tail = (stage / "train_launch.log").read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"the launched fine-tune failed (exit {code}; {stage / 'train_launch.log'}):\n{tail}")
+        return TrainResult.model_validate_json((out / RESULT_FILE).read_text())
 
     def evaluate(self, name: str | int, policy: dspy.Module, tasks: list[Task], since: float,
                  extra: dict[str, Any], expert_level: int | None = None) -> None:

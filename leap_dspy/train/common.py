@@ -187,13 +187,28 @@ def quiet_libraries(keep_progress_bar: bool) -> Iterator[None]:
         trl_logger.setLevel(trl_level)
 
 
+def is_main_process() -> bool:
+    """Rank 0 of an `accelerate launch` (or torchrun) job, or a process started on its own."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 @contextlib.contextmanager
 def atomic_output_dir(output_dir: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield `<output_dir>.tmp` to write into; on success replace `output_dir` by it, on failure delete it.
 
-    An existing adapter at `output_dir` survives a failed run untouched.
+    An existing adapter at `output_dir` survives a failed run untouched. In a distributed fine-tune only the
+    main process publishes; the others write into a scratch folder of their own, deleted at the end.
     """
     final = Path(output_dir)
+    if not is_main_process():
+        scratch = final.with_name(f"{final.name}.rank{os.environ.get('RANK')}")
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -61,8 +61,11 @@ def _trainer_class() -> type:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
             if return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            model = self.accelerator.unwrap_model(model)
-            return completion_only_loss(model, inputs, num_items_in_batch)
+            loss = completion_only_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # As Trainer.compute_loss does: the token count is the global one, and DDP averages gradients.
+                loss = loss * self.accelerator.num_processes
+            return loss
 
     return CompletionOnlySFTTrainer
 

@@ -1,0 +1,50 @@
+"""One fine-tune as its own program, for a launcher to run on many processes, GPUs or nodes.
+
+    accelerate launch --config_file examples/accelerate/one-node-fsdp.yaml -m leap_dspy.train.launch \\
+        --method sft --rows train_rows.jsonl --model MODEL --output-dir adapter [--init-adapter DIR] \\
+        [--config train_config.json]
+    torchrun --nproc_per_node 2 -m leap_dspy.train.launch ...      # processes on a CPU (gloo)
+
+TRL's trainers run distributed by themselves under `accelerate launch` or `torchrun` (DDP, or FSDP/DeepSpeed as
+an accelerate config file says); only the main process publishes the adapter (`common.atomic_output_dir`),
+with its `TrainResult` inside. `launch_command` builds this line for `LEAP(train_launcher=...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+
+def launch_command(launcher: list[str], method: str, rows: Path, model: str, output_dir: Path,
+                   init_adapter: Path | None, config_file: Path) -> list[str]:
+    """`launcher` (e.g. `["torchrun", "--nproc_per_node", "2"]`) running one fine-tune whose TrainConfig is in
+    `config_file`; the launcher's executable is looked up beside this Python when it is not on PATH."""
+    program = shutil.which(launcher[0]) or str(Path(sys.executable).with_name(launcher[0]))
+    command = [program, *launcher[1:], "-m", "leap_dspy.train.launch", "--method", method, "--rows", str(rows),
+               "--model", model, "--output-dir", str(output_dir), "--config", str(config_file)]
+    return command + (["--init-adapter", str(init_adapter)] if init_adapter else [])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from leap_dspy.train import TrainConfig, train_dpo, train_kto, train_sft
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", choices=("sft", "dpo", "kto"), required=True)
+    ap.add_argument("--rows", type=Path, required=True, help="JSONL training rows, as LEAP writes them")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--output-dir", type=Path, required=True)
+    ap.add_argument("--init-adapter", type=Path)
+    ap.add_argument("--config", type=Path, help="a TrainConfig as JSON")
+    args = ap.parse_args(argv)
+    rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
+    config = TrainConfig.model_validate_json(args.config.read_text()) if args.config else TrainConfig()
+    train = {"sft": train_sft, "dpo": train_dpo, "kto": train_kto}[args.method]
+    train(rows, model=args.model, output_dir=args.output_dir, init_adapter=args.init_adapter, config=config)
+
+
+if __name__ == "__main__":
+    main()

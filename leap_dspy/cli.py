@@ -104,6 +104,7 @@ def compile_(
     report_to: Annotated[list[str] | None, typer.Option(help=_help("report_to", "; repeatable"))] = None,
     rollout_server: Annotated[list[str] | None, typer.Option(help=_help("rollout_servers", "; repeatable"))] = None,
     train_launcher: Annotated[str | None, typer.Option(help=_help("train_launcher"))] = None,
+    ray: Annotated[str | None, typer.Option(help=_help("ray"))] = None,
     sets: SetOption = None,
     config_file: Annotated[Path | None, typer.Option("--config", help="a YAML file of LEAP settings (any "
                                                      "LEAPConfig field; a run's config.yaml works too); options "
@@ -124,7 +125,7 @@ def compile_(
              "evaluate_snapped": evaluate_snapped, "num_threads": threads, "evaluate_base": base,
              "evaluate_expert": expert_reference, "bc_from": bc_from, "seed": seed, "progress": not quiet,
              "report_to": report_to or [], "rollout_servers": rollout_server or [],
-             "train_launcher": train_launcher or []}
+             "train_launcher": train_launcher or [], "ray": ray}
     env, options, expert, expert_per, settings = resolve_settings(ctx, given, config_file, env, sets, expert,
                                                                    expert_per)
     environment = build_env(env, options)

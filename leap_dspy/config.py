@@ -70,6 +70,9 @@ class LEAPConfig(BaseModel):
                                       "as its own processes, e.g. 'torchrun --nproc_per_node 2' (CPU, gloo) or "
                                       "'accelerate launch --config_file fsdp.yaml'; none: in this process")
 
+    ray: str | None = Field(None, description="step environments in Ray actors: 'local' (start Ray on this "
+                            "machine), 'auto' (the running cluster) or a cluster address; none: threads here")
+    ray_workers: int | None = Field(None, ge=1, description="environment actors (default: the cluster's CPUs)")
     rollout_servers: list[str] = Field(default_factory=list, description="OpenAI-compatible servers (vLLM, "
                                        "leap-dspy serve) the student acts through, each round's adapter loaded "
                                        "into each; none: in this process. Their key: LEAP_DSPY_API_KEY")

@@ -52,7 +52,7 @@ from leap_dspy.types import Correction, PrivilegedState, StudentInputs, Task, Tr
 
 Rows = list[dict[str, Any]]
 OPERATIONAL = {"iterations", "num_threads", "expert_threads", "expert_retries", "evaluate_base", "evaluate_expert",
-               "evaluate_snapped", "report_to", "rollout_servers", "train_launcher"}
+               "evaluate_snapped", "report_to", "rollout_servers", "train_launcher", "ray", "ray_workers"}
 """Settings a resumed run may change: they decide how much is run and how fast, not what a record holds."""
 _RENAMED = {"train_config": "train", "lm_kwargs": "lm"}  # the keyword names of earlier releases
 
@@ -102,6 +102,7 @@ class LEAP(Teleprompter):
         self.run = RunFolder(run_dir or default_run_dir(env.name))
         self.trackers = Trackers([], self.run.path, self.run.path.name)  # the configured ones open with the run
         self._pool: Any = None
+        self._ray_episodes: Any = None
         self.teacher, self.demonstrator = teacher, demonstrator
 
     # -- the method ----------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ class LEAP(Teleprompter):
         record = self.privilege_level if _follows_student(teacher) else None  # a privileged self learns from them
         play = expert_policy(demonstrator, student, self.env, level=level, record_level=record)
         log = JsonlLog(self.run.stage(0) / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
-        demos = play_episodes(Episodes(log, train, "demonstrations", play), self.env, program=demonstrator,
+        demos = play_episodes(Episodes(log, train, "demonstrations", play), self.episodes, program=demonstrator,
                               num_threads=self.config.expert_threads, progress=self.config.progress)
         records = self._corrections_log(0)
         demonstration_records(demos.values(), records, level, self.expertise, self.config.bc_successful_only,
@@ -188,7 +189,7 @@ class LEAP(Teleprompter):
         play = student_policy(student, capture_level=capture_level, capture_oracle=capture_oracle,
                               policy=f"student@{k - 1}")
         log = JsonlLog(self.run.stage(k) / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
-        return play_episodes(Episodes(log, tasks, f"round {k}: rollouts", play), self.env, program=student,
+        return play_episodes(Episodes(log, tasks, f"round {k}: rollouts", play), self.episodes, program=student,
                              num_threads=self.config.num_threads, progress=self.config.progress)
 
     def corrections(self, k: int, teacher: dspy.Module, trajectories: dict[str, Trajectory]) -> list[Correction]:
@@ -287,7 +288,7 @@ class LEAP(Teleprompter):
             play = expert_policy(policy, self._student, self.env, level=expert_level)
             threads = self.config.expert_threads
         log = JsonlLog(stage / "eval.jsonl", Trajectory, key=lambda t: t.task.id)
-        done = play_episodes(Episodes(log, tasks, f"evaluate {name}", play), self.env, program=policy,
+        done = play_episodes(Episodes(log, tasks, f"evaluate {name}", play), self.episodes, program=policy,
                              num_threads=threads, progress=self.config.progress)
         metrics: dict[str, Any] = {"iteration": str(name), **split_metrics(list(done.values())),
                                    "train_examples": 0, **extra}
@@ -310,7 +311,7 @@ class LEAP(Teleprompter):
                                               for s in strict[task.id].steps)]
         play = student_policy(self._student, policy=str(name), snap=True)
         log = JsonlLog(self.run.stage(name) / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id)
-        replayed = play_episodes(Episodes(log, near, f"evaluate {name}, snapped", play), self.env,
+        replayed = play_episodes(Episodes(log, near, f"evaluate {name}, snapped", play), self.episodes,
                                  program=self._student, num_threads=self.config.num_threads,
                                  progress=self.config.progress) if near else {}
         metrics = split_metrics([replayed.get(task.id, strict[task.id]) for task in tasks])
@@ -450,6 +451,18 @@ class LEAP(Teleprompter):
         console.print(f"behaviour cloning from {source.path}")
 
     # -- helpers -------------------------------------------------------------------------------------------
+
+    @property
+    def episodes(self) -> Any:
+        """What each episode's environment is cloned from: the environment, or a pool of Ray actors holding it
+        (`LEAPConfig.ray`)."""
+        if not self.config.ray:
+            return self.env
+        if self._ray_episodes is None:
+            from leap_dspy.remote import RayEpisodes
+
+            self._ray_episodes = RayEpisodes(self.env, self.config.ray, self.config.ray_workers)
+        return self._ray_episodes
 
     @property
     def _with_scores(self) -> bool:

@@ -189,7 +189,7 @@ def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
         raise fail(f"cannot read --config {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise fail(f"--config {path} is not a mapping of LEAP settings")
-    run_keys = {"env", "expert", "demonstrator", "trainset", "valset", "bc_expert_level"}
+    run_keys = {"env", "student", "expert", "demonstrator", "trainset", "valset", "bc_expert_level"}
     unknown = sorted(set(data) - set(LEAPConfig.model_fields) - run_keys)
     if unknown:
         raise fail(f"--config {path}: not LEAP settings: {', '.join(unknown)}")

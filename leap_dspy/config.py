@@ -124,6 +124,7 @@ class LEAPConfig(BaseModel):
     def dump(self) -> dict[str, Any]:
         """The YAML-ready settings: paths as strings; a preference anchor only where it applies."""
         data = self.model_dump(mode="json", exclude={"progress"})
+        data["train"].pop("report_to", None)  # LEAP's own `report_to` decides it for every fine-tune
         data["iteration_lr"] = self.iteration_learning_rate()
         if self.bc_from is not None:
             data["bc_from"] = str(self.bc_from.resolve())

@@ -117,8 +117,8 @@ class LEAP(Teleprompter):
             raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
         program, student = (student, student.student) if isinstance(student, Agent) else (student, student)
         train, val = as_tasks(trainset), as_tasks(valset or [])
-        teacher = self.prepare(teacher, train, val)
         self._student = student
+        teacher = self.prepare(teacher, train, val)
         started = time.perf_counter()
         self.point(student, None)
         self.reference(student, teacher, val)
@@ -355,6 +355,7 @@ class LEAP(Teleprompter):
             "env": {"name": env_spec(self.env), **self.env.config()},
             **self.config.dump(),
             "privilege_level": self.privilege_level,
+            "student": self._student.settings(),
             "expert": describe_expert(teacher),
             "demonstrator": describe_expert(self._demonstrator(teacher)),
             **({"bc_expert_level": self.privilege_level} if _follows_student(teacher) else {}),
@@ -415,8 +416,10 @@ class LEAP(Teleprompter):
             diff = sorted(k for k in set(existing) | set(config)
                           if k not in ignored and existing.get(k) != config.get(k))
             if diff:
+                unrecorded = [k for k in diff if k not in existing]
+                why = f"; {', '.join(unrecorded)}: not recorded by the leap-dspy that started it" if unrecorded else ""
                 raise ConfigMismatch(f"{self.run.path} holds a run with a different configuration "
-                                     f"({', '.join(diff)}); use another run folder")
+                                     f"({', '.join(diff)}{why}); use another run folder")
             console.print(f"resuming the run in {self.run.path}")
         self.run.path.mkdir(parents=True, exist_ok=True)
         atomic_write_yaml(path, config)
@@ -428,7 +431,7 @@ class LEAP(Teleprompter):
                 bc / "adapter" / "adapter_config.json").exists():
             raise ConfigMismatch(f"bc_from: {source.path} holds no finished behaviour cloning (iter_0)")
         theirs = _read_config(source.config_path)
-        keys = ("env", "trainset", "valset", "demonstrator", "bc_expert_level", *LEAPConfig.bc_keys())
+        keys = ("env", "student", "trainset", "valset", "demonstrator", "bc_expert_level", *LEAPConfig.bc_keys())
         keys += ("privilege_level",) if "model" in config["demonstrator"] else ()  # an LM demonstrator reads it
         diff = sorted(k for k in keys if theirs.get(k) != config.get(k))
         if diff:

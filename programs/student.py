@@ -72,6 +72,14 @@ class Student(dspy.Module):
         substitution is kept in `Step.executed`. Only numbers and articles are forgiven: an action that names
         another object or place runs as written, and the environment says it is invalid."""
 
+    def settings(self) -> dict[str, object]:
+        """What shapes its prompts and its episodes, as a run's config.yaml records it."""
+        names = ("history_window", "max_observation_chars", "max_history_observation_chars",
+                 "show_admissible_actions", "max_invalid_streak", "remember_actions", "remember_start_chars",
+                 "snap_actions", "show_notes")
+        return {"name": type(self).__name__, "adapter": type(self.adapter).__name__,
+                **{name: getattr(self, name) for name in names}}
+
     def forward(self, task: str, observation: str, history: str) -> dspy.Prediction:
         with dspy.context(adapter=self.adapter):
             return self.step(task=task, observation=observation, history=history)

@@ -92,7 +92,8 @@ def conditions(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
         mine = [r for r in runs if r.env == env]
         flat = [_flatten(r.config) for r in mine]
         keys = sorted({k for f in flat for k in f} - SEED_KEYS)
-        varying = _independent([k for k in keys if len({repr(f.get(k)) for f in flat}) > 1], flat)
+        # A key only some runs record (a setting added by a later version) does not split them by itself.
+        varying = _independent([k for k in keys if len({repr(f[k]) for f in flat if k in f}) > 1], flat)
         for run, values in zip(mine, flat, strict=True):
             label = ", ".join(f"{k.removeprefix('env.')}={_short(values.get(k))}" for k in varying) or "all runs"
             groups.setdefault((env, label), []).append(run)

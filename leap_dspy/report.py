@@ -206,7 +206,7 @@ def _plots(env: str, groups: dict[str, list[Run]], out: Path, rng: np.random.Gen
     import matplotlib.pyplot as plt
 
     metric = "score" if any(has_scores(rs) for rs in groups.values()) else "success"
-    fig, (curve, gain) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (curve, gain) = plt.subplots(1, 2, figsize=(12, 4.4))
     for i, (label, runs) in enumerate(groups.items()):
         colour = f"C{i}"
         rounds = [s for s in stages_of(runs) if s.isdigit()]
@@ -224,9 +224,10 @@ def _plots(env: str, groups: dict[str, list[Run]], out: Path, rng: np.random.Gen
     ticks = sorted({int(s) for rs in groups.values() for s in stages_of(rs) if s.isdigit()})
     curve.set_xticks(ticks, [stage_name(str(t)) for t in ticks])
     gain.set_xticks(ticks[1:], [stage_name(str(t)) for t in ticks[1:]])
-    curve.set(title=f"{env}: unseen {metric}, 95% band (dotted: base, dashed: expert)", ylabel=metric)
+    curve.set(title=f"unseen {metric}, 95% band (dotted: base, dashed: expert)", ylabel=metric)
     gain.axhline(0, color="grey", lw=1)
-    gain.set(title="round − behaviour cloning, same games, 95% interval", ylabel=f"Δ {metric}")
+    gain.set(title="round − BC on the same games, 95% interval", ylabel=f"Δ {metric}")
+    fig.suptitle(env)
     for ax in (curve, gain):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -10,11 +10,8 @@ teacher's inputs hold the privileged state.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shlex
 import shutil
-import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,9 +25,9 @@ from leap_dspy.config import LEAPConfig
 from leap_dspy.corrections import Corrector, collect_corrections, demonstration_records
 from leap_dspy.envs import env_spec
 from leap_dspy.envs.base import TextEnv
-from leap_dspy.lm import local_lm
 from leap_dspy.lm.models import check_model
 from leap_dspy.metrics import describe_expert, expert_usage_metrics, split_metrics, success_rate
+from leap_dspy.placement import Placement
 from leap_dspy.programs.agent import Agent
 from leap_dspy.programs.experts import OracleExpert
 from leap_dspy.programs.student import Student, snap_action
@@ -39,7 +36,6 @@ from leap_dspy.rollout import Episodes, attach_env, expert_capture, expert_polic
 from leap_dspy.runs import RunFolder, default_run_dir
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from leap_dspy.trackers import Trackers
-from leap_dspy.train import TrainConfig, TrainResult
 from leap_dspy.train.common import RESULT_FILE, release_memory
 from leap_dspy.training_data import (
     aggregate_preference,
@@ -101,8 +97,7 @@ class LEAP(Teleprompter):
         self.privilege_level = env.check_level(env.default_privilege_level if level is None else level)
         self.run = RunFolder(run_dir or default_run_dir(env.name))
         self.trackers = Trackers([], self.run.path, self.run.path.name)  # the configured ones open with the run
-        self._pool: Any = None
-        self._ray_episodes: Any = None
+        self.placement = Placement(self.config, env, self.run.path.name)
         self.teacher, self.demonstrator = teacher, demonstrator
 
     # -- the method ----------------------------------------------------------------------------------------
@@ -160,8 +155,9 @@ class LEAP(Teleprompter):
         record = self.privilege_level if _follows_student(teacher) else None  # a privileged self learns from them
         play = expert_policy(demonstrator, student, self.env, level=level, record_level=record)
         log = JsonlLog(self.run.stage(0) / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
-        demos = play_episodes(Episodes(log, train, "demonstrations", play), self.episodes, program=demonstrator,
-                              num_threads=self.config.expert_threads, progress=self.config.progress)
+        demos = play_episodes(Episodes(log, train, "demonstrations", play), self.placement.episodes,
+                              program=demonstrator, num_threads=self.config.expert_threads,
+                              progress=self.config.progress)
         records = self._corrections_log(0)
         demonstration_records(demos.values(), records, level, self.expertise, self.config.bc_successful_only,
                               self.config.drop_unrealizable)
@@ -189,8 +185,8 @@ class LEAP(Teleprompter):
         play = student_policy(student, capture_level=capture_level, capture_oracle=capture_oracle,
                               policy=f"student@{k - 1}")
         log = JsonlLog(self.run.stage(k) / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
-        return play_episodes(Episodes(log, tasks, f"round {k}: rollouts", play), self.episodes, program=student,
-                             num_threads=self.config.num_threads, progress=self.config.progress)
+        return play_episodes(Episodes(log, tasks, f"round {k}: rollouts", play), self.placement.episodes,
+                             program=student, num_threads=self.config.num_threads, progress=self.config.progress)
 
     def corrections(self, k: int, teacher: dspy.Module, trajectories: dict[str, Trajectory]) -> list[Correction]:
         """The privileged expert's reason and action at every visited step, judged and saved one by one."""
@@ -249,30 +245,13 @@ class LEAP(Teleprompter):
         console.print(f"{out.parent.name}: fine-tuning on {len(rows)} rows ({trainer.__name__})")
         warn_long_answers(rows, self.config.model, self.config.lm["max_new_tokens"])
         if self.config.train_launcher:
-            result = self._launch(trainer.__name__.removeprefix("train_"), out, previous, config)
+            result = self.placement.launch_fine_tune(trainer.__name__.removeprefix("train_"), out, previous, config)
         else:
             result = trainer(rows, model=self.config.model, output_dir=out, init_adapter=str(previous) if previous
                              else None, config=config)
         atomic_write_json(out.parent / "train.json", result.model_dump())
         release_memory()
         return out, time.perf_counter() - started
-
-    def _launch(self, method: str, out: Path, previous: Path | None, config: TrainConfig) -> TrainResult:
-        """The fine-tune as its own processes under `train_launcher` (torchrun, accelerate launch): the rows
-        and settings go through files, the result comes back inside the published adapter."""
-        from leap_dspy.train.launch import launch_command
-
-        stage = out.parent
-        atomic_write_text(stage / "train_config.json", config.model_dump_json(indent=2))
-        command = launch_command(self.config.train_launcher, method, stage / "train_rows.jsonl", self.config.model,
-                                 out, previous, stage / "train_config.json")
-        atomic_write_text(stage / "launch.sh", shlex.join(command) + "\n")  # what other nodes run, for many nodes
-        with open(stage / "train_launch.log", "ab") as log:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
-        if code != 0 or not (out / RESULT_FILE).exists():
-            tail = (stage / "train_launch.log").read_text(errors="replace")[-1500:]
-            raise RuntimeError(f"the launched fine-tune failed (exit {code}; {stage / 'train_launch.log'}):\n{tail}")
-        return TrainResult.model_validate_json((out / RESULT_FILE).read_text())
 
     def evaluate(self, name: str | int, policy: dspy.Module, tasks: list[Task], since: float,
                  extra: dict[str, Any], expert_level: int | None = None) -> None:
@@ -288,7 +267,7 @@ class LEAP(Teleprompter):
             play = expert_policy(policy, self._student, self.env, level=expert_level)
             threads = self.config.expert_threads
         log = JsonlLog(stage / "eval.jsonl", Trajectory, key=lambda t: t.task.id)
-        done = play_episodes(Episodes(log, tasks, f"evaluate {name}", play), self.episodes, program=policy,
+        done = play_episodes(Episodes(log, tasks, f"evaluate {name}", play), self.placement.episodes, program=policy,
                              num_threads=threads, progress=self.config.progress)
         metrics: dict[str, Any] = {"iteration": str(name), **split_metrics(list(done.values())),
                                    "train_examples": 0, **extra}
@@ -311,7 +290,7 @@ class LEAP(Teleprompter):
                                               for s in strict[task.id].steps)]
         play = student_policy(self._student, policy=str(name), snap=True)
         log = JsonlLog(self.run.stage(name) / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id)
-        replayed = play_episodes(Episodes(log, near, f"evaluate {name}, snapped", play), self.episodes,
+        replayed = play_episodes(Episodes(log, near, f"evaluate {name}, snapped", play), self.placement.episodes,
                                  program=self._student, num_threads=self.config.num_threads,
                                  progress=self.config.progress) if near else {}
         metrics = split_metrics([replayed.get(task.id, strict[task.id]) for task in tasks])
@@ -372,21 +351,8 @@ class LEAP(Teleprompter):
                              f"{self.env.name} (it follows the oracle at level {top}); use an LM expert there")
 
     def point(self, student: Student, adapter: Path | None) -> None:
-        """The student acts with `adapter` on the base weights: in this process, or through the pool of
-        inference servers (`rollout_servers`), into each of which the adapter is loaded first."""
-        if not self.config.rollout_servers:
-            student.set_lm(local_lm(self.config.model, **({"adapter": str(adapter)} if adapter else {}),
-                                    **self.config.lm))
-            return
-        from leap_dspy.lm.pool import ServerPool
-
-        if self._pool is None:
-            self._pool = ServerPool(self.config.rollout_servers, api_key=os.environ.get("LEAP_DSPY_API_KEY"))
-        name = self._pool.base_model()
-        if adapter is not None:
-            name = f"{self.run.path.name}-{adapter.parent.name}"
-            self._pool.load_adapter(name, str(adapter.resolve()))
-        student.set_lm(self._pool.lm(name, max_tokens=self.config.lm["max_new_tokens"]))
+        """The student acts with `adapter` on the base weights, wherever `placement` runs it."""
+        student.set_lm(self.placement.student_lm(adapter))
 
     def save(self, student: Student, adapter: Path | None) -> None:
         """`student.json`, with the local engine on the final adapter even when the student acted through a
@@ -394,8 +360,7 @@ class LEAP(Teleprompter):
         saved = student
         if self.config.rollout_servers:
             saved = student.deepcopy()
-            saved.set_lm(local_lm(self.config.model, **({"adapter": str(adapter)} if adapter else {}),
-                                  **self.config.lm))
+            saved.set_lm(self.placement.local_lm(adapter))
         saved.save(str(self.run.path / "student.json"))
 
     def finished(self, k: int) -> bool:
@@ -454,18 +419,6 @@ class LEAP(Teleprompter):
         console.print(f"behaviour cloning from {source.path}")
 
     # -- helpers -------------------------------------------------------------------------------------------
-
-    @property
-    def episodes(self) -> Any:
-        """What each episode's environment is cloned from: the environment, or a pool of Ray actors holding it
-        (`LEAPConfig.ray`)."""
-        if not self.config.ray:
-            return self.env
-        if self._ray_episodes is None:
-            from leap_dspy.remote import RayEpisodes
-
-            self._ray_episodes = RayEpisodes(self.env, self.config.ray, self.config.ray_workers)
-        return self._ray_episodes
 
     @property
     def _with_scores(self) -> bool:

@@ -71,6 +71,6 @@ def test_a_compile_steps_its_environments_in_actors(local_ray: None, tiny_model:
     leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(),
                  valset=env.tasks("seen") + env.tasks("unseen"))
     assert (tmp_path / "run" / "iter_1" / "metrics.json").exists()
-    assert 1 <= leap._ray_episodes._made <= 3
+    assert 1 <= leap.placement._ray_episodes._made <= 3
     expert = leap.run.metric_rows()[0]
     assert expert["iteration"] == "expert" and expert["unseen_success"] == 1.0  # played in actors, it still wins

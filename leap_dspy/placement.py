@@ -1,0 +1,78 @@
+"""Where a compile's work runs: the student's LM (this process, or a pool of inference servers), each episode's
+environment (here, or Ray actors) and each fine-tune (this process, or a launcher's processes).
+
+`LEAP` asks a `Placement` and never branches on `rollout_servers`, `ray` or `train_launcher` itself; every
+backend is imported only when its setting asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from leap_dspy.config import LEAPConfig
+from leap_dspy.envs.base import TextEnv
+from leap_dspy.lm import local_lm
+from leap_dspy.store import atomic_write_text
+from leap_dspy.train import TrainConfig, TrainResult
+from leap_dspy.train.common import RESULT_FILE
+
+
+class Placement:
+    def __init__(self, config: LEAPConfig, env: TextEnv, run_name: str) -> None:
+        self.config, self.env, self.run_name = config, env, run_name
+        self._pool: Any = None
+        self._ray_episodes: Any = None
+
+    def local_lm(self, adapter: Path | None) -> Any:
+        """The student's weights (+ `adapter`) on the engine in this process."""
+        return local_lm(self.config.model, **({"adapter": str(adapter)} if adapter else {}), **self.config.lm)
+
+    def student_lm(self, adapter: Path | None) -> Any:
+        """The LM the student acts with: local, or through the server pool (`rollout_servers`), into each server
+        of which the adapter is loaded first, under a name of its own."""
+        if not self.config.rollout_servers:
+            return self.local_lm(adapter)
+        from leap_dspy.lm.pool import ServerPool
+
+        if self._pool is None:
+            self._pool = ServerPool(self.config.rollout_servers, api_key=os.environ.get("LEAP_DSPY_API_KEY"))
+        if adapter is None:
+            name = self._pool.base_model()
+        else:
+            name = f"{self.run_name}-{adapter.parent.name}"
+            self._pool.load_adapter(name, str(adapter.resolve()))
+        return self._pool.lm(name, max_tokens=self.config.lm["max_new_tokens"])
+
+    @property
+    def episodes(self) -> Any:
+        """What each episode's environment is cloned from: the environment, or a pool of Ray actors holding it
+        (`ray`)."""
+        if not self.config.ray:
+            return self.env
+        if self._ray_episodes is None:
+            from leap_dspy.remote import RayEpisodes
+
+            self._ray_episodes = RayEpisodes(self.env, self.config.ray, self.config.ray_workers)
+        return self._ray_episodes
+
+    def launch_fine_tune(self, method: str, out: Path, previous: Path | None, config: TrainConfig) -> TrainResult:
+        """The fine-tune as its own processes under `train_launcher` (torchrun, accelerate launch): the rows
+        (already in the stage's `train_rows.jsonl`) and settings go through files, the result comes back inside
+        the published adapter."""
+        from leap_dspy.train.launch import launch_command
+
+        stage = out.parent
+        atomic_write_text(stage / "train_config.json", config.model_dump_json(indent=2))
+        command = launch_command(self.config.train_launcher, method, stage / "train_rows.jsonl", self.config.model,
+                                 out, previous, stage / "train_config.json")
+        atomic_write_text(stage / "launch.sh", shlex.join(command) + "\n")  # what other nodes run, for many nodes
+        with open(stage / "train_launch.log", "ab") as log:
+            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+        if code != 0 or not (out / RESULT_FILE).exists():
+            tail = (stage / "train_launch.log").read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"the launched fine-tune failed (exit {code}; {stage / 'train_launch.log'}):\n{tail}")
+        return TrainResult.model_validate_json((out / RESULT_FILE).read_text())

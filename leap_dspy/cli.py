@@ -244,6 +244,7 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], Any]:
 def load_program(path: Path) -> Any:
     """A saved Student, loaded only if its LM state names nothing but leap-dspy's own engines and no endpoint:
     DSPy imports the engine class a file names, so an untrusted file must not choose it."""
+    from leap_dspy.lm.engine import unsafe_lm_state
     from leap_dspy.programs import Student
 
     if not path.exists():
@@ -261,28 +262,6 @@ def load_program(path: Path) -> Any:
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
         raise fail(f"{path} is not a saved Student program: {exc}") from exc
     return student
-
-
-SAFE_ENGINES = {"leap_dspy.lm.engine:LocalEngine", "leap_dspy.lm.engine:AsyncLocalEngine"}
-ENDPOINT_KEYS = {"api_base", "base_url", "model_list", "api_key"}
-
-
-def unsafe_lm_state(data: Any) -> list[str]:
-    """What in a saved program's JSON would import code or send prompts elsewhere: engine classes other than
-    leap-dspy's, and endpoint keys."""
-    problems: list[str] = []
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if key in ("engine", "async_engine") and isinstance(value, dict) and value.get("class") not in SAFE_ENGINES:
-                problems.append(f"it names the engine class {str(value.get('class'))[:80]!r}")
-            elif key in ENDPOINT_KEYS and value:
-                problems.append(f"it names an endpoint ({key})")
-            else:
-                problems += unsafe_lm_state(value)
-    elif isinstance(data, list):
-        for item in data:
-            problems += unsafe_lm_state(item)
-    return problems
 
 
 def report_rollout(name: str, trajectories: list[Any]) -> dict[str, Any]:

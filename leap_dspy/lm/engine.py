@@ -231,3 +231,26 @@ class AsyncLocalEngine:
 
     def __deepcopy__(self, memo: dict) -> AsyncLocalEngine:
         return self
+
+
+SAFE_ENGINES = {f"{cls.__module__}:{cls.__qualname__}" for cls in (LocalEngine, AsyncLocalEngine)}
+"""The engine classes a saved program may name: DSPy imports whatever class a file names."""
+ENDPOINT_KEYS = {"api_base", "base_url", "model_list", "api_key"}
+
+
+def unsafe_lm_state(data: Any) -> list[str]:
+    """What in a saved program's JSON would import code or send prompts elsewhere: engine classes other than
+    leap-dspy's, and endpoint keys."""
+    problems: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if key in ("engine", "async_engine") and isinstance(value, dict) and value.get("class") not in SAFE_ENGINES:
+                problems.append(f"it names the engine class {str(value.get('class'))[:80]!r}")
+            elif key in ENDPOINT_KEYS and value:
+                problems.append(f"it names an endpoint ({key})")
+            else:
+                problems += unsafe_lm_state(value)
+    elif isinstance(data, list):
+        for item in data:
+            problems += unsafe_lm_state(item)
+    return problems

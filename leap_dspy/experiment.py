@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from leap_dspy.config import LEAPConfig
 from leap_dspy.progress import console
 from leap_dspy.runs import RunFolder
-from leap_dspy.store import atomic_write_json
+from leap_dspy.store import atomic_write_json, read_json
 
 PUBLISHED = ("config.yaml", "metrics.csv", "episodes.csv", "*/metrics.json", "*/train.json")
 """What `--publish` keeps of a finished run: enough to rebuild its report, nothing heavy (no weights, logs)."""
@@ -197,8 +197,6 @@ def show(specs: list[Spec], states: dict[str, str], root: Path) -> None:
         stages = [s for s in folder.stages() if s.isdigit()] if folder.path.exists() else []
         stage, success, minutes = "", "", ""
         if stages:
-            from leap_dspy.store import read_json
-
             rows = [read_json(folder.path / f"iter_{s}" / "metrics.json") for s in stages]
             stage, success = ("BC" if stages[-1] == "0" else f"round {stages[-1]}"), rows[-1].get("unseen_success")
             minutes = f"{sum(float(r.get('wall_s') or 0) for r in rows) / 60:.1f}"

@@ -1,8 +1,10 @@
 """Write your own environment: a key hidden in one of several closed boxes, and a locked door.
 
-The smallest environment with hidden information that LEAP can teach from. The student sees the boxes but not
-which one holds the key; the oracle walks straight to it, which no student can learn to do (nothing it sees
-says which box), while `KeyboxExpertise` opens the boxes in the order the student sees them, which it can.
+The smallest environment with hidden information where what the expert may know matters. The student sees the
+boxes but not which one holds the key; shaking a box tells (a key rattles), and opening an empty box springs a
+trap that ends the episode. The oracle opens the right box at once, which no student can learn to do (nothing it
+sees says which box), while `KeyboxExpertise` shakes the boxes in the order the student sees them and opens the
+one that rattled, which it can.
 
     leap-dspy compile --env examples.keybox:KeyBox --set num_boxes=4
 """
@@ -18,7 +20,8 @@ from leap_dspy.envs.expertise import Expertise
 from leap_dspy.types import Observation, PrivilegedState, Split, StudentInputs, Task
 
 COLOURS = ("red", "green", "blue", "yellow", "white", "black", "purple", "orange", "brown", "grey")
-INSTRUCTION = "find the key, unlock the door and open it."
+INSTRUCTION = "find the key, unlock the door and open it. Opening an empty box springs a trap."
+RATTLED = re.compile(r"You shake the (\w+ box): a key rattles inside")
 
 
 class KeyBox(TextEnv):
@@ -41,10 +44,11 @@ class KeyBox(TextEnv):
             raise ValueError(f"keybox: num_boxes must be between 2 and {len(COLOURS) - 2}")
         self.num_boxes, self.seed, self.realizable = int(num_boxes), int(seed), bool(realizable)
         self.counts = {"train": int(num_train), "seen": int(num_seen), "unseen": int(num_unseen)}
-        # The longest unseen search (every box, then take, unlock, open) plus one slip.
-        self.max_steps = int(max_steps or self.num_boxes + 2 + 4)
+        # The longest unseen search (shake every box, open, take, unlock, open the door) plus one slip.
+        self.max_steps = int(max_steps or self.num_boxes + 2 + 5)
         self.boxes: list[str] = []
-        self.key_box, self.opened, self.has_key, self.unlocked, self.done = "", [], False, False, True
+        self.key_box, self.shaken, self.opened = "", [], []
+        self.has_key, self.unlocked, self.done, self.lost = False, False, True, False
 
     def config(self) -> dict[str, Any]:
         return {"num_boxes": self.num_boxes, "num_train": self.counts["train"], "num_seen": self.counts["seen"],
@@ -65,26 +69,25 @@ class KeyBox(TextEnv):
 
     def reset(self, task: Task) -> Observation:
         self.boxes, self.key_box = list(task.boxes), str(task.key_box)  # type: ignore[attr-defined]
-        self.opened, self.has_key, self.unlocked, self.done = [], False, False, False
+        self.shaken, self.opened = [], []
+        self.has_key, self.unlocked, self.done, self.lost = False, False, False, False
         return self._observe(f"You are in a small room with a locked door. Looking around, you see {self._list()}.")
 
     def step(self, action: str) -> Observation:
         """Apply an action; an impossible one says why and changes nothing."""
-        return self._observe("The door is open: the episode is over." if self.done else self._apply(
-            " ".join(action.lower().split())))
+        if self.done or self.lost:
+            return self._observe("The episode is over.")
+        return self._observe(self._apply(" ".join(action.lower().split())))
 
     def _apply(self, action: str) -> str:
-        key_box, box = self.key_box, action.removeprefix("open ")
-        if action.startswith("open ") and box in self.boxes:
-            if box in self.opened:
-                return f"The {box} is already open."
-            self.opened.append(box)
-            return f"You open the {box}. " + ("In it, you see a key." if box == key_box else "It is empty.")
+        verb, _, box = action.partition(" ")
+        if verb in ("shake", "open") and box in self.boxes:
+            return self._handle(verb, box)
         if action == "take key":
-            if self.has_key or key_box not in self.opened:
+            if self.has_key or self.key_box not in self.opened:
                 return "You already have the key." if self.has_key else "You see no key here."
             self.has_key = True
-            return f"You take the key from the {key_box}."
+            return f"You take the key from the {self.key_box}."
         if action == "unlock door":
             if self.has_key and not self.unlocked:
                 self.unlocked = True
@@ -99,17 +102,34 @@ class KeyBox(TextEnv):
             return "You are carrying a key." if self.has_key else "You are carrying nothing."
         return f"Nothing happens: {action!r} is not an action here."
 
+    def _handle(self, verb: str, box: str) -> str:
+        """Shake or open a box: shaking tells whether the key is inside, opening an empty box is the trap."""
+        if box in self.opened:
+            return f"The {box} is already open."
+        if verb == "shake":
+            self.shaken.append(box)
+            inside = "a key rattles inside" if box == self.key_box else "it sounds empty"
+            return f"You shake the {box}: {inside}."
+        self.opened.append(box)
+        if box == self.key_box:
+            return f"You open the {box}. In it, you see a key."
+        self.lost = True
+        return f"You open the {box}. It is empty, and the trap springs: the door jams for good. You lost."
+
     def _list(self) -> str:
         names = [("an " if b[0] in "aeiou" else "a ") + b + (" (open)" if b in self.opened else "") for b in self.boxes]
         return ", ".join(names[:-1]) + " and " + names[-1]
 
     def _observe(self, text: str) -> Observation:
-        """The text plus the admissible actions: closed boxes in the room's order, then what the key allows."""
-        actions = [f"open {b}" for b in self.boxes if b not in self.opened]
+        """The text plus the admissible actions: boxes to shake, then to open, then what the key allows."""
+        over = self.done or self.lost
+        # Once the key's box is open, no other box is worth touching.
+        closed = [] if over or self.key_box in self.opened else [b for b in self.boxes if b not in self.opened]
+        actions = [f"shake {b}" for b in closed if b not in self.shaken] + [f"open {b}" for b in closed]
         actions += ["take key"] if self.key_box in self.opened and not self.has_key else []
         actions += ["unlock door"] if self.has_key and not self.unlocked else []
-        actions += ["open door"] if self.unlocked and not self.done else []
-        return Observation(text=text, done=self.done, success=self.done, reward=float(self.done),
+        actions += ["open door"] if self.unlocked and not over else []
+        return Observation(text=text, done=over, success=self.done, reward=float(self.done),
                            admissible_actions=[*actions, "look", "inventory"])
 
     def privileged_state(self, level: int) -> PrivilegedState:
@@ -119,7 +139,7 @@ class KeyBox(TextEnv):
 
     def oracle_action(self) -> str | None:
         """Straight to the key: right every time, and not something the student could have chosen."""
-        if self.done:
+        if self.done or self.lost:
             return None
         if not self.has_key:
             return "take key" if self.key_box in self.opened else f"open {self.key_box}"
@@ -135,16 +155,23 @@ def listed_actions(observation: str) -> list[str]:
     return line.removeprefix("Actions: ").split(", ") if line else []
 
 
-def closed_boxes(observation: str) -> list[str]:
-    """The boxes the student can still open, in the room's order."""
-    return [a.removeprefix("open ") for a in listed_actions(observation) if re.fullmatch(r"open \w+ box", a)]
+def boxes_to(verb: str, observation: str) -> list[str]:
+    """The boxes the student can still shake (or open), in the room's order."""
+    return [a.removeprefix(f"{verb} ") for a in listed_actions(observation) if re.fullmatch(rf"{verb} \w+ box", a)]
+
+
+def rattled(inputs: StudentInputs) -> str | None:
+    """The box the student heard rattle and has not opened yet, if any."""
+    heard = RATTLED.findall(inputs.history + "\n" + inputs.observation)
+    closed = boxes_to("open", inputs.observation)
+    return next((box for box in reversed(heard) if box in closed), None)
 
 
 class KeyboxExpertise(Expertise):
     """The expert a student can imitate: it never reads the privileged state, so it plays the same at every level.
 
-    It opens the first box still closed, takes the key once seen, then unlocks and opens the door; its reasons
-    name only what the student's prompt shows.
+    It shakes the boxes in the order the student's `Actions:` line lists them, opens the one that rattled,
+    takes the key, then unlocks and opens the door; its reasons name only what the student's prompt shows.
     """
 
     levels = (0, 1)
@@ -152,29 +179,30 @@ class KeyboxExpertise(Expertise):
     def act(self, inputs: StudentInputs, privileged: PrivilegedState, student_action: str) -> str | None:
         actions = listed_actions(inputs.observation)
         ready = [a for a in ("take key", "unlock door", "open door") if a in actions]
-        closed = closed_boxes(inputs.observation)
-        return ready[0] if ready else f"open {closed[0]}" if closed else "look"
+        box, unshaken = rattled(inputs), boxes_to("shake", inputs.observation)
+        return ready[0] if ready else f"open {box}" if box else f"shake {unshaken[0]}" if unshaken else "look"
 
     def explain(self, inputs: StudentInputs, privileged: PrivilegedState, action: str,
                 student_action: str = "") -> str:
+        verb, _, box = action.partition(" ")
         if action == "take key":
-            seen = re.findall(r"You open the (\w+ box)\. In it, you see a key", inputs.history + inputs.observation)
-            return f"The key is in the {seen[-1]} I opened: I take it." if seen else "I see the key: I take it."
+            return "The box I opened holds the key: I take it."
         if action == "unlock door":
             return "I have the key and the door is locked: I unlock it."
         if action == "open door":
             return "The door is unlocked: I open it and leave."
-        if action.startswith("open "):
-            return f"Not found yet, and the {action.removeprefix('open ')} is still closed: I open it."
+        if verb == "open":
+            return f"The {box} rattled when I shook it, so the key is in it: I open it."
+        if verb == "shake":
+            why = f"opening an unshaken box like the {student_action.partition(' ')[2]} risks the trap, so " \
+                if student_action.startswith("open ") and student_action != "open door" else ""
+            return f"No box has rattled yet; {why}I shake the {box}, the next one I have not shaken."
         return f"Nothing else to do, so I {action}."
 
     def unjustified(self, inputs: StudentInputs, privileged: PrivilegedState, action: str) -> str | None:
-        """Opening a box other than the next closed one, before any key is seen, is justified only by a
-        privileged state that names that box."""
-        box = action.removeprefix("open ")
-        closed = closed_boxes(inputs.observation)
+        """Opening a box that did not rattle is justified only by a privileged state that names that box."""
+        verb, _, box = action.partition(" ")
         facts = " ".join([privileged.to_text(), privileged.oracle_action or ""])
-        if box in closed and box != closed[0] and "take key" not in listed_actions(inputs.observation) \
-                and re.search(rf"\b{re.escape(box)}\b", facts):
+        if verb == "open" and box != "door" and box != rattled(inputs) and re.search(rf"\b{re.escape(box)}\b", facts):
             return f"opens the {box}, which only the privileged state says holds the key"
         return super().unjustified(inputs, privileged, action)

@@ -21,10 +21,10 @@ from leap_dspy.types import StudentInputs, Trajectory
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `examples` is a folder of the repository, not an installed package
 
-from examples.keybox import KeyBox, KeyboxExpertise  # noqa: E402
+from examples.keybox import KeyBox, KeyboxExpertise, rattled  # noqa: E402
 
 FAST_TRAIN = TrainConfig(max_length=512, per_device_batch_size=8, gradient_accumulation=1, progress_bar=False)
-TINY = {"num_boxes": 3, "num_train": 3, "num_seen": 1, "num_unseen": 1, "max_steps": 8}
+TINY = {"num_boxes": 3, "num_train": 3, "num_seen": 1, "num_unseen": 1, "max_steps": 10}
 
 
 def expert_episode(env: KeyBox, split: str = "train", index: int = 0) -> Trajectory:
@@ -51,7 +51,7 @@ def test_tasks_are_reproducible_and_unseen_ones_are_bigger() -> None:
     assert {len(t.boxes) for t in env.tasks("train")} <= {3, 4}
     assert {len(t.boxes) for t in env.tasks("unseen")} <= {5, 6}
     assert type(env.clone()).__name__ == "KeyBox" and env.clone().config() == env.config()
-    assert env.step("fly away").text.startswith("The door is open")  # before any reset: nothing to do, no raise
+    assert env.step("fly away").text.startswith("The episode is over")  # before any reset: nothing to do, no raise
     env.reset(env.tasks("train")[0])
     for action in ("fly away", "take key", "unlock door", "open door"):
         observation = env.step(action)
@@ -64,12 +64,25 @@ def test_the_realizable_expert_wins_and_says_only_what_the_student_saw() -> None
         trajectory = expert_episode(env, split, index)
         assert trajectory.success
         expertise = KeyboxExpertise()
-        opened = [s.action for s in trajectory.steps if s.action.startswith("open ") and s.action != "open door"]
-        assert opened == [f"open {b}" for b in trajectory.task.boxes[: len(opened)]]  # in the room's order
+        shaken = [s.action.removeprefix("shake ") for s in trajectory.steps if s.action.startswith("shake ")]
+        assert shaken == trajectory.task.boxes[: len(shaken)] and shaken[-1] == trajectory.task.key_box
+        assert [s.action for s in trajectory.steps if s.action.startswith("open ")] == [
+            f"open {trajectory.task.key_box}", "open door"]  # only the box that rattled: never the trap
         for step in trajectory.steps:
             assert step.privileged is not None and step.privileged.sections
             assert unobserved_mentions(step.reason, step.inputs, step.privileged, step.action) == []
             assert expertise.unjustified(step.inputs, step.privileged, step.action) is None
+
+
+def test_an_empty_box_springs_the_trap_and_a_shake_tells_where_the_key_is() -> None:
+    env = KeyBox()
+    task = next(t for t in env.tasks("train") if t.key_box != t.boxes[0])
+    env.reset(task)
+    assert "rattles" not in env.step(f"shake {task.boxes[0]}").text
+    assert "a key rattles" in env.step(f"shake {task.key_box}").text
+    observation = env.step(f"open {task.boxes[0]}")
+    assert observation.done and not observation.success and "trap" in observation.text
+    assert env.step("take key").text == "The episode is over." and env.oracle_action() is None
 
 
 def test_the_oracle_straight_to_the_key_is_flagged_as_unjustified() -> None:
@@ -125,7 +138,8 @@ class _Wordy(Student):
             if action in listed:
                 verb, noun = action.split()
                 return "plan", f"{verb} the {noun}", None
-        return "plan", next(a for a in listed if a.startswith("open ")), None
+        box = rattled(inputs)
+        return "plan", f"open {box}" if box else next(a for a in listed if a.startswith("shake ")), None
 
 
 def test_evaluation_is_strict_and_reports_snapped_success_beside(tmp_path: Path) -> None:

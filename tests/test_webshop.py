@@ -318,6 +318,43 @@ def test_http_adapter_unreachable_says_so():
     assert url in msg and "web_agent_site" in msg and "server_url" in msg
 
 
+def test_http_adapter_refuses_other_schemes_huge_pages_and_redirects_elsewhere():
+    from leap_dspy.envs.webshop.http import MAX_PAGE_BYTES, HttpWebShop
+
+    for bad in ("file:///etc/passwd", "ftp://127.0.0.1/", "127.0.0.1:3000"):
+        with pytest.raises(ValueError, match="http"):
+            WebShop(server_url=bad)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            if self.path == "/away":
+                self.send_response(302)
+                self.send_header("Location", "http://192.0.2.1/elsewhere")
+                self.end_headers()
+                return
+            data = b"x" * (MAX_PAGE_BYTES + 10) if self.path == "/big" else b"<html>ok</html>"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        shop = HttpWebShop(f"http://127.0.0.1:{server.server_address[1]}")
+        assert shop._get(shop.url + "/small") == "<html>ok</html>"
+        with pytest.raises(WebShopServerUnavailable, match="bytes"):
+            shop._get(shop.url + "/big")
+        with pytest.raises(WebShopServerUnavailable, match="redirect away"):
+            shop._get(shop.url + "/away")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _fake_webshop_server(env: WebShop, goals: list[dict]) -> ThreadingHTTPServer:
     """A stand-in for `web_agent_site.app`: its routes and its templates' HTML structure, over our catalog."""
     catalog = env.catalog

@@ -35,6 +35,8 @@ from leap_dspy.envs.webshop.pages import (
 from leap_dspy.types import Observation, Task
 
 SPLIT_OFFSETS = {"unseen": 0, "seen": 500, "train": 1500}
+MAX_PAGE_BYTES = 4 * 1024 * 1024
+"""A WebShop page is tens of kilobytes; anything past this is not a page the agent could read."""
 _SKIP_TAGS = {"script", "style", "head", "title", "meta"}
 _VOID = {"input", "img", "br", "hr", "meta", "link"}
 
@@ -119,30 +121,53 @@ class _PageParser(HTMLParser):
         self.texts.append(text)
 
 
+class _RedirectRefused(urllib.error.HTTPError):
+    pass
+
+
+class _SameServer(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only within the server it was given: never to another host or scheme."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        if not newurl.startswith(self.origin + "/"):
+            raise _RedirectRefused(newurl, code, f"a redirect away from {self.origin} was refused", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 class HttpWebShop:
     """The episode loop over a running WebShop server, with the offline env's action grammar."""
 
     def __init__(self, url: str, max_steps: int = 15, timeout: float = 10.0, check: bool = True) -> None:
         self.url = url.rstrip("/")
+        parsed = urllib.parse.urlsplit(self.url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"webshop: server_url must be an http(s)://host:port address, not {url!r}")
         self.max_steps = max_steps
         self.timeout = timeout
+        self._opener = urllib.request.build_opener(_SameServer(f"{parsed.scheme}://{parsed.netloc}"))
         if check:
             self._get(self.url + "/")  # raises WebShopServerUnavailable with instructions
 
     def _get(self, url: str) -> str:
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as resp:
-                return resp.read().decode("utf-8", errors="replace")
+            with self._opener.open(url, timeout=self.timeout) as resp:
+                body = resp.read(MAX_PAGE_BYTES + 1)
         except urllib.error.HTTPError as exc:
-            if url == self.url + "/":
+            if url == self.url + "/" and not isinstance(exc, _RedirectRefused):
                 return ""  # it answered: the server is up, whatever its home page does
             raise WebShopServerUnavailable(
-                f"WebShop server at {self.url} answered {exc.code} for {url}"
+                f"WebShop server at {self.url} answered {exc.code} ({exc.msg}) for {url}"
             ) from exc
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise WebShopServerUnavailable(
                 unreachable_message(self.url, getattr(exc, "reason", exc))
             ) from exc
+        if len(body) > MAX_PAGE_BYTES:
+            raise WebShopServerUnavailable(f"WebShop server at {self.url} sent over {MAX_PAGE_BYTES} bytes for {url}")
+        return body.decode("utf-8", errors="replace")
 
     # ------------------------------------------------------------------------------------------------ urls
 

@@ -115,7 +115,8 @@ def compile_(
     from leap_dspy.config import LEAPConfig
     from leap_dspy.programs import Student
     from leap_dspy.rollout import attach_env
-    from leap_dspy.teleprompt import LEAP, ConfigMismatch
+    from leap_dspy.store import RunFileError
+    from leap_dspy.teleprompt import LEAP
 
     if update not in ("sft", "dpo", "kto"):
         raise fail(f"--update must be sft, dpo or kto, not {update!r}")
@@ -142,7 +143,7 @@ def compile_(
         raise fail(f"{env} has no training tasks with these options (num_train?)")
     try:
         leap.compile(Student(), trainset=trainset, teacher=teacher, valset=valset)
-    except (ConfigMismatch, OSError) as exc:
+    except (RunFileError, OSError) as exc:
         raise fail(str(exc)) from exc
     print_metrics(leap.run.path)
 
@@ -180,6 +181,7 @@ def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Pat
 def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(LEAPConfig fields, the run's other keys) of a settings file or a run's config.yaml."""
     from leap_dspy.config import LEAPConfig
+    from leap_dspy.runs import READABLE_SCHEMAS
 
     if path is None:
         return {}, {}
@@ -189,7 +191,9 @@ def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
         raise fail(f"cannot read --config {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise fail(f"--config {path} is not a mapping of LEAP settings")
-    run_keys = {"env", "student", "expert", "demonstrator", "trainset", "valset", "bc_expert_level"}
+    if data.get("schema_version", 0) not in READABLE_SCHEMAS:
+        raise fail(f"--config {path} is a run of schema {data['schema_version']!r}: upgrade leap-dspy to read it")
+    run_keys = {"env", "student", "expert", "demonstrator", "trainset", "valset", "bc_expert_level", "schema_version"}
     unknown = sorted(set(data) - set(LEAPConfig.model_fields) - run_keys)
     if unknown:
         raise fail(f"--config {path}: not LEAP settings: {', '.join(unknown)}")
@@ -233,10 +237,16 @@ def print_metrics(run_dir: Path) -> None:
 
 
 def load_run(run_dir: Path) -> tuple[dict[str, Any], Any]:
+    from leap_dspy.runs import read_config
+    from leap_dspy.store import RunFileError
+
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
         raise fail(f"{run_dir} is not a run folder (no config.yaml)")
-    config = yaml.safe_load(config_path.read_text())
+    try:
+        config = read_config(config_path)
+    except RunFileError as exc:
+        raise fail(str(exc)) from exc
     env_options = dict(config["env"])
     return config, build_env(env_options.pop("name"), env_options)
 

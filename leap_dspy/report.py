@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from leap_dspy.runs import RunFolder
+from leap_dspy.runs import RunFolder, read_config
 from leap_dspy.store import atomic_write_text, read_json
 
 SEED_KEYS = {"seed", "env.seed", "train.seed", "trainset", "valset", "bc_from", "progress", "iterations",
@@ -66,7 +65,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 def load_run(path: Path) -> Run:
     folder = RunFolder(path)
-    config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    config = read_config(path / "config.yaml")
     run = Run(path, config, {})
     for row in folder.episodes():
         values = {"success": float(row["success"]), "score": 100 * float(row["reward"]),

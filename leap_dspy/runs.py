@@ -18,7 +18,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from leap_dspy.store import atomic_write_text, read_json
+import yaml
+
+from leap_dspy.store import RunFileError, atomic_write_text, read_json
+
+SCHEMA_VERSION = 1
+"""The version of what a run folder holds (config.yaml's keys, the logs' records, metrics). Bump it when a
+field changes meaning; `read_config` reads every older version it knows and refuses a newer one."""
+READABLE_SCHEMAS = {0: "before versioning: the records of version 1 without the version key", 1: "current"}
 
 BASE_COLUMNS = ["iteration", "seen_success", "unseen_success"]
 SCORE_COLUMNS = ["seen_score", "unseen_score"]
@@ -31,6 +38,22 @@ EPISODE_COLUMNS = ["stage", "task_id", "split", "success", "reward", "steps", "s
 """`episodes.csv`, one row per evaluated episode: what a report's intervals over games are computed from.
 `*_snapped` is the outcome with near misses snapped (the strict one where the episode had none); `lenient` 1
 marks a stage evaluated with snapping before evaluation was strict, whose `success` is the snapped one."""
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A run's config.yaml, checked for its schema version, or a `RunFileError` that says why not."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise RunFileError(f"{path} cannot be read as a run's configuration: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RunFileError(f"{path} is not a run's configuration (it holds {type(data).__name__})")
+    version = data.get("schema_version", 0)
+    if version not in READABLE_SCHEMAS:
+        raise RunFileError(f"{path} was written with run schema {version!r}, and this leap-dspy reads "
+                             f"{', '.join(map(str, READABLE_SCHEMAS))}: upgrade leap-dspy to read it")
+    return data
 
 
 def default_run_dir(env_name: str, root: str | Path = "runs") -> Path:

@@ -458,13 +458,11 @@ def resolve_target(target: str | os.PathLike | None, adapter: str | os.PathLike 
     served with `adapter` if given.
     """
     from leap_dspy.lm.models import DEFAULT_MODEL
-    from leap_dspy.runs import RunFolder
+    from leap_dspy.runs import RunFolder, read_config
 
     if target is not None and (Path(target) / "config.yaml").is_file():
-        import yaml
-
         run = RunFolder(target)
-        config = yaml.safe_load(run.config_path.read_text()) or {}
+        config = read_config(run.config_path)
         model = config.get("model")
         if not model:
             raise ValueError(f"{run.config_path} names no model")

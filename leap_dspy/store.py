@@ -46,8 +46,17 @@ def atomic_write_yaml(path: str | Path, data: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
+class RunFileError(ValueError):
+    """A run's file that cannot be used (corrupt, from a newer leap-dspy, from another configuration): the
+    message names it and what to do."""
+
+
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunFileError(f"{path} is corrupt ({exc}); delete it (or its stage folder) and run again to "
+                          "produce it anew") from exc
 
 
 class JsonlLog(Generic[M]):

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import dspy
-import yaml
 from dspy.teleprompt import Teleprompter
 
 from leap_dspy.config import LEAPConfig
@@ -33,8 +32,8 @@ from leap_dspy.programs.experts import OracleExpert
 from leap_dspy.programs.student import Student, snap_action
 from leap_dspy.progress import console
 from leap_dspy.rollout import Episodes, attach_env, expert_capture, expert_policy, play_episodes, student_policy
-from leap_dspy.runs import RunFolder, default_run_dir
-from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
+from leap_dspy.runs import SCHEMA_VERSION, RunFolder, default_run_dir, read_config
+from leap_dspy.store import JsonlLog, RunFileError, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from leap_dspy.trackers import Trackers
 from leap_dspy.train.common import RESULT_FILE, release_memory
 from leap_dspy.training_data import (
@@ -48,12 +47,14 @@ from leap_dspy.types import Correction, PrivilegedState, StudentInputs, Task, Tr
 
 Rows = list[dict[str, Any]]
 OPERATIONAL = {"iterations", "num_threads", "expert_threads", "expert_retries", "evaluate_base", "evaluate_expert",
-               "evaluate_snapped", "report_to", "rollout_servers", "train_launcher", "ray", "ray_workers"}
-"""Settings a resumed run may change: they decide how much is run and how fast, not what a record holds."""
+               "evaluate_snapped", "report_to", "rollout_servers", "train_launcher", "ray", "ray_workers",
+               "schema_version"}
+"""Settings a resumed run may change: they decide how much is run and how fast, not what a record holds (and an
+older schema that `read_config` reads is the current one's records)."""
 _RENAMED = {"train_config": "train", "lm_kwargs": "lm"}  # the keyword names of earlier releases
 
 
-class ConfigMismatch(ValueError):
+class ConfigMismatch(RunFileError):
     """The run folder was started with another configuration: resuming would mix two experiments."""
 
 
@@ -331,6 +332,7 @@ class LEAP(Teleprompter):
     def run_config(self, teacher: dspy.Module, train: list[Task], val: list[Task]) -> dict[str, Any]:
         """What `config.yaml` holds: the settings, the environment, the expert and the tasks."""
         return {
+            "schema_version": SCHEMA_VERSION,
             "env": {"name": env_spec(self.env), **self.env.config()},
             **self.config.dump(),
             "privilege_level": self.privilege_level,
@@ -376,7 +378,7 @@ class LEAP(Teleprompter):
     def _start(self, config: dict[str, Any]) -> None:
         path = self.run.config_path
         if path.exists():
-            existing = _read_config(path)
+            existing = read_config(path)
             ignored = OPERATIONAL  # a finished run may be extended with more iterations, or run on more threads
             diff = sorted(k for k in set(existing) | set(config)
                           if k not in ignored and existing.get(k) != config.get(k))
@@ -395,7 +397,7 @@ class LEAP(Teleprompter):
         if not source.config_path.exists() or not (bc / "metrics.json").exists() or not (
                 bc / "adapter" / "adapter_config.json").exists():
             raise ConfigMismatch(f"bc_from: {source.path} holds no finished behaviour cloning (iter_0)")
-        theirs = _read_config(source.config_path)
+        theirs = read_config(source.config_path)
         keys = ("env", "student", "trainset", "valset", "demonstrator", "bc_expert_level", *LEAPConfig.bc_keys())
         keys += ("privilege_level",) if "model" in config["demonstrator"] else ()  # an LM demonstrator reads it
         diff = sorted(k for k in keys if theirs.get(k) != config.get(k))
@@ -406,7 +408,7 @@ class LEAP(Teleprompter):
 
     def _adopt_behaviour_cloning(self, source: RunFolder, config: dict[str, Any]) -> None:
         """Copy `bc_from`'s behaviour cloning (and its reference rows) into this run, once."""
-        theirs = _read_config(source.config_path)
+        theirs = read_config(source.config_path)
         same_expert = all(theirs.get(k) == config[k] for k in ("expert", "privilege_level"))
         for name in ["iter_0", "base"] + (["expert"] if same_expert else []):  # the expert row plays at its level
             target = self.run.path / name
@@ -486,17 +488,6 @@ def warn_long_answers(rows: Rows, model: str, limit: int) -> int:
                       "the student will be cut off before their action; shorten the expertise's reasons or "
                       "raise the limit (LEAP(lm={'max_new_tokens': ...}), TextEnv.answer_tokens)[/yellow]")
     return long
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    """A run's config.yaml, or a clear error when it is not one."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigMismatch(f"{path} cannot be read as a run's configuration: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigMismatch(f"{path} is not a run's configuration (it holds {type(data).__name__})")
-    return data
 
 
 def _follows_student(expert: dspy.Module) -> bool:

@@ -79,6 +79,30 @@ def test_compare_puts_runs_side_by_side(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "not a run folder" in missing.output
 
 
+def test_a_run_from_a_newer_schema_is_refused_and_an_unversioned_one_is_read(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from leap_dspy.runs import SCHEMA_VERSION, RunFolder, read_config
+    from leap_dspy.store import atomic_write_json
+
+    run = RunFolder(tmp_path / "future")
+    run.path.mkdir()
+    run.config_path.write_text(yaml.safe_dump({"schema_version": SCHEMA_VERSION + 1, "env": {"name": KEYBOX}}))
+    atomic_write_json(run.stage(0) / "metrics.json", {"iteration": "0", "unseen_success": 0.5})
+    run.write_metrics_csv()
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    for args in (["compare", str(run.path)], ["report", str(run.path), "--out", str(tmp_path / "r")],
+                 ["compile", "--env", KEYBOX, "--run-dir", str(run.path), "--quiet"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "upgrade leap-dspy" in result.output, (args, result.output)
+    run.config_path.write_text(yaml.safe_dump({"env": {"name": KEYBOX}}))  # written before versioning
+    assert read_config(run.config_path)["env"] == {"name": KEYBOX}
+    (run.stage(0) / "metrics.json").write_text('{"iteration": "0", "unseen_')  # a disk error, a hand edit
+    result = runner.invoke(app, ["report", str(run.path), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "metrics.json is corrupt" in result.output and "Traceback" not in result.output
+
+
 KEYBOX = "examples.keybox:KeyBox"
 BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be written to the run folder
     (["--set", "num_receptacles=2"], "num_receptacles must be at least 3"),

@@ -146,17 +146,22 @@ def collect_corrections(corrector: Corrector, trajectories: dict[str, Trajectory
     have = log.load()
     k = corrector.k
     pending = [(t, [s for s in t.steps if f"{k}:{t.task.id}:{s.index}" not in have]) for t in trajectories.values()]
-    jobs = [(t, steps) for t, steps in pending if steps]
-    if not corrector.per_trajectory:
-        jobs = [(t, [s]) for t, steps in jobs for s in steps]
+    if corrector.per_trajectory:
+        # A trajectory cut short by a kill is asked whole again: the call an uninterrupted run made (the cache
+        # answers it), so the expert sees the same context; only its missing records are kept.
+        jobs = [(t, list(t.steps)) for t, steps in pending if steps]
+    else:
+        jobs = [(t, [s]) for t, steps in pending for s in steps]
     if jobs:
         context = contextvars.copy_context()  # dspy.context settings live in contextvars: carry them over
-        total = sum(len(steps) for _, steps in jobs)
+        total = sum(len(steps) for _, steps in pending)
         with progress_bar(f"iteration {k}: corrections", total, progress) as advance, \
                 ThreadPoolExecutor(max_workers=threads) as pool:
             futures = [pool.submit(context.copy().run, corrector, job) for job in jobs]
             for future in as_completed(futures):
                 for correction in future.result():
+                    if correction.key in have:
+                        continue
                     log.append(correction)
                     have[correction.key] = correction
                     advance()

@@ -322,3 +322,20 @@ def test_a_trajectory_expert_answers_every_step_in_one_call(env: ALFWorld, tiny_
             assert record.dropped == "expert gave no correction for this step"
             assert record.usage.calls == 0
     assert expert_usage_metrics(list(records.values()))["expert_calls"] == len(trajectories)
+
+
+def test_a_trajectory_cut_short_by_a_kill_is_asked_whole_again(env: ALFWorld, tiny_model: str, tmp_path: Path,
+                                                               bad_server: BadExpertServer,
+                                                               trajectories: dict[str, Trajectory]) -> None:
+    """A kill between a trajectory's records: the resume asks the same whole-trajectory question (which the
+    DSPy cache answers for free), not one about the pending steps only, and keeps the records it had."""
+    full, _, _ = correct(env, tiny_model, tmp_path / "full", bad_server, "trajectory", trajectories,
+                         per="trajectory")
+    asked_uninterrupted = set(bad_server.seen)
+    kept = [c for c in full.values() if c.step == 0]  # the first record of each trajectory reached the disk
+    assert any(len(t.steps) > 1 for t in trajectories.values())
+    resumed, _, _ = correct(env, tiny_model, tmp_path / "resumed", bad_server, "trajectory", trajectories,
+                            earlier=kept, per="trajectory")
+    assert bad_server.seen == asked_uninterrupted
+    assert {k: (c.reason, c.action, c.dropped) for k, c in resumed.items()} == \
+        {k: (c.reason, c.action, c.dropped) for k, c in full.items()}

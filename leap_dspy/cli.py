@@ -465,7 +465,8 @@ def serve(
     import shutil
 
     from leap_dspy.lm.models import ModelNotFound
-    from leap_dspy.serve import make_server, resolve_target, vllm_command
+    from leap_dspy.serve import make_server
+    from leap_dspy.serve_target import resolve_target, vllm_command
 
     if backend not in ("transformers", "vllm"):
         raise fail(f"--backend must be transformers or vllm, not {backend!r}")

@@ -15,13 +15,12 @@ engine's batches. Errors have OpenAI's shape, `{"error": {"message", "type", "pa
 malformed body or bad parameters, 404 for an unknown path or model, 500 when generation fails.
 
 Any OpenAI client reaches it, DSPy included: `dspy.LM("openai/<served name>", api_base=url + "/v1",
-api_key="none")`. `leap-dspy serve runs/<name>` serves a run's final adapter.
+api_key="none")`. `leap-dspy serve runs/<name>` serves a run's final adapter (`serve_target.py`).
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -32,15 +31,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from leap_dspy.serve_target import is_loopback, served_label
+
 MAX_BODY_BYTES = 16 * 1024 * 1024
 log = logging.getLogger(__name__)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class ApiError(Exception):
@@ -51,15 +45,6 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-def served_label(model: str, adapter: str | os.PathLike | None = None) -> str:
-    """The default served name: the model's label (a folder's last part), `+<adapter folder>` with an adapter.
-    The same label `local_lm` gives its `dspy.LM`."""
-    from leap_dspy.lm.lms import model_label
-
-    label = model_label(str(model))
-    return label + (f"+{Path(adapter).resolve().name}" if adapter is not None else "")
 
 
 class OpenAIServer(ThreadingHTTPServer):
@@ -449,67 +434,4 @@ def _stop_list(stop: Any) -> list[str]:
 # -- deploying a run -------------------------------------------------------------------------------------------
 
 
-def resolve_target(target: str | os.PathLike | None, adapter: str | os.PathLike | None = None
-                   ) -> tuple[str, str | None, dict[str, Any]]:
-    """`(model, adapter, engine_kwargs)` for `leap-dspy serve TARGET`.
-
-    A run folder (it has `config.yaml`) gives its `model`, its newest finished `iter_<k>/adapter` (unless
-    `adapter` is given) and its student's engine settings (`lm`); anything else is a model name or folder,
-    served with `adapter` if given.
-    """
-    from leap_dspy.lm.models import DEFAULT_MODEL
-    from leap_dspy.runs import RunFolder, read_config
-
-    if target is not None and (Path(target) / "config.yaml").is_file():
-        run = RunFolder(target)
-        config = read_config(run.config_path)
-        model = config.get("model")
-        if not model:
-            raise ValueError(f"{run.config_path} names no model")
-        if adapter is None:
-            last = run.last_adapter()
-            if last is None:
-                raise ValueError(f"{run.path} has no finished adapter yet (no iter_<k>/adapter/adapter_config.json)")
-            adapter = last
-        engine_kwargs = dict(config.get("lm") or {})
-        return str(model), str(adapter), engine_kwargs
-    return str(target or DEFAULT_MODEL), (str(adapter) if adapter is not None else None), {}
-
-
-def vllm_command(model: str, adapter: str | None, host: str, port: int, served_name: str | None = None,
-                 max_lora_rank: int | None = None, api_key: str | None = None) -> list[str]:
-    """The `vllm serve` command line serving `model` (+ `adapter` as a LoRA module) under the same names
-    as the transformers server, with the same rule: no API key, loopback only (vLLM reads the key from
-    VLLM_API_KEY, which keeps it out of the process list)."""
-    from leap_dspy.lm.models import resolve_model
-
-    if not api_key and not is_loopback(host):
-        raise ValueError(f"refusing to serve on {host} without an API key; pass --api-key or bind 127.0.0.1")
-    if api_key:
-        os.environ["VLLM_API_KEY"] = api_key
-    weights = str(resolve_model(model))
-    command = ["vllm", "serve", weights, "--host", host, "--port", str(port)]
-    if adapter is None:
-        command += ["--served-model-name", served_name or served_label(model)]
-        return command
-    command += ["--served-model-name", served_label(model), "--enable-lora",
-                "--lora-modules", f"{served_name or served_label(model, adapter)}={Path(adapter).resolve()}"]
-    rank = max_lora_rank or _adapter_rank(adapter)
-    if rank:
-        command += ["--max-lora-rank", str(rank)]
-    return command
-
-
-def _adapter_rank(adapter: str | os.PathLike) -> int | None:
-    try:
-        rank = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r")
-    except (OSError, ValueError):
-        return None
-    if not isinstance(rank, int):
-        return None
-    # vLLM accepts a fixed set of ranks; the smallest that holds the adapter.
-    return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), None)
-
-
-__all__ = ["ApiError", "OpenAIServer", "chat_request", "make_server", "resolve_target", "served_label",
-           "vllm_command"]
+__all__ = ["ApiError", "OpenAIServer", "chat_request", "make_server"]

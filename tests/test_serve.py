@@ -26,7 +26,8 @@ from typer.testing import CliRunner  # noqa: E402
 
 from leap_dspy.cli import app  # noqa: E402
 from leap_dspy.programs import PrivilegedExpert  # noqa: E402
-from leap_dspy.serve import OpenAIServer, make_server, resolve_target, served_label, vllm_command  # noqa: E402
+from leap_dspy.serve import OpenAIServer, make_server  # noqa: E402
+from leap_dspy.serve_target import resolve_target, served_label, vllm_command  # noqa: E402
 from leap_dspy.types import PrivilegedState  # noqa: E402
 
 MAX_NEW = 16

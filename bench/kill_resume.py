@@ -1,13 +1,13 @@
 """The kill table: SIGKILL a small compile at moments spread over every stage, resume it each time, and count
 what was lost, duplicated or paid for twice.
 
-    python bench/kill_resume.py [--kills-per-stage 1] [--seed 0] [--out /tmp/kill-resume]
+    python bench/kill_resume.py [--kills-per-stage 2] [--seed 0] [--out /tmp/kill-resume]
 
 Everything is local: keybox (examples/keybox.py) as the environment, a tiny random Llama with SmolLM2's
 tokenizer as the student, and the same tiny model behind `leap-dspy serve` as an LM expert asked once per
 trajectory over HTTP (the scripted oracle demonstrates, as it would for a real API expert). Two compiles,
 behaviour cloning plus one round each, one updated by SFT and one by DPO. Each is first run uninterrupted
-(the reference), then run again in a fresh folder and killed once per stage (or `--kills-per-stage` times):
+(the reference), then run again in a fresh folder and killed `--kills-per-stage` times in each stage:
 the bench watches the run folder, and when the target stage shows it waits a random moment and SIGKILLs the
 process group, then starts the same command again. At the end every JSONL log of the killed run is compared
 with the reference's, record key by record key, and the expert server's request count with the reference's
@@ -34,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYBOX = {"num_boxes": 3, "num_train": 4, "num_seen": 8, "num_unseen": 8, "max_steps": 10}
+KEYBOX = {"num_boxes": 3, "num_train": 8, "num_seen": 8, "num_unseen": 8, "max_steps": 10}
 FILES = {  # what each stage writes: its logs' records, and files that must survive (one record each)
     "demonstrations": ["iter_0/trajectories.jsonl", "iter_0/corrections.jsonl", "iter_0/train_rows.jsonl"],
     "bc training": ["iter_0/train.json", "iter_0/adapter/adapter_model.safetensors"],
@@ -231,7 +231,7 @@ def table(results: list[tuple[str, list[dict], dict, int, bool]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kills-per-stage", type=int, default=1)
+    ap.add_argument("--kills-per-stage", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("/tmp/kill-resume"))
     ap.add_argument("--updates", nargs="+", default=["sft", "dpo"])

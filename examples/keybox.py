@@ -121,11 +121,14 @@ class KeyBox(TextEnv):
         return ", ".join(names[:-1]) + " and " + names[-1]
 
     def _observe(self, text: str) -> Observation:
-        """The text plus the admissible actions: boxes to shake, then to open, then what the key allows."""
+        """The text plus the admissible actions: boxes to shake, then to open (only the one that rattled, once
+        one has), then what the key allows."""
         over = self.done or self.lost
-        # Once the key's box is open, no other box is worth touching.
+        # Once the key is heard or seen, no other box is worth touching.
+        heard = self.key_box in self.shaken and self.key_box not in self.opened
         closed = [] if over or self.key_box in self.opened else [b for b in self.boxes if b not in self.opened]
         actions = [f"shake {b}" for b in closed if b not in self.shaken] + [f"open {b}" for b in closed]
+        actions = [f"open {self.key_box}"] if heard and not over else actions
         actions += ["take key"] if self.key_box in self.opened and not self.has_key else []
         actions += ["unlock door"] if self.has_key and not self.unlocked else []
         actions += ["open door"] if self.unlocked and not over else []

@@ -6,7 +6,8 @@ what was lost, duplicated or paid for twice.
 Everything is local: keybox (examples/keybox.py) as the environment, a tiny random Llama with SmolLM2's
 tokenizer as the student, and the same tiny model behind `leap-dspy serve` as an LM expert asked once per
 trajectory over HTTP (the scripted oracle demonstrates, as it would for a real API expert). Two compiles,
-behaviour cloning plus one round each, one updated by SFT and one by DPO. Each is first run uninterrupted
+behaviour cloning plus one round each: one updated by SFT with that LM expert, one by DPO with the scripted
+expert (the tiny model's corrections are all dropped, which would leave DPO no pairs). Each is first run uninterrupted
 (the reference), then run again in a fresh folder and killed `--kills-per-stage` times in each stage:
 the bench watches the run folder, and when the target stage shows it waits a random moment and SIGKILLs the
 process group, then starts the same command again. At the end every JSONL log of the killed run is compared
@@ -14,8 +15,9 @@ with the reference's, record key by record key, and the expert server's request 
 (the resumed runs share one DSPy disk cache, as a user's runs do).
 
 Columns: stage, kills (landed in that stage), missed (the stage passed before the kill landed), resumed (the
-next start carried on), records lost and duplicated (in the logs that stage writes), expert calls paid twice
-(the corrections stage), final metrics equal to the reference's (per compile).
+next start carried on), records lost and duplicated (in what that stage writes), expert calls paid twice (the
+corrections stage; beside it, the calls in flight when a kill landed: paid for and never received, so no cache
+can answer them again), final metrics equal to the reference's (per compile).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ FILES = {  # what each stage writes: its logs' records, and files that must surv
     "evaluation": ["iter_1/eval.jsonl", "iter_1/metrics.json"],
     "metrics and report": ["metrics.csv", "episodes.csv", "report.html", "student.json"],
 }
+EXPERTS = {"sft": "lm", "dpo": "oracle", "kto": "oracle"}
+"""The SFT compile asks the served tiny model; the preference ones ask the scripted expert, whose corrections
+differ from the student's steps, so that there are preference pairs to train on (the tiny model's are dropped)."""
 STAGES = ["demonstrations", "bc training", "bc publish", "bc evaluation", "rollouts", "corrections",
           "update", "publish", "evaluation", "metrics and report"]
 
@@ -115,8 +120,9 @@ def child(args: argparse.Namespace) -> None:
     from leap_dspy.train import TrainConfig
 
     env = KeyBox(**KEYBOX, seed=args.seed)
-    expert = PrivilegedExpert(f"openai/{args.served}", api_base=args.api_base, api_key=args.api_key,
-                              per="trajectory", cache=True, max_tokens=24, num_retries=0)
+    expert = OracleExpert() if args.expert == "oracle" else PrivilegedExpert(
+        f"openai/{args.served}", api_base=args.api_base, api_key=args.api_key, per="trajectory", cache=True,
+        max_tokens=24, num_retries=0)
     train = TrainConfig(max_length=512, per_device_batch_size=8, gradient_accumulation=1, progress_bar=False)
     leap = LEAP(env, run_dir=args.run_dir, iterations=1, update=args.update, model=args.model, seed=args.seed,
                 demonstrator=OracleExpert(), train_config=train, lm_kwargs={"max_new_tokens": 16}, num_threads=4,
@@ -131,11 +137,34 @@ class Bench:
         self.out, self.seed = out, seed
         self.model = tiny_model(out / "tiny-model")
         self.server, url = make_server(self.model, api_key="bench-key", max_new_tokens=24)
+        self.answered, self.in_flight_at_kills = 0, 0
+        self._count_answers()
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self.api_base = url + "/v1"
 
+    def _count_answers(self) -> None:
+        """Count the answers the server has sent, so that a kill can tell the calls still in flight (paid for,
+        never received: no cache can answer those again)."""
+        from leap_dspy import serve
+
+        original, lock, bench = serve._Handler._chat, threading.Lock(), self
+
+        def chat(handler: object, body: object) -> None:
+            original(handler, body)
+            with lock:
+                bench.answered += 1
+
+        serve._Handler._chat = chat
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        in_flight = self.calls() - self.answered
+        os.killpg(proc.pid, signal.SIGKILL)
+        self.in_flight_at_kills += in_flight
+
     def command(self, run: Path, update: str) -> list[str]:
+        expert = EXPERTS[update]
         return [sys.executable, __file__, "--child", "--run-dir", str(run), "--update", update, "--model", self.model,
+                "--expert", expert,
                 "--served", self.server.served_name, "--api-base", self.api_base, "--api-key", "bench-key",
                 "--seed", str(self.seed)]
 
@@ -173,15 +202,14 @@ class Bench:
             if landed is None:
                 return run, self.calls() - before, events
 
-    @staticmethod
-    def watch(proc: subprocess.Popen[bytes], run: Path, target: str, rng: random.Random) -> bool:
+    def watch(self, proc: subprocess.Popen[bytes], run: Path, target: str, rng: random.Random) -> bool:
         """Kill `proc` a random moment after `target` shows in its folder; False if it passed or never came."""
         while proc.poll() is None:
             now = stage_of(run)
             if now == target:
                 time.sleep(rng.uniform(0.0, 0.3))
                 if proc.poll() is None and stage_of(run) == target:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    self.kill(proc)
                     return True
                 return False
             if now == "done" or STAGES.index(now) > STAGES.index(target):
@@ -214,7 +242,7 @@ def same_metrics(reference: Path, killed: Path) -> bool:
     return (killed / "metrics.csv").exists() and rows(reference) == rows(killed)
 
 
-def table(results: list[tuple[str, list[dict], dict, int, bool]]) -> str:
+def table(results: list[tuple[str, list[dict], dict, str, bool]]) -> str:
     head = ["compile", "stage", "kills", "missed", "resumed", "lost", "duplicated", "paid twice", "metrics equal"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for update, events, losses, paid_twice, equal in results:
@@ -236,7 +264,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/kill-resume"))
     ap.add_argument("--updates", nargs="+", default=["sft", "dpo"])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    for name in ("--run-dir", "--update", "--model", "--served", "--api-base", "--api-key"):
+    for name in ("--run-dir", "--update", "--model", "--expert", "--served", "--api-base", "--api-key"):
         ap.add_argument(name, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -248,10 +276,12 @@ def main() -> None:
     for update in args.updates:
         reference, reference_calls = bench.reference(update)
         targets = [stage for stage in STAGES for _ in range(args.kills_per_stage)]
+        bench.in_flight_at_kills = 0
         killed, killed_calls, events = bench.killed(update, targets, rng)
         if events[-1]["code"] != 0:
             sys.exit(f"the killed {update} compile did not finish ({events[-1]['code']}); see {killed}.log")
-        results.append((update, events, compare(reference, killed), max(0, killed_calls - reference_calls),
+        paid_twice = f"{max(0, killed_calls - reference_calls)} ({bench.in_flight_at_kills} in flight at a kill)"
+        results.append((update, events, compare(reference, killed), paid_twice,
                         same_metrics(reference, killed)))
         print(f"{update}: {sum(e['landed'] for e in events)} kills, expert calls {killed_calls} "
               f"(uninterrupted {reference_calls})", flush=True)

@@ -1,6 +1,6 @@
 """Benchmark: LoRA SFT throughput on the embedded SmolLM2-135M against this machine's best matmul rate.
 
-    python bench/train.py [--rows 64] [--dtype auto] [--batch 8] [--model DIR]
+    python bench/train.py [--rows 64] [--dtype auto] [--batch 8] [--attn sdpa|eager] [--turns 25] [--model DIR]
 
 Prints one table, all measured in this run: the best square-matmul FLOP/s in float32 and bfloat16, SFT train
 tokens/s with the default TrainConfig on realistic agent-step rows (~300-token prompt, ~40-token completion),
@@ -77,8 +77,9 @@ OBJECTS = ["apple", "mug", "book", "keychain", "pencil", "cellphone", "bowl", "p
 RECEPTACLES = ["desk", "drawer", "shelf", "countertop", "cabinet", "sidetable", "dresser", "garbagecan", "fridge"]
 
 
-def agent_rows(n: int, seed: int = 0) -> list[dict]:
-    """Rows shaped like DSPy ChatAdapter.format_finetune_data output for one agent step."""
+def agent_rows(n: int, seed: int = 0, turns: int | None = None) -> list[dict]:
+    """Rows shaped like DSPy ChatAdapter.format_finetune_data output for one agent step; `turns` earlier steps
+    in each history (default 0-2), for rows as long as WebShop's or a late ALFWorld step's."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -87,7 +88,7 @@ def agent_rows(n: int, seed: int = 0) -> list[dict]:
         history = "\n".join(
             f"> go to {rng.choice(RECEPTACLES)} {rng.randint(1, 4)}\nOn it, you see a {rng.choice(OBJECTS)} "
             f"{rng.randint(1, 3)}, and a {rng.choice(OBJECTS)} {rng.randint(1, 3)}."
-            for _ in range(rng.randint(0, 2))
+            for _ in range(rng.randint(0, 2) if turns is None else turns)
         )
         user = (
             f"[[ ## task ## ]]\nYour task is to: put a {obj} in {rec}.\n\n"
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--attn", default=None, help="attention implementation (sdpa, eager)")
     parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--turns", type=int, default=None, help="history steps per row (default 0-2; 25 makes "
+                                                                  "~1,000-token rows, as long as WebShop's)")
     args = parser.parse_args(argv)
 
     import torch
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     bf16, n16 = best_matmul_flops("bfloat16", sizes, repeats, device=device)
     best = max(f32, bf16)
 
-    rows = agent_rows(args.rows)
+    rows = agent_rows(args.rows, turns=args.turns)
     tok = load_tokenizer(model)
     lengths = [encode_prompt_completion(tok, r["prompt"], r["completion"]) for r in rows]
     p_mean = sum(len(p) for p, _ in lengths) / len(lengths)

@@ -240,3 +240,27 @@ def test_adapters_compute_in_the_base_dtype_with_float32_master_weights(tiny_mod
         hook.remove()
         assert losses[2] < losses[1] < losses[0], losses
     assert set(seen[:3]) == {torch.bfloat16} and set(seen[3:]) == {torch.float32}
+
+
+def test_long_rows_train_with_the_fused_attention_kernel_on_a_cpu(tiny_model, tmp_path):
+    """Eager attention keeps length² scores per row for the backward: on a CPU, "auto" switches to sdpa once
+    the longest row passes EAGER_MAX_TOKENS, and the same long rows train the same either way (within float
+    rounding), so only memory changes."""
+    from leap_dspy.train.common import EAGER_MAX_TOKENS, fit_attention, load_trainable_model
+
+    model, _ = load_trainable_model(tiny_model, fast())
+    implementation = lambda: model.get_base_model().config._attn_implementation  # noqa: E731
+    assert implementation() == "eager"
+    fit_attention(model, fast(), EAGER_MAX_TOKENS)
+    assert implementation() == "eager"
+    fit_attention(model, fast(attn_implementation="eager"), 4 * EAGER_MAX_TOKENS)
+    assert implementation() == "eager"
+    fit_attention(model, fast(), EAGER_MAX_TOKENS + 1)
+    assert implementation() == "sdpa"
+
+    long_rows = [{"prompt": [{"role": "user", "content": "look around. " * 120 + f"Room {i}."}],
+                  "completion": [{"role": "assistant", "content": f"open box {i}"}]} for i in range(4)]
+    losses = {attn: train_sft(long_rows, model=tiny_model, output_dir=tmp_path / attn,
+                              config=fast(attn_implementation=attn, max_steps=2)).loss_history
+              for attn in ("auto", "eager")}
+    assert losses["auto"] == pytest.approx(losses["eager"], rel=1e-3)

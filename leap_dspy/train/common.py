@@ -77,6 +77,20 @@ def load_trainable_model(
     return peft_model, tokenizer
 
 
+EAGER_MAX_TOKENS = 512
+"""On a CPU, eager attention trains short rows a little faster than the fused kernel, but it keeps layers x heads x
+length² scores per row for the backward: past this many tokens the fused kernel, as fast there and far smaller
+(docs/results.md), is used instead."""
+
+
+def fit_attention(model: Any, config: TrainConfig, longest: int) -> None:
+    """`attn_implementation="auto"` on a CPU, once the rows are known: eager up to `EAGER_MAX_TOKENS`, sdpa beyond."""
+    import torch
+
+    if config.attn_implementation == "auto" and not torch.cuda.is_available() and longest > EAGER_MAX_TOKENS:
+        model.get_base_model().set_attn_implementation("sdpa")
+
+
 def trl_common_args(config: TrainConfig, output_dir: Path, method: str) -> dict[str, Any]:
     """Keyword arguments every TRL config gets here.
 

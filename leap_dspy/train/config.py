@@ -44,8 +44,8 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     """Off: it recomputes the forward, and a small model's activations fit in RAM."""
     attn_implementation: str | None = "auto"
-    """"auto": eager on CPU (the CPU flash kernel's backward is slow, though eager takes more RAM), the model's own
-    (sdpa/flash) on CUDA. None keeps the model's."""
+    """"auto": on a CPU eager for rows up to 512 tokens and sdpa beyond (eager's memory grows with length²,
+    `common.EAGER_MAX_TOKENS`), the model's own (sdpa/flash) on CUDA. None keeps the model's."""
     group_by_length: bool = True
     """Batch rows of similar length together, so little of each batch is padding."""
     warmup_ratio: float = 0.05

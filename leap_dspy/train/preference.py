@@ -24,6 +24,7 @@ from typing import Any
 from leap_dspy.train.common import (
     LossRecorder,
     atomic_output_dir,
+    fit_attention,
     load_trainable_model,
     quiet_libraries,
     run_trainer,
@@ -36,9 +37,9 @@ from leap_dspy.train.data import as_messages, check_rows, completion_text, promp
 
 def _render(
     tokenizer: Any, prompt: Any, completions: Sequence[Any], max_length: int | None
-) -> tuple[str, list[str], int]:
-    """(prompt string, completion strings, tokens of prompt + all completions); the prompt is cut from its start
-    when the prompt plus the longest completion exceeds `max_length`."""
+) -> tuple[str, list[str], int, int]:
+    """(prompt string, completion strings, tokens of prompt + all completions, tokens of prompt + the longest
+    completion); the prompt is cut from its start when the last exceeds `max_length`."""
     messages = as_messages(prompt, "prompt")
     head = prompt_text(tokenizer, messages)
     tails = [completion_text(tokenizer, messages, as_messages(c, "completion")) for c in completions]
@@ -48,7 +49,7 @@ def _render(
         keep = max(max_length - max(c_lens), 1)
         p_ids = p_ids[-keep:]
         head = tokenizer.decode(p_ids)
-    return head, tails, len(p_ids) * len(tails) + sum(c_lens)
+    return head, tails, len(p_ids) * len(tails) + sum(c_lens), len(p_ids) + max(c_lens)
 
 
 def _fit(trainer_class: Any, method: str, peft_model: Any, tokenizer: Any, args: Any, columns: dict[str, list[Any]],
@@ -87,14 +88,16 @@ def train_dpo(
     with torch_threads(config.num_threads), quiet_libraries(config.progress_bar), atomic_output_dir(final_dir) as tmp:
         peft_model, tokenizer = load_trainable_model(model, config, init_adapter)
         columns: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
-        tokens = 0
+        tokens = longest = 0
         for row in rows:
-            head, (chosen, rejected), n = _render(tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
-                                                   config.max_length)
+            head, (chosen, rejected), n, length = _render(tokenizer, row["prompt"], [row["chosen"], row["rejected"]],
+                                                           config.max_length)
+            longest = max(longest, length)
             columns["prompt"].append(head)
             columns["chosen"].append(chosen)
             columns["rejected"].append(rejected)
             tokens += n
+        fit_attention(peft_model, config, longest)
         args = DPOConfig(
             **trl_common_args(config, tmp, "dpo"),
             beta=config.beta,
@@ -139,14 +142,16 @@ def train_kto(
     with torch_threads(config.num_threads), quiet_libraries(config.progress_bar), atomic_output_dir(final_dir) as tmp:
         peft_model, tokenizer = load_trainable_model(model, config, init_adapter)
         columns: dict[str, list[Any]] = {"prompt": [], "completion": [], "label": []}
-        tokens = 0
+        tokens = longest = 0
         for i in order:
             row = rows[i]
-            head, (completion,), n = _render(tokenizer, row["prompt"], [row["completion"]], config.max_length)
+            head, (completion,), n, length = _render(tokenizer, row["prompt"], [row["completion"]], config.max_length)
+            longest = max(longest, length)
             columns["prompt"].append(head)
             columns["completion"].append(completion)
             columns["label"].append(bool(row["label"]))
             tokens += 2 * n  # each row also runs once as another row's KL (mismatched) completion
+        fit_attention(peft_model, config, longest)
         batch = max(2, min(config.per_device_batch_size, len(rows)))
         undesirable = len(rows) - desirable
         common = trl_common_args(config, tmp, "kto")

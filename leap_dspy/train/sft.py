@@ -18,6 +18,7 @@ from typing import Any
 from leap_dspy.train.common import (
     LossRecorder,
     atomic_output_dir,
+    fit_attention,
     load_trainable_model,
     quiet_libraries,
     run_trainer,
@@ -105,6 +106,7 @@ def train_sft(
     with torch_threads(config.num_threads), quiet_libraries(config.progress_bar), atomic_output_dir(final_dir) as tmp:
         peft_model, tokenizer = load_trainable_model(model, config, init_adapter)
         features = sft_features(tokenizer, rows, config.max_length)
+        fit_attention(peft_model, config, max(len(ids) for ids in features["input_ids"]))
         dataset = Dataset.from_dict(features)
         tokens_per_epoch = sum(len(ids) for ids in features["input_ids"])
         args = SFTConfig(

@@ -201,162 +201,24 @@ def _kind(ident: str) -> str:
 
 
 def build_problem(fp_num: int, task_type: str, num_receptacles: int, rng: random.Random) -> tuple[str, dict]:
-    """A PDDL problem and its traj_data for one game, drawn from `rng`."""
+    """A PDDL problem and its traj_data for one game, drawn from `rng` (in a fixed order: a seed is a game)."""
     import alfworld.gen.goal_library as glib
 
     const = _constants()
     fp = floor_plan(fp_num)
     obj_t, parent_t, toggle_t = rng.choice(_targets(fp, task_type))
-    recs = set(fp["recep_types"])
-
-    # receptacles: required ones first, then fill from the scene (openable ids as shipped, others made up)
-    taken: set[str] = set()
-    by_kind: dict[str, list[str]] = {}
-    for ident in fp["openable"]:
-        by_kind.setdefault(_kind(ident), []).append(ident)
-    pool: list[str] = []
-    for kind in sorted(recs):
-        ids = sorted(by_kind.get(kind, []))
-        pool += ids if ids else [_new_id(kind, rng, taken)]
-    rng.shuffle(pool)
-
-    chosen: list[str] = []
-
-    def take(kind: str) -> str:
-        for ident in pool:
-            if _kind(ident) == kind and ident not in chosen:
-                chosen.append(ident)
-                return ident
-        ident = _new_id(kind, rng, taken)
-        chosen.append(ident)
-        return ident
-
-    if parent_t:
-        take(parent_t)
-    if task_type in UTILITY:
-        take(UTILITY[task_type])
-    lamp_host = None
-    if task_type == "look_at_obj_in_light":
-        lamp_host = take(rng.choice(sorted(recs & set(LAMP_HOSTS))))
-    start_ok = [r for r in sorted(recs) if r != parent_t and obj_t in const["contains"].get(r, ())]
-    if not any(_kind(c) in start_ok for c in chosen):
-        take(rng.choice(start_ok))
-    for ident in pool:
-        if len(chosen) >= num_receptacles:
-            break
-        if ident not in chosen:
-            chosen.append(ident)
-    while len(chosen) < num_receptacles:  # small scenes: add more instances of the scene's types
-        chosen.append(_new_id(rng.choice(sorted(recs)), rng, taken))
-    chosen = sorted(chosen)
-
-    # locations: shipped agent poses where known, else reachable floor points; one per receptacle
-    points = list(fp["points"])
-    rng.shuffle(points)
-    used: set[str] = set()
-    loc_of: dict[str, str] = {}
-
-    def fresh_point() -> str:
-        while points:
-            x, z = points.pop()
-            rot, hor = rng.choice((0, 90, 180, 270)), rng.choice((0, 30, 60))
-            name = f"loc|{int(round(x * 4))}|{int(round(z * 4))}|{rot}|{hor}"
-            if name not in used:
-                used.add(name)
-                return name
-        name = f"loc|{len(used) + 100}|0|0|0"
-        used.add(name)
-        return name
-
-    for ident in chosen:
-        pose = fp["openable"].get(ident)
-        name = None
-        if pose:
-            cand = f"loc|{int(round(pose[0] * 4))}|{int(round(pose[1] * 4))}|{int(pose[2])}|{int(pose[3])}"
-            if cand not in used:
-                used.add(cand)
-                name = cand
-        loc_of[ident] = name or fresh_point()
-    agent_loc = fresh_point()
-
-    # objects: the target(s), the lamp, distractors of other types
-    objects: list[tuple[str, str]] = []  # (object id, receptacle id)
-    obj_taken: set[str] = set()
-
-    def place(kind: str, exclude_kind: str = "") -> None:
-        options = [
-            c for c in chosen if kind in const["contains"].get(_kind(c), ()) and _kind(c) != exclude_kind
-        ]
-        if options:
-            objects.append((_new_id(kind, rng, obj_taken), rng.choice(options)))
-
-    n_target = 2 if task_type == "pick_two_obj_and_place" else rng.choice((1, 1, 2))
-    if task_type == "pick_two_obj_and_place":
-        n_target += rng.choice((0, 0, 1))
-    for _ in range(n_target):
-        place(obj_t, exclude_kind=parent_t)
-    lamp = None
-    if lamp_host:
-        lamp = _new_id(LAMP, rng, obj_taken)
-        objects.append((lamp, lamp_host))
-    others = [
-        o
-        for o in fp["object_types"]
-        if o != obj_t and any(o in const["contains"].get(_kind(c), ()) for c in chosen)
-    ]
-    for _ in range(rng.randint(num_receptacles // 2, num_receptacles) if others else 0):
-        place(rng.choice(others))
-
-    # PDDL
-    obj_types = sorted({_kind(o) for o, _ in objects} | {obj_t})
-    all_otypes = sorted(set(const["objects"]) - const["fixed"] | set(obj_types))
-    rtypes = sorted(const["fixed"])
-    lines_obj = ["agent1 - agent"]
-    lines_obj += [f"{t}Type - otype" for t in all_otypes]
-    lines_obj += [f"{t}Type - rtype" for t in rtypes]
-    lines_obj += [f"{_mangle(o)} - object" for o, _ in objects]
-    lines_obj += [f"{_mangle(r)} - receptacle" for r in chosen]
-    lines_obj += [f"{_mangle(loc)} - location" for loc in sorted(set(loc_of.values()) | {agent_loc})]
-
-    init = [f"(atLocation agent1 {_mangle(agent_loc)})"]
-    present_rtypes = sorted({_kind(r) for r in chosen})
-    for rt in present_rtypes:
-        for ot in obj_types:
-            if ot in const["contains"].get(rt, ()):
-                init.append(f"(canContain {rt}Type {ot}Type)")
-    for r in chosen:
-        init.append(f"(receptacleType {_mangle(r)} {_kind(r)}Type)")
-        init.append(f"(receptacleAtLocation {_mangle(r)} {_mangle(loc_of[r])})")
-        if _kind(r) in const["openable"]:
-            init.append(f"(openable {_mangle(r)})")
-    for o, r in objects:
-        kind = _kind(o)
-        mo = _mangle(o)
-        init.append(f"(objectType {mo} {kind}Type)")
-        init.append(f"(inReceptacle {mo} {_mangle(r)})")
-        init.append(f"(objectAtLocation {mo} {_mangle(loc_of[r])})")
-        if o == lamp:
-            init.append(f"(toggleable {mo})")
-            continue
-        init.append(f"(pickupable {mo})")
-        for flag, table in (
-            ("cleanable", "Cleanable"),
-            ("heatable", "Heatable"),
-            ("coolable", "Coolable"),
-            ("sliceable", "Sliceable"),
-        ):
-            if kind in const["actions"][table]:
-                init.append(f"({flag} {mo})")
-
+    chosen, lamp_host = _choose_receptacles(fp, const, task_type, obj_t, parent_t, num_receptacles, rng)
+    loc_of, agent_loc = _locations(fp, chosen, rng)
+    objects, lamp = _place_objects(fp, const, chosen, task_type, obj_t, parent_t, lamp_host, num_receptacles, rng)
     goal = glib.gdict[task_type]["pddl"].format(obj=obj_t, recep=parent_t, toggle=toggle_t, mrecep="")
-    goal = goal.replace("#", "-")
+    init = _init_facts(const, chosen, objects, lamp, loc_of, agent_loc, obj_t)
     problem = (
         f"(define (problem plan_{task_type}_{fp_num})\n    (:domain alfred)\n    (:objects\n        "
-        + "\n        ".join(lines_obj)
+        + "\n        ".join(_object_lines(const, chosen, objects, loc_of, agent_loc, obj_t))
         + "\n    )\n    (:init\n        "
         + "\n        ".join(init)
         + "\n    )\n"
-        + goal.strip()
+        + goal.replace("#", "-").strip()
         + "\n"
     )
     template = rng.choice(glib.gdict[task_type]["templates"])
@@ -375,6 +237,141 @@ def build_problem(fp_num: int, task_type: str, num_receptacles: int, rng: random
         "turk_annotations": {"anns": [{"task_desc": goal_text}]},
     }
     return problem, traj
+
+
+def _choose_receptacles(fp: dict[str, Any], const: dict[str, Any], task_type: str, obj_t: str, parent_t: str,
+                        num_receptacles: int, rng: random.Random) -> tuple[list[str], str | None]:
+    """The game's receptacles, sorted: the ones the task needs first, then the scene's (openable ids as shipped,
+    others made up); and the lamp's host for a look-in-light task."""
+    recs = set(fp["recep_types"])
+    taken: set[str] = set()
+    by_kind: dict[str, list[str]] = {}
+    for ident in fp["openable"]:
+        by_kind.setdefault(_kind(ident), []).append(ident)
+    pool: list[str] = []
+    for kind in sorted(recs):
+        ids = sorted(by_kind.get(kind, []))
+        pool += ids if ids else [_new_id(kind, rng, taken)]
+    rng.shuffle(pool)
+    chosen: list[str] = []
+
+    def take(kind: str) -> str:
+        ident = next((i for i in pool if _kind(i) == kind and i not in chosen), None) or _new_id(kind, rng, taken)
+        chosen.append(ident)
+        return ident
+
+    if parent_t:
+        take(parent_t)
+    if task_type in UTILITY:
+        take(UTILITY[task_type])
+    lamp_host = take(rng.choice(sorted(recs & set(LAMP_HOSTS)))) if task_type == "look_at_obj_in_light" else None
+    start_ok = [r for r in sorted(recs) if r != parent_t and obj_t in const["contains"].get(r, ())]
+    if not any(_kind(c) in start_ok for c in chosen):
+        take(rng.choice(start_ok))
+    chosen += [i for i in pool if i not in chosen][: max(0, num_receptacles - len(chosen))]
+    while len(chosen) < num_receptacles:  # small scenes: add more instances of the scene's types
+        chosen.append(_new_id(rng.choice(sorted(recs)), rng, taken))
+    return sorted(chosen), lamp_host
+
+
+def _locations(fp: dict[str, Any], chosen: list[str], rng: random.Random) -> tuple[dict[str, str], str]:
+    """One location per receptacle (its shipped agent pose where known, else a reachable floor point), and the
+    agent's start."""
+    points = list(fp["points"])
+    rng.shuffle(points)
+    used: set[str] = set()
+
+    def fresh_point() -> str:
+        while points:
+            x, z = points.pop()
+            rot, hor = rng.choice((0, 90, 180, 270)), rng.choice((0, 30, 60))
+            name = f"loc|{int(round(x * 4))}|{int(round(z * 4))}|{rot}|{hor}"
+            if name not in used:
+                used.add(name)
+                return name
+        name = f"loc|{len(used) + 100}|0|0|0"
+        used.add(name)
+        return name
+
+    loc_of: dict[str, str] = {}
+    for ident in chosen:
+        pose = fp["openable"].get(ident)
+        cand = None
+        if pose:
+            cand = f"loc|{int(round(pose[0] * 4))}|{int(round(pose[1] * 4))}|{int(pose[2])}|{int(pose[3])}"
+        if cand is not None and cand not in used:
+            used.add(cand)
+            loc_of[ident] = cand
+        else:
+            loc_of[ident] = fresh_point()
+    return loc_of, fresh_point()
+
+
+def _place_objects(fp: dict[str, Any], const: dict[str, Any], chosen: list[str], task_type: str, obj_t: str,
+                   parent_t: str, lamp_host: str | None, num_receptacles: int, rng: random.Random
+                   ) -> tuple[list[tuple[str, str]], str | None]:
+    """(object id, receptacle id) for the target(s), the lamp and distractors of other types; and the lamp."""
+    objects: list[tuple[str, str]] = []
+    obj_taken: set[str] = set()
+
+    def place(kind: str, exclude_kind: str = "") -> None:
+        options = [c for c in chosen if kind in const["contains"].get(_kind(c), ()) and _kind(c) != exclude_kind]
+        if options:
+            objects.append((_new_id(kind, rng, obj_taken), rng.choice(options)))
+
+    n_target = 2 if task_type == "pick_two_obj_and_place" else rng.choice((1, 1, 2))
+    if task_type == "pick_two_obj_and_place":
+        n_target += rng.choice((0, 0, 1))
+    for _ in range(n_target):
+        place(obj_t, exclude_kind=parent_t)
+    lamp = None
+    if lamp_host:
+        lamp = _new_id(LAMP, rng, obj_taken)
+        objects.append((lamp, lamp_host))
+    others = [o for o in fp["object_types"]
+              if o != obj_t and any(o in const["contains"].get(_kind(c), ()) for c in chosen)]
+    for _ in range(rng.randint(num_receptacles // 2, num_receptacles) if others else 0):
+        place(rng.choice(others))
+    return objects, lamp
+
+
+def _object_lines(const: dict[str, Any], chosen: list[str], objects: list[tuple[str, str]],
+                  loc_of: dict[str, str], agent_loc: str, obj_t: str) -> list[str]:
+    """The problem's `:objects`: the agent, every type, the objects, receptacles and locations."""
+    obj_types = sorted({_kind(o) for o, _ in objects} | {obj_t})
+    all_otypes = sorted(set(const["objects"]) - const["fixed"] | set(obj_types))
+    lines = ["agent1 - agent"]
+    lines += [f"{t}Type - otype" for t in all_otypes]
+    lines += [f"{t}Type - rtype" for t in sorted(const["fixed"])]
+    lines += [f"{_mangle(o)} - object" for o, _ in objects]
+    lines += [f"{_mangle(r)} - receptacle" for r in chosen]
+    lines += [f"{_mangle(loc)} - location" for loc in sorted(set(loc_of.values()) | {agent_loc})]
+    return lines
+
+
+def _init_facts(const: dict[str, Any], chosen: list[str], objects: list[tuple[str, str]], lamp: str | None,
+                loc_of: dict[str, str], agent_loc: str, obj_t: str) -> list[str]:
+    """The problem's `:init`: where everything is and what each thing affords."""
+    obj_types = sorted({_kind(o) for o, _ in objects} | {obj_t})
+    init = [f"(atLocation agent1 {_mangle(agent_loc)})"]
+    for rt in sorted({_kind(r) for r in chosen}):
+        init += [f"(canContain {rt}Type {ot}Type)" for ot in obj_types if ot in const["contains"].get(rt, ())]
+    for r in chosen:
+        init.append(f"(receptacleType {_mangle(r)} {_kind(r)}Type)")
+        init.append(f"(receptacleAtLocation {_mangle(r)} {_mangle(loc_of[r])})")
+        if _kind(r) in const["openable"]:
+            init.append(f"(openable {_mangle(r)})")
+    for o, r in objects:
+        kind, mo = _kind(o), _mangle(o)
+        init += [f"(objectType {mo} {kind}Type)", f"(inReceptacle {mo} {_mangle(r)})",
+                 f"(objectAtLocation {mo} {_mangle(loc_of[r])})"]
+        if o == lamp:
+            init.append(f"(toggleable {mo})")
+            continue
+        init.append(f"(pickupable {mo})")
+        init += [f"({flag.lower()} {mo})" for flag in ("Cleanable", "Heatable", "Coolable", "Sliceable")
+                 if kind in const["actions"][flag]]
+    return init
 
 
 def game_key(**parts: Any) -> str:

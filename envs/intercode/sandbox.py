@@ -193,6 +193,32 @@ def chown_tree(root: Path, uid: int, gid: int) -> None:
                 os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
 
 
+class _CappedOutput:
+    """Reads a process's output on a thread, keeping the first `limit` bytes: a flood cannot fill the memory,
+    and the pipe never blocks the command."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], limit: int) -> None:
+        self.chunks: list[bytes] = []
+        self.kept, self.limit, self.truncated = 0, limit, False
+        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        while data := proc.stdout.read1(65536):
+            room = self.limit - self.kept
+            if room > 0:
+                self.chunks.append(data[:room])
+                self.kept += min(room, len(data))
+            self.truncated |= len(data) > max(room, 0)
+
+    def join(self) -> None:
+        self.thread.join(timeout=5)
+
+    def text(self) -> str:
+        return b"".join(self.chunks).decode("utf-8", errors="replace")
+
+
 class Sandbox:
     """A private root directory and a way to run shell commands confined to it.
 
@@ -345,7 +371,6 @@ class Sandbox:
         if self.closed:
             raise RuntimeError("sandbox is closed")
         self._prepare_root()
-        lim = self.limits
         script = f"cd -- {_shquote(cwd)} 2>/dev/null || cd /\n{command}"
         start = time.monotonic()
         proc = subprocess.Popen(
@@ -356,45 +381,9 @@ class Sandbox:
             start_new_session=True,
             preexec_fn=self._preexec,  # noqa: PLW1509 - rlimits must be set between fork and exec
         )
-        chunks: list[bytes] = []
-        state = {"n": 0, "truncated": False}
-
-        def reader() -> None:
-            assert proc.stdout is not None
-            while True:
-                data = proc.stdout.read1(65536)
-                if not data:
-                    break
-                room = lim.output_bytes - state["n"]
-                if room > 0:
-                    chunks.append(data[:room])
-                    state["n"] += min(room, len(data))
-                if len(data) > max(room, 0):
-                    state["truncated"] = True
-
-        t = threading.Thread(target=reader, daemon=True)
-        t.start()
-        killed = None
-        last_disk = 0.0
-        quota = lim.disk_mb * 1024 * 1024
-        while True:
-            try:
-                proc.wait(timeout=0.05)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            now = time.monotonic()
-            if now - start > lim.wall_s:
-                killed = "wall-clock"
-            elif now - last_disk > 0.2:
-                last_disk = now
-                if _tree_size(self.root) > quota:
-                    killed = "disk-quota"
-            if killed:
-                _killpg(proc.pid)
-                proc.wait()
-                break
-        t.join(timeout=5)
+        output = _CappedOutput(proc, self.limits.output_bytes)
+        killed = self._supervise(proc, start)
+        output.join()
         leftover: list[int] = []
         if self.root_mode:
             # the PID namespace dies with its init; give the kernel a moment before sweeping
@@ -402,31 +391,53 @@ class Sandbox:
             while _uid_processes(self.uid) and time.monotonic() < deadline:
                 time.sleep(0.02)
             leftover = self._kill_leftovers()
-        if killed == "disk-quota" or _tree_size(self.root) > quota:
+        if killed == "disk-quota" or _tree_size(self.root) > self.limits.disk_mb * 1024 * 1024:
             killed = killed or "disk-quota"
             self._enforce_quota()
-        output = b"".join(chunks).decode("utf-8", errors="replace")
-        code = proc.returncode
-        if code is not None and code > 128 and killed is None:
-            with contextlib.suppress(ValueError):
-                sig = signal.Signals(code - 128)
-                if sig == signal.SIGXFSZ:
-                    output += "\n[sandbox: file size limit exceeded]"
-                elif sig == signal.SIGXCPU:
-                    output += "\n[sandbox: CPU time limit exceeded]"
-        if killed == "wall-clock":
-            output += f"\n[sandbox: command timed out after {lim.wall_s:g}s]"
-        elif killed == "disk-quota":
-            output += f"\n[sandbox: disk quota of {lim.disk_mb} MB exceeded; largest new files removed]"
         return RunResult(
-            output=output,
-            exit_code=code,
+            output=output.text() + self._why_stopped(proc.returncode, killed),
+            exit_code=proc.returncode,
             wall_s=round(time.monotonic() - start, 3),
             timed_out=killed == "wall-clock",
-            truncated=state["truncated"],
+            truncated=output.truncated,
             killed=killed,
             leftover=leftover,
         )
+
+    def _supervise(self, proc: subprocess.Popen[bytes], start: float) -> str | None:
+        """Wait for `proc`, killing its process group past the wall-clock limit or the disk quota; says which."""
+        last_disk, quota = 0.0, self.limits.disk_mb * 1024 * 1024
+        while True:
+            try:
+                proc.wait(timeout=0.05)
+                return None
+            except subprocess.TimeoutExpired:
+                pass
+            now, killed = time.monotonic(), None
+            if now - start > self.limits.wall_s:
+                killed = "wall-clock"
+            elif now - last_disk > 0.2:
+                last_disk = now
+                killed = "disk-quota" if _tree_size(self.root) > quota else None
+            if killed:
+                _killpg(proc.pid)
+                proc.wait()
+                return killed
+
+    def _why_stopped(self, code: int | None, killed: str | None) -> str:
+        """A note for the output when a limit stopped the command: the agent sees why it got no answer."""
+        if killed == "wall-clock":
+            return f"\n[sandbox: command timed out after {self.limits.wall_s:g}s]"
+        if killed == "disk-quota":
+            return f"\n[sandbox: disk quota of {self.limits.disk_mb} MB exceeded; largest new files removed]"
+        if code is not None and code > 128:
+            with contextlib.suppress(ValueError):
+                sig = signal.Signals(code - 128)
+                if sig == signal.SIGXFSZ:
+                    return "\n[sandbox: file size limit exceeded]"
+                if sig == signal.SIGXCPU:
+                    return "\n[sandbox: CPU time limit exceeded]"
+        return ""
 
     def _kill_leftovers(self) -> list[int]:
         found: list[int] = []

@@ -297,35 +297,7 @@ class HttpWebShop:
             s.update(kind="index", asin="", options={}, sub="")
             return self._observe(self._get(self._url("index", **s)), valid=True)
         if t == END_BUTTON.lower():
-            html = self._get(self._url("done", **s))
-            self.done = True
-            p = _PageParser()
-            p.feed(html)
-            reward = p.reward if p.reward is not None else 0.0
-            text = SEP.join(
-                [
-                    "Thank you for shopping with us!",
-                    "Purchased",
-                    s["asin"],
-                    json.dumps(s["options"]),
-                    "Your score (min 0.0, max 1.0)",
-                    f"{reward:.4g}",
-                ]
-            )
-            return Observation(
-                text=text,
-                reward=reward,
-                done=True,
-                success=reward >= 1.0 - 1e-9,
-                admissible_actions=[],
-                info={
-                    "page": "done",
-                    "step": self.steps,
-                    "purchased_asin": s["asin"],
-                    "purchased_options": dict(s["options"]),
-                    "score": reward * 100,
-                },
-            )
+            return self._buy()
         if t in (NEXT_PAGE.lower(), PREV_PAGE.lower(), "< back to results") and s["kind"] == "results":
             s["page"] += 1 if t == NEXT_PAGE.lower() else -1
             return self._observe(self._get(self._url("search", **s)), valid=True)
@@ -346,6 +318,21 @@ class HttpWebShop:
                 s["options"] = {**s["options"], opt_name: value}
                 return self._observe(self._get(self._url("item", **s)), valid=True)
         return self._invalid(f"the {target!r} button is not supported by this adapter")
+
+
+    def _buy(self) -> Observation:
+        """`Buy Now`: the server scores the purchase; the episode ends with its reward."""
+        s = self.state
+        parser = _PageParser()
+        parser.feed(self._get(self._url("done", **s)))
+        self.done = True
+        reward = parser.reward if parser.reward is not None else 0.0
+        text = SEP.join(["Thank you for shopping with us!", "Purchased", s["asin"], json.dumps(s["options"]),
+                         "Your score (min 0.0, max 1.0)", f"{reward:.4g}"])
+        info = {"page": "done", "step": self.steps, "purchased_asin": s["asin"],
+                "purchased_options": dict(s["options"]), "score": reward * 100}
+        return Observation(text=text, reward=reward, done=True, success=reward >= 1.0 - 1e-9, admissible_actions=[],
+                           info=info)
 
 
 def instruction_of(html: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,25 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise RunFileError(f"{path} was written with run schema {version!r}, and this leap-dspy reads "
                              f"{', '.join(map(str, READABLE_SCHEMAS))}: upgrade leap-dspy to read it")
     return data
+
+
+def check_adapter(path: str | Path) -> Path:
+    """`path` if it holds a readable LoRA adapter (its config, and its weights' header), else a `RunFileError`
+    that names it: a corrupt adapter would otherwise fail deep inside the engine, at the first generation."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    weights = path / "adapter_model.safetensors"
+    try:
+        if not isinstance(json.loads((path / "adapter_config.json").read_text()), dict):
+            raise ValueError("adapter_config.json is not a mapping")
+        if weights.exists():
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+    except (OSError, ValueError, UnicodeDecodeError, SafetensorError) as exc:
+        raise RunFileError(f"{path} is not a readable adapter ({exc}); delete it and run the compile again to "
+                           "train it anew") from exc
+    return path
 
 
 def default_run_dir(env_name: str, root: str | Path = "runs") -> Path:

@@ -35,7 +35,7 @@ def resolve_target(target: str | os.PathLike | None, adapter: str | os.PathLike 
     served with `adapter` if given.
     """
     from leap_dspy.lm.models import DEFAULT_MODEL
-    from leap_dspy.runs import RunFolder, read_config
+    from leap_dspy.runs import RunFolder, check_adapter, read_config
 
     if target is not None and (Path(target) / "config.yaml").is_file():
         run = RunFolder(target)
@@ -47,7 +47,7 @@ def resolve_target(target: str | os.PathLike | None, adapter: str | os.PathLike 
             last = run.last_adapter()
             if last is None:
                 raise ValueError(f"{run.path} has no finished adapter yet (no iter_<k>/adapter/adapter_config.json)")
-            adapter = last
+            adapter = check_adapter(last)
         engine_kwargs = dict(config.get("lm") or {})
         return str(model), str(adapter), engine_kwargs
     return str(target or DEFAULT_MODEL), (str(adapter) if adapter is not None else None), {}

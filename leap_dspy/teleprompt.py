@@ -32,7 +32,7 @@ from leap_dspy.programs.experts import OracleExpert
 from leap_dspy.programs.student import Student, snap_action
 from leap_dspy.progress import console
 from leap_dspy.rollout import Episodes, attach_env, expert_capture, expert_policy, play_episodes, student_policy
-from leap_dspy.runs import SCHEMA_VERSION, RunFolder, default_run_dir, read_config
+from leap_dspy.runs import SCHEMA_VERSION, RunFolder, check_adapter, default_run_dir, read_config
 from leap_dspy.store import JsonlLog, RunFileError, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from leap_dspy.trackers import Trackers
 from leap_dspy.train.common import RESULT_FILE, release_memory
@@ -371,7 +371,7 @@ class LEAP(Teleprompter):
 
     def adopt(self, student: Student, k: int) -> Path:
         """A finished stage of an earlier run of this folder: the student takes its adapter and moves on."""
-        adapter = self.run.stage(k) / "adapter"
+        adapter = check_adapter(self.run.stage(k) / "adapter")
         self.point(student, adapter)
         return adapter
 

@@ -103,6 +103,21 @@ def test_a_run_from_a_newer_schema_is_refused_and_an_unversioned_one_is_read(tmp
     assert result.exit_code == 2 and "metrics.json is corrupt" in result.output and "Traceback" not in result.output
 
 
+def test_a_corrupt_adapter_is_named_before_anything_loads_it(tmp_path: Path) -> None:
+    import yaml
+
+    from leap_dspy.runs import RunFolder
+
+    run = RunFolder(tmp_path / "run")
+    adapter = run.stage(0) / "adapter"
+    adapter.mkdir(parents=True)
+    run.config_path.write_text(yaml.safe_dump({"schema_version": 1, "model": "smollm2-135m", "env": {"name": KEYBOX}}))
+    (adapter / "adapter_config.json").write_text('{"r": 8}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 64)  # a torn write, a disk error
+    result = runner.invoke(app, ["serve", str(run.path)])
+    assert result.exit_code == 2 and "not a readable adapter" in result.output and "Traceback" not in result.output
+
+
 KEYBOX = "examples.keybox:KeyBox"
 BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be written to the run folder
     (["--set", "num_receptacles=2"], "num_receptacles must be at least 3"),

@@ -181,7 +181,7 @@ def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Pat
 def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(LEAPConfig fields, the run's other keys) of a settings file or a run's config.yaml."""
     from leap_dspy.config import LEAPConfig
-    from leap_dspy.runs import READABLE_SCHEMAS
+    from leap_dspy.runs import check_schema
 
     if path is None:
         return {}, {}
@@ -191,8 +191,10 @@ def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
         raise fail(f"cannot read --config {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise fail(f"--config {path} is not a mapping of LEAP settings")
-    if data.get("schema_version", 0) not in READABLE_SCHEMAS:
-        raise fail(f"--config {path} is a run of schema {data['schema_version']!r}: upgrade leap-dspy to read it")
+    try:
+        check_schema(data, f"--config {path}")
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
     run_keys = {"env", "student", "expert", "demonstrator", "trainset", "valset", "bc_expert_level", "schema_version"}
     unknown = sorted(set(data) - set(LEAPConfig.model_fields) - run_keys)
     if unknown:

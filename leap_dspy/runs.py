@@ -50,11 +50,16 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise RunFileError(f"{path} cannot be read as a run's configuration: {exc}") from exc
     if not isinstance(data, dict):
         raise RunFileError(f"{path} is not a run's configuration (it holds {type(data).__name__})")
-    version = data.get("schema_version", 0)
+    check_schema(data, path)
+    return data
+
+
+def check_schema(config: dict[str, Any], path: str | Path) -> None:
+    """A `RunFileError` unless this leap-dspy reads the schema `config` (a run's config.yaml) was written with."""
+    version = config.get("schema_version", 0)
     if version not in READABLE_SCHEMAS:
         raise RunFileError(f"{path} was written with run schema {version!r}, and this leap-dspy reads "
-                             f"{', '.join(map(str, READABLE_SCHEMAS))}: upgrade leap-dspy to read it")
-    return data
+                           f"{', '.join(map(str, READABLE_SCHEMAS))}: upgrade leap-dspy to read it")
 
 
 def check_adapter(path: str | Path) -> Path:

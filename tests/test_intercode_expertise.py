@@ -55,6 +55,8 @@ def test_sql_expert_explores_then_solves(backend):
     trajectories = _play(env, tasks)
     assert sum(t.success for t in trajectories) >= 0.9 * len(tasks)
     assert not _flags(trajectories)
+    # the prose's "the visitor table" is not the table's name: every episode lists the tables first
+    assert all(t.steps[0].action == "SHOW TABLES" for t in trajectories)
     joined = next(t for t in trajectories if " JOIN " in t.task.gold)  # names it cannot guess: it looks first
     actions = [s.action for s in joined.steps]
     assert actions[0] == "SHOW TABLES" and actions[1].startswith("DESCRIBE ") and actions[-1] == "submit"

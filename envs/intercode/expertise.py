@@ -218,6 +218,15 @@ def _sql_tables(tokens: list[tuple[str, int, int]]) -> tuple[list[str], dict[str
     return tables, aliases
 
 
+def shown_names(inputs: StudentInputs) -> set[str]:
+    """The names the database itself has shown: its outputs (not errors, which echo a guess) and the tables
+    described. The question's prose does not count: "the visitor table" does not say whether the table is
+    `visitor` or `visitors`, and a student taught to trust the prose guesses on a database it has never seen."""
+    outputs = [out for _, out in visible_steps(inputs) if not out.lstrip().lower().startswith("error")]
+    described = [t for a in past_actions(inputs) if (t := _describe_target(a))]
+    return seen_tokens(StudentInputs(task="", observation="\n".join(outputs + described), history=""))
+
+
 def _describe_target(action: str) -> str | None:
     m = re.fullmatch(r"(?i)\s*(?:describe|desc|show\s+columns\s+from)\s+`?(\w+)`?\s*;?\s*", action)
     return m.group(1) if m else None
@@ -236,13 +245,13 @@ class SQLExpertise(_InterCodeExpertise):
     vocabulary = _InterCodeExpertise.vocabulary | _SQL_WORDS
 
     def unseen(self, inputs: StudentInputs, command: str) -> list[str]:
-        seen = seen_tokens(inputs)
+        seen = shown_names(inputs)
         tables, columns = sql_names(command)
         names = tables + [c for cs in columns.values() for c in cs]
         return [n for n in dict.fromkeys(names) if n.lower() not in seen]
 
     def look(self, inputs: StudentInputs, gold: str) -> str | None:
-        seen = seen_tokens(inputs)
+        seen = shown_names(inputs)
         done = {a.strip().lower().rstrip(";") for a in past_actions(inputs)}
         tables, columns = sql_names(gold)
         if any(t.lower() not in seen for t in tables) and "show tables" not in done:
@@ -278,8 +287,11 @@ class SQLExpertise(_InterCodeExpertise):
             target = _describe_target(step_action)
             out = set(seen_tokens(StudentInputs(task="", observation=output, history="")))
             cols = [c for cs in columns.values() for c in cs if c.lower() in out]
+            listed = [t for t in tables if t.lower() in out]
             if target and cols:
                 shown.append(f"DESCRIBE {target} showed {', '.join(dict.fromkeys(cols))}")
+            elif step_action.strip().upper().rstrip(";") == "SHOW TABLES" and listed:
+                shown.append(f"SHOW TABLES listed {', '.join(listed)}")
         names = ", ".join(tables)
         basis = "; ".join(shown) if shown else f"the names it uses, from {names}, are ones I have seen"
         return f"The question asks: {_gist(inputs.task)}. {basis[0].upper() + basis[1:]}: this query answers it."

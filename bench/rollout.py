@@ -1,33 +1,57 @@
-"""Environment steps per second for three ways of running the same student on the same ALFWorld tasks:
+"""Environment steps per second for several ways of running the same student on the same ALFWorld tasks:
 
 1. leap-dspy's batched rollouts (one thread per episode, the engine batching their requests in lockstep);
 2. one episode at a time (the same engine, batch 1);
 3. the peer a DSPy user would reach for: the same program under `dspy.Evaluate(num_threads=8)`, over the
-   same local model with one generate per request (no cross-request batching).
+   same local model with one generate per request (no cross-request batching);
+4. the native peer: llama.cpp's `llama-server -np N` (continuous batching over N slots, built from the
+   llama.cpp vendored in a pinned llama-cpp-python sdist, see `bench/llama_cpp.py`) serving the same
+   weights exported to GGUF (f16 by default), under `dspy.Evaluate(num_threads=N)`, one row per N.
 
-The batched run plays `--tasks` episodes at once; the two slower ways play fewer (`--sequential-tasks`,
+The batched run plays `--tasks` episodes at once; the slower ways play fewer (`--sequential-tasks`,
 `--peer-tasks`) of the same tasks, so that the benchmark ends in minutes: the rates compared are per
-environment step, with the same weights, prompts and step limit.
+environment step, with the same weights, prompts, generation limit and step limit.
+
+Tokens (prompt + generated) are counted the same way for every row: every LM call in DSPy's history is
+re-tokenized with the student's own tokenizer and chat template, whatever each backend reports. "compute" is
+tokens x 2 x parameters / s over the best float32/bfloat16 `torch.matmul` rate measured on this CPU (same
+thread count) in the same run: the fraction of the machine's dense-matmul limit each row reaches.
 
 Usage: python bench/rollout.py [--tasks 64] [--adapter runs/x/iter_2/adapter] [--max-steps 10]
+           [--peer-tasks 16] [--sequential-tasks 4] [--llama-parallel 4 8] [--no-llama-cpp]
+           [--llama-outtype f16] [--threads 2]
+Small smoke run: python bench/rollout.py --tasks 8 --peer-tasks 8 --sequential-tasks 2 --max-steps 4 \
+           --llama-parallel 4
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import os
+import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no cost-map fetch when the OpenAI client loads
 
 import dspy  # noqa: E402
+from dspy.clients import base_lm  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from leap_dspy.envs.alfworld import ALFWorld  # noqa: E402
 from leap_dspy.lm import DEFAULT_MODEL, local_lm  # noqa: E402
+from leap_dspy.lm.lms import get_engine  # noqa: E402
 from leap_dspy.programs import Student  # noqa: E402
 from leap_dspy.rollout import rollout  # noqa: E402
+
+MiB = 1024 * 1024
 
 
 class Episode(dspy.Module):
@@ -45,71 +69,268 @@ class Episode(dspy.Module):
         return dspy.Prediction(success=trajectory.success, steps=len(trajectory.steps))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=64, help="episodes played at once (compile's --threads default)")
-    parser.add_argument("--peer-tasks", type=int, default=16, help="tasks for the dspy.Evaluate run")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--adapter", default=None, help="LoRA adapter folder (default: the untrained model)")
-    parser.add_argument("--max-steps", type=int, default=10)
-    parser.add_argument("--sequential-tasks", type=int, default=4, help="tasks for the one-at-a-time run")
-    args = parser.parse_args()
+@dataclasses.dataclass
+class Row:
+    """One measured way of running the episodes."""
 
-    env = ALFWorld()
-    tasks = env.tasks(args.split)[: args.tasks]
-    adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
-    results: list[tuple[str, int, float]] = []
+    name: str
+    steps: int
+    wall_s: float
+    tokens: int
+    peak_mib: float | None = None
+    memory: str = ""  # how peak_mib was measured
 
-    def timed(name: str, lm: dspy.LM, run) -> None:  # noqa: ANN001
+    @property
+    def rate(self) -> float:
+        return self.steps / self.wall_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+
+def load_llama_cpp() -> ModuleType:
+    """bench/llama_cpp.py by path: a plain `import llama_cpp` could pick up llama-cpp-python's own package."""
+    spec = importlib.util.spec_from_file_location("bench_llama_cpp", Path(__file__).with_name("llama_cpp.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def _proc_kib(field: str) -> int:
+    """A memory line (VmRSS, VmHWM) of this process's /proc status, in KiB (0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM (Linux `clear_refs` 5), so each in-process row measures its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class TokenCounter:
+    """Prompt + generated tokens of the LM calls made since `start()`, from DSPy's global history, counted
+    with the student's tokenizer and chat template: one method for every backend, so rows compare."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def start(self) -> None:
+        base_lm.GLOBAL_HISTORY.clear()
+
+    def count(self) -> tuple[int, int]:
+        """(total tokens, calls)."""
+        entries = list(base_lm.GLOBAL_HISTORY)
+        if len(entries) >= base_lm.MAX_HISTORY_SIZE:
+            print(f"warning: DSPy keeps only {base_lm.MAX_HISTORY_SIZE} calls: token counts are low")
+        total = 0
+        for entry in entries:
+            prompt = self.engine.tokenize(self.engine.format_prompt(entry["messages"]))
+            total += len(prompt) + len(self.engine.tokenize(_output_text(entry)))
+        return total, len(entries)
+
+
+def _output_text(entry: dict) -> str:
+    outputs = entry.get("outputs") or [""]
+    first = outputs[0]
+    if isinstance(first, dict):
+        return first.get("text") or ""
+    return str(first)
+
+
+def best_matmul_flops(threads: int, sizes: tuple[int, ...] = (256, 512, 1024, 2048)) -> float:
+    """The best dense matmul rate (FLOP/s) torch reaches here, float32 or bfloat16, with `threads` threads:
+    the ceiling a model's forward passes (2 x parameters FLOPs per token) could reach on this CPU."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    best = 0.0
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            for n in sizes:
+                a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+                torch.matmul(a, b)  # warm-up (allocation, kernel choice)
+                reps = max(1, int(2e9 // (2 * n**3)))
+                for _ in range(3):  # best of 3: other jobs may share the CPU
+                    start = time.perf_counter()
+                    for _ in range(reps):
+                        torch.matmul(a, b)
+                    best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(previous)
+    return best
+
+
+def evaluate_episodes(student: Student, env: ALFWorld, tasks: list, max_steps: int, threads: int) -> int:
+    """The tasks as a devset under `dspy.Evaluate(num_threads=threads)`: environment steps played."""
+    program = Episode(student, env, max_steps)
+    devset = [dspy.Example(task=t).with_inputs("task") for t in tasks]
+    steps, episodes = [0], [0]
+
+    def metric(example, prediction, trace=None):  # noqa: ANN001, ANN201
+        steps[0] += prediction.steps
+        episodes[0] += 1
+        return float(prediction.success)
+
+    dspy.Evaluate(devset=devset, metric=metric, num_threads=threads, display_progress=False)(program)
+    if episodes[0] < len(devset):
+        print(f"warning: only {episodes[0]} of {len(devset)} episodes finished (the others raised)")
+    return steps[0]
+
+
+class Bench:
+    """Runs and measures the rows: the same student, ChatAdapter, tasks and step limit for each."""
+
+    def __init__(self, args: argparse.Namespace, env: ALFWorld, tasks: list, counter: TokenCounter) -> None:
+        self.args = args
+        self.env = env
+        self.tasks = tasks
+        self.counter = counter
+        self.adapter = dspy.ChatAdapter(use_json_adapter_fallback=False)
+        self.rows: list[Row] = []
+
+    def timed(self, name: str, lm: dspy.LM, run: Callable[[Student], int], in_process: bool = True) -> Row:
+        """Run `run(student)` over `lm` and record its steps, wall time, tokens and (in process) peak RSS."""
         student = Student(max_invalid_streak=0)
         student.set_lm(lm)
-        with dspy.context(adapter=adapter):
+        rss_before = _proc_kib("VmRSS")
+        reset = _reset_peak_rss()
+        self.counter.start()
+        with dspy.context(adapter=self.adapter):
             start = time.perf_counter()
             steps = run(student)
-            results.append((name, steps, time.perf_counter() - start))
+            wall = time.perf_counter() - start
+        tokens, calls = self.counter.count()
+        row = Row(name, steps, wall, tokens)
+        if in_process and reset:
+            row.peak_mib, row.memory = (_proc_kib("VmHWM") - rss_before) / 1024, "proc growth"
+        elif in_process:
+            row.memory = "n/a"
+        print(f"{name}: {steps} steps, {calls} LM calls, {tokens} tokens, {wall:.1f} s")
+        self.rows.append(row)
+        return row
 
+    def llama_rows(self, max_tokens: int) -> None:
+        """One llama-server row per `--llama-parallel` value; skipped, saying why, when llama.cpp fails."""
+        llama_cpp = load_llama_cpp()
+        try:
+            binary = llama_cpp.build_llama_server()
+            gguf = llama_cpp.export_gguf(DEFAULT_MODEL, self.args.adapter, self.args.llama_outtype)
+        except (llama_cpp.LlamaCppError, OSError) as error:
+            print(f"skipping the llama.cpp rows: {error}")
+            return
+        tasks = self.tasks[: self.args.peer_tasks]
+        for parallel in self.args.llama_parallel:
+            try:
+                with llama_cpp.llama_server(gguf, parallel, threads=self.args.threads, binary=binary,
+                                            ctx_per_slot=self.args.llama_ctx_per_slot) as server:
+                    lm = dspy.LM(f"openai/{gguf.stem}", api_base=server.url + "/v1", api_key="none",
+                                 temperature=0.0, max_tokens=max_tokens, cache=False)
+                    lm(messages=[{"role": "user", "content": "hi"}], max_tokens=4)  # warm-up: client import
+                    row = self.timed(
+                        f"llama.cpp llama-server -np {parallel} ({self.args.llama_outtype}) under "
+                        f"dspy.Evaluate(num_threads={parallel}), {len(tasks)} episodes", lm,
+                        lambda s, n=parallel: evaluate_episodes(s, self.env, tasks, self.args.max_steps, n),
+                        in_process=False)
+            except llama_cpp.LlamaCppError as error:
+                print(f"skipping llama.cpp -np {parallel}: {error}")
+                continue
+            if server.peak_rss_bytes:
+                row.peak_mib, row.memory = server.peak_rss_bytes / MiB, "server VmHWM"
+
+
+def local_rows(bench: Bench, args: argparse.Namespace) -> None:
+    """The three in-process rows over leap-dspy's local engine."""
+    env, tasks = bench.env, bench.tasks
     batched_lm = local_lm(DEFAULT_MODEL, adapter=args.adapter, max_batch=64)
     # warm up the model (first calls pay one-off costs)
-    timed("warm-up", batched_lm, lambda s: sum(len(t.steps) for t in rollout(s, env, tasks[:2], num_threads=2)))
-    results.clear()
+    bench.timed("warm-up", batched_lm, lambda s: sum(len(t.steps) for t in rollout(s, env, tasks[:2], num_threads=2)))
+    bench.rows.clear()
 
     def batched(student: Student) -> int:
         trajectories = rollout(student, env, tasks, num_threads=len(tasks), max_steps=args.max_steps)
         return sum(len(t.steps) for t in trajectories)
 
-    timed(f"batched rollouts ({len(tasks)} episodes at once)", batched_lm, batched)
-
+    bench.timed(f"batched rollouts ({len(tasks)} episodes at once)", batched_lm, batched)
     single_lm = local_lm(DEFAULT_MODEL, adapter=args.adapter, batching=False)
 
     def one_at_a_time(student: Student) -> int:
         return sum(len(student.run(env.clone(), t, max_steps=args.max_steps).steps)
                    for t in tasks[: args.sequential_tasks])
 
-    timed(f"one episode at a time ({args.sequential_tasks} episodes)", single_lm, one_at_a_time)
+    bench.timed(f"one episode at a time ({args.sequential_tasks} episodes)", single_lm, one_at_a_time)
+    peer_tasks = tasks[: args.peer_tasks]
+    bench.timed(f"dspy.Evaluate(num_threads=8), {len(peer_tasks)} episodes", single_lm,
+                lambda s: evaluate_episodes(s, env, peer_tasks, args.max_steps, 8))
 
-    def dspy_evaluate(student: Student) -> int:
-        program = Episode(student, env, args.max_steps)
-        devset = [dspy.Example(task=t).with_inputs("task") for t in tasks[: args.peer_tasks]]
-        steps = [0]
 
-        def metric(example, prediction, trace=None):  # noqa: ANN001, ANN201
-            steps[0] += prediction.steps
-            return float(prediction.success)
-
-        dspy.Evaluate(devset=devset, metric=metric, num_threads=8, display_progress=False)(program)
-        return steps[0]
-
-    timed(f"dspy.Evaluate(num_threads=8), {min(args.peer_tasks, len(tasks))} episodes", single_lm, dspy_evaluate)
-
-    peer = next(r for r in results if r[0].startswith("dspy.Evaluate"))
-    peer_rate = peer[1] / peer[2]
-    table = Table(title=f"ALFWorld rollouts, {DEFAULT_MODEL}, adapter={args.adapter}, max {args.max_steps} steps")
-    for column in ("method", "env steps", "wall s", "steps/s", "x dspy.Evaluate"):
+def print_table(rows: list[Row], title: str, params: int, flops: float) -> None:
+    """Rates, tokens, ratios to both peers, memory and the fraction of the matmul limit, one line a row."""
+    peer = next((r for r in rows if r.name.startswith("dspy.Evaluate")), None)
+    llama = max((r for r in rows if r.name.startswith("llama.cpp")), key=lambda r: r.rate, default=None)
+    table = Table(title=title, caption=(
+        f"tokens: prompt + generated, re-tokenized with the student's tokenizer for every row; compute: "
+        f"tokens/s x 2 x {params / 1e6:.1f}M params / {flops / 1e9:.1f} GFLOP/s (best torch.matmul here); "
+        "peak MiB: llama.cpp = the server process's VmHWM (weights + KV cache + prompt cache), in-process = "
+        "this process's peak RSS during the row minus its RSS before (the shared model was already loaded)"))
+    for column in ("method", "env steps", "wall s", "steps/s", "tokens", "tokens/s", "x dspy.Evaluate-local",
+                   "x llama.cpp best", "peak MiB", "compute"):
         table.add_column(column, justify="right")
-    for name, steps, wall in results:
-        rate = steps / wall
-        table.add_row(name, str(steps), f"{wall:.1f}", f"{rate:.2f}", f"{rate / peer_rate:.1f}x")
-    Console().print(table)
+    for row in rows:
+        ratios = [f"{row.rate / ref.rate:.2f}x" if ref else "-" for ref in (peer, llama)]
+        memory = f"{row.peak_mib:.0f} ({row.memory})" if row.peak_mib is not None else row.memory or "-"
+        table.add_row(row.name, str(row.steps), f"{row.wall_s:.1f}", f"{row.rate:.2f}", str(row.tokens),
+                      f"{row.tokens_per_s:.0f}", *ratios, memory,
+                      f"{row.tokens_per_s * 2 * params / flops:.1%}")
+    Console(width=200).print(table)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=64, help="episodes played at once (compile's --threads default)")
+    parser.add_argument("--peer-tasks", type=int, default=16, help="tasks for the dspy.Evaluate and llama.cpp runs")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--adapter", default=None, help="LoRA adapter folder (default: the untrained model)")
+    parser.add_argument("--max-steps", type=int, default=10)
+    parser.add_argument("--sequential-tasks", type=int, default=4, help="tasks for the one-at-a-time run")
+    parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
+                        help="add llama.cpp llama-server rows (built on first use; skipped if the build fails)")
+    parser.add_argument("--llama-parallel", type=int, nargs="+", default=[4, 8],
+                        help="llama-server slots (-np), one row each, with as many dspy.Evaluate threads")
+    parser.add_argument("--llama-outtype", default="f16", choices=["f16", "bf16", "f32", "q8_0"],
+                        help="GGUF weight type of the exported student")
+    parser.add_argument("--llama-ctx-per-slot", type=int, default=4096, help="llama-server context per slot")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="CPU threads for llama-server and for the matmul ceiling")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    env = ALFWorld()
+    tasks = env.tasks(args.split)[: args.tasks]
+    engine = get_engine(DEFAULT_MODEL, args.adapter, max_batch=64)
+    bench = Bench(args, env, tasks, TokenCounter(engine))
+    local_rows(bench, args)
+    if args.llama_cpp:
+        bench.llama_rows(engine.max_new_tokens)
+    params = sum(p.numel() for p in engine.hf_model.parameters())
+    flops = best_matmul_flops(args.threads)
+    title = (f"ALFWorld rollouts, {DEFAULT_MODEL}, adapter={args.adapter}, max {args.max_steps} steps, "
+             f"{args.threads} CPU threads")
+    print_table(bench.rows, title, params, flops)
 
 
 if __name__ == "__main__":

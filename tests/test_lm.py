@@ -98,6 +98,30 @@ def test_batcher_gathers_expected_clients_and_routes_errors():
     batcher.close()
 
 
+def test_batcher_orders_a_batch_by_its_requests_not_by_arrival():
+    seen: list[list[str]] = []
+
+    def run(key, payloads):
+        seen.append(list(payloads))
+        return [p.upper() for p in payloads]
+
+    batcher = Batcher(run, max_batch=8, batch_wait_s=5.0, expected=lambda: 4, order=lambda p: p)
+    results: dict[str, str] = {}
+
+    def call(payload, delay):
+        time.sleep(delay)
+        results[payload] = batcher.submit("k", payload)
+
+    threads = [threading.Thread(target=call, args=(p, d)) for p, d in (("d", 0), ("b", 0.05), ("c", 0.1), ("a", 0.15))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    batcher.close()
+    assert seen == [["a", "b", "c", "d"]]  # arrival was d, b, c, a
+    assert results == {"a": "A", "b": "B", "c": "C", "d": "D"}  # each caller still gets its own answer
+
+
 def test_batcher_close_fails_waiting_requests():
     release = threading.Event()
 

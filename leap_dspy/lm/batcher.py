@@ -10,7 +10,9 @@ When to start a batch (checked whenever a request arrives or the wait times out)
 - no new request has arrived for `batch_wait_s` seconds (`expected_wait_s` while `expected()` is known: then
   every client will call soon, and a client still stepping its environment must not split the batch).
 Requests whose generation settings differ (their `key`) go to separate batches: the oldest pending
-request's key is served first, so no key starves.
+request's key is served first, so no key starves. Within a batch, rows are put in `order` (when given) rather
+than arrival order: which thread asked first is timing, and a batch's layout (its length chunks, padding and
+shared prefix) changes the float rounding, so a rerun's greedy answers could otherwise differ.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Batcher:
         batch_wait_s: float = 0.05,
         expected_wait_s: float = 2.0,
         expected: Callable[[], int | None] = lambda: None,
+        order: Callable[[Any], Any] | None = None,
         name: str = "leap-dspy-batcher",
     ) -> None:
         self.run_batch = run_batch
@@ -63,6 +66,7 @@ class Batcher:
         self.batch_wait_s = batch_wait_s
         self.expected_wait_s = expected_wait_s
         self.expected = expected
+        self.order = order
         self.name = name
         self._cond = threading.Condition()
         self._pending: list[_Pending] = []
@@ -122,6 +126,8 @@ class Batcher:
         batch = [p for p in self._pending if p.key == key][: self.max_batch]
         taken = {id(p) for p in batch}
         self._pending = [p for p in self._pending if id(p) not in taken]
+        if self.order is not None:
+            batch.sort(key=lambda p: self.order(p.payload))
         return key, batch
 
     def _loop(self, worker: _Worker) -> None:

@@ -82,6 +82,7 @@ class LocalEngine:
         self._solo_lock = threading.Lock()
         self._batcher = Batcher(
             self._run_batch, max_batch=max_batch, batch_wait_s=batch_wait_s, expected=lambda: self.expected,
+            order=tuple,  # prompts' token ids: a batch's layout is the same whichever thread asked first
             name=f"leap-dspy-engine-{Path(self.model).name}",
         )
 

@@ -25,6 +25,10 @@ from leap_dspy.store import JsonlLog
 from leap_dspy.types import PrivilegedState, StudentInputs, Task, Trajectory
 
 Progress = Callable[[Trajectory], None]
+ROLLOUT_MAX_STUCK = 2
+"""A rollout ends once the student has repeated an action that changed nothing this many times in a row:
+greedy decoding rarely leaves such a loop, and each further repeat would only add a copy of the same
+correction to the round's data."""
 quiet_repeated_warnings()
 
 
@@ -127,14 +131,15 @@ def play_episodes(job: Episodes, env: TextEnv, *, program: dspy.Module | None, n
 
 
 def student_policy(student: Student, *, capture_level: int | None = None, capture_oracle: bool = False,
-                   policy: str = "student", max_steps: int | None = None, snap: bool | None = None
-                   ) -> Callable[[TextEnv, Task], Trajectory]:
+                   policy: str = "student", max_steps: int | None = None, snap: bool | None = None,
+                   max_stuck: int = 0) -> Callable[[TextEnv, Task], Trajectory]:
     """The student plays; each step records what the expert will read there (see `run_episode`). `snap`
-    overrides the student's own `snap_actions` (evaluation is strict, whatever the student does deployed)."""
+    overrides the student's own `snap_actions` (evaluation is strict, whatever the student does deployed);
+    `max_stuck` ends an episode that repeats an action that changes nothing (rollouts, never evaluation)."""
 
     def play(episode_env: TextEnv, task: Task) -> Trajectory:
         return student.run(episode_env, task, max_steps=max_steps, capture_level=capture_level,
-                           capture_oracle=capture_oracle, policy=policy, snap=snap)
+                           capture_oracle=capture_oracle, policy=policy, snap=snap, max_stuck=max_stuck)
 
     return play
 

@@ -31,7 +31,15 @@ from leap_dspy.programs.agent import Agent
 from leap_dspy.programs.experts import OracleExpert
 from leap_dspy.programs.student import Student, snap_action
 from leap_dspy.progress import console
-from leap_dspy.rollout import Episodes, attach_env, expert_capture, expert_policy, play_episodes, student_policy
+from leap_dspy.rollout import (
+    ROLLOUT_MAX_STUCK,
+    Episodes,
+    attach_env,
+    expert_capture,
+    expert_policy,
+    play_episodes,
+    student_policy,
+)
 from leap_dspy.runs import SCHEMA_VERSION, RunFolder, check_adapter, default_run_dir, read_config
 from leap_dspy.store import JsonlLog, RunFileError, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from leap_dspy.trackers import Trackers
@@ -184,7 +192,7 @@ class LEAP(Teleprompter):
             tasks = random.Random(self.config.seed * 7919 + k).sample(train, self.config.rollout_tasks)
         capture_level, capture_oracle = expert_capture(teacher, self.env, self.privilege_level)
         play = student_policy(student, capture_level=capture_level, capture_oracle=capture_oracle,
-                              policy=f"student@{k - 1}")
+                              policy=f"student@{k - 1}", max_stuck=ROLLOUT_MAX_STUCK)
         log = JsonlLog(self.run.stage(k) / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
         return play_episodes(Episodes(log, tasks, f"round {k}: rollouts", play), self.placement.episodes,
                              program=student, num_threads=self.config.num_threads, progress=self.config.progress)

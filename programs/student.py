@@ -126,12 +126,19 @@ class Student(dspy.Module):
         return reason, action_text, None if action_text else "the model gave no action"
 
     def run(self, env: Any, task: Task, max_steps: int | None = None, capture_level: int | None = None,
-            capture_oracle: bool = False, policy: str = "student", snap: bool | None = None) -> Trajectory:
+            capture_oracle: bool = False, policy: str = "student", snap: bool | None = None,
+            max_stuck: int = 0) -> Trajectory:
         """Play one episode, recording what an expert will need to correct each step (see `run_episode`);
         `snap` None follows `snap_actions`."""
         return run_episode(self.act, self.inputs, env, task, max_steps=max_steps, capture_level=capture_level,
                            capture_oracle=capture_oracle, policy=policy, max_invalid_streak=self.max_invalid_streak,
-                           snap=self.snap_actions if snap is None else snap)
+                           snap=self.snap_actions if snap is None else snap, max_stuck=max_stuck)
+
+
+def _repeats(steps: list[Step]) -> bool:
+    """Whether the last step ran the action before it and saw the same thing: nothing changed."""
+    return (len(steps) > 1 and _ran(steps[-1]) == _ran(steps[-2])
+            and steps[-1].next_observation == steps[-2].next_observation)
 
 
 def _ran(step: Step) -> str:
@@ -172,7 +179,7 @@ def capture_privileged(env: Any, level: int | None, oracle: bool) -> PrivilegedS
 
 def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: int | None = None,
                 capture_level: int | None = None, capture_oracle: bool = False, policy: str = "student",
-                max_invalid_streak: int = 0, snap: bool = False) -> Trajectory:
+                max_invalid_streak: int = 0, snap: bool = False, max_stuck: int = 0) -> Trajectory:
     """The loop shared by every policy: observe, decide, step, record.
 
     `capture_level` records the privileged state at each step (for an LM expert's prompt) and
@@ -183,13 +190,16 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
     action the environment rejected): with greedy decoding a policy that fails that often in a row is stuck,
     and playing out its remaining steps would only spend the step budget of a rollout.
 
-    `snap` runs the closest admissible action in place of a near miss (see `Student.snap_actions`).
+    `max_stuck` (0: off) ends it once the same action has left the observation unchanged that many times in a
+    row. A valid action can still be a loop (WebShop's `click[6 ounce]` on a page where it is already
+    selected); rollouts stop there, since the expert's corrections of further repeats would be copies of one
+    state's, and enough copies outweigh the rest of a round's data.
     """
     start = time.perf_counter()
     limit = max_steps or getattr(env, "max_steps", 30)
     observation = env.reset(task)
     trajectory = Trajectory(task=task, policy=policy)
-    streak = 0
+    streak = stuck = 0
     for index in range(limit):
         inputs = make_inputs(task, observation, trajectory.steps)
         privileged = capture_privileged(env, capture_level, capture_oracle)
@@ -205,7 +215,9 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
         invalid = (error is not None or observation.text.strip() in INVALID_MARKERS
                    or not action_admissible(executed or action, admissible))
         streak = streak + 1 if invalid else 0
-        if observation.done or (max_invalid_streak and streak >= max_invalid_streak):
+        stuck = stuck + 1 if _repeats(trajectory.steps) else 0
+        if observation.done or (max_invalid_streak and streak >= max_invalid_streak) or (max_stuck and
+                                                                                        stuck >= max_stuck):
             break
     trajectory.success = bool(observation.success)
     trajectory.reward = float(observation.reward)

@@ -154,3 +154,16 @@ def test_evaluation_is_strict_and_reports_snapped_success_beside(tmp_path: Path)
     assert metrics["near_miss_episodes"] == 2 and metrics["snapped_actions"] == 0
     strict = (tmp_path / "run" / "probe" / "eval.jsonl").read_text()
     assert '"executed":null' in strict.replace(" ", "") and "take the key" in strict
+
+
+def test_a_rollout_stops_where_the_student_repeats_an_action_that_changes_nothing():
+    env = KeyBox(**TINY)
+    task = env.tasks("train")[0]
+
+    def look(inputs: StudentInputs) -> tuple[str, str, None]:
+        return "I look around.", "look", None
+
+    stuck = run_episode(look, Student().inputs, env, task, max_stuck=2)
+    assert [s.action for s in stuck.steps] == ["look"] * 3  # the first look, then two that changed nothing
+    played = run_episode(look, Student().inputs, env, task)  # evaluation plays its steps out
+    assert len(played.steps) == env.max_steps

@@ -236,19 +236,32 @@ def _wait_healthy(server: LlamaServer, timeout_s: float) -> None:
     raise LlamaCppError(f"llama-server was not healthy after {timeout_s:.0f} s; last log lines:\n{server.log_tail()}")
 
 
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextlib.contextmanager
 def llama_server(gguf: str | os.PathLike[str], parallel: int, threads: int = 2, ctx_per_slot: int = 2048, *,
-                 binary: Path | None = None, startup_timeout_s: float = 180.0) -> Iterator[LlamaServer]:
+                 cache_ram_mib: int = 1024, binary: Path | None = None,
+                 startup_timeout_s: float = 180.0) -> Iterator[LlamaServer]:
     """Serve `gguf` with `parallel` slots (continuous batching across them) on a free local port.
 
     Yields a `LlamaServer` (its `.url` is the base URL; append `/v1` for the OpenAI API). On exit the server's
     peak RSS is read into `.peak_rss_bytes`, then it is terminated (killed if it does not stop in 10 s).
+    `cache_ram_mib` caps the host-memory prompt cache (llama-server's default, 8 GiB, would let a long run
+    grow far past what the weights and KV cache need); its log is kept only when something failed.
     """
     binary = binary or build_llama_server()
     port = _free_port()
     log = Path(tempfile.mkstemp(prefix=f"llama-server-{port}.", suffix=".log")[1])
     cmd = [str(binary), "-m", str(gguf), "-np", str(parallel), "-t", str(threads), "-tb", str(threads),
-           "-c", str(parallel * ctx_per_slot), "--host", "127.0.0.1", "--port", str(port), "--no-webui"]
+           "-c", str(parallel * ctx_per_slot), "--cache-ram", str(cache_ram_mib), "--host", "127.0.0.1",
+           "--port", str(port), "--no-webui"]
     with log.open("w") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     server = LlamaServer(url=f"http://127.0.0.1:{port}", process=process, log=log)
@@ -257,9 +270,5 @@ def llama_server(gguf: str | os.PathLike[str], parallel: int, threads: int = 2, 
         yield server
     finally:
         server.peak_rss_bytes = server.peak_rss()
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(process)
+    log.unlink(missing_ok=True)  # reached only when nothing raised

@@ -19,7 +19,7 @@ thread count) in the same run: the fraction of the machine's dense-matmul limit 
 
 Usage: python bench/rollout.py [--tasks 64] [--adapter runs/x/iter_2/adapter] [--max-steps 10]
            [--peer-tasks 16] [--sequential-tasks 4] [--llama-parallel 4 8] [--no-llama-cpp]
-           [--llama-outtype f16] [--threads 2]
+           [--llama-outtype f16] [--llama-ctx-per-slot 4096] [--llama-cache-ram 1024] [--threads 2]
 Small smoke run: python bench/rollout.py --tasks 8 --peer-tasks 8 --sequential-tasks 2 --max-steps 4 \
            --llama-parallel 4
 """
@@ -215,7 +215,7 @@ class Bench:
         tokens, calls = self.counter.count()
         row = Row(name, steps, wall, tokens)
         if in_process and reset:
-            row.peak_mib, row.memory = (_proc_kib("VmHWM") - rss_before) / 1024, "proc growth"
+            row.peak_mib, row.memory = max(0, _proc_kib("VmHWM") - rss_before) / 1024, "proc growth"
         elif in_process:
             row.memory = "n/a"
         print(f"{name}: {steps} steps, {calls} LM calls, {tokens} tokens, {wall:.1f} s")
@@ -235,10 +235,11 @@ class Bench:
         for parallel in self.args.llama_parallel:
             try:
                 with llama_cpp.llama_server(gguf, parallel, threads=self.args.threads, binary=binary,
-                                            ctx_per_slot=self.args.llama_ctx_per_slot) as server:
+                                            ctx_per_slot=self.args.llama_ctx_per_slot,
+                                            cache_ram_mib=self.args.llama_cache_ram) as server:
                     lm = dspy.LM(f"openai/{gguf.stem}", api_base=server.url + "/v1", api_key="none",
                                  temperature=0.0, max_tokens=max_tokens, cache=False)
-                    lm(messages=[{"role": "user", "content": "hi"}], max_tokens=4)  # warm-up: client import
+                    lm("hi", max_tokens=4)  # warm-up: the OpenAI client import and first connection
                     row = self.timed(
                         f"llama.cpp llama-server -np {parallel} ({self.args.llama_outtype}) under "
                         f"dspy.Evaluate(num_threads={parallel}), {len(tasks)} episodes", lm,
@@ -255,8 +256,9 @@ def local_rows(bench: Bench, args: argparse.Namespace) -> None:
     """The three in-process rows over leap-dspy's local engine."""
     env, tasks = bench.env, bench.tasks
     batched_lm = local_lm(DEFAULT_MODEL, adapter=args.adapter, max_batch=64)
-    # warm up the model (first calls pay one-off costs)
-    bench.timed("warm-up", batched_lm, lambda s: sum(len(t.steps) for t in rollout(s, env, tasks[:2], num_threads=2)))
+    # warm up the model (first calls pay one-off costs); the step limit keeps it short
+    bench.timed("warm-up", batched_lm, lambda s: sum(
+        len(t.steps) for t in rollout(s, env, tasks[:2], num_threads=2, max_steps=min(args.max_steps, 2))))
     bench.rows.clear()
 
     def batched(student: Student) -> int:
@@ -276,7 +278,7 @@ def local_rows(bench: Bench, args: argparse.Namespace) -> None:
                 lambda s: evaluate_episodes(s, env, peer_tasks, args.max_steps, 8))
 
 
-def print_table(rows: list[Row], title: str, params: int, flops: float) -> None:
+def print_table(rows: list[Row], title: str, params: int, flops: float, base_rss_mib: float) -> None:
     """Rates, tokens, ratios to both peers, memory and the fraction of the matmul limit, one line a row."""
     peer = next((r for r in rows if r.name.startswith("dspy.Evaluate")), None)
     llama = max((r for r in rows if r.name.startswith("llama.cpp")), key=lambda r: r.rate, default=None)
@@ -284,7 +286,8 @@ def print_table(rows: list[Row], title: str, params: int, flops: float) -> None:
         f"tokens: prompt + generated, re-tokenized with the student's tokenizer for every row; compute: "
         f"tokens/s x 2 x {params / 1e6:.1f}M params / {flops / 1e9:.1f} GFLOP/s (best torch.matmul here); "
         "peak MiB: llama.cpp = the server process's VmHWM (weights + KV cache + prompt cache), in-process = "
-        "this process's peak RSS during the row minus its RSS before (the shared model was already loaded)"))
+        f"this process's peak RSS during the row minus its RSS before (the model already loaded: the process "
+        f"held {base_rss_mib:.0f} MiB before the first row)"))
     for column in ("method", "env steps", "wall s", "steps/s", "tokens", "tokens/s", "x dspy.Evaluate-local",
                    "x llama.cpp best", "peak MiB", "compute"):
         table.add_column(column, justify="right")
@@ -312,6 +315,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--llama-outtype", default="f16", choices=["f16", "bf16", "f32", "q8_0"],
                         help="GGUF weight type of the exported student")
     parser.add_argument("--llama-ctx-per-slot", type=int, default=4096, help="llama-server context per slot")
+    parser.add_argument("--llama-cache-ram", type=int, default=1024,
+                        help="MiB for llama-server's host prompt cache (its own default is 8192)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="CPU threads for llama-server and for the matmul ceiling")
     return parser.parse_args()
@@ -322,6 +327,7 @@ def main() -> None:
     env = ALFWorld()
     tasks = env.tasks(args.split)[: args.tasks]
     engine = get_engine(DEFAULT_MODEL, args.adapter, max_batch=64)
+    base_rss_mib = _proc_kib("VmRSS") / 1024
     bench = Bench(args, env, tasks, TokenCounter(engine))
     local_rows(bench, args)
     if args.llama_cpp:
@@ -330,7 +336,7 @@ def main() -> None:
     flops = best_matmul_flops(args.threads)
     title = (f"ALFWorld rollouts, {DEFAULT_MODEL}, adapter={args.adapter}, max {args.max_steps} steps, "
              f"{args.threads} CPU threads")
-    print_table(bench.rows, title, params, flops)
+    print_table(bench.rows, title, params, flops, base_rss_mib)
 
 
 if __name__ == "__main__":

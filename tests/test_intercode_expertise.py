@@ -120,3 +120,44 @@ def test_bash_leaks_are_flagged_and_unjustified():
         assert "Submitting now" in reason and not unobserved_mentions(reason, inputs, privileged, "ls /")
     finally:
         env.close()
+
+
+def test_sql_contrast_speaks_of_names_only_when_the_student_guessed_one():
+    _need_data()
+    env = InterCodeSQL()
+    task, inputs, privileged = _start(env, "bench-4", 2)  # pets_1: Student, Has_Pet, Pets
+    expertise = env.expertise()
+    try:
+        listing = env.step("SHOW TABLES").text
+        inputs = StudentInputs(task=task.instruction, observation=listing,
+                               history=f"Start: {task.instruction}\nSHOW TABLES -> {listing}")
+        action = expertise.act(inputs, privileged, "")
+        assert action.startswith("DESCRIBE ")
+        # looking up a listed table is not a guess; a table the listing never showed is
+        assert "Yours names" not in expertise.explain(inputs, privileged, action, "DESCRIBE has_pet")
+        assert "Yours names" in expertise.explain(inputs, privileged, action, "SELECT * FROM owners")
+    finally:
+        env.close()
+
+
+def test_sql_expert_looks_again_when_a_description_left_the_prompt():
+    _need_data()
+    env = InterCodeSQL()
+    task = next(t for t in env.tasks("train") if "count(*)" not in t.gold and " JOIN " not in t.gold)
+    table = sql_names(task.gold)[0][0]
+    env.reset(task)
+    listing = env.step("SHOW TABLES").text
+    privileged = env.privileged_state(1)
+    expertise = env.expertise()
+    try:
+        # DESCRIBE ran three steps ago: the prompt names the action, but its output has scrolled away
+        history = (f"Start: {task.instruction}\nEarlier: SHOW TABLES; DESCRIBE {table}\n"
+                   f"SELECT 1 -> [(1,)]\nSHOW TABLES -> {listing}")
+        inputs = StudentInputs(task=task.instruction, observation=listing, history=history)
+        assert expertise.act(inputs, privileged, "submit") == f"DESCRIBE {table}"
+        described = env.step(f"DESCRIBE {table}").text
+        inputs = StudentInputs(task=task.instruction, observation=described,
+                               history=f"{history}\nDESCRIBE {table} -> {described[:120]}")
+        assert expertise.act(inputs, privileged, "submit") == task.gold  # now in view: the query
+    finally:
+        env.close()

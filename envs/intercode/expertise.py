@@ -234,7 +234,8 @@ def _describe_target(action: str) -> str | None:
 
 class SQLExpertise(_InterCodeExpertise):
     """InterCode-SQL: `SHOW TABLES` while a table the gold query reads is unseen, `DESCRIBE t` for each table
-    whose columns it uses are unseen (once each), then the gold query, then `submit`.
+    whose columns it uses are unseen (once each; again for a one-table query whose description has left the
+    student's prompt), then the gold query, then `submit`.
 
     Levels: 1 (the gold query) and the top, 2 (also its expected rows, which let it submit after a student's
     own query that already returned them). The default stays 1: the policy needs only the gold query, and
@@ -246,6 +247,11 @@ class SQLExpertise(_InterCodeExpertise):
 
     def unseen(self, inputs: StudentInputs, command: str) -> list[str]:
         seen = shown_names(inputs)
+        if command.strip().upper().rstrip(";") == "SHOW TABLES":
+            return []
+        target = _describe_target(command)
+        if target is not None:  # looking a table up names only the table
+            return [] if target.lower() in seen else [target]
         tables, columns = sql_names(command)
         names = tables + [c for cs in columns.values() for c in cs]
         return [n for n in dict.fromkeys(names) if n.lower() not in seen]
@@ -256,10 +262,14 @@ class SQLExpertise(_InterCodeExpertise):
         tables, columns = sql_names(gold)
         if any(t.lower() not in seen for t in tables) and "show tables" not in done:
             return "SHOW TABLES"
+        # A table described in a step the student still sees needs no second look. One whose description has
+        # scrolled out of its prompt is looked up again when it is the query's only table; in a join, looking
+        # again would push another table's description out, and the looks could go round until the step limit.
+        in_view = {(_describe_target(a) or "").lower() for a, _ in visible_steps(inputs)}
         described = {(_describe_target(a) or "").lower() for a in done}
         loose = [c for c in columns.get("", []) if c.lower() not in seen]
         for table in tables:
-            if table.lower() in described:
+            if table.lower() in in_view or (table.lower() in described and len(tables) > 1):
                 continue
             own = [c for c in columns.get(table, []) if c.lower() not in seen]
             if own or loose:
@@ -293,7 +303,7 @@ class SQLExpertise(_InterCodeExpertise):
             elif step_action.strip().upper().rstrip(";") == "SHOW TABLES" and listed:
                 shown.append(f"SHOW TABLES listed {', '.join(listed)}")
         names = ", ".join(tables)
-        basis = "; ".join(shown) if shown else f"the names it uses, from {names}, are ones I have seen"
+        basis = "; ".join(dict.fromkeys(shown)) if shown else f"the names it uses, from {names}, are ones I have seen"
         return f"The question asks: {_gist(inputs.task)}. {basis[0].upper() + basis[1:]}: this query answers it."
 
 

@@ -96,6 +96,21 @@ def test_sql_privileged_levels_and_malformed_actions():
     assert env.step("submit").done
 
 
+def test_sql_notes_keep_what_the_database_showed():
+    _need_data()
+    env = InterCodeSQL()
+    task = next(t for t in env.tasks("unseen") if t.db == "pets_1")
+    assert env.reset(task).notes == "Tables: not listed yet"
+    env.step("SHOW TABLES")
+    env.step("DESCRIBE pets")
+    notes = env.step("SELECT nosuch FROM pets").notes or ""
+    assert notes.splitlines()[0] == "Tables: has_pet, pets, student"
+    assert "Columns of pets: PetID, PetType, pet_age, weight" in notes  # kept after the description scrolled
+    assert notes.endswith("Last command: SELECT nosuch FROM pets (an error)")
+    assert InterCodeSQL(notes=False).reset(task).notes is None
+    env.close()
+
+
 def test_sql_attacks_sqlite():
     _need_data()
     from leap_dspy.envs.intercode.attacks import run_sql_attacks

@@ -223,11 +223,11 @@ def shown_names(inputs: StudentInputs) -> set[str]:
     described. The question's prose does not count: "the visitor table" does not say whether the table is
     `visitor` or `visitors`, and a student taught to trust the prose guesses on a database it has never seen."""
     outputs = [out for _, out in visible_steps(inputs) if not out.lstrip().lower().startswith("error")]
-    described = [t for a in past_actions(inputs) if (t := _describe_target(a))]
+    described = [t for a in past_actions(inputs) if (t := describe_target(a))]
     return seen_tokens(StudentInputs(task="", observation="\n".join(outputs + described), history=""))
 
 
-def _describe_target(action: str) -> str | None:
+def describe_target(action: str) -> str | None:
     m = re.fullmatch(r"(?i)\s*(?:describe|desc|show\s+columns\s+from)\s+`?(\w+)`?\s*;?\s*", action)
     return m.group(1) if m else None
 
@@ -249,7 +249,7 @@ class SQLExpertise(_InterCodeExpertise):
         seen = shown_names(inputs)
         if command.strip().upper().rstrip(";") == "SHOW TABLES":
             return []
-        target = _describe_target(command)
+        target = describe_target(command)
         if target is not None:  # looking a table up names only the table
             return [] if target.lower() in seen else [target]
         tables, columns = sql_names(command)
@@ -265,8 +265,8 @@ class SQLExpertise(_InterCodeExpertise):
         # A table described in a step the student still sees needs no second look. One whose description has
         # scrolled out of its prompt is looked up again when it is the query's only table; in a join, looking
         # again would push another table's description out, and the looks could go round until the step limit.
-        in_view = {(_describe_target(a) or "").lower() for a, _ in visible_steps(inputs)}
-        described = {(_describe_target(a) or "").lower() for a in done}
+        in_view = {(describe_target(a) or "").lower() for a, _ in visible_steps(inputs)}
+        described = {(describe_target(a) or "").lower() for a in done}
         loose = [c for c in columns.get("", []) if c.lower() not in seen]
         for table in tables:
             if table.lower() in in_view or (table.lower() in described and len(tables) > 1):
@@ -282,7 +282,7 @@ class SQLExpertise(_InterCodeExpertise):
         if action.upper() == "SHOW TABLES":
             return ("I have not seen this database's tables yet, so I list them before I write a query whose "
                     "names could otherwise be wrong.")
-        table = _describe_target(action)
+        table = describe_target(action)
         if table:
             where = "SHOW TABLES listed it" if _listed(inputs, table) else "it is the table the question is about"
             return (f"The question needs the columns of {table} ({where}); DESCRIBE {table} shows their exact "
@@ -294,7 +294,8 @@ class SQLExpertise(_InterCodeExpertise):
         tables, columns = sql_names(action)
         shown = []
         for step_action, output in visible_steps(inputs):
-            target = _describe_target(step_action)
+            target = describe_target(step_action)
+            output = output.split("\nTables: ", 1)[0]  # the output itself, not the notes after it
             out = set(seen_tokens(StudentInputs(task="", observation=output, history="")))
             cols = [c for cs in columns.values() for c in cs if c.lower() in out]
             listed = [t for t in tables if t.lower() in out]

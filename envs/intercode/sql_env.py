@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 
 from leap_dspy.envs.intercode import data, spider
 from leap_dspy.envs.intercode.common import SUBMIT, InterCodeEnv, truncate
-from leap_dspy.envs.intercode.expertise import SQLExpertise
+from leap_dspy.envs.intercode.expertise import SQLExpertise, describe_target
 from leap_dspy.envs.intercode.reward import normalize_rows, sql_reward
 from leap_dspy.types import Observation, PrivilegedState, Task
 
@@ -304,6 +304,7 @@ class InterCodeSQL(InterCodeEnv):
         mysql: dict[str, Any] | None = None,
         num_train: int | None = None,
         num_seen: int | None = None,
+        notes: bool = True,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
@@ -314,6 +315,10 @@ class InterCodeSQL(InterCodeEnv):
         self.timeout_s, self.max_rows = timeout_s, max_rows
         self.mysql = dict(mysql or {})
         self.num_train, self.num_seen = num_train, num_seen
+        self.notes = bool(notes)
+        """Return `Observation.notes`: the tables and columns the database has shown in this episode and how the
+        last command went. The student's prompt keeps only its last steps, and a description three steps back
+        is gone from it; the names it found must not be."""
         self._splits: dict[str, list[Task]] | None = None
         self.task: Task | None = None
         self.conn: SQLiteBackend | MySQLBackend | None = None
@@ -331,6 +336,7 @@ class InterCodeSQL(InterCodeEnv):
             "mysql": self.mysql,
             "num_train": self.num_train,
             "num_seen": self.num_seen,
+            "notes": self.notes,
         }
 
     # -- tasks -----------------------------------------------------------------------------------------------
@@ -401,8 +407,10 @@ class InterCodeSQL(InterCodeEnv):
         self.steps = 0
         self.done = False
         self.actions: list[str] = []
+        self.tables: list[str] = []
+        self.columns: dict[str, list[str]] = {}
         self.reward, self.success = 0.0, False
-        return Observation(text=task.instruction, info={"task_id": task.id, "db": task.db})
+        return Observation(text=task.instruction, info={"task_id": task.id, "db": task.db}, notes=self._notes())
 
     def _run(self, query: str) -> tuple[list[tuple] | str | None, str]:
         assert self.conn is not None
@@ -429,11 +437,36 @@ class InterCodeSQL(InterCodeEnv):
         self.steps += 1
         self.actions.append(action)
         self.last, text = self._run(action)
+        self._remember(action)
         if self.steps >= self.max_steps:
             obs = self._finish()
             obs.text = text + "\n" + obs.text
             return obs
-        return Observation(text=text, info={"ok": not isinstance(self.last, str)})
+        return Observation(text=text, info={"ok": not isinstance(self.last, str)}, notes=self._notes())
+
+    def _remember(self, action: str) -> None:
+        """Keep the names a listing or a description showed (the first field of each row)."""
+        if not isinstance(self.last, list):
+            return
+        names = [str(row[0]) for row in self.last if row]
+        if action.rstrip(";").strip().upper() == "SHOW TABLES":
+            self.tables = names
+        elif (table := describe_target(action)) is not None:
+            self.columns[table] = names
+
+    def _notes(self) -> str | None:
+        if not self.notes:
+            return None
+        lines = [f"Tables: {', '.join(self.tables) if self.tables else 'not listed yet'}"]
+        lines += [f"Columns of {table}: {', '.join(names)}" for table, names in self.columns.items()]
+        if self.actions:
+            last = self.last
+            outcome = ("an error" if isinstance(last, str) else "no result set" if last is None
+                       else f"{len(last)} row{'s' if len(last) != 1 else ''}")
+            command = " ".join(self.actions[-1].split())
+            command = command if len(command) <= 160 else command[:157] + "..."
+            lines.append(f"Last command: {command} ({outcome})")
+        return "\n".join(lines)
 
     def _gold(self) -> list[tuple] | str:
         assert self.task is not None

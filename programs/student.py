@@ -216,8 +216,8 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
                    or not action_admissible(executed or action, admissible))
         streak = streak + 1 if invalid else 0
         stuck = stuck + 1 if _repeats(trajectory.steps) else 0
-        if observation.done or (max_invalid_streak and streak >= max_invalid_streak) or (max_stuck and
-                                                                                        stuck >= max_stuck):
+        stopped = (max_invalid_streak and streak >= max_invalid_streak) or (max_stuck and stuck >= max_stuck)
+        if observation.done or stopped:
             break
     trajectory.success = bool(observation.success)
     trajectory.reward = float(observation.reward)

@@ -144,6 +144,9 @@ def run_grid(grid: Grid, root: Path, jobs: int = 1, publish: Path | None = None,
     root.mkdir(parents=True, exist_ok=True)
     specs = expand(grid)
     states = {s.name: "done" if finished(s, root) else "pending" for s in specs}
+    if publish is not None:  # runs finished by an earlier call, perhaps one without --publish
+        for name in (name for name, state in states.items() if state == "done"):
+            publish_run(root / name, publish / name)
     running: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
     show(specs, states, root)
     while any(state in ("pending", "running") for state in states.values()):

@@ -4,6 +4,7 @@ cloning, resumption, published summaries, and intervals that a report rebuilds f
 from __future__ import annotations
 
 import csv
+import shutil
 import sys
 from pathlib import Path
 
@@ -69,8 +70,10 @@ def test_experiment_runs_publishes_resumes_and_reports(tiny_model: str, tmp_path
     assert (dpo["update"], dpo["iterations"], dpo["model"]) == ("dpo", 1, tiny_model)  # the grid's settings
     assert not list(published.rglob("adapter*")) and len(list(published.glob("*/episodes.csv"))) == 4
 
+    shutil.rmtree(published)
     again = CliRunner().invoke(app, args)
-    assert again.exit_code == 0 and "started" not in again.output  # finished runs are not run again
+    assert again.exit_code == 0 and "started" not in again.output  # finished runs are not run again,
+    assert len(list(published.glob("*/episodes.csv"))) == 4  # and runs finished earlier are published
 
     # A rerun of one seed from its config.yaml alone: the same task ids, the same behaviour-cloning outcomes.
     first = root / "keybox-update=sft-seed0"

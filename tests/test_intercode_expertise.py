@@ -99,6 +99,14 @@ def test_sql_leaks_are_flagged_and_unjustified():
         assert expertise.unjustified(inputs, privileged, "SHOW TABLES") is None
         reason = expertise.explain(inputs, privileged, "SHOW TABLES")
         assert not unobserved_mentions(reason, inputs, privileged, "SHOW TABLES")
+        listing = env.step("SHOW TABLES").text
+        inputs = StudentInputs(task=task.instruction, observation=listing,
+                               history=f"Start: {task.instruction}\nSHOW TABLES -> {listing}")
+        action = expertise.act(inputs, privileged, "")
+        assert action.startswith("DESCRIBE ")
+        # looking up a listed table is not a guess; a table the listing never showed is
+        assert "Yours names" not in expertise.explain(inputs, privileged, action, "DESCRIBE has_pet")
+        assert "Yours names" in expertise.explain(inputs, privileged, action, "SELECT * FROM owners")
     finally:
         env.close()
 
@@ -118,24 +126,6 @@ def test_bash_leaks_are_flagged_and_unjustified():
         assert expertise.act(inputs, privileged, "submit") == "ls /"
         reason = expertise.explain(inputs, privileged, "ls /", "submit")
         assert "Submitting now" in reason and not unobserved_mentions(reason, inputs, privileged, "ls /")
-    finally:
-        env.close()
-
-
-def test_sql_contrast_speaks_of_names_only_when_the_student_guessed_one():
-    _need_data()
-    env = InterCodeSQL()
-    task, inputs, privileged = _start(env, "bench-4", 2)  # pets_1: Student, Has_Pet, Pets
-    expertise = env.expertise()
-    try:
-        listing = env.step("SHOW TABLES").text
-        inputs = StudentInputs(task=task.instruction, observation=listing,
-                               history=f"Start: {task.instruction}\nSHOW TABLES -> {listing}")
-        action = expertise.act(inputs, privileged, "")
-        assert action.startswith("DESCRIBE ")
-        # looking up a listed table is not a guess; a table the listing never showed is
-        assert "Yours names" not in expertise.explain(inputs, privileged, action, "DESCRIBE has_pet")
-        assert "Yours names" in expertise.explain(inputs, privileged, action, "SELECT * FROM owners")
     finally:
         env.close()
 

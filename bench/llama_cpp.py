@@ -236,7 +236,18 @@ def _wait_healthy(server: LlamaServer, timeout_s: float) -> None:
     raise LlamaCppError(f"llama-server was not healthy after {timeout_s:.0f} s; last log lines:\n{server.log_tail()}")
 
 
+_live: set[subprocess.Popen] = set()
+"""Servers started and not yet stopped: `stop_all_servers` ends them when the caller is being terminated."""
+
+
+def stop_all_servers() -> None:
+    """Stop every running `llama_server` (for a SIGTERM handler: a `with` block may not unwind in time)."""
+    for process in list(_live):
+        _stop(process)
+
+
 def _stop(process: subprocess.Popen) -> None:
+    _live.discard(process)
     process.terminate()
     try:
         process.wait(timeout=10)
@@ -264,6 +275,7 @@ def llama_server(gguf: str | os.PathLike[str], parallel: int, threads: int = 2, 
            "--port", str(port), "--no-webui"]
     with log.open("w") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    _live.add(process)
     server = LlamaServer(url=f"http://127.0.0.1:{port}", process=process, log=log)
     try:
         _wait_healthy(server, startup_timeout_s)

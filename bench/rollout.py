@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import importlib.util
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -237,8 +238,11 @@ class Bench:
                 with llama_cpp.llama_server(gguf, parallel, threads=self.args.threads, binary=binary,
                                             ctx_per_slot=self.args.llama_ctx_per_slot,
                                             cache_ram_mib=self.args.llama_cache_ram) as server:
+                    # no retries and a long timeout: on a loaded machine a slow answer must be waited for,
+                    # never silently re-sent (a re-sent prompt is paid twice and counted once)
                     lm = dspy.LM(f"openai/{gguf.stem}", api_base=server.url + "/v1", api_key="none",
-                                 temperature=0.0, max_tokens=max_tokens, cache=False)
+                                 temperature=0.0, max_tokens=max_tokens, cache=False, num_retries=0,
+                                 timeout=self.args.llama_timeout)
                     lm("hi", max_tokens=4)  # warm-up: the OpenAI client import and first connection
                     row = self.timed(
                         f"llama.cpp llama-server -np {parallel} ({self.args.llama_outtype}) under "
@@ -317,13 +321,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--llama-ctx-per-slot", type=int, default=4096, help="llama-server context per slot")
     parser.add_argument("--llama-cache-ram", type=int, default=1024,
                         help="MiB for llama-server's host prompt cache (its own default is 8192)")
+    parser.add_argument("--llama-timeout", type=float, default=3600.0, help="seconds one llama-server call may take")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                         help="CPU threads for llama-server and for the matmul ceiling")
     return parser.parse_args()
 
 
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Stop any llama-server first (threads waiting on it would hold up unwinding), then exit."""
+    module = sys.modules.get("bench_llama_cpp")
+    if module is not None:
+        module.stop_all_servers()
+    sys.exit(128 + signum)
+
+
 def main() -> None:
     args = parse_args()
+    signal.signal(signal.SIGTERM, _on_sigterm)
     env = ALFWorld()
     tasks = env.tasks(args.split)[: args.tasks]
     engine = get_engine(DEFAULT_MODEL, args.adapter, max_batch=64)

@@ -27,13 +27,14 @@ Small smoke run: python bench/rollout.py --tasks 8 --peer-tasks 8 --sequential-t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -174,6 +175,30 @@ def best_matmul_flops(threads: int, sizes: tuple[int, ...] = (256, 512, 1024, 20
     return best
 
 
+@contextlib.contextmanager
+def no_straggler_resubmission() -> Iterator[None]:
+    """Turn off DSPy's straggler re-submission (`ParallelExecutor(timeout=120, straggler_limit=3)`, which
+    `dspy.Evaluate` does not expose) while the block runs.
+
+    On a CPU an episode easily takes over 120 s, so Evaluate would play its last episodes a second time and,
+    returning with `shutdown(wait=False)`, leave those duplicates running into the next row: their LM calls
+    would slow it down and be counted in it. Off, every row plays each episode exactly once.
+    """
+    from dspy.utils.parallelizer import ParallelExecutor
+
+    original = ParallelExecutor.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.timeout = 0  # `0 < self.timeout` gates the straggler check
+
+    ParallelExecutor.__init__ = init
+    try:
+        yield
+    finally:
+        ParallelExecutor.__init__ = original
+
+
 def evaluate_episodes(student: Student, env: ALFWorld, tasks: list, max_steps: int, threads: int) -> int:
     """The tasks as a devset under `dspy.Evaluate(num_threads=threads)`: environment steps played."""
     program = Episode(student, env, max_steps)
@@ -185,7 +210,8 @@ def evaluate_episodes(student: Student, env: ALFWorld, tasks: list, max_steps: i
         episodes[0] += 1
         return float(prediction.success)
 
-    dspy.Evaluate(devset=devset, metric=metric, num_threads=threads, display_progress=False)(program)
+    with no_straggler_resubmission():
+        dspy.Evaluate(devset=devset, metric=metric, num_threads=threads, display_progress=False)(program)
     if episodes[0] < len(devset):
         print(f"warning: only {episodes[0]} of {len(devset)} episodes finished (the others raised)")
     return steps[0]

@@ -10,7 +10,8 @@
 
 The batched run plays `--tasks` episodes at once; the slower ways play fewer (`--sequential-tasks`,
 `--peer-tasks`) of the same tasks, so that the benchmark ends in minutes: the rates compared are per
-environment step, with the same weights, prompts, generation limit and step limit.
+environment step, with the same weights, prompts, generation limit and step limit. Every dspy.Evaluate row
+plays each episode once (DSPy's straggler re-submission is turned off, see `no_straggler_resubmission`).
 
 Tokens (prompt + generated) are counted the same way for every row: every LM call in DSPy's history is
 re-tokenized with the student's own tokenizer and chat template, whatever each backend reports. "compute" is
@@ -19,7 +20,8 @@ thread count) in the same run: the fraction of the machine's dense-matmul limit 
 
 Usage: python bench/rollout.py [--tasks 64] [--adapter runs/x/iter_2/adapter] [--max-steps 10]
            [--peer-tasks 16] [--sequential-tasks 4] [--llama-parallel 4 8] [--no-llama-cpp]
-           [--llama-outtype f16] [--llama-ctx-per-slot 4096] [--llama-cache-ram 1024] [--threads 2]
+           [--llama-outtype f16] [--llama-ctx-per-slot 4096] [--llama-cache-ram 1024]
+           [--llama-timeout 3600] [--threads 2]
 Small smoke run: python bench/rollout.py --tasks 8 --peer-tasks 8 --sequential-tasks 2 --max-steps 4 \
            --llama-parallel 4
 """
@@ -327,7 +329,7 @@ def print_table(rows: list[Row], title: str, params: int, flops: float, base_rss
         table.add_row(row.name, str(row.steps), f"{row.wall_s:.1f}", f"{row.rate:.2f}", str(row.tokens),
                       f"{row.tokens_per_s:.0f}", *ratios, memory,
                       f"{row.tokens_per_s * 2 * params / flops:.1%}")
-    Console(width=200).print(table)
+    Console(width=220).print(table)  # wide enough for every column, also when written to a file
 
 
 def parse_args() -> argparse.Namespace:

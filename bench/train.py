@@ -1,6 +1,7 @@
 """Benchmark: LoRA SFT throughput on the embedded SmolLM2-135M against this machine's best matmul rate.
 
     python bench/train.py [--rows 64] [--dtype auto] [--batch 8] [--attn sdpa|eager] [--turns 25] [--model DIR]
+                          [--compile] [--liger]
 
 Prints one table, all measured in this run: the best square-matmul FLOP/s in float32 and bfloat16, SFT train
 tokens/s with the default TrainConfig on realistic agent-step rows (~300-token prompt, ~40-token completion),
@@ -111,6 +112,18 @@ def agent_rows(n: int, seed: int = 0, turns: int | None = None) -> list[dict]:
     return rows
 
 
+def count_parameters(model: str) -> int:
+    """Parameters of the model, counted on the meta device (no weights loaded: the shape is all it needs)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from leap_dspy.lm.models import resolve_model
+
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model)))
+    return sum(p.numel() for p in net.parameters())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
@@ -123,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M)")
     parser.add_argument("--turns", type=int, default=None, help="history steps per row (default 0-2; 25 makes "
                                                                   "~1,000-token rows, as long as WebShop's)")
+    parser.add_argument("--compile", action="store_true", help="TrainConfig.torch_compile")
+    parser.add_argument("--liger", action="store_true", help="TrainConfig.use_liger_kernel (CUDA)")
     args = parser.parse_args(argv)
 
     import torch
@@ -153,12 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides["attn_implementation"] = args.attn
     if args.targets:
         overrides["target_modules"] = args.targets.split(",")
+    overrides.update(torch_compile=args.compile, use_liger_kernel=args.liger)
     config = TrainConfig(**overrides)
     with tempfile.TemporaryDirectory() as tmp:
         result = train_sft(rows, model=model, output_dir=os.path.join(tmp, "adapter"), config=config)
-    from leap_dspy.lm.models import load_model
-
-    n_params = sum(p.numel() for p in load_model(model, dtype="float32", device="cpu").parameters())
+    n_params = count_parameters(model)
     frac = result.tokens_per_s * 6 * n_params / best
 
     table = [
@@ -169,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         ("model", f"{model}, {n_params / 1e6:.1f}M params, dtype {pick_dtype(args.dtype)}"),
         ("rows", f"{len(rows)} (prompt {p_mean:.0f} tok, completion {c_mean:.0f} tok on average)"),
         ("config", f"batch {config.per_device_batch_size}, LoRA r={config.lora_r} on "
-                   f"{','.join(config.target_modules)}"),
+                   f"{','.join(config.target_modules)}, compile {args.compile}, liger {args.liger}"),
         ("steps / train tokens", f"{result.steps} / {result.train_tokens:,}"),
         ("train wall", f"{result.wall_s:.1f} s (setup {result.setup_s:.1f} s)"),
         ("SFT train tokens/s", f"{result.tokens_per_s:,.0f}"),

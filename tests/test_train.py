@@ -264,3 +264,32 @@ def test_long_rows_train_with_the_fused_attention_kernel_on_a_cpu(tiny_model, tm
                               config=fast(attn_implementation=attn, max_steps=2)).loss_history
               for attn in ("auto", "eager")}
     assert losses["auto"] == pytest.approx(losses["eager"], rel=1e-3)
+
+
+def test_a_compiled_backbone_trains_the_same_adapter(tiny_model, tmp_path):
+    """`torch_compile` changes how the backbone runs, not what it learns: the same rows give the same losses
+    (within float rounding: fused kernels sum in another order) and an adapter with the same tensors."""
+    runs = {flag: train_sft(sft_rows(), model=tiny_model, output_dir=tmp_path / str(flag),
+                            config=fast(torch_compile=flag, max_steps=3))
+            for flag in (False, True)}
+    assert runs[True].loss_history == pytest.approx(runs[False].loss_history, rel=5e-3)
+    plain, compiled = _lora_state(tmp_path / "False"), _lora_state(tmp_path / "True")
+    assert compiled.keys() == plain.keys()
+    for name, tensor in plain.items():
+        assert (compiled[name] - tensor).abs().max().item() < 1e-3, name
+
+
+def test_a_seed_trains_the_same_adapter_whatever_ran_before(tiny_model, tmp_path):
+    """The adapter's random start comes from the config's seed, not from the process's global generator, which
+    rollouts draw from a varying number of times: a rerun of a seed trains the very same weights."""
+    import torch
+
+    torch.manual_seed(1)
+    first = train_sft(sft_rows(), model=tiny_model, output_dir=tmp_path / "a", config=fast(max_steps=3))
+    torch.rand(1000)
+    second = train_sft(sft_rows(), model=tiny_model, output_dir=tmp_path / "b", config=fast(max_steps=3))
+    assert second.loss_history == first.loss_history
+    a, b = _lora_state(tmp_path / "a"), _lora_state(tmp_path / "b")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    train_sft(sft_rows(), model=tiny_model, output_dir=tmp_path / "c", config=fast(max_steps=3, seed=1))
+    assert not all(torch.equal(a[name], t) for name, t in _lora_state(tmp_path / "c").items())

@@ -68,12 +68,19 @@ def load_trainable_model(
             bias="none",
             task_type="CAUSAL_LM",
         )
-        peft_model = get_peft_model(base, lora)
+        # LoRA's A matrices start random: drawn from a generator seeded by the config, not from whatever state
+        # the process's global one is in (rollouts sample from it), so a rerun of a seed starts from the same adapter.
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            torch.manual_seed(config.seed)
+            peft_model = get_peft_model(base, lora)
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     if config.gradient_checkpointing:
         peft_model.enable_input_require_grads()
+    if config.torch_compile:
+        # In place, so the state dict keeps its names and the saved adapter is the same either way.
+        getattr(base, base.base_model_prefix).compile(dynamic=True)
     return peft_model, tokenizer
 
 

@@ -46,6 +46,11 @@ class TrainConfig(BaseModel):
     attn_implementation: str | None = "auto"
     """"auto": on a CPU eager for rows up to 512 tokens and sdpa beyond (eager's memory grows with length²,
     `common.EAGER_MAX_TOKENS`), the model's own (sdpa/flash) on CUDA. None keeps the model's."""
+    torch_compile: bool = False
+    """Compile the backbone (torch.compile): on a GPU a small model's step is mostly short kernels (LoRA, norms,
+    rotary) that compilation fuses; the first steps pay for compiling, so it pays off on long runs only."""
+    use_liger_kernel: bool = False
+    """SFT only: TRL's Liger kernels (fused RMSNorm, SwiGLU, rotary; `pip install liger-kernel`, CUDA only)."""
     group_by_length: bool = True
     """Batch rows of similar length together, so little of each batch is padding."""
     warmup_ratio: float = 0.05

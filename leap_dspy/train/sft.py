@@ -113,6 +113,7 @@ def train_sft(
             **trl_common_args(config, tmp, "sft"),
             max_length=None,  # rows are already cut to config.max_length, keeping the completion
             completion_only_loss=True,
+            use_liger_kernel=config.use_liger_kernel,
             train_sampling_strategy="group_by_length" if config.group_by_length else "random",
             dataset_kwargs={"skip_prepare_dataset": False},
         )

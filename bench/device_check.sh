@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU paths, checked on a lent CUDA machine (CI has none): the engine and the TRL trainers on CUDA, then the
-# training and generation benchmarks there. The machine has torch/transformers/peft but no network, so:
+# training benchmark there on SmolLM2-135M's shape and SmolLM2-1.7B's, plain, compiled and with Liger's kernels
+# (generation: `python -m leap_dspy.lm.bench`, docs/performance.md). The machine has torch/transformers/peft but no network, so:
 #   - wheels of TRL and the pinned transformers/peft/datasets travel in .whl/ (pip download --python-version
 #     of the machine's Python; see README "GPU"), installed with --no-deps into /tmp/site;
 #   - the embedded GGUF does not travel (too large): .gpu/smollm2-shape holds SmolLM2-135M's config and
@@ -29,17 +30,31 @@ python3 - <<'EOF' || exit 1
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-config = AutoConfig.from_pretrained(".gpu/smollm2-shape")
+# SmolLM2-135M's shape, and SmolLM2-1.7B's (the same family, 12x the parameters): matmuls large enough to keep
+# the GPU busy.
+shapes = {"smollm2-random": {}, "smollm2-1.7b-random": dict(hidden_size=2048, intermediate_size=8192,
+                                                             num_hidden_layers=24, num_attention_heads=32,
+                                                             num_key_value_heads=32, head_dim=64)}
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_config(config)
-model.save_pretrained("/tmp/smollm2-random")
-AutoTokenizer.from_pretrained(".gpu/smollm2-shape").save_pretrained("/tmp/smollm2-random")
-print("random SmolLM2-135M-shaped model:", sum(p.numel() for p in model.parameters()) / 1e6, "M params")
+for name, changes in shapes.items():
+    config = AutoConfig.from_pretrained(".gpu/smollm2-shape", **changes)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(f"/tmp/{name}")
+    AutoTokenizer.from_pretrained(".gpu/smollm2-shape").save_pretrained(f"/tmp/{name}")
+    print(name, sum(p.numel() for p in model.parameters()) / 1e6, "M params")
 EOF
-LEAP_DSPY_TEST_TOKENIZER=$PWD/.gpu/smollm2-shape python3 -m pytest -q -p no:cacheprovider \
-  tests/test_devices.py tests/test_train.py 2>&1 | tee "$OUT/pytest.log"
-python3 bench/train.py --model /tmp/smollm2-random --rows 128 2>&1 | grep -v Warning | tee "$OUT/bench_train.log"
-python3 bench/train.py --model /tmp/smollm2-random --rows 2048 --batch 64 2>&1 | grep -v Warning \
-  | tee -a "$OUT/bench_train.log"
-python3 -m leap_dspy.lm.bench --model /tmp/smollm2-random --dtypes bfloat16 --prefix on --batches 1 8 64 256 \
-  --rows1 8 --new 48 2>&1 | tee "$OUT/bench_generate.log"
+LEAP_DSPY_TEST_TOKENIZER=$PWD/.gpu/smollm2-shape timeout 150 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_devices.py tests/test_train.py -k "${TESTS:-not nothing}" 2>&1 | tail -15 | tee "$OUT/pytest.log"
+bench() {  # one bench/train.py run, bounded, appended to the log under its flags
+  echo "### bench/train.py $*" | tee -a "$OUT/bench_train.log"
+  timeout 200 python3 bench/train.py "$@" 2>&1 | grep -v -i warn | tail -14 | tee -a "$OUT/bench_train.log"
+}
+small=/tmp/smollm2-random large=/tmp/smollm2-1.7b-random
+bench --model $small --rows 4096 --batch 64 --warmup-steps 2
+bench --model $small --rows 4096 --batch 256 --warmup-steps 2
+bench --model $small --rows 4096 --batch 256 --warmup-steps 3 --compile
+bench --model $small --rows 4096 --batch 256 --warmup-steps 2 --liger
+bench --model $large --rows 1024 --batch 16 --warmup-steps 2
+bench --model $large --rows 2048 --batch 64 --warmup-steps 2
+bench --model $large --rows 2048 --batch 64 --warmup-steps 3 --compile

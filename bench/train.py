@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                   "~1,000-token rows, as long as WebShop's)")
     parser.add_argument("--compile", action="store_true", help="TrainConfig.torch_compile")
     parser.add_argument("--liger", action="store_true", help="TrainConfig.use_liger_kernel (CUDA)")
+    parser.add_argument("--warmup-steps", type=int, default=0,
+                        help="train this many steps first, unmeasured (compilation, kernel autotuning)")
     args = parser.parse_args(argv)
 
     import torch
@@ -171,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides.update(torch_compile=args.compile, use_liger_kernel=args.liger)
     config = TrainConfig(**overrides)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.warmup_steps:
+            warm = config.model_copy(update={"max_steps": args.warmup_steps})
+            n_warm = args.warmup_steps * config.per_device_batch_size * config.gradient_accumulation
+            train_sft(rows[:n_warm], model=model, output_dir=os.path.join(tmp, "warmup"), config=warm)
         result = train_sft(rows, model=model, output_dir=os.path.join(tmp, "adapter"), config=config)
     n_params = count_parameters(model)
     frac = result.tokens_per_s * 6 * n_params / best
@@ -185,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         ("config", f"batch {config.per_device_batch_size}, LoRA r={config.lora_r} on "
                    f"{','.join(config.target_modules)}, compile {args.compile}, liger {args.liger}"),
         ("steps / train tokens", f"{result.steps} / {result.train_tokens:,}"),
-        ("train wall", f"{result.wall_s:.1f} s (setup {result.setup_s:.1f} s)"),
+        ("train wall", f"{result.wall_s:.1f} s (setup {result.setup_s:.1f} s, {args.warmup_steps} warm-up steps "
+                       "before, unmeasured)"),
         ("SFT train tokens/s", f"{result.tokens_per_s:,.0f}"),
         ("loss first -> last", f"{result.loss_history[0]:.3f} -> {result.loss_history[-1]:.3f}"),
         ("tokens/s x 6 x params / best", f"{frac:.1%}"),

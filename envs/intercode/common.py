@@ -22,6 +22,12 @@ def truncate(text: str, limit: int) -> str:
     return text[:limit] + f"\n[... {len(text) - limit} more characters]"
 
 
+def clip(text: str, limit: int) -> str:
+    """One line's worth: whitespace folded, cut with an ellipsis (`truncate` keeps the lines and counts the cut)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class InterCodeEnv(TextEnv):
     """The shared part: subclasses set `task`, `done`, `actions` per episode and build `_build_splits()`."""
 

@@ -227,6 +227,10 @@ def shown_names(inputs: StudentInputs) -> set[str]:
     return seen_tokens(StudentInputs(task="", observation="\n".join(outputs + described), history=""))
 
 
+def is_show_tables(action: str) -> bool:
+    return action.strip().rstrip(";").strip().upper() == "SHOW TABLES"
+
+
 def describe_target(action: str) -> str | None:
     m = re.fullmatch(r"(?i)\s*(?:describe|desc|show\s+columns\s+from)\s+`?(\w+)`?\s*;?\s*", action)
     return m.group(1) if m else None
@@ -247,7 +251,7 @@ class SQLExpertise(_InterCodeExpertise):
 
     def unseen(self, inputs: StudentInputs, command: str) -> list[str]:
         seen = shown_names(inputs)
-        if command.strip().upper().rstrip(";") == "SHOW TABLES":
+        if is_show_tables(command):
             return []
         target = describe_target(command)
         if target is not None:  # looking a table up names only the table
@@ -260,7 +264,7 @@ class SQLExpertise(_InterCodeExpertise):
         seen = shown_names(inputs)
         done = {a.strip().lower().rstrip(";") for a in past_actions(inputs)}
         tables, columns = sql_names(gold)
-        if any(t.lower() not in seen for t in tables) and "show tables" not in done:
+        if any(t.lower() not in seen for t in tables) and not any(is_show_tables(a) for a in done):
             return "SHOW TABLES"
         # A table described in a step the student still sees needs no second look. One whose description has
         # scrolled out of its prompt is looked up again when it is the query's only table; in a join, looking
@@ -279,7 +283,7 @@ class SQLExpertise(_InterCodeExpertise):
     def explain_step(self, inputs: StudentInputs, privileged: PrivilegedState, action: str, gold: str) -> str:
         if action == SUBMIT:
             return "The last query ran without error and its rows are what the question asks for, so I submit."
-        if action.upper() == "SHOW TABLES":
+        if is_show_tables(action):
             return ("I have not seen this database's tables yet, so I list them before I write a query whose "
                     "names could otherwise be wrong.")
         table = describe_target(action)
@@ -301,7 +305,7 @@ class SQLExpertise(_InterCodeExpertise):
             listed = [t for t in tables if t.lower() in out]
             if target and cols:
                 shown.append(f"DESCRIBE {target} showed {', '.join(dict.fromkeys(cols))}")
-            elif step_action.strip().upper().rstrip(";") == "SHOW TABLES" and listed:
+            elif is_show_tables(step_action) and listed:
                 shown.append(f"SHOW TABLES listed {', '.join(listed)}")
         names = ", ".join(tables)
         basis = "; ".join(dict.fromkeys(shown)) if shown else f"the names it uses, from {names}, are ones I have seen"
@@ -310,9 +314,9 @@ class SQLExpertise(_InterCodeExpertise):
 
 def _listed(inputs: StudentInputs, table: str) -> bool:
     for step_action, output in visible_steps(inputs):
-        if step_action.strip().upper().rstrip(";") == "SHOW TABLES" and table.lower() in output.lower():
+        if is_show_tables(step_action) and table.lower() in output.lower():
             return True
-    return "show tables" in {a.lower().rstrip(";") for a in past_actions(inputs)}
+    return any(is_show_tables(a) for a in past_actions(inputs))
 
 
 # -- Bash ----------------------------------------------------------------------------------------------------

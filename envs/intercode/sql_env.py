@@ -33,8 +33,8 @@ import time
 from typing import Any, ClassVar
 
 from leap_dspy.envs.intercode import data, spider
-from leap_dspy.envs.intercode.common import SUBMIT, InterCodeEnv, truncate
-from leap_dspy.envs.intercode.expertise import SQLExpertise, describe_target
+from leap_dspy.envs.intercode.common import SUBMIT, InterCodeEnv, clip, truncate
+from leap_dspy.envs.intercode.expertise import SQLExpertise, describe_target, is_show_tables
 from leap_dspy.envs.intercode.reward import normalize_rows, sql_reward
 from leap_dspy.types import Observation, PrivilegedState, Task
 
@@ -449,7 +449,7 @@ class InterCodeSQL(InterCodeEnv):
         if not isinstance(self.last, list):
             return
         names = [str(row[0]) for row in self.last if row]
-        if action.rstrip(";").strip().upper() == "SHOW TABLES":
+        if is_show_tables(action):
             self.tables = names
         elif (table := describe_target(action)) is not None:
             self.columns[table] = names
@@ -463,9 +463,7 @@ class InterCodeSQL(InterCodeEnv):
             last = self.last
             outcome = ("an error" if isinstance(last, str) else "no result set" if last is None
                        else f"{len(last)} row{'s' if len(last) != 1 else ''}")
-            command = " ".join(self.actions[-1].split())
-            command = command if len(command) <= 160 else command[:157] + "..."
-            lines.append(f"Last command: {command} ({outcome})")
+            lines.append(f"Last command: {clip(self.actions[-1], 160)} ({outcome})")
         return "\n".join(lines)
 
     def _gold(self) -> list[tuple] | str:

@@ -21,12 +21,19 @@ from typing import Any
 
 import yaml
 
-from leap_dspy.store import RunFileError, atomic_write_text, read_json
+from leap_dspy.config import LEAPConfig
+from leap_dspy.progress import console
+from leap_dspy.store import RunFileError, atomic_write_text, atomic_write_yaml, read_json
 
 SCHEMA_VERSION = 1
 """The version of what a run folder holds (config.yaml's keys, the logs' records, metrics). Bump it when a
 field changes meaning; `read_config` reads every older version it knows and refuses a newer one."""
 READABLE_SCHEMAS = {0: "before versioning: the records of version 1 without the version key", 1: "current"}
+OPERATIONAL = {"iterations", "num_threads", "expert_threads", "expert_retries", "evaluate_base", "evaluate_expert",
+               "evaluate_snapped", "report_to", "rollout_servers", "train_launcher", "ray", "ray_workers",
+               "schema_version"}
+"""Settings a resumed run may change: they decide how much is run and how fast, not what a record holds (and an
+older schema that `read_config` reads is the current one's records)."""
 
 BASE_COLUMNS = ["iteration", "seen_success", "unseen_success"]
 SCORE_COLUMNS = ["seen_score", "unseen_score"]
@@ -39,6 +46,10 @@ EPISODE_COLUMNS = ["stage", "task_id", "split", "success", "reward", "steps", "s
 """`episodes.csv`, one row per evaluated episode: what a report's intervals over games are computed from.
 `*_snapped` is the outcome with near misses snapped (the strict one where the episode had none); `lenient` 1
 marks a stage evaluated with snapping before evaluation was strict, whose `success` is the snapped one."""
+
+
+class ConfigMismatch(RunFileError):
+    """The run folder was started with another configuration: resuming would mix two experiments."""
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -244,6 +255,46 @@ itself (a reference, it sees what the student cannot), <b>0</b> behaviour clonin
         plt.close(fig)
         tmp.replace(target)
         return target
+
+
+# -- starting a run -----------------------------------------------------------------------------------------
+
+
+def start_run(run: RunFolder, config: dict[str, Any]) -> None:
+    """Write `config` to a new run folder, or resume one started with the same configuration: a resume that
+    differed in more than the `OPERATIONAL` settings would mix two experiments."""
+    path = run.config_path
+    if path.exists():
+        existing = read_config(path)
+        ignored = OPERATIONAL  # a finished run may be extended with more iterations, or run on more threads
+        diff = sorted(k for k in set(existing) | set(config)
+                      if k not in ignored and existing.get(k) != config.get(k))
+        if diff:
+            unrecorded = [k for k in diff if k not in existing]
+            why = f"; {', '.join(unrecorded)}: not recorded by the leap-dspy that started it" if unrecorded else ""
+            raise ConfigMismatch(f"{run.path} holds a run with a different configuration "
+                                 f"({', '.join(diff)}{why}); use another run folder")
+        console.print(f"resuming the run in {run.path}")
+    run.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_yaml(path, config)
+
+
+def check_bc_from(bc_from: str | Path, config: dict[str, Any]) -> RunFolder:
+    """The run folder `bc_from`, if it holds a finished behaviour cloning made under the settings that decide one
+    in `config` (this run's config.yaml): only then may this run adopt it instead of cloning anew."""
+    source = RunFolder(bc_from)
+    bc = source.path / "iter_0"
+    if not source.config_path.exists() or not (bc / "metrics.json").exists() or not (
+            bc / "adapter" / "adapter_config.json").exists():
+        raise ConfigMismatch(f"bc_from: {source.path} holds no finished behaviour cloning (iter_0)")
+    theirs = read_config(source.config_path)
+    keys = ("env", "student", "trainset", "valset", "demonstrator", "bc_expert_level", *LEAPConfig.bc_keys())
+    keys += ("privilege_level",) if "model" in config["demonstrator"] else ()  # an LM demonstrator reads it
+    diff = sorted(k for k in keys if theirs.get(k) != config.get(k))
+    if diff:
+        raise ConfigMismatch(f"bc_from: {source.path} cloned behaviour under another configuration "
+                             f"({', '.join(diff)})")
+    return source
 
 
 def _fmt(value: Any) -> Any:

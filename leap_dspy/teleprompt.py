@@ -40,8 +40,17 @@ from leap_dspy.rollout import (
     play_episodes,
     student_policy,
 )
-from leap_dspy.runs import SCHEMA_VERSION, RunFolder, check_adapter, default_run_dir, read_config
-from leap_dspy.store import JsonlLog, RunFileError, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
+from leap_dspy.runs import (
+    SCHEMA_VERSION,
+    RunFolder,
+    check_adapter,
+    check_bc_from,
+    default_run_dir,
+    read_config,
+    start_run,
+)
+from leap_dspy.runs import ConfigMismatch as ConfigMismatch  # re-exported: callers catch it from here
+from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, read_json
 from leap_dspy.trackers import Trackers
 from leap_dspy.train.common import RESULT_FILE, release_memory
 from leap_dspy.training_data import (
@@ -54,16 +63,7 @@ from leap_dspy.training_data import (
 from leap_dspy.types import Correction, PrivilegedState, StudentInputs, Task, Trajectory
 
 Rows = list[dict[str, Any]]
-OPERATIONAL = {"iterations", "num_threads", "expert_threads", "expert_retries", "evaluate_base", "evaluate_expert",
-               "evaluate_snapped", "report_to", "rollout_servers", "train_launcher", "ray", "ray_workers",
-               "schema_version"}
-"""Settings a resumed run may change: they decide how much is run and how fast, not what a record holds (and an
-older schema that `read_config` reads is the current one's records)."""
 _RENAMED = {"train_config": "train", "lm_kwargs": "lm"}  # the keyword names of earlier releases
-
-
-class ConfigMismatch(RunFileError):
-    """The run folder was started with another configuration: resuming would mix two experiments."""
 
 
 def as_tasks(examples: Iterable[Any]) -> list[Task]:
@@ -328,8 +328,8 @@ class LEAP(Teleprompter):
         self.check_teacher(teacher)
         check_model(self.config.model)
         config = self.run_config(teacher, train, val)
-        source = self._check_bc_from(config) if self.config.bc_from is not None else None
-        self._start(config)
+        source = check_bc_from(self.config.bc_from, config) if self.config.bc_from is not None else None
+        start_run(self.run, config)
         self.trackers = Trackers(self.config.report_to, self.run.path, self.run.path.name)
         self.trackers.log_config(config)
         if source is not None:
@@ -382,37 +382,6 @@ class LEAP(Teleprompter):
         adapter = check_adapter(self.run.stage(k) / "adapter")
         self.point(student, adapter)
         return adapter
-
-    def _start(self, config: dict[str, Any]) -> None:
-        path = self.run.config_path
-        if path.exists():
-            existing = read_config(path)
-            ignored = OPERATIONAL  # a finished run may be extended with more iterations, or run on more threads
-            diff = sorted(k for k in set(existing) | set(config)
-                          if k not in ignored and existing.get(k) != config.get(k))
-            if diff:
-                unrecorded = [k for k in diff if k not in existing]
-                why = f"; {', '.join(unrecorded)}: not recorded by the leap-dspy that started it" if unrecorded else ""
-                raise ConfigMismatch(f"{self.run.path} holds a run with a different configuration "
-                                     f"({', '.join(diff)}{why}); use another run folder")
-            console.print(f"resuming the run in {self.run.path}")
-        self.run.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_yaml(path, config)
-
-    def _check_bc_from(self, config: dict[str, Any]) -> RunFolder:
-        source = RunFolder(self.config.bc_from)
-        bc = source.path / "iter_0"
-        if not source.config_path.exists() or not (bc / "metrics.json").exists() or not (
-                bc / "adapter" / "adapter_config.json").exists():
-            raise ConfigMismatch(f"bc_from: {source.path} holds no finished behaviour cloning (iter_0)")
-        theirs = read_config(source.config_path)
-        keys = ("env", "student", "trainset", "valset", "demonstrator", "bc_expert_level", *LEAPConfig.bc_keys())
-        keys += ("privilege_level",) if "model" in config["demonstrator"] else ()  # an LM demonstrator reads it
-        diff = sorted(k for k in keys if theirs.get(k) != config.get(k))
-        if diff:
-            raise ConfigMismatch(f"bc_from: {source.path} cloned behaviour under another configuration "
-                                 f"({', '.join(diff)})")
-        return source
 
     def _adopt_behaviour_cloning(self, source: RunFolder, config: dict[str, Any]) -> None:
         """Copy `bc_from`'s behaviour cloning (and its reference rows) into this run, once."""

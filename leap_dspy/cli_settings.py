@@ -1,0 +1,95 @@
+"""The settings of `leap-dspy compile`: LEAPConfig's defaults, then a --config file, then what was typed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+import yaml
+
+from leap_dspy.progress import console
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print `message` as an error and return the exit to raise: a person gets one line, not a traceback."""
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def parse_sets(values: list[str] | None) -> dict[str, Any]:
+    """Environment options from `--set KEY=VALUE`s, each value read as YAML so numbers and lists keep their type."""
+    options: dict[str, Any] = {}
+    for item in values or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise fail(f"--set takes KEY=VALUE, got {item!r}")
+        options[key.strip()] = yaml.safe_load(raw)
+    return options
+
+
+def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Path | None, env: str,
+                     sets: list[str] | None, expert: str, expert_per: str
+                     ) -> tuple[str, dict[str, Any], str, str, dict[str, Any]]:
+    """(env, env options, expert, expert_per, LEAP settings): the defaults, then the --config file (a run's
+    config.yaml also gives its environment and expert), then what was typed."""
+    params = {"num_threads": "threads", "evaluate_base": "base", "evaluate_expert": "expert_reference",
+              "progress": "quiet", "rollout_servers": "rollout_server"}
+    explicit = {k: v for k, v in given.items() if _given(ctx, params.get(k, k))}
+    settings, run = read_settings(config_file)
+    settings = {**given, **settings, **explicit}
+    options: dict[str, Any] = {}
+    if isinstance(run.get("env"), dict) and not _given(ctx, "env"):
+        options = {k: v for k, v in run["env"].items() if k != "name" and v is not None}
+        env = str(run["env"]["name"])
+    if isinstance(run.get("expert"), dict) and not _given(ctx, "expert"):
+        described = run["expert"]
+        expert = {"OracleExpert": "oracle", "SelfExpert": "self"}.get(described.get("name"), described.get("model"))
+        expert_per = described.get("per", expert_per)
+    options.update(parse_sets(sets))
+    if _takes_seed(env) and ("seed" not in options or (_given(ctx, "seed") and "seed" not in parse_sets(sets))):
+        options["seed"] = settings["seed"]  # one seed fixes the task lists too
+    return env, options, expert or "oracle", expert_per, settings
+
+
+def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(LEAPConfig fields, the run's other keys) of a settings file or a run's config.yaml."""
+    from leap_dspy.config import LEAPConfig
+    from leap_dspy.runs import check_schema
+
+    if path is None:
+        return {}, {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise fail(f"cannot read --config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise fail(f"--config {path} is not a mapping of LEAP settings")
+    try:
+        check_schema(data, f"--config {path}")
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    run_keys = {"env", "student", "expert", "demonstrator", "trainset", "valset", "bc_expert_level", "schema_version"}
+    unknown = sorted(set(data) - set(LEAPConfig.model_fields) - run_keys)
+    if unknown:
+        raise fail(f"--config {path}: not LEAP settings: {', '.join(unknown)}")
+    return ({k: v for k, v in data.items() if k in LEAPConfig.model_fields},
+            {k: v for k, v in data.items() if k in run_keys})
+
+
+def _given(ctx: typer.Context, param: str) -> bool:
+    """Whether `param` was typed (by name: typer may carry its own copy of click's ParameterSource)."""
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def _takes_seed(env: str) -> bool:
+    """Whether the environment `env` takes a `seed` option: only then does the run's seed fix its task lists too."""
+    import inspect
+
+    from leap_dspy.envs import UnknownEnvironment, env_class
+
+    try:
+        return "seed" in inspect.signature(env_class(env)).parameters
+    except (UnknownEnvironment, TypeError, ValueError):
+        return False

@@ -350,3 +350,25 @@ def test_length_chunked_prefill_matches_one_padded_prefill():
     split = chunked.generate(prompts, params)
     assert chunked.stats.extra["prefill_chunks"] == len({len(p) for p in prompts}) > 1  # no padding at all
     assert [r.token_ids for r in split] == [r.token_ids for r in one]
+
+
+def test_a_greedy_answer_asked_again_is_remembered_not_recomputed():
+    """An agent in a loop sends the same prompt step after step: the engine answers it again from memory, the
+    same response, without a batch; sampled answers and `answer_cache=0` are always generated."""
+    engine = get_engine(max_new_tokens=8, answer_cache=2)
+    first = engine.complete(request(QUESTIONS[0], 8))
+    batches = len(engine.batch_sizes)
+    again = engine.complete(request(QUESTIONS[0], 8))
+    assert again.text == first.text and again.usage == first.usage
+    assert len(engine.batch_sizes) == batches and engine.remembered == 1
+    sampled = Request(model="local", system=SYSTEM, messages=request(QUESTIONS[0]).messages,
+                      config=Config(max_tokens=8, temperature=0.7, seed=1))
+    engine.complete(sampled)  # sampled: never remembered
+    for question in QUESTIONS[1:3]:  # two newer answers push the oldest out of a 2-answer memory
+        engine.complete(request(question, 8))
+    engine.complete(request(QUESTIONS[0], 8))
+    assert len(engine.batch_sizes) == batches + 4 and engine.remembered == 1
+    off = get_engine(max_new_tokens=8, answer_cache=0)
+    off.complete(request(QUESTIONS[0], 8))
+    off.complete(request(QUESTIONS[0], 8))
+    assert off.remembered == 0 and len(off.batch_sizes) == 2

@@ -15,6 +15,7 @@ import asyncio
 import os
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from leap_dspy.lm.models import DEFAULT_MODEL
 from leap_dspy.lm.registry import LoadedModel, get_loaded
 
 _STATE_KEYS = ("model", "adapter", "dtype", "max_batch", "max_new_tokens", "batching", "prefix_cache",
-               "batch_wait_s", "device", "no_repeat_ngram")
+               "batch_wait_s", "device", "no_repeat_ngram", "answer_cache")
 
 
 class LocalEngine:
@@ -45,6 +46,9 @@ class LocalEngine:
         device: "cpu", "cuda", ...; None picks CUDA when available.
         no_repeat_ngram: never generate an n-gram of this many tokens twice in one answer (0: off; see
             `GenParams.no_repeat_ngram`).
+        answer_cache: how many greedy answers to remember by prompt (0: off). A greedy answer is a function of
+            the prompt, and an agent stuck in a loop asks the very same prompt step after step. A remembered
+            answer is returned as it was (usage included) without computing it; `remembered` counts them.
 
     `expected` (attribute, int or None) may be set by a caller that knows how many clients call at once
     (the rollout runner sets it to the number of live environments): a batch then starts as soon as that
@@ -64,6 +68,7 @@ class LocalEngine:
         batch_wait_s: float = 0.05,
         device: str | None = None,
         no_repeat_ngram: int = 0,
+        answer_cache: int = 4096,
     ) -> None:
         if max_batch < 1 or max_new_tokens < 1:
             raise ValueError("max_batch and max_new_tokens must be at least 1")
@@ -77,6 +82,10 @@ class LocalEngine:
         self.batch_wait_s = batch_wait_s
         self.device = device
         self.no_repeat_ngram = int(no_repeat_ngram)
+        self.answer_cache = int(answer_cache)
+        self._answers: OrderedDict[tuple, GenResult] = OrderedDict()
+        self._answers_lock = threading.Lock()
+        self.remembered = 0
         self.expected: int | None = None
         self._loaded: LoadedModel = get_loaded(self.model, self.adapter, dtype, device)
         self._solo_lock = threading.Lock()
@@ -127,11 +136,7 @@ class LocalEngine:
             raise ValueError("LocalEngine does not support tool calling; DSPy's Chat/JSON adapters need none")
         ids = self.tokenize(self.format_prompt(chat.request_to_messages(request)))
         params = self._params(request.config, len(ids))
-        if self.batching:
-            result: GenResult = self._batcher.submit(params, ids)
-        else:
-            with self._solo_lock:
-                result = self._loaded.generator.generate([ids], params, self.prefix_cache)[0]
+        result = self._generate(params, ids)
         return Response(
             id=f"local-{uuid.uuid4().hex[:16]}",
             model=self.model,
@@ -196,6 +201,27 @@ class LocalEngine:
             seed=config.seed if temperature else None,
             no_repeat_ngram=self.no_repeat_ngram,
         )
+
+    def _generate(self, params: GenParams, ids: list[int]) -> GenResult:
+        """The answer to one prompt: remembered when it was asked before (see `answer_cache`), else generated."""
+        key = (params, tuple(ids)) if self.answer_cache and not params.temperature else None
+        if key is not None:
+            with self._answers_lock:
+                if key in self._answers:
+                    self._answers.move_to_end(key)
+                    self.remembered += 1
+                    return self._answers[key]
+        if self.batching:
+            result: GenResult = self._batcher.submit(params, ids)
+        else:
+            with self._solo_lock:
+                result = self._loaded.generator.generate([ids], params, self.prefix_cache)[0]
+        if key is not None:
+            with self._answers_lock:
+                self._answers[key] = result
+                while len(self._answers) > self.answer_cache:
+                    self._answers.popitem(last=False)
+        return result
 
     def _run_batch(self, params: GenParams, prompts: list[list[int]]) -> list[GenResult]:
         return self._loaded.generator.generate(prompts, params, self.prefix_cache)

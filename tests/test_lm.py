@@ -98,6 +98,27 @@ def test_batcher_gathers_expected_clients_and_routes_errors():
     batcher.close()
 
 
+def test_a_batch_starts_once_fewer_clients_are_expected():
+    """Two clients wait, a third was expected but its episode ended: lowering `expected` starts their batch at
+    once instead of after the expected clients' wait."""
+    expected = {"n": 3}
+    batcher = Batcher(lambda key, payloads: list(payloads), max_batch=8, batch_wait_s=5.0,
+                      expected=lambda: expected["n"], expected_wait_s=30.0)
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda p=p: results.append(batcher.submit("k", p))) for p in "ab"]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    assert results == []
+    start = time.monotonic()
+    expected["n"] = 2
+    batcher.recheck()
+    for t in threads:
+        t.join(10)
+    assert sorted(results) == ["a", "b"] and time.monotonic() - start < 2 and batcher.batch_sizes == [2]
+    batcher.close()
+
+
 def test_batcher_orders_a_batch_by_its_requests_not_by_arrival():
     seen: list[list[str]] = []
 

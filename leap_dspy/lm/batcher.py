@@ -84,6 +84,12 @@ class Batcher:
             self._cond.notify_all()
         return item.future.result()
 
+    def recheck(self) -> None:
+        """Look again at whether a batch is ready: `expected()` changed (an episode ended), and the requests
+        already waiting may now be every one that will come."""
+        with self._cond:
+            self._cond.notify_all()
+
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop the worker after its current batch; requests still waiting get `EngineClosed` at once.
 

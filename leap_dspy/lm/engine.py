@@ -86,14 +86,23 @@ class LocalEngine:
         self._answers: OrderedDict[tuple, GenResult] = OrderedDict()
         self._answers_lock = threading.Lock()
         self.remembered = 0
-        self.expected: int | None = None
+        self._expected: int | None = None
         self._loaded: LoadedModel = get_loaded(self.model, self.adapter, dtype, device)
         self._solo_lock = threading.Lock()
         self._batcher = Batcher(
-            self._run_batch, max_batch=max_batch, batch_wait_s=batch_wait_s, expected=lambda: self.expected,
+            self._run_batch, max_batch=max_batch, batch_wait_s=batch_wait_s, expected=lambda: self._expected,
             order=tuple,  # prompts' token ids: a batch's layout is the same whichever thread asked first
             name=f"leap-dspy-engine-{Path(self.model).name}",
         )
+
+    @property
+    def expected(self) -> int | None:
+        return self._expected
+
+    @expected.setter
+    def expected(self, value: int | None) -> None:
+        self._expected = value
+        self._batcher.recheck()  # an episode that ended must not leave the others waiting out the timeout
 
     # -- prompt formatting (shared with training) ---------------------------------------------------
 

@@ -24,6 +24,7 @@ import yaml
 from leap_dspy.config import LEAPConfig
 from leap_dspy.progress import console
 from leap_dspy.store import RunFileError, atomic_write_text, atomic_write_yaml, read_json
+from leap_dspy.train.config import TrainConfig
 
 SCHEMA_VERSION = 1
 """The version of what a run folder holds (config.yaml's keys, the logs' records, metrics). Bump it when a
@@ -260,12 +261,26 @@ itself (a reference, it sees what the student cannot), <b>0</b> behaviour clonin
 # -- starting a run -----------------------------------------------------------------------------------------
 
 
+def with_new_defaults(existing: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """`existing` (an earlier config.yaml) with the settings it predates filled in where `config` leaves them at
+    their defaults: a run from before a setting existed ran as that default does, so it still resumes and its
+    behaviour cloning can still be adopted."""
+    def fill(old: dict[str, Any], new: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+        added = {k: v for k, v in new.items() if k not in old and k in fields and v == fields[k].default}
+        return {**old, **added}
+
+    filled = fill(existing, config, LEAPConfig.model_fields)
+    if isinstance(existing.get("train"), dict) and isinstance(config.get("train"), dict):
+        filled["train"] = fill(existing["train"], config["train"], TrainConfig.model_fields)
+    return filled
+
+
 def start_run(run: RunFolder, config: dict[str, Any]) -> None:
     """Write `config` to a new run folder, or resume one started with the same configuration: a resume that
     differed in more than the `OPERATIONAL` settings would mix two experiments."""
     path = run.config_path
     if path.exists():
-        existing = read_config(path)
+        existing = with_new_defaults(read_config(path), config)
         ignored = OPERATIONAL  # a finished run may be extended with more iterations, or run on more threads
         diff = sorted(k for k in set(existing) | set(config)
                       if k not in ignored and existing.get(k) != config.get(k))
@@ -287,7 +302,7 @@ def check_bc_from(bc_from: str | Path, config: dict[str, Any]) -> RunFolder:
     if not source.config_path.exists() or not (bc / "metrics.json").exists() or not (
             bc / "adapter" / "adapter_config.json").exists():
         raise ConfigMismatch(f"bc_from: {source.path} holds no finished behaviour cloning (iter_0)")
-    theirs = read_config(source.config_path)
+    theirs = with_new_defaults(read_config(source.config_path), config)
     keys = ("env", "student", "trainset", "valset", "demonstrator", "bc_expert_level", *LEAPConfig.bc_keys())
     keys += ("privilege_level",) if "model" in config["demonstrator"] else ()  # an LM demonstrator reads it
     diff = sorted(k for k in keys if theirs.get(k) != config.get(k))

@@ -72,3 +72,25 @@ def test_metrics_csv_rows_in_policy_order(tmp_path: Path) -> None:
     assert [line.split(",")[0] for line in text[1:]] == ["base", "expert", "0", "1"]
     report = run.write_report("test")
     assert report.exists() and (tmp_path / "learning_curve.png").exists()
+
+
+def test_a_run_from_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """A config.yaml written before a training setting existed ran as its default does: a resume that leaves
+    the setting at its default goes on, one that changes it is refused."""
+    import yaml
+
+    from leap_dspy.config import LEAPConfig
+    from leap_dspy.runs import ConfigMismatch, start_run
+
+    config = {"schema_version": 1, "env": {"name": "keybox"}, **LEAPConfig().dump()}
+    older = {**config, "train": {k: v for k, v in config["train"].items() if k != "use_liger_kernel"}}
+    older.pop("drop_unrealizable")
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    run.config_path.write_text(yaml.safe_dump(older))
+    start_run(run, config)  # resumes: the missing settings are at their defaults
+    assert yaml.safe_load(run.config_path.read_text())["train"]["use_liger_kernel"] is False
+    run.config_path.write_text(yaml.safe_dump(older))
+    changed = {**config, "train": {**config["train"], "use_liger_kernel": True}}
+    with pytest.raises(ConfigMismatch, match="train"):
+        start_run(run, changed)

@@ -18,6 +18,7 @@ from pathlib import Path
 from leap_dspy.envs.intercode.bash_env import InterCodeBash
 from leap_dspy.envs.intercode.sandbox import _tree_size, _uid_processes
 from leap_dspy.envs.intercode.sql_env import InterCodeSQL
+from leap_dspy.types import Task
 
 
 @dataclass
@@ -90,10 +91,24 @@ def bash_attacks(port: int) -> list[tuple[str, str]]:
     ]
 
 
+@dataclass
+class _HostState:
+    """What an attack that escaped would change on the host, taken before each attack."""
+
+    home: list[str]
+    bashrc: str
+    passwd: str
+    hits: int
+
+    @classmethod
+    def take(cls, home: Path, listener: _Listener) -> _HostState:
+        return cls(sorted(os.listdir(home)), _digest(home / ".bashrc"), _digest(Path("/etc/passwd")), listener.hits)
+
+
 def run_bash_attacks(wall_s: float = 4.0, only: list[str] | None = None) -> list[AttackResult]:
+    """Run each bash attack (or those named in `only`) in a fresh episode and check that it was contained."""
     env = InterCodeBash(task_set="bench", limits={"wall_s": wall_s, "cpu_s": 3})
     task = next(t for t in env.tasks("train") + env.tasks("seen") + env.tasks("unseen") if t.id == "bench-0")
-    home = Path.home()
     canary_dir = Path(tempfile.mkdtemp(prefix="leap-canary-"))
     canary = canary_dir / "canary.txt"
     canary.write_text("host file\n")
@@ -103,47 +118,7 @@ def run_bash_attacks(wall_s: float = 4.0, only: list[str] | None = None) -> list
         for name, cmd in bash_attacks(listener.port):
             if only and name not in only:
                 continue
-            home_before = sorted(os.listdir(home))
-            bashrc_before = _digest(home / ".bashrc")
-            passwd_before = _digest(Path("/etc/passwd"))
-            hits_before = listener.hits
-            env.reset(task)
-            assert env.box is not None
-            quota = env.box.limits.disk_mb * 1024 * 1024
-            t0 = time.monotonic()
-            obs = env.step(cmd)
-            wall = time.monotonic() - t0
-            out = obs.text
-            problems = []
-            if canary.read_text() != "host file\n":
-                problems.append("host canary changed")
-            if sorted(os.listdir(home)) != home_before or _digest(home / ".bashrc") != bashrc_before:
-                problems.append("host HOME changed")
-            if _digest(Path("/etc/passwd")) != passwd_before:
-                problems.append("host /etc/passwd changed")
-            if listener.hits != hits_before or "CONNECTED" in out:
-                problems.append("reached the host network")
-            if "root:" in out and "shadow" in name:
-                problems.append("read /etc/shadow")
-            if env.box.root_mode and _uid_processes(env.box.uid):
-                problems.append("processes left behind")
-            if _tree_size(env.box.root) > quota:
-                problems.append("episode root over its disk quota")
-            if wall > wall_s + 5:
-                problems.append(f"step took {wall:.1f}s")
-            if not os.path.exists("/usr/bin/env"):
-                problems.append("host /usr damaged")
-            # the next episode is clean: same files as the task's initial file system, no processes
-            env.reset(task)
-            assert env.box is not None
-            if env.box.snapshot() != env.initial:
-                problems.append("next episode's file system differs")
-            ps = env.step("ps -e -o comm=")
-            procs = [p for p in ps.text.split() if p not in ("bwrap", "ps")]
-            if procs:
-                problems.append(f"next episode sees processes: {procs}")
-            detail = "; ".join(problems) or _summary(name, out, obs.info)
-            results.append(AttackResult(name, cmd, not problems, detail, round(wall, 2)))
+            results.append(_run_bash_attack(env, task, name, cmd, wall_s, canary, listener))
     finally:
         env.close()
         listener.close()
@@ -151,6 +126,63 @@ def run_bash_attacks(wall_s: float = 4.0, only: list[str] | None = None) -> list
             canary.unlink()
             canary_dir.rmdir()
     return results
+
+
+def _run_bash_attack(
+    env: InterCodeBash, task: Task, name: str, cmd: str, wall_s: float, canary: Path, listener: _Listener
+) -> AttackResult:
+    """One attack as one episode step, judged by the host, the episode's leftovers and the next episode."""
+    home = Path.home()
+    before = _HostState.take(home, listener)
+    env.reset(task)
+    assert env.box is not None
+    quota = env.box.limits.disk_mb * 1024 * 1024
+    t0 = time.monotonic()
+    obs = env.step(cmd)
+    wall = time.monotonic() - t0
+    out = obs.text
+    problems = _host_problems(home, before, canary, listener, out)
+    if "root:" in out and "shadow" in name:
+        problems.append("read /etc/shadow")
+    if env.box.root_mode and _uid_processes(env.box.uid):
+        problems.append("processes left behind")
+    if _tree_size(env.box.root) > quota:
+        problems.append("episode root over its disk quota")
+    if wall > wall_s + 5:
+        problems.append(f"step took {wall:.1f}s")
+    if not os.path.exists("/usr/bin/env"):
+        problems.append("host /usr damaged")
+    problems += _next_episode_problems(env, task)
+    detail = "; ".join(problems) or _summary(name, out, obs.info)
+    return AttackResult(name, cmd, not problems, detail, round(wall, 2))
+
+
+def _host_problems(home: Path, before: _HostState, canary: Path, listener: _Listener, out: str) -> list[str]:
+    """What the attack changed on the host since `before`: the canary, HOME, /etc/passwd, the host network."""
+    problems = []
+    if canary.read_text() != "host file\n":
+        problems.append("host canary changed")
+    if sorted(os.listdir(home)) != before.home or _digest(home / ".bashrc") != before.bashrc:
+        problems.append("host HOME changed")
+    if _digest(Path("/etc/passwd")) != before.passwd:
+        problems.append("host /etc/passwd changed")
+    if listener.hits != before.hits or "CONNECTED" in out:
+        problems.append("reached the host network")
+    return problems
+
+
+def _next_episode_problems(env: InterCodeBash, task: Task) -> list[str]:
+    """The next episode must be clean: same files as the task's initial file system, no processes."""
+    env.reset(task)
+    assert env.box is not None
+    problems = []
+    if env.box.snapshot() != env.initial:
+        problems.append("next episode's file system differs")
+    ps = env.step("ps -e -o comm=")
+    procs = [p for p in ps.text.split() if p not in ("bwrap", "ps")]
+    if procs:
+        problems.append(f"next episode sees processes: {procs}")
+    return problems
 
 
 def _summary(name: str, out: str, info: dict) -> str:

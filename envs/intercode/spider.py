@@ -200,61 +200,78 @@ def generate_questions(db: str, tables: dict[str, Table], rng: random.Random) ->
     for t in tables.values():
         if not t.rows:
             continue
-        T = _h(t.name)
-        tq = f"`{t.name}`"
-        out.append((f"How many rows does the {T} table have?", f"SELECT count(*) FROM {tq}"))
+        out.append((f"How many rows does the {_h(t.name)} table have?", f"SELECT count(*) FROM `{t.name}`"))
         text_cols = [c for c in t.columns if c.is_text]
         num_cols = [c for c in t.columns if c.is_number and not c.name.lower().endswith("id")]
+        # The task set is fixed by the seed: `rng` is drawn text columns first, then number columns, in order.
         for c in text_cols[:2]:
-            out.append(
-                (f"List the distinct {_h(c.name)} values in the {T} table.", f"SELECT DISTINCT `{c.name}` FROM {tq}")
-            )
-            out.append(
-                (
-                    f"For each {_h(c.name)} in the {T} table, give the number of rows.",
-                    f"SELECT `{c.name}`, count(*) FROM {tq} GROUP BY `{c.name}`",
-                )
-            )
-            idx = [k for k, col in enumerate(t.columns) if col is c][0]
-            vals = sorted({r[idx] for r in t.rows if isinstance(r[idx], str) and "'" not in r[idx] and r[idx]})
-            if vals:
-                v = rng.choice(vals)
-                out.append(
-                    (
-                        f"How many rows of the {T} table have {_h(c.name)} equal to '{v}'?",
-                        f"SELECT count(*) FROM {tq} WHERE `{c.name}` = '{v}'",
-                    )
-                )
+            out += _text_questions(t, c, rng)
         for c in num_cols[:2]:
-            agg, word = rng.choice([("max", "maximum"), ("min", "minimum"), ("avg", "average")])
-            out.append((f"What is the {word} {_h(c.name)} in the {T} table?", f"SELECT {agg}(`{c.name}`) FROM {tq}"))
-            if text_cols:
-                tc = text_cols[0]
-                out.append(
-                    (
-                        f"Show the {_h(tc.name)} of the {T} row with the highest {_h(c.name)}.",
-                        f"SELECT `{tc.name}` FROM {tq} ORDER BY `{c.name}` DESC LIMIT 1",
-                    )
-                )
-                out.append(
-                    (
-                        f"List the {_h(tc.name)} and {_h(c.name)} of every row of {T}, "
-                        f"ordered by {_h(c.name)} ascending.",
-                        f"SELECT `{tc.name}`, `{c.name}` FROM {tq} ORDER BY `{c.name}` ASC",
-                    )
-                )
-        for col, ref_t, ref_c in t.foreign_keys:
-            other = tables.get(ref_t)
-            if other is None or not other.rows:
-                continue
-            oc = next((c for c in other.columns if c.is_text), None)
-            if oc is None:
-                continue
-            out.append(
-                (
-                    f"For every row of {T}, show its {_h(col)} and the {_h(oc.name)} of the matching {_h(ref_t)}.",
-                    f"SELECT T1.`{col}`, T2.`{oc.name}` FROM {tq} AS T1 JOIN `{ref_t}` AS T2 "
-                    f"ON T1.`{col}` = T2.`{ref_c}`",
-                )
+            out += _number_questions(t, c, text_cols[0] if text_cols else None, rng)
+        out += _join_questions(t, tables)
+    return out
+
+
+def _text_questions(t: Table, c: Column, rng: random.Random) -> list[tuple[str, str]]:
+    """Distinct values and counts per value of a text column, and a filtered count on one value drawn by `rng`."""
+    T, tq = _h(t.name), f"`{t.name}`"
+    out = [
+        (f"List the distinct {_h(c.name)} values in the {T} table.", f"SELECT DISTINCT `{c.name}` FROM {tq}"),
+        (
+            f"For each {_h(c.name)} in the {T} table, give the number of rows.",
+            f"SELECT `{c.name}`, count(*) FROM {tq} GROUP BY `{c.name}`",
+        ),
+    ]
+    idx = [k for k, col in enumerate(t.columns) if col is c][0]
+    vals = sorted({r[idx] for r in t.rows if isinstance(r[idx], str) and "'" not in r[idx] and r[idx]})
+    if vals:
+        v = rng.choice(vals)
+        out.append(
+            (
+                f"How many rows of the {T} table have {_h(c.name)} equal to '{v}'?",
+                f"SELECT count(*) FROM {tq} WHERE `{c.name}` = '{v}'",
             )
+        )
+    return out
+
+
+def _number_questions(t: Table, c: Column, tc: Column | None, rng: random.Random) -> list[tuple[str, str]]:
+    """An aggregate (drawn by `rng`) of a number column and, given a text column `tc`, orderings by it."""
+    T, tq = _h(t.name), f"`{t.name}`"
+    agg, word = rng.choice([("max", "maximum"), ("min", "minimum"), ("avg", "average")])
+    out = [(f"What is the {word} {_h(c.name)} in the {T} table?", f"SELECT {agg}(`{c.name}`) FROM {tq}")]
+    if tc is not None:
+        out.append(
+            (
+                f"Show the {_h(tc.name)} of the {T} row with the highest {_h(c.name)}.",
+                f"SELECT `{tc.name}` FROM {tq} ORDER BY `{c.name}` DESC LIMIT 1",
+            )
+        )
+        out.append(
+            (
+                f"List the {_h(tc.name)} and {_h(c.name)} of every row of {T}, ordered by {_h(c.name)} ascending.",
+                f"SELECT `{tc.name}`, `{c.name}` FROM {tq} ORDER BY `{c.name}` ASC",
+            )
+        )
+    return out
+
+
+def _join_questions(t: Table, tables: dict[str, Table]) -> list[tuple[str, str]]:
+    """One join question per foreign key whose table has rows and a text column to show."""
+    T, tq = _h(t.name), f"`{t.name}`"
+    out = []
+    for col, ref_t, ref_c in t.foreign_keys:
+        other = tables.get(ref_t)
+        if other is None or not other.rows:
+            continue
+        oc = next((c for c in other.columns if c.is_text), None)
+        if oc is None:
+            continue
+        out.append(
+            (
+                f"For every row of {T}, show its {_h(col)} and the {_h(oc.name)} of the matching {_h(ref_t)}.",
+                f"SELECT T1.`{col}`, T2.`{oc.name}` FROM {tq} AS T1 JOIN `{ref_t}` AS T2 "
+                f"ON T1.`{col}` = T2.`{ref_c}`",
+            )
+        )
     return out

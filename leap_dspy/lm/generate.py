@@ -223,6 +223,43 @@ class PrefixStore:
         self._entries.clear()
 
 
+@dataclass
+class _Progress:
+    """Per original row, the tokens so far and how the row ended: kept apart from the shrinking tensor batch."""
+
+    tokens: list[list[int]]
+    finish: list[str]
+    done: list[bool]
+    ended_eos: list[bool]
+
+    @classmethod
+    def empty(cls, batch: int) -> _Progress:
+        return cls([[] for _ in range(batch)], ["length"] * batch, [False] * batch, [False] * batch)
+
+
+def _drop_finished(
+    cache: Any, rows: list[int], done: list[bool], mask: torch.Tensor, next_pos: torch.Tensor, nxt: torch.Tensor,
+    device: torch.device,
+) -> tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Finished rows still cost a full decode step each: once they pile up, drop them from the batch and cache."""
+    keep = [i for i, row in enumerate(rows) if not done[row]]
+    if len(rows) - len(keep) < max(1, len(rows) // 4):
+        return rows, mask, next_pos, nxt
+    index = torch.tensor(keep, device=device)
+    cache.batch_select_indices(index)
+    return [rows[i] for i in keep], mask[index], next_pos[index], nxt[index]
+
+
+def _empty_layers(part: Any, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zeroed per-layer (keys, values) for the whole batch, shaped like the chunk cache `part` but `length` long."""
+    layers = []
+    for layer in part.layers:
+        k, v = layer.keys, layer.values
+        layers.append((k.new_zeros((batch, k.shape[1], length, k.shape[-1])),
+                       v.new_zeros((batch, v.shape[1], length, v.shape[-1]))))
+    return layers
+
+
 class Generator:
     """Runs batched generation for one loaded model; serialises calls with `lock` (one model, many engines).
 
@@ -315,19 +352,31 @@ class Generator:
         return kv
 
     def _generate(self, prompts: list[list[int]], params: GenParams, use_prefix: bool) -> list[GenResult]:
+        """Prefill the batch, decode it, and decode the tokens to text: the whole of one batched call."""
         started = time.perf_counter()
-        device = self.device
         batch = len(prompts)
         self.stats.batches += 1
         self.stats.rows += batch
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
+        cache, logits, mask, positions = self._prefill_prompts(prompts, params, use_prefix)
+        self.stats.prefill_seconds += time.perf_counter() - started
+        progress = self._decode(cache, logits, mask, positions[:, -1:] + 1, params, batch)
+        return self._results(prompts, progress, params.stop)
 
-        # Shared prefix: every row keeps at least one suffix token, whose logits give the first new token.
-        prefix_len = 0
-        if use_prefix:
-            prefix_len = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
-            if prefix_len < self.min_prefix:
-                prefix_len = 0
+    def _shared_prefix_len(self, prompts: list[list[int]]) -> int:
+        """Tokens all prompts share, or 0 if too few to be worth the extra forward call."""
+        # Every row keeps at least one suffix token, whose logits give the first new token.
+        prefix_len = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+        return 0 if prefix_len < self.min_prefix else prefix_len
+
+    def _prefill_prompts(
+        self, prompts: list[list[int]], params: GenParams, use_prefix: bool
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Split the prompts into shared prefix and suffixes and prefill them; return the cache, last logits, the
+        attention mask over prefix and suffixes, and the suffixes' position ids."""
+        device = self.device
+        batch = len(prompts)
+        prefix_len = self._shared_prefix_len(prompts) if use_prefix else 0
         suffixes = [p[prefix_len:] for p in prompts]
         width = max(len(s) for s in suffixes)
         mask = torch.zeros((batch, width), dtype=torch.long)
@@ -342,43 +391,30 @@ class Generator:
             mask = torch.cat([torch.ones((batch, prefix_len), dtype=torch.long, device=device), mask], dim=1)
         self.stats.prefill_tokens += int(sum(len(s) for s in suffixes))
         cache, logits = self._prefill(suffixes, kv, prefix_len, room)
-        self.stats.prefill_seconds += time.perf_counter() - started
-        next_pos = positions[:, -1:] + 1
+        return cache, logits, mask, positions
 
+    def _decode(
+        self, cache: Any, logits: torch.Tensor, mask: torch.Tensor, next_pos: torch.Tensor, params: GenParams,
+        batch: int,
+    ) -> _Progress:
+        """Choose and feed back one token per row per step until every row is done or the budget is spent."""
+        device = self.device
         generator = None
         if not params.greedy and params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
         eos = torch.tensor(sorted(self.eos_ids), device=device)
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        finish = ["length"] * batch
-        done = [False] * batch
-        ended_eos = [False] * batch
-        stop = params.stop
+        progress = _Progress.empty(batch)
+        done = progress.done
         rows = list(range(batch))  # tensor row -> original row; finished rows are dropped as they pile up
         for step in range(params.max_new_tokens):
             if params.no_repeat_ngram > 1:
-                _ban_repeats(logits, [tokens[row] for row in rows], params.no_repeat_ngram)
+                _ban_repeats(logits, [progress.tokens[row] for row in rows], params.no_repeat_ngram)
             nxt = self._choose(logits, params, generator)
             is_eos = torch.isin(nxt, eos)
-            nxt_list, eos_list = nxt.tolist(), is_eos.tolist()
-            for i, row in enumerate(rows):
-                if done[row]:
-                    continue
-                if eos_list[i] and not params.ignore_eos:
-                    done[row], finish[row], ended_eos[row] = True, "stop", True
-                    continue
-                tokens[row].append(nxt_list[i])
-                if stop and self._hits_stop(tokens[row], stop):
-                    done[row], finish[row] = True, "stop"
+            self._record(progress, rows, nxt.tolist(), is_eos.tolist(), params)
             if all(done) or step == params.max_new_tokens - 1:
                 break
-            keep = [i for i, row in enumerate(rows) if not done[row]]
-            if len(rows) - len(keep) >= max(1, len(rows) // 4):
-                # Finished rows still cost a full decode step each: drop them from the batch and the cache.
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                mask, next_pos, nxt = mask[index], next_pos[index], nxt[index]
-                rows = [rows[i] for i in keep]
+            rows, mask, next_pos, nxt = _drop_finished(cache, rows, done, mask, next_pos, nxt, device)
             feed = nxt.masked_fill(torch.tensor([done[r] for r in rows], device=device), self.pad_id).unsqueeze(1)
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
             out = self.model(
@@ -387,15 +423,35 @@ class Generator:
             )
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
+        return progress
 
+    def _record(
+        self, progress: _Progress, rows: list[int], nxt_list: list[int], eos_list: list[bool], params: GenParams
+    ) -> None:
+        """Append each live row's new token, and mark the rows that reached eos or a stop string as done."""
+        tokens, finish, done, ended_eos = progress.tokens, progress.finish, progress.done, progress.ended_eos
+        stop = params.stop
+        for i, row in enumerate(rows):
+            if done[row]:
+                continue
+            if eos_list[i] and not params.ignore_eos:
+                done[row], finish[row], ended_eos[row] = True, "stop", True
+                continue
+            tokens[row].append(nxt_list[i])
+            if stop and self._hits_stop(tokens[row], stop):
+                done[row], finish[row] = True, "stop"
+
+    def _results(self, prompts: list[list[int]], progress: _Progress, stop: tuple[str, ...]) -> list[GenResult]:
+        """Each row's text, trimmed at the first stop string (a stop string may span tokens), with its counts."""
         results = []
-        for row in range(batch):
-            text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
+        for row in range(len(prompts)):
+            text = self.tokenizer.decode(progress.tokens[row], skip_special_tokens=True)
             if stop:
                 cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
                 if cut >= 0:
                     text = text[:cut]
-            result = GenResult(text, tokens[row], len(prompts[row]), finish[row], ended_eos[row])
+            result = GenResult(text, progress.tokens[row], len(prompts[row]), progress.finish[row],
+                               progress.ended_eos[row])
             self.stats.output_tokens += result.output_tokens
             results.append(result)
         return results
@@ -412,46 +468,21 @@ class Generator:
         position costs as much as a real one. Each row's KV is the same wherever it sits (pads are masked out and
         positions are explicit), so decoding is unchanged.
         """
-        device = self.device
+        chunks = self._prefill_chunks(suffixes)
+        if len(chunks) == 1:
+            cache, logits, _ = self._prefill_chunk(suffixes, chunks[0], prefix_kv, prefix_len, room)
+            return cache, logits
         batch = len(suffixes)
         width = max(len(s) for s in suffixes)
-        chunks = _length_chunks([len(s) for s in suffixes], self.prefill_waste)
-        if len(chunks) == 1:
-            chunks = [list(range(batch))]  # one piece: the rows in their own order
-        self.stats.extra["prefill_chunks"] = self.stats.extra.get("prefill_chunks", 0) + len(chunks)
         logits: torch.Tensor | None = None
         layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         for chunk in chunks:
-            w = max(len(suffixes[row]) for row in chunk)
-            ids = torch.full((len(chunk), w), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), prefix_len + w), dtype=torch.long)
-            mask[:, :prefix_len] = 1
-            for i, row in enumerate(chunk):
-                ids[i, w - len(suffixes[row]):] = torch.tensor(suffixes[row], dtype=torch.long)
-                mask[i, prefix_len + w - len(suffixes[row]):] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            positions = (mask[:, prefix_len:].cumsum(-1) - 1).clamp(min=0) + prefix_len
-            expanded = [(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in prefix_kv]
-            # The last position as an index tensor, not `logits_to_keep=1`: the slice `[:, -1:]` of a longer
-            # sequence is not contiguous, and the LM head then runs as a batched matmul over a copy of its
-            # weight per row, which costs far more memory and time than the head itself.
-            last = torch.tensor([w - 1], device=device)
-            if len(chunks) == 1:
-                cache = _growing_cache(self.model.config, room, expanded)
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                                 use_cache=True, logits_to_keep=last)
-                return cache, out.logits[:, -1, :]
-            part = _growing_cache(self.model.config, 1, expanded)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=part,
-                             use_cache=True, logits_to_keep=last)
+            part, last, w = self._prefill_chunk(suffixes, chunk, prefix_kv, prefix_len, 1)
             if logits is None:
-                logits = out.logits.new_empty((batch, out.logits.shape[-1]))
-                for layer in part.layers:
-                    k, v = layer.keys, layer.values
-                    layers.append((k.new_zeros((batch, k.shape[1], prefix_len + width, k.shape[-1])),
-                                   v.new_zeros((batch, v.shape[1], prefix_len + width, v.shape[-1]))))
-            index = torch.tensor(chunk, device=device)
-            logits[index] = out.logits[:, -1, :]
+                logits = last.new_empty((batch, last.shape[-1]))
+                layers = _empty_layers(part, batch, prefix_len + width)
+            index = torch.tensor(chunk, device=self.device)
+            logits[index] = last
             for (keys, values), layer in zip(layers, part.layers, strict=True):
                 keys[index, :, prefix_len + width - w:] = layer.keys[:, :, prefix_len:]
                 values[index, :, prefix_len + width - w:] = layer.values[:, :, prefix_len:]
@@ -461,6 +492,40 @@ class Generator:
                 values[:, :, :prefix_len] = v
         assert logits is not None
         return _growing_cache(self.model.config, room, layers), logits
+
+    def _prefill_chunks(self, suffixes: list[list[int]]) -> list[list[int]]:
+        """Row indices grouped for prefill by `_length_chunks`; counted in the stats for benchmarks."""
+        chunks = _length_chunks([len(s) for s in suffixes], self.prefill_waste)
+        if len(chunks) == 1:
+            chunks = [list(range(len(suffixes)))]  # one piece: the rows in their own order
+        self.stats.extra["prefill_chunks"] = self.stats.extra.get("prefill_chunks", 0) + len(chunks)
+        return chunks
+
+    def _prefill_chunk(
+        self, suffixes: list[list[int]], chunk: list[int], prefix_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        prefix_len: int, headroom: int,
+    ) -> tuple[Any, torch.Tensor, int]:
+        """Prefill the rows of one chunk, right-aligned after the shared prefix; return their cache (with
+        `headroom` spare positions), their last logits and the chunk's width."""
+        device = self.device
+        w = max(len(suffixes[row]) for row in chunk)
+        ids = torch.full((len(chunk), w), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), prefix_len + w), dtype=torch.long)
+        mask[:, :prefix_len] = 1
+        for i, row in enumerate(chunk):
+            ids[i, w - len(suffixes[row]):] = torch.tensor(suffixes[row], dtype=torch.long)
+            mask[i, prefix_len + w - len(suffixes[row]):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask[:, prefix_len:].cumsum(-1) - 1).clamp(min=0) + prefix_len
+        expanded = [(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1)) for k, v in prefix_kv]
+        # The last position as an index tensor, not `logits_to_keep=1`: the slice `[:, -1:]` of a longer
+        # sequence is not contiguous, and the LM head then runs as a batched matmul over a copy of its
+        # weight per row, which costs far more memory and time than the head itself.
+        last = torch.tensor([w - 1], device=device)
+        cache = _growing_cache(self.model.config, headroom, expanded)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                         use_cache=True, logits_to_keep=last)
+        return cache, out.logits[:, -1, :], w
 
     def _hits_stop(self, row_tokens: list[int], stop: tuple[str, ...]) -> bool:
         # A stop string completed by the newest token lies within its last few tokens (each >= 1 char).

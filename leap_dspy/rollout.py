@@ -32,6 +32,14 @@ correction to the round's data."""
 quiet_repeated_warnings()
 
 
+def engine_counters(program: dspy.Module | None) -> dict[str, float]:
+    """What the local engines behind `program` have done so far: seconds generating and answers remembered
+    (see `LocalEngine.answer_cache`); a stage's difference of two readings splits its time by kind of work."""
+    engines = [e for e in _engines(program) if hasattr(e, "generate_seconds")]
+    seconds = {id(e.hf_model): e.generate_seconds for e in engines}  # engines of one model share a generator
+    return {"generate_s": sum(seconds.values()), "remembered": sum(e.remembered for e in engines)}
+
+
 def _engines(program: dspy.Module | None) -> list[Any]:
     """The batching engines behind a program's LMs (those that accept an `expected` hint)."""
     lms = []

@@ -35,6 +35,7 @@ from leap_dspy.rollout import (
     ROLLOUT_MAX_STUCK,
     Episodes,
     attach_env,
+    engine_counters,
     expert_capture,
     expert_policy,
     play_episodes,
@@ -276,10 +277,12 @@ class LEAP(Teleprompter):
             play = expert_policy(policy, self._student, self.env, level=expert_level)
             threads = self.config.expert_threads
         log = JsonlLog(stage / "eval.jsonl", Trajectory, key=lambda t: t.task.id)
+        before = engine_counters(policy)
         done = play_episodes(Episodes(log, tasks, f"evaluate {name}", play), self.placement.episodes, program=policy,
                              num_threads=threads, progress=self.config.progress)
+        work = {f"eval_{k}": round(v - before[k], 1) for k, v in engine_counters(policy).items()}
         metrics: dict[str, Any] = {"iteration": str(name), **split_metrics(list(done.values())),
-                                   "train_examples": 0, **extra}
+                                   "train_examples": 0, **work, **extra}
         if expert_level is None and self.config.evaluate_snapped:
             metrics.update(self.evaluate_snapped(name, tasks, done))
         metrics["eval_s"] = round(time.perf_counter() - start, 1)

@@ -276,6 +276,7 @@ def test_self_expert_that_cannot_answer_is_counted_not_fatal(env: ALFWorld, tiny
     leap.compile(Student(), trainset=env.tasks("train"), teacher=SelfExpert(), valset=env.tasks("unseen"))
     metrics = json.loads((run / "iter_1" / "metrics.json").read_text())
     assert metrics["corrections"] > 0 and metrics["corrections_dropped"] == metrics["corrections"]
+    assert 0 < metrics["eval_generate_s"] <= metrics["eval_s"] and metrics["eval_remembered"] >= 0
     assert json.loads((run / "iter_1" / "train.json").read_text())["method"] == "sft"
     assert (run / "iter_1" / "adapter" / "adapter_config.json").exists()
     demos = (run / "iter_0" / "trajectories.jsonl").read_text().splitlines()

@@ -116,6 +116,11 @@ class LocalEngine:
         return self._loaded.model
 
     @property
+    def generate_seconds(self) -> float:
+        """Seconds the model has spent generating so far (shared by the engines of one loaded model)."""
+        return self._loaded.generator.stats.seconds
+
+    @property
     def batch_sizes(self) -> list[int]:
         """Sizes of the batches the worker ran so far (benchmarks, tests)."""
         return self._batcher.batch_sizes

@@ -278,10 +278,9 @@ def _reason(task: str, observation: str, action: str, history: str = "") -> str:
     goal = task_object(task) or "thing the task needs"
     held = holding(history, observation)
     wrong = wrong_object(task, observation, history)
-    if wrong and re.match(rf"^(?:move|put) {re.escape(wrong)} ", text):
-        return f"The {wrong} is not a {goal}: I put it down here."
-    if wrong and text.startswith("go to "):
-        return f"The {wrong} is not a {goal}: I take it to the {text.removeprefix('go to ')}."
+    put_down = _wrong_object_reason(text, wrong, goal) if wrong else None
+    if put_down:
+        return put_down
     missing = sought(task, observation, history)
     need = missing or (goal if not held else None)
     seen = read_note(observation, "Seen")
@@ -294,18 +293,37 @@ def _reason(task: str, observation: str, action: str, history: str = "") -> str:
             return noted
     m = re.match(r"^go to (?P<x>.+)$", text)
     if m and need:
-        if missing is None:
-            return f"Need {need}: I saw one at the {m['x']}."
-        if m["x"] == sweep_next(observation, history):
-            if read_note(observation, "Unvisited") is not None:
-                return f"Need {need}: not seen yet, the first unvisited is the {m['x']}."
-            current = current_place(observation, history)
-            if current is None:
-                return f"Need {need}: I start with the {m['x']}."
-            return f"Need {need}: none here, after the {current} comes the {m['x']}."
-        return f"Need {need}: I check the {m['x']}."
+        return _search_reason(m["x"], need, missing, observation, history)
     if m:
         return f"Carrying the {held} to the {m['x']}."
+    return _step_reason(text, need, held, goal)
+
+
+def _wrong_object_reason(text: str, wrong: str, goal: str) -> str | None:
+    """Why the student does something with the wrong thing in hand: it is not what the task needs."""
+    if re.match(rf"^(?:move|put) {re.escape(wrong)} ", text):
+        return f"The {wrong} is not a {goal}: I put it down here."
+    if text.startswith("go to "):
+        return f"The {wrong} is not a {goal}: I take it to the {text.removeprefix('go to ')}."
+    return None
+
+
+def _search_reason(place: str, need: str, missing: str | None, observation: str, history: str) -> str:
+    """Why it goes to `place` while it needs something: it saw one there, or the sweep comes to it next."""
+    if missing is None:
+        return f"Need {need}: I saw one at the {place}."
+    if place == sweep_next(observation, history):
+        if read_note(observation, "Unvisited") is not None:
+            return f"Need {need}: not seen yet, the first unvisited is the {place}."
+        current = current_place(observation, history)
+        if current is None:
+            return f"Need {need}: I start with the {place}."
+        return f"Need {need}: none here, after the {current} comes the {place}."
+    return f"Need {need}: I check the {place}."
+
+
+def _step_reason(text: str, need: str | None, held: str | None, goal: str) -> str:
+    """Why it takes any other step: one template per verb, with the thing it needs or the thing it carries."""
     m = re.match(r"^take (?P<obj>.+) from (?P<x>.+)$", text)
     if m:
         return f"Need {goal}: here is the {m['obj']}, I take it."

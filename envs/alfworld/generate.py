@@ -385,11 +385,10 @@ def generate_game(spec: dict[str, Any], root: str) -> dict[str, Any]:
     spec: key, task_type, floor_plans (candidates), num_receptacles, max_steps, seed (int). Attempts with
     derived seeds until the handcoded expert wins within `max_steps`; the first winner is kept.
     """
-    final = Path(root) / spec["key"]
-    meta_path = final / "meta.json"
+    meta_path = Path(root) / spec["key"] / "meta.json"
     if meta_path.exists():
         return json.loads(meta_path.read_text())
-    from leap_dspy.envs.alfworld.expert import acquire_pddl_env, play_expert, release_pddl_env
+    from leap_dspy.envs.alfworld.expert import acquire_pddl_env, release_pddl_env
 
     domain = domain_path().read_text()
     grammar = grammar_path().read_text()
@@ -398,59 +397,89 @@ def generate_game(spec: dict[str, Any], root: str) -> dict[str, Any]:
     try:
         last_error = ""
         for attempt in range(200):
-            rng = random.Random(f"{spec['seed']}:{spec['key']}:{attempt}")
-            fp_num = rng.choice(spec["floor_plans"])
-            problem, traj = build_problem(fp_num, spec["task_type"], spec["num_receptacles"], rng)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{spec['key']}.", dir=root))
-            try:
-                (tmp / "initial_state.pddl").write_text(problem)
-                (tmp / "traj_data.json").write_text(json.dumps(traj, indent=1))
-                gamedata = {
-                    "pddl_domain": domain,
-                    "grammar": grammar.replace("UNKNOWN GOAL", traj["goal_text"]),
-                    "pddl_problem": problem,
-                    "solvable": None,
-                    "walkthrough": None,
-                }
-                game_file = tmp / "game.tw-pddl"
-                game_file.write_text(json.dumps(gamedata))
-                expert_seed = rng.randrange(2**31)
-                try:
-                    won, commands, intro = play_expert(game_file, expert_seed, spec["max_steps"], env=env)
-                except Exception as exc:  # a problem Fast Downward cannot ground counts as a failed draw
-                    last_error = f"{type(exc).__name__}: {exc}"
-                    won, commands, intro = False, [], ""
-                    env = _fresh(env)
-                if not won:
-                    continue
-                gamedata["solvable"] = True
-                gamedata["walkthrough"] = commands
-                game_file.write_text(json.dumps(gamedata))
-                meta = {
-                    "key": spec["key"],
-                    "task_type": spec["task_type"],
-                    "floor_plan": f"FloorPlan{fp_num}",
-                    "pddl_params": traj["pddl_params"],
-                    "instruction": traj["goal_text"] + ".",
-                    "expert_seed": expert_seed,
-                    "expert_plan": commands,
-                    "intro_chars": len(intro),
-                    "attempts": attempt + 1,
-                }
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-                try:
-                    os.rename(tmp, final)
-                except OSError:  # someone else finished the same game first
-                    if not meta_path.exists():
-                        raise
-                    return json.loads(meta_path.read_text())
+            meta, env, error = _attempt(spec, root, attempt, domain, grammar, env)
+            last_error = error or last_error
+            if meta is not None:
                 return meta
-            finally:
-                if tmp.exists():
-                    shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"no winnable game for {spec} after 200 attempts ({last_error})")
     finally:
         release_pddl_env(env)
+
+
+def _attempt(spec: dict[str, Any], root: str, attempt: int, domain: str, grammar: str,
+             env: Any) -> tuple[dict[str, Any] | None, Any, str]:
+    """One draw of the game from its derived seed: (its meta if the expert wins it, else None; the PddlEnv to go
+    on with; why the draw failed, if it raised). The draft lives in a temporary folder until it is kept."""
+    from leap_dspy.envs.alfworld.expert import play_expert
+
+    rng = random.Random(f"{spec['seed']}:{spec['key']}:{attempt}")
+    fp_num = rng.choice(spec["floor_plans"])
+    problem, traj = build_problem(fp_num, spec["task_type"], spec["num_receptacles"], rng)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec['key']}.", dir=root))
+    try:
+        gamedata, game_file = _write_draft(tmp, problem, traj, domain, grammar)
+        expert_seed = rng.randrange(2**31)
+        try:
+            won, commands, intro = play_expert(game_file, expert_seed, spec["max_steps"], env=env)
+        except Exception as exc:  # a problem Fast Downward cannot ground counts as a failed draw
+            error = f"{type(exc).__name__}: {exc}"
+            return None, _fresh(env), error
+        if not won:
+            return None, env, ""
+        gamedata["solvable"] = True
+        gamedata["walkthrough"] = commands
+        game_file.write_text(json.dumps(gamedata))
+        meta = _meta(spec, fp_num, traj, expert_seed, commands, intro, attempt)
+        return _publish(tmp, Path(root) / spec["key"], meta), env, ""
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_draft(tmp: Path, problem: str, traj: dict[str, Any], domain: str,
+                 grammar: str) -> tuple[dict[str, Any], Path]:
+    """Write the game's inputs and its unchecked `game.tw-pddl` (as alfworld-generate does); the expert loads it."""
+    (tmp / "initial_state.pddl").write_text(problem)
+    (tmp / "traj_data.json").write_text(json.dumps(traj, indent=1))
+    gamedata = {
+        "pddl_domain": domain,
+        "grammar": grammar.replace("UNKNOWN GOAL", traj["goal_text"]),
+        "pddl_problem": problem,
+        "solvable": None,
+        "walkthrough": None,
+    }
+    game_file = tmp / "game.tw-pddl"
+    game_file.write_text(json.dumps(gamedata))
+    return gamedata, game_file
+
+
+def _meta(spec: dict[str, Any], fp_num: int, traj: dict[str, Any], expert_seed: int, commands: list[str],
+          intro: str, attempt: int) -> dict[str, Any]:
+    """The record the task list is built from, so that listing tasks never loads a game."""
+    return {
+        "key": spec["key"],
+        "task_type": spec["task_type"],
+        "floor_plan": f"FloorPlan{fp_num}",
+        "pddl_params": traj["pddl_params"],
+        "instruction": traj["goal_text"] + ".",
+        "expert_seed": expert_seed,
+        "expert_plan": commands,
+        "intro_chars": len(intro),
+        "attempts": attempt + 1,
+    }
+
+
+def _publish(tmp: Path, final: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Move the finished draft into place in one rename, so a reader never sees half a game."""
+    meta_path = final / "meta.json"
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    try:
+        os.rename(tmp, final)
+    except OSError:  # someone else finished the same game first
+        if not meta_path.exists():
+            raise
+        return json.loads(meta_path.read_text())
+    return meta
 
 
 def _fresh(env: Any) -> Any:

@@ -17,6 +17,7 @@ The policy reads the student's inputs as the student program formats them (the n
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from leap_dspy.envs.alfworld.notes import read_note, scene_places, task_lamp, task_object
 
@@ -59,6 +60,101 @@ def _seen(observation: str) -> list[tuple[str, str]]:
     return re.findall(r"([a-z]+ \d+) at ([a-z]+ \d+)", seen)
 
 
+@dataclass
+class _View:
+    """One step's inputs, parsed once, so that each decision below reads the same facts."""
+
+    observation: str
+    level: int
+    facts: dict[str, list[str]]
+    admissible: list[str]
+    allowed: set[str]
+    here: str | None
+    held: str | None
+    held_states: list[str]
+    goal: str | None
+    lamp: str | None
+    change: str | None
+    target: str | None
+    places: list[str]
+
+
+def _read_view(task: str, observation: str, history: str, level: int, facts: dict[str, list[str]]) -> _View:
+    """Read the notes, the task and the scene the way the student's prompt shows them."""
+    admissible = admissible_from(observation)
+    here = read_note(observation, "At")
+    holding = read_note(observation, "Holding") or "nothing"
+    held = None if holding == "nothing" else holding.split(" (")[0]
+    held_states = re.findall(r"\b(clean|hot|cool)\b", holding.split(" (", 1)[1]) if " (" in holding else []
+    first = next((line.removeprefix("Start: ") for line in history.splitlines() if line.startswith("Start: ")), "")
+    places = scene_places(first) or [p for p in (read_note(observation, "Unvisited") or "").split(", ") if p]
+    places = places + [p for p in re.findall(r"go to ([a-z]+ \d+)", ", ".join(admissible)) if p not in places]
+    if level >= 2 and held:  # the states section says whether it is already in the wanted state
+        held_states += [word for line in facts.get("states", []) for word in ("clean", "hot", "cool")
+                        if line == f"{held} is {word}"]
+    return _View(observation=observation, level=level, facts=facts, admissible=admissible, allowed=set(admissible),
+                 here=None if here in (None, "start") else here, held=held, held_states=held_states,
+                 goal=task_object(task), lamp=task_lamp(task), change=task_change(task), target=task_target(task),
+                 places=places)
+
+
+def _go(view: _View, place: str | None) -> str | None:
+    """Going to `place`, when it is one of the admissible actions."""
+    return f"go to {place}" if place and f"go to {place}" in view.allowed else None
+
+
+def _known_place(view: _View, kind: str) -> str | None:
+    """Where the student saw a `kind`, or at level 1+, where the privileged state says one is."""
+    target, lamp = view.target, view.lamp
+    for instance, place in _seen(view.observation):
+        if _kind(instance) == kind and (target is None or _kind(place) != target or kind == lamp):
+            return place
+    if view.level >= 1:
+        for line in view.facts.get("object locations", []):
+            m = re.match(r"([a-z]+ \d+) is in/on ([a-z]+ \d+)", line)
+            if m and _kind(m[1]) == kind and (target is None or _kind(m[2]) != target or kind == lamp):
+                return m[2]
+    return None
+
+
+def _search(view: _View, kind: str) -> str | None:
+    """The next step toward a `kind`: go where one is known, open what is closed here, else the next unvisited."""
+    place = _known_place(view, kind)
+    if place and place != view.here:
+        return _go(view, place)
+    if view.here and f"open {view.here}" in view.allowed:  # closed, and what it holds is not in view yet
+        return f"open {view.here}"
+    unvisited = [p for p in (read_note(view.observation, "Unvisited") or "").split(", ") if p and p != "none"]
+    return next((f"go to {p}" for p in unvisited if f"go to {p}" in view.allowed), None)
+
+
+def _carry(view: _View, held: str) -> str | None:
+    """With the task's object in hand: find and use the lamp, treat the object, or take it to its target."""
+    admissible, target, here = view.admissible, view.target, view.here
+    if view.lamp:
+        use = next((a for a in admissible if a.startswith(f"use {view.lamp} ")), None)
+        return use or _search(view, view.lamp)
+    if view.change and view.change not in view.held_states:
+        verb, appliance = _VERB[view.change], APPLIANCE[view.change]
+        act = next((a for a in admissible if a.startswith(f"{verb} {held} with {appliance} ")), None)
+        return act or _go(view, _first_of_kind(view.places, appliance))
+    place = next((a for a in admissible if a.startswith(f"move {held} to ") and target
+                  and _kind(a.rsplit(" to ", 1)[1]) == target), None)
+    if place is None and here and target and _kind(here) == target and f"open {here}" in view.allowed:
+        return f"open {here}"  # the target is closed: open it to put the thing in
+    return place or _go(view, _first_of_kind(view.places, target or ""))
+
+
+def _fetch(view: _View, goal: str) -> str | None:
+    """With empty hands: take the task's object when it is in view, else search for it."""
+    here, target = view.here, view.target
+    if not (here and target and _kind(here) == target):  # what is already at the target stays there
+        take = next((a for a in view.admissible if a.startswith(f"take {goal} ")), None)
+        if take:
+            return take
+    return _search(view, goal)
+
+
 def scripted_action(task: str, observation: str, history: str, level: int,
                     facts: dict[str, list[str]] | None = None) -> str | None:
     """The next action of the scripted policy at `level` (0-2), or None when the inputs carry no notes
@@ -69,65 +165,12 @@ def scripted_action(task: str, observation: str, history: str, level: int,
     """
     if read_note(observation, "Unvisited") is None:
         return None
-    facts = facts or {}
-    admissible = admissible_from(observation)
-    allowed = set(admissible)
-    here = read_note(observation, "At")
-    here = None if here in (None, "start") else here
-    holding = read_note(observation, "Holding") or "nothing"
-    held = None if holding == "nothing" else holding.split(" (")[0]
-    held_states = re.findall(r"\b(clean|hot|cool)\b", holding.split(" (", 1)[1]) if " (" in holding else []
-    goal, lamp, change, target = task_object(task), task_lamp(task), task_change(task), task_target(task)
-    first = next((line.removeprefix("Start: ") for line in history.splitlines() if line.startswith("Start: ")), "")
-    places = scene_places(first) or [p for p in (read_note(observation, "Unvisited") or "").split(", ") if p]
-    places = places + [p for p in re.findall(r"go to ([a-z]+ \d+)", ", ".join(admissible)) if p not in places]
-    if level >= 2 and held:  # the states section says whether it is already in the wanted state
-        held_states += [word for line in facts.get("states", []) for word in ("clean", "hot", "cool")
-                        if line == f"{held} is {word}"]
-
-    def go(place: str | None) -> str | None:
-        return f"go to {place}" if place and f"go to {place}" in allowed else None
-
-    def known_place(kind: str) -> str | None:
-        """Where the student saw a `kind`, or at level 1+, where the privileged state says one is."""
-        for instance, place in _seen(observation):
-            if _kind(instance) == kind and (target is None or _kind(place) != target or kind == lamp):
-                return place
-        if level >= 1:
-            for line in facts.get("object locations", []):
-                m = re.match(r"([a-z]+ \d+) is in/on ([a-z]+ \d+)", line)
-                if m and _kind(m[1]) == kind and (target is None or _kind(m[2]) != target or kind == lamp):
-                    return m[2]
-        return None
-
-    def search(kind: str) -> str | None:
-        place = known_place(kind)
-        if place and place != here:
-            return go(place)
-        if here and f"open {here}" in allowed:  # closed, and what it holds is not in view yet
-            return f"open {here}"
-        unvisited = [p for p in (read_note(observation, "Unvisited") or "").split(", ") if p and p != "none"]
-        return next((f"go to {p}" for p in unvisited if f"go to {p}" in allowed), None)
-
+    view = _read_view(task, observation, history, level, facts or {})
+    held, goal = view.held, view.goal
     if held and goal and _kind(held) != goal:  # the wrong thing in hand: put it down here
-        return next((a for a in admissible if a.startswith(f"move {held} to ")), None)
+        return next((a for a in view.admissible if a.startswith(f"move {held} to ")), None)
     if held:
-        if lamp:
-            use = next((a for a in admissible if a.startswith(f"use {lamp} ")), None)
-            return use or search(lamp)
-        if change and change not in held_states:
-            verb, appliance = _VERB[change], APPLIANCE[change]
-            act = next((a for a in admissible if a.startswith(f"{verb} {held} with {appliance} ")), None)
-            return act or go(_first_of_kind(places, appliance))
-        place = next((a for a in admissible if a.startswith(f"move {held} to ") and target
-                      and _kind(a.rsplit(" to ", 1)[1]) == target), None)
-        if place is None and here and target and _kind(here) == target and f"open {here}" in allowed:
-            return f"open {here}"  # the target is closed: open it to put the thing in
-        return place or go(_first_of_kind(places, target or ""))
+        return _carry(view, held)
     if goal:
-        if not (here and target and _kind(here) == target):  # what is already at the target stays there
-            take = next((a for a in admissible if a.startswith(f"take {goal} ")), None)
-            if take:
-                return take
-        return search(goal)
-    return "look" if "look" in allowed else None
+        return _fetch(view, goal)
+    return "look" if "look" in view.allowed else None

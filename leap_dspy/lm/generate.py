@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from leap_dspy.lm.kv_cache import PrefixStore, common_prefix_len, empty_layers, growing_cache, growing_layer_class
 from leap_dspy.lm.models import attention_kernels
 
 
@@ -83,63 +83,6 @@ class GenStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _growing_cache(config: Any, headroom: int, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
-    """A `DynamicCache` whose full-attention layers append into preallocated room (see `_GrowingLayer`)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    cache = DynamicCache(config=config)
-    cache.layers = [_growing_layer_class()(headroom) if type(layer) is DynamicLayer else layer
-                    for layer in cache.layers]
-    for layer, (keys, values) in zip(cache.layers, kv or [], strict=False):
-        layer.update(keys, values)
-    return cache
-
-
-_GROWING: type | None = None
-
-
-def _growing_layer_class() -> type:
-    """`DynamicLayer` concatenates the whole cache with each new token, a copy that at large batches rivals the
-    decode step's matmuls. This layer writes the new token into spare room of one
-    buffer and hands attention a view of the filled part (same values, same shapes)."""
-    global _GROWING
-    if _GROWING is not None:
-        return _GROWING
-    from transformers.cache_utils import DynamicLayer
-
-    class _GrowingLayer(DynamicLayer):
-        def __init__(self, headroom: int) -> None:
-            super().__init__()
-            self.headroom = max(1, headroom)
-            self._k: torch.Tensor | None = None
-            self._v: torch.Tensor | None = None
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            have = self.get_seq_length()
-            need = have + key_states.shape[-2]
-            buffer = self._k
-            if (buffer is None or buffer.shape[-2] < need or buffer.shape[0] != key_states.shape[0]
-                    or (have and self.keys.data_ptr() != buffer.data_ptr())):  # batch_select_indices replaced it
-                batch, heads, _, dim = key_states.shape
-                self._k = key_states.new_empty((batch, heads, need + self.headroom, dim))
-                self._v = value_states.new_empty((batch, value_states.shape[1], need + self.headroom,
-                                                  value_states.shape[-1]))
-                if have:
-                    self._k[..., :have, :] = self.keys
-                    self._v[..., :have, :] = self.values
-            self._k[..., have:need, :] = key_states
-            self._v[..., have:need, :] = value_states
-            self.keys, self.values = self._k[..., :need, :], self._v[..., :need, :]
-            return self.keys, self.values
-
-    _GROWING = _GrowingLayer
-    return _GROWING
-
-
 def _ban_repeats(logits: torch.Tensor, generated: list[list[int]], n: int) -> None:
     """Forbid, in each row, every token that would complete an n-gram the row has already generated."""
     for i, row in enumerate(generated):
@@ -149,20 +92,6 @@ def _ban_repeats(logits: torch.Tensor, generated: list[list[int]], n: int) -> No
         banned = [row[j + n - 1] for j in range(len(row) - n + 1) if row[j:j + n - 1] == tail]
         if banned:
             logits[i, banned] = float("-inf")
-
-
-def _common_prefix_len(seqs: list[list[int]] | list[tuple[int, ...]]) -> int:
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for other in seqs[1:]:
-        i = 0
-        limit = min(n, len(other))
-        while i < limit and other[i] == first[i]:
-            i += 1
-        n = i
-        if n == 0:
-            break
-    return n
 
 
 def _length_chunks(lengths: list[int], waste: float) -> list[list[int]]:
@@ -182,45 +111,6 @@ def _length_chunks(lengths: list[int], waste: float) -> list[list[int]]:
             chunks.append([row])
             total = n
     return chunks
-
-
-class PrefixStore:
-    """A small LRU of batch-1 KV caches keyed by their token prefix.
-
-    Lookup returns the stored entry sharing the longest prefix with the asked tokens (truncated to that
-    length), so the system turn computed for one batch serves every later batch.
-    """
-
-    def __init__(self, capacity: int = 8) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-
-    def lookup(self, tokens: tuple[int, ...]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
-        best_len, best_key = 0, None
-        for key in self._entries:
-            m = _common_prefix_len([key, tokens])
-            if m > best_len:
-                best_len, best_key = m, key
-        if best_key is None:
-            return 0, None
-        self._entries.move_to_end(best_key)
-        kv = self._entries[best_key]
-        if best_len < len(best_key):
-            kv = [(k[..., :best_len, :], v[..., :best_len, :]) for k, v in kv]
-        return best_len, kv
-
-    def put(self, tokens: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        if not tokens:
-            return
-        # An entry that is a prefix of the new one is redundant: the new one answers all its lookups.
-        for key in [k for k in self._entries if len(k) <= len(tokens) and tokens[: len(k)] == k]:
-            del self._entries[key]
-        self._entries[tokens] = kv
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 @dataclass
@@ -250,16 +140,6 @@ def _drop_finished(
     return [rows[i] for i in keep], mask[index], next_pos[index], nxt[index]
 
 
-def _empty_layers(part: Any, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zeroed per-layer (keys, values) for the whole batch, shaped like the chunk cache `part` but `length` long."""
-    layers = []
-    for layer in part.layers:
-        k, v = layer.keys, layer.values
-        layers.append((k.new_zeros((batch, k.shape[1], length, k.shape[-1])),
-                       v.new_zeros((batch, v.shape[1], length, v.shape[-1]))))
-    return layers
-
-
 class Generator:
     """Runs batched generation for one loaded model; serialises calls with `lock` (one model, many engines).
 
@@ -284,9 +164,9 @@ class Generator:
         self.prefix_cache = prefix_cache
         self.min_prefix = min_prefix
         # Other layer kinds (sliding windows) keep their own layout: those models prefill in one piece.
-        growing = _growing_layer_class()
+        growing = growing_layer_class()
         self.prefill_waste = prefill_waste if all(
-            type(layer) is growing for layer in _growing_cache(model.config, 1).layers) else 1.0
+            type(layer) is growing for layer in growing_cache(model.config, 1).layers) else 1.0
         self.store = PrefixStore(prefix_store_size)
         self.lock = lock or threading.Lock()
         self.stats = GenStats()
@@ -366,7 +246,7 @@ class Generator:
     def _shared_prefix_len(self, prompts: list[list[int]]) -> int:
         """Tokens all prompts share, or 0 if too few to be worth the extra forward call."""
         # Every row keeps at least one suffix token, whose logits give the first new token.
-        prefix_len = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+        prefix_len = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
         return 0 if prefix_len < self.min_prefix else prefix_len
 
     def _prefill_prompts(
@@ -480,7 +360,7 @@ class Generator:
             part, last, w = self._prefill_chunk(suffixes, chunk, prefix_kv, prefix_len, 1)
             if logits is None:
                 logits = last.new_empty((batch, last.shape[-1]))
-                layers = _empty_layers(part, batch, prefix_len + width)
+                layers = empty_layers(part, batch, prefix_len + width)
             index = torch.tensor(chunk, device=self.device)
             logits[index] = last
             for (keys, values), layer in zip(layers, part.layers, strict=True):
@@ -491,7 +371,7 @@ class Generator:
                 keys[:, :, :prefix_len] = k
                 values[:, :, :prefix_len] = v
         assert logits is not None
-        return _growing_cache(self.model.config, room, layers), logits
+        return growing_cache(self.model.config, room, layers), logits
 
     def _prefill_chunks(self, suffixes: list[list[int]]) -> list[list[int]]:
         """Row indices grouped for prefill by `_length_chunks`; counted in the stats for benchmarks."""
@@ -522,7 +402,7 @@ class Generator:
         # sequence is not contiguous, and the LM head then runs as a batched matmul over a copy of its
         # weight per row, which costs far more memory and time than the head itself.
         last = torch.tensor([w - 1], device=device)
-        cache = _growing_cache(self.model.config, headroom, expanded)
+        cache = growing_cache(self.model.config, headroom, expanded)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                          use_cache=True, logits_to_keep=last)
         return cache, out.logits[:, -1, :], w

@@ -1,0 +1,136 @@
+"""The KV caches the batched decode loop (`generate.py`) builds on: where a row's keys and values live.
+
+- `growing_cache`: a transformers `DynamicCache` whose layers append a step's keys and values into spare room of
+  one buffer instead of concatenating the whole cache each step.
+- `PrefixStore`: batch-1 caches of earlier prompts' common head (the system turn), reused by later batches: the
+  KV entries at positions < n depend only on the first n tokens, so a stored prefix may be truncated or extended.
+- `empty_layers`: zeroed per-layer buffers that chunked prefill fills row by row.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+
+def growing_cache(config: Any, headroom: int, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
+    """A `DynamicCache` whose full-attention layers append into preallocated room (see `_GrowingLayer`)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    cache.layers = [growing_layer_class()(headroom) if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+    for layer, (keys, values) in zip(cache.layers, kv or [], strict=False):
+        layer.update(keys, values)
+    return cache
+
+
+_GROWING: type | None = None
+
+
+def growing_layer_class() -> type:
+    """`DynamicLayer` concatenates the whole cache with each new token, a copy that at large batches rivals the
+    decode step's matmuls. This layer writes the new token into spare room of one
+    buffer and hands attention a view of the filled part (same values, same shapes)."""
+    global _GROWING
+    if _GROWING is not None:
+        return _GROWING
+    from transformers.cache_utils import DynamicLayer
+
+    class _GrowingLayer(DynamicLayer):
+        def __init__(self, headroom: int) -> None:
+            super().__init__()
+            self.headroom = max(1, headroom)
+            self._k: torch.Tensor | None = None
+            self._v: torch.Tensor | None = None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            have = self.get_seq_length()
+            need = have + key_states.shape[-2]
+            buffer = self._k
+            if (buffer is None or buffer.shape[-2] < need or buffer.shape[0] != key_states.shape[0]
+                    or (have and self.keys.data_ptr() != buffer.data_ptr())):  # batch_select_indices replaced it
+                batch, heads, _, dim = key_states.shape
+                self._k = key_states.new_empty((batch, heads, need + self.headroom, dim))
+                self._v = value_states.new_empty((batch, value_states.shape[1], need + self.headroom,
+                                                  value_states.shape[-1]))
+                if have:
+                    self._k[..., :have, :] = self.keys
+                    self._v[..., :have, :] = self.values
+            self._k[..., have:need, :] = key_states
+            self._v[..., have:need, :] = value_states
+            self.keys, self.values = self._k[..., :need, :], self._v[..., :need, :]
+            return self.keys, self.values
+
+    _GROWING = _GrowingLayer
+    return _GROWING
+
+
+def common_prefix_len(seqs: list[list[int]] | list[tuple[int, ...]]) -> int:
+    """How many leading tokens all of `seqs` share."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for other in seqs[1:]:
+        i = 0
+        limit = min(n, len(other))
+        while i < limit and other[i] == first[i]:
+            i += 1
+        n = i
+        if n == 0:
+            break
+    return n
+
+
+class PrefixStore:
+    """A small LRU of batch-1 KV caches keyed by their token prefix.
+
+    Lookup returns the stored entry sharing the longest prefix with the asked tokens (truncated to that
+    length), so the system turn computed for one batch serves every later batch.
+    """
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+
+    def lookup(self, tokens: tuple[int, ...]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        best_len, best_key = 0, None
+        for key in self._entries:
+            m = common_prefix_len([key, tokens])
+            if m > best_len:
+                best_len, best_key = m, key
+        if best_key is None:
+            return 0, None
+        self._entries.move_to_end(best_key)
+        kv = self._entries[best_key]
+        if best_len < len(best_key):
+            kv = [(k[..., :best_len, :], v[..., :best_len, :]) for k, v in kv]
+        return best_len, kv
+
+    def put(self, tokens: tuple[int, ...], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if not tokens:
+            return
+        # An entry that is a prefix of the new one is redundant: the new one answers all its lookups.
+        for key in [k for k in self._entries if len(k) <= len(tokens) and tokens[: len(k)] == k]:
+            del self._entries[key]
+        self._entries[tokens] = kv
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def empty_layers(part: Any, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zeroed per-layer (keys, values) for the whole batch, shaped like the chunk cache `part` but `length` long."""
+    layers = []
+    for layer in part.layers:
+        k, v = layer.keys, layer.values
+        layers.append((k.new_zeros((batch, k.shape[1], length, k.shape[-1])),
+                       v.new_zeros((batch, v.shape[1], length, v.shape[-1]))))
+    return layers

@@ -46,8 +46,9 @@ def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Pat
         described = run["expert"]
         expert = {"OracleExpert": "oracle", "SelfExpert": "self"}.get(described.get("name"), described.get("model"))
         expert_per = described.get("per", expert_per)
-    options.update(parse_sets(sets))
-    if _takes_seed(env) and ("seed" not in options or (_given(ctx, "seed") and "seed" not in parse_sets(sets))):
+    typed = parse_sets(sets)
+    options.update(typed)
+    if _takes_seed(env) and ("seed" not in options or (_given(ctx, "seed") and "seed" not in typed)):
         options["seed"] = settings["seed"]  # one seed fixes the task lists too
     return env, options, expert or "oracle", expert_per, settings
 

@@ -229,7 +229,7 @@ class LocalEngine:
             result: GenResult = self._batcher.submit(params, ids)
         else:
             with self._solo_lock:
-                result = self._loaded.generator.generate([ids], params, self.prefix_cache)[0]
+                result = self._run_batch(params, [ids])[0]
         if key is not None:
             with self._answers_lock:
                 self._answers[key] = result

@@ -289,6 +289,10 @@ class SQLExpertise(_InterCodeExpertise):
         table = describe_target(action)
         if table:
             where = "SHOW TABLES listed it" if _listed(inputs, table) else "it is the table the question is about"
+            about = _mentions(inputs.task, table)
+            if about:
+                return (f"The question is about {about}, and {table} is the table for them ({where}); "
+                        f"DESCRIBE {table} shows its columns' exact names before I use them.")
             return (f"The question needs the columns of {table} ({where}); DESCRIBE {table} shows their exact "
                     "names before I use them.")
         return _plain(self._explain_query(inputs, action), inputs, privileged, action)
@@ -310,6 +314,22 @@ class SQLExpertise(_InterCodeExpertise):
         names = ", ".join(tables)
         basis = "; ".join(dict.fromkeys(shown)) if shown else f"the names it uses, from {names}, are ones I have seen"
         return f"The question asks: {_gist(inputs.task)}. {basis[0].upper() + basis[1:]}: this query answers it."
+
+
+def _stem(word: str) -> str:
+    word = word.lower()
+    return word[:-3] + "y" if word.endswith("ies") else word.rstrip("s")
+
+
+def _mentions(task: str, table: str) -> str:
+    """The question's words that name what `table` holds ("students" for `Student`, "tv series" for
+    `TV_series`), as the student can match them itself; "" when the question does not name it."""
+    parts = [_stem(w) for w in re.split(r"[_\W]+", table) if len(w) > 1]
+    words = re.findall(r"[A-Za-z]+", task)
+    for i in range(len(words) - len(parts) + 1):
+        if parts and all(_stem(words[i + k]) == part for k, part in enumerate(parts)):
+            return " ".join(words[i : i + len(parts)])
+    return ""
 
 
 def _listed(inputs: StudentInputs, table: str) -> bool:

@@ -194,71 +194,110 @@ def _h(name: str) -> str:
     return re.sub(r"\s+", " ", name.replace("_", " ")).strip().lower()
 
 
+def _plural(name: str) -> str:
+    """The entity a table holds, in the plural a question uses ("singer" -> "singers")."""
+    words = _h(name)
+    if words.endswith(("s", "x", "ch", "sh")):
+        return words
+    if words.endswith("y") and words[-2:-1] not in ("a", "e", "o", "u"):
+        return words[:-1] + "ies"
+    return words + "s"
+
+
 def generate_questions(db: str, tables: dict[str, Table], rng: random.Random) -> list[tuple[str, str]]:
-    """Spider-style (question, gold SQL) pairs from templates over the schema and its rows."""
+    """Spider-style (question, gold SQL) pairs from templates over the schema and its rows.
+
+    The questions speak of the entities and their attributes ("the names of singers whose country is
+    'France'") and never name a table as such, as Spider's do: the student must find the table in the
+    database's own listing, which is the skill an unseen database asks for.
+    """
     out: list[tuple[str, str]] = []
     for t in tables.values():
         if not t.rows:
             continue
-        out.append((f"How many rows does the {_h(t.name)} table have?", f"SELECT count(*) FROM `{t.name}`"))
+        out.append((f"How many {_plural(t.name)} are there?", f"SELECT count(*) FROM `{t.name}`"))
         text_cols = [c for c in t.columns if c.is_text]
         num_cols = [c for c in t.columns if c.is_number and not c.name.lower().endswith("id")]
         # The task set is fixed by the seed: `rng` is drawn text columns first, then number columns, in order.
         for c in text_cols[:2]:
-            out += _text_questions(t, c, rng)
+            out += _text_questions(t, c, text_cols, rng)
         for c in num_cols[:2]:
             out += _number_questions(t, c, text_cols[0] if text_cols else None, rng)
-        out += _join_questions(t, tables)
+        out += _join_questions(t, tables, rng)
     return out
 
 
-def _text_questions(t: Table, c: Column, rng: random.Random) -> list[tuple[str, str]]:
-    """Distinct values and counts per value of a text column, and a filtered count on one value drawn by `rng`."""
-    T, tq = _h(t.name), f"`{t.name}`"
-    out = [
-        (f"List the distinct {_h(c.name)} values in the {T} table.", f"SELECT DISTINCT `{c.name}` FROM {tq}"),
-        (
-            f"For each {_h(c.name)} in the {T} table, give the number of rows.",
-            f"SELECT `{c.name}`, count(*) FROM {tq} GROUP BY `{c.name}`",
-        ),
-    ]
-    idx = [k for k, col in enumerate(t.columns) if col is c][0]
+def _value(t: Table, c: Column, rng: random.Random) -> str | None:
+    """A text value of column `c` drawn by `rng` (None when it has none a question can quote)."""
+    idx = t.columns.index(c)
     vals = sorted({r[idx] for r in t.rows if isinstance(r[idx], str) and "'" not in r[idx] and r[idx]})
-    if vals:
-        v = rng.choice(vals)
+    return rng.choice(vals) if vals else None
+
+
+def _text_questions(t: Table, c: Column, text_cols: list[Column], rng: random.Random) -> list[tuple[str, str]]:
+    """Distinct values, counts per value, a filtered count, and the other text column of the rows with a value."""
+    T, tq, C = _plural(t.name), f"`{t.name}`", _h(c.name)
+    out = [
+        (f"List the distinct {C} of all {T}.", f"SELECT DISTINCT `{c.name}` FROM {tq}"),
+        (f"For each {C}, how many {T} are there?", f"SELECT `{c.name}`, count(*) FROM {tq} GROUP BY `{c.name}`"),
+    ]
+    v = _value(t, c, rng)
+    if v is None:
+        return out
+    out.append((f"How many {T} have {C} '{v}'?", f"SELECT count(*) FROM {tq} WHERE `{c.name}` = '{v}'"))
+    other = next((o for o in text_cols if o is not c), None)
+    if other is not None:
         out.append(
             (
-                f"How many rows of the {T} table have {_h(c.name)} equal to '{v}'?",
-                f"SELECT count(*) FROM {tq} WHERE `{c.name}` = '{v}'",
+                f"Find the {_h(other.name)} of the {T} whose {C} is '{v}'.",
+                f"SELECT `{other.name}` FROM {tq} WHERE `{c.name}` = '{v}'",
+            )
+        )
+        out.append(
+            (
+                f"What are the {C} and {_h(other.name)} of all {T}?",
+                f"SELECT `{c.name}`, `{other.name}` FROM {tq}",
             )
         )
     return out
 
 
 def _number_questions(t: Table, c: Column, tc: Column | None, rng: random.Random) -> list[tuple[str, str]]:
-    """An aggregate (drawn by `rng`) of a number column and, given a text column `tc`, orderings by it."""
-    T, tq = _h(t.name), f"`{t.name}`"
+    """An aggregate (drawn by `rng`) of a number column and, given a text column `tc`, orderings and a
+    threshold on it."""
+    T, tq, C = _plural(t.name), f"`{t.name}`", _h(c.name)
     agg, word = rng.choice([("max", "maximum"), ("min", "minimum"), ("avg", "average")])
-    out = [(f"What is the {word} {_h(c.name)} in the {T} table?", f"SELECT {agg}(`{c.name}`) FROM {tq}")]
-    if tc is not None:
+    out = [(f"What is the {word} {C} of all {T}?", f"SELECT {agg}(`{c.name}`) FROM {tq}")]
+    if tc is None:
+        return out
+    TC, idx = _h(tc.name), t.columns.index(c)
+    out += [
+        (
+            f"Show the {TC} of the {T} with the highest {C}.",
+            f"SELECT `{tc.name}` FROM {tq} ORDER BY `{c.name}` DESC LIMIT 1",
+        ),
+        (
+            f"List the {TC} and {C} of all {T}, ordered by {C} ascending.",
+            f"SELECT `{tc.name}`, `{c.name}` FROM {tq} ORDER BY `{c.name}` ASC",
+        ),
+    ]
+    nums = sorted(r[idx] for r in t.rows if isinstance(r[idx], int | float) and not isinstance(r[idx], bool))
+    if nums:
+        x = nums[len(nums) // 2]
         out.append(
             (
-                f"Show the {_h(tc.name)} of the {T} row with the highest {_h(c.name)}.",
-                f"SELECT `{tc.name}` FROM {tq} ORDER BY `{c.name}` DESC LIMIT 1",
-            )
-        )
-        out.append(
-            (
-                f"List the {_h(tc.name)} and {_h(c.name)} of every row of {T}, ordered by {_h(c.name)} ascending.",
-                f"SELECT `{tc.name}`, `{c.name}` FROM {tq} ORDER BY `{c.name}` ASC",
+                f"Find the {TC} of the {T} whose {C} is greater than {x}.",
+                f"SELECT `{tc.name}` FROM {tq} WHERE `{c.name}` > {x}",
             )
         )
     return out
 
 
-def _join_questions(t: Table, tables: dict[str, Table]) -> list[tuple[str, str]]:
-    """One join question per foreign key whose table has rows and a text column to show."""
-    T, tq = _h(t.name), f"`{t.name}`"
+def _join_questions(t: Table, tables: dict[str, Table], rng: random.Random) -> list[tuple[str, str]]:
+    """Per foreign key whose table has rows and a text column: the pairs it links, and (given a text column
+    of `t` and a value drawn by `rng`) the rows of `t` whose linked row has that value."""
+    T, tq = _plural(t.name), f"`{t.name}`"
+    own = next((c for c in t.columns if c.is_text), None)
     out = []
     for col, ref_t, ref_c in t.foreign_keys:
         other = tables.get(ref_t)
@@ -267,11 +306,20 @@ def _join_questions(t: Table, tables: dict[str, Table]) -> list[tuple[str, str]]
         oc = next((c for c in other.columns if c.is_text), None)
         if oc is None:
             continue
+        on = f"FROM {tq} AS T1 JOIN `{ref_t}` AS T2 ON T1.`{col}` = T2.`{ref_c}`"
+        R, OC = _h(ref_t), _h(oc.name)
         out.append(
             (
-                f"For every row of {T}, show its {_h(col)} and the {_h(oc.name)} of the matching {_h(ref_t)}.",
-                f"SELECT T1.`{col}`, T2.`{oc.name}` FROM {tq} AS T1 JOIN `{ref_t}` AS T2 "
-                f"ON T1.`{col}` = T2.`{ref_c}`",
+                f"Show the {_h(col)} of each of the {T} and the {OC} of its {R}.",
+                f"SELECT T1.`{col}`, T2.`{oc.name}` {on}",
             )
         )
+        v = _value(other, oc, rng)
+        if own is not None and v is not None:
+            out.append(
+                (
+                    f"Find the {_h(own.name)} of the {T} whose {R} has {OC} '{v}'.",
+                    f"SELECT T1.`{own.name}` {on} WHERE T2.`{oc.name}` = '{v}'",
+                )
+            )
     return out

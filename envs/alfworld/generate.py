@@ -16,6 +16,7 @@ constant tables.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -483,9 +484,11 @@ def _publish(tmp: Path, final: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _fresh(env: Any) -> Any:
+    """A new engine in place of one an exception left in an unknown state (closed, not pooled)."""
     from leap_dspy.envs.alfworld.expert import acquire_pddl_env
 
-    del env
+    with contextlib.suppress(Exception):
+        env.close()
     return acquire_pddl_env()
 
 

@@ -7,6 +7,8 @@ bubblewrap sandboxes. Tests skip, with the reason, only where a tool is truly ab
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from test_intercode import _need_bwrap, _need_data
 
@@ -61,6 +63,27 @@ def test_sql_expert_explores_then_solves(backend):
     actions = [s.action for s in joined.steps]
     assert actions[0] == "SHOW TABLES" and actions[1].startswith("DESCRIBE ") and actions[-1] == "submit"
     assert "DESCRIBE" in joined.steps[-2].reason and "question asks" in joined.steps[-2].reason
+
+
+def test_sql_questions_name_entities_and_the_expert_maps_them_to_listed_tables():
+    _need_data()
+    env = InterCodeSQL()
+    questions = env.tasks("train") + env.tasks("seen")
+    # Spider's questions never say which table: neither may the generated ones, or the student learns to copy
+    named = [t.instruction for t in questions for table in sql_names(t.gold)[0]
+             if re.search(rf"\b{table.replace('_', ' ')} table\b", t.instruction, re.I)]
+    assert not named, named[:3]
+    assert {"JOIN", "WHERE", "GROUP BY", "ORDER BY", "DISTINCT"} <= {k for t in questions for k in
+                                                                  ("JOIN", "WHERE", "GROUP BY", "ORDER BY",
+                                                                   "DISTINCT") if k in t.gold}
+    trajectories = _play(env, env.tasks("train")[:10] + env.tasks("unseen")[:3])
+    looks = [s for t in trajectories for s in t.steps if s.action.startswith("DESCRIBE ")]
+    # "The question is about students, and Student is the table for them": the question's own word, matched
+    mapped = [s for s in looks if "The question is about" in s.reason]
+    assert len(mapped) >= len(looks) // 2, [s.reason for s in looks]
+    for step in mapped:
+        words = step.reason.split("The question is about ", 1)[1].split(",")[0].lower().split()
+        assert all(w in step.inputs.task.lower() for w in words), step.reason
 
 
 def test_bash_expert_looks_then_solves():

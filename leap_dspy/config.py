@@ -45,7 +45,7 @@ class LEAPConfig(BaseModel):
                                        "behaviour cloning's for sft, the method's own for dpo/kto)")
     preference_anchor: float = Field(0.5, ge=0, lt=1, description="share of a dpo/kto round's rows that are "
                                      "steps known to be right, trained toward (0: pairs alone)")
-    max_train_rows: int = _bc(default=120, ge=1, description="rows per LEAP round (behaviour cloning takes "
+    max_train_rows: int = _bc(default=240, ge=1, description="rows per LEAP round (behaviour cloning takes "
                               "twice as many): this round's corrections, then earlier data to fill up")
     train_all_new: bool = Field(True, description="train on every new correction of a round (DAgger; the rows "
                                 "grow past max_train_rows), older data filling up; false caps new ones at half")

@@ -190,7 +190,7 @@ def _stage_table(env: str, label: str, runs: list[Run], rng: np.random.Generator
 
 
 def _cost_table(groups: dict[str, list[Run]]) -> tuple[list[str], list[list[str]]]:
-    head = ["condition", "runs", "minutes per run", "peak training memory (GB)", "expert tokens per run"]
+    head = ["condition", "runs", "minutes per run", "peak memory (GB)", "expert tokens per run"]
     rows = [[label, str(len(rs)), f"{np.mean([r.wall_s for r in rs]) / 60:.1f}",
              f"{max(r.peak_mb for r in rs) / 1024:.1f}", f"{np.mean([r.expert_tokens for r in rs]):.0f}"]
             for label, rs in groups.items()]

@@ -20,8 +20,8 @@ def tokenizer_source() -> str:
     return os.environ.get("LEAP_DSPY_TEST_TOKENIZER", "smollm2-135m")
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_source: str) -> str:
+def build_tiny_model(path: Path, tokenizer_source: str) -> str:
+    """A 2-layer random Llama saved at `path` with the tokenizer of `tokenizer_source` (also bench/scale_out.py's)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -34,10 +34,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_source: str) 
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
-    path = Path(tmp_path_factory.mktemp("tiny-llama"))
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_source: str) -> str:
+    return build_tiny_model(Path(tmp_path_factory.mktemp("tiny-llama")), tokenizer_source)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -170,3 +170,9 @@ def test_reasons_name_what_on_the_page_matches_or_contradicts_the_instruction() 
     assert expertise.act(cheaper, nothing, "click[< Prev]") == "click[coral]"
     reason = expertise.explain(cheaper, nothing, "click[coral]", "click[< Prev]")
     assert "color: coral" in reason and "do not go back" in reason
+    # A click on what the page says is selected already: buy, and say why the click again is no step forward.
+    chosen = StudentInputs(task=task, observation="You have clicked coral.\n" + cheaper.observation,
+                           history=inputs.history + "\nclick[coral] -> You have clicked coral.")
+    assert expertise.act(chosen, nothing, "click[coral]") == "click[Buy Now]"
+    reason = expertise.explain(chosen, nothing, "click[Buy Now]", "click[coral]")
+    assert "I buy it" in reason and "clicked coral already" in reason

@@ -372,6 +372,8 @@ def _contrast(want: Want, page: Page, history: str, student: str, action: str) -
             return f"Buying now would leave {_and(missing)} unselected."
     if page.kind == "item" and arg in page.offered and arg not in want.options.values():
         return f"The instruction does not ask for {arg}."
+    if page.kind == "item" and arg in page.chosen:
+        return f"The page says I have clicked {arg} already: clicking it again changes nothing."
     if page.kind == "results" and arg in {r.asin for r in page.results}:
         result = next(r for r in page.results if r.asin == arg)
         trouble = problems(want, result.title, result.price)

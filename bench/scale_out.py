@@ -20,32 +20,36 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import build_tiny_model  # noqa: E402
 
 
-def training_table(model: str, tmp: Path) -> None:
-    import test_distributed
+def print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="one round's fine-tune, the same global batch (8)")
-    for column in ("processes", "steps", "losses", "train s"):
-        table.add_column(column)
+    table = Table(*columns, title=title)
+    for row in rows:
+        table.add_row(*row)
+    Console(width=160).print(table)
+
+
+def training_table(model: str, tmp: Path) -> None:
+    import test_distributed
+
+    rows = []
     for name, per_device, launcher in (("1", 8, []), ("2 (torchrun, gloo)", 4, ["torchrun", "--nproc_per_node", "2"])):
         train = test_distributed.compile_round(model, tmp / name.split()[0], per_device, launcher)
-        table.add_row(name, str(train["steps"]), ", ".join(f"{x:.4f}" for x in train["loss_history"]),
-                      f"{train['wall_s']:.1f}")
-    Console(width=160).print(table)
+        rows.append((name, str(train["steps"]), ", ".join(f"{x:.4f}" for x in train["loss_history"]),
+                     f"{train['wall_s']:.1f}"))
+    print_table("one round's fine-tune, the same global batch (8)", ("processes", "steps", "losses", "train s"), rows)
 
 
 def pool_table(model: str, tmp: Path, episodes: int) -> None:
     import test_pool
-    from rich.console import Console
-    from rich.table import Table
 
     from leap_dspy.lm.pool import ServerPool
     from leap_dspy.programs import Student
     from leap_dspy.rollout import rollout
 
     servers = [test_pool.start_server(model) for _ in range(2)]
-    (first, url1), (second, url2) = servers
+    (_, url1), (second, url2) = servers
     try:
         pool = ServerPool([url1, url2], cooldown_s=600)
         pool.load_adapter("round-1", str(test_pool.random_adapter(model, tmp / "adapter")))
@@ -62,12 +66,11 @@ def pool_table(model: str, tmp: Path, episodes: int) -> None:
     finally:
         for process, _ in servers:
             process.kill()
-    table = Table(title="rollouts through two servers, the second killed after its third request")
-    for column in ("episodes asked", "completed", "steps", "requests (first, second)", "failed", "retried"):
-        table.add_column(column)
-    table.add_row(str(len(tasks)), str(len(played)), str(sum(len(t.steps) for t in played)),
-                  f"{pool.requests[url1]}, {pool.requests[url2]}", str(sum(pool.failures.values())), str(pool.retried))
-    Console(width=160).print(table)
+    print_table("rollouts through two servers, the second killed after its third request",
+                ("episodes asked", "completed", "steps", "requests (first, second)", "failed", "retried"),
+                [(str(len(tasks)), str(len(played)), str(sum(len(t.steps) for t in played)),
+                  f"{pool.requests[url1]}, {pool.requests[url2]}", str(sum(pool.failures.values())),
+                  str(pool.retried))])
 
 
 def main() -> None:

@@ -224,6 +224,8 @@ def generate_questions(db: str, tables: dict[str, Table], rng: random.Random) ->
         for c in num_cols[:2]:
             out += _number_questions(t, c, text_cols[0] if text_cols else None, rng)
         out += _join_questions(t, tables, rng)
+    # Drawn from their own generator, so that the questions above keep the values they were drawn before.
+    out += _path_questions(tables, random.Random(f"paths-{db}"))
     return out
 
 
@@ -322,4 +324,128 @@ def _join_questions(t: Table, tables: dict[str, Table], rng: random.Random) -> l
                     f"SELECT T1.`{own.name}` {on} WHERE T2.`{oc.name}` = '{v}'",
                 )
             )
+    return out
+
+
+# -- questions across a link ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Path:
+    """From entity table `a` (key `key`, answer column `own`) through joins to table `b`, whose text column
+    `oc` a question filters on: `a` JOIN `b` where `b` references `a`, or `a` JOIN a link table JOIN `b`."""
+
+    a: Table
+    key: str
+    own: Column
+    b: Table
+    oc: Column
+    joins: str
+    """The FROM clause, `a` aliased T1 and `b` the last alias."""
+    alias: str
+
+
+def _label(t: Table, *keys: str) -> Column | None:
+    """The text column a question names `t`'s rows by: a name or title before other text, never a key."""
+    skip = {k.lower() for k in keys} | {c.lower() for c, _, _ in t.foreign_keys}
+    cols = [c for c in t.columns if c.is_text and c.name.lower() not in skip] if t.rows else []
+    return next((c for c in cols if re.search(r"name|title", c.name, re.I)), cols[0] if cols else None)
+
+
+def _paths(tables: dict[str, Table]) -> list[_Path]:
+    """Every way the schema links an entity to a table that references it, directly or through a link."""
+    out = []
+    for link in tables.values():
+        refs = [(col, tables.get(rt), rc) for col, rt, rc in link.foreign_keys]
+        for col, a, key in refs:
+            own = _label(a, key) if a is not None and link.rows else None
+            if a is None or own is None:
+                continue
+            base = f"FROM `{a.name}` AS T1 JOIN `{link.name}` AS T2 ON T1.`{key}` = T2.`{col}`"
+            if (oc := _label(link)) is not None:
+                out.append(_Path(a, key, own, link, oc, base, "T2"))
+            for col2, b, key2 in refs:
+                oc2 = _label(b, key2) if b is not None else None
+                if b is None or b is a or col2 == col or oc2 is None:
+                    continue
+                joins = f"{base} JOIN `{b.name}` AS T3 ON T2.`{col2}` = T3.`{key2}`"
+                out.append(_Path(a, key, own, b, oc2, joins, "T3"))
+    return out
+
+
+def _path_questions(tables: dict[str, Table], rng: random.Random) -> list[tuple[str, str]]:
+    """Spider's favourite shapes across a link: the entities with a linked row of some value, with linked
+    rows of two values (INTERSECT), without one (NOT IN), and the one with the most linked rows. Only
+    questions whose answer has rows are kept: an empty answer cannot tell a right query from a wrong one."""
+    conn = sqlite3.connect(":memory:")
+    for t in tables.values():
+        conn.execute(t.sqlite_ddl)
+        if t.rows:
+            conn.executemany(f'INSERT INTO "{t.name}" VALUES ({",".join("?" * len(t.rows[0]))})', t.rows)
+    out = []
+    for p in _paths(tables):
+        linked = _linked_values(conn, p)
+        values = sorted({v for vs in linked.values() for v in vs})
+        if len(values) < 2:
+            continue
+        pairs = sorted({(a, b) for vs in linked.values() for a in vs for b in vs if a < b})
+        for question, gold in _path_templates(p, rng.choice(values), rng.choice(pairs) if pairs else None):
+            if _answerable(conn, gold):
+                out.append((question, gold))
+    conn.close()
+    return out
+
+
+def _answerable(conn: sqlite3.Connection, gold: str) -> bool:
+    """The query has rows and, for "the one with the most", a single winner."""
+    if " LIMIT 1" in gold:
+        counts = conn.execute(gold.replace(" LIMIT 1", " LIMIT 2").replace("SELECT T1.", "SELECT count(*), T1.", 1))
+        top = counts.fetchall()
+        return len(top) == 1 or (len(top) == 2 and top[0][0] > top[1][0])
+    return bool(conn.execute(gold).fetchall())
+
+
+def _singular(name: str) -> str:
+    words = _h(name)
+    if words.endswith(("ss", "series", "data", "news")):
+        return words
+    if words.endswith("ies"):
+        return words[:-3] + "y"
+    return words[:-1] if words.endswith("s") else words
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
+
+
+def _linked_values(conn: sqlite3.Connection, p: _Path) -> dict[object, list[str]]:
+    """Per entity, the values of the filter column it links to that a question can quote."""
+    out: dict[object, list[str]] = {}
+    for key, v in conn.execute(f"SELECT T1.`{p.key}`, {p.alias}.`{p.oc.name}` {p.joins}"):
+        if isinstance(v, str) and v and "'" not in v and len(v) <= 40 and v not in out.setdefault(key, []):
+            out[key].append(v)
+    return out
+
+
+def _path_templates(p: _Path, v: str, pair: tuple[str, str] | None) -> list[tuple[str, str]]:
+    A, OWN, B, OC = _plural(p.a.name), _h(p.own.name), _a(_singular(p.b.name)), _h(p.oc.name)
+    sel, where = f"SELECT DISTINCT T1.`{p.own.name}` {p.joins}", f"WHERE {p.alias}.`{p.oc.name}`"
+    inner = f"SELECT T1.`{p.key}` {p.joins} {where} = '{v}'"
+    out = [
+        (f"Find the {OWN} of the {A} that have {B} whose {OC} is '{v}'.", f"{sel} {where} = '{v}'"),
+        (
+            f"Find the {OWN} of the {A} that do not have {B} whose {OC} is '{v}'.",
+            f"SELECT `{p.own.name}` FROM `{p.a.name}` WHERE `{p.key}` NOT IN ({inner})",
+        ),
+        (
+            f"Which of the {A} has the most {_plural(_singular(p.b.name))}? Show its {OWN}.",
+            f"SELECT T1.`{p.own.name}` {p.joins} GROUP BY T1.`{p.key}` ORDER BY count(*) DESC LIMIT 1",
+        ),
+    ]
+    if pair is not None:
+        v1, v2 = pair
+        out.append(
+            (
+                f"Find the {OWN} of the {A} that have both {B} whose {OC} is '{v1}' and one whose {OC} is '{v2}'.",
+                f"{sel} {where} = '{v1}' INTERSECT {sel} {where} = '{v2}'",
+            )
+        )
     return out

@@ -112,7 +112,7 @@ def compile_(
              "evaluate_snapped": evaluate_snapped, "num_threads": threads, "evaluate_base": base,
              "evaluate_expert": expert_reference, "bc_from": bc_from, "seed": seed, "progress": not quiet,
              "report_to": report_to or [], "rollout_servers": rollout_server or [],
-             "train_launcher": train_launcher or [], "ray": ray}
+             "ray": ray, **({"train_launcher": train_launcher} if train_launcher is not None else {})}
     env, options, expert, expert_per, settings = resolve_settings(ctx, given, config_file, env, sets, expert,
                                                                    expert_per)
     environment = build_env(env, options)

@@ -66,9 +66,11 @@ class LEAPConfig(BaseModel):
     lm: dict[str, Any] = _bc(default_factory=lambda: {"no_repeat_ngram": 12},
                              description="settings of the student's local engine (`LocalEngine`)")
     train: TrainConfig = _bc(default_factory=TrainConfig, description="LoRA fine-tuning hyper-parameters")
-    train_launcher: list[str] = Field(default_factory=list, description="run each fine-tune under this launcher "
-                                      "as its own processes, e.g. 'torchrun --nproc_per_node 2' (CPU, gloo) or "
-                                      "'accelerate launch --config_file fsdp.yaml'; none: in this process")
+    train_launcher: list[str] = Field(default_factory=lambda: ["python"], description="run each fine-tune as its "
+                                      "own process under this launcher: 'python' (one fresh process, so that the "
+                                      "compile never keeps a trainer's memory), 'torchrun --nproc_per_node 2' "
+                                      "(CPU, gloo) or 'accelerate launch --config_file fsdp.yaml'; '': in this "
+                                      "process")
 
     ray: str | None = Field(None, description="step environments in Ray actors: 'local' (start Ray on this "
                             "machine), 'auto' (the running cluster) or a cluster address; none: threads here")

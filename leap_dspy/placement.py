@@ -15,10 +15,10 @@ from typing import Any
 
 from leap_dspy.config import LEAPConfig
 from leap_dspy.envs.base import TextEnv
-from leap_dspy.lm import local_lm
+from leap_dspy.lm import close_all, local_lm
 from leap_dspy.store import atomic_write_text
 from leap_dspy.train import TrainConfig, TrainResult
-from leap_dspy.train.common import RESULT_FILE
+from leap_dspy.train.common import RESULT_FILE, release_memory, rss_mb
 
 
 class Placement:
@@ -59,6 +59,14 @@ class Placement:
             self._ray_episodes = RayEpisodes(self.env, self.config.ray, self.config.ray_workers)
         return self._ray_episodes
 
+    def fine_tune(self, trainer: Any, rows: list[dict[str, Any]], out: Path, previous: Path | None,
+                  config: TrainConfig) -> TrainResult:
+        """One fine-tune: as its own processes under `train_launcher`, or in this process when there is none."""
+        if self.config.train_launcher:
+            return self.launch_fine_tune(trainer.__name__.removeprefix("train_"), out, previous, config)
+        return trainer(rows, model=self.config.model, output_dir=out, init_adapter=str(previous) if previous else None,
+                       config=config)
+
     def launch_fine_tune(self, method: str, out: Path, previous: Path | None, config: TrainConfig) -> TrainResult:
         """The fine-tune as its own processes under `train_launcher` (torchrun, accelerate launch): the rows
         (already in the stage's `train_rows.jsonl`) and settings go through files, the result comes back inside
@@ -70,9 +78,20 @@ class Placement:
         command = launch_command(self.config.train_launcher, method, stage / "train_rows.jsonl", self.config.model,
                                  out, previous, stage / "train_config.json")
         atomic_write_text(stage / "launch.sh", shlex.join(command) + "\n")  # what other nodes run, for many nodes
+        host = rss_mb()
         with open(stage / "train_launch.log", "ab") as log:
             code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
         if code != 0 or not (out / RESULT_FILE).exists():
             tail = (stage / "train_launch.log").read_text(errors="replace")[-1500:]
             raise RuntimeError(f"the launched fine-tune failed (exit {code}; {stage / 'train_launch.log'}):\n{tail}")
-        return TrainResult.model_validate_json((out / RESULT_FILE).read_text())
+        result = TrainResult.model_validate_json((out / RESULT_FILE).read_text())
+        result = result.model_copy(update={"host_rss_mb": round(host, 1)})
+        atomic_write_text(out / RESULT_FILE, result.model_dump_json(indent=2))  # what a resumed run reads back
+        return result
+
+    def release_engines(self, student: Any) -> None:
+        """Before a fine-tune: the student's engine holds the weights of an adapter no later stage acts with,
+        and the trainer needs the memory."""
+        student.set_lm(None)
+        close_all()
+        release_memory()

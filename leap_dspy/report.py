@@ -79,8 +79,11 @@ def load_run(path: Path) -> Run:
         metrics = read_json(folder_path / "metrics.json")
         run.wall_s += float(metrics.get("wall_s") or 0) if stage in own else 0.0
         run.expert_tokens += float(metrics.get("expert_tokens") or 0)
-        if (folder_path / "train.json").exists():
-            run.peak_mb = max(run.peak_mb, float(read_json(folder_path / "train.json").get("peak_rss_mb") or 0))
+        run.peak_mb = max(run.peak_mb, float(metrics.get("peak_rss_mb") or 0))
+        if (folder_path / "train.json").exists():  # a launched fine-tune ran beside the compile's own memory
+            trained = read_json(folder_path / "train.json")
+            both = float(trained.get("peak_rss_mb") or 0) + float(trained.get("host_rss_mb") or 0)
+            run.peak_mb = max(run.peak_mb, both)
     return run
 
 

@@ -53,7 +53,7 @@ from leap_dspy.runs import (
 from leap_dspy.runs import ConfigMismatch as ConfigMismatch  # re-exported: callers catch it from here
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, read_json
 from leap_dspy.trackers import Trackers
-from leap_dspy.train.common import RESULT_FILE, release_memory
+from leap_dspy.train.common import RESULT_FILE, peak_rss_mb, release_memory
 from leap_dspy.training_data import (
     aggregate_preference,
     aggregate_sft,
@@ -254,11 +254,8 @@ class LEAP(Teleprompter):
             trainer = train_sft
         console.print(f"{out.parent.name}: fine-tuning on {len(rows)} rows ({trainer.__name__})")
         warn_long_answers(rows, self.config.model, self.config.lm["max_new_tokens"])
-        if self.config.train_launcher:
-            result = self.placement.launch_fine_tune(trainer.__name__.removeprefix("train_"), out, previous, config)
-        else:
-            result = trainer(rows, model=self.config.model, output_dir=out, init_adapter=str(previous) if previous
-                             else None, config=config)
+        self.placement.release_engines(self._student)
+        result = self.placement.fine_tune(trainer, rows, out, previous, config)
         atomic_write_json(out.parent / "train.json", result.model_dump())
         release_memory()
         return out, time.perf_counter() - started
@@ -286,6 +283,7 @@ class LEAP(Teleprompter):
         if expert_level is None and self.config.evaluate_snapped:
             metrics.update(self.evaluate_snapped(name, tasks, done))
         metrics["eval_s"] = round(time.perf_counter() - start, 1)
+        metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)  # this process's, so far; a launched fine-tune's is apart
         metrics["wall_s"] = round(time.perf_counter() - since, 1)
         atomic_write_json(stage / "metrics.json", metrics)
         self.trackers.log_stage(str(name), metrics)

@@ -1,6 +1,7 @@
 """Fine-tuning on several processes: a LEAP round trained by 2 processes (torchrun, gloo, on this CPU) against the
 same round in one process, with the same global batch: the same number of steps and the same losses within
-2%, the data order being the only difference (each process reads its share)."""
+2%, the data order being the only difference (each process reads its share). And the default, one fresh
+process per fine-tune, trains exactly as the compile's own process would."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from leap_dspy.config import LEAPConfig
 from leap_dspy.programs import OracleExpert, Student
 from leap_dspy.teleprompt import LEAP
 from leap_dspy.train import TrainConfig
@@ -43,3 +45,11 @@ def test_two_processes_train_as_one_does(tiny_model: str, tmp_path: Path) -> Non
     assert (tmp_path / "two" / "iter_1" / "adapter" / "adapter_config.json").exists()  # a round after it, too
     assert "torchrun" in (tmp_path / "two" / "iter_0" / "launch.sh").read_text()
     assert not list((tmp_path / "two" / "iter_0").glob("adapter.rank*"))  # other ranks' scratch is gone
+
+
+def test_the_default_fresh_process_trains_exactly_as_the_compiles_own_would(tiny_model: str, tmp_path: Path) -> None:
+    inside = compile_round(tiny_model, tmp_path / "inside", 8, [])
+    fresh = compile_round(tiny_model, tmp_path / "fresh", 8, LEAPConfig().train_launcher)
+    assert fresh["loss_history"] == inside["loss_history"] and fresh["steps"] == inside["steps"]
+    assert inside["host_rss_mb"] is None and fresh["host_rss_mb"] > 0  # the compile's memory beside the trainer
+    assert (tmp_path / "fresh" / "iter_0" / "launch.sh").read_text().startswith(sys.executable)

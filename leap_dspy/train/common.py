@@ -31,6 +31,15 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
+def rss_mb() -> float:
+    """Resident memory of this process now, in MB (0 where /proc is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def load_trainable_model(
     model: str, config: TrainConfig, init_adapter: str | os.PathLike[str] | None = None
 ) -> tuple[Any, Any]:

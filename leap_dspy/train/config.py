@@ -90,4 +90,7 @@ class TrainResult(BaseModel):
     loss_history: list[float]
     peak_rss_mb: float
     """Peak resident memory of the whole process so far (getrusage), not of this run alone."""
+    host_rss_mb: float | None = None
+    """Resident memory of the compile beside a fine-tune launched as its own process (None: it ran inside the
+    compile): the two together are what the machine held."""
     setup_s: float = 0.0

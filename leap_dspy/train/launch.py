@@ -22,8 +22,12 @@ from pathlib import Path
 def launch_command(launcher: list[str], method: str, rows: Path, model: str, output_dir: Path,
                    init_adapter: Path | None, config_file: Path) -> list[str]:
     """`launcher` (e.g. `["torchrun", "--nproc_per_node", "2"]`) running one fine-tune whose TrainConfig is in
-    `config_file`; the launcher's executable is looked up beside this Python when it is not on PATH."""
-    program = shutil.which(launcher[0]) or str(Path(sys.executable).with_name(launcher[0]))
+    `config_file`; `python` is this interpreter, another launcher's executable is looked up on PATH, then
+    beside this Python."""
+    if launcher[0] == "python":
+        program = sys.executable
+    else:
+        program = shutil.which(launcher[0]) or str(Path(sys.executable).with_name(launcher[0]))
     command = [program, *launcher[1:], "-m", "leap_dspy.train.launch", "--method", method, "--rows", str(rows),
                "--model", model, "--output-dir", str(output_dir), "--config", str(config_file)]
     return command + (["--init-adapter", str(init_adapter)] if init_adapter else [])

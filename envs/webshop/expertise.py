@@ -402,8 +402,10 @@ def reason_for(want: Want, page: Page, history: str, action: str, student: str =
         reason = "This page only describes the item: I go back to it."
     else:
         reason = f"I {action}, the next step the instruction needs."
+    # The contrast comes last: a reason starts as the demonstrations' reason for the same action does, since the
+    # student's first words decide its action ("The page says..." fed "The instruction asks for X: I select it").
     contrast = _contrast(want, page, history, student, action)
-    return f"{contrast} {reason}" if contrast else reason
+    return f"{reason} {contrast}" if contrast else reason
 
 
 # ------------------------------------------------------------------------------------------------ expertise

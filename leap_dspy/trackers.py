@@ -17,6 +17,10 @@ REFERENCE_STEP = {"base": -1, "expert": -1}
 """The reference rows are logged under their own names at step -1, before behaviour cloning (step 0)."""
 
 
+MLFLOW_PARENT = "LEAP_DSPY_MLFLOW_PARENT_RUN"
+"""The LEAP run's MLflow id, for a fine-tune in its own process to make active before TRL's callback nests."""
+
+
 class Trackers:
     """The trackers a run reports to, as one object: `log_config`, `log_stage`, `close`."""
 
@@ -44,7 +48,7 @@ class Trackers:
             import wandb
 
             self._wandb = wandb
-            wandb.init(project="leap-dspy", name=run_name, dir=str(run_dir), reinit="finish_previous")
+            wandb.init(project="leap-dspy", name=run_name, group=run_name, dir=str(run_dir), reinit="finish_previous")
 
     def environment(self) -> None:
         """Offline defaults for these trackers and for TRL's callbacks, unless already set: a run-local MLflow
@@ -69,6 +73,9 @@ class Trackers:
 
             if mlflow.active_run() is None:
                 mlflow.start_run(run_id=self._mlflow_run)
+            os.environ[MLFLOW_PARENT] = self._mlflow_run  # a launched fine-tune nests its run under this one too
+        if self._wandb is not None:  # a launched fine-tune's curves: a run in this run's group (wandb's way)
+            os.environ["WANDB_RUN_GROUP"] = self._wandb.run.group
 
     def log_config(self, config: dict[str, Any]) -> None:
         flat = _flatten(config)
@@ -111,6 +118,8 @@ class Trackers:
             self._mlflow.set_terminated(self._mlflow_run)
         if self._wandb is not None:
             self._wandb.finish()
+        for name in (MLFLOW_PARENT, "WANDB_RUN_GROUP"):  # this run's, not a later one's
+            os.environ.pop(name, None)
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

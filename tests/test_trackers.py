@@ -57,5 +57,6 @@ def test_a_compile_reports_to_local_tensorboard_mlflow_and_wandb(tiny_model: str
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and all("train_loss" in r.data.metrics or "loss" in r.data.metrics for r in children)
 
+    # the compile's run, and one per fine-tune (each in its own process) in its group: wandb's multi-process way
     offline = list((run / "wandb").glob("offline-run-*/*.wandb"))
-    assert len(offline) == 1 and offline[0].stat().st_size > 0
+    assert len(offline) == 3 and all(p.stat().st_size > 0 for p in offline)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -47,7 +48,19 @@ def main(argv: list[str] | None = None) -> None:
     rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
     config = TrainConfig.model_validate_json(args.config.read_text()) if args.config else TrainConfig()
     train = {"sft": train_sft, "dpo": train_dpo, "kto": train_kto}[args.method]
+    _resume_mlflow_parent()
     train(rows, model=args.model, output_dir=args.output_dir, init_adapter=args.init_adapter, config=config)
+
+
+def _resume_mlflow_parent() -> None:
+    """The compile's MLflow run made active here, as it is in the compile, so that TRL's callback nests its run
+    under it (`MLFLOW_NESTED_RUN`)."""
+    from leap_dspy.trackers import MLFLOW_PARENT
+
+    if os.environ.get(MLFLOW_PARENT):
+        import mlflow
+
+        mlflow.start_run(run_id=os.environ[MLFLOW_PARENT])
 
 
 if __name__ == "__main__":

@@ -159,6 +159,14 @@ def cache_root() -> Path:
 _BUILD_LOCK = threading.Lock()
 
 
+def load_tables(conn: sqlite3.Connection, tables: dict[str, Table]) -> None:
+    """Create the tables in `conn` and insert their rows."""
+    for t in tables.values():
+        conn.execute(t.sqlite_ddl)
+        if t.rows:
+            conn.executemany(f'INSERT INTO "{t.name}" VALUES ({",".join("?" * len(t.rows[0]))})', t.rows)
+
+
 def sqlite_dir() -> Path:
     """A directory with one read-only `<db>.sqlite` per Spider database, built once and cached."""
     dump = data.spider_dump()
@@ -171,11 +179,7 @@ def sqlite_dir() -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".spider-", dir=out.parent))
         for db, tables in parse_dump(str(dump)).items():
             conn = sqlite3.connect(tmp / f"{db}.sqlite")
-            for t in tables.values():
-                conn.execute(t.sqlite_ddl)
-                if t.rows:
-                    marks = ",".join("?" * len(t.rows[0]))
-                    conn.executemany(f'INSERT INTO "{t.name}" VALUES ({marks})', t.rows)
+            load_tables(conn, tables)
             conn.commit()
             conn.close()
             os.chmod(tmp / f"{db}.sqlite", 0o444)
@@ -376,10 +380,7 @@ def _path_questions(tables: dict[str, Table], rng: random.Random) -> list[tuple[
     rows of two values (INTERSECT), without one (NOT IN), and the one with the most linked rows. Only
     questions whose answer has rows are kept: an empty answer cannot tell a right query from a wrong one."""
     conn = sqlite3.connect(":memory:")
-    for t in tables.values():
-        conn.execute(t.sqlite_ddl)
-        if t.rows:
-            conn.executemany(f'INSERT INTO "{t.name}" VALUES ({",".join("?" * len(t.rows[0]))})', t.rows)
+    load_tables(conn, tables)
     out = []
     for p in _paths(tables):
         linked = _linked_values(conn, p)

@@ -296,3 +296,25 @@ def test_a_seed_trains_the_same_adapter_whatever_ran_before(tiny_model, tmp_path
     assert all(torch.equal(a[name], b[name]) for name in a)
     train_sft(sft_rows(), model=tiny_model, output_dir=tmp_path / "c", config=fast(max_steps=3, seed=1))
     assert not all(torch.equal(a[name], t) for name, t in _lora_state(tmp_path / "c").items())
+
+
+def test_long_rows_train_in_smaller_batches_with_as_many_rows_per_step(tiny_model, tmp_path):
+    """`max_batch_tokens` bounds rows x length per forward (the memory of long rows); accumulation grows so an
+    optimizer step still sees the configured number of rows."""
+    from leap_dspy.train.common import fit_batch, trl_common_args
+
+    config = TrainConfig(per_device_batch_size=4, gradient_accumulation=2, max_batch_tokens=2048)
+    assert fit_batch(config, 500) == (4, 2)
+    assert fit_batch(config, 1000) == (2, 4)
+    assert fit_batch(config, 4000) == (1, 8)
+    assert fit_batch(config.model_copy(update={"max_batch_tokens": None}), 4000) == (4, 2)
+    args = trl_common_args(config, tmp_path, "sft", 1000)
+    assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (2, 4)
+
+    rows = [{"prompt": [{"role": "user", "content": "look around. " * 60 + f"Room {i}."}],
+             "completion": [{"role": "assistant", "content": f"open box {i}"}]} for i in range(8)]
+    steps = {budget: train_sft(rows, model=tiny_model, output_dir=tmp_path / str(budget),
+                               config=fast(max_steps=-1, epochs=1, per_device_batch_size=4, gradient_accumulation=2,
+                                           max_batch_tokens=budget)).steps
+             for budget in (None, 256)}
+    assert steps[None] == steps[256] == 1

@@ -107,7 +107,16 @@ def fit_attention(model: Any, config: TrainConfig, longest: int) -> None:
         model.get_base_model().set_attn_implementation("sdpa")
 
 
-def trl_common_args(config: TrainConfig, output_dir: Path, method: str) -> dict[str, Any]:
+def fit_batch(config: TrainConfig, longest: int) -> tuple[int, int]:
+    """(per-device batch, accumulation steps) for rows up to `longest` tokens, under `config.max_batch_tokens`."""
+    batch, accumulation = config.per_device_batch_size, config.gradient_accumulation
+    if config.max_batch_tokens:
+        while batch > 1 and batch % 2 == 0 and batch * longest > config.max_batch_tokens:
+            batch, accumulation = batch // 2, accumulation * 2
+    return batch, accumulation
+
+
+def trl_common_args(config: TrainConfig, output_dir: Path, method: str, longest: int) -> dict[str, Any]:
     """Keyword arguments every TRL config gets here.
 
     TRL 1.16 defaults to bf16 autocast and gradient checkpointing; on CPU both are slower than casting the model
@@ -117,10 +126,11 @@ def trl_common_args(config: TrainConfig, output_dir: Path, method: str) -> dict[
     import torch
 
     on_cuda = torch.cuda.is_available()
+    batch, accumulation = fit_batch(config, longest)
     return dict(
         output_dir=str(output_dir),
-        per_device_train_batch_size=config.per_device_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
         learning_rate=config.lr_for(method),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,

@@ -36,6 +36,10 @@ class TrainConfig(BaseModel):
     gradient_accumulation: int = 2
     """Eight rows per optimizer step, four at a time: memory grows with rows x length (eager attention, the
     vocabulary-wide logits), and eight rows near `max_length` at once do not fit a CPU machine's RAM."""
+    max_batch_tokens: int | None = 2048
+    """The per-device batch halves (and accumulation doubles, so an optimizer step sees as many rows) until a
+    batch of the longest rows holds at most this many tokens: long rows (WebShop's pages) then train within a
+    few GB, short ones keep the faster batch. None: the batch as given."""
     max_length: int = 1024
     """Rows longer than this (prompt + completion tokens) are cut from the start of the prompt, never the
     completion, so what is trained is always the tail the model must produce."""

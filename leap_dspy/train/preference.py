@@ -99,7 +99,7 @@ def train_dpo(
             tokens += n
         fit_attention(peft_model, config, longest)
         args = DPOConfig(
-            **trl_common_args(config, tmp, "dpo"),
+            **trl_common_args(config, tmp, "dpo", 2 * longest),  # chosen and rejected run as one batch
             beta=config.beta,
             max_length=None,  # rows were cut to config.max_length above, keeping the completions
             precompute_ref_log_probs=False,
@@ -152,10 +152,10 @@ def train_kto(
             columns["label"].append(bool(row["label"]))
             tokens += 2 * n  # each row also runs once as another row's KL (mismatched) completion
         fit_attention(peft_model, config, longest)
-        batch = max(2, min(config.per_device_batch_size, len(rows)))
         undesirable = len(rows) - desirable
-        common = trl_common_args(config, tmp, "kto")
-        common["per_device_train_batch_size"] = batch
+        common = trl_common_args(config, tmp, "kto", 2 * longest)  # each row also runs as another's KL completion
+        # KTO's KL term pairs rows within a batch, so it needs two.
+        common["per_device_train_batch_size"] = max(2, min(common["per_device_train_batch_size"], len(rows)))
         args = KTOConfig(
             **common,
             beta=config.beta,

@@ -106,11 +106,12 @@ def train_sft(
     with torch_threads(config.num_threads), quiet_libraries(config.progress_bar), atomic_output_dir(final_dir) as tmp:
         peft_model, tokenizer = load_trainable_model(model, config, init_adapter)
         features = sft_features(tokenizer, rows, config.max_length)
-        fit_attention(peft_model, config, max(len(ids) for ids in features["input_ids"]))
+        longest = max(len(ids) for ids in features["input_ids"])
+        fit_attention(peft_model, config, longest)
         dataset = Dataset.from_dict(features)
         tokens_per_epoch = sum(len(ids) for ids in features["input_ids"])
         args = SFTConfig(
-            **trl_common_args(config, tmp, "sft"),
+            **trl_common_args(config, tmp, "sft", longest),
             max_length=None,  # rows are already cut to config.max_length, keeping the completion
             completion_only_loss=True,
             use_liger_kernel=config.use_liger_kernel,

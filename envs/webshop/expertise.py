@@ -2,8 +2,10 @@
 from the student's view (the instruction, the page it is on, its history).
 
 The LEAP expert is worth imitating when its reason names what, on the page the student sees, matches or
-contradicts the instruction ("It costs $45.99, not lower than 30.00 dollars: I go back to the results"), and
-when the student could have written that reason itself. So the policy below (`choose`) shops the way the
+contradicts the instruction ("...; it costs $45.99, not lower than 30.00 dollars: I go back to the results"),
+and when the student could have written that reason itself. On a product page every reason first says what the
+instruction asks and what the page says is clicked (`_checked`), and decides after: a decision made by the
+reason's first word was where the small student went wrong. So the policy below (`choose`) shops the way the
 student can: it searches with the instruction's words, opens the result whose name shows the most of what
 the instruction asks for at a price under its bound, selects the option values the instruction names, and
 buys; it leaves a page only for a reason it states, and after `PATIENCE` products it settles for the closest.
@@ -334,28 +336,35 @@ def _results_reason(want: Want, page: Page, history: str, arg: str) -> str:
     return f"I open {arg} to look."
 
 
-def _item_reason(want: Want, page: Page, history: str, arg: str) -> str:
+def _checked(want: Want, page: Page) -> str:
+    """What every item-page reason says first: the option values the instruction names and which of them the
+    page says are clicked, then what contradicts the instruction. A small student copies this from its task and
+    page before it decides, and reads the decision (select, buy or leave) off what it just wrote."""
+    if not want.options:
+        head = "The instruction names no option to select"
+    else:
+        values = list(want.options.values())
+        clicked = [v for v in values if v in page.chosen]
+        head = f"The instruction asks for {_and([f'{k}: {v}' for k, v in want.options.items()])}; I have clicked "
+        left = [v for v in values if v not in clicked and v in page.offered]
+        head += (_and(clicked) + (f", not {_and(left)}" if left else "")) if clicked else "none of them"
     trouble = problems(want, page.title, page.price, page.offered)
-    if trouble and arg not in (PREV_PAGE, BACK_TO_SEARCH) and settles(want, page, history):
-        tried = _count(len(opened(history)))
-        rest = _item_reason(want, page, "", arg)
-        return f"I have opened {tried} products and {_and(trouble)}, but it is the closest: {rest[0].lower()}{rest[1:]}"
+    return f"{head}; {_and(trouble)}" if trouble else head
+
+
+def _item_reason(want: Want, page: Page, history: str, arg: str) -> str:
+    checked = _checked(want, page)
     if arg in (PREV_PAGE, BACK_TO_SEARCH):
-        where = "the results" if arg == PREV_PAGE else "search"
-        if trouble:
-            return f"{_and(trouble).capitalize()}: I go back to {where}."
-        return f"I go back to {where}."
+        return f"{checked}: I go back to {'the results' if arg == PREV_PAGE else 'search'}."
+    if problems(want, page.title, page.price, page.offered) and settles(want, page, history):
+        checked += f", but I have opened {_count(len(opened(history)))} products and it is the closest"
     if arg == END_BUTTON:
         price = f"costs ${page.price:.2f}, {_bound(want)}" if page.price is not None else "fits"
-        chosen = [f"{k}: {v}" for k, v in want.options.items() if v in page.chosen]
-        done = f"I have selected {_and(chosen)} as the instruction asks" if chosen else "there is nothing to select"
-        return f"This is {_described(want, page.title)}, it {price}, and {done}: I buy it."
+        return f"{checked}: this is {_described(want, page.title)}, it {price}: I buy it."
     if arg in SUB_PAGES:
         return f"I read the {arg.lower()} to check what the name does not show."
     name = next((k for k, v in want.options.items() if v == arg), None)
-    if name is not None:
-        return f"The instruction asks for {name}: {arg}, and this item offers it: I select it."
-    return f"I select {arg}."
+    return f"{checked}: I select {f'{name}: {arg}' if name else arg}."
 
 
 def _contrast(want: Want, page: Page, history: str, student: str, action: str) -> str:

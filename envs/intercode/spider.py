@@ -388,20 +388,17 @@ def _path_questions(tables: dict[str, Table], rng: random.Random) -> list[tuple[
         if len(values) < 2:
             continue
         pairs = sorted({(a, b) for vs in linked.values() for a in vs for b in vs if a < b})
-        for question, gold in _path_templates(p, rng.choice(values), rng.choice(pairs) if pairs else None):
-            if _answerable(conn, gold):
+        for question, gold, ranks in _path_templates(p, rng.choice(values), rng.choice(pairs) if pairs else None):
+            if conn.execute(gold).fetchall() and not (ranks and _tied(conn, p)):
                 out.append((question, gold))
     conn.close()
     return out
 
 
-def _answerable(conn: sqlite3.Connection, gold: str) -> bool:
-    """The query has rows and, for "the one with the most", a single winner."""
-    if " LIMIT 1" in gold:
-        counts = conn.execute(gold.replace(" LIMIT 1", " LIMIT 2").replace("SELECT T1.", "SELECT count(*), T1.", 1))
-        top = counts.fetchall()
-        return len(top) == 1 or (len(top) == 2 and top[0][0] > top[1][0])
-    return bool(conn.execute(gold).fetchall())
+def _tied(conn: sqlite3.Connection, p: _Path) -> bool:
+    """Whether the entities with the most linked rows are several: "the one with the most" has no answer then."""
+    top = conn.execute(f"SELECT count(*) {p.joins} GROUP BY T1.`{p.key}` ORDER BY count(*) DESC LIMIT 2").fetchall()
+    return len(top) == 2 and top[0][0] == top[1][0]
 
 
 def _singular(name: str) -> str:
@@ -426,19 +423,22 @@ def _linked_values(conn: sqlite3.Connection, p: _Path) -> dict[object, list[str]
     return out
 
 
-def _path_templates(p: _Path, v: str, pair: tuple[str, str] | None) -> list[tuple[str, str]]:
+def _path_templates(p: _Path, v: str, pair: tuple[str, str] | None) -> list[tuple[str, str, bool]]:
+    """(question, gold query, whether it asks for the top-ranked entity) for each of Spider's shapes."""
     A, OWN, B, OC = _plural(p.a.name), _h(p.own.name), _a(_singular(p.b.name)), _h(p.oc.name)
     sel, where = f"SELECT DISTINCT T1.`{p.own.name}` {p.joins}", f"WHERE {p.alias}.`{p.oc.name}`"
     inner = f"SELECT T1.`{p.key}` {p.joins} {where} = '{v}'"
     out = [
-        (f"Find the {OWN} of the {A} that have {B} whose {OC} is '{v}'.", f"{sel} {where} = '{v}'"),
+        (f"Find the {OWN} of the {A} that have {B} whose {OC} is '{v}'.", f"{sel} {where} = '{v}'", False),
         (
             f"Find the {OWN} of the {A} that do not have {B} whose {OC} is '{v}'.",
             f"SELECT `{p.own.name}` FROM `{p.a.name}` WHERE `{p.key}` NOT IN ({inner})",
+            False,
         ),
         (
             f"Which of the {A} has the most {_plural(_singular(p.b.name))}? Show its {OWN}.",
             f"SELECT T1.`{p.own.name}` {p.joins} GROUP BY T1.`{p.key}` ORDER BY count(*) DESC LIMIT 1",
+            True,
         ),
     ]
     if pair is not None:
@@ -447,6 +447,7 @@ def _path_templates(p: _Path, v: str, pair: tuple[str, str] | None) -> list[tupl
             (
                 f"Find the {OWN} of the {A} that have both {B} whose {OC} is '{v1}' and one whose {OC} is '{v2}'.",
                 f"{sel} {where} = '{v1}' INTERSECT {sel} {where} = '{v2}'",
+                False,
             )
         )
     return out

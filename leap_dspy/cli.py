@@ -313,7 +313,8 @@ def report(
 def experiment(
     grid_file: Annotated[Path, typer.Argument(help="a grid YAML file (see examples/grids/)")],
     root: Annotated[Path | None, typer.Option(help="where the run folders go (default runs/<grid name>)")] = None,
-    jobs: Annotated[int, typer.Option(min=1, help="runs at once, while --min-free-gb of memory is free")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help="runs at once, each with its share of the cores, while "
+                                                  "--min-free-gb of memory is free")] = 1,
     min_free_gb: Annotated[float, typer.Option(min=0, help="free memory a further run needs to start")] = 10.0,
     publish: Annotated[Path | None, typer.Option(help="copy each finished run's small outputs (config, "
                                                       "metrics, episodes) here, e.g. docs/results/<name>")] = None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -158,8 +159,8 @@ def run_grid(grid: Grid, root: Path, jobs: int = 1, publish: Path | None = None,
             elif _bc_ready(spec, root) and (not running or _free_gb() >= min_free_gb):
                 write_settings(spec, root)
                 log = (root / f"{spec.name}.log").open("ab")
-                running[spec.name] = (subprocess.Popen(command(spec, root), stdout=log, stderr=log),
-                                      time.perf_counter())
+                running[spec.name] = (subprocess.Popen(command(spec, root), stdout=log, stderr=log,
+                                                       env=job_environment(jobs)), time.perf_counter())
                 states[spec.name] = "running"
                 console.print(f"started {spec.name}" + (f" (behaviour cloning of {spec.bc_from})"
                                                         if spec.bc_from else ""))
@@ -176,6 +177,16 @@ def run_grid(grid: Grid, root: Path, jobs: int = 1, publish: Path | None = None,
             show(specs, states, root)
         atomic_write_json(root / "grid.json", {"name": grid.name, "states": states})
     return states
+
+
+def job_environment(jobs: int) -> dict[str, str]:
+    """A run's environment: with several at once, each gets its share of the cores for torch's threads, which
+    spin at barriers; two compiles each using every core of a 2-core machine trained about 10x slower than one
+    (unless the caller set OMP_NUM_THREADS itself)."""
+    env = dict(os.environ)
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
 
 
 def publish_run(run: Path, target: Path) -> None:

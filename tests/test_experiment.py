@@ -103,3 +103,22 @@ def _bc_outcomes(run: Path) -> list[tuple[str, str, int, int]]:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_runs_at_once_share_the_cores_between_their_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch's threads spin at barriers: several compiles each using every core run far slower than in turn."""
+    import subprocess
+    import sys
+
+    from leap_dspy.experiment import job_environment
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert "OMP_NUM_THREADS" not in job_environment(1)
+    assert job_environment(2)["OMP_NUM_THREADS"] == "4"
+    assert job_environment(16)["OMP_NUM_THREADS"] == "1"
+    threads = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             env=job_environment(4), capture_output=True, text=True, check=True).stdout
+    assert threads.strip() == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the caller's own choice stands
+    assert job_environment(2)["OMP_NUM_THREADS"] == "3"

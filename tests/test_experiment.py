@@ -122,3 +122,26 @@ def test_runs_at_once_share_the_cores_between_their_torch_threads(monkeypatch: p
     assert threads.strip() == "2"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the caller's own choice stands
     assert job_environment(2)["OMP_NUM_THREADS"] == "3"
+
+
+def test_a_scored_environment_reports_the_gain_in_success_and_in_score(tmp_path: Path) -> None:
+    """Rebuilt from the published WebShop runs: a score counts partial purchases, so both gains are shown, each
+    the mean over seeds of the paired per-goal differences."""
+    published = ROOT / "docs" / "results" / "webshop"
+    result = CliRunner().invoke(app, ["report", str(published), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    head = next(line for line in lines if line.startswith("| all runs"))
+    assert head.endswith("| unseen Δ vs BC (success) | unseen Δ vs BC (score) |")
+    gains = {"success": [], "score": []}
+    for run in sorted(published.glob("webshop-seed*")):
+        with (run / "episodes.csv").open() as f:
+            rows = [r for r in csv.DictReader(f) if r["split"] == "unseen"]
+        bc, round1 = ({r["task_id"]: float(r["reward"]) for r in rows if r["stage"] == stage} for stage in ("0", "1"))
+        wins = {r["task_id"]: float(r["success"]) for r in rows if r["stage"] == "0"}
+        won = {r["task_id"]: float(r["success"]) for r in rows if r["stage"] == "1"}
+        gains["success"].append(np.mean([won[t] - wins[t] for t in won]))
+        gains["score"].append(100 * np.mean([round1[t] - bc[t] for t in round1]))
+    cells = next(line for line in lines if line.startswith("| round 1 |")).strip("|").split("|")
+    assert float(cells[-2].split()[0]) == pytest.approx(np.mean(gains["success"]), abs=0.006)
+    assert float(cells[-1].split()[0]) == pytest.approx(np.mean(gains["score"]), abs=0.06)

@@ -307,6 +307,7 @@ def test_long_rows_train_in_smaller_batches_with_as_many_rows_per_step(tiny_mode
     assert fit_batch(config, 500) == (4, 2)
     assert fit_batch(config, 1000) == (2, 4)
     assert fit_batch(config, 4000) == (1, 8)
+    assert fit_batch(config, 4000, smallest=2) == (2, 4)  # KTO pairs rows within a batch
     assert fit_batch(config.model_copy(update={"max_batch_tokens": None}), 4000) == (4, 2)
     args = trl_common_args(config, tmp_path, "sft", 1000)
     assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (2, 4)

@@ -336,7 +336,7 @@ def _results_reason(want: Want, page: Page, history: str, arg: str) -> str:
     return f"I open {arg} to look."
 
 
-def _checked(want: Want, page: Page) -> str:
+def _checked(want: Want, page: Page, trouble: list[str]) -> str:
     """What every item-page reason says first: the option values the instruction names and which of them the
     page says are clicked, then what contradicts the instruction. A small student copies this from its task and
     page before it decides, and reads the decision (select, buy or leave) off what it just wrote."""
@@ -348,15 +348,15 @@ def _checked(want: Want, page: Page) -> str:
         head = f"The instruction asks for {_and([f'{k}: {v}' for k, v in want.options.items()])}; I have clicked "
         left = [v for v in values if v not in clicked and v in page.offered]
         head += (_and(clicked) + (f", not {_and(left)}" if left else "")) if clicked else "none of them"
-    trouble = problems(want, page.title, page.price, page.offered)
     return f"{head}; {_and(trouble)}" if trouble else head
 
 
 def _item_reason(want: Want, page: Page, history: str, arg: str) -> str:
-    checked = _checked(want, page)
+    trouble = problems(want, page.title, page.price, page.offered)
+    checked = _checked(want, page, trouble)
     if arg in (PREV_PAGE, BACK_TO_SEARCH):
         return f"{checked}: I go back to {'the results' if arg == PREV_PAGE else 'search'}."
-    if problems(want, page.title, page.price, page.offered) and settles(want, page, history):
+    if trouble and settles(want, page, history):
         checked += f", but I have opened {_count(len(opened(history)))} products and it is the closest"
     if arg == END_BUTTON:
         price = f"costs ${page.price:.2f}, {_bound(want)}" if page.price is not None else "fits"

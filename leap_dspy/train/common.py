@@ -107,16 +107,18 @@ def fit_attention(model: Any, config: TrainConfig, longest: int) -> None:
         model.get_base_model().set_attn_implementation("sdpa")
 
 
-def fit_batch(config: TrainConfig, longest: int) -> tuple[int, int]:
-    """(per-device batch, accumulation steps) for rows up to `longest` tokens, under `config.max_batch_tokens`."""
+def fit_batch(config: TrainConfig, longest: int, smallest: int = 1) -> tuple[int, int]:
+    """(per-device batch, accumulation steps) for rows up to `longest` tokens, under `config.max_batch_tokens`,
+    never below `smallest` rows a batch."""
     batch, accumulation = config.per_device_batch_size, config.gradient_accumulation
     if config.max_batch_tokens:
-        while batch > 1 and batch % 2 == 0 and batch * longest > config.max_batch_tokens:
+        while batch // 2 >= smallest and batch % 2 == 0 and batch * longest > config.max_batch_tokens:
             batch, accumulation = batch // 2, accumulation * 2
     return batch, accumulation
 
 
-def trl_common_args(config: TrainConfig, output_dir: Path, method: str, longest: int) -> dict[str, Any]:
+def trl_common_args(config: TrainConfig, output_dir: Path, method: str, longest: int, smallest_batch: int = 1
+                    ) -> dict[str, Any]:
     """Keyword arguments every TRL config gets here.
 
     TRL 1.16 defaults to bf16 autocast and gradient checkpointing; on CPU both are slower than casting the model
@@ -126,7 +128,7 @@ def trl_common_args(config: TrainConfig, output_dir: Path, method: str, longest:
     import torch
 
     on_cuda = torch.cuda.is_available()
-    batch, accumulation = fit_batch(config, longest)
+    batch, accumulation = fit_batch(config, longest, smallest_batch)
     return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch,

@@ -153,8 +153,8 @@ def train_kto(
             tokens += 2 * n  # each row also runs once as another row's KL (mismatched) completion
         fit_attention(peft_model, config, longest)
         undesirable = len(rows) - desirable
-        common = trl_common_args(config, tmp, "kto", 2 * longest)  # each row also runs as another's KL completion
-        # KTO's KL term pairs rows within a batch, so it needs two.
+        # Each row also runs as another's KL completion; that KL term pairs rows within a batch, so it needs two.
+        common = trl_common_args(config, tmp, "kto", 2 * longest, smallest_batch=2)
         common["per_device_train_batch_size"] = max(2, min(common["per_device_train_batch_size"], len(rows)))
         args = KTOConfig(
             **common,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import typing
 from typing import Any
+
+import pydantic
 
 from leap_dspy.envs.base import TextEnv
 
@@ -70,7 +73,28 @@ def env_spec(env: TextEnv) -> str:
 
 
 def make_env(name: str, **kwargs: Any) -> TextEnv:
-    return env_class(name)(**kwargs)
+    cls = env_class(name)
+    check_options(cls, kwargs)
+    return cls(**kwargs)
 
 
-__all__ = ["ENVIRONMENTS", "TextEnv", "UnknownEnvironment", "env_class", "env_spec", "import_env", "make_env"]
+def check_options(cls: type[TextEnv], options: dict[str, Any]) -> None:
+    """Check constructor options against the constructor's annotations, so that `--set num_boxes=three` names
+    the option and the type it takes instead of failing somewhere inside the constructor."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # annotations that do not resolve at run time: the constructor alone judges
+        return
+    for key, value in options.items():
+        hint = hints.get(key)
+        if hint is None or (hint is str and isinstance(value, int | float)):  # `--set name=7` means the text
+            continue
+        try:
+            pydantic.TypeAdapter(hint).validate_python(value)
+        except pydantic.ValidationError:
+            kind = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            raise ValueError(f"{key}={value!r}: {cls.__name__} takes {kind}") from None
+
+
+__all__ = ["ENVIRONMENTS", "TextEnv", "UnknownEnvironment", "check_options", "env_class", "env_spec", "import_env",
+           "make_env"]

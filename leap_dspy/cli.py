@@ -99,6 +99,8 @@ def compile_(
 ) -> None:
     """Behaviour cloning, then LEAP iterations; writes a run folder with metrics.csv and report.html."""
     from leap_dspy.config import LEAPConfig
+    from leap_dspy.corrections import NoDemonstrations
+    from leap_dspy.envs.check import EnvContractError
     from leap_dspy.programs import Student
     from leap_dspy.rollout import attach_env
     from leap_dspy.store import RunFileError
@@ -129,7 +131,7 @@ def compile_(
         raise fail(f"{env} has no training tasks with these options (num_train?)")
     try:
         leap.compile(Student(), trainset=trainset, teacher=teacher, valset=valset)
-    except (RunFileError, OSError) as exc:
+    except (RunFileError, OSError, EnvContractError, NoDemonstrations) as exc:
         raise fail(str(exc)) from exc
     print_metrics(leap.run.path)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
@@ -39,11 +40,29 @@ def demonstration_records(demos: Iterable[Trajectory], log: JsonlLog[Correction]
             if f"0:{trajectory.task.id}:{step.index}" in have:  # logged before a resume: judged already
                 continue
             judged = realizability(step, step.reason, step.action, expertise)
+            dropped = step.error or (None if action_admissible(step.action, step.admissible_actions) else
+                                     f"demonstrated action not admissible: {step.action[:80]}")
             record = Correction(task_id=trajectory.task.id, step=step.index, inputs=step.inputs, reason=step.reason,
                                 action=step.action, student_reason=step.reason, student_action=step.action,
                                 expert=trajectory.policy, iteration=0, level=level, source="demonstration",
-                                dropped=step.error or (unrealizable(judged) if drop_unrealizable else None), **judged)
+                                dropped=dropped or (unrealizable(judged) if drop_unrealizable else None), **judged)
             log.append(record)
+
+
+class NoDemonstrations(RuntimeError):
+    """Behaviour cloning has not one usable row: nothing the student could be trained on."""
+
+
+def nothing_to_clone(demos: dict[str, Trajectory], records: list[Correction], successful_only: bool) -> str:
+    """Why behaviour cloning got no rows, in one message: how many demonstrations were won, why steps dropped."""
+    won = sum(t.success for t in demos.values())
+    why = Counter(c.dropped for c in records if c.dropped)
+    message = f"behaviour cloning has no training rows: the demonstrator won {won} of {len(demos)} training tasks"
+    if successful_only and not won:
+        message += " (only won episodes are demonstrations; bc_successful_only=false keeps the others)"
+    if why:
+        message += "; steps dropped: " + "; ".join(f"{n} x {reason}" for reason, n in why.most_common(3))
+    return message
 
 
 def unrealizable(judged: dict[str, Any]) -> str | None:

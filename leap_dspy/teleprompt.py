@@ -21,9 +21,16 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from leap_dspy.config import LEAPConfig
-from leap_dspy.corrections import Corrector, collect_corrections, demonstration_records
+from leap_dspy.corrections import (
+    Corrector,
+    NoDemonstrations,
+    collect_corrections,
+    demonstration_records,
+    nothing_to_clone,
+)
 from leap_dspy.envs import env_spec
 from leap_dspy.envs.base import TextEnv
+from leap_dspy.envs.check import check_env
 from leap_dspy.lm.models import check_model
 from leap_dspy.metrics import describe_expert, expert_usage_metrics, split_metrics, success_rate
 from leap_dspy.placement import Placement
@@ -172,6 +179,9 @@ class LEAP(Teleprompter):
         demonstration_records(demos.values(), records, level, self.expertise, self.config.bc_successful_only,
                               self.config.drop_unrealizable)
         current = list(records.load().values())
+        if not any(c.dropped is None for c in current):
+            raise NoDemonstrations(f"{nothing_to_clone(demos, current, self.config.bc_successful_only)}; see "
+                                   f"{log.path}")
         rows, examples = self.aggregate(0, student, current)
         if _follows_student(teacher):  # the privileged self is these same weights: teach them the expert's part
             ordered = sorted(demos.values(), key=lambda t: t.task.id)
@@ -327,6 +337,8 @@ class LEAP(Teleprompter):
         if not train:
             raise ValueError("trainset is empty")
         self.check_teacher(teacher)
+        for warning in check_env(self.env, train[0]):
+            console.print(f"[yellow]warning: {warning}[/yellow]")
         check_model(self.config.model)
         config = self.run_config(teacher, train, val)
         source = check_bc_from(self.config.bc_from, config) if self.config.bc_from is not None else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,16 @@ def test_a_program_file_naming_foreign_code_or_an_endpoint_is_refused(tmp_path: 
         path.write_text(json.dumps({"step": {"lm": lm, "demos": []}}))
         result = runner.invoke(app, ["rollout", str(path), "--env", "examples.keybox:KeyBox"])
         assert result.exit_code == 2 and "refusing to load" in result.output and says in result.output
+
+
+def test_the_documented_defaults_are_the_configs() -> None:
+    """docs/cli.md's option table says what LEAPConfig holds (it had drifted to an old max_train_rows)."""
+    from leap_dspy.config import LEAPConfig
+
+    table = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    documented = dict(re.findall(r"^\| `(--[\w-]+)`[^|]* \| `?([\w.-]+)`? \|", table, flags=re.MULTILINE))
+    config = LEAPConfig()
+    for option, field in {"--iterations": "iterations", "--update": "update", "--model": "model",
+                          "--max-train-rows": "max_train_rows", "--preference-anchor": "preference_anchor",
+                          "--threads": "num_threads", "--seed": "seed"}.items():
+        assert documented[option] == str(getattr(config, field)), option

@@ -95,20 +95,9 @@ def keys(path: Path) -> list[str]:
 
 
 def tiny_model(folder: Path) -> str:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from leap_dspy.lm.models import build_tiny_model
 
-    from leap_dspy.lm.models import load_tokenizer
-
-    tokenizer = load_tokenizer("smollm2-135m")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return str(build_tiny_model(folder))
 
 
 def child(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from conftest import build_tiny_model  # noqa: E402
+from leap_dspy.lm.models import build_tiny_model  # noqa: E402
 
 
 def print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=12, help="keybox episodes played through the pool")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="scale-out-"))
-    model = build_tiny_model(tmp / "tiny", "smollm2-135m")
+    model = str(build_tiny_model(tmp / "tiny"))
     training_table(model, tmp)
     pool_table(model, tmp, args.episodes)
 

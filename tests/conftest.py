@@ -20,28 +20,11 @@ def tokenizer_source() -> str:
     return os.environ.get("LEAP_DSPY_TEST_TOKENIZER", "smollm2-135m")
 
 
-def build_tiny_model(path: Path, tokenizer_source: str) -> str:
-    """A 2-layer random Llama saved at `path` with the tokenizer of `tokenizer_source` (also bench/scale_out.py's)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from leap_dspy.lm.models import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_source)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_source: str) -> str:
-    return build_tiny_model(Path(tmp_path_factory.mktemp("tiny-llama")), tokenizer_source)
+    from leap_dspy.lm.models import build_tiny_model
+
+    return str(build_tiny_model(Path(tmp_path_factory.mktemp("tiny-llama")), tokenizer_source))
 
 
 @pytest.fixture(autouse=True, scope="module")

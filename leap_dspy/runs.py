@@ -43,10 +43,11 @@ TAIL_COLUMNS = ["train_examples", "corrections_changed", "parse_errors", "expert
                 "expert_cost_usd", "train_s", "eval_s", "wall_s"]
 ROW_ORDER = ["base", "expert"]
 EPISODE_COLUMNS = ["stage", "task_id", "split", "success", "reward", "steps", "success_snapped", "reward_snapped",
-                   "lenient"]
+                   "lenient", "actions"]
 """`episodes.csv`, one row per evaluated episode: what a report's intervals over games are computed from.
 `*_snapped` is the outcome with near misses snapped (the strict one where the episode had none); `lenient` 1
-marks a stage evaluated with snapping before evaluation was strict, whose `success` is the snapped one."""
+marks a stage evaluated with snapping before evaluation was strict, whose `success` is the snapped one;
+`actions` the strict episode's actions (a JSON list, each clipped): a published run still shows what was done."""
 
 
 class ConfigMismatch(RunFileError):
@@ -170,7 +171,8 @@ class RunFolder:
                 rows.append({"stage": stage, "task_id": task_id, "split": episode.task.split,
                              "success": int(episode.success), "reward": round(episode.reward, 4),
                              "steps": len(episode.steps), "success_snapped": int(other.success),
-                             "reward_snapped": round(other.reward, 4), "lenient": lenient})
+                             "reward_snapped": round(other.reward, 4), "lenient": lenient,
+                             "actions": json.dumps([" ".join(s.action.split())[:80] for s in episode.steps])})
         if not rows and (self.path / "episodes.csv").exists():
             with (self.path / "episodes.csv").open() as handle:
                 return list(csv.DictReader(handle))

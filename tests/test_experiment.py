@@ -4,6 +4,7 @@ cloning, resumption, published summaries, and intervals that a report rebuilds f
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -69,6 +70,8 @@ def test_experiment_runs_publishes_resumes_and_reports(tiny_model: str, tmp_path
     assert dpo["bc_from"].endswith("keybox-update=sft-seed1") and dpo["env"]["seed"] == 1
     assert (dpo["update"], dpo["iterations"], dpo["model"]) == ("dpo", 1, tiny_model)  # the grid's settings
     assert not list(published.rglob("adapter*")) and len(list(published.glob("*/episodes.csv"))) == 4
+    episodes = list(csv.DictReader((published / "keybox-update=sft-seed0" / "episodes.csv").open()))
+    assert all(len(json.loads(e["actions"])) == int(e["steps"]) for e in episodes)  # what each episode did
 
     shutil.rmtree(published)
     again = CliRunner().invoke(app, args)

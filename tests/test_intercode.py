@@ -50,6 +50,13 @@ def _oracle(env, task) -> tuple[bool, float, int]:
     return obs.success, obs.reward, steps
 
 
+def _expert(env, tasks):
+    from leap_dspy.programs import OracleExpert, Student
+    from leap_dspy.rollout import expert_rollout
+
+    return expert_rollout(OracleExpert(), Student(), env, tasks, level=env.default_privilege_level, num_threads=1)
+
+
 def test_rewards_match_upstream_definitions():
     assert tfidf_similarity("a b", "a b") == 1.0  # no word of two characters: exact match
     assert tfidf_similarity("hello world", "hello world") == pytest.approx(1.0)
@@ -192,3 +199,56 @@ def test_bash_attacks_contained():
     results = run_bash_attacks(wall_s=3.0)
     assert len(results) == 8
     assert all(r.contained for r in results), [(r.name, r.detail) for r in results]
+
+
+def test_your_own_tasks_replace_the_splits_they_name(tmp_path):
+    """`task_file`: InterCode's own record format (query, gold; SQL's db), as JSON, JSON lines or CSV."""
+    _need_data()
+    import json
+
+    from leap_dspy.envs.check import check_env
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "How many pets are there?", "gold": "SELECT count(*) FROM Pets", "db": "pets_1"},
+        {"query": "List the pet types.", "gold": "SELECT DISTINCT PetType FROM Pets", "db": "pets_1"},
+        {"query": "How many students are there?", "gold": "SELECT count(*) FROM Student", "db": "pets_1",
+         "split": "train"}]))
+    env = make_env("intercode-sql", task_file=str(mine))
+    default = make_env("intercode-sql")
+    assert [t.id for t in env.tasks("unseen")] == ["mine-0", "mine-1"]
+    assert [t.id for t in env.tasks("train")] == ["mine-2"]
+    assert [t.id for t in env.tasks("seen")] == [t.id for t in default.tasks("seen")]  # not named: the task set's
+    assert all(_oracle(env, t)[0] for t in env.tasks("unseen")) and check_env(env, env.tasks("train")[0]) == []
+    played = _expert(env, env.tasks("unseen"))  # the realizable expert looks first, then answers
+    assert all(t.success for t in played) and all(t.steps[0].action == "SHOW TABLES" for t in played)
+
+    csv_file = tmp_path / "mine.csv"
+    csv_file.write_text("query,gold,db\nHow many pets are there?,SELECT count(*) FROM Pets,pets_1\n")
+    assert [t.gold for t in make_env("intercode-sql", task_file=str(csv_file)).tasks("unseen")] == [
+        "SELECT count(*) FROM Pets"]
+    for records, says in [([{"query": "q", "db": "pets_1"}], "task 0: no gold"),
+                          ([{"query": "q", "gold": "SELECT 1", "db": "nowhere"}], "nowhere are not Spider databases"),
+                          ([{"query": "q", "gold": "SELECT 1", "db": "pets_1", "split": "dev"}], "split 'dev'"),
+                          ({"query": "q"}, "a non-empty list")]:
+        (tmp_path / "bad.json").write_text(json.dumps(records))
+        with pytest.raises(ValueError, match=says):
+            make_env("intercode-sql", task_file=str(tmp_path / "bad.json"))
+
+
+def test_your_own_bash_tasks_on_your_own_file_system(tmp_path):
+    _need_bwrap()
+    import json
+
+    setup = tmp_path / "setup.sh"
+    setup.write_text("mkdir -p /data/logs && echo error > /data/logs/a.log && echo ok > /data/logs/b.log\n")
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps([{"query": "Count the log files that contain the word error.",
+                                 "gold": "grep -l error -r /data | wc -l", "setup": str(setup)}]))
+    env = make_env("intercode-bash", task_file=str(mine))
+    task = env.tasks("unseen")[0]
+    assert task.id == "mine-0" and _oracle(env, task)[:2] == (True, 1.0)
+    [played] = _expert(env, [task])
+    assert played.success and played.steps[0].action.startswith("ls")  # /data: a path it has not seen yet
+    env.reset(task)
+    assert env.step("ls /data/logs").text.split() == ["a.log", "b.log"]  # the file system the setup built

@@ -13,6 +13,8 @@ Splits (`task_set`):
   shuffled by `seed` and cut 80/20; unseen = the 24 benchmark tasks.
 - `bench`: the 24 benchmark tasks shuffled by `seed`, 12 train / 6 seen / 6 unseen.
 - `nl2bash`: the nl2bash tasks shuffled by `seed`, 60/20/20.
+`task_file`: your own tasks (`data.task_file`; a task's `setup` names a shipped setup script or your own) replace
+the splits they name.
 """
 
 from __future__ import annotations
@@ -76,10 +78,13 @@ class InterCodeBash(InterCodeEnv):
         limits: dict[str, Any] | None = None,
         num_train: int | None = None,
         num_seen: int | None = None,
+        task_file: str | None = None,
     ):
         if task_set not in TASK_SETS:
             raise ValueError(f"task_set must be one of {TASK_SETS}, not {task_set!r}")
         self.task_set = task_set
+        self.task_file = str(Path(task_file).expanduser().resolve()) if task_file else None  # runs rebuild it anywhere
+        self._file_records = data.task_file(task_file, ()) if task_file else []
         self.seed = seed
         self.num_train, self.num_seen = num_train, num_seen
         self.max_steps = max_steps
@@ -101,9 +106,16 @@ class InterCodeBash(InterCodeEnv):
             "limits": self.limits_kwargs,
             "num_train": self.num_train,
             "num_seen": self.num_seen,
+            "task_file": self.task_file,
         }
 
     # -- tasks -----------------------------------------------------------------------------------------------
+    def _file_task(self, record: dict[str, str], index: int, split: Split) -> Task:
+        source = Path(self.task_file or "file").stem
+        rec = data.BashRecord(source, index, record["query"], record["gold"], record.get("gold2"),
+                              record.get("setup", "intercode:setup_fs.sh"))
+        return self._task(rec, split)
+
     def _task(self, rec: data.BashRecord, split: Split) -> Task:
         return Task(
             id=f"{rec.source}-{rec.index}",

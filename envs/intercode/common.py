@@ -44,12 +44,23 @@ class InterCodeEnv(TextEnv):
     actions: list[str]
     _splits: dict[str, list[Task]] | None = None
 
+    task_file: str | None = None
+    """Your own tasks (`data.task_file`): the splits the file gives replace the task set's."""
+    _file_records: list[dict[str, str]] = []
+
     @abstractmethod
     def _build_splits(self) -> dict[str, list[Task]]: ...
+
+    @abstractmethod
+    def _file_task(self, record: dict[str, str], index: int, split: Split) -> Task: ...
 
     def tasks(self, split: Split) -> list[Task]:
         if self._splits is None:
             self._splits = self._build_splits()
+            mine: dict[str, list[Task]] = {}
+            for i, record in enumerate(self._file_records):
+                mine.setdefault(record["split"], []).append(self._file_task(record, i, record["split"]))  # type: ignore[arg-type]
+            self._splits.update(mine)
         limit = {"train": self.num_train, "seen": self.num_seen}.get(split)  # a small run's subset, same order
         return list(self._splits[split][:limit])
 

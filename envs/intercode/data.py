@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 PIP_HINT = {
     "intercode": "pip install --no-deps intercode-bench==0.1.22",
@@ -74,8 +76,45 @@ def nl2bash() -> tuple[BashRecord, ...]:
 
 
 def setup_script(name: str) -> str:
+    """A setup script: your own file's path, or a shipped one as `package:file` (`intercode:setup_fs.sh`)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.read_text()
     package, _, file = name.partition(":")
     return asset(package, "docker", file).read_text()
+
+
+SPLITS = ("train", "seen", "unseen")
+
+
+def task_file(path: str | Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """Tasks of your own in InterCode's format: a JSON list, JSON lines or a CSV whose records have `query`
+    (the instruction) and `gold` (and what `required` adds), and optionally `split` (unseen when absent)."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text()
+        if path.suffix == ".csv":
+            rows: Any = list(csv.DictReader(io.StringIO(text)))
+        elif path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"task_file {path}: {exc}") from None
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"task_file {path}: expected a non-empty list of tasks")
+    records = []
+    for i, row in enumerate(rows):
+        row = row if isinstance(row, dict) else {}
+        missing = [k for k in ("query", "gold", *required) if not str(row.get(k) or "").strip()]
+        if missing:
+            raise ValueError(f"task_file {path}, task {i}: no {', '.join(missing)}")
+        record = {k: str(v).strip() for k, v in row.items() if v is not None and str(v).strip()}
+        record.setdefault("split", "unseen")
+        if record["split"] not in SPLITS:
+            raise ValueError(f"task_file {path}, task {i}: split {record['split']!r} is not one of {', '.join(SPLITS)}")
+        records.append(record)
+    return records
 
 
 @dataclass(frozen=True)

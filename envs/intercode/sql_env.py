@@ -20,6 +20,7 @@ Splits (`task_set`):
   templates (spider.py) over the 12 databases the benchmark does not use, shuffled by `seed`, cut 80/20.
 - `bench`: the 23 shipped queries shuffled by `seed`, 11 train / 6 seen / 6 unseen.
 - `generated`: the generated questions only, 60/20/20.
+`task_file`: your own questions on the Spider databases (`data.task_file`) replace the splits they name.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ import random
 import re
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any, ClassVar
 
 from leap_dspy.envs.intercode import data, spider
 from leap_dspy.envs.intercode.common import SUBMIT, InterCodeEnv, clip, truncate
 from leap_dspy.envs.intercode.expertise import SQLExpertise, describe_target, is_show_tables
 from leap_dspy.envs.intercode.reward import normalize_rows, sql_reward
-from leap_dspy.types import Observation, PrivilegedState, Task
+from leap_dspy.types import Observation, PrivilegedState, Split, Task
 
 TASK_SETS = ("default", "bench", "generated")
 BACKENDS = ("sqlite", "mysql")
@@ -305,12 +307,19 @@ class InterCodeSQL(InterCodeEnv):
         num_train: int | None = None,
         num_seen: int | None = None,
         notes: bool = True,
+        task_file: str | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         if task_set not in TASK_SETS:
             raise ValueError(f"task_set must be one of {TASK_SETS}, not {task_set!r}")
         self.backend, self.task_set, self.seed = backend, task_set, seed
+        self.task_file = str(Path(task_file).expanduser().resolve()) if task_file else None  # runs rebuild it anywhere
+        self._file_records = data.task_file(task_file, ("db",)) if task_file else []
+        unknown = sorted({r["db"] for r in self._file_records} - set(spider.parse_dump(str(data.spider_dump())))
+                         ) if self._file_records else []
+        if unknown:
+            raise ValueError(f"task_file {task_file}: {', '.join(unknown)} are not Spider databases")
         self.max_steps, self.obs_chars = max_steps, obs_chars
         self.timeout_s, self.max_rows = timeout_s, max_rows
         self.mysql = dict(mysql or {})
@@ -337,7 +346,13 @@ class InterCodeSQL(InterCodeEnv):
             "num_train": self.num_train,
             "num_seen": self.num_seen,
             "notes": self.notes,
+            "task_file": self.task_file,
         }
+
+    def _file_task(self, record: dict[str, str], index: int, split: Split) -> Task:
+        source = Path(self.task_file or "file").stem
+        return Task(id=f"{source}-{index}", env=self.name, split=split, instruction=record["query"],
+                    gold=record["gold"], db=record["db"], source=source)
 
     # -- tasks -----------------------------------------------------------------------------------------------
     def _bench_tasks(self) -> list[Task]:

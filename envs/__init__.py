@@ -87,12 +87,16 @@ def check_options(cls: type[TextEnv], options: dict[str, Any]) -> None:
         return
     for key, value in options.items():
         hint = hints.get(key)
-        if hint is None or (hint is str and isinstance(value, int | float)):  # `--set name=7` means the text
+        if hint is None or (str in (hint, *typing.get_args(hint)) and isinstance(value, int | float)):
+            continue  # `--set name=7` means the text
+        try:
+            adapter = pydantic.TypeAdapter(hint)
+        except Exception:  # a type pydantic cannot check: the constructor alone judges
             continue
         try:
-            pydantic.TypeAdapter(hint).validate_python(value)
+            adapter.validate_python(value)
         except pydantic.ValidationError:
-            kind = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+            kind = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
             raise ValueError(f"{key}={value!r}: {cls.__name__} takes {kind}") from None
 
 

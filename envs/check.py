@@ -6,6 +6,7 @@ with a traceback in the middle of a round or with demonstrations silently droppe
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from typing import Any
 
 from leap_dspy.envs.base import TextEnv, action_admissible
@@ -16,33 +17,51 @@ class EnvContractError(ValueError):
     """The environment breaks the `TextEnv` contract in a way no run can work around."""
 
 
-def check_env(env: TextEnv, task: Task) -> list[str]:
-    """Play `task` with the oracle, checking each call's result; raises `EnvContractError` for a broken
-    contract, returns warnings (the oracle's inadmissible actions, a lost episode) for what a run survives."""
+def check_env(env: TextEnv, task: Task, episode_env: Any = None, oracle: bool = True) -> list[str]:
+    """Check `env`'s contract, playing `task` on `episode_env` (an episode's clone, or a Ray actor's) or `env`
+    itself, with the oracle where it is the demonstrator; raises `EnvContractError` for what no run can work
+    around, returns warnings (an oracle step the environment would not admit, a lost episode) for the rest."""
     name = type(env).__name__
     _check_rebuild(env, name)
-    warnings: list[str] = []
+    played = env if episode_env is None else episode_env
     try:
-        obs = _observation(env.reset(task), f"{name}.reset")
-        for step in range(env.max_steps):
-            _check_privileged(env, name)
-            if obs.done:
-                break
-            action = env.oracle_action()
-            if action is None:
-                warnings.append(f"{name}.oracle_action() gave None at step {step} of task {task.id} before the "
-                                "episode ended: the scripted expert has no step there")
-                break
-            if not action_admissible(action, obs.admissible_actions):
-                warnings.append(f"{name}.oracle_action() gave {action!r} at step {step} of task {task.id}, not in "
-                                "its admissible_actions: demonstrations drop such steps")
-            obs = _observation(env.step(action), f"{name}.step")
-        if not obs.success:
-            warnings.append(f"the oracle did not win task {task.id} in {env.max_steps} steps: behaviour cloning "
-                            "keeps won episodes only (bc_successful_only)")
+        return _play(played, env.privilege_levels, task, name, oracle)
     finally:
-        env.close()
+        played.close()
+
+
+def _play(env: Any, levels: Iterable[int], task: Task, name: str, oracle: bool) -> list[str]:
+    obs = _call(name, "reset", env.reset, task)
+    _check_privileged(env, levels, name)
+    warnings: list[str] = []
+    for step in range(env.max_steps if oracle else 0):
+        if obs.done:
+            break
+        try:
+            action = env.oracle_action()
+        except Exception as exc:  # a user's oracle that cannot act here: the demonstrations will say so too
+            return [f"{name}.oracle_action() failed at step {step}: {type(exc).__name__}: {exc}"]
+        if action is None:
+            warnings.append(f"{name}.oracle_action() gave None at step {step} of task {task.id} before the "
+                            "episode ended: the scripted expert has no step there")
+            break
+        if not action_admissible(action, obs.admissible_actions):
+            warnings.append(f"{name}.oracle_action() gave {action!r} at step {step} of task {task.id}, not in "
+                            "its admissible_actions: demonstrations drop such steps")
+        obs = _call(name, "step", env.step, action)
+        _check_privileged(env, levels, name)
+    if oracle and not obs.success:
+        warnings.append(f"the oracle did not win task {task.id} in {env.max_steps} steps: behaviour cloning "
+                        "keeps won episodes only (bc_successful_only)")
     return warnings
+
+
+def _call(name: str, method: str, function: Any, argument: Any) -> Observation:
+    try:
+        obs = function(argument)
+    except Exception as exc:  # an environment that cannot run an episode: no run can work around it
+        raise EnvContractError(f"{name}.{method}() failed: {type(exc).__name__}: {exc}") from exc
+    return _observation(obs, f"{name}.{method}")
 
 
 def _observation(obs: Any, call: str) -> Observation:
@@ -51,9 +70,9 @@ def _observation(obs: Any, call: str) -> Observation:
     return obs
 
 
-def _check_privileged(env: TextEnv, name: str) -> None:
+def _check_privileged(env: Any, levels: Iterable[int], name: str) -> None:
     """Every level of the dial gives a `PrivilegedState` that says which level it is."""
-    for level in env.privilege_levels:
+    for level in levels:
         state = env.privileged_state(level)
         if not isinstance(state, PrivilegedState):
             raise EnvContractError(f"{name}.privileged_state({level}) returned {type(state).__name__}, not a "

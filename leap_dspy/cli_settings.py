@@ -7,13 +7,14 @@ from typing import Any
 
 import typer
 import yaml
+from rich.markup import escape
 
 from leap_dspy.progress import console
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print `message` as an error and return the exit to raise: a person gets one line, not a traceback."""
-    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)  # `search[...]` is text, not markup
     return typer.Exit(code)
 
 

@@ -35,8 +35,8 @@ class LEAPConfig(BaseModel):
     iterations: int = Field(2, ge=0, description="LEAP rounds after behaviour cloning")
     update: Update = Field("sft", description="how corrections become weights: sft, or dpo/kto (correction "
                            "preferred over the student's step)")
-    model: str = _bc(default=DEFAULT_MODEL, description="the student's base weights: the embedded default or a "
-                     "local Hugging Face folder")
+    model: str = _bc(default=DEFAULT_MODEL, description="the student's base weights: the embedded default, a "
+                     "local Hugging Face folder, or tiny-random (a 2-layer random model, to try a setting in seconds)")
     privilege_level: int | None = Field(None, description="how much privileged state the expert sees (the "
                                         "environment documents its levels); None: the environment's default")
     bc_epochs: float = _bc(default=1.0, gt=0, description="epochs of behaviour cloning")

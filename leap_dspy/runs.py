@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import html
+import inspect
 import io
 import json
 from datetime import datetime
@@ -180,7 +181,7 @@ class RunFolder:
 
     def write_episodes_csv(self) -> Path:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=EPISODE_COLUMNS)
+        writer = csv.DictWriter(buffer, fieldnames=EPISODE_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(self.episodes())
         target = self.path / "episodes.csv"
@@ -267,14 +268,27 @@ def with_new_defaults(existing: dict[str, Any], config: dict[str, Any]) -> dict[
     """`existing` (an earlier config.yaml) with the settings it predates filled in where `config` leaves them at
     their defaults: a run from before a setting existed ran as that default does, so it still resumes and its
     behaviour cloning can still be adopted."""
-    def fill(old: dict[str, Any], new: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
-        added = {k: v for k, v in new.items() if k not in old and k in fields and v == fields[k].default}
+    def fill(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+        added = {k: v for k, v in new.items() if k not in old and k in defaults and v == defaults[k]}
         return {**old, **added}
 
-    filled = fill(existing, config, LEAPConfig.model_fields)
-    if isinstance(existing.get("train"), dict) and isinstance(config.get("train"), dict):
-        filled["train"] = fill(existing["train"], config["train"], TrainConfig.model_fields)
+    filled = fill(existing, config, {k: f.default for k, f in LEAPConfig.model_fields.items()})
+    for key, defaults in (("train", lambda: {k: f.default for k, f in TrainConfig.model_fields.items()}),
+                          ("env", lambda: _env_defaults(str(config["env"].get("name"))))):
+        if isinstance(existing.get(key), dict) and isinstance(config.get(key), dict):
+            filled[key] = fill(existing[key], config[key], defaults())
     return filled
+
+
+def _env_defaults(name: str) -> dict[str, Any]:
+    """The environment constructor's defaults: an option added since a run started ran as its default."""
+    from leap_dspy.envs import UnknownEnvironment, env_class
+
+    try:
+        parameters = inspect.signature(env_class(name)).parameters.values()
+    except (UnknownEnvironment, ValueError, TypeError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def start_run(run: RunFolder, config: dict[str, Any]) -> None:

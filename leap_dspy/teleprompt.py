@@ -19,6 +19,7 @@ from typing import Any
 
 import dspy
 from dspy.teleprompt import Teleprompter
+from rich.markup import escape
 
 from leap_dspy.config import LEAPConfig
 from leap_dspy.corrections import (
@@ -181,7 +182,8 @@ class LEAP(Teleprompter):
         current = list(records.load().values())
         if not any(c.dropped is None for c in current):
             raise NoDemonstrations(f"{nothing_to_clone(demos, current, self.config.bc_successful_only)}; see "
-                                   f"{log.path}")
+                                   f"{log.path}, and once that is mended compile into a new run folder (this one "
+                                   "keeps these demonstrations)")
         rows, examples = self.aggregate(0, student, current)
         if _follows_student(teacher):  # the privileged self is these same weights: teach them the expert's part
             ordered = sorted(demos.values(), key=lambda t: t.task.id)
@@ -337,8 +339,9 @@ class LEAP(Teleprompter):
         if not train:
             raise ValueError("trainset is empty")
         self.check_teacher(teacher)
-        for warning in check_env(self.env, train[0]):
-            console.print(f"[yellow]warning: {warning}[/yellow]")
+        scripted = getattr(self._demonstrator(teacher), "scripted", False)  # only then does the oracle play
+        for warning in check_env(self.env, train[0], self.placement.episodes.clone(), oracle=scripted):
+            console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         check_model(self.config.model)
         config = self.run_config(teacher, train, val)
         source = check_bc_from(self.config.bc_from, config) if self.config.bc_from is not None else None

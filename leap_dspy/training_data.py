@@ -13,6 +13,7 @@ from typing import Any
 
 import dspy
 
+from leap_dspy.envs.base import action_admissible
 from leap_dspy.types import Correction, StudentInputs, Trajectory
 
 Messages = list[dict[str, str]]
@@ -85,7 +86,8 @@ def privileged_self_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdap
     demonstrated step. A student never trained on this format ignores the privileged facts and repeats it.
     """
     steps = [s for t in demonstrations if t.success for s in t.steps
-             if s.privileged is not None and s.error is None and s.action]
+             if s.privileged is not None and s.error is None and s.action
+             and action_admissible(s.action, s.admissible_actions)]
     rng.shuffle(steps)
     judges = "student_action" in signature.input_fields
     rows = []

@@ -160,7 +160,7 @@ def test_a_program_file_naming_foreign_code_or_an_endpoint_is_refused(tmp_path: 
 
 
 def test_the_documented_defaults_are_the_configs() -> None:
-    """docs/cli.md's option table says what LEAPConfig holds (it had drifted to an old max_train_rows)."""
+    """docs/cli.md's option table says what LEAPConfig holds."""
     from leap_dspy.config import LEAPConfig
 
     table = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()

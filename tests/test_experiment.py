@@ -71,7 +71,7 @@ def test_experiment_runs_publishes_resumes_and_reports(tiny_model: str, tmp_path
     assert (dpo["update"], dpo["iterations"], dpo["model"]) == ("dpo", 1, tiny_model)  # the grid's settings
     assert not list(published.rglob("adapter*")) and len(list(published.glob("*/episodes.csv"))) == 4
     episodes = list(csv.DictReader((published / "keybox-update=sft-seed0" / "episodes.csv").open()))
-    assert all(len(json.loads(e["actions"])) == int(e["steps"]) for e in episodes)  # what each episode did
+    assert episodes and all(len(json.loads(e["actions"])) == int(e["steps"]) for e in episodes)  # what was done
 
     shutil.rmtree(published)
     again = CliRunner().invoke(app, args)

@@ -216,8 +216,8 @@ def test_your_own_tasks_replace_the_splits_they_name(tmp_path):
          "split": "train"}]))
     env = make_env("intercode-sql", task_file=str(mine))
     default = make_env("intercode-sql")
-    assert [t.id for t in env.tasks("unseen")] == ["mine-0", "mine-1"]
-    assert [t.id for t in env.tasks("train")] == ["mine-2"]
+    assert [t.id for t in env.tasks("unseen")] == ["file-mine-0", "file-mine-1"]
+    assert [t.id for t in env.tasks("train")] == ["file-mine-2"]
     assert [t.id for t in env.tasks("seen")] == [t.id for t in default.tasks("seen")]  # not named: the task set's
     assert all(_oracle(env, t)[0] for t in env.tasks("unseen")) and check_env(env, env.tasks("train")[0]) == []
     played = _expert(env, env.tasks("unseen"))  # the realizable expert looks first, then answers
@@ -240,14 +240,15 @@ def test_your_own_bash_tasks_on_your_own_file_system(tmp_path):
     _need_bwrap()
     import json
 
-    setup = tmp_path / "setup.sh"
+    (tmp_path / "fs").mkdir()
+    setup = tmp_path / "fs" / "setup.sh"
     setup.write_text("mkdir -p /data/logs && echo error > /data/logs/a.log && echo ok > /data/logs/b.log\n")
     mine = tmp_path / "mine.json"
     mine.write_text(json.dumps([{"query": "Count the log files that contain the word error.",
-                                 "gold": "grep -l error -r /data | wc -l", "setup": str(setup)}]))
-    env = make_env("intercode-bash", task_file=str(mine))
+                                 "gold": "grep -l error -r /data | wc -l", "setup": "fs/setup.sh"}]))
+    env = make_env("intercode-bash", task_file=str(mine))  # the setup's path is the task file's, not the cwd's
     task = env.tasks("unseen")[0]
-    assert task.id == "mine-0" and _oracle(env, task)[:2] == (True, 1.0)
+    assert task.id == "file-mine-0" and _oracle(env, task)[:2] == (True, 1.0)
     [played] = _expert(env, [task])
     assert played.success and played.steps[0].action.startswith("ls")  # /data: a path it has not seen yet
     env.reset(task)

@@ -94,3 +94,23 @@ def test_a_run_from_before_a_setting_existed_resumes_at_its_default(tmp_path):
     changed = {**config, "train": {**config["train"], "use_liger_kernel": True}}
     with pytest.raises(ConfigMismatch, match="train"):
         start_run(run, changed)
+
+
+def test_an_environment_option_added_since_a_run_started_resumes_at_its_default(tmp_path):
+    """InterCode's `task_file` came after runs that recorded every other option: they resume, a set one does not."""
+    import yaml
+
+    from leap_dspy.config import LEAPConfig
+    from leap_dspy.envs import make_env
+    from leap_dspy.runs import ConfigMismatch, start_run
+
+    env = {"name": "intercode-sql", **make_env("intercode-sql").config()}
+    config = {"schema_version": 1, "env": env, **LEAPConfig().dump()}
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    older = {**config, "env": {k: v for k, v in env.items() if k != "task_file"}}
+    run.config_path.write_text(yaml.safe_dump(older))
+    start_run(run, config)
+    run.config_path.write_text(yaml.safe_dump(older))
+    with pytest.raises(ConfigMismatch, match="env"):
+        start_run(run, {**config, "env": {**env, "task_file": "/elsewhere/mine.json"}})

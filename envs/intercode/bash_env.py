@@ -85,6 +85,12 @@ class InterCodeBash(InterCodeEnv):
         self.task_set = task_set
         self.task_file = str(Path(task_file).expanduser().resolve()) if task_file else None  # runs rebuild it anywhere
         self._file_records = data.task_file(task_file, ()) if task_file else []
+        for record in self._file_records:  # your own setup script, found beside the task file
+            if "setup" in record and not re.fullmatch(r"[\w-]+:[\w.-]+", record["setup"]):
+                script = (Path(task_file).expanduser().parent / record["setup"]).resolve()  # type: ignore[arg-type]
+                if not script.is_file():
+                    raise ValueError(f"task_file {task_file}: setup script {script} does not exist")
+                record["setup"] = str(script)
         self.seed = seed
         self.num_train, self.num_seen = num_train, num_seen
         self.max_steps = max_steps
@@ -111,7 +117,7 @@ class InterCodeBash(InterCodeEnv):
 
     # -- tasks -----------------------------------------------------------------------------------------------
     def _file_task(self, record: dict[str, str], index: int, split: Split) -> Task:
-        source = Path(self.task_file or "file").stem
+        source = f"file-{Path(self.task_file or 'tasks').stem}"  # never a shipped task's id
         rec = data.BashRecord(source, index, record["query"], record["gold"], record.get("gold2"),
                               record.get("setup", "intercode:setup_fs.sh"))
         return self._task(rec, split)

@@ -7,6 +7,7 @@ gold command, then submit.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 from leap_dspy.envs.base import TextEnv
@@ -46,7 +47,7 @@ class InterCodeEnv(TextEnv):
 
     task_file: str | None = None
     """Your own tasks (`data.task_file`): the splits the file gives replace the task set's."""
-    _file_records: list[dict[str, str]] = []
+    _file_records: Sequence[dict[str, str]] = ()
 
     @abstractmethod
     def _build_splits(self) -> dict[str, list[Task]]: ...

@@ -92,7 +92,7 @@ def task_file(path: str | Path, required: tuple[str, ...]) -> list[dict[str, str
     (the instruction) and `gold` (and what `required` adds), and optionally `split` (unseen when absent)."""
     path = Path(path).expanduser()
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's CSV starts with a byte-order mark
         if path.suffix == ".csv":
             rows: Any = list(csv.DictReader(io.StringIO(text)))
         elif path.suffix == ".jsonl":

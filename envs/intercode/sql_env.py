@@ -350,7 +350,7 @@ class InterCodeSQL(InterCodeEnv):
         }
 
     def _file_task(self, record: dict[str, str], index: int, split: Split) -> Task:
-        source = Path(self.task_file or "file").stem
+        source = f"file-{Path(self.task_file or 'tasks').stem}"  # never a shipped task's id
         return Task(id=f"{source}-{index}", env=self.name, split=split, instruction=record["query"],
                     gold=record["gold"], db=record["db"], source=source)
 

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import shutil
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ TINY_MODEL = "tiny-random"
 """Alias of a 2-layer random Llama with the embedded model's tokenizer, built on first use: it learns nothing,
 and a whole compile with it takes seconds, for trying an environment or a configuration end to end."""
 _load_lock = threading.Lock()
+_tiny_lock = threading.Lock()
 
 
 class ModelNotFound(FileNotFoundError):
@@ -66,7 +68,8 @@ def resolve_model(model: str) -> Path | str:
         return _converted_embedded(model)
     if model == TINY_MODEL:
         target = cache_dir() / "models" / TINY_MODEL
-        return target if (target / "config.json").exists() else build_tiny_model(target)
+        with _tiny_lock:
+            return target if (target / "config.json").exists() else build_tiny_model(target)
     path = Path(model).expanduser()
     if path.exists():
         return path
@@ -128,10 +131,13 @@ def build_tiny_model(path: Path, tokenizer_source: str = DEFAULT_MODEL) -> Path:
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     torch.manual_seed(0)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
     LlamaForCausalLM(config).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, path) if not (path / "config.json").exists() else shutil.rmtree(tmp)
+    try:
+        os.replace(tmp, path)  # onto nothing or an empty folder
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -51,6 +51,9 @@ class LEAPConfig(BaseModel):
                                 "grow past max_train_rows), older data filling up; false caps new ones at half")
     rollout_tasks: int | None = Field(12, ge=1, description="training tasks the student plays per round (a "
                                       "seeded sample; all when unset)")
+    rollout_steps: int | None = Field(None, ge=1, description="play further samples of rollout_tasks until the "
+                                      "round has visited this many steps (short episodes give few corrections); "
+                                      "unset: one sample")
     bc_successful_only: bool = _bc(default=True, description="clone only demonstrations that succeeded")
     balance_actions: int = _bc(default=2, ge=1, description="repeat rarer kinds of action up to this many "
                                "times within the row budget (1: the raw mix)")

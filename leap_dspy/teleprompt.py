@@ -13,7 +13,7 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,17 +198,20 @@ class LEAP(Teleprompter):
         return adapter
 
     def rollouts(self, k: int, student: Student, teacher: dspy.Module, train: list[Task]) -> dict[str, Trajectory]:
-        """The current student plays a seeded sample of the training tasks; each visited step records what the
-        expert will read there."""
-        tasks = train
-        if self.config.rollout_tasks is not None and self.config.rollout_tasks < len(train):
-            tasks = random.Random(self.config.seed * 7919 + k).sample(train, self.config.rollout_tasks)
+        """The current student plays a seeded sample of the training tasks, and further samples until the round
+        has visited `rollout_steps` steps; each visited step records what the expert will read there."""
         capture_level, capture_oracle = expert_capture(teacher, self.env, self.privilege_level)
         play = student_policy(student, capture_level=capture_level, capture_oracle=capture_oracle,
                               policy=f"student@{k - 1}", max_stuck=ROLLOUT_MAX_STUCK)
         log = JsonlLog(self.run.stage(k) / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
-        return play_episodes(Episodes(log, tasks, f"round {k}: rollouts", play), self.placement.episodes,
-                             program=student, num_threads=self.config.num_threads, progress=self.config.progress)
+        played: dict[str, Trajectory] = {}
+        for tasks in rollout_samples(train, self.config.rollout_tasks, self.config.seed * 7919 + k):
+            played |= play_episodes(Episodes(log, tasks, f"round {k}: rollouts", play), self.placement.episodes,
+                                    program=student, num_threads=self.config.num_threads,
+                                    progress=self.config.progress)
+            if sum(len(t.steps) for t in played.values()) >= (self.config.rollout_steps or 0):
+                break
+        return played
 
     def corrections(self, k: int, teacher: dspy.Module, trajectories: dict[str, Trajectory]) -> list[Correction]:
         """The privileged expert's reason and action at every visited step, judged and saved one by one."""
@@ -451,6 +454,21 @@ class LEAP(Teleprompter):
         tmp.rename(out)
         atomic_write_json(out.parent / "train.json", {"skipped": "no usable corrections", "adapter_dir": str(out)})
         return out
+
+
+def rollout_samples(train: list[Task], size: int | None, seed: int) -> Iterator[list[Task]]:
+    """Disjoint seeded samples of `size` training tasks (all of them when unset), the first as a round has
+    always drawn it, so that a run resumes and reruns with the same rollouts."""
+    if size is None or size >= len(train):
+        yield train
+        return
+    first = random.Random(seed).sample(train, size)
+    yield first
+    taken = {t.id for t in first}
+    rest = [t for t in train if t.id not in taken]
+    random.Random(seed + 1).shuffle(rest)
+    for start in range(0, len(rest), size):
+        yield rest[start:start + size]
 
 
 def round_metrics(current: list[Correction], trajectories: dict[str, Trajectory], examples: int,

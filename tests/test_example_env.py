@@ -167,3 +167,27 @@ def test_a_rollout_stops_where_the_student_repeats_an_action_that_changes_nothin
     assert [s.action for s in stuck.steps] == ["look"] * 3  # the first look, then two that changed nothing
     played = run_episode(look, Student().inputs, env, task)  # evaluation plays its steps out
     assert len(played.steps) == env.max_steps
+
+
+def test_a_round_plays_further_samples_until_it_has_visited_rollout_steps(tiny_model: str, tmp_path: Path) -> None:
+    """Short episodes give a round few corrections: `rollout_steps` asks for more rollouts, sample by sample."""
+    import json
+    import random
+
+    from leap_dspy.teleprompt import rollout_samples
+
+    train = KeyBox(num_train=10).tasks("train")
+    samples = list(rollout_samples(train, 3, 7))
+    assert samples[0] == random.Random(7).sample(train, 3)  # the first sample is the one a round always drew
+    assert sorted(t.id for s in samples for t in s) == sorted(t.id for t in train) and len(samples) == 4
+    assert list(rollout_samples(train, None, 7)) == [train]
+
+    env = KeyBox(**{**TINY, "num_train": 6})
+    leap = LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "run", train_config=FAST_TRAIN,
+                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False, rollout_tasks=1, rollout_steps=12,
+                evaluate_base=False, evaluate_expert=False)
+    leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(), valset=env.tasks("seen"))
+    played = [json.loads(line) for line in (tmp_path / "run" / "iter_1" / "trajectories.jsonl").open()]
+    steps = sum(len(t["steps"]) for t in played)
+    assert len(played) > 1 and (steps >= 12 or len(played) == 6)  # more than one sample, until the budget
+    assert steps - len(played[-1]["steps"]) < 12  # and no further than the sample that reached it

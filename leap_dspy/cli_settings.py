@@ -57,7 +57,7 @@ def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Pat
 def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(LEAPConfig fields, the run's other keys) of a settings file or a run's config.yaml."""
     from leap_dspy.config import LEAPConfig
-    from leap_dspy.runs import check_schema
+    from leap_dspy.runs import as_run_ran, check_schema
 
     if path is None:
         return {}, {}
@@ -71,6 +71,8 @@ def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
         check_schema(data, f"--config {path}")
     except ValueError as exc:
         raise fail(str(exc)) from exc
+    if "schema_version" in data:  # a run's config.yaml: rerun as it ran
+        data = as_run_ran(data)
     run_keys = {"env", "student", "expert", "demonstrator", "trainset", "valset", "bc_expert_level", "schema_version"}
     unknown = sorted(set(data) - set(LEAPConfig.model_fields) - run_keys)
     if unknown:

@@ -66,7 +66,7 @@ class LEAPConfig(BaseModel):
     evaluate_expert: bool = Field(True, description="evaluate the expert acting itself")
     evaluate_snapped: bool = Field(True, description="beside strict success (actions run as written), report "
                                    "success with near misses snapped to an admissible action")
-    lm: dict[str, Any] = _bc(default_factory=lambda: {"no_repeat_ngram": 12},
+    lm: dict[str, Any] = _bc(default_factory=lambda: {"no_repeat_ngram": 12, "ngram_repeats": 2},
                              description="settings of the student's local engine (`LocalEngine`)")
     train: TrainConfig = _bc(default_factory=TrainConfig, description="LoRA fine-tuning hyper-parameters")
     train_launcher: list[str] = Field(default_factory=lambda: ["python"], description="run each fine-tune as its "
@@ -109,10 +109,10 @@ class LEAPConfig(BaseModel):
     @field_validator("lm", mode="before")
     @classmethod
     def _lm_defaults(cls, value: dict[str, Any] | None) -> dict[str, Any]:
-        """`max_new_tokens`, unless given, is the environment's `answer_tokens` (set by `LEAP`); `no_repeat_ngram` 12
-        stops a
-        greedy 135M student looping within a reason, and no training answer repeats a 12-gram."""
-        return {"no_repeat_ngram": 12, **(value or {})}
+        """`max_new_tokens`, unless given, is the environment's `answer_tokens` (set by `LEAP`); a 12-token run
+        said a third time ends a greedy 135M student's loop, and saying one twice is what an INTERSECT query
+        or a reason naming its query needs."""
+        return {"no_repeat_ngram": 12, "ngram_repeats": 2, **(value or {})}
 
     @classmethod
     def bc_keys(cls) -> tuple[str, ...]:

@@ -65,7 +65,15 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RunFileError(f"{path} is not a run's configuration (it holds {type(data).__name__})")
     check_schema(data, path)
-    return data
+    return as_run_ran(data)
+
+
+def as_run_ran(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config.yaml with the settings added since it was written at the values it ran with, where those
+    are not the new defaults (a resume or a rerun must not change how it decodes)."""
+    if isinstance(config.get("lm"), dict) and "no_repeat_ngram" in config["lm"]:
+        config["lm"].setdefault("ngram_repeats", 1)  # before the setting, an n-gram was never said twice
+    return config
 
 
 def check_schema(config: dict[str, Any], path: str | Path) -> None:

@@ -107,6 +107,25 @@ def test_sql_questions_across_links_take_spiders_shapes_and_the_expert_solves_th
         assert actions[0] == "SHOW TABLES" and actions[1].startswith("DESCRIBE ") and actions[-1] == "submit"
 
 
+def test_the_repetition_guard_lets_the_student_write_an_intersect(tokenizer_source):
+    """An INTERSECT's two halves say one long run of tokens twice: the guard must allow that, or no student
+    could ever write the query a "both" question asks for (it forbade any 12-token run said twice)."""
+    _need_data()
+    from collections import Counter
+
+    from leap_dspy.config import LEAPConfig
+    from leap_dspy.lm.models import load_tokenizer
+
+    env, lm, tokenizer = InterCodeSQL(), LEAPConfig().lm, load_tokenizer(tokenizer_source)
+    both = [t for t in env.tasks("train") if "INTERSECT" in t.gold][:6]
+    most = []
+    for step in (s for t in _play(env, both) for s in t.steps):
+        ids = tokenizer.encode(f"{step.reason}\n\n{step.action}", add_special_tokens=False)
+        grams = Counter(tuple(ids[i:i + lm["no_repeat_ngram"]]) for i in range(len(ids) - lm["no_repeat_ngram"] + 1))
+        most.append(max(grams.values(), default=0))
+    assert max(most) == 2 <= lm["ngram_repeats"]  # said twice, never three times
+
+
 def test_bash_expert_looks_then_solves():
     _need_bwrap()
     env = InterCodeBash()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 
 import pytest
 
@@ -349,8 +350,12 @@ def test_no_repeat_ngram_breaks_greedy_loops(tiny_model):
     for result in guarded:
         assert len(result.token_ids) == 40
         assert len(set(ngrams(result.token_ids, 3))) == len(ngrams(result.token_ids, 3))
-    engine = LocalEngine(tiny_model, no_repeat_ngram=3)
-    assert engine.dump_state()["no_repeat_ngram"] == 3
+    twice = generator.generate(prompts, GenParams(max_new_tokens=40, ignore_eos=True, no_repeat_ngram=3,
+                                                  ngram_repeats=2), False)
+    counts = [Counter(ngrams(r.token_ids, 3)) for r in twice]
+    assert max(max(c.values()) for c in counts) == 2  # said twice, as an INTERSECT's halves are; never three times
+    engine = LocalEngine(tiny_model, no_repeat_ngram=3, ngram_repeats=2)
+    assert (engine.dump_state()["no_repeat_ngram"], engine.dump_state()["ngram_repeats"]) == (3, 2)
 
 
 def test_length_chunked_prefill_matches_one_padded_prefill():

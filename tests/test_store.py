@@ -114,3 +114,20 @@ def test_an_environment_option_added_since_a_run_started_resumes_at_its_default(
     run.config_path.write_text(yaml.safe_dump(older))
     with pytest.raises(ConfigMismatch, match="env"):
         start_run(run, {**config, "env": {**env, "task_file": "/elsewhere/mine.json"}})
+
+
+def test_a_run_decodes_as_it_ran(tmp_path):
+    """Runs from before `ngram_repeats` never said a 12-token run twice: they resume and rerun so, or not at all."""
+    import yaml
+
+    from leap_dspy.config import LEAPConfig
+    from leap_dspy.runs import ConfigMismatch, read_config, start_run
+
+    config = {"schema_version": 1, "env": {"name": "keybox"}, **LEAPConfig().dump()}
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    run.config_path.write_text(yaml.safe_dump({**config, "lm": {"no_repeat_ngram": 12}}))
+    assert read_config(run.config_path)["lm"] == {"no_repeat_ngram": 12, "ngram_repeats": 1}
+    with pytest.raises(ConfigMismatch, match="lm"):
+        start_run(run, config)
+    start_run(run, {**config, "lm": {"no_repeat_ngram": 12, "ngram_repeats": 1}})

@@ -27,7 +27,7 @@ from leap_dspy.lm.models import DEFAULT_MODEL
 from leap_dspy.lm.registry import LoadedModel, get_loaded
 
 _STATE_KEYS = ("model", "adapter", "dtype", "max_batch", "max_new_tokens", "batching", "prefix_cache",
-               "batch_wait_s", "device", "no_repeat_ngram", "answer_cache")
+               "batch_wait_s", "device", "no_repeat_ngram", "ngram_repeats", "answer_cache")
 
 
 class LocalEngine:
@@ -44,8 +44,9 @@ class LocalEngine:
         prefix_cache: compute the KV cache of a batch's common token prefix once (see `generate.py`).
         batch_wait_s: how long the worker waits for another request before starting a partial batch.
         device: "cpu", "cuda", ...; None picks CUDA when available.
-        no_repeat_ngram: never generate an n-gram of this many tokens twice in one answer (0: off; see
-            `GenParams.no_repeat_ngram`).
+        no_repeat_ngram: never generate an n-gram of this many tokens more than `ngram_repeats` times in one
+            answer (0: off; see `GenParams.no_repeat_ngram`).
+        ngram_repeats: how many times one answer may hold such an n-gram (1: never twice).
         answer_cache: how many greedy answers to remember by prompt (0: off). A greedy answer is a function of
             the prompt, and an agent stuck in a loop asks the very same prompt step after step. A remembered
             answer is returned as it was (usage included) without computing it; `remembered` counts them.
@@ -68,6 +69,7 @@ class LocalEngine:
         batch_wait_s: float = 0.05,
         device: str | None = None,
         no_repeat_ngram: int = 0,
+        ngram_repeats: int = 1,
         answer_cache: int = 4096,
     ) -> None:
         if max_batch < 1 or max_new_tokens < 1:
@@ -82,6 +84,7 @@ class LocalEngine:
         self.batch_wait_s = batch_wait_s
         self.device = device
         self.no_repeat_ngram = int(no_repeat_ngram)
+        self.ngram_repeats = int(ngram_repeats)
         self.answer_cache = int(answer_cache)
         self._answers: OrderedDict[tuple, GenResult] = OrderedDict()
         self._answers_lock = threading.Lock()
@@ -214,6 +217,7 @@ class LocalEngine:
             stop=tuple(config.stop or ()),
             seed=config.seed if temperature else None,
             no_repeat_ngram=self.no_repeat_ngram,
+            ngram_repeats=self.ngram_repeats,
         )
 
     def _generate(self, params: GenParams, ids: list[int]) -> GenResult:

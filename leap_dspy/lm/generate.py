@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +44,13 @@ class GenParams:
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
     no_repeat_ngram: int = 0
-    """Never generate an n-gram of this many tokens twice within one answer (0: off). Greedy decoding of a
-    small model can fall into a loop ("the first unvisited is the first unvisited is ..."), which spends the
-    whole token budget and leaves nothing to parse; only the generated tokens count, never the prompt."""
+    """Never generate an n-gram of this many tokens more than `ngram_repeats` times within one answer (0: off).
+    Greedy decoding of a small model can fall into a loop ("the first unvisited is the first unvisited is
+    ..."), which spends the whole token budget and leaves nothing to parse; only the generated tokens count,
+    never the prompt."""
+    ngram_repeats: int = 1
+    """How many times one answer may hold such an n-gram: 2 lets an answer say a thing twice (an INTERSECT's
+    two halves, a query its reason names) and still cuts a loop at its third turn."""
 
     @property
     def greedy(self) -> bool:
@@ -83,13 +88,14 @@ class GenStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _ban_repeats(logits: torch.Tensor, generated: list[list[int]], n: int) -> None:
-    """Forbid, in each row, every token that would complete an n-gram the row has already generated."""
+def _ban_repeats(logits: torch.Tensor, generated: list[list[int]], n: int, repeats: int = 1) -> None:
+    """Forbid, in each row, every token that would complete an n-gram the row has generated `repeats` times."""
     for i, row in enumerate(generated):
         if len(row) < n - 1:
             continue
         tail = row[len(row) - n + 1:]
-        banned = [row[j + n - 1] for j in range(len(row) - n + 1) if row[j:j + n - 1] == tail]
+        seen = Counter(row[j + n - 1] for j in range(len(row) - n + 1) if row[j:j + n - 1] == tail)
+        banned = [token for token, count in seen.items() if count >= repeats]
         if banned:
             logits[i, banned] = float("-inf")
 
@@ -288,7 +294,8 @@ class Generator:
         rows = list(range(batch))  # tensor row -> original row; finished rows are dropped as they pile up
         for step in range(params.max_new_tokens):
             if params.no_repeat_ngram > 1:
-                _ban_repeats(logits, [progress.tokens[row] for row in rows], params.no_repeat_ngram)
+                _ban_repeats(logits, [progress.tokens[row] for row in rows], params.no_repeat_ngram,
+                             params.ngram_repeats)
             nxt = self._choose(logits, params, generator)
             is_eos = torch.isin(nxt, eos)
             self._record(progress, rows, nxt.tolist(), is_eos.tolist(), params)

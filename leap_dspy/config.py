@@ -63,7 +63,8 @@ class LEAPConfig(BaseModel):
     expert_threads: int = Field(8, ge=1, description="concurrent calls to an LM expert")
     expert_retries: int = Field(3, ge=1, description="attempts per expert call before the failure is recorded")
     evaluate_base: bool = Field(True, description="evaluate the untrained student")
-    evaluate_expert: bool = Field(True, description="evaluate the expert acting itself")
+    evaluate_expert: bool = Field(True, description="evaluate the expert acting itself (not a privileged self, "
+                                  "which before behaviour cloning is the untrained student)")
     evaluate_snapped: bool = Field(True, description="beside strict success (actions run as written), report "
                                    "success with near misses snapped to an admissible action")
     lm: dict[str, Any] = _bc(default_factory=lambda: {"no_repeat_ngram": 12, "ngram_repeats": 2},

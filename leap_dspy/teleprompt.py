@@ -323,10 +323,11 @@ class LEAP(Teleprompter):
         return {**snapped, "near_miss_episodes": len(near)}
 
     def reference(self, student: Student, teacher: dspy.Module, val: list[Task]) -> None:
-        """The untrained student and the expert acting itself, evaluated once for the table's reference rows."""
+        """The untrained student and the expert acting itself, evaluated once for the table's reference rows; a
+        privileged self has no row of its own (before behaviour cloning it is the untrained student)."""
         if self.config.evaluate_base and val:
             self.evaluate("base", student, val, since=time.perf_counter(), extra={})
-        if self.config.evaluate_expert and val:
+        if self.config.evaluate_expert and val and not _follows_student(teacher):
             self.evaluate("expert", teacher, val, since=time.perf_counter(), extra={},
                           expert_level=self.privilege_level)
 

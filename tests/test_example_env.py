@@ -191,3 +191,14 @@ def test_a_round_plays_further_samples_until_it_has_visited_rollout_steps(tiny_m
     steps = sum(len(t["steps"]) for t in played)
     assert len(played) > 1 and (steps >= 12 or len(played) == 6)  # more than one sample, until the budget
     assert steps - len(played[-1]["steps"]) < 12  # and no further than the sample that reached it
+
+
+def test_a_privileged_self_has_no_reference_row(tiny_model: str, tmp_path: Path) -> None:
+    """Before behaviour cloning the privileged self is the untrained student: an `expert` row of it would say 0."""
+    from leap_dspy.programs import SelfExpert
+
+    env = KeyBox(**TINY)
+    leap = LEAP(env, iterations=0, model=tiny_model, run_dir=tmp_path / "run", train_config=FAST_TRAIN,
+                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False, evaluate_base=False)
+    leap.compile(Student(), trainset=env.tasks("train"), teacher=SelfExpert(), valset=env.tasks("seen"))
+    assert metrics_rows(tmp_path / "run") == ["0"]

@@ -94,3 +94,18 @@ def describe_expert(teacher: dspy.Module) -> dict[str, Any]:
     if getattr(teacher, "per", "step") != "step":
         info["per"] = teacher.per
     return info
+
+
+def round_metrics(current: list[Correction], trajectories: dict[str, Trajectory], examples: int,
+                  train_s: float) -> dict[str, Any]:
+    """What a stage's metrics add to its evaluation: its data, its corrections, its expert bill, its training."""
+    return {
+        "train_examples": examples,
+        "corrections": len(current),
+        "corrections_changed": sum(c.changed for c in current if c.dropped is None),
+        "corrections_dropped": sum(c.dropped is not None for c in current),
+        "corrections_unrealizable": sum(bool(c.unobserved or c.unjustified) for c in current),
+        "train_success": success_rate(list(trajectories.values())),
+        **expert_usage_metrics(current),
+        "train_s": round(train_s, 1),
+    }

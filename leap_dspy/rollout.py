@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import random
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
@@ -232,3 +233,18 @@ def needs_oracle(expert: dspy.Module) -> bool:
 def reads_privileged_text(expert: dspy.Module) -> bool:
     """LM experts read the privileged state as text; scripted ones do not (the `reads_privileged_text` flag)."""
     return bool(getattr(expert, "reads_privileged_text", not needs_oracle(expert)))
+
+
+def rollout_samples(train: list[Task], size: int | None, seed: int) -> Iterator[list[Task]]:
+    """Disjoint seeded samples of `size` training tasks (all of them when unset), the first as a round has
+    always drawn it, so that a run resumes and reruns with the same rollouts."""
+    if size is None or size >= len(train):
+        yield train
+        return
+    first = random.Random(seed).sample(train, size)
+    yield first
+    taken = {t.id for t in first}
+    rest = [t for t in train if t.id not in taken]
+    random.Random(seed + 1).shuffle(rest)
+    for start in range(0, len(rest), size):
+        yield rest[start:start + size]

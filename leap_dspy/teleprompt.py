@@ -13,7 +13,7 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from leap_dspy.envs import env_spec
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.envs.check import check_env
 from leap_dspy.lm.models import check_model
-from leap_dspy.metrics import describe_expert, expert_usage_metrics, split_metrics, success_rate
+from leap_dspy.metrics import describe_expert, round_metrics, split_metrics
 from leap_dspy.placement import Placement
 from leap_dspy.programs.agent import Agent
 from leap_dspy.programs.experts import OracleExpert
@@ -47,6 +47,7 @@ from leap_dspy.rollout import (
     expert_capture,
     expert_policy,
     play_episodes,
+    rollout_samples,
     student_policy,
 )
 from leap_dspy.runs import (
@@ -68,6 +69,7 @@ from leap_dspy.training_data import (
     preference_rows,
     privileged_self_rows,
     sft_rows,
+    warn_long_answers,
 )
 from leap_dspy.types import Correction, PrivilegedState, StudentInputs, Task, Trajectory
 
@@ -457,49 +459,10 @@ class LEAP(Teleprompter):
         return out
 
 
-def rollout_samples(train: list[Task], size: int | None, seed: int) -> Iterator[list[Task]]:
-    """Disjoint seeded samples of `size` training tasks (all of them when unset), the first as a round has
-    always drawn it, so that a run resumes and reruns with the same rollouts."""
-    if size is None or size >= len(train):
-        yield train
-        return
-    first = random.Random(seed).sample(train, size)
-    yield first
-    taken = {t.id for t in first}
-    rest = [t for t in train if t.id not in taken]
-    random.Random(seed + 1).shuffle(rest)
-    for start in range(0, len(rest), size):
-        yield rest[start:start + size]
 
 
-def round_metrics(current: list[Correction], trajectories: dict[str, Trajectory], examples: int,
-                  train_s: float) -> dict[str, Any]:
-    """What a stage's metrics add to its evaluation: its data, its corrections, its expert bill, its training."""
-    return {
-        "train_examples": examples,
-        "corrections": len(current),
-        "corrections_changed": sum(c.changed for c in current if c.dropped is None),
-        "corrections_dropped": sum(c.dropped is not None for c in current),
-        "corrections_unrealizable": sum(bool(c.unobserved or c.unjustified) for c in current),
-        "train_success": success_rate(list(trajectories.values())),
-        **expert_usage_metrics(current),
-        "train_s": round(train_s, 1),
-    }
 
 
-def warn_long_answers(rows: Rows, model: str, limit: int) -> int:
-    """Say how many training answers are longer than the student may write: cut at `max_new_tokens` at play
-    time, such an answer loses its action, so the student learns a step it can never take."""
-    from leap_dspy.lm.models import load_tokenizer
-
-    tokenizer = load_tokenizer(model)
-    answers = [row.get("completion") or row.get("chosen") for row in rows]
-    long = sum(len(tokenizer(a[0]["content"])["input_ids"]) > limit for a in answers if a)
-    if long:
-        console.print(f"[yellow]{long} of {len(rows)} training answers are longer than max_new_tokens={limit}: "
-                      "the student will be cut off before their action; shorten the expertise's reasons or "
-                      "raise the limit (LEAP(lm={'max_new_tokens': ...}), TextEnv.answer_tokens)[/yellow]")
-    return long
 
 
 def _follows_student(expert: dspy.Module) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 import dspy
 
 from leap_dspy.envs.base import action_admissible
+from leap_dspy.progress import console
 from leap_dspy.types import Correction, StudentInputs, Trajectory
 
 Messages = list[dict[str, str]]
@@ -175,3 +176,18 @@ def balance_by_action(records: list[Correction], cap: int, budget: int, rng: ran
 
 def _action_kind(record: Correction) -> str:
     return (record.action.split() or [""])[0].split("[")[0].lower()
+
+
+def warn_long_answers(rows: list[dict[str, Any]], model: str, limit: int) -> int:
+    """Say how many training answers are longer than the student may write: cut at `max_new_tokens` at play
+    time, such an answer loses its action, so the student learns a step it can never take."""
+    from leap_dspy.lm.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    answers = [row.get("completion") or row.get("chosen") for row in rows]
+    long = sum(len(tokenizer(a[0]["content"])["input_ids"]) > limit for a in answers if a)
+    if long:
+        console.print(f"[yellow]{long} of {len(rows)} training answers are longer than max_new_tokens={limit}: "
+                      "the student will be cut off before their action; shorten the expertise's reasons or "
+                      "raise the limit (LEAP(lm={'max_new_tokens': ...}), TextEnv.answer_tokens)[/yellow]")
+    return long

@@ -174,7 +174,7 @@ def test_a_round_plays_further_samples_until_it_has_visited_rollout_steps(tiny_m
     import json
     import random
 
-    from leap_dspy.teleprompt import rollout_samples
+    from leap_dspy.rollout import rollout_samples
 
     train = KeyBox(num_train=10).tasks("train")
     samples = list(rollout_samples(train, 3, 7))

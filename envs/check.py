@@ -61,12 +61,8 @@ def _call(name: str, method: str, function: Any, argument: Any) -> Observation:
         obs = function(argument)
     except Exception as exc:  # an environment that cannot run an episode: no run can work around it
         raise EnvContractError(f"{name}.{method}() failed: {type(exc).__name__}: {exc}") from exc
-    return _observation(obs, f"{name}.{method}")
-
-
-def _observation(obs: Any, call: str) -> Observation:
     if not isinstance(obs, Observation):
-        raise EnvContractError(f"{call} returned {type(obs).__name__}, not a leap_dspy.types.Observation")
+        raise EnvContractError(f"{name}.{method} returned {type(obs).__name__}, not a leap_dspy.types.Observation")
     return obs
 
 

@@ -21,6 +21,7 @@ EnvOption = Annotated[str, typer.Option("--env", "-e", help="alfworld, webshop, 
                                                             "or your own TextEnv as package.module:Class")]
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="environment option KEY=VALUE (e.g. num_receptacles=6); repeatable")]
+OutOption = Annotated[Path | None, typer.Option(help="also write each episode (a Trajectory) to this JSON lines file")]
 
 
 def build_env(name: str, options: dict[str, Any]) -> Any:
@@ -219,13 +220,14 @@ def evaluate(
     split: Annotated[str, typer.Option(help="train, seen or unseen")] = "unseen",
     threads: Annotated[int, typer.Option(min=1)] = 64,
     limit: Annotated[int | None, typer.Option(min=1, help="only the first N tasks")] = None,
+    out: OutOption = None,
 ) -> None:
     """Evaluate a compiled student (the run folder's student.json) on a split."""
     if not run_dir.exists():
         raise fail(f"run folder {run_dir} does not exist")
     _, environment = load_run(run_dir)
     student = load_program(run_dir / "student.json")
-    _play(student, environment, split, threads, limit, f"{run_dir.name} on {split}")
+    _play(student, environment, split, threads, limit, f"{run_dir.name} on {split}", out)
 
 
 @app.command("rollout")
@@ -236,14 +238,16 @@ def rollout_(
     threads: Annotated[int, typer.Option(min=1)] = 64,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
     sets: SetOption = None,
+    out: OutOption = None,
 ) -> None:
     """Run any saved program on a split and print its success."""
     environment = build_env(env, parse_sets(sets))
     student = load_program(program)
-    _play(student, environment, split, threads, limit, f"{program.name} on {env}/{split}")
+    _play(student, environment, split, threads, limit, f"{program.name} on {env}/{split}", out)
 
 
-def _play(student: Any, environment: Any, split: str, threads: int, limit: int | None, title: str) -> None:
+def _play(student: Any, environment: Any, split: str, threads: int, limit: int | None, title: str,
+          out: Path | None = None) -> None:
 
     from leap_dspy.progress import progress_bar
     from leap_dspy.rollout import rollout
@@ -253,6 +257,9 @@ def _play(student: Any, environment: Any, split: str, threads: int, limit: int |
     tasks = environment.tasks(split)[:limit]
     with progress_bar(f"rollout {split}", len(tasks)) as advance:
         trajectories = rollout(student, environment, tasks, num_threads=threads, on_trajectory=lambda _: advance())
+    if out is not None:  # the run folder's eval.jsonl format, so that `report`-style paired comparisons can read it
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(t.model_dump_json() + "\n" for t in trajectories), encoding="utf-8")
     report_rollout(title, trajectories)
 
 

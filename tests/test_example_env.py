@@ -128,6 +128,12 @@ def test_compiles_from_python_and_from_the_cli(tiny_model: str, tmp_path: Path,
     assert result.exit_code == 0, result.output
     assert metrics_rows(tmp_path / "cli") == ["base", "expert", "0", "1"]
 
+    out = tmp_path / "unseen.jsonl"
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "cli"), "--threads", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    episodes = [Trajectory.model_validate_json(line) for line in out.read_text().splitlines()]
+    assert [t.task.id for t in episodes] == [t.id for t in env.tasks("unseen")]
+
 
 class _Wordy(Student):
     """A student that plays keybox's plan but writes 'the' before the key and the door: near misses."""

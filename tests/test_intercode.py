@@ -8,6 +8,7 @@ where a tool is truly absent.
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 
 import pytest
 
@@ -131,6 +132,20 @@ def test_sql_generated_tasks_solvable():
     env = InterCodeSQL()
     tasks = env.tasks("train")[:15]
     assert all(_oracle(env, t)[0] for t in tasks)
+
+
+def test_sql_new_databases_unseen_are_generated_on_the_benchmark_databases():
+    _need_data()
+    default, new = InterCodeSQL(seed=1), InterCodeSQL(seed=1, task_set="new-databases")
+    assert [t.id for t in new.tasks("train")] == [t.id for t in default.tasks("train")]  # training unchanged
+    unseen = new.tasks("unseen")
+    bench_dbs = {t.db for t in default.tasks("unseen")} - {"wta_1"}  # no template fits wta_1
+    assert {t.db for t in unseen} == bench_dbs
+    assert {t.db for t in new.tasks("train")}.isdisjoint(t.db for t in unseen)
+    assert max(Counter(t.db for t in unseen).values()) == 10 and len(unseen) >= 60
+    assert [t.id for t in InterCodeSQL(seed=1, task_set="new-databases").tasks("unseen")] == [t.id for t in unseen]
+    assert [t.id for t in InterCodeSQL(seed=2, task_set="new-databases").tasks("unseen")] != [t.id for t in unseen]
+    assert all(_oracle(new, t)[0] for t in unseen[::7])
 
 
 def test_mysql_oracle_and_agreement_with_sqlite():

@@ -18,6 +18,8 @@ normalized values (Decimal/float rounded to 4 places, datetimes as text) so both
 Splits (`task_set`):
 - `default`: unseen = the 23 shipped benchmark queries (on 8 databases); train/seen = questions generated from
   templates (spider.py) over the 12 databases the benchmark does not use, shuffled by `seed`, cut 80/20.
+- `new-databases`: train/seen as `default`; unseen = generated questions on the 8 databases of the benchmark,
+  which no training question uses (10 a database, drawn by `seed`): new schemas, questions of the trained shapes.
 - `bench`: the 23 shipped queries shuffled by `seed`, 11 train / 6 seen / 6 unseen.
 - `generated`: the generated questions only, 60/20/20.
 `task_file`: your own questions on the Spider databases (`data.task_file`) replace the splits they name.
@@ -40,7 +42,7 @@ from leap_dspy.envs.intercode.expertise import SQLExpertise, describe_target, is
 from leap_dspy.envs.intercode.reward import normalize_rows, sql_reward
 from leap_dspy.types import Observation, PrivilegedState, Split, Task
 
-TASK_SETS = ("default", "bench", "generated")
+TASK_SETS = ("default", "new-databases", "bench", "generated")
 BACKENDS = ("sqlite", "mysql")
 MYSQL_USER = "leap_ro"
 MYSQL_HINT = (
@@ -369,13 +371,14 @@ class InterCodeSQL(InterCodeEnv):
             for r in data.bench_sql()
         ]
 
-    def _generated_tasks(self) -> list[Task]:
+    def _generated_tasks(self, on_bench_dbs: bool = False) -> list[Task]:
+        """Template questions on the 12 databases the benchmark does not use (or on the benchmark's 8)."""
         bench_dbs = {r.db for r in data.bench_sql()}
         dbs = spider.parse_dump()
         rng = random.Random(1234)  # the question set is fixed; `seed` only shuffles the split
         out = []
         for db in sorted(dbs):
-            if db in bench_dbs:
+            if (db in bench_dbs) != on_bench_dbs:
                 continue
             for k, (q, gold) in enumerate(spider.generate_questions(db, dbs[db], rng)):
                 out.append(
@@ -400,13 +403,23 @@ class InterCodeSQL(InterCodeEnv):
         else:
             g = self._generated_tasks()
             rng.shuffle(g)
-            if self.task_set == "default":
+            if self.task_set in ("default", "new-databases"):
                 cut = int(0.8 * len(g))
                 parts = {"train": g[:cut], "seen": g[cut:], "unseen": self._bench_tasks()}
+                if self.task_set == "new-databases":
+                    parts["unseen"] = self._sample_per_db(self._generated_tasks(on_bench_dbs=True), rng, 10)
             else:
                 a, b2 = int(0.6 * len(g)), int(0.8 * len(g))
                 parts = {"train": g[:a], "seen": g[a:b2], "unseen": g[b2:]}
         return {s: [t.model_copy(update={"split": s}) for t in ts] for s, ts in parts.items()}
+
+    @staticmethod
+    def _sample_per_db(tasks: list[Task], rng: random.Random, per_db: int) -> list[Task]:
+        """The same number of questions from each database, so that no one schema weighs most."""
+        by_db: dict[str, list[Task]] = {}
+        for t in tasks:
+            by_db.setdefault(t.db or "", []).append(t)
+        return [t for db in sorted(by_db) for t in rng.sample(by_db[db], min(per_db, len(by_db[db])))]
 
     # -- episode ---------------------------------------------------------------------------------------------
     def _open(self, db: str) -> SQLiteBackend | MySQLBackend:

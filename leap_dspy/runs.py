@@ -16,6 +16,7 @@ import html
 import inspect
 import io
 import json
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,17 @@ class RunFolder:
             if (adapter / "adapter_config.json").exists():
                 return adapter
         return None
+
+    def copy_stages(self, source: RunFolder, names: list[str]) -> None:
+        """Copy `source`'s finished stages that this run lacks (`bc_from`), each whole or not at all."""
+        for name in names:
+            target = self.path / name
+            if (source.path / name / "metrics.json").exists() and not (target / "metrics.json").exists():
+                tmp = target.with_name(name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(source.path / name, tmp)
+                shutil.rmtree(target, ignore_errors=True)
+                tmp.rename(target)
 
     # -- metrics -------------------------------------------------------------------------------------------
 

@@ -354,8 +354,11 @@ class LEAP(Teleprompter):
         start_run(self.run, config)
         self.trackers = Trackers(self.config.report_to, self.run.path, self.run.path.name)
         self.trackers.log_config(config)
-        if source is not None:
-            self._adopt_behaviour_cloning(source, config)
+        if source is not None:  # its behaviour cloning, and its reference rows where the expert plays at our level
+            theirs = read_config(source.config_path)
+            same_expert = all(theirs.get(k) == config[k] for k in ("expert", "privilege_level"))
+            self.run.copy_stages(source, ["iter_0", "base"] + (["expert"] if same_expert else []))
+            console.print(f"behaviour cloning from {source.path}")
         random.seed(self.config.seed)
         return teacher
 
@@ -405,20 +408,6 @@ class LEAP(Teleprompter):
         self.point(student, adapter)
         return adapter
 
-    def _adopt_behaviour_cloning(self, source: RunFolder, config: dict[str, Any]) -> None:
-        """Copy `bc_from`'s behaviour cloning (and its reference rows) into this run, once."""
-        theirs = read_config(source.config_path)
-        same_expert = all(theirs.get(k) == config[k] for k in ("expert", "privilege_level"))
-        for name in ["iter_0", "base"] + (["expert"] if same_expert else []):  # the expert row plays at its level
-            target = self.run.path / name
-            if (source.path / name / "metrics.json").exists() and not (target / "metrics.json").exists():
-                tmp = target.with_name(name + ".tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(source.path / name, tmp)
-                shutil.rmtree(target, ignore_errors=True)
-                tmp.rename(target)
-        console.print(f"behaviour cloning from {source.path}")
-
     # -- helpers -------------------------------------------------------------------------------------------
 
     @property
@@ -457,12 +446,6 @@ class LEAP(Teleprompter):
         tmp.rename(out)
         atomic_write_json(out.parent / "train.json", {"skipped": "no usable corrections", "adapter_dir": str(out)})
         return out
-
-
-
-
-
-
 
 
 def _follows_student(expert: dspy.Module) -> bool:

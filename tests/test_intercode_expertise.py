@@ -13,7 +13,7 @@ import pytest
 from test_intercode import _need_bwrap, _need_data
 
 from leap_dspy.envs.intercode import InterCodeBash, InterCodeSQL
-from leap_dspy.envs.intercode.expertise import bash_paths, sql_names
+from leap_dspy.envs.intercode.expertise import bash_paths, describe_target, noted_columns, sql_names
 from leap_dspy.envs.intercode.sql_env import mysql_ready
 from leap_dspy.programs import OracleExpert, Student
 from leap_dspy.realizability import unobserved_mentions
@@ -62,7 +62,14 @@ def test_sql_expert_explores_then_solves(backend):
     joined = next(t for t in trajectories if " JOIN " in t.task.gold)  # names it cannot guess: it looks first
     actions = [s.action for s in joined.steps]
     assert actions[0] == "SHOW TABLES" and actions[1].startswith("DESCRIBE ") and actions[-1] == "submit"
-    assert "DESCRIBE" in joined.steps[-2].reason and "question asks" in joined.steps[-2].reason
+    # each reason first reads the notes, then decides: the student copies the first part and reads its action off it
+    describe, query = joined.steps[1].reason, joined.steps[-2].reason
+    assert joined.steps[0].reason.startswith("Tables: not listed yet. ")
+    assert describe.startswith(f"Columns of {describe_target(actions[1])}: not described yet. ")
+    assert query.startswith("Columns of ") and " include " in query.split(".")[0] and "question asks" in query
+    for table, names in re.findall(r"Columns of (\w+) include ([^.]+)\.", query):  # as the notes list them
+        noted = noted_columns(joined.steps[-2].inputs, table)
+        assert noted is not None and set(names.split(", ")) <= set(noted), (table, names, noted)
 
 
 def test_sql_questions_name_entities_and_the_expert_maps_them_to_listed_tables():

@@ -281,20 +281,34 @@ class SQLExpertise(_InterCodeExpertise):
         return None
 
     def explain_step(self, inputs: StudentInputs, privileged: PrivilegedState, action: str, gold: str) -> str:
+        """Where the environment keeps notes, a reason starts by reading them ("Tables: not listed yet.",
+        "Columns of pets: not described yet.", "Columns of pets include PetType."), then decides: the
+        student copies that first part from its notes and reads its action off it, as ALFWorld's "Holding
+        nothing. Need apple, ..." does. Reasons that began alike ("The question is about pets" before a
+        DESCRIBE, "The question asks" before a query) left a cloned student describing one table until the
+        step limit."""
         if action == SUBMIT:
             return "The last query ran without error and its rows are what the question asks for, so I submit."
+        noted = _NOTES_START in inputs.observation
         if is_show_tables(action):
-            return ("I have not seen this database's tables yet, so I list them before I write a query whose "
-                    "names could otherwise be wrong.")
+            return (("Tables: not listed yet. " if noted else "") + "I have not seen this database's tables yet, "
+                    "so I list them before I write a query whose names could otherwise be wrong.")
         table = describe_target(action)
         if table:
             where = "SHOW TABLES listed it" if _listed(inputs, table) else "it is the table the question is about"
             about = _mentions(inputs.task, table)
+            fresh = noted and noted_columns(inputs, table) is None
             if about:
-                return (f"The question is about {about}, and {table} is the table for them ({where}); "
-                        f"DESCRIBE {table} shows its columns' exact names before I use them.")
-            return (f"The question needs the columns of {table} ({where}); DESCRIBE {table} shows their exact "
-                    "names before I use them.")
+                reason = (f"The question is about {about}, and {table} is the table for them ({where}); "
+                          f"DESCRIBE {table} shows its columns' exact names before I use them.")
+            else:
+                reason = (f"The question needs the columns of {table} ({where}); DESCRIBE {table} shows their "
+                          "exact names before I use them.")
+            return (f"Columns of {table}: not described yet. " if fresh else "") + reason
+        state = _noted_query_columns(inputs, action) if noted else ""
+        if state:  # the notes said where the names come from
+            return state + _plain(f"The question asks: {_gist(inputs.task)}. This query answers it.", inputs,
+                                  privileged, action)
         return _plain(self._explain_query(inputs, action), inputs, privileged, action)
 
     def _explain_query(self, inputs: StudentInputs, action: str) -> str:
@@ -314,6 +328,29 @@ class SQLExpertise(_InterCodeExpertise):
         names = ", ".join(tables)
         basis = "; ".join(dict.fromkeys(shown)) if shown else f"the names it uses, from {names}, are ones I have seen"
         return f"The question asks: {_gist(inputs.task)}. {basis[0].upper() + basis[1:]}: this query answers it."
+
+
+_NOTES_START = "\nTables: "
+"""Where InterCode-SQL's notes begin in an observation (envs/intercode/sql_env.py, `_notes`)."""
+
+
+def noted_columns(inputs: StudentInputs, table: str) -> list[str] | None:
+    """The columns the student's notes list for `table`, or None where its notes have not described it."""
+    notes = inputs.observation.split(_NOTES_START, 1)[1] if _NOTES_START in inputs.observation else ""
+    match = re.search(rf"^Columns of `?{re.escape(table)}`?: (.*)$", notes, flags=re.MULTILINE | re.IGNORECASE)
+    return [c.strip() for c in match.group(1).split(",")] if match else None
+
+
+def _noted_query_columns(inputs: StudentInputs, query: str) -> str:
+    """"Columns of t include a, b. " for each table of `query` whose columns it uses are in the notes."""
+    tables, columns = sql_names(query)
+    said = []
+    for table in tables:
+        noted = {c.lower(): c for c in noted_columns(inputs, table) or []}
+        used = [noted[c.lower()] for c in columns.get(table, []) + columns.get("", []) if c.lower() in noted]
+        if used:
+            said.append(f"Columns of {table} include {', '.join(dict.fromkeys(used))}. ")
+    return "".join(said)
 
 
 def _stem(word: str) -> str:

@@ -281,12 +281,9 @@ class SQLExpertise(_InterCodeExpertise):
         return None
 
     def explain_step(self, inputs: StudentInputs, privileged: PrivilegedState, action: str, gold: str) -> str:
-        """Where the environment keeps notes, a reason starts by reading them ("Tables: not listed yet.",
-        "Columns of pets: not described yet.", "Columns of pets include PetType."), then decides: the
-        student copies that first part from its notes and reads its action off it, as ALFWorld's "Holding
-        nothing. Need apple, ..." does. Reasons that began alike ("The question is about pets" before a
-        DESCRIBE, "The question asks" before a query) left a cloned student describing one table until the
-        step limit."""
+        """Where the environment keeps notes, a reason first reads them ("Tables: not listed yet.", "Columns
+        of pets: not described yet.", "Columns of pets include PetType."), then decides: the student copies
+        that part from its notes and reads its action off it (docs/concepts.md, "Read, then decide")."""
         if action == SUBMIT:
             return "The last query ran without error and its rows are what the question asks for, so I submit."
         noted = _NOTES_START in inputs.observation

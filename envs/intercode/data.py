@@ -92,6 +92,16 @@ def task_file(path: str | Path, required: tuple[str, ...]) -> list[dict[str, str
     (the instruction) and `gold` (and what `required` adds), and optionally `split` (unseen when absent)."""
     path = Path(path).expanduser()
     try:
+        stat = path.stat()
+    except OSError as exc:
+        raise ValueError(f"task_file {path}: {exc}") from None
+    # every clone of an environment (one per episode thread) reads the file: parse it once per version
+    return [dict(r) for r in _task_file(path.resolve(), stat.st_mtime_ns, stat.st_size, required)]
+
+
+@cache
+def _task_file(path: Path, mtime_ns: int, size: int, required: tuple[str, ...]) -> tuple[dict[str, str], ...]:
+    try:
         text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's CSV starts with a byte-order mark
         if path.suffix == ".csv":
             rows: Any = list(csv.DictReader(io.StringIO(text)))
@@ -114,7 +124,7 @@ def task_file(path: str | Path, required: tuple[str, ...]) -> list[dict[str, str
         if record["split"] not in SPLITS:
             raise ValueError(f"task_file {path}, task {i}: split {record['split']!r} is not one of {', '.join(SPLITS)}")
         records.append(record)
-    return records
+    return tuple(records)
 
 
 @dataclass(frozen=True)

@@ -258,8 +258,9 @@ def _play(student: Any, environment: Any, split: str, threads: int, limit: int |
     with progress_bar(f"rollout {split}", len(tasks)) as advance:
         trajectories = rollout(student, environment, tasks, num_threads=threads, on_trajectory=lambda _: advance())
     if out is not None:  # the run folder's eval.jsonl format, so that `report`-style paired comparisons can read it
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(t.model_dump_json() + "\n" for t in trajectories), encoding="utf-8")
+        from leap_dspy.store import atomic_write_text
+
+        atomic_write_text(out, "".join(t.model_dump_json() + "\n" for t in trajectories))
     report_rollout(title, trajectories)
 
 

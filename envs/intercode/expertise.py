@@ -314,7 +314,7 @@ class SQLExpertise(_InterCodeExpertise):
         shown = []
         for step_action, output in visible_steps(inputs):
             target = describe_target(step_action)
-            output = output.split("\nTables: ", 1)[0]  # the output itself, not the notes after it
+            output = output.split(_NOTES_START, 1)[0]  # the output itself, not the notes after it
             out = set(seen_tokens(StudentInputs(task="", observation=output, history="")))
             cols = [c for cs in columns.values() for c in cs if c.lower() in out]
             listed = [t for t in tables if t.lower() in out]

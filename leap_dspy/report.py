@@ -31,6 +31,7 @@ class Run:
     path: Path
     config: dict[str, Any]
     outcomes: dict[tuple[str, str], dict[str, dict[str, float]]]  # (stage, split) -> task id -> metric -> value
+    sources: dict[str, str] = field(default_factory=dict)  # task id -> Task.source, where episodes.csv has it
     lenient: set[str] = field(default_factory=set)  # stages evaluated with snapping before it was optional
     wall_s: float = 0.0
     peak_mb: float = 0.0
@@ -71,6 +72,8 @@ def load_run(path: Path) -> Run:
         values = {"success": float(row["success"]), "score": 100 * float(row["reward"]),
                   "success_snapped": float(row["success_snapped"]), "score_snapped": 100 * float(row["reward_snapped"])}
         run.outcomes.setdefault((str(row["stage"]), str(row["split"])), {})[str(row["task_id"])] = values
+        if row.get("source"):
+            run.sources[str(row["task_id"])] = str(row["source"])
         if int(row.get("lenient") or 0):
             run.lenient.add(str(row["stage"]))
     own = [s for s in folder.stages() if s.isdigit() and (s != "0" or not config.get("bc_from"))]
@@ -159,6 +162,7 @@ def write_report(paths: list[Path], out: Path, title: str = "LEAP results", seed
     for env in dict.fromkeys(env for env, _ in groups):
         mine = {label: rs for (e, label), rs in groups.items() if e == env}
         tables = [_stage_table(env, label, rs, rng) for label, rs in mine.items()]
+        tables += [table for label, rs in mine.items() if (table := _source_table(label, rs, rng))]
         tables.append(_cost_table(mine))
         sections.append((env, tables, _plots(env, mine, out, rng)))
     markdown = _markdown(title, sections, runs)
@@ -191,6 +195,36 @@ def _stage_table(env: str, label: str, runs: list[Run], rng: np.random.Generator
                          if stage.isdigit() and stage != "0" else "")
         rows.append(cells)
     return head, rows
+
+
+def _source_table(label: str, runs: list[Run], rng: np.random.Generator
+                  ) -> tuple[list[str], list[list[str]]] | None:
+    """Unseen success (and score) for each source of its tasks, where they mix several (a benchmark's shipped
+    tasks beside generated ones): a mean over all of them can hide that one source does not move."""
+    unseen = {t for r in runs for (_, split), games in r.outcomes.items() if split == "unseen" for t in games}
+    sources = sorted({r.sources[t] for r in runs for t in unseen if t in r.sources})
+    if len(sources) < 2:
+        return None
+    metrics = ["success"] + (["score"] if has_scores(runs) else [])
+    head, rows = [f"{label}: unseen by source"], [[stage_name(stage)] for stage in stages_of(runs)]
+    for source in sources:
+        mine = [_only(r, source) for r in runs]
+        games = max(len(g) for r in mine for (_, split), g in r.outcomes.items() if split == "unseen")
+        for metric in metrics:
+            digits = 1 if metric == "score" else 2
+            head += [f"{source} {metric} ({games})", f"{source} Δ vs BC ({metric})"]
+            for stage, row in zip(stages_of(runs), rows, strict=True):
+                gain = stage.isdigit() and stage != "0"
+                row += [estimate(mine, stage, "unseen", metric, rng).text(1.0, digits),
+                        paired(mine, stage, "unseen", metric, rng).text(1.0, digits) if gain else ""]
+    return head, rows
+
+
+def _only(run: Run, source: str) -> Run:
+    """`run` with its unseen games narrowed to the tasks of one source."""
+    outcomes = {key: ({t: v for t, v in games.items() if run.sources.get(t) == source} if key[1] == "unseen"
+                      else games) for key, games in run.outcomes.items()}
+    return Run(run.path, run.config, outcomes, run.sources, run.lenient)
 
 
 def _cost_table(groups: dict[str, list[Run]]) -> tuple[list[str], list[list[str]]]:

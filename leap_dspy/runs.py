@@ -44,12 +44,13 @@ SNAPPED_COLUMNS = ["seen_success_snapped", "unseen_success_snapped"]
 TAIL_COLUMNS = ["train_examples", "corrections_changed", "parse_errors", "expert_calls", "expert_tokens",
                 "expert_cost_usd", "train_s", "eval_s", "wall_s"]
 ROW_ORDER = ["base", "expert"]
-EPISODE_COLUMNS = ["stage", "task_id", "split", "success", "reward", "steps", "success_snapped", "reward_snapped",
-                   "lenient", "actions"]
+EPISODE_COLUMNS = ["stage", "task_id", "split", "source", "success", "reward", "steps", "success_snapped",
+                   "reward_snapped", "lenient", "actions"]
 """`episodes.csv`, one row per evaluated episode: what a report's intervals over games are computed from.
 `*_snapped` is the outcome with near misses snapped (the strict one where the episode had none); `lenient` 1
-marks a stage evaluated with snapping before evaluation was strict, whose `success` is the snapped one;
-`actions` the strict episode's actions (a JSON list, each clipped): a published run still shows what was done."""
+marks a stage evaluated with snapping before evaluation was strict, whose `success` is the snapped one; `source`
+the task's (`Task.source`); `actions` the strict episode's actions (a JSON list, each clipped): a published run
+still shows what was done."""
 
 
 class ConfigMismatch(RunFileError):
@@ -190,6 +191,7 @@ class RunFolder:
             for task_id, episode in strict.items():
                 other = snapped.get(task_id, episode)
                 rows.append({"stage": stage, "task_id": task_id, "split": episode.task.split,
+                             "source": episode.task.source,
                              "success": int(episode.success), "reward": round(episode.reward, 4),
                              "steps": len(episode.steps), "success_snapped": int(other.success),
                              "reward_snapped": round(other.reward, 4), "lenient": lenient,

@@ -23,6 +23,8 @@ class Task(BaseModel):
     env: str
     split: Split
     instruction: str
+    source: str = ""
+    """Where the task comes from ("bench", "generated", a user's file): a report breaks a split down by it."""
 
 
 class Observation(BaseModel):

@@ -143,5 +143,34 @@ def test_a_scored_environment_reports_the_gain_in_success_and_in_score(tmp_path:
     assert float(cells[-1].split()[0]) == pytest.approx(100 * np.mean(gains["reward"]), abs=0.06)
 
 
+def test_a_split_of_several_task_sources_is_reported_by_source(tmp_path: Path) -> None:
+    """A mean over shipped and generated tasks together could hide that one of them does not move: the report
+    adds each source's success and gain, each over its own tasks only."""
+    run = tmp_path / "runs" / "sql-seed0"
+    shutil.copytree(ROOT / "docs" / "results" / "intercode-sql-shipped" / "intercode-sql-seed0", run)
+    with (run / "episodes.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    unseen = sorted({r["task_id"] for r in rows if r["split"] == "unseen"})
+    first = set(unseen[: len(unseen) // 2])
+    for r in rows:
+        r["source"] = "first" if r["task_id"] in first else "second"
+    with (run / "episodes.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "out" / "report.md").read_text().splitlines()
+    head = next(line for line in lines if "unseen by source" in line).strip("|").split("|")
+    assert [h.strip() for h in head[1:3]] == [f"first success ({len(first)})", "first Δ vs BC (success)"]
+    table = lines[lines.index(next(line for line in lines if "unseen by source" in line)):]
+    cells = next(line for line in table if line.startswith("| round 1 |")).strip("|").split("|")
+    mine = {s: {r["task_id"]: float(r["success"]) for r in rows if r["stage"] == s and r["task_id"] in first}
+            for s in ("0", "1")}
+    assert float(cells[1].split()[0]) == pytest.approx(np.mean(list(mine["1"].values())), abs=0.006)
+    assert float(cells[2].split()[0]) == pytest.approx(np.mean([mine["1"][t] - mine["0"][t] for t in mine["1"]]),
+                                                       abs=0.006)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

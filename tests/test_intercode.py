@@ -75,7 +75,8 @@ def test_registry_and_splits():
     assert len(bash.tasks("unseen")) == 24 and len(bash.tasks("train")) > 150
     assert [t.id for t in bash.tasks("train")] == [t.id for t in bash.clone().tasks("train")]
     sql = make_env("intercode-sql")
-    assert isinstance(sql, InterCodeSQL) and len(sql.tasks("unseen")) == 23
+    assert isinstance(sql, InterCodeSQL) and Counter(t.source for t in sql.tasks("unseen")) == {"bench": 23,
+                                                                                                "generated": 70}
     train_dbs = {t.db for t in sql.tasks("train")}
     assert train_dbs.isdisjoint({t.db for t in sql.tasks("unseen")})  # unseen = held-out databases
     assert len(sql.tasks("train")) > 100 and sql.tasks("seen")
@@ -134,12 +135,15 @@ def test_sql_generated_tasks_solvable():
     assert all(_oracle(env, t)[0] for t in tasks)
 
 
-def test_sql_new_databases_unseen_are_generated_on_the_benchmark_databases():
+def test_sql_unseen_task_sets_share_training_and_the_benchmark_databases():
     _need_data()
     default, new = InterCodeSQL(seed=1), InterCodeSQL(seed=1, task_set="new-databases")
+    shipped = InterCodeSQL(seed=1, task_set="shipped")
     assert [t.id for t in new.tasks("train")] == [t.id for t in default.tasks("train")]  # training unchanged
+    assert [t.id for t in shipped.tasks("seen")] == [t.id for t in default.tasks("seen")]
     unseen = new.tasks("unseen")
-    bench_dbs = {t.db for t in default.tasks("unseen")} - {"wta_1"}  # no template fits wta_1
+    assert [t.id for t in default.tasks("unseen")] == [t.id for t in shipped.tasks("unseen") + unseen]
+    bench_dbs = {t.db for t in shipped.tasks("unseen")} - {"wta_1"}  # no template fits wta_1
     assert {t.db for t in unseen} == bench_dbs
     assert {t.db for t in new.tasks("train")}.isdisjoint(t.db for t in unseen)
     assert max(Counter(t.db for t in unseen).values()) == 10 and len(unseen) >= 60

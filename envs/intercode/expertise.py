@@ -328,7 +328,13 @@ class SQLExpertise(_InterCodeExpertise):
 
 
 _NOTES_START = "\nTables: "
-"""Where InterCode-SQL's notes begin in an observation (envs/intercode/sql_env.py, `_notes`)."""
+"""Where InterCode-SQL's notes begin in the student's observation (the Student puts notes on a line of their own)."""
+
+
+def schema_notes(tables: list[str], columns: dict[str, list[str]]) -> list[str]:
+    """The notes' lines for what the episode has shown of the schema; `noted_columns` reads them back."""
+    lines = [f"{_NOTES_START.strip()} {', '.join(tables) if tables else 'not listed yet'}"]
+    return lines + [f"Columns of {table}: {', '.join(names)}" for table, names in columns.items()]
 
 
 def noted_columns(inputs: StudentInputs, table: str) -> list[str] | None:

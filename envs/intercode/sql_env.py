@@ -16,10 +16,12 @@ Action grammar (as upstream): one SQL query, or `submit`; reward at submit (or a
 upstream's IoU-times-Kendall-tau of the last query's rows against the gold query's rows (reward.py), on
 normalized values (Decimal/float rounded to 4 places, datetimes as text) so both backends agree.
 Splits (`task_set`):
-- `default`: unseen = the 23 shipped benchmark queries (on 8 databases); train/seen = questions generated from
-  templates (spider.py) over the 12 databases the benchmark does not use, shuffled by `seed`, cut 80/20.
-- `new-databases`: train/seen as `default`; unseen = generated questions on the 8 databases of the benchmark,
-  which no training question uses (10 a database, drawn by `seed`): new schemas, questions of the trained shapes.
+- `default`: train/seen = questions generated from templates (spider.py) over the 12 databases the benchmark
+  does not use, shuffled by `seed`, cut 80/20; unseen = the 23 shipped benchmark queries and 10 generated
+  questions on each of the benchmark's databases (drawn by `seed`), which no training question uses: 23 alone
+  would make one episode 4 points, and tell apart neither new schemas nor new question shapes.
+- `shipped`: as `default`, unseen the 23 shipped queries alone (what `default` was before 2026-12-01).
+- `new-databases`: as `default`, unseen the generated questions alone: new schemas, questions of trained shapes.
 - `bench`: the 23 shipped queries shuffled by `seed`, 11 train / 6 seen / 6 unseen.
 - `generated`: the generated questions only, 60/20/20.
 `task_file`: your own questions on the Spider databases (`data.task_file`) replace the splits they name.
@@ -38,11 +40,11 @@ from typing import Any, ClassVar
 
 from leap_dspy.envs.intercode import data, spider
 from leap_dspy.envs.intercode.common import SUBMIT, InterCodeEnv, clip, truncate
-from leap_dspy.envs.intercode.expertise import SQLExpertise, describe_target, is_show_tables
+from leap_dspy.envs.intercode.expertise import SQLExpertise, describe_target, is_show_tables, schema_notes
 from leap_dspy.envs.intercode.reward import normalize_rows, sql_reward
 from leap_dspy.types import Observation, PrivilegedState, Split, Task
 
-TASK_SETS = ("default", "new-databases", "bench", "generated")
+TASK_SETS = ("default", "shipped", "new-databases", "bench", "generated")
 BACKENDS = ("sqlite", "mysql")
 MYSQL_USER = "leap_ro"
 MYSQL_HINT = (
@@ -403,11 +405,12 @@ class InterCodeSQL(InterCodeEnv):
         else:
             g = self._generated_tasks()
             rng.shuffle(g)
-            if self.task_set in ("default", "new-databases"):
+            if self.task_set in ("default", "shipped", "new-databases"):
                 cut = int(0.8 * len(g))
-                parts = {"train": g[:cut], "seen": g[cut:], "unseen": self._bench_tasks()}
-                if self.task_set == "new-databases":
-                    parts["unseen"] = self._sample_per_db(self._generated_tasks(on_bench_dbs=True), rng, 10)
+                new = self._sample_per_db(self._generated_tasks(on_bench_dbs=True), rng, 10)
+                shipped = self._bench_tasks()
+                unseen = {"default": shipped + new, "shipped": shipped, "new-databases": new}[self.task_set]
+                parts = {"train": g[:cut], "seen": g[cut:], "unseen": unseen}
             else:
                 a, b2 = int(0.6 * len(g)), int(0.8 * len(g))
                 parts = {"train": g[:a], "seen": g[a:b2], "unseen": g[b2:]}
@@ -485,8 +488,7 @@ class InterCodeSQL(InterCodeEnv):
     def _notes(self) -> str | None:
         if not self.notes:
             return None
-        lines = [f"Tables: {', '.join(self.tables) if self.tables else 'not listed yet'}"]
-        lines += [f"Columns of {table}: {', '.join(names)}" for table, names in self.columns.items()]
+        lines = schema_notes(self.tables, self.columns)
         if self.actions:
             last = self.last
             outcome = ("an error" if isinstance(last, str) else "no result set" if last is None

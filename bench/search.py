@@ -26,6 +26,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def _queries(env: WebShop, count: int, seed: int) -> list[str]:
+    """The tasks' instructions, the oracle's queries on unseen goals, then random title words up to `count`."""
+    rng = random.Random(seed)
+    queries = [t.instruction for split in ("train", "seen", "unseen") for t in env.tasks(split)]
+    for t in env.tasks("unseen"):
+        env.reset(t)
+        queries.append(env.oracle_query())
+    words = sorted({w for p in env.catalog.products[:2000] for w in p["title"].lower().split()})
+    while len(queries) < count:
+        queries.append(" ".join(rng.sample(words, rng.randint(2, 4))))
+    queries = queries[:count]
+    rng.shuffle(queries)
+    return queries
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--num-products", type=int, default=DEFAULT_NUM_PRODUCTS)
@@ -41,18 +56,7 @@ def main() -> None:
     catalog = env.catalog
     assert catalog is not None
 
-    rng = random.Random(args.seed)
-    tasks = [t for split in ("train", "seen", "unseen") for t in env.tasks(split)]
-    queries = [t.instruction for t in tasks]
-    for t in env.tasks("unseen"):
-        env.reset(t)
-        queries.append(env.oracle_query())
-    words = sorted({w for p in catalog.products[:2000] for w in p["title"].lower().split()})
-    while len(queries) < args.queries:
-        queries.append(" ".join(rng.sample(words, rng.randint(2, 4))))
-    queries = queries[: args.queries]
-    rng.shuffle(queries)
-
+    queries = _queries(env, args.queries, args.seed)
     for q in queries[:20]:  # warm the page cache
         catalog.search(q)
     latencies, hits = [], []

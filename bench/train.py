@@ -19,6 +19,7 @@ import random
 import sys
 import tempfile
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -124,7 +125,7 @@ def count_parameters(model: str) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -140,12 +141,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--liger", action="store_true", help="TrainConfig.use_liger_kernel (CUDA)")
     parser.add_argument("--warmup-steps", type=int, default=0,
                         help="train this many steps first, unmeasured (compilation, kernel autotuning)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    """The `TrainConfig` the command line asks for."""
+    from leap_dspy.train import TrainConfig
+
+    overrides = {"dtype": args.dtype, "epochs": args.epochs, "progress_bar": False, "logging_steps": 1}
+    if args.batch:
+        overrides["per_device_batch_size"] = args.batch
+    if args.attn:
+        overrides["attn_implementation"] = args.attn
+    if args.targets:
+        overrides["target_modules"] = args.targets.split(",")
+    overrides.update(torch_compile=args.compile, use_liger_kernel=args.liger)
+    return TrainConfig(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
 
     import torch
 
     from leap_dspy.lm.models import DEFAULT_MODEL, load_tokenizer, pick_dtype
-    from leap_dspy.train import TrainConfig, train_sft
+    from leap_dspy.train import train_sft
     from leap_dspy.train.data import encode_prompt_completion
 
     if args.threads:
@@ -163,15 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p_mean = sum(len(p) for p, _ in lengths) / len(lengths)
     c_mean = sum(len(c) for _, c in lengths) / len(lengths)
 
-    overrides = {"dtype": args.dtype, "epochs": args.epochs, "progress_bar": False, "logging_steps": 1}
-    if args.batch:
-        overrides["per_device_batch_size"] = args.batch
-    if args.attn:
-        overrides["attn_implementation"] = args.attn
-    if args.targets:
-        overrides["target_modules"] = args.targets.split(",")
-    overrides.update(torch_compile=args.compile, use_liger_kernel=args.liger)
-    config = TrainConfig(**overrides)
+    config = _config(args)
     with tempfile.TemporaryDirectory() as tmp:
         if args.warmup_steps:
             warm = config.model_copy(update={"max_steps": args.warmup_steps})

@@ -165,6 +165,8 @@ def write_report(paths: list[Path], out: Path, title: str = "LEAP results", seed
         tables += [table for label, rs in mine.items() if (table := _source_table(label, rs, rng))]
         tables.append(_cost_table(mine))
         sections.append((env, tables, _plots(env, mine, out, rng)))
+    if len(groups) > 1:
+        sections.insert(0, ("summary", [_summary_table(groups, rng)], []))
     markdown = _markdown(title, sections, runs)
     atomic_write_text(out / "report.md", markdown)
     atomic_write_text(out / "report.html", _html(title, sections, runs))
@@ -194,6 +196,24 @@ def _stage_table(env: str, label: str, runs: list[Run], rng: np.random.Generator
             cells.append(paired(runs, stage, "unseen", metric, rng).text(1.0, 1 if metric == "score" else 2)
                          if stage.isdigit() and stage != "0" else "")
         rows.append(cells)
+    return head, rows
+
+
+def _summary_table(groups: dict[tuple[str, str], list[Run]], rng: np.random.Generator
+                   ) -> tuple[list[str], list[list[str]]]:
+    """One line per condition: behaviour cloning against the last round on unseen tasks, in the score where
+    the environment grades partial answers, else in success: the page's answer before its details."""
+    head = ["environment", "condition", "seeds", "unseen tasks", "metric", "BC", "last round", "last round − BC"]
+    rows = []
+    for (env, label), runs in groups.items():
+        rounds = [s for s in stages_of(runs) if s.isdigit()]
+        if "0" not in rounds or len(rounds) < 2:
+            continue
+        metric, digits = ("score", 1) if has_scores(runs) else ("success", 2)
+        bc, last = estimate(runs, "0", "unseen", metric, rng), estimate(runs, rounds[-1], "unseen", metric, rng)
+        rows.append([env, label, str(len(runs)), str(bc.games // max(bc.seeds, 1)), metric, bc.text(1.0, digits),
+                     f"{last.text(1.0, digits)} ({stage_name(rounds[-1])})",
+                     paired(runs, rounds[-1], "unseen", metric, rng).text(1.0, digits)])
     return head, rows
 
 
@@ -278,7 +298,7 @@ def _plots(env: str, groups: dict[str, list[Run]], out: Path, rng: np.random.Gen
 def _markdown(title: str, sections: list[Any], runs: list[Run]) -> str:
     lines = [f"# {title}", "", _PREAMBLE, ""]
     for env, tables, plots in sections:
-        lines += [f"## {env}", ""] + [f"![{env}]({p})" for p in plots] + [""]
+        lines += [f"## {env}", ""] + ([f"![{env}]({p})" for p in plots] + [""] if plots else [])
         for head, rows in tables:
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]

@@ -172,5 +172,27 @@ def test_a_split_of_several_task_sources_is_reported_by_source(tmp_path: Path) -
                                                        abs=0.006)
 
 
+def test_a_report_over_several_environments_opens_with_the_last_round_against_behaviour_cloning(
+        tmp_path: Path) -> None:
+    results = ROOT / "docs" / "results"
+    result = CliRunner().invoke(app, ["report", str(results / "alfworld"), str(results / "webshop"),
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.split("|")[1:-1]]
+
+    summary = {cells(line)[0]: cells(line) for line in lines[lines.index("## summary"):lines.index("## alfworld")]
+               if line.startswith(("| alfworld", "| webshop"))}
+    assert [summary[e][4] for e in ("alfworld", "webshop")] == ["success", "score"]  # WebShop grades partly
+    for env, metric in (("alfworld", "unseen success"), ("webshop", "unseen score")):
+        table = lines[lines.index(f"## {env}"):]
+        column = cells(next(line for line in table if line.startswith("| all runs"))).index(metric)
+        own = {cells(line)[0]: cells(line) for line in table[:12] if line.startswith(("| BC", "| round 2"))}
+        assert summary[env][5].split()[0] == own["BC"][column].split()[0]
+        assert summary[env][6].split()[0] == own["round 2"][column].split()[0]
+        assert summary[env][7].split()[0] == own["round 2"][-1].split()[0]
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

@@ -8,7 +8,7 @@ games both stages played within a seed, which is far tighter than comparing two 
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -244,7 +244,7 @@ def _only(run: Run, source: str) -> Run:
     """`run` with its unseen games narrowed to the tasks of one source."""
     outcomes = {key: ({t: v for t, v in games.items() if run.sources.get(t) == source} if key[1] == "unseen"
                       else games) for key, games in run.outcomes.items()}
-    return Run(run.path, run.config, outcomes, run.sources, run.lenient)
+    return replace(run, outcomes=outcomes)
 
 
 def _cost_table(groups: dict[str, list[Run]]) -> tuple[list[str], list[list[str]]]:

@@ -277,17 +277,21 @@ def _number_questions(t: Table, c: Column, tc: Column | None, rng: random.Random
     if tc is None:
         return out
     TC, idx = _h(tc.name), t.columns.index(c)
+    nums = sorted(r[idx] for r in t.rows if isinstance(r[idx], int | float) and not isinstance(r[idx], bool))
+    # Several rows share the highest value: LIMIT 1 would pick one of them by the engine's whim, so the gold
+    # names them all, and the question keeps its id.
+    top = (
+        f"ORDER BY `{c.name}` DESC LIMIT 1"
+        if len(nums) < 2 or nums[-1] != nums[-2]
+        else f"WHERE `{c.name}` = (SELECT max(`{c.name}`) FROM {tq})"
+    )
     out += [
-        (
-            f"Show the {TC} of the {T} with the highest {C}.",
-            f"SELECT `{tc.name}` FROM {tq} ORDER BY `{c.name}` DESC LIMIT 1",
-        ),
+        (f"Show the {TC} of the {T} with the highest {C}.", f"SELECT `{tc.name}` FROM {tq} {top}"),
         (
             f"List the {TC} and {C} of all {T}, ordered by {C} ascending.",
             f"SELECT `{tc.name}`, `{c.name}` FROM {tq} ORDER BY `{c.name}` ASC",
         ),
     ]
-    nums = sorted(r[idx] for r in t.rows if isinstance(r[idx], int | float) and not isinstance(r[idx], bool))
     if nums:
         x = nums[len(nums) // 2]
         out.append(

@@ -105,9 +105,11 @@ def conditions(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
     return groups
 
 
-def bootstrap(per_seed: list[np.ndarray], rng: np.random.Generator, resamples: int = RESAMPLES) -> Estimate:
+def bootstrap(per_seed: list[np.ndarray], seed: int = 0, resamples: int = RESAMPLES) -> Estimate:
     """The mean over seeds of each seed's mean over games, with a 95% percentile interval from resampling
-    seeds and then, within each, games."""
+    seeds and then, within each, games. Each call draws from its own generator, so the same numbers get the
+    same interval wherever a page shows them."""
+    rng = np.random.default_rng(seed)
     per_seed = [a for a in per_seed if len(a)]
     if not per_seed:
         return Estimate(0.0, 0.0, 0.0, 0, 0)
@@ -121,19 +123,19 @@ def bootstrap(per_seed: list[np.ndarray], rng: np.random.Generator, resamples: i
     return Estimate(point, float(low), float(high), len(per_seed), sum(len(a) for a in per_seed))
 
 
-def estimate(runs: list[Run], stage: str, split: str, metric: str, rng: np.random.Generator) -> Estimate:
+def estimate(runs: list[Run], stage: str, split: str, metric: str, seed: int = 0) -> Estimate:
     return bootstrap([np.array([v[metric] for v in r.outcomes.get((stage, split), {}).values()]) for r in runs],
-                     rng)
+                     seed)
 
 
-def paired(runs: list[Run], stage: str, split: str, metric: str, rng: np.random.Generator,
+def paired(runs: list[Run], stage: str, split: str, metric: str, seed: int = 0,
            against: str = "0") -> Estimate:
     """`stage` − `against` on the games both played, per seed."""
     diffs = []
     for run in runs:
         now, before = run.outcomes.get((stage, split), {}), run.outcomes.get((against, split), {})
         diffs.append(np.array([now[t][metric] - before[t][metric] for t in now if t in before]))
-    return bootstrap(diffs, rng)
+    return bootstrap(diffs, seed)
 
 
 def stages_of(runs: list[Run]) -> list[str]:
@@ -156,24 +158,23 @@ def write_report(paths: list[Path], out: Path, title: str = "LEAP results", seed
     if not runs:
         raise ValueError(f"no run folders with metrics under {', '.join(map(str, paths))}")
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     groups = conditions(runs)
     sections: list[tuple[str, list[tuple[list[str], list[list[str]]]], list[str]]] = []
     for env in dict.fromkeys(env for env, _ in groups):
         mine = {label: rs for (e, label), rs in groups.items() if e == env}
-        tables = [_stage_table(env, label, rs, rng) for label, rs in mine.items()]
-        tables += [table for label, rs in mine.items() if (table := _source_table(label, rs, rng))]
+        tables = [_stage_table(env, label, rs, seed) for label, rs in mine.items()]
+        tables += [table for label, rs in mine.items() if (table := _source_table(label, rs, seed))]
         tables.append(_cost_table(mine))
-        sections.append((env, tables, _plots(env, mine, out, rng)))
+        sections.append((env, tables, _plots(env, mine, out, seed)))
     if len(groups) > 1:
-        sections.insert(0, ("summary", [_summary_table(groups, rng)], []))
+        sections.insert(0, ("summary", [_summary_table(groups, seed)], []))
     markdown = _markdown(title, sections, runs)
     atomic_write_text(out / "report.md", markdown)
     atomic_write_text(out / "report.html", _html(title, sections, runs))
     return out / "report.md"
 
 
-def _stage_table(env: str, label: str, runs: list[Run], rng: np.random.Generator
+def _stage_table(env: str, label: str, runs: list[Run], seed: int
                  ) -> tuple[list[str], list[list[str]]]:
     scores = has_scores(runs)
     snapped = any(r.lenient or any(v["success"] != v["success_snapped"] for games in r.outcomes.values()
@@ -188,18 +189,18 @@ def _stage_table(env: str, label: str, runs: list[Run], rng: np.random.Generator
         cells = [stage_name(stage)]
         for metric in metrics:
             scale, digits = (1.0, 1) if metric == "score" else (1.0, 2)
-            value = estimate(runs, stage, "unseen", metric, rng)
+            value = estimate(runs, stage, "unseen", metric, seed)
             lenient = metric == "success" and any(stage in r.lenient for r in runs)
             cells.append("(snapped only)" if lenient else value.text(scale, digits))
-        cells.append(estimate(runs, stage, "seen", "success", rng).text())
+        cells.append(estimate(runs, stage, "seen", "success", seed).text())
         for metric in gains:
-            cells.append(paired(runs, stage, "unseen", metric, rng).text(1.0, 1 if metric == "score" else 2)
+            cells.append(paired(runs, stage, "unseen", metric, seed).text(1.0, 1 if metric == "score" else 2)
                          if stage.isdigit() and stage != "0" else "")
         rows.append(cells)
     return head, rows
 
 
-def _summary_table(groups: dict[tuple[str, str], list[Run]], rng: np.random.Generator
+def _summary_table(groups: dict[tuple[str, str], list[Run]], seed: int
                    ) -> tuple[list[str], list[list[str]]]:
     """One line per condition: behaviour cloning against the last round on unseen tasks, in the score where
     the environment grades partial answers, else in success: the page's answer before its details."""
@@ -210,14 +211,14 @@ def _summary_table(groups: dict[tuple[str, str], list[Run]], rng: np.random.Gene
         if "0" not in rounds or len(rounds) < 2:
             continue
         metric, digits = ("score", 1) if has_scores(runs) else ("success", 2)
-        bc, last = estimate(runs, "0", "unseen", metric, rng), estimate(runs, rounds[-1], "unseen", metric, rng)
+        bc, last = estimate(runs, "0", "unseen", metric, seed), estimate(runs, rounds[-1], "unseen", metric, seed)
         rows.append([env, label, str(len(runs)), str(bc.games // max(bc.seeds, 1)), metric, bc.text(1.0, digits),
                      f"{last.text(1.0, digits)} ({stage_name(rounds[-1])})",
-                     paired(runs, rounds[-1], "unseen", metric, rng).text(1.0, digits)])
+                     paired(runs, rounds[-1], "unseen", metric, seed).text(1.0, digits)])
     return head, rows
 
 
-def _source_table(label: str, runs: list[Run], rng: np.random.Generator
+def _source_table(label: str, runs: list[Run], seed: int
                   ) -> tuple[list[str], list[list[str]]] | None:
     """Unseen success (and score) for each source of its tasks, where they mix several (a benchmark's shipped
     tasks beside generated ones): a mean over all of them can hide that one source does not move."""
@@ -235,8 +236,8 @@ def _source_table(label: str, runs: list[Run], rng: np.random.Generator
             head += [f"{source} {metric} ({games})", f"{source} Δ vs BC ({metric})"]
             for stage, row in zip(stages_of(runs), rows, strict=True):
                 gain = stage.isdigit() and stage != "0"
-                row += [estimate(mine, stage, "unseen", metric, rng).text(1.0, digits),
-                        paired(mine, stage, "unseen", metric, rng).text(1.0, digits) if gain else ""]
+                row += [estimate(mine, stage, "unseen", metric, seed).text(1.0, digits),
+                        paired(mine, stage, "unseen", metric, seed).text(1.0, digits) if gain else ""]
     return head, rows
 
 
@@ -255,7 +256,7 @@ def _cost_table(groups: dict[str, list[Run]]) -> tuple[list[str], list[list[str]
     return head, rows
 
 
-def _plots(env: str, groups: dict[str, list[Run]], out: Path, rng: np.random.Generator) -> list[str]:
+def _plots(env: str, groups: dict[str, list[Run]], out: Path, seed: int) -> list[str]:
     """Learning curves with 95% bands (base and expert as reference lines), and each round's paired gain."""
     import matplotlib
 
@@ -267,14 +268,14 @@ def _plots(env: str, groups: dict[str, list[Run]], out: Path, rng: np.random.Gen
     for i, (label, runs) in enumerate(groups.items()):
         colour = f"C{i}"
         rounds = [s for s in stages_of(runs) if s.isdigit()]
-        points = [estimate(runs, s, "unseen", metric, rng) for s in rounds]
+        points = [estimate(runs, s, "unseen", metric, seed) for s in rounds]
         xs = [int(s) for s in rounds]
         curve.plot(xs, [p.mean for p in points], marker="o", color=colour, label=label)
         curve.fill_between(xs, [p.low for p in points], [p.high for p in points], color=colour, alpha=0.2)
         for ref, style in (("base", ":"), ("expert", "--")):
             if any((ref, "unseen") in r.outcomes for r in runs):
-                curve.axhline(estimate(runs, ref, "unseen", metric, rng).mean, color=colour, ls=style, alpha=0.5)
-        deltas = [paired(runs, s, "unseen", metric, rng) for s in rounds[1:]]
+                curve.axhline(estimate(runs, ref, "unseen", metric, seed).mean, color=colour, ls=style, alpha=0.5)
+        deltas = [paired(runs, s, "unseen", metric, seed) for s in rounds[1:]]
         offsets = [int(s) + 0.08 * (i - (len(groups) - 1) / 2) for s in rounds[1:]]
         gain.errorbar(offsets, [d.mean for d in deltas], yerr=[[d.mean - d.low for d in deltas],
                       [d.high - d.mean for d in deltas]], fmt="o", color=colour, capsize=4, label=label)

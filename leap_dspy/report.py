@@ -7,6 +7,7 @@ games both stages played within a seed, which is far tighter than comparing two 
 
 from __future__ import annotations
 
+import csv
 import html
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -76,10 +77,14 @@ def load_run(path: Path) -> Run:
             run.sources[str(row["task_id"])] = str(row["source"])
         if int(row.get("lenient") or 0):
             run.lenient.add(str(row["stage"]))
-    own = [s for s in folder.stages() if s.isdigit() and (s != "0" or not config.get("bc_from"))]
-    for stage in folder.stages():
+    # A published run may keep only metrics.csv: its wall time and expert tokens are there, its memory is not.
+    summary = {str(row["iteration"]): row for row in _csv_rows(path / "metrics.csv")}
+    stages = list(dict.fromkeys([*folder.stages(), *summary]))
+    own = [s for s in stages if s.isdigit() and (s != "0" or not config.get("bc_from"))]
+    for stage in stages:
         folder_path = path / (f"iter_{stage}" if stage.isdigit() else stage)
-        metrics = read_json(folder_path / "metrics.json")
+        json_path = folder_path / "metrics.json"
+        metrics = read_json(json_path) if json_path.exists() else summary[stage]
         run.wall_s += float(metrics.get("wall_s") or 0) if stage in own else 0.0
         run.expert_tokens += float(metrics.get("expert_tokens") or 0)
         run.peak_mb = max(run.peak_mb, float(metrics.get("peak_rss_mb") or 0))
@@ -88,6 +93,11 @@ def load_run(path: Path) -> Run:
             both = float(trained.get("peak_rss_mb") or 0) + float(trained.get("host_rss_mb") or 0)
             run.peak_mb = max(run.peak_mb, both)
     return run
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
 
 
 def conditions(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
@@ -251,7 +261,8 @@ def _only(run: Run, source: str) -> Run:
 def _cost_table(groups: dict[str, list[Run]]) -> tuple[list[str], list[list[str]]]:
     head = ["condition", "runs", "minutes per run", "peak memory (GB)", "expert tokens per run"]
     rows = [[label, str(len(rs)), f"{np.mean([r.wall_s for r in rs]) / 60:.1f}",
-             f"{max(r.peak_mb for r in rs) / 1024:.1f}", f"{np.mean([r.expert_tokens for r in rs]):.0f}"]
+             f"{peak / 1024:.1f}" if (peak := max(r.peak_mb for r in rs)) else "not recorded",
+             f"{np.mean([r.expert_tokens for r in rs]):.0f}"]
             for label, rs in groups.items()]
     return head, rows
 

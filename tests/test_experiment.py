@@ -197,3 +197,18 @@ def test_a_report_over_several_environments_opens_with_the_last_round_against_be
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_run_published_with_its_summary_alone_keeps_its_wall_time(tmp_path: Path) -> None:
+    """Early grids published config, metrics.csv and episodes.csv only: the report rebuilds their cost from
+    metrics.csv and says their memory was not recorded, rather than 0."""
+    run = tmp_path / "alfworld-seed0"
+    shutil.copytree(ROOT / "docs" / "results" / "alfworld" / "alfworld-seed0", run)
+    assert not list(run.glob("*/metrics.json"))
+    with (run / "metrics.csv").open() as f:
+        wall = sum(float(r["wall_s"]) for r in csv.DictReader(f) if r["iteration"].isdigit())
+    result = CliRunner().invoke(app, ["report", str(run), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    cost = next(line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
+                if line.startswith("| all runs | 1 |"))
+    assert cost.split("|")[3:5] == [f" {wall / 60:.1f} ", " not recorded "]

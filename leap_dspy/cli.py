@@ -81,6 +81,7 @@ def compile_(
                                  ] = _default("preference_anchor"),
     drop_unrealizable: Annotated[bool, typer.Option(help=_help("drop_unrealizable"))] = _default("drop_unrealizable"),
     train_all_new: Annotated[bool, typer.Option(help=_help("train_all_new"))] = _default("train_all_new"),
+    select: Annotated[str, typer.Option(help=_help("select"))] = _default("select"),
     evaluate_snapped: Annotated[bool, typer.Option(help=_help("evaluate_snapped"))] = _default("evaluate_snapped"),
     threads: Annotated[int, typer.Option(min=1, help=_help("num_threads"))] = _default("num_threads"),
     base: Annotated[bool, typer.Option(help=_help("evaluate_base"))] = _default("evaluate_base"),
@@ -111,7 +112,7 @@ def compile_(
         raise fail(f"--update must be sft, dpo or kto, not {update!r}")
     given = {"iterations": iterations, "update": update, "model": model, "privilege_level": privilege_level,
              "max_train_rows": max_train_rows, "iteration_lr": iteration_lr, "preference_anchor": preference_anchor,
-             "drop_unrealizable": drop_unrealizable, "train_all_new": train_all_new,
+             "drop_unrealizable": drop_unrealizable, "train_all_new": train_all_new, "select": select,
              "evaluate_snapped": evaluate_snapped, "num_threads": threads, "evaluate_base": base,
              "evaluate_expert": expert_reference, "bc_from": bc_from, "seed": seed, "progress": not quiet,
              "report_to": report_to or [], "rollout_servers": rollout_server or [],

@@ -49,6 +49,9 @@ class LEAPConfig(BaseModel):
                               "twice as many): this round's corrections, then earlier data to fill up")
     train_all_new: bool = Field(True, description="train on every new correction of a round (DAgger; the rows "
                                 "grow past max_train_rows), older data filling up; false caps new ones at half")
+    select: Literal["last", "best"] = Field("last", description="the round compile returns: the last "
+                                           "(Algorithm 1), or best, the one with the highest success on the seen "
+                                           "validation tasks, ties to the later (DAgger's best policy on validation)")
     rollout_tasks: int | None = Field(12, ge=1, description="training tasks the student plays per round (a "
                                       "seeded sample; all when unset)")
     rollout_steps: int | None = Field(None, ge=1, description="play further samples of rollout_tasks until the "

@@ -37,7 +37,7 @@ from leap_dspy.progress import console
 from leap_dspy.runs import RunFolder
 from leap_dspy.store import atomic_write_json, read_json
 
-PUBLISHED = ("config.yaml", "metrics.csv", "episodes.csv", "*/metrics.json", "*/train.json")
+PUBLISHED = ("config.yaml", "metrics.csv", "episodes.csv", "compiled.json", "*/metrics.json", "*/train.json")
 """What `--publish` keeps of a finished run: enough to rebuild its report, nothing heavy (no weights, logs)."""
 
 

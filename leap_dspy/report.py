@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from leap_dspy.runs import RunFolder, read_config
+from leap_dspy.runs import RunFolder, best_stage, read_config
 from leap_dspy.store import atomic_write_text, read_json
 
 SEED_KEYS = {"seed", "env.seed", "train.seed", "trainset", "valset", "bc_from", "progress", "iterations",
@@ -23,6 +23,8 @@ SEED_KEYS = {"seed", "env.seed", "train.seed", "trainset", "valset", "bc_from", 
              "evaluate_snapped", "bc_expert_level"}
 """Config keys that do not make another condition: the seed and what it draws, and how a run was operated."""
 RESAMPLES = 2000
+SELECTED = "selected"
+"""The report's stage for each run's best round on the seen tasks (`best_stage`), beside the last."""
 
 
 @dataclass
@@ -92,7 +94,22 @@ def load_run(path: Path) -> Run:
             trained = read_json(folder_path / "train.json")
             both = float(trained.get("peak_rss_mb") or 0) + float(trained.get("host_rss_mb") or 0)
             run.peak_mb = max(run.peak_mb, both)
+    _add_selected(run)
     return run
+
+
+def _add_selected(run: Run) -> None:
+    """The `SELECTED` stage: the round `best_stage` picks on the seen tasks (what `select: best` returns),
+    computed from the episodes so that runs compiled before the setting existed are judged by the same rule."""
+    seen = {stage: (float(np.mean([v["success"] for v in games.values()])),
+                    float(np.mean([v["score"] for v in games.values()])))
+            for (stage, split), games in run.outcomes.items() if split == "seen" and stage.isdigit() and games}
+    best = best_stage(seen)
+    if best is None or len(seen) < 2:
+        return
+    for (stage, split), games in list(run.outcomes.items()):
+        if stage == best:
+            run.outcomes[(SELECTED, split)] = games
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:
@@ -150,11 +167,17 @@ def paired(runs: list[Run], stage: str, split: str, metric: str, seed: int = 0,
 
 def stages_of(runs: list[Run]) -> list[str]:
     names = {stage for r in runs for stage, _ in r.outcomes}
-    return [s for s in ("base", "expert") if s in names] + sorted((s for s in names if s.isdigit()), key=int)
+    return ([s for s in ("base", "expert") if s in names] + sorted((s for s in names if s.isdigit()), key=int)
+            + [s for s in (SELECTED,) if s in names])
 
 
 def stage_name(stage: str) -> str:
-    return {"0": "BC"}.get(stage, stage if not stage.isdigit() else f"round {stage}")
+    return {"0": "BC", SELECTED: "best round on seen"}.get(stage, stage if not stage.isdigit() else f"round {stage}")
+
+
+def is_gain(stage: str) -> bool:
+    """Whether a stage's row pairs it with behaviour cloning: every round after it, and the selected one."""
+    return stage == SELECTED or (stage.isdigit() and stage != "0")
 
 
 def has_scores(runs: list[Run]) -> bool:
@@ -205,7 +228,7 @@ def _stage_table(env: str, label: str, runs: list[Run], seed: int
         cells.append(estimate(runs, stage, "seen", "success", seed).text())
         for metric in gains:
             cells.append(paired(runs, stage, "unseen", metric, seed).text(1.0, 1 if metric == "score" else 2)
-                         if stage.isdigit() and stage != "0" else "")
+                         if is_gain(stage) else "")
         rows.append(cells)
     return head, rows
 
@@ -214,7 +237,8 @@ def _summary_table(groups: dict[tuple[str, str], list[Run]], seed: int
                    ) -> tuple[list[str], list[list[str]]]:
     """One line per condition: behaviour cloning against the last round on unseen tasks, in the score where
     the environment grades partial answers, else in success: the page's answer before its details."""
-    head = ["environment", "condition", "seeds", "unseen tasks", "metric", "BC", "last round", "last round − BC"]
+    head = ["environment", "condition", "seeds", "unseen tasks", "metric", "BC", "last round", "last round − BC",
+            "best round on seen − BC"]
     rows = []
     for (env, label), runs in groups.items():
         rounds = [s for s in stages_of(runs) if s.isdigit()]
@@ -224,7 +248,8 @@ def _summary_table(groups: dict[tuple[str, str], list[Run]], seed: int
         bc, last = estimate(runs, "0", "unseen", metric, seed), estimate(runs, rounds[-1], "unseen", metric, seed)
         rows.append([env, label, str(len(runs)), str(bc.games // max(bc.seeds, 1)), metric, bc.text(1.0, digits),
                      f"{last.text(1.0, digits)} ({stage_name(rounds[-1])})",
-                     paired(runs, rounds[-1], "unseen", metric, seed).text(1.0, digits)])
+                     paired(runs, rounds[-1], "unseen", metric, seed).text(1.0, digits),
+                     paired(runs, SELECTED, "unseen", metric, seed).text(1.0, digits)])
     return head, rows
 
 
@@ -245,7 +270,7 @@ def _source_table(label: str, runs: list[Run], seed: int
             digits = 1 if metric == "score" else 2
             head += [f"{source} {metric} ({games})", f"{source} Δ vs BC ({metric})"]
             for stage, row in zip(stages_of(runs), rows, strict=True):
-                gain = stage.isdigit() and stage != "0"
+                gain = is_gain(stage)
                 row += [estimate(mine, stage, "unseen", metric, seed).text(1.0, digits),
                         paired(mine, stage, "unseen", metric, seed).text(1.0, digits) if gain else ""]
     return head, rows
@@ -336,7 +361,9 @@ def _html(title: str, sections: list[Any], runs: list[Run]) -> str:
 _PREAMBLE = ("Each cell is the mean over seeds of each seed's mean over games, with a 95% bootstrap interval "
              "(seeds, then games) in brackets. Success is strict: an action runs as the student wrote it; "
              "'snapped' is success had near misses been run as the closest admissible action. "
-             "Δ vs BC pairs each round with behaviour cloning on the same games of the same seed.")
+             "Δ vs BC pairs each round with behaviour cloning on the same games of the same seed. "
+             "'Best round on seen' takes, in each seed, the stage with the highest seen success (then score, ties "
+             "to the later): what `--select best` returns, judged on unseen tasks it was not chosen by.")
 
 
 DERIVED = ("iteration_lr", "preference_anchor", "demonstrator", "lm.", "train.")

@@ -32,11 +32,11 @@ SCHEMA_VERSION = 1
 """The version of what a run folder holds (config.yaml's keys, the logs' records, metrics). Bump it when a
 field changes meaning; `read_config` reads every older version it knows and refuses a newer one."""
 READABLE_SCHEMAS = {0: "before versioning: the records of version 1 without the version key", 1: "current"}
-OPERATIONAL = {"iterations", "num_threads", "expert_threads", "expert_retries", "evaluate_base", "evaluate_expert",
-               "evaluate_snapped", "report_to", "rollout_servers", "train_launcher", "ray", "ray_workers",
-               "schema_version"}
-"""Settings a resumed run may change: they decide how much is run and how fast, not what a record holds (and an
-older schema that `read_config` reads is the current one's records)."""
+OPERATIONAL = {"iterations", "select", "num_threads", "expert_threads", "expert_retries", "evaluate_base",
+               "evaluate_expert", "evaluate_snapped", "report_to", "rollout_servers", "train_launcher", "ray",
+               "ray_workers", "schema_version"}
+"""Settings a resumed run may change: they decide how much is run and how fast, or which finished round compile
+returns, not what a record holds (and an older schema that `read_config` reads is the current one's records)."""
 
 BASE_COLUMNS = ["iteration", "seen_success", "unseen_success"]
 SCORE_COLUMNS = ["seen_score", "unseen_score"]
@@ -44,6 +44,8 @@ SNAPPED_COLUMNS = ["seen_success_snapped", "unseen_success_snapped"]
 TAIL_COLUMNS = ["train_examples", "corrections_changed", "parse_errors", "expert_calls", "expert_tokens",
                 "expert_cost_usd", "train_s", "eval_s", "wall_s"]
 ROW_ORDER = ["base", "expert"]
+COMPILED = "compiled.json"
+"""Which stage's adapter compile returned, and by which rule."""
 EPISODE_COLUMNS = ["stage", "task_id", "split", "source", "success", "reward", "steps", "success_snapped",
                    "reward_snapped", "lenient", "actions"]
 """`episodes.csv`, one row per evaluated episode: what a report's intervals over games are computed from.
@@ -143,6 +145,13 @@ class RunFolder:
             if (adapter / "adapter_config.json").exists():
                 return adapter
         return None
+
+    def compiled_adapter(self) -> Path | None:
+        """The adapter compile returned (`compiled.json`), or the newest one for a run from before it chose."""
+        chosen = self.path / COMPILED
+        if chosen.exists():
+            return self.path / f"iter_{read_json(chosen)['stage']}" / "adapter"
+        return self.last_adapter()
 
     def copy_stages(self, source: RunFolder, names: list[str]) -> None:
         """Copy `source`'s finished stages that this run lacks (`bc_from`), each whole or not at all."""
@@ -281,6 +290,12 @@ itself (a reference, it sees what the student cannot), <b>0</b> behaviour clonin
         plt.close(fig)
         tmp.replace(target)
         return target
+
+
+def best_stage(seen: dict[str, tuple[float, float]]) -> str | None:
+    """DAgger's "best policy on validation": of the trained stages ("0", "1", ...) with their (success, score)
+    on the seen tasks, the highest success, then score; a tie goes to the later stage, trained on more data."""
+    return max(seen, key=lambda stage: (*seen[stage], int(stage))) if seen else None
 
 
 # -- starting a run -----------------------------------------------------------------------------------------

@@ -30,9 +30,9 @@ def resolve_target(target: str | os.PathLike | None, adapter: str | os.PathLike 
                    ) -> tuple[str, str | None, dict[str, Any]]:
     """`(model, adapter, engine_kwargs)` for `leap-dspy serve TARGET`.
 
-    A run folder (it has `config.yaml`) gives its `model`, its newest finished `iter_<k>/adapter` (unless
-    `adapter` is given) and its student's engine settings (`lm`); anything else is a model name or folder,
-    served with `adapter` if given.
+    A run folder (it has `config.yaml`) gives its `model`, the adapter its compile returned (`compiled.json`,
+    else the newest finished `iter_<k>/adapter`) unless `adapter` is given, and its student's engine settings
+    (`lm`); anything else is a model name or folder, served with `adapter` if given.
     """
     from leap_dspy.lm.models import DEFAULT_MODEL
     from leap_dspy.runs import RunFolder, check_adapter, read_config
@@ -44,7 +44,7 @@ def resolve_target(target: str | os.PathLike | None, adapter: str | os.PathLike 
         if not model:
             raise ValueError(f"{run.config_path} names no model")
         if adapter is None:
-            last = run.last_adapter()
+            last = run.compiled_adapter()
             if last is None:
                 raise ValueError(f"{run.path} has no finished adapter yet (no iter_<k>/adapter/adapter_config.json)")
             adapter = check_adapter(last)

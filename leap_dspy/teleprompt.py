@@ -51,8 +51,10 @@ from leap_dspy.rollout import (
     student_policy,
 )
 from leap_dspy.runs import (
+    COMPILED,
     SCHEMA_VERSION,
     RunFolder,
+    best_stage,
     check_adapter,
     check_bc_from,
     default_run_dir,
@@ -154,6 +156,7 @@ class LEAP(Teleprompter):
             self.evaluate(k, student, val, since=round_start,
                           extra=round_metrics(corrections, trajectories, examples, train_s))
 
+        adapter = self.select(student, adapter)
         self.run.write_metrics_csv(with_scores=self._with_scores)
         self.run.write_episodes_csv()
         self.run.write_report(f"LEAP on {self.env.name}", with_scores=self._with_scores)
@@ -397,6 +400,21 @@ class LEAP(Teleprompter):
             saved = student.deepcopy()
             saved.set_lm(self.placement.local_lm(adapter))
         saved.save(str(self.run.path / "student.json"))
+
+    def select(self, student: Student, last: Path) -> Path:
+        """The round compile returns (`select`): the last, or the best on the seen tasks (`best_stage`);
+        recorded in `compiled.json`, which `leap-dspy serve RUN` follows."""
+        seen = {str(k): (m["seen_success"], m.get("seen_score", 0.0)) for k in range(self.config.iterations + 1)
+                if "seen_success" in (m := read_json(self.run.stage(k) / "metrics.json"))}
+        best = best_stage(seen) if self.config.select == "best" else None
+        stage = int(best) if best is not None else self.config.iterations
+        record = {"stage": stage, "select": self.config.select if best is not None else "last", "seen": seen}
+        atomic_write_json(self.run.path / COMPILED, record)
+        if stage == self.config.iterations:
+            return last
+        name = "behaviour cloning" if stage == 0 else f"round {stage}"
+        console.print(f"compiled student: {name}'s, the best on the seen tasks ((success, score) by stage: {seen})")
+        return self.adopt(student, stage)
 
     def finished(self, k: int) -> bool:
         stage = self.run.path / f"iter_{k}"

@@ -212,3 +212,29 @@ def test_a_run_published_with_its_summary_alone_keeps_its_wall_time(tmp_path: Pa
     cost = next(line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
                 if line.startswith("| all runs | 1 |"))
     assert cost.split("|")[3:5] == [f" {wall / 60:.1f} ", " not recorded "]
+
+
+def test_the_best_round_on_seen_is_dagger_s_rule_judged_on_unseen(tmp_path: Path) -> None:
+    """Each seed's row is the stage with the best seen success (then score, ties to the later), and its unseen
+    cells are that stage's games, so a report shows what `--select best` would have returned."""
+    from leap_dspy.runs import best_stage
+
+    assert best_stage({"0": (0.4, 40.0), "1": (0.85, 80.0), "2": (0.2, 60.0)}) == "1"
+    assert best_stage({"0": (0.5, 40.0), "1": (0.5, 50.0), "2": (0.5, 50.0)}) == "2"
+    assert best_stage({}) is None
+    published = ROOT / "docs" / "results" / "webshop"
+    scores = []
+    for run in sorted(published.glob("webshop-seed*")):
+        with (run / "episodes.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        def mean(stage: str, split: str, key: str, rows: list[dict[str, str]] = rows) -> float:
+            values = [float(r[key]) for r in rows if r["stage"] == stage and r["split"] == split]
+            return sum(values) / len(values)
+        rounds = sorted({r["stage"] for r in rows if r["stage"].isdigit()})
+        chosen = best_stage({s: (mean(s, "seen", "success"), mean(s, "seen", "reward")) for s in rounds})
+        scores.append(100 * mean(str(chosen), "unseen", "reward"))
+    result = CliRunner().invoke(app, ["report", str(published), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+               if line.startswith("| best round on seen |"))
+    assert row.split("|")[3].split()[0] == f"{sum(scores) / len(scores):.1f}"

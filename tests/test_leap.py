@@ -21,6 +21,8 @@ import pytest
 from leap_dspy.envs.alfworld import ALFWorld
 from leap_dspy.lm import DEFAULT_MODEL
 from leap_dspy.programs import OracleExpert, Student
+from leap_dspy.runs import best_stage
+from leap_dspy.serve_target import resolve_target
 from leap_dspy.signatures import PrivilegedCorrection
 from leap_dspy.store import JsonlLog
 from leap_dspy.teleprompt import LEAP, ConfigMismatch
@@ -111,6 +113,18 @@ def test_compile_writes_the_run_folder_and_a_loadable_student(env: ALFWorld, tin
     restored.load(str(run / "student.json"), allow_unsafe_lm_state=True)
     assert restored.step.lm.engine.adapter == str((run / "iter_1" / "adapter").resolve())
     assert student.step.lm.engine.adapter == restored.step.lm.engine.adapter
+    assert json.loads((run / "compiled.json").read_text())["stage"] == 1  # select: last, Algorithm 1's
+
+    # DAgger's rule on the same finished run: nothing trains again, the best stage on the seen tasks is returned.
+    seen = {str(k): (m["seen_success"], m["seen_score"]) for k in (0, 1)
+            if (m := json.loads((run / f"iter_{k}" / "metrics.json").read_text()))}
+    best = LEAP(env, iterations=1, model=tiny_model, run_dir=run, train_config=FAST_TRAIN, select="best",
+                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False).compile(
+        Student(), trainset=env.tasks("train"), teacher=OracleExpert(), valset=env.tasks("seen") + env.tasks("unseen"))
+    chosen = json.loads((run / "compiled.json").read_text())
+    assert (str(chosen["stage"]), chosen["select"]) == (best_stage(seen), "best")
+    assert best.step.lm.engine.adapter == str((run / f"iter_{chosen['stage']}" / "adapter").resolve())
+    assert resolve_target(str(run))[1] == str(run / f"iter_{chosen['stage']}" / "adapter")
 
     with pytest.raises(ConfigMismatch):
         LEAP(env, iterations=1, model=tiny_model, run_dir=run, update="sft", max_train_rows=7,

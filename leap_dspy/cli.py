@@ -378,10 +378,11 @@ def tasks(
 @app.command()
 def serve(
     target: Annotated[str | None, typer.Argument(
-        help="a run folder (serves its final adapter) or a model: the embedded default, an HF folder")] = None,
+        help="a run folder (serves the adapter its compile returned) or a model: the embedded default, an HF "
+             "folder")] = None,
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="port (0 picks a free one)")] = 8000,
-    adapter: Annotated[Path | None, typer.Option(help="a LoRA adapter folder (a run folder's newest by default)")
+    adapter: Annotated[Path | None, typer.Option(help="a LoRA adapter folder (by default a run folder's compiled one)")
                        ] = None,
     backend: Annotated[str, typer.Option(help="transformers (built in) or vllm (execs `vllm serve`)")
                        ] = "transformers",

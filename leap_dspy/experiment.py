@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from leap_dspy.config import LEAPConfig
 from leap_dspy.progress import console
-from leap_dspy.runs import RunFolder
+from leap_dspy.runs import COMPILED, RunFolder
 from leap_dspy.store import atomic_write_json, read_json
 
 PUBLISHED = ("config.yaml", "metrics.csv", "episodes.csv", "compiled.json", "*/metrics.json", "*/train.json")
@@ -129,9 +129,12 @@ def write_settings(spec: Spec, root: Path) -> None:
 
 
 def finished(spec: Spec, root: Path) -> bool:
-    run = root / spec.name
-    iterations = LEAPConfig(**spec.settings).iterations
-    return (run / "student.json").exists() and (run / f"iter_{iterations}" / "metrics.json").exists()
+    """Every round evaluated and the student saved, by the `select` the grid asks for (another one resumes the
+    run, which only chooses again)."""
+    run, config = root / spec.name, LEAPConfig(**spec.settings)
+    chose = read_json(run / COMPILED).get("select") if (run / COMPILED).exists() else "last"  # before compiled.json
+    return ((run / "student.json").exists() and (run / f"iter_{config.iterations}" / "metrics.json").exists()
+            and chose == config.select)
 
 
 def _bc_ready(spec: Spec, root: Path) -> bool:

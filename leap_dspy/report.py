@@ -20,7 +20,7 @@ from leap_dspy.store import atomic_write_text, read_json
 
 SEED_KEYS = {"seed", "env.seed", "train.seed", "trainset", "valset", "bc_from", "progress", "iterations",
              "num_threads", "expert_threads", "expert_retries", "evaluate_base", "evaluate_expert",
-             "evaluate_snapped", "bc_expert_level"}
+             "evaluate_snapped", "bc_expert_level", "select"}
 """Config keys that do not make another condition: the seed and what it draws, and how a run was operated."""
 RESAMPLES = 2000
 SELECTED = "selected"
@@ -110,6 +110,8 @@ def _add_selected(run: Run) -> None:
     for (stage, split), games in list(run.outcomes.items()):
         if stage == best:
             run.outcomes[(SELECTED, split)] = games
+    if best in run.lenient:
+        run.lenient.add(SELECTED)
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:
@@ -235,8 +237,9 @@ def _stage_table(env: str, label: str, runs: list[Run], seed: int
 
 def _summary_table(groups: dict[tuple[str, str], list[Run]], seed: int
                    ) -> tuple[list[str], list[list[str]]]:
-    """One line per condition: behaviour cloning against the last round on unseen tasks, in the score where
-    the environment grades partial answers, else in success: the page's answer before its details."""
+    """One line per condition: behaviour cloning against the last round (and the best round on seen) on unseen
+    tasks, in the score where the environment grades partial answers, else in success: the page's answer before
+    its details."""
     head = ["environment", "condition", "seeds", "unseen tasks", "metric", "BC", "last round", "last round − BC",
             "best round on seen − BC"]
     rows = []

@@ -139,7 +139,7 @@ class RunFolder:
         return sorted(found)
 
     def last_adapter(self) -> Path | None:
-        """The newest finished adapter: what a compiled student points at."""
+        """The newest finished adapter (a run still training, or one from before `compiled.json`)."""
         for k in reversed(self.iterations()):
             adapter = self.path / f"iter_{k}" / "adapter"
             if (adapter / "adapter_config.json").exists():
@@ -294,8 +294,13 @@ itself (a reference, it sees what the student cannot), <b>0</b> behaviour clonin
 
 def best_stage(seen: dict[str, tuple[float, float]]) -> str | None:
     """DAgger's "best policy on validation": of the trained stages ("0", "1", ...) with their (success, score)
-    on the seen tasks, the highest success, then score; a tie goes to the later stage, trained on more data."""
-    return max(seen, key=lambda stage: (*seen[stage], int(stage))) if seen else None
+    on the seen tasks, the highest success, then score; a tie goes to the later stage, trained on more data.
+    Rounded first, so that a report reading episodes.csv's rounded rewards chooses as the compile did."""
+    def key(stage: str) -> tuple[float, float, int]:
+        success, score = seen[stage]
+        return round(float(success), 4), round(float(score), 2), int(stage)
+
+    return max(seen, key=key) if seen else None
 
 
 # -- starting a run -----------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ class LEAP(Teleprompter):
                 **kwargs: Any) -> Student | Agent:
         """Algorithm 1: behaviour cloning, then for each round roll out the student, ask the privileged expert
         to correct every visited step, aggregate with all earlier data and fine-tune; returns `student` (or the
-        `Agent` holding it) pointing at the final adapter."""
+        `Agent` holding it) pointing at the adapter `select` chose (the last round's by default)."""
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
         program, student = (student, student.student) if isinstance(student, Agent) else (student, student)
@@ -393,7 +393,7 @@ class LEAP(Teleprompter):
         student.set_lm(self.placement.student_lm(adapter))
 
     def save(self, student: Student, adapter: Path | None) -> None:
-        """`student.json`, with the local engine on the final adapter even when the student acted through a
+        """`student.json`, with the local engine on the chosen adapter even when the student acted through a
         server pool: a saved program must load anywhere, and must not send its prompts to recorded servers."""
         saved = student
         if self.config.rollout_servers:
@@ -408,7 +408,8 @@ class LEAP(Teleprompter):
                 if "seen_success" in (m := read_json(self.run.stage(k) / "metrics.json"))}
         best = best_stage(seen) if self.config.select == "best" else None
         stage = int(best) if best is not None else self.config.iterations
-        record = {"stage": stage, "select": self.config.select if best is not None else "last", "seen": seen}
+        chosen_by = "best seen success" if best is not None else "last round"  # no seen tasks: nothing to choose by
+        record = {"stage": stage, "select": self.config.select, "chosen_by": chosen_by, "seen": seen}
         atomic_write_json(self.run.path / COMPILED, record)
         if stage == self.config.iterations:
             return last

@@ -116,15 +116,24 @@ def test_compile_writes_the_run_folder_and_a_loadable_student(env: ALFWorld, tin
     assert json.loads((run / "compiled.json").read_text())["stage"] == 1  # select: last, Algorithm 1's
 
     # DAgger's rule on the same finished run: nothing trains again, the best stage on the seen tasks is returned.
+    # The tiny random model ties its stages (a tie goes to the later), so behaviour cloning is made the best.
+    for k, success in ((0, 1.0), (1, 0.0)):
+        metrics = json.loads((run / f"iter_{k}" / "metrics.json").read_text())
+        (run / f"iter_{k}" / "metrics.json").write_text(json.dumps({**metrics, "seen_success": success}))
     seen = {str(k): (m["seen_success"], m["seen_score"]) for k in (0, 1)
             if (m := json.loads((run / f"iter_{k}" / "metrics.json").read_text()))}
+    assert best_stage(seen) == "0"
     best = LEAP(env, iterations=1, model=tiny_model, run_dir=run, train_config=FAST_TRAIN, select="best",
                 lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False).compile(
         Student(), trainset=env.tasks("train"), teacher=OracleExpert(), valset=env.tasks("seen") + env.tasks("unseen"))
     chosen = json.loads((run / "compiled.json").read_text())
-    assert (str(chosen["stage"]), chosen["select"]) == (best_stage(seen), "best")
-    assert best.step.lm.engine.adapter == str((run / f"iter_{chosen['stage']}" / "adapter").resolve())
-    assert resolve_target(str(run))[1] == str(run / f"iter_{chosen['stage']}" / "adapter")
+    assert (chosen["stage"], chosen["select"], chosen["chosen_by"]) == (0, "best", "best seen success")
+    bc = str((run / "iter_0" / "adapter").resolve())
+    assert best.step.lm.engine.adapter == bc
+    saved = Student()
+    saved.load(str(run / "student.json"), allow_unsafe_lm_state=True)
+    assert saved.step.lm.engine.adapter == bc
+    assert resolve_target(str(run))[1] == str(run / "iter_0" / "adapter")
 
     with pytest.raises(ConfigMismatch):
         LEAP(env, iterations=1, model=tiny_model, run_dir=run, update="sft", max_train_rows=7,

@@ -273,7 +273,7 @@ def compare(
     """One row per run: what it varied (update, expert, privilege level) and its success after behaviour cloning
     and after each LEAP iteration, with the time the run's own stages took (a run started with --bc-from
     counts only its iterations)."""
-    import csv
+    from leap_dspy.runs import RunFolder
 
     if split not in ("seen", "unseen"):
         raise fail(f"--split must be seen or unseen, not {split!r}")
@@ -282,7 +282,7 @@ def compare(
         config, _ = load_run(run_dir) if (run_dir / "config.yaml").exists() else (None, None)
         if config is None or not (run_dir / "metrics.csv").exists():
             raise fail(f"{run_dir} is not a run folder with metrics (no config.yaml or metrics.csv)")
-        rows = {row["iteration"]: row for row in csv.DictReader((run_dir / "metrics.csv").open())}
+        rows = RunFolder(run_dir).summary_rows()
         runs.append((run_dir, config, rows))
     width = max((sum(k.isdigit() for k in rows) for _, _, rows in runs), default=0)
     table = Table(title=f"{split} success")

@@ -7,7 +7,6 @@ games both stages played within a seed, which is far tighter than comparing two 
 
 from __future__ import annotations
 
-import csv
 import html
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -80,7 +79,7 @@ def load_run(path: Path) -> Run:
         if int(row.get("lenient") or 0):
             run.lenient.add(str(row["stage"]))
     # A published run may keep only metrics.csv: its wall time and expert tokens are there, its memory is not.
-    summary = {str(row["iteration"]): row for row in _csv_rows(path / "metrics.csv")}
+    summary = folder.summary_rows()
     stages = list(dict.fromkeys([*folder.stages(), *summary]))
     own = [s for s in stages if s.isdigit() and (s != "0" or not config.get("bc_from"))]
     for stage in stages:
@@ -112,11 +111,6 @@ def _add_selected(run: Run) -> None:
             run.outcomes[(SELECTED, split)] = games
     if best in run.lenient:
         run.lenient.add(SELECTED)
-
-
-def _csv_rows(path: Path) -> list[dict[str, str]]:
-    with path.open() as handle:
-        return list(csv.DictReader(handle))
 
 
 def conditions(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:

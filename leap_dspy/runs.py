@@ -178,6 +178,14 @@ class RunFolder:
                 rows.append(read_json(metrics))
         return rows
 
+    def summary_rows(self) -> dict[str, dict[str, str]]:
+        """metrics.csv's rows by `iteration`: what a published run keeps of its stages' metrics."""
+        path = self.path / "metrics.csv"
+        if not path.exists():
+            return {}
+        with path.open() as handle:
+            return {row["iteration"]: row for row in csv.DictReader(handle)}
+
     def stages(self) -> list[str]:
         """The evaluated stages in table order: base, expert, 0 (behaviour cloning), 1, 2, ..."""
         names = [*ROW_ORDER, *map(str, self.iterations())]

@@ -195,9 +195,6 @@ def test_a_report_over_several_environments_opens_with_the_last_round_against_be
         assert summary[env][7] == own["round 2"][-1]
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))
-
 
 def test_a_run_published_with_its_summary_alone_keeps_its_wall_time(tmp_path: Path) -> None:
     """Early grids published config, metrics.csv and episodes.csv only: the report rebuilds their cost from
@@ -238,3 +235,7 @@ def test_the_best_round_on_seen_is_dagger_s_rule_judged_on_unseen(tmp_path: Path
     row = next(line for line in (tmp_path / "report.md").read_text().splitlines()
                if line.startswith("| best round on seen |"))
     assert row.split("|")[3].split()[0] == f"{sum(scores) / len(scores):.1f}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))

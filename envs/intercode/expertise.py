@@ -146,11 +146,16 @@ class _InterCodeExpertise(Expertise):
         """The step's own reason, then why not the student's step where its inputs say."""
         gold = self.gold(privileged) or action
         answered = self.answered(inputs, privileged, gold)
-        contrast = _student_contrast(inputs, action, student_action, self.unseen(inputs, student_action), answered)
+        contrast = (_student_contrast(inputs, action, student_action, self.unseen(inputs, student_action), answered)
+                    or self.contrast(inputs, action, student_action))
         return self.explain_step(inputs, privileged, action, gold) + contrast
 
     def explain_step(self, inputs: StudentInputs, privileged: PrivilegedState, action: str, gold: str) -> str:
         raise NotImplementedError
+
+    def contrast(self, inputs: StudentInputs, action: str, student_action: str) -> str:
+        """Why not the student's command, from the task's words, where the shared contrasts had nothing."""
+        return ""
 
     def look(self, inputs: StudentInputs, gold: str) -> str | None:
         """The exploring action to take before the gold command, or None when the student has seen enough."""
@@ -474,10 +479,19 @@ class BashExpertise(_InterCodeExpertise):
                     "before I act on it.")
         return _plain(self._explain_command(inputs, action), inputs, privileged, action)
 
+    def contrast(self, inputs: StudentInputs, action: str, student_action: str) -> str:
+        """A student that runs a program no word of the instruction asks for (`find` out of habit, where the
+        task is to cut characters from a string) is told so: the instruction alone shows it."""
+        ours, theirs = programs(action), programs(student_action)
+        if not theirs or theirs[0] in ours or theirs[0] not in _CUES or cue(inputs.task, theirs[0]):
+            return ""
+        return f" Yours runs {theirs[0]}, which no word of the instruction asks for."
+
     def _explain_command(self, inputs: StudentInputs, action: str) -> str:
-        """The reason for the command itself: the instruction, the paths it uses and where they were seen."""
-        programs = [(_tokens(part) or [""])[0] for part in re.split(r"\|(?!\|)", action)]
-        programs = [posixpath.basename(p) for p in programs if p and not p.startswith("-")]
+        """The reason for the command itself: the instruction, the words of it that call for each program
+        ("count" for wc), the paths it uses and where they were seen. The student copies the words from its
+        task and reads the programs off them, instead of writing the program it saw most in training."""
+        run = programs(action)
         listed = [a.removeprefix("ls ").strip() for a in past_actions(inputs) if a.startswith("ls ")]
         paths = [p for p in bash_paths(action) if path_seen(p, inputs)]
         where = ""
@@ -485,5 +499,71 @@ class BashExpertise(_InterCodeExpertise):
             where = f" I saw {', '.join(paths[:3])} by listing {', '.join(dict.fromkeys(listed))}."
         elif paths:
             where = f" It names {', '.join(paths[:3])}, as the instruction does."
-        run = " | ".join(dict.fromkeys(programs)) or "it"
-        return f"The instruction asks: {_gist(inputs.task)}.{where} One command, {run}, does that."
+        called = [(word, p) for p in run if (word := cue(inputs.task, p))]
+        calls = ", ".join(f'"{w}" for {p}' if i else f'"{w}" calls for {p}' for i, (w, p) in enumerate(called))
+        calls = f" {calls}." if calls else ""
+        return (f"The instruction asks: {_gist(inputs.task)}.{calls}{where} One command, "
+                f"{' | '.join(run) or 'it'}, does that.")
+
+
+_CUES: dict[str, tuple[str, ...]] = {
+    "find": ("find", "search", "files", "directories", "subdirectories", "recursive", "modified", "empty",
+             "symbolic", "under"),
+    "grep": ("contain", "search", "match", "string", "word", "lines with"),
+    "sort": ("sort", "order", "largest", "smallest", "biggest", "alphabetical"),
+    "awk": ("sum", "total", "column", "field", "less than", "greater than", "longer", "shorter"),
+    "wc": ("count", "number of", "how many"),
+    "head": ("first", "top", "largest", "biggest"),
+    "tail": ("last",),
+    "sed": ("replace", "substitute", "remove", "delete", "line"),
+    "cut": ("characters", "field", "column", "extract"),
+    "cat": ("contents", "display", "concatenate", "show"),
+    "uniq": ("unique", "duplicate", "distinct"),
+    "ls": ("list",),
+    "du": ("size", "disk usage"),
+    "df": ("disk", "file system"),
+    "tar": ("archive", "compress", "tarball", "extract", "uncompress"),
+    "gzip": ("compress", "uncompress"),
+    "paste": ("side by side", "without newline", "join"),
+    "rev": ("reverse", "last"),
+    "tac": ("reverse", "last"),
+    "tr": ("convert", "translate", "replace", "uppercase", "lowercase", "separated"),
+    "echo": ("print", "string", "write"),
+    "mkdir": ("create", "directory", "directories"),
+    "rm": ("remove", "delete"),
+    "rmdir": ("remove", "delete"),
+    "cp": ("copy",),
+    "mv": ("move", "rename"),
+    "ln": ("link",),
+    "chmod": ("permission",),
+    "diff": ("differ", "difference"),
+    "comm": ("compare", "common", "unique"),
+    "date": ("date", "time"),
+    "seq": ("numbers", "through", "sequence"),
+    "md5sum": ("md5", "hash"),
+    "jq": ("json",),
+    "tee": ("write", "append", "save"),
+    "who": ("logged in", "users", "boot"),
+    "ps": ("process",),
+    "env": ("environment", "variables"),
+    "tree": ("tree",),
+    "od": ("dump",),
+    "uname": ("kernel",),
+    "hostname": ("host name", "hostname"),
+}
+"""The words of an instruction that call for each common program (and the program's own name always does):
+what a reason cites so that choosing the program is a lookup in the task, not a habit."""
+
+
+def programs(command: str) -> list[str]:
+    """The programs a pipeline runs, in order, each once ("find | xargs | wc")."""
+    found = [(_tokens(part) or [""])[0] for part in re.split(r"\|(?!\|)", command)]
+    return list(dict.fromkeys(posixpath.basename(p) for p in found if p and not p.startswith("-")))
+
+
+def cue(task: str, program: str) -> str:
+    """The first word of `task` that calls for `program` ("" when none does)."""
+    names = {program, program.removesuffix("sum")} - {""}
+    patterns = [rf"\b{re.escape(n)}\b" for n in names] + [rf"\b{re.escape(c)}\w*" for c in _CUES.get(program, ())]
+    hits = [(m.start(), m.group(0)) for p in patterns if (m := re.search(p, task, flags=re.IGNORECASE))]
+    return min(hits)[1] if hits else ""

@@ -13,12 +13,20 @@ import pytest
 from test_intercode import _need_bwrap, _need_data
 
 from leap_dspy.envs.intercode import InterCodeBash, InterCodeSQL
-from leap_dspy.envs.intercode.expertise import bash_paths, describe_target, noted_columns, sql_names
+from leap_dspy.envs.intercode.expertise import (
+    BashExpertise,
+    bash_paths,
+    cue,
+    describe_target,
+    noted_columns,
+    programs,
+    sql_names,
+)
 from leap_dspy.envs.intercode.sql_env import mysql_ready
 from leap_dspy.programs import OracleExpert, Student
 from leap_dspy.realizability import unobserved_mentions
 from leap_dspy.rollout import expert_rollout
-from leap_dspy.types import StudentInputs, Trajectory
+from leap_dspy.types import PrivilegedState, StudentInputs, Trajectory
 
 
 def _play(env, tasks) -> list[Trajectory]:
@@ -144,6 +152,28 @@ def test_bash_expert_looks_then_solves():
     assert by_id["bench-21"][:3] == ["ls /", "ls /testbed", "ls /testbed/dir1"]  # the file's folder is unseen
     assert by_id["bench-8"] == ["ls -lhS /testbed/dir1", "submit"]  # the instruction names every path
     assert by_id["bench-18"][-1] == "submit"  # a gold command over two lines is recognised as run
+
+
+def test_bash_reasons_cite_the_words_that_call_for_each_program():
+    expertise = BashExpertise()
+    task = "Count the lines of /testbed/notes.txt that contain the word 'error'"
+    inputs = StudentInputs(task=task, observation=task, history="(none)")
+    command = "grep 'error' /testbed/notes.txt | wc -l"
+    assert programs(command) == ["grep", "wc"] and programs("find / -name '*.sh' | xargs md5sum") == [
+        "find", "xargs", "md5sum"]
+    assert (cue(task, "grep"), cue(task, "wc"), cue(task, "find")) == ("contain", "Count", "")
+    assert cue("Compute the md5 hash of every file", "md5sum") == "md5"
+    assert cue("list open files", "ls") == "list" and cue("also", "ls") == ""  # names match as whole words
+    reason = expertise.explain_step(inputs, PrivilegedState(level=1), command, command)
+    assert '"contain" calls for grep, "Count" for wc.' in reason
+    assert reason.endswith("One command, grep | wc, does that.")
+    # find out of habit is told apart from find that the instruction asks for
+    contrast = expertise.explain(inputs, PrivilegedState(level=1, sections={"gold command": command}), command,
+                                 "find /testbed -name notes.txt")
+    assert contrast.endswith(" Yours runs find, which no word of the instruction asks for.")
+    assert "Yours runs" not in expertise.contrast(inputs, command, "grep error /testbed/notes.txt")
+    found = StudentInputs(task="Find the empty files under /testbed", observation="", history="(none)")
+    assert expertise.contrast(found, "find /testbed -empty", "find /testbed -type f") == ""
 
 
 def _start(env, task_id: str, level: int):

@@ -556,9 +556,22 @@ what a reason cites so that choosing the program is a lookup in the task, not a 
 
 
 def programs(command: str) -> list[str]:
-    """The programs a pipeline runs, in order, each once ("find | xargs | wc")."""
-    found = [(_tokens(part) or [""])[0] for part in re.split(r"\|(?!\|)", command)]
+    """The programs a pipeline runs, in order, each once, with the one xargs runs ("find | xargs | md5sum")."""
+    found = []
+    for part in re.split(r"\|(?!\|)", command):
+        words_ = _tokens(part)
+        found += words_[:1] + (_xargs_program(words_[1:]) if words_[:1] == ["xargs"] else [])
     return list(dict.fromkeys(posixpath.basename(p) for p in found if p and not p.startswith("-")))
+
+
+def _xargs_program(args: list[str]) -> list[str]:
+    """The program xargs runs: its first word that is neither an option nor an option's value."""
+    valued = False
+    for word in args:
+        if not valued and not word.startswith("-"):
+            return [word]
+        valued = word in ("-I", "-n", "-d", "-P", "-L", "-s", "-E")
+    return []
 
 
 def cue(task: str, program: str) -> str:

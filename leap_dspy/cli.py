@@ -148,14 +148,13 @@ def _first_error(exc: Exception) -> str:
 
 
 def print_metrics(run_dir: Path) -> None:
-    import csv
+    from leap_dspy.runs import RunFolder
 
-    path = run_dir / "metrics.csv"
-    if not path.exists():
+    rows = list(RunFolder(run_dir).summary_rows().values())
+    if not rows:
         return
-    rows = list(csv.DictReader(path.open()))
-    table = Table(title=str(path))
-    for column in rows[0] if rows else []:
+    table = Table(title=str(run_dir / "metrics.csv"))
+    for column in rows[0]:
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(*row.values())

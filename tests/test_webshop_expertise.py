@@ -79,12 +79,6 @@ def test_the_expert_wins_most_tasks_at_the_default_level(env: WebShop, split: st
         assert not unobserved_mentions(step.reason, step.inputs, step.privileged, step.action)
         if step.action in LEAVING:  # never back-and-forth without saying what was wrong on the page
             assert any(w in step.reason for w in ("is not", "offers no", "not lower than", "No result", "describes"))
-        page, want = read_page(step.inputs.observation), read_instruction(step.inputs.task)
-        if page.kind == "item":  # each value the instruction names, with its status on the page beside it
-            for name, value in want.options.items():
-                status = ("clicked" if value in page.chosen else "not clicked" if value in page.offered
-                          else "not offered")
-                assert f"{name}: {value} ({status})" in step.reason, (step.reason, page.chosen)
 
 
 def test_corrections_of_a_student_are_realizable_admissible_and_justified(env: WebShop) -> None:

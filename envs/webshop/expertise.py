@@ -337,17 +337,17 @@ def _results_reason(want: Want, page: Page, history: str, arg: str) -> str:
 
 
 def _checked(want: Want, page: Page, trouble: list[str]) -> str:
-    """What every item-page reason says first: each option value the instruction names with its status on the
-    page beside it ("size: pixel 8 (not clicked)"), then what contradicts the instruction. The status is a
-    lookup per value in the page's "You have clicked" lines, and the decision (select the first value not
-    clicked, buy when none is left, or leave) is read off what the reason just wrote; a list of what is clicked
-    had the small student copy values by position ("I have clicked coral, not coral")."""
+    """What every item-page reason says first: the option values the instruction names and which of them the
+    page says are clicked, then what contradicts the instruction. A small student copies this from its task and
+    page before it decides, and reads the decision (select, buy or leave) off what it just wrote."""
     if not want.options:
         head = "The instruction names no option to select"
     else:
-        status = {v: "clicked" if v in page.chosen else "not clicked" if v in page.offered else "not offered"
-                  for v in want.options.values()}
-        head = f"The instruction asks for {_and([f'{k}: {v} ({status[v]})' for k, v in want.options.items()])}"
+        values = list(want.options.values())
+        clicked = [v for v in values if v in page.chosen]
+        head = f"The instruction asks for {_and([f'{k}: {v}' for k, v in want.options.items()])}; I have clicked "
+        left = [v for v in values if v not in clicked and v in page.offered]
+        head += (_and(clicked) + (f", not {_and(left)}" if left else "")) if clicked else "none of them"
     return f"{head}; {_and(trouble)}" if trouble else head
 
 

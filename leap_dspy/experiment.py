@@ -80,13 +80,14 @@ class Spec:
 
 
 def expand(grid: Grid) -> list[Spec]:
-    """The grid's runs, in file order: each cell of the product, for each seed."""
+    """The grid's runs, seed by seed, each seed's cells in file order: a grid stopped part-way (they span
+    sessions) has compared every condition on its first seeds rather than one condition on every seed."""
     axes = {"env": grid.env if isinstance(grid.env, list) else [grid.env], **grid.grid}
     specs: list[Spec] = []
     first_with: dict[str, str] = {}
-    for values in itertools.product(*axes.values()):
-        cell = dict(zip(axes, values, strict=True))
-        for seed in grid.seeds:
+    for seed in grid.seeds:
+        for values in itertools.product(*axes.values()):
+            cell = dict(zip(axes, values, strict=True))
             options = {**grid.options, **{k.removeprefix("options."): v for k, v in cell.items()
                                           if k.startswith("options.")}}
             settings = {**grid.settings, **{k: v for k, v in cell.items()

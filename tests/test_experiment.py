@@ -38,6 +38,7 @@ def test_a_grid_file_is_checked_and_expanded_with_shared_behaviour_cloning(tmp_p
                                     "grid": {"update": ["sft", "dpo"], "options.realizable": [True, False]}}))
     specs = expand(Grid.load(path))
     assert len(specs) == 8 and len({s.name for s in specs}) == 8
+    assert [s.seed for s in specs] == [0, 0, 0, 0, 1, 1, 1, 1]  # every condition of a seed before the next seed
     shared = [s for s in specs if s.bc_from]
     assert len(shared) == 4 and all("update=dpo" in s.name and "update=sft" in s.bc_from for s in shared)
     path.write_text(yaml.safe_dump({"env": "alfworld", "grid": {"iterationz": [1]}}))

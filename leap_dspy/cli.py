@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
@@ -13,6 +13,9 @@ from rich.table import Table
 
 from leap_dspy.cli_settings import fail, parse_sets, resolve_settings
 from leap_dspy.progress import console
+
+if TYPE_CHECKING:
+    from leap_dspy.runs import RunFolder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train small LLM agents that beat their teacher, with privileged AI feedback (LEAP).")
@@ -135,7 +138,7 @@ def compile_(
         leap.compile(Student(), trainset=trainset, teacher=teacher, valset=valset)
     except (RunFileError, OSError, EnvContractError, NoDemonstrations) as exc:
         raise fail(str(exc)) from exc
-    print_metrics(leap.run.path)
+    print_metrics(leap.run)
 
 
 def _first_error(exc: Exception) -> str:
@@ -147,13 +150,11 @@ def _first_error(exc: Exception) -> str:
     return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
 
 
-def print_metrics(run_dir: Path) -> None:
-    from leap_dspy.runs import RunFolder
-
-    rows = list(RunFolder(run_dir).summary_rows().values())
+def print_metrics(run: RunFolder) -> None:
+    rows = list(run.summary_rows().values())
     if not rows:
         return
-    table = Table(title=str(run_dir / "metrics.csv"))
+    table = Table(title=str(run.path / "metrics.csv"))
     for column in rows[0]:
         table.add_column(column, justify="right")
     for row in rows:

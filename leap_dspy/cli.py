@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -330,10 +331,12 @@ def experiment(
     publish: Annotated[Path | None, typer.Option(help="copy each finished run's small outputs (config, "
                                                       "metrics, episodes) here, e.g. docs/results/<name>")] = None,
     dry_run: Annotated[bool, typer.Option(help="list the runs and their commands, run nothing")] = False,
+    run: Annotated[bool, typer.Option("--run/--no-run", help="--no-run: start nothing, only show the grid's "
+                                      "state and publish its finished runs")] = True,
 ) -> None:
     """Run a grid of compiles (environment × seed × settings) as run folders; resumable, sharing behaviour
     cloning between runs that would clone the same; then `leap-dspy report` over the root."""
-    from leap_dspy.experiment import Grid, command, expand, run_grid
+    from leap_dspy.experiment import Grid, command, expand, grid_states, run_grid
 
     try:
         grid = Grid.load(grid_file)
@@ -343,6 +346,14 @@ def experiment(
     if dry_run:
         for spec in expand(grid):
             console.print(f"{spec.name}: {' '.join(command(spec, root)[3:])}", soft_wrap=True, highlight=False)
+        return
+    if publish is not None:  # the file that produced the published runs travels with them
+        publish.mkdir(parents=True, exist_ok=True)
+        if not (publish / "grid.yaml").exists() or not (publish / "grid.yaml").samefile(grid_file):
+            shutil.copy2(grid_file, publish / "grid.yaml")
+    if not run:
+        states = grid_states(grid, root, publish)
+        console.print(f"{sum(s == 'done' for s in states.values())} of {len(states)} runs done; started none")
         return
     states = run_grid(grid, root, jobs=jobs, publish=publish, min_free_gb=min_free_gb)
     bad = [name for name, state in states.items() if state != "done"]

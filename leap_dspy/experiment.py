@@ -142,18 +142,26 @@ def _bc_ready(spec: Spec, root: Path) -> bool:
     return spec.bc_from is None or (root / spec.bc_from / "iter_0" / "adapter" / "adapter_config.json").exists()
 
 
+def grid_states(grid: Grid, root: Path, publish: Path | None = None) -> dict[str, str]:
+    """Each run's state as the root has it (done or pending), publishing the finished ones: a grid stopped
+    part-way is reported on what it reached without starting the rest."""
+    specs = expand(grid)
+    states = {s.name: "done" if finished(s, root) else "pending" for s in specs}
+    if publish is not None:  # runs finished by an earlier call, perhaps one without --publish
+        for name in (name for name, state in states.items() if state == "done"):
+            publish_run(root / name, publish / name)
+    show(specs, states, root)
+    return states
+
+
 def run_grid(grid: Grid, root: Path, jobs: int = 1, publish: Path | None = None, min_free_gb: float = 10.0
              ) -> dict[str, str]:
     """Run every spec not yet finished, `jobs` at a time while `min_free_gb` of memory is free; returns each
     run's state (done, failed: see its log, or skipped: the run it shares behaviour cloning with failed)."""
     root.mkdir(parents=True, exist_ok=True)
     specs = expand(grid)
-    states = {s.name: "done" if finished(s, root) else "pending" for s in specs}
-    if publish is not None:  # runs finished by an earlier call, perhaps one without --publish
-        for name in (name for name, state in states.items() if state == "done"):
-            publish_run(root / name, publish / name)
+    states = grid_states(grid, root, publish)
     running: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
-    show(specs, states, root)
     while any(state in ("pending", "running") for state in states.values()):
         for spec in specs:
             if states[spec.name] != "pending" or len(running) >= jobs:

@@ -74,6 +74,8 @@ def test_experiment_runs_publishes_resumes_and_reports(tiny_model: str, tmp_path
     episodes = list(csv.DictReader((published / "keybox-update=sft-seed0" / "episodes.csv").open()))
     assert episodes and all(len(json.loads(e["actions"])) == int(e["steps"]) for e in episodes)  # what was done
 
+    assert yaml.safe_load((published / "grid.yaml").read_text())["name"] == "tiny"  # what produced them
+
     shutil.rmtree(published)
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "started" not in again.output  # finished runs are not run again,
@@ -98,6 +100,11 @@ def test_experiment_runs_publishes_resumes_and_reports(tiny_model: str, tmp_path
     assert page.replace(str(root), "") == (tmp_path / "rebuilt" / "report.md").read_text().replace(
         str(published), "")  # the published summaries are enough to rebuild the report
     assert [p.stat().st_size > 10_000 for p in (tmp_path / "report").glob("*.png")] == [True]  # the plot
+
+    shutil.rmtree(root / "keybox-update=dpo-seed1")
+    partial = CliRunner().invoke(app, [*args, "--no-run"])  # a grid stopped part-way, published as it is
+    assert partial.exit_code == 0 and "3 of 4 runs done; started none" in partial.output, partial.output
+    assert not (root / "keybox-update=dpo-seed1").exists()
 
 
 def _bc_outcomes(run: Path) -> list[tuple[str, str, int, int]]:

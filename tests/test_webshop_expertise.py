@@ -176,5 +176,6 @@ def test_reasons_name_what_on_the_page_matches_or_contradicts_the_instruction() 
     assert expertise.act(chosen, nothing, "click[coral]") == "click[Buy Now]"
     reason = expertise.explain(chosen, nothing, "click[Buy Now]", "click[coral]")
     assert "I buy it" in reason and "clicked coral already" in reason
+    assert reason.startswith("I have clicked coral; the instruction asks for color: coral; all of them clicked")
     # and it opens as the demonstration's reason for the same step: a small student's first words pick its action
     assert reason.startswith(expertise.explain(chosen, nothing, "click[Buy Now]"))

@@ -4,7 +4,7 @@ from the student's view (the instruction, the page it is on, its history).
 The LEAP expert is worth imitating when its reason names what, on the page the student sees, matches or
 contradicts the instruction ("...; it costs $45.99, not lower than 30.00 dollars: I go back to the results"),
 and when the student could have written that reason itself. On a product page every reason first says what the
-instruction asks and what the page says is clicked (`_checked`), and decides after: a decision made by the
+page says is clicked and what the instruction asks (`_checked`), and decides after: a decision made by the
 reason's first word was where the small student went wrong. So the policy below (`choose`) shops the way the
 student can: it searches with the instruction's words, opens the result whose name shows the most of what
 the instruction asks for at a price under its bound, selects the option values the instruction names, and
@@ -337,17 +337,17 @@ def _results_reason(want: Want, page: Page, history: str, arg: str) -> str:
 
 
 def _checked(want: Want, page: Page, trouble: list[str]) -> str:
-    """What every item-page reason says first: the option values the instruction names and which of them the
-    page says are clicked, then what contradicts the instruction. A small student copies this from its task and
-    page before it decides, and reads the decision (select, buy or leave) off what it just wrote."""
+    """What every item-page reason says first: the values the page says are clicked, in the page's order, then
+    the option values the instruction names and which of those are not clicked yet, then what contradicts the
+    instruction. The clicked list is a copy of the page's first lines, which a small student makes reliably; the
+    decision (select, buy or leave) it then reads off the two lists it just wrote side by side."""
     if not want.options:
-        head = "The instruction names no option to select"
-    else:
-        values = list(want.options.values())
-        clicked = [v for v in values if v in page.chosen]
-        head = f"The instruction asks for {_and([f'{k}: {v}' for k, v in want.options.items()])}; I have clicked "
-        left = [v for v in values if v not in clicked and v in page.offered]
-        head += (_and(clicked) + (f", not {_and(left)}" if left else "")) if clicked else "none of them"
+        return f"The instruction names no option to select; {_and(trouble)}" if trouble else (
+            "The instruction names no option to select")
+    asked = _and([f"{k}: {v}" for k, v in want.options.items()])
+    left = [v for v in want.options.values() if v not in page.chosen and v in page.offered]
+    head = (f"I have clicked {_and(list(page.chosen)) if page.chosen else 'nothing'}; the instruction asks for "
+            f"{asked}; " + (f"{_and(left)} not clicked yet" if left else "all of them clicked"))
     return f"{head}; {_and(trouble)}" if trouble else head
 
 

@@ -166,6 +166,9 @@ def test_reasons_name_what_on_the_page_matches_or_contradicts_the_instruction() 
     assert expertise.act(inputs, nothing, "click[coral]") == "click[< Prev]"
     reason = expertise.explain(inputs, nothing, "click[< Prev]", "click[coral]")
     assert "$45.99" in reason and "30.00 dollars" in reason
+    elsewhere = StudentInputs(task=task.replace("coral", "teal"), observation=item, history=inputs.history)
+    reason = expertise.explain(elsewhere, nothing, "click[< Prev]")  # nothing offered: not "all of them clicked"
+    assert reason.startswith("I have clicked nothing; the instruction asks for color: teal; the rest not offered")
     cheaper = StudentInputs(task=task, observation=item.replace("$45.99", "$19.99"), history=inputs.history)
     assert expertise.act(cheaper, nothing, "click[< Prev]") == "click[coral]"
     reason = expertise.explain(cheaper, nothing, "click[coral]", "click[< Prev]")

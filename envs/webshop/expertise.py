@@ -346,8 +346,10 @@ def _checked(want: Want, page: Page, trouble: list[str]) -> str:
             "The instruction names no option to select")
     asked = _and([f"{k}: {v}" for k, v in want.options.items()])
     left = [v for v in want.options.values() if v not in page.chosen and v in page.offered]
+    done = all(v in page.chosen for v in want.options.values())
     head = (f"I have clicked {_and(list(page.chosen)) if page.chosen else 'nothing'}; the instruction asks for "
-            f"{asked}; " + (f"{_and(left)} not clicked yet" if left else "all of them clicked"))
+            f"{asked}; " + (f"{_and(left)} not clicked yet" if left else
+                            "all of them clicked" if done else "the rest not offered"))
     return f"{head}; {_and(trouble)}" if trouble else head
 
 

@@ -246,11 +246,17 @@ def choose(want: Want, page: Page, history: str, target: str | None = None) -> s
     if page.kind == "item":
         if problems(want, page.title, page.price, page.offered) and not settles(want, page, history):
             return f"click[{PREV_PAGE}]"
-        missing = [v for v in want.options.values() if v not in page.chosen and v in page.offered]
+        missing = list(unclicked(want, page).values())
         return f"click[{missing[0] if missing else END_BUTTON}]"
     if page.kind == "sub":
         return f"click[{PREV_PAGE}]"
     return None
+
+
+def unclicked(want: Want, page: Page) -> dict[str, str]:
+    """The option values the instruction names that the page offers and does not say are clicked: what the
+    policy selects next and what its reasons say is left, from one rule."""
+    return {k: v for k, v in want.options.items() if v not in page.chosen and v in page.offered}
 
 
 def settles(want: Want, page: Page, history: str) -> bool:
@@ -342,14 +348,14 @@ def _checked(want: Want, page: Page, trouble: list[str]) -> str:
     instruction. The clicked list is a copy of the page's first lines, which a small student makes reliably; the
     decision (select, buy or leave) it then reads off the two lists it just wrote side by side."""
     if not want.options:
-        return f"The instruction names no option to select; {_and(trouble)}" if trouble else (
-            "The instruction names no option to select")
-    asked = _and([f"{k}: {v}" for k, v in want.options.items()])
-    left = [v for v in want.options.values() if v not in page.chosen and v in page.offered]
-    done = all(v in page.chosen for v in want.options.values())
-    head = (f"I have clicked {_and(list(page.chosen)) if page.chosen else 'nothing'}; the instruction asks for "
-            f"{asked}; " + (f"{_and(left)} not clicked yet" if left else
-                            "all of them clicked" if done else "the rest not offered"))
+        head = "The instruction names no option to select"
+    else:
+        asked = _and([f"{k}: {v}" for k, v in want.options.items()])
+        left = list(unclicked(want, page).values())
+        done = all(v in page.chosen for v in want.options.values())
+        head = (f"I have clicked {_and(list(page.chosen)) if page.chosen else 'nothing'}; the instruction asks "
+                f"for {asked}; " + (f"{_and(left)} not clicked yet" if left else
+                                    "all of them clicked" if done else "the rest not offered"))
     return f"{head}; {_and(trouble)}" if trouble else head
 
 
@@ -378,7 +384,7 @@ def _contrast(want: Want, page: Page, history: str, student: str, action: str) -
             want, page.title, page.price, page.offered):
         return "Nothing on this page contradicts the instruction, so I do not go back."
     if page.kind == "item" and arg == END_BUTTON:
-        missing = [f"{k}: {v}" for k, v in want.options.items() if v not in page.chosen and v in page.offered]
+        missing = [f"{k}: {v}" for k, v in unclicked(want, page).items()]
         if missing:
             return f"Buying now would leave {_and(missing)} unselected."
     if page.kind == "item" and arg in page.offered and arg not in want.options.values():

@@ -47,6 +47,8 @@ class LEAPConfig(BaseModel):
                                      "steps known to be right, trained toward (0: pairs alone)")
     max_train_rows: int = _bc(default=240, ge=1, description="rows per LEAP round (behaviour cloning takes "
                               "twice as many): this round's corrections, then earlier data to fill up")
+    bc_rows: int | None = _bc(default=None, ge=1, description="rows of behaviour cloning, sampled from the "
+                              "demonstrated steps (unset: twice max_train_rows)")
     train_all_new: bool = Field(True, description="train on every new correction of a round (DAgger; the rows "
                                 "grow past max_train_rows), older data filling up; false caps new ones at half")
     select: Literal["last", "best"] = Field("last", description="the round compile returns: the last "

@@ -244,7 +244,7 @@ class LEAP(Teleprompter):
             rows = preference_rows(signature, adapter, pairs, kind=cfg.update, anchors=anchors)
             examples = len(pairs) + len(anchors)
         else:
-            budget = cfg.max_train_rows * (2 if k == 0 else 1)
+            budget = (cfg.bc_rows or 2 * cfg.max_train_rows) if k == 0 else cfg.max_train_rows
             chosen = aggregate_sft(usable, earlier, budget, rng, cfg.balance_actions, balance_rng,
                                    all_new=cfg.train_all_new)
             rows, examples = sft_rows(signature, adapter, chosen), len(chosen)

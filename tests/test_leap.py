@@ -14,6 +14,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import dspy
 import pytest
@@ -50,9 +51,9 @@ class PeekingOracle(OracleExpert):
 
 
 def compile_tiny(env: ALFWorld, model: str, run_dir: Path, teacher: dspy.Module | None = None,
-                 iterations: int = 1) -> Student:
+                 iterations: int = 1, **settings: Any) -> Student:
     leap = LEAP(env, iterations=iterations, model=model, run_dir=run_dir, train_config=FAST_TRAIN,
-                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False)
+                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False, **settings)
     return leap.compile(Student(), trainset=env.tasks("train"), teacher=teacher or OracleExpert(),
                         valset=env.tasks("seen") + env.tasks("unseen"))
 
@@ -60,7 +61,8 @@ def compile_tiny(env: ALFWorld, model: str, run_dir: Path, teacher: dspy.Module 
 def test_privileged_state_never_reaches_a_student_training_row(env: ALFWorld, tiny_model: str,
                                                               tmp_path: Path) -> None:
     run = tmp_path / "run"
-    compile_tiny(env, tiny_model, run, teacher=PeekingOracle())
+    compile_tiny(env, tiny_model, run, teacher=PeekingOracle(), bc_rows=6)
+    assert len((run / "iter_0" / "train_rows.jsonl").read_text().splitlines()) == 6  # bc_rows, not 2 x 240
 
     trajectories = JsonlLog(run / "iter_1" / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id).load()
     privileged = [s.privileged for t in trajectories.values() for s in t.steps if s.privileged is not None]

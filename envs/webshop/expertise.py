@@ -343,19 +343,20 @@ def _results_reason(want: Want, page: Page, history: str, arg: str) -> str:
 
 
 def _checked(want: Want, page: Page, trouble: list[str]) -> str:
-    """What every item-page reason says first: the values the page says are clicked, in the page's order, then
-    the option values the instruction names and which of those are not clicked yet, then what contradicts the
-    instruction. The clicked list is a copy of the page's first lines, which a small student makes reliably; the
-    decision (select, buy or leave) it then reads off the two lists it just wrote side by side."""
+    """What every item-page reason says first: the page's "You have clicked" lines word for word, then the
+    option values the instruction names and which of those are not clicked yet, then what contradicts the
+    instruction. A small student copies consecutive lines reliably where it dropped the second value of a list
+    it had to join ("red and medium"); the decision (select, buy or leave) it then reads off what it wrote."""
     if not want.options:
         head = "The instruction names no option to select"
     else:
         asked = _and([f"{k}: {v}" for k, v in want.options.items()])
         left = list(unclicked(want, page).values())
         done = all(v in page.chosen for v in want.options.values())
-        head = (f"I have clicked {_and(list(page.chosen)) if page.chosen else 'nothing'}; the instruction asks "
-                f"for {asked}; " + (f"{_and(left)} not clicked yet" if left else
-                                    "all of them clicked" if done else "the rest not offered"))
+        said = " ".join(f"You have clicked {v}." for v in page.chosen) if page.chosen else "Nothing is clicked."
+        head = (f"The page says: {said} The instruction asks for {asked}; " +
+                (f"{_and(left)} not clicked yet" if left else
+                 "all of them clicked" if done else "the rest not offered"))
     return f"{head}; {_and(trouble)}" if trouble else head
 
 

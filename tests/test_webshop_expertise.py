@@ -168,8 +168,8 @@ def test_reasons_name_what_on_the_page_matches_or_contradicts_the_instruction() 
     assert "$45.99" in reason and "30.00 dollars" in reason
     elsewhere = StudentInputs(task=task.replace("coral", "teal"), observation=item, history=inputs.history)
     reason = expertise.explain(elsewhere, nothing, "click[< Prev]")  # nothing offered: not "all of them clicked"
-    assert reason.startswith("The page says: Nothing is clicked. The instruction asks for color: teal; the rest not "
-                             "offered")
+    assert reason.startswith("The page says: Nothing is clicked. The instruction asks for color: teal (not offered); "
+                             "the rest not offered")
     cheaper = StudentInputs(task=task, observation=item.replace("$45.99", "$19.99"), history=inputs.history)
     assert expertise.act(cheaper, nothing, "click[< Prev]") == "click[coral]"
     reason = expertise.explain(cheaper, nothing, "click[coral]", "click[< Prev]")
@@ -180,13 +180,13 @@ def test_reasons_name_what_on_the_page_matches_or_contradicts_the_instruction() 
     assert expertise.act(chosen, nothing, "click[coral]") == "click[Buy Now]"
     reason = expertise.explain(chosen, nothing, "click[Buy Now]", "click[coral]")
     assert "I buy it" in reason and "clicked coral already" in reason
-    assert reason.startswith("The page says: You have clicked coral. The instruction asks for color: coral; all of "
-                             "them clicked")
+    assert reason.startswith("The page says: You have clicked coral. The instruction asks for color: coral (clicked); "
+                             "all of them clicked")
     # and it opens as the demonstration's reason for the same step: a small student's first words pick its action
     assert reason.startswith(expertise.explain(chosen, nothing, "click[Buy Now]"))
     # Two clicked values: the page's lines word for word, in its order, not a list the student has to join.
     both = StudentInputs(task=task, observation="You have clicked mauve.\nYou have clicked coral.\n"
                          + cheaper.observation, history=chosen.history)
     assert expertise.explain(both, nothing, "click[Buy Now]").startswith(
-        "The page says: You have clicked mauve. You have clicked coral. The instruction asks for color: coral; all of "
-        "them clicked")
+        "The page says: You have clicked mauve. You have clicked coral. The instruction asks for color: coral "
+        "(clicked); all of them clicked")

@@ -343,14 +343,15 @@ def _results_reason(want: Want, page: Page, history: str, arg: str) -> str:
 
 
 def _checked(want: Want, page: Page, trouble: list[str]) -> str:
-    """What every item-page reason says first: the page's "You have clicked" lines word for word, then the
-    option values the instruction names and which of those are not clicked yet, then what contradicts the
+    """What every item-page reason says first: the page's "You have clicked" lines word for word, then each
+    option value the instruction names with whether it is clicked, then which are left and what contradicts the
     instruction. A small student copies consecutive lines reliably where it dropped the second value of a list
-    it had to join ("red and medium"); the decision (select, buy or leave) it then reads off what it wrote."""
+    it had to join ("red and medium"), and checks one value at a time where it wrote a set difference by
+    position ("I have clicked pink; ...; pink not clicked yet"); the decision it then reads off what it wrote."""
     if not want.options:
         head = "The instruction names no option to select"
     else:
-        asked = _and([f"{k}: {v}" for k, v in want.options.items()])
+        asked = _and([f"{k}: {v} ({_status(v, page)})" for k, v in want.options.items()])
         left = list(unclicked(want, page).values())
         done = all(v in page.chosen for v in want.options.values())
         said = " ".join(f"You have clicked {v}." for v in page.chosen) if page.chosen else "Nothing is clicked."
@@ -358,6 +359,10 @@ def _checked(want: Want, page: Page, trouble: list[str]) -> str:
                 (f"{_and(left)} not clicked yet" if left else
                  "all of them clicked" if done else "the rest not offered"))
     return f"{head}; {_and(trouble)}" if trouble else head
+
+
+def _status(value: str, page: Page) -> str:
+    return "clicked" if value in page.chosen else "not clicked yet" if value in page.offered else "not offered"
 
 
 def _item_reason(want: Want, page: Page, history: str, arg: str) -> str:

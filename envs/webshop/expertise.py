@@ -3,9 +3,9 @@ from the student's view (the instruction, the page it is on, its history).
 
 The LEAP expert is worth imitating when its reason names what, on the page the student sees, matches or
 contradicts the instruction ("...; it costs $45.99, not lower than 30.00 dollars: I go back to the results"),
-and when the student could have written that reason itself. On a product page every reason first says what the
-page says is clicked and what the instruction asks (`_checked`), and decides after: a decision made by the
-reason's first word was where the small student went wrong. So the policy below (`choose`) shops the way the
+and when the student could have written that reason itself. On a product page every reason first copies what the
+page says is clicked and marks each value the instruction asks for (`_checked`), and decides after: a decision
+made by the reason's first word was where the small student went wrong. So the policy below (`choose`) shops the way the
 student can: it searches with the instruction's words, opens the result whose name shows the most of what
 the instruction asks for at a price under its bound, selects the option values the instruction names, and
 buys; it leaves a page only for a reason it states, and after `PATIENCE` products it settles for the closest.

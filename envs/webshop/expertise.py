@@ -43,6 +43,7 @@ PATIENCE = 4
 """Products to open before settling for one that offers less than the instruction names: a step budget of
 15 leaves room for about four product pages and the options and purchase of the last."""
 _TYPES = sorted(vocab.PRODUCT_TYPES, key=lambda t: -len(t["type"]))
+NOT_CLICKED = "not clicked yet"
 
 
 # ------------------------------------------------------------------------------------------ what is wanted
@@ -256,7 +257,13 @@ def choose(want: Want, page: Page, history: str, target: str | None = None) -> s
 def unclicked(want: Want, page: Page) -> dict[str, str]:
     """The option values the instruction names that the page offers and does not say are clicked: what the
     policy selects next and what its reasons say is left, from one rule."""
-    return {k: v for k, v in want.options.items() if v not in page.chosen and v in page.offered}
+    return {k: v for k, v in want.options.items() if _status(v, page) == NOT_CLICKED}
+
+
+def _status(value: str, page: Page) -> str:
+    """Whether the page says `value` is clicked, offers it still, or does not offer it: the one rule behind
+    `unclicked` and the marks a reason puts after each value the instruction names."""
+    return "clicked" if value in page.chosen else NOT_CLICKED if value in page.offered else "not offered"
 
 
 def settles(want: Want, page: Page, history: str) -> bool:
@@ -351,18 +358,15 @@ def _checked(want: Want, page: Page, trouble: list[str]) -> str:
     if not want.options:
         head = "The instruction names no option to select"
     else:
-        asked = _and([f"{k}: {v} ({_status(v, page)})" for k, v in want.options.items()])
-        left = list(unclicked(want, page).values())
-        done = all(v in page.chosen for v in want.options.values())
+        status = {v: _status(v, page) for v in want.options.values()}
+        asked = _and([f"{k}: {v} ({status[v]})" for k, v in want.options.items()])
+        left = [v for v, s in status.items() if s == NOT_CLICKED]
+        done = all(s == "clicked" for s in status.values())
         said = " ".join(f"You have clicked {v}." for v in page.chosen) if page.chosen else "Nothing is clicked."
         head = (f"The page says: {said} The instruction asks for {asked}; " +
                 (f"{_and(left)} not clicked yet" if left else
                  "all of them clicked" if done else "the rest not offered"))
     return f"{head}; {_and(trouble)}" if trouble else head
-
-
-def _status(value: str, page: Page) -> str:
-    return "clicked" if value in page.chosen else "not clicked yet" if value in page.offered else "not offered"
 
 
 def _item_reason(want: Want, page: Page, history: str, arg: str) -> str:

@@ -133,7 +133,7 @@ def test_runs_at_once_share_the_cores_between_their_torch_threads(monkeypatch: p
 def test_a_scored_environment_reports_the_gain_in_success_and_in_score(tmp_path: Path) -> None:
     """Rebuilt from the published WebShop runs: a score counts partial purchases, so both gains are shown, each
     the mean over seeds of the paired per-goal differences."""
-    published = ROOT / "docs" / "results" / "webshop"
+    published = ROOT / "docs" / "results" / "webshop-clicked-first"
     result = CliRunner().invoke(app, ["report", str(published), "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     lines = (tmp_path / "report.md").read_text().splitlines()
@@ -183,7 +183,7 @@ def test_a_split_of_several_task_sources_is_reported_by_source(tmp_path: Path) -
 def test_a_report_over_several_environments_opens_with_the_last_round_against_behaviour_cloning(
         tmp_path: Path) -> None:
     results = ROOT / "docs" / "results"
-    result = CliRunner().invoke(app, ["report", str(results / "alfworld"), str(results / "webshop"),
+    result = CliRunner().invoke(app, ["report", str(results / "alfworld"), str(results / "webshop-clicked-first"),
                                       "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     lines = (tmp_path / "report.md").read_text().splitlines()
@@ -227,7 +227,7 @@ def test_the_best_round_on_seen_is_dagger_s_rule_judged_on_unseen(tmp_path: Path
     assert best_stage({"0": (0.4, 40.0), "1": (0.85, 80.0), "2": (0.2, 60.0)}) == "1"
     assert best_stage({"0": (0.5, 40.0), "1": (0.5, 50.0), "2": (0.5, 50.0)}) == "2"
     assert best_stage({}) is None
-    published = ROOT / "docs" / "results" / "webshop"
+    published = ROOT / "docs" / "results" / "webshop-clicked-first"
     scores = []
     for run in sorted(published.glob("webshop-seed*")):
         with (run / "episodes.csv").open() as f:

@@ -336,7 +336,7 @@ def experiment(
 ) -> None:
     """Run a grid of compiles (environment × seed × settings) as run folders; resumable, sharing behaviour
     cloning between runs that would clone the same; then `leap-dspy report` over the root."""
-    from leap_dspy.experiment import Grid, command, expand, grid_states, run_grid
+    from leap_dspy.experiment import DONE, Grid, command, expand, grid_states, run_grid
 
     try:
         grid = Grid.load(grid_file)
@@ -353,13 +353,13 @@ def experiment(
             shutil.copy2(grid_file, publish / "grid.yaml")
     if not run:
         states = grid_states(grid, root, publish)
-        console.print(f"{sum(s == 'done' for s in states.values())} of {len(states)} runs done; started none")
+        console.print(f"{sum(s in DONE for s in states.values())} of {len(states)} runs done; started none")
         return
     states = run_grid(grid, root, jobs=jobs, publish=publish, min_free_gb=min_free_gb)
-    bad = [name for name, state in states.items() if state != "done"]
+    bad = [name for name, state in states.items() if state not in DONE]
     if bad:
         raise fail(f"{len(bad)} of {len(states)} runs did not finish: {', '.join(bad)}", code=1)
-    console.print(f"all {len(states)} runs done; leap-dspy report {root}")
+    console.print(f"all {len(states)} runs done; leap-dspy report {publish or root}")
 
 
 @app.command()

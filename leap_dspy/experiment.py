@@ -13,7 +13,10 @@ A grid file is a small YAML file::
 
 Each run is a `leap-dspy compile` in its own process (its memory is returned when it ends), so a grid is
 resumable: finished runs are skipped and an interrupted one resumes from its folder. Runs that would clone
-the same behaviour share it (`bc_from`): only settings that shape behaviour cloning tell them apart.
+the same behaviour share it (`bc_from`): only settings that shape behaviour cloning tell them apart. A grid
+outlives the machine it started on: with `--publish`, a run whose summaries are published with the same
+settings is done, and a run whose behaviour cloning was shared from one of those clones again (seeded, so the
+same demonstrations and rows).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from leap_dspy.config import LEAPConfig
 from leap_dspy.progress import console
-from leap_dspy.runs import COMPILED, RunFolder
+from leap_dspy.runs import COMPILED, RunFileError, RunFolder, read_config
 from leap_dspy.store import atomic_write_json, read_json
 
 PUBLISHED = ("config.yaml", "metrics.csv", "episodes.csv", "compiled.json", "*/metrics.json", "*/train.json")
@@ -138,19 +141,68 @@ def finished(spec: Spec, root: Path) -> bool:
             and chose == config.select)
 
 
+DONE = ("done", "published")
+"""Finished here, or finished elsewhere with the same settings and published (`published`)."""
+
+_MACHINE_KEYS = {"bc_from", "num_threads", "expert_threads", "report_to", "rollout_servers", "ray", "ray_workers",
+                 "train_launcher"}
+"""Settings that say where and how fast a run ran, not what it computed."""
+
+
+def published(spec: Spec, publish: Path | None) -> bool:
+    """Whether `publish` holds this run finished, with the grid's settings today (the code is not compared):
+    a run published on a machine since gone is not run again."""
+    run = publish / spec.name if publish is not None else None
+    config = LEAPConfig(**spec.settings, seed=spec.seed)
+    if run is None or not (run / f"iter_{config.iterations}" / "metrics.json").exists() or \
+            not (run / COMPILED).exists() or read_json(run / COMPILED).get("select", "last") != config.select:
+        return False
+    try:
+        ran = read_config(run / "config.yaml")
+    except RunFileError:
+        return False
+    differs = [k for k, v in config.dump().items() if k not in _MACHINE_KEYS and not _agrees(v, ran.get(k))]
+    differs += [f"env.{k}" for k, v in {**spec.options, "seed": spec.seed}.items()
+                if (ran.get("env") or {}).get(k) != v]
+    if differs:
+        console.print(f"{spec.name}: its published copy ran with other {', '.join(differs)}; it runs again")
+    return not differs
+
+
+def _agrees(setting: Any, ran: Any) -> bool:
+    """A setting left unset (None, or a key missing from a mapping) is the one the compile resolved it to."""
+    if isinstance(setting, dict):
+        return isinstance(ran, dict) and all(_agrees(v, ran.get(k)) for k, v in setting.items())
+    return setting is None or setting == ran
+
+
 def _bc_ready(spec: Spec, root: Path) -> bool:
     return spec.bc_from is None or (root / spec.bc_from / "iter_0" / "adapter" / "adapter_config.json").exists()
 
 
-def grid_states(grid: Grid, root: Path, publish: Path | None = None) -> dict[str, str]:
-    """Each run's state as the root has it (done or pending), publishing the finished ones: a grid stopped
+def reclone(specs: list[Spec], states: dict[str, str], root: Path) -> None:
+    """Pending runs whose behaviour-cloning source finished without leaving its adapter here (published from
+    another machine) clone again: the first of each group itself, the rest sharing its clone."""
+    first_with: dict[str, str] = {}
+    for spec in specs:
+        if states[spec.name] != "pending" or spec.bc_from is None or states[spec.bc_from] not in DONE \
+                or _bc_ready(spec, root):
+            continue
+        spec.bc_from = first_with.get(spec.bc_key)
+        first_with.setdefault(spec.bc_key, spec.name)
+
+
+def grid_states(grid: Grid, root: Path, publish: Path | None = None,
+                specs: list[Spec] | None = None) -> dict[str, str]:
+    """Each run's state (done, published or pending), publishing the ones finished here: a grid stopped
     part-way is reported on what it reached without starting the rest."""
-    specs = expand(grid)
-    states = {s.name: "done" if finished(s, root) else "pending" for s in specs}
+    specs = specs if specs is not None else expand(grid)
+    states = {s.name: "done" if finished(s, root) else "published" if published(s, publish) else "pending"
+              for s in specs}
     if publish is not None:  # runs finished by an earlier call, perhaps one without --publish
         for name in (name for name, state in states.items() if state == "done"):
             publish_run(root / name, publish / name)
-    show(specs, states, root)
+    show(specs, states, root, publish)
     return states
 
 
@@ -160,7 +212,8 @@ def run_grid(grid: Grid, root: Path, jobs: int = 1, publish: Path | None = None,
     run's state (done, failed: see its log, or skipped: the run it shares behaviour cloning with failed)."""
     root.mkdir(parents=True, exist_ok=True)
     specs = expand(grid)
-    states = grid_states(grid, root, publish)
+    states = grid_states(grid, root, publish, specs)
+    reclone(specs, states, root)
     running: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
     while any(state in ("pending", "running") for state in states.values()):
         for spec in specs:
@@ -186,7 +239,7 @@ def run_grid(grid: Grid, root: Path, jobs: int = 1, publish: Path | None = None,
                           + ("" if process.returncode == 0 else f" (exit {process.returncode}; see {name}.log)"))
             if publish is not None and states[name] == "done":
                 publish_run(root / name, publish / name)
-            show(specs, states, root)
+            show(specs, states, root, publish)
         atomic_write_json(root / "grid.json", {"name": grid.name, "states": states})
     return states
 
@@ -211,15 +264,16 @@ def publish_run(run: Path, target: Path) -> None:
             shutil.copy2(source, destination)
 
 
-def show(specs: list[Spec], states: dict[str, str], root: Path) -> None:
+def show(specs: list[Spec], states: dict[str, str], root: Path, publish: Path | None = None) -> None:
     """The whole grid at a glance: each run's state, its last finished stage and that stage's unseen result."""
     from rich.table import Table
 
-    table = Table(title=f"grid: {sum(s == 'done' for s in states.values())}/{len(specs)} done")
+    table = Table(title=f"grid: {sum(s in DONE for s in states.values())}/{len(specs)} done")
     for column in ("run", "state", "stage", "unseen success", "minutes"):
         table.add_column(column, justify="left" if column == "run" else "right")
     for spec in specs:
-        folder = RunFolder(root / spec.name)
+        here = root / spec.name
+        folder = RunFolder(publish / spec.name if states[spec.name] == "published" and publish else here)
         stages = [s for s in folder.stages() if s.isdigit()] if folder.path.exists() else []
         stage, success, minutes = "", "", ""
         if stages:

@@ -101,7 +101,10 @@ def test_experiment_runs_publishes_resumes_and_reports(tiny_model: str, tmp_path
         str(published), "")  # the published summaries are enough to rebuild the report
     assert [p.stat().st_size > 10_000 for p in (tmp_path / "report").glob("*.png")] == [True]  # the plot
 
-    shutil.rmtree(root / "keybox-update=dpo-seed1")
+    shutil.rmtree(root / "keybox-update=dpo-seed1")  # its machine gone, its summaries published
+    moved = CliRunner().invoke(app, [*args, "--no-run"])
+    assert moved.exit_code == 0 and "4 of 4 runs done" in moved.output and "published" in moved.output
+    shutil.rmtree(published / "keybox-update=dpo-seed1")
     partial = CliRunner().invoke(app, [*args, "--no-run"])  # a grid stopped part-way, published as it is
     assert partial.exit_code == 0 and "3 of 4 runs done; started none" in partial.output, partial.output
     assert not (root / "keybox-update=dpo-seed1").exists()
@@ -110,6 +113,37 @@ def test_experiment_runs_publishes_resumes_and_reports(tiny_model: str, tmp_path
 def _bc_outcomes(run: Path) -> list[tuple[str, str, int, int]]:
     rows = csv.DictReader((run / "episodes.csv").open())
     return sorted((r["task_id"], r["split"], int(r["success"]), int(r["steps"])) for r in rows if r["stage"] == "0")
+
+
+def test_a_grid_continues_on_a_new_machine_from_its_published_runs(tmp_path: Path) -> None:
+    """A run published with the grid's settings is done; a run that shared its behaviour cloning, whose adapter
+    went with the old machine, clones again; a published run of other settings runs again."""
+    from leap_dspy.config import LEAPConfig
+    from leap_dspy.experiment import grid_states, reclone
+
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"name": "updates", "env": "alfworld", "seeds": [0, 1],
+                                         "settings": {"evaluate_base": False}, "grid": {"update": ["sft", "dpo"]}}))
+    grid, publish, root = Grid.load(grid_file), tmp_path / "published", tmp_path / "runs"
+    run = publish / "alfworld-update=sft-seed0"
+    shutil.copytree(ROOT / "docs" / "results" / "alfworld-updates" / "alfworld-update=sft-seed0", run)
+    ran = yaml.safe_load((run / "config.yaml").read_text())
+    ran.update(LEAPConfig(seed=0, evaluate_base=False).dump(), privilege_level=3)  # as a compile today writes it
+    (run / "config.yaml").write_text(yaml.safe_dump(ran))
+
+    specs = expand(grid)
+    states = grid_states(grid, root, publish, specs)
+    assert list(states.values()) == ["published", "pending", "pending", "pending"]
+    reclone(specs, states, root)
+    assert [s.bc_from for s in specs] == [None, None, None, "alfworld-update=sft-seed1"]  # dpo-seed0 clones itself
+    result = CliRunner().invoke(app, ["experiment", str(grid_file), "--root", str(root), "--publish", str(publish),
+                                      "--no-run"])
+    assert result.exit_code == 0 and "1 of 4 runs done; started none" in result.output, result.output
+
+    (run / "config.yaml").write_text(yaml.safe_dump({**ran, "max_train_rows": 120}))
+    result = CliRunner().invoke(app, ["experiment", str(grid_file), "--root", str(root), "--publish", str(publish),
+                                      "--no-run"])
+    assert "0 of 4 runs done" in result.output and "other max_train_rows" in result.output, result.output
 
 
 def test_runs_at_once_share_the_cores_between_their_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,8 @@ same demonstrations and rows).
 
 from __future__ import annotations
 
+import csv
+import inspect
 import itertools
 import json
 import os
@@ -37,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from leap_dspy.config import LEAPConfig
 from leap_dspy.progress import console
-from leap_dspy.runs import COMPILED, RunFileError, RunFolder, read_config
+from leap_dspy.runs import COMPILED, OPERATIONAL, RunFileError, RunFolder, env_defaults, read_config, with_new_defaults
 from leap_dspy.store import atomic_write_json, read_json
 
 PUBLISHED = ("config.yaml", "metrics.csv", "episodes.csv", "compiled.json", "*/metrics.json", "*/train.json")
@@ -144,36 +146,58 @@ def finished(spec: Spec, root: Path) -> bool:
 DONE = ("done", "published")
 """Finished here, or finished elsewhere with the same settings and published (`published`)."""
 
-_MACHINE_KEYS = {"bc_from", "num_threads", "expert_threads", "report_to", "rollout_servers", "ray", "ray_workers",
-                 "train_launcher"}
-"""Settings that say where and how fast a run ran, not what it computed."""
 
-
-def published(spec: Spec, publish: Path | None) -> bool:
-    """Whether `publish` holds this run finished, with the grid's settings today (the code is not compared):
-    a run published on a machine since gone is not run again."""
+def published(spec: Spec, publish: Path | None, say: bool = True) -> bool:
+    """Whether `publish` holds this run finished, with the configuration the grid gives it today (the code is
+    not compared): a run published on a machine since gone is not run again."""
     run = publish / spec.name if publish is not None else None
     config = LEAPConfig(**spec.settings, seed=spec.seed)
-    if run is None or not (run / f"iter_{config.iterations}" / "metrics.json").exists() or \
-            not (run / COMPILED).exists() or read_json(run / COMPILED).get("select", "last") != config.select:
+    if run is None or not _evaluated(run, config.iterations):
         return False
+    chose = read_json(run / COMPILED).get("select") if (run / COMPILED).exists() else "last"
     try:
         ran = read_config(run / "config.yaml")
     except RunFileError:
         return False
-    differs = [k for k, v in config.dump().items() if k not in _MACHINE_KEYS and not _agrees(v, ran.get(k))]
-    differs += [f"env.{k}" for k, v in {**spec.options, "seed": spec.seed}.items()
-                if (ran.get("env") or {}).get(k) != v]
-    if differs:
-        console.print(f"{spec.name}: its published copy ran with other {', '.join(differs)}; it runs again")
-    return not differs
+    expected = expected_config(spec)
+    ran = with_new_defaults(ran, expected)
+    differs = [k for k in expected if k not in OPERATIONAL | {"bc_from", "env"} and ran.get(k) != expected[k]]
+    env = json.loads(json.dumps(ran.get("env") or {}, default=str))  # as YAML holds it: tuples are lists
+    differs += [f"env.{k}" for k, v in json.loads(json.dumps(expected["env"], default=str)).items()
+                if v is not None and env.get(k) != v]  # None: the environment's own choice (a path, a server)
+    expert = ran.get("expert") or {}
+    if {"OracleExpert": "oracle", "SelfExpert": "self"}.get(expert.get("name"), expert.get("model")) != spec.expert:
+        differs.append("expert")
+    if differs and say:
+        console.print(f"{spec.name}: its published copy ran with other {', '.join(differs)}, so it is pending")
+    return chose == config.select and not differs
 
 
-def _agrees(setting: Any, ran: Any) -> bool:
-    """A setting left unset (None, or a key missing from a mapping) is the one the compile resolved it to."""
-    if isinstance(setting, dict):
-        return isinstance(ran, dict) and all(_agrees(v, ran.get(k)) for k, v in setting.items())
-    return setting is None or setting == ran
+def _evaluated(run: Path, stage: int) -> bool:
+    """Whether a published run evaluated `stage` (its metrics.json, or a row of metrics.csv before those)."""
+    if (run / f"iter_{stage}" / "metrics.json").exists():
+        return True
+    if not (run / "metrics.csv").exists():
+        return False
+    with (run / "metrics.csv").open() as f:
+        return any(row.get("iteration") == str(stage) for row in csv.DictReader(f))
+
+
+def expected_config(spec: Spec) -> dict[str, Any]:
+    """The settings and environment a compile of `spec` records, resolved as `LEAP` resolves them (the
+    environment's default privilege level and answer budget)."""
+    from leap_dspy.envs import env_class
+
+    cls = env_class(spec.env)
+    config = LEAPConfig(**spec.settings, seed=spec.seed)
+    if "max_new_tokens" not in config.lm:
+        config.lm = {"max_new_tokens": cls.answer_tokens, **config.lm}
+    data = config.dump()
+    if data.get("privilege_level") is None:
+        data["privilege_level"] = cls.default_privilege_level
+    seed = {"seed": spec.seed} if "seed" in inspect.signature(cls).parameters else {}
+    data["env"] = {"name": spec.env, **env_defaults(spec.env), **spec.options, **seed}
+    return data
 
 
 def _bc_ready(spec: Spec, root: Path) -> bool:
@@ -182,14 +206,16 @@ def _bc_ready(spec: Spec, root: Path) -> bool:
 
 def reclone(specs: list[Spec], states: dict[str, str], root: Path) -> None:
     """Pending runs whose behaviour-cloning source finished without leaving its adapter here (published from
-    another machine) clone again: the first of each group itself, the rest sharing its clone."""
-    first_with: dict[str, str] = {}
+    another machine) share another finished run's clone of the same, or else clone again: the first of each
+    group itself, the rest sharing its clone."""
+    here = {s.bc_key: s.name for s in specs if states[s.name] == "done"
+            and (root / s.name / "iter_0" / "adapter" / "adapter_config.json").exists()}
     for spec in specs:
         if states[spec.name] != "pending" or spec.bc_from is None or states[spec.bc_from] not in DONE \
                 or _bc_ready(spec, root):
             continue
-        spec.bc_from = first_with.get(spec.bc_key)
-        first_with.setdefault(spec.bc_key, spec.name)
+        spec.bc_from = here.get(spec.bc_key)
+        here.setdefault(spec.bc_key, spec.name)
 
 
 def grid_states(grid: Grid, root: Path, publish: Path | None = None,
@@ -257,6 +283,8 @@ def job_environment(jobs: int) -> dict[str, str]:
 def publish_run(run: Path, target: Path) -> None:
     """Copy a finished run's small outputs (see PUBLISHED) to `target`, where a report can be rebuilt from them."""
     RunFolder(run).write_episodes_csv()
+    if target.exists():  # a run published before with other settings: none of its stages may stay behind
+        shutil.rmtree(target)
     for pattern in PUBLISHED:
         for source in run.glob(pattern):
             destination = target / source.relative_to(run)

@@ -324,13 +324,13 @@ def with_new_defaults(existing: dict[str, Any], config: dict[str, Any]) -> dict[
 
     filled = fill(existing, config, {k: f.default for k, f in LEAPConfig.model_fields.items()})
     for key, defaults in (("train", lambda: {k: f.default for k, f in TrainConfig.model_fields.items()}),
-                          ("env", lambda: _env_defaults(str(config["env"].get("name"))))):
+                          ("env", lambda: env_defaults(str(config["env"].get("name"))))):
         if isinstance(existing.get(key), dict) and isinstance(config.get(key), dict):
             filled[key] = fill(existing[key], config[key], defaults())
     return filled
 
 
-def _env_defaults(name: str) -> dict[str, Any]:
+def env_defaults(name: str) -> dict[str, Any]:
     """The environment constructor's defaults: an option added since a run started ran as its default."""
     from leap_dspy.envs import UnknownEnvironment, env_class
 

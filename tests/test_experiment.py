@@ -118,8 +118,7 @@ def _bc_outcomes(run: Path) -> list[tuple[str, str, int, int]]:
 def test_a_grid_continues_on_a_new_machine_from_its_published_runs(tmp_path: Path) -> None:
     """A run published with the grid's settings is done; a run that shared its behaviour cloning, whose adapter
     went with the old machine, clones again; a published run of other settings runs again."""
-    from leap_dspy.config import LEAPConfig
-    from leap_dspy.experiment import grid_states, reclone
+    from leap_dspy.experiment import expected_config, grid_states, reclone
 
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump({"name": "updates", "env": "alfworld", "seeds": [0, 1],
@@ -127,11 +126,11 @@ def test_a_grid_continues_on_a_new_machine_from_its_published_runs(tmp_path: Pat
     grid, publish, root = Grid.load(grid_file), tmp_path / "published", tmp_path / "runs"
     run = publish / "alfworld-update=sft-seed0"
     shutil.copytree(ROOT / "docs" / "results" / "alfworld-updates" / "alfworld-update=sft-seed0", run)
-    ran = yaml.safe_load((run / "config.yaml").read_text())
-    ran.update(LEAPConfig(seed=0, evaluate_base=False).dump(), privilege_level=3)  # as a compile today writes it
+    specs = expand(grid)
+    ran = yaml.safe_load((run / "config.yaml").read_text())  # its settings as a compile today writes them
+    ran.update({k: v for k, v in expected_config(specs[0]).items() if k != "env"})
     (run / "config.yaml").write_text(yaml.safe_dump(ran))
 
-    specs = expand(grid)
     states = grid_states(grid, root, publish, specs)
     assert list(states.values()) == ["published", "pending", "pending", "pending"]
     reclone(specs, states, root)
@@ -140,10 +139,12 @@ def test_a_grid_continues_on_a_new_machine_from_its_published_runs(tmp_path: Pat
                                       "--no-run"])
     assert result.exit_code == 0 and "1 of 4 runs done; started none" in result.output, result.output
 
-    (run / "config.yaml").write_text(yaml.safe_dump({**ran, "max_train_rows": 120}))
-    result = CliRunner().invoke(app, ["experiment", str(grid_file), "--root", str(root), "--publish", str(publish),
-                                      "--no-run"])
-    assert "0 of 4 runs done" in result.output and "other max_train_rows" in result.output, result.output
+    for other, named in (({"max_train_rows": 120}, "max_train_rows"), ({"expert": {"name": "SelfExpert"}}, "expert"),
+                         ({"env": {**ran["env"], "num_unseen": 20}}, "env.num_unseen")):
+        (run / "config.yaml").write_text(yaml.safe_dump({**ran, **other}))
+        result = CliRunner().invoke(app, ["experiment", str(grid_file), "--root", str(root), "--publish",
+                                          str(publish), "--no-run"])
+        assert "0 of 4 runs done" in result.output and f"other {named}," in result.output, result.output
 
 
 def test_runs_at_once_share_the_cores_between_their_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:

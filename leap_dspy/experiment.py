@@ -147,7 +147,7 @@ DONE = ("done", "published")
 """Finished here, or finished elsewhere with the same settings and published (`published`)."""
 
 
-def published(spec: Spec, publish: Path | None, say: bool = True) -> bool:
+def published(spec: Spec, publish: Path | None) -> bool:
     """Whether `publish` holds this run finished, with the configuration the grid gives it today (the code is
     not compared): a run published on a machine since gone is not run again."""
     run = publish / spec.name if publish is not None else None
@@ -168,7 +168,7 @@ def published(spec: Spec, publish: Path | None, say: bool = True) -> bool:
     expert = ran.get("expert") or {}
     if {"OracleExpert": "oracle", "SelfExpert": "self"}.get(expert.get("name"), expert.get("model")) != spec.expert:
         differs.append("expert")
-    if differs and say:
+    if differs:
         console.print(f"{spec.name}: its published copy ran with other {', '.join(differs)}, so it is pending")
     return chose == config.select and not differs
 
@@ -300,8 +300,7 @@ def show(specs: list[Spec], states: dict[str, str], root: Path, publish: Path | 
     for column in ("run", "state", "stage", "unseen success", "minutes"):
         table.add_column(column, justify="left" if column == "run" else "right")
     for spec in specs:
-        here = root / spec.name
-        folder = RunFolder(publish / spec.name if states[spec.name] == "published" and publish else here)
+        folder = RunFolder(publish / spec.name if states[spec.name] == "published" and publish else root / spec.name)
         stages = [s for s in folder.stages() if s.isdigit()] if folder.path.exists() else []
         stage, success, minutes = "", "", ""
         if stages:

@@ -45,11 +45,11 @@ def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Pat
         env = str(run["env"]["name"])
     if isinstance(run.get("expert"), dict) and not _given(ctx, "expert"):
         described = run["expert"]
-        expert = {"OracleExpert": "oracle", "SelfExpert": "self"}.get(described.get("name"), described.get("model"))
+        expert = expert_spec(described)
         expert_per = described.get("per", expert_per)
     typed = parse_sets(sets)
     options.update(typed)
-    if _takes_seed(env) and ("seed" not in options or (_given(ctx, "seed") and "seed" not in typed)):
+    if takes_seed(env) and ("seed" not in options or (_given(ctx, "seed") and "seed" not in typed)):
         options["seed"] = settings["seed"]  # one seed fixes the task lists too
     return env, options, expert or "oracle", expert_per, settings
 
@@ -87,7 +87,12 @@ def _given(ctx: typer.Context, param: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-def _takes_seed(env: str) -> bool:
+def expert_spec(described: dict[str, Any]) -> str | None:
+    """The `--expert` value that a run's config.yaml `expert` (or `demonstrator`) entry describes."""
+    return {"OracleExpert": "oracle", "SelfExpert": "self"}.get(described.get("name"), described.get("model"))
+
+
+def takes_seed(env: str) -> bool:
     """Whether the environment `env` takes a `seed` option: only then does the run's seed fix its task lists too."""
     import inspect
 

@@ -22,7 +22,6 @@ same demonstrations and rows).
 from __future__ import annotations
 
 import csv
-import inspect
 import itertools
 import json
 import os
@@ -37,6 +36,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from leap_dspy.cli_settings import expert_spec, takes_seed
 from leap_dspy.config import LEAPConfig
 from leap_dspy.progress import console
 from leap_dspy.runs import COMPILED, OPERATIONAL, RunFileError, RunFolder, env_defaults, read_config, with_new_defaults
@@ -138,9 +138,13 @@ def finished(spec: Spec, root: Path) -> bool:
     """Every round evaluated and the student saved, by the `select` the grid asks for (another one resumes the
     run, which only chooses again)."""
     run, config = root / spec.name, LEAPConfig(**spec.settings)
-    chose = read_json(run / COMPILED).get("select") if (run / COMPILED).exists() else "last"  # before compiled.json
     return ((run / "student.json").exists() and (run / f"iter_{config.iterations}" / "metrics.json").exists()
-            and chose == config.select)
+            and _chose(run) == config.select)
+
+
+def _chose(run: Path) -> str:
+    """The `select` rule a finished run returned its student by ("last" before compiled.json recorded it)."""
+    return read_json(run / COMPILED).get("select") if (run / COMPILED).exists() else "last"
 
 
 DONE = ("done", "published")
@@ -154,7 +158,6 @@ def published(spec: Spec, publish: Path | None) -> bool:
     config = LEAPConfig(**spec.settings, seed=spec.seed)
     if run is None or not _evaluated(run, config.iterations):
         return False
-    chose = read_json(run / COMPILED).get("select") if (run / COMPILED).exists() else "last"
     try:
         ran = read_config(run / "config.yaml")
     except RunFileError:
@@ -165,12 +168,11 @@ def published(spec: Spec, publish: Path | None) -> bool:
     env = json.loads(json.dumps(ran.get("env") or {}, default=str))  # as YAML holds it: tuples are lists
     differs += [f"env.{k}" for k, v in json.loads(json.dumps(expected["env"], default=str)).items()
                 if v is not None and env.get(k) != v]  # None: the environment's own choice (a path, a server)
-    expert = ran.get("expert") or {}
-    if {"OracleExpert": "oracle", "SelfExpert": "self"}.get(expert.get("name"), expert.get("model")) != spec.expert:
+    if expert_spec(ran.get("expert") or {}) != spec.expert:
         differs.append("expert")
     if differs:
         console.print(f"{spec.name}: its published copy ran with other {', '.join(differs)}, so it is pending")
-    return chose == config.select and not differs
+    return _chose(run) == config.select and not differs
 
 
 def _evaluated(run: Path, stage: int) -> bool:
@@ -195,21 +197,24 @@ def expected_config(spec: Spec) -> dict[str, Any]:
     data = config.dump()
     if data.get("privilege_level") is None:
         data["privilege_level"] = cls.default_privilege_level
-    seed = {"seed": spec.seed} if "seed" in inspect.signature(cls).parameters else {}
+    seed = {"seed": spec.seed} if takes_seed(spec.env) else {}
     data["env"] = {"name": spec.env, **env_defaults(spec.env), **spec.options, **seed}
     return data
 
 
+def _cloned_here(root: Path, name: str) -> bool:
+    return (root / name / "iter_0" / "adapter" / "adapter_config.json").exists()
+
+
 def _bc_ready(spec: Spec, root: Path) -> bool:
-    return spec.bc_from is None or (root / spec.bc_from / "iter_0" / "adapter" / "adapter_config.json").exists()
+    return spec.bc_from is None or _cloned_here(root, spec.bc_from)
 
 
 def reclone(specs: list[Spec], states: dict[str, str], root: Path) -> None:
     """Pending runs whose behaviour-cloning source finished without leaving its adapter here (published from
     another machine) share another finished run's clone of the same, or else clone again: the first of each
     group itself, the rest sharing its clone."""
-    here = {s.bc_key: s.name for s in specs if states[s.name] == "done"
-            and (root / s.name / "iter_0" / "adapter" / "adapter_config.json").exists()}
+    here = {s.bc_key: s.name for s in specs if states[s.name] == "done" and _cloned_here(root, s.name)}
     for spec in specs:
         if states[spec.name] != "pending" or spec.bc_from is None or states[spec.bc_from] not in DONE \
                 or _bc_ready(spec, root):

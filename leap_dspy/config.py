@@ -132,6 +132,13 @@ class LEAPConfig(BaseModel):
             return self.train.lr_for(self.update)
         return self.train.lr_for("sft") * ITERATION_LR_SCALE
 
+    def for_env(self, env: Any) -> LEAPConfig:
+        """These settings with what `env` (an environment or its class) decides where they leave it open: the
+        answer budget and the privilege level."""
+        level = env.default_privilege_level if self.privilege_level is None else self.privilege_level
+        return self.model_copy(update={"lm": {"max_new_tokens": env.answer_tokens, **self.lm},
+                                       "privilege_level": level})
+
     def dump(self) -> dict[str, Any]:
         """The YAML-ready settings: paths as strings; a preference anchor only where it applies."""
         data = self.model_dump(mode="json", exclude={"progress"})

@@ -190,13 +190,7 @@ def expected_config(spec: Spec) -> dict[str, Any]:
     environment's default privilege level and answer budget)."""
     from leap_dspy.envs import env_class
 
-    cls = env_class(spec.env)
-    config = LEAPConfig(**spec.settings, seed=spec.seed)
-    if "max_new_tokens" not in config.lm:
-        config.lm = {"max_new_tokens": cls.answer_tokens, **config.lm}
-    data = config.dump()
-    if data.get("privilege_level") is None:
-        data["privilege_level"] = cls.default_privilege_level
+    data = LEAPConfig(**spec.settings, seed=spec.seed).for_env(env_class(spec.env)).dump()
     seed = {"seed": spec.seed} if takes_seed(spec.env) else {}
     data["env"] = {"name": spec.env, **env_defaults(spec.env), **spec.options, **seed}
     return data

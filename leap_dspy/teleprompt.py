@@ -110,13 +110,10 @@ class LEAP(Teleprompter):
         super().__init__()
         settings = {_RENAMED.get(k, k): v for k, v in settings.items()}
         self.config = LEAPConfig.model_validate({**(config or LEAPConfig()).model_dump(exclude_unset=True),
-                                                 **{k: v for k, v in settings.items() if v is not None}})
-        if "max_new_tokens" not in self.config.lm:  # the environment knows how long its answers run
-            self.config.lm = {"max_new_tokens": env.answer_tokens, **self.config.lm}
+                                                 **{k: v for k, v in settings.items() if v is not None}}).for_env(env)
         self.env = env
         self.expertise = env.expertise()  # what the records are judged by, and the privileged self's proposals
-        level = self.config.privilege_level
-        self.privilege_level = env.check_level(env.default_privilege_level if level is None else level)
+        self.privilege_level = env.check_level(self.config.privilege_level)
         self.run = RunFolder(run_dir or default_run_dir(env.name))
         self.trackers = Trackers([], self.run.path, self.run.path.name)  # the configured ones open with the run
         self.placement = Placement(self.config, env, self.run.path.name)

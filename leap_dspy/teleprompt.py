@@ -113,7 +113,7 @@ class LEAP(Teleprompter):
                                                  **{k: v for k, v in settings.items() if v is not None}}).for_env(env)
         self.env = env
         self.expertise = env.expertise()  # what the records are judged by, and the privileged self's proposals
-        self.privilege_level = env.check_level(self.config.privilege_level)
+        env.check_level(self.config.privilege_level)  # an unknown level fails here, before anything runs
         self.run = RunFolder(run_dir or default_run_dir(env.name))
         self.trackers = Trackers([], self.run.path, self.run.path.name)  # the configured ones open with the run
         self.placement = Placement(self.config, env, self.run.path.name)
@@ -368,7 +368,6 @@ class LEAP(Teleprompter):
             "schema_version": SCHEMA_VERSION,
             "env": {"name": env_spec(self.env), **self.env.config()},
             **self.config.dump(),
-            "privilege_level": self.privilege_level,
             "student": self._student.settings(),
             "expert": describe_expert(teacher),
             "demonstrator": describe_expert(self._demonstrator(teacher)),
@@ -425,6 +424,11 @@ class LEAP(Teleprompter):
         return adapter
 
     # -- helpers -------------------------------------------------------------------------------------------
+
+    @property
+    def privilege_level(self) -> int:
+        """The level the expert corrects at: the configured one, or the environment's default."""
+        return self.config.privilege_level
 
     @property
     def _with_scores(self) -> bool:

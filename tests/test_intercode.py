@@ -72,7 +72,8 @@ def test_registry_and_splits():
     _need_data()
     bash = make_env("intercode-bash", seed=3)
     assert isinstance(bash, InterCodeBash) and bash.config()["seed"] == 3
-    assert len(bash.tasks("unseen")) == 24 and len(bash.tasks("train")) > 150
+    assert Counter(t.source for t in bash.tasks("unseen")) == {"bench": 24, "generated": 36}
+    assert len(bash.tasks("train")) > 150
     assert [t.id for t in bash.tasks("train")] == [t.id for t in bash.clone().tasks("train")]
     sql = make_env("intercode-sql")
     assert isinstance(sql, InterCodeSQL) and Counter(t.source for t in sql.tasks("unseen")) == {"bench": 23,
@@ -208,6 +209,35 @@ def test_bash_oracle_representative_subset():
     results = {t.id: _oracle(env, t) for t in tasks}
     env.close()
     assert all(ok for ok, *_ in results.values()), results
+
+
+def test_bash_generated_file_systems_are_new_to_unseen_and_the_expert_solves_them():
+    """Unseen generated tasks live on file systems whose root no training task names; the shipped task set
+    is what `default` was; the expert solves the generated tasks, finding a file the task names by name alone
+    without guessing its folder, and its reasons pass the realizability check."""
+    from leap_dspy.envs.intercode import filesystems
+    from leap_dspy.realizability import unobserved_mentions
+
+    _need_bwrap()
+    env, shipped = InterCodeBash(seed=1), InterCodeBash(seed=1, task_set="shipped")
+    assert filesystems.file_system(3) == filesystems.file_system(3)  # drawn from its number alone
+    new = [t for t in env.tasks("unseen") if t.source == "generated"]
+    assert [t.id for t in env.tasks("unseen")] == [t.id for t in shipped.tasks("unseen") + new]
+    assert {t.id for t in shipped.tasks("train")} < {t.id for t in env.tasks("train")}
+    roots = {t.gold.split()[-1].split("/")[1] for t in new if t.gold.startswith("mkdir")}
+    trained = " ".join(t.instruction + " " + t.gold for t in env.tasks("train") + env.tasks("seen"))
+    assert roots and not any(f"/{root}/" in trained for root in roots)
+    tasks = new[::3] + [t for t in env.tasks("train") if t.source == "generated"][:6]
+    trajectories = _expert(env, tasks)
+    assert all(t.success for t in trajectories), [(t.task.id, [s.action for s in t.steps]) for t in trajectories]
+    assert not [m for t in trajectories for s in t.steps if (m := unobserved_mentions(s.reason, s.inputs,
+                                                                                      s.privileged, s.action))]
+    for t in trajectories:
+        actions = [s.action for s in t.steps]
+        if "somewhere under" in t.task.instruction:
+            assert actions[0].startswith("find ") and " -name " in actions[0], actions
+        else:
+            assert actions == [t.task.gold, "submit"]
 
 
 def test_bash_wrong_answer_scores_less_and_malformed_actions():

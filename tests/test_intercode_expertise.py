@@ -149,7 +149,9 @@ def test_bash_expert_looks_then_solves():
     assert sum(t.success for t in trajectories) >= len(trajectories) - 1
     assert not _flags(trajectories)
     by_id = {t.task.id: [s.action for s in t.steps] for t in trajectories}
-    assert by_id["bench-21"][:3] == ["ls /", "ls /testbed", "ls /testbed/dir1"]  # the file's folder is unseen
+    # the task names the file, not its folder: the expert finds it rather than guess which folder to list
+    assert by_id["bench-21"][:3] == ["ls /", "find /testbed -name jsonfile1.json",
+                                     "cat /testbed/dir1/subdir1/jsonfile1.json | jq ."]
     assert by_id["bench-8"] == ["ls -lhS /testbed/dir1", "submit"]  # the instruction names every path
     assert by_id["bench-18"][-1] == "submit"  # a gold command over two lines is recognised as run
 

@@ -9,8 +9,12 @@ a fresh copy of it (mtimes preserved, so time-dependent commands agree between a
 Action grammar (as upstream): any shell command, run with `bash -c` in the current directory (a bare
 `cd DIR` changes it, as upstream tracks `cd`); `submit` ends the episode and computes the reward.
 Splits (`task_set`):
-- `default`: train/seen = the nl2bash tasks (without those whose question is also a benchmark question),
-  shuffled by `seed` and cut 80/20; unseen = the 24 benchmark tasks.
+- `default`: train/seen = the nl2bash tasks (without those whose question is also a benchmark question) and
+  240 tasks generated on 10 file systems (filesystems.py), each source shuffled by `seed` and cut 80/20;
+  unseen = the 24 benchmark tasks and 12 generated tasks on each of 3 file systems whose roots no training
+  task names: 24 alone would make one episode 4 points, and tell nothing of a new folder tree.
+- `shipped`: the nl2bash tasks and the 24 benchmark tasks alone (what `default` was before 2026-12-02).
+- `generated`: the generated tasks alone, the same cut.
 - `bench`: the 24 benchmark tasks shuffled by `seed`, 12 train / 6 seen / 6 unseen.
 - `nl2bash`: the nl2bash tasks shuffled by `seed`, 60/20/20.
 `task_file`: your own tasks (`data.task_file`; a task's `setup` names a shipped setup script or your own) replace
@@ -26,14 +30,31 @@ import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
-from leap_dspy.envs.intercode import data
+from leap_dspy.envs.intercode import data, filesystems
 from leap_dspy.envs.intercode.common import SUBMIT, InterCodeEnv, truncate
 from leap_dspy.envs.intercode.expertise import BashExpertise
 from leap_dspy.envs.intercode.reward import bash_reward, fs_changes
 from leap_dspy.envs.intercode.sandbox import Sandbox, SandboxLimits, check_bwrap, new_uid, snapshot_tree
-from leap_dspy.types import Observation, PrivilegedState, Split, Task
+from leap_dspy.types import SPLITS, Observation, PrivilegedState, Split, Task
 
-TASK_SETS = ("default", "bench", "nl2bash")
+TASK_SETS = ("default", "shipped", "generated", "bench", "nl2bash")
+GEN_TRAIN = range(10)
+"""The generated file systems whose tasks train (and, cut 80/20, make the seen split)."""
+
+
+def gen_unseen(count: int = 3) -> list[int]:
+    """Generated file systems for unseen tasks: the first from 100 on whose root no training one has, so
+    that no path of theirs was ever in a training task."""
+    used = {filesystems.file_system(k).root for k in GEN_TRAIN}
+    found: list[int] = []
+    k = 100
+    while len(found) < count:
+        root = filesystems.file_system(k).root
+        if root not in used:
+            used.add(root)
+            found.append(k)
+        k += 1
+    return found
 
 
 class _Templates:
@@ -139,18 +160,39 @@ class InterCodeBash(InterCodeEnv):
         bench = list(data.bench_bash())
         if self.task_set == "bench":
             rng.shuffle(bench)
-            parts = {"train": bench[:12], "seen": bench[12:18], "unseen": bench[18:]}
-        else:
-            bench_queries = {r.query.strip().lower() for r in bench}
-            nl = [r for r in data.nl2bash() if r.query.strip().lower() not in bench_queries]
-            rng.shuffle(nl)
-            if self.task_set == "default":
-                cut = int(0.8 * len(nl))
-                parts = {"train": nl[:cut], "seen": nl[cut:], "unseen": bench}
-            else:
-                a, b = int(0.6 * len(nl)), int(0.8 * len(nl))
-                parts = {"train": nl[:a], "seen": nl[a:b], "unseen": nl[b:]}
+            return self._tasks({"train": bench[:12], "seen": bench[12:18], "unseen": bench[18:]})
+        bench_queries = {r.query.strip().lower() for r in bench}
+        nl = [r for r in data.nl2bash() if r.query.strip().lower() not in bench_queries]
+        rng.shuffle(nl)
+        if self.task_set == "nl2bash":
+            a, b = int(0.6 * len(nl)), int(0.8 * len(nl))
+            return self._tasks({"train": nl[:a], "seen": nl[a:b], "unseen": nl[b:]})
+        cut = int(0.8 * len(nl))
+        shipped = self._tasks({"train": nl[:cut], "seen": nl[cut:], "unseen": bench})
+        if self.task_set == "shipped":
+            return shipped
+        gen = [t for k in GEN_TRAIN for t in self._generated(k, 24)]
+        rng.shuffle(gen)
+        cut = int(0.8 * len(gen))
+        generated = {"train": gen[:cut], "seen": gen[cut:], "unseen": [t for k in gen_unseen() for t in
+                                                                       self._generated(k, 12)]}
+        if self.task_set == "generated":
+            splits = generated
+        else:  # both sources, mixed so that a small run's first tasks hold both
+            splits = {s: shipped[s] + generated[s] for s in SPLITS}
+            rng.shuffle(splits["train"])
+            rng.shuffle(splits["seen"])
+        return {s: [t.model_copy(update={"split": s}) for t in ts] for s, ts in splits.items()}
+
+    def _tasks(self, parts: dict[str, list[data.BashRecord]]) -> dict[str, list[Task]]:
         return {s: [self._task(r, s) for r in recs] for s, recs in parts.items()}  # type: ignore[arg-type]
+
+    def _generated(self, k: int, n: int) -> list[Task]:
+        return [
+            Task(id=f"gen-fs{k}-{i}", env=self.name, split="train", instruction=query, gold=gold,
+                 setup=f"{filesystems.PREFIX}fs-{k}", source="generated")
+            for i, (query, gold) in enumerate(filesystems.tasks(k, n))
+        ]
 
     # -- episode ---------------------------------------------------------------------------------------------
     def reset(self, task: Task) -> Observation:

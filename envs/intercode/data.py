@@ -19,6 +19,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from leap_dspy.envs.intercode import filesystems
+
 PIP_HINT = {
     "intercode": "pip install --no-deps intercode-bench==0.1.22",
     "icalfa": "pip install --no-deps icalfa==0.3.6",
@@ -76,7 +78,10 @@ def nl2bash() -> tuple[BashRecord, ...]:
 
 
 def setup_script(name: str) -> str:
-    """A setup script: your own file's path, or a shipped one as `package:file` (`intercode:setup_fs.sh`)."""
+    """A setup script: your own file's path, a shipped one as `package:file` (`intercode:setup_fs.sh`), or a
+    generated file system's (`generated:fs-3`, filesystems.py)."""
+    if name.startswith(filesystems.PREFIX):
+        return filesystems.setup_script(name)
     path = Path(name).expanduser()
     if path.is_file():
         return path.read_text()

@@ -459,13 +459,19 @@ class BashExpertise(_InterCodeExpertise):
         return [p for p in bash_paths(command) if not path_seen(p, inputs)]
 
     def look(self, inputs: StudentInputs, gold: str) -> str | None:
+        """`find FOLDER -name NAME` where the task names the file and the student knows a folder above it (the
+        folder that holds it is not the student's to guess), else `ls` of the deepest folder it has seen."""
         done = [" ".join(a.split()) for a in past_actions(inputs)]
-        if sum(a.startswith("ls") for a in done) >= _LOOKS:
+        if sum(a.startswith(("ls", "find")) for a in done) >= _LOOKS:
             return None
         for path in bash_paths(gold):
             if path_seen(path, inputs):
                 continue
-            folder = nearest_seen(path, inputs)
+            folder, name = nearest_seen(path, inputs), posixpath.basename(path)
+            search = f"find {folder} -name {name}"
+            named = re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", inputs.task)
+            if folder != "/" and named and search not in done:
+                return search
             if f"ls {folder}" not in done:
                 return f"ls {folder}"
         return None
@@ -473,6 +479,9 @@ class BashExpertise(_InterCodeExpertise):
     def explain_step(self, inputs: StudentInputs, privileged: PrivilegedState, action: str, gold: str) -> str:
         if action == SUBMIT:
             return "The last command ran and its output is what the instruction asks for, so I submit."
+        if action != gold and (m := re.fullmatch(r"find (\S+) -name (\S+)", action)):
+            return (f"The instruction names {m.group(2)} but not the folder it is in; finding it under "
+                    f"{m.group(1)} shows its path before I act on it.")
         if action != gold and re.fullmatch(r"ls \S+", action):
             folder = action.removeprefix("ls ").strip()
             return (f"The instruction works on files I have not seen yet; listing {folder} shows what is there "
@@ -492,11 +501,12 @@ class BashExpertise(_InterCodeExpertise):
         ("count" for wc), the paths it uses and where they were seen. The student copies the words from its
         task and reads the programs off them, instead of writing the program it saw most in training."""
         run = programs(action)
-        listed = [a.removeprefix("ls ").strip() for a in past_actions(inputs) if a.startswith("ls ")]
+        looks = (re.fullmatch(r"(?:ls|find) (\S+)(?: -name \S+)?", a) for a in past_actions(inputs))
+        listed = [m.group(1) for m in looks if m]
         paths = [p for p in bash_paths(action) if path_seen(p, inputs)]
         where = ""
         if paths and listed:
-            where = f" I saw {', '.join(paths[:3])} by listing {', '.join(dict.fromkeys(listed))}."
+            where = f" I saw {', '.join(paths[:3])} by looking in {', '.join(dict.fromkeys(listed))}."
         elif paths:
             where = f" It names {', '.join(paths[:3])}, as the instruction does."
         called = [(word, p) for p in run if (word := cue(inputs.task, p))]

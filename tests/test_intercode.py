@@ -228,6 +228,8 @@ def test_bash_generated_file_systems_are_new_to_unseen_and_the_expert_solves_the
     trained = " ".join(t.instruction + " " + t.gold for t in env.tasks("train") + env.tasks("seen"))
     assert roots and not any(f"/{root}/" in trained for root in roots)
     tasks = new[::3] + [t for t in env.tasks("train") if t.source == "generated"][:6]
+    env.reset(tasks[0])
+    assert env.privileged_state(2).sections["expected output"]  # every level, on every kind of task
     trajectories = _expert(env, tasks)
     assert all(t.success for t in trajectories), [(t.task.id, [s.action for s in t.steps]) for t in trajectories]
     assert not [m for t in trajectories for s in t.steps if (m := unobserved_mentions(s.reason, s.inputs,

@@ -190,7 +190,7 @@ class InterCodeBash(InterCodeEnv):
     def _generated(self, k: int, n: int) -> list[Task]:
         return [
             Task(id=f"gen-fs{k}-{i}", env=self.name, split="train", instruction=query, gold=gold,
-                 setup=f"{filesystems.PREFIX}fs-{k}", source="generated")
+                 gold2=None, setup=f"{filesystems.PREFIX}fs-{k}", source="generated")
             for i, (query, gold) in enumerate(filesystems.tasks(k, n))
         ]
 

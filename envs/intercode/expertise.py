@@ -447,8 +447,9 @@ def nearest_seen(path: str, inputs: StudentInputs) -> str:
 
 
 class BashExpertise(_InterCodeExpertise):
-    """InterCode-Bash: `ls DIR` on the deepest folder it has seen above a path the gold command names and the
-    student has not seen (each folder once, four at most), then the gold command, then `submit`.
+    """InterCode-Bash: where the gold command names a path the student has not seen, `find DIR -name NAME` if
+    the task names the file, else `ls DIR`, DIR the deepest folder it has seen above the path (four looks at
+    most), then the gold command, then `submit`.
 
     Levels: 1 (the gold command) and the top, 2 (also its expected output and file changes, which let it
     submit after a student's own command that printed the expected output and changes nothing). The default

@@ -222,6 +222,7 @@ def test_bash_generated_file_systems_are_new_to_unseen_and_the_expert_solves_the
     env, shipped = InterCodeBash(seed=1), InterCodeBash(seed=1, task_set="shipped")
     assert filesystems.file_system(3) == filesystems.file_system(3)  # drawn from its number alone
     new = [t for t in env.tasks("unseen") if t.source == "generated"]
+    assert not [t.instruction for t in new + env.tasks("train") if "the file the file" in t.instruction]
     assert [t.id for t in env.tasks("unseen")] == [t.id for t in shipped.tasks("unseen") + new]
     assert {t.id for t in shipped.tasks("train")} < {t.id for t in env.tasks("train")}
     roots = {t.gold.split()[-1].split("/")[1] for t in new if t.gold.startswith("mkdir")}

@@ -176,6 +176,23 @@ def test_bash_reasons_cite_the_words_that_call_for_each_program():
     assert "Yours runs" not in expertise.contrast(inputs, command, "grep error /testbed/notes.txt")
     found = StudentInputs(task="Find the empty files under /testbed", observation="", history="(none)")
     assert expertise.contrast(found, "find /testbed -empty", "find /testbed -type f") == ""
+    assert cue("Display the number of sub-directories under /system", "find") == "sub-directories"
+
+
+def test_bash_reasons_keep_the_instruction_where_the_expected_output_uses_their_words():
+    """A file's lines or names ("names.conf") may hold the words a reason is made of ("It names /lab"); the
+    check reads them as the environment's vocabulary, so the reason keeps the instruction it restates."""
+    _need_bwrap()
+    env = InterCodeBash(seed=1)
+    ids = {"nl2bash_fs_1-43", "nl2bash_fs_2-35", "gen-fs6-9"}  # flagged in the published grid's demonstrations
+    tasks = [t for split in ("train", "seen", "unseen") for t in env.tasks(split) if t.id in ids]
+    assert len(tasks) == len(ids)
+    known = env.expertise().vocabulary
+    for t in expert_rollout(OracleExpert(), Student(), env, tasks, level=2, num_threads=1):
+        command = t.steps[0]
+        assert command.reason.startswith("The instruction asks: "), command.reason
+        assert not [m for s in t.steps if (m := unobserved_mentions(s.reason, s.inputs, s.privileged, s.action,
+                                                                   known=known))]
 
 
 def _start(env, task_id: str, level: int):

@@ -94,10 +94,11 @@ def _student_contrast(inputs: StudentInputs, action: str, student: str, unseen: 
     return ""
 
 
-def _plain(reason: str, inputs: StudentInputs, privileged: PrivilegedState, action: str) -> str:
+def _plain(reason: str, inputs: StudentInputs, privileged: PrivilegedState, action: str,
+           known: frozenset[str]) -> str:
     """`reason` without its restated task when the check would read a task's token as unseen ("ping 192"
     out of "ping 192.168.1.1"): the rest of the reason stands on its own."""
-    if not unobserved_mentions(reason, inputs, privileged, action):
+    if not unobserved_mentions(reason, inputs, privileged, action, known=known):
         return reason
     return reason.split(". ", 1)[1] if ". " in reason else reason
 
@@ -310,8 +311,8 @@ class SQLExpertise(_InterCodeExpertise):
         state = _noted_query_columns(inputs, action) if noted else ""
         if state:  # the notes said where the names come from
             return state + _plain(f"The question asks: {_gist(inputs.task)}. This query answers it.", inputs,
-                                  privileged, action)
-        return _plain(self._explain_query(inputs, action), inputs, privileged, action)
+                                  privileged, action, self.vocabulary)
+        return _plain(self._explain_query(inputs, action), inputs, privileged, action, self.vocabulary)
 
     def _explain_query(self, inputs: StudentInputs, action: str) -> str:
         """The reason for the query itself: the question, and where each name it uses was seen."""
@@ -446,77 +447,6 @@ def nearest_seen(path: str, inputs: StudentInputs) -> str:
     return parent
 
 
-class BashExpertise(_InterCodeExpertise):
-    """InterCode-Bash: where the gold command names a path the student has not seen, `find DIR -name NAME` if
-    the task names the file, else `ls DIR`, DIR the deepest folder it has seen above the path (four looks at
-    most), then the gold command, then `submit`.
-
-    Levels: 1 (the gold command) and the top, 2 (also its expected output and file changes, which let it
-    submit after a student's own command that printed the expected output and changes nothing). The default
-    stays 1: the policy needs only the gold. Level 0 has no gold: where to look is then aimless.
-    """
-
-    def unseen(self, inputs: StudentInputs, command: str) -> list[str]:
-        return [p for p in bash_paths(command) if not path_seen(p, inputs)]
-
-    def look(self, inputs: StudentInputs, gold: str) -> str | None:
-        """`find FOLDER -name NAME` where the task names the file and the student knows a folder above it (the
-        folder that holds it is not the student's to guess), else `ls` of the deepest folder it has seen."""
-        done = [" ".join(a.split()) for a in past_actions(inputs)]
-        if sum(a.startswith(("ls", "find")) for a in done) >= _LOOKS:
-            return None
-        for path in bash_paths(gold):
-            if path_seen(path, inputs):
-                continue
-            folder, name = nearest_seen(path, inputs), posixpath.basename(path)
-            search = f"find {folder} -name {name}"
-            named = re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", inputs.task)
-            if folder != "/" and named and search not in done:
-                return search
-            if f"ls {folder}" not in done:
-                return f"ls {folder}"
-        return None
-
-    def explain_step(self, inputs: StudentInputs, privileged: PrivilegedState, action: str, gold: str) -> str:
-        if action == SUBMIT:
-            return "The last command ran and its output is what the instruction asks for, so I submit."
-        if action != gold and (m := re.fullmatch(r"find (\S+) -name (\S+)", action)):
-            return (f"The instruction names {m.group(2)} but not the folder it is in; finding it under "
-                    f"{m.group(1)} shows its path before I act on it.")
-        if action != gold and re.fullmatch(r"ls \S+", action):
-            folder = action.removeprefix("ls ").strip()
-            return (f"The instruction works on files I have not seen yet; listing {folder} shows what is there "
-                    "before I act on it.")
-        return _plain(self._explain_command(inputs, action), inputs, privileged, action)
-
-    def contrast(self, inputs: StudentInputs, action: str, student_action: str) -> str:
-        """A student that runs a program no word of the instruction asks for (`find` out of habit, where the
-        task is to cut characters from a string) is told so: the instruction alone shows it."""
-        ours, theirs = programs(action), programs(student_action)
-        if not theirs or theirs[0] in ours or theirs[0] not in _CUES or cue(inputs.task, theirs[0]):
-            return ""
-        return f" Yours runs {theirs[0]}, which no word of the instruction asks for."
-
-    def _explain_command(self, inputs: StudentInputs, action: str) -> str:
-        """The reason for the command itself: the instruction, the words of it that call for each program
-        ("count" for wc), the paths it uses and where they were seen. The student copies the words from its
-        task and reads the programs off them, instead of writing the program it saw most in training."""
-        run = programs(action)
-        looks = (re.fullmatch(r"(?:ls|find) (\S+)(?: -name \S+)?", a) for a in past_actions(inputs))
-        listed = [m.group(1) for m in looks if m]
-        paths = [p for p in bash_paths(action) if path_seen(p, inputs)]
-        where = ""
-        if paths and listed:
-            where = f" I saw {', '.join(paths[:3])} by looking in {', '.join(dict.fromkeys(listed))}."
-        elif paths:
-            where = f" It names {', '.join(paths[:3])}, as the instruction does."
-        called = [(word, p) for p in run if (word := cue(inputs.task, p))]
-        calls = ", ".join(f'"{w}" for {p}' if i else f'"{w}" calls for {p}' for i, (w, p) in enumerate(called))
-        calls = f" {calls}." if calls else ""
-        return (f"The instruction asks: {_gist(inputs.task)}.{calls}{where} One command, "
-                f"{' | '.join(run) or 'it'}, does that.")
-
-
 _CUES: dict[str, tuple[str, ...]] = {
     "find": ("find", "search", "files", "directories", "subdirectories", "recursive", "modified", "empty",
              "symbolic", "under"),
@@ -562,6 +492,85 @@ _CUES: dict[str, tuple[str, ...]] = {
     "uname": ("kernel",),
     "hostname": ("host name", "hostname"),
 }
+
+
+class BashExpertise(_InterCodeExpertise):
+    """InterCode-Bash: where the gold command names a path the student has not seen, `find DIR -name NAME` if
+    the task names the file, else `ls DIR`, DIR the deepest folder it has seen above the path (four looks at
+    most), then the gold command, then `submit`.
+
+    Levels: 1 (the gold command) and the top, 2 (also its expected output and file changes, which let it
+    submit after a student's own command that printed the expected output and changes nothing). The default
+    stays 1: the policy needs only the gold. Level 0 has no gold: where to look is then aimless.
+    """
+
+    vocabulary = _InterCodeExpertise.vocabulary | frozenset(
+        ("instruction", "asks", "names", "calls", "folder", "finding", "listing", "shows", "path", "yours", "runs")
+    ) | frozenset(word for words in _CUES.values() for word in words)
+    """Also the words of its own reasons and the words that call for a program, which a reason quotes from
+    the task ("directories" out of "sub-directories"): the expected output (a file's lines) may use them too."""
+
+    def unseen(self, inputs: StudentInputs, command: str) -> list[str]:
+        return [p for p in bash_paths(command) if not path_seen(p, inputs)]
+
+    def look(self, inputs: StudentInputs, gold: str) -> str | None:
+        """`find FOLDER -name NAME` where the task names the file and the student knows a folder above it (the
+        folder that holds it is not the student's to guess), else `ls` of the deepest folder it has seen."""
+        done = [" ".join(a.split()) for a in past_actions(inputs)]
+        if sum(a.startswith(("ls", "find")) for a in done) >= _LOOKS:
+            return None
+        for path in bash_paths(gold):
+            if path_seen(path, inputs):
+                continue
+            folder, name = nearest_seen(path, inputs), posixpath.basename(path)
+            search = f"find {folder} -name {name}"
+            named = re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", inputs.task)
+            if folder != "/" and named and search not in done:
+                return search
+            if f"ls {folder}" not in done:
+                return f"ls {folder}"
+        return None
+
+    def explain_step(self, inputs: StudentInputs, privileged: PrivilegedState, action: str, gold: str) -> str:
+        if action == SUBMIT:
+            return "The last command ran and its output is what the instruction asks for, so I submit."
+        if action != gold and (m := re.fullmatch(r"find (\S+) -name (\S+)", action)):
+            return (f"The instruction names {m.group(2)} but not the folder it is in; finding it under "
+                    f"{m.group(1)} shows its path before I act on it.")
+        if action != gold and re.fullmatch(r"ls \S+", action):
+            folder = action.removeprefix("ls ").strip()
+            return (f"The instruction works on files I have not seen yet; listing {folder} shows what is there "
+                    "before I act on it.")
+        return _plain(self._explain_command(inputs, action), inputs, privileged, action, self.vocabulary)
+
+    def contrast(self, inputs: StudentInputs, action: str, student_action: str) -> str:
+        """A student that runs a program no word of the instruction asks for (`find` out of habit, where the
+        task is to cut characters from a string) is told so: the instruction alone shows it."""
+        ours, theirs = programs(action), programs(student_action)
+        if not theirs or theirs[0] in ours or theirs[0] not in _CUES or cue(inputs.task, theirs[0]):
+            return ""
+        return f" Yours runs {theirs[0]}, which no word of the instruction asks for."
+
+    def _explain_command(self, inputs: StudentInputs, action: str) -> str:
+        """The reason for the command itself: the instruction, the words of it that call for each program
+        ("count" for wc), the paths it uses and where they were seen. The student copies the words from its
+        task and reads the programs off them, instead of writing the program it saw most in training."""
+        run = programs(action)
+        looks = (re.fullmatch(r"(?:ls|find) (\S+)(?: -name \S+)?", a) for a in past_actions(inputs))
+        listed = [m.group(1) for m in looks if m]
+        paths = [p for p in bash_paths(action) if path_seen(p, inputs)]
+        where = ""
+        if paths and listed:
+            where = f" I saw {', '.join(paths[:3])} by looking in {', '.join(dict.fromkeys(listed))}."
+        elif paths:
+            where = f" It names {', '.join(paths[:3])}, as the instruction does."
+        called = [(word, p) for p in run if (word := cue(inputs.task, p))]
+        calls = ", ".join(f'"{w}" for {p}' if i else f'"{w}" calls for {p}' for i, (w, p) in enumerate(called))
+        calls = f" {calls}." if calls else ""
+        return (f"The instruction asks: {_gist(inputs.task)}.{calls}{where} One command, "
+                f"{' | '.join(run) or 'it'}, does that.")
+
+
 """The words of an instruction that call for each common program (and the program's own name always does):
 what a reason cites so that choosing the program is a lookup in the task, not a habit."""
 
@@ -586,8 +595,10 @@ def _xargs_program(args: list[str]) -> list[str]:
 
 
 def cue(task: str, program: str) -> str:
-    """The first word of `task` that calls for `program` ("" when none does)."""
+    """The first word of `task` that calls for `program` ("" when none does), whole as the task writes it
+    ("sub-directories", which a reason quoting "directories" would misquote)."""
     names = {program, program.removesuffix("sum")} - {""}
-    patterns = [rf"\b{re.escape(n)}\b" for n in names] + [rf"\b{re.escape(c)}\w*" for c in _CUES.get(program, ())]
+    patterns = [rf"\b{re.escape(n)}\b" for n in names]
+    patterns += [rf"(?<![\w-])(?:\w+-)*{re.escape(c)}\w*" for c in _CUES.get(program, ())]
     hits = [(m.start(), m.group(0)) for p in patterns if (m := re.search(p, task, flags=re.IGNORECASE))]
     return min(hits)[1] if hits else ""

@@ -164,7 +164,8 @@ def tasks(k: int, n: int = 24) -> list[tuple[str, str]]:
         folder = rng.choice([f for f in fs.folders if f != posixpath.dirname(path)])
         query, gold = shape(rng, path, fs.files[path], folder, fs)
         if shape in _ON_FILE and rng.random() < 0.5:  # the file by its name alone: look first
-            query = query.replace(path, f"the file {posixpath.basename(path)} (somewhere under {fs.root})", 1)
+            named = f"the file {posixpath.basename(path)} (somewhere under {fs.root})"
+            query = query.replace(f"the file {path}", named, 1).replace(path, named, 1)
         if query not in seen:
             seen.add(query)
             out.append((query, gold))

@@ -177,6 +177,9 @@ def test_bash_reasons_cite_the_words_that_call_for_each_program():
     found = StudentInputs(task="Find the empty files under /testbed", observation="", history="(none)")
     assert expertise.contrast(found, "find /testbed -empty", "find /testbed -type f") == ""
     assert cue("Display the number of sub-directories under /system", "find") == "sub-directories"
+    assert programs("address=$(dig +short x.com | grep -E '^(1|2)' | head -n 1) && echo $address") == [
+        "dig", "grep", "head", "echo"]  # an assignment runs no program; quotes keep their | whole
+    assert programs("wc -l < /x/a.txt 2>&1 | tar -czf b.tgz `find . -mtime -1`") == ["wc", "tar", "find"]
 
 
 def test_bash_reasons_keep_the_instruction_where_the_expected_output_uses_their_words():

@@ -576,12 +576,37 @@ what a reason cites so that choosing the program is a lookup in the task, not a 
 
 
 def programs(command: str) -> list[str]:
-    """The programs a pipeline runs, in order, each once, with the one xargs runs ("find | xargs | md5sum")."""
+    """The programs a command line runs, in order, each once, with the one xargs runs ("find | xargs | md5sum");
+    a variable assignment runs none (`address=$(dig ...)` runs dig)."""
     found = []
-    for part in re.split(r"\|(?!\|)", command):
-        words_ = _tokens(part)
+    for words_ in _simple_commands(command):
+        while words_ and re.fullmatch(r"[A-Za-z_]\w*=\S*", words_[0]):
+            words_ = words_[1:]
         found += words_[:1] + (_xargs_program(words_[1:]) if words_[:1] == ["xargs"] else [])
     return list(dict.fromkeys(posixpath.basename(p) for p in found if p and not p.startswith("-")))
+
+
+def _simple_commands(command: str) -> list[list[str]]:
+    """The words of each simple command of `command`: split at |, &&, ;, parentheses and backquotes outside
+    quotes, without the file a redirection names."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars="();<>|&`")
+    lexer.whitespace_split = True
+    try:
+        tokens = list(lexer)
+    except ValueError:
+        return [part.split() for part in re.split(r"\|", command)]
+    out: list[list[str]] = [[]]
+    redirected = False
+    for token in tokens:
+        if set(token) & set("<>") and set(token) <= set("<>&"):
+            redirected = True
+        elif set(token) <= set("|&;()`"):
+            out.append([])
+        elif redirected:
+            redirected = False
+        else:
+            out[-1].append(token)
+    return [words_ for words_ in out if words_]
 
 
 def _xargs_program(args: list[str]) -> list[str]:

@@ -16,7 +16,8 @@ resumable: finished runs are skipped and an interrupted one resumes from its fol
 the same behaviour share it (`bc_from`): only settings that shape behaviour cloning tell them apart. A grid
 outlives the machine it started on: with `--publish`, a run whose summaries are published with the same
 settings is done, and a run whose behaviour cloning was shared from one of those clones again (seeded, so the
-same demonstrations and rows).
+same demonstrations and rows). A run another grid published beside it with the same settings is copied, not
+run again.
 """
 
 from __future__ import annotations
@@ -154,9 +155,33 @@ DONE = ("done", "published")
 def published(spec: Spec, publish: Path | None) -> bool:
     """Whether `publish` holds this run finished, with the configuration the grid gives it today (the code is
     not compared): a run published on a machine since gone is not run again."""
-    run = publish / spec.name if publish is not None else None
+    return publish is not None and _same_run(spec, publish / spec.name, say=True)
+
+
+def copied(spec: Spec, publish: Path | None) -> bool:
+    """Copy in a run that another grid published beside `publish` with this run's settings, if there is one.
+
+    Grids overlap (the defaults are a cell of most of them) and a seed repeats its run exactly, so running
+    it again would only spend the hours; `copied_from.txt` says where the copy came from."""
+    if publish is None:
+        return False
+    for config_file in sorted(publish.parent.glob(f"*/{_slug(spec.env)}*-seed{spec.seed}/config.yaml")):
+        source = config_file.parent
+        if source.parent.resolve() != publish.resolve() and _same_run(spec, source, say=False):
+            target = publish / spec.name
+            if target.exists():  # a run published with other settings: none of its stages may stay behind
+                shutil.rmtree(target)
+            shutil.copytree(source, target)
+            (target / "copied_from.txt").write_text(f"{source.relative_to(publish.parent)}\n")
+            console.print(f"{spec.name}: copied from {source.relative_to(publish.parent)}, run with the same settings")
+            return True
+    return False
+
+
+def _same_run(spec: Spec, run: Path, say: bool) -> bool:
+    """Whether `run` is `spec` finished: every round evaluated with the settings the grid gives it today."""
     config = LEAPConfig(**spec.settings, seed=spec.seed)
-    if run is None or not _evaluated(run, config.iterations):
+    if not _evaluated(run, config.iterations):
         return False
     try:
         ran = read_config(run / "config.yaml")
@@ -170,7 +195,7 @@ def published(spec: Spec, publish: Path | None) -> bool:
                 if v is not None and env.get(k) != v]  # None: the environment's own choice (a path, a server)
     if expert_spec(ran.get("expert") or {}) != spec.expert:
         differs.append("expert")
-    if differs:
+    if differs and say:
         console.print(f"{spec.name}: its published copy ran with other {', '.join(differs)}, so it is pending")
     return _chose(run) == config.select and not differs
 
@@ -222,8 +247,8 @@ def grid_states(grid: Grid, root: Path, publish: Path | None = None,
     """Each run's state (done, published or pending), publishing the ones finished here: a grid stopped
     part-way is reported on what it reached without starting the rest."""
     specs = specs if specs is not None else expand(grid)
-    states = {s.name: "done" if finished(s, root) else "published" if published(s, publish) else "pending"
-              for s in specs}
+    states = {s.name: "done" if finished(s, root) else "published" if published(s, publish) or copied(s, publish)
+              else "pending" for s in specs}
     if publish is not None:  # runs finished by an earlier call, perhaps one without --publish
         for name in (name for name, state in states.items() if state == "done"):
             publish_run(root / name, publish / name)

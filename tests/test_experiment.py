@@ -147,6 +147,36 @@ def test_a_grid_continues_on_a_new_machine_from_its_published_runs(tmp_path: Pat
         assert "0 of 4 runs done" in result.output and f"other {named}," in result.output, result.output
 
 
+def test_a_run_another_grid_published_with_the_same_settings_is_copied_not_run(tmp_path: Path) -> None:
+    """Grids overlap: the privilege grid's level 3 is the updates grid's SFT. A run published beside the grid's
+    own folder with the same settings is copied in and says where from; one with other settings is not."""
+    from leap_dspy.experiment import expected_config, grid_states
+
+    results = tmp_path / "results"
+    source = results / "updates" / "alfworld-update=sft-seed0"
+    shutil.copytree(ROOT / "docs" / "results" / "alfworld-updates" / "alfworld-update=sft-seed0", source)
+    grid_file = tmp_path / "privilege.yaml"
+    grid_file.write_text(yaml.safe_dump({"name": "privilege", "env": "alfworld", "seeds": [0],
+                                         "settings": {"evaluate_base": False}, "grid": {"privilege_level": [0, 3]}}))
+    grid, publish = Grid.load(grid_file), results / "privilege"
+    specs = expand(grid)
+    ran = yaml.safe_load((source / "config.yaml").read_text())
+    ran.update({k: v for k, v in expected_config(specs[1]).items() if k != "env"})
+    (source / "config.yaml").write_text(yaml.safe_dump(ran))
+
+    states = grid_states(grid, tmp_path / "runs", publish, specs)
+    assert states == {"alfworld-privilege_level=0-seed0": "pending", "alfworld-privilege_level=3-seed0": "published"}
+    copy = publish / "alfworld-privilege_level=3-seed0"
+    assert (copy / "copied_from.txt").read_text() == "updates/alfworld-update=sft-seed0\n"
+    assert (copy / "metrics.csv").read_bytes() == (source / "metrics.csv").read_bytes()
+    assert grid_states(grid, tmp_path / "runs", publish, specs) == states  # published now, in its own folder
+
+    shutil.rmtree(copy)
+    (source / "config.yaml").write_text(yaml.safe_dump({**ran, "max_train_rows": 120}))
+    assert grid_states(grid, tmp_path / "runs", publish, specs)["alfworld-privilege_level=3-seed0"] == "pending"
+    assert not copy.exists()
+
+
 def test_runs_at_once_share_the_cores_between_their_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Torch's threads spin at barriers: several compiles each using every core run far slower than in turn."""
     import subprocess

@@ -167,11 +167,10 @@ def copied(spec: Spec, publish: Path | None) -> bool:
         return False
     for config_file in sorted(publish.parent.glob(f"*/{_slug(spec.env)}*-seed{spec.seed}/config.yaml")):
         source = config_file.parent
-        if source.parent.resolve() != publish.resolve() and _same_run(spec, source, say=False):
+        if source.parent.resolve() != publish.resolve() and (source / "episodes.csv").exists() \
+                and _same_run(spec, source, say=False):  # episodes.csv: a published copy, not a run folder
             target = publish / spec.name
-            if target.exists():  # a run published with other settings: none of its stages may stay behind
-                shutil.rmtree(target)
-            shutil.copytree(source, target)
+            _copy_summaries(source, target)
             (target / "copied_from.txt").write_text(f"{source.relative_to(publish.parent)}\n")
             console.print(f"{spec.name}: copied from {source.relative_to(publish.parent)}, run with the same settings")
             return True
@@ -307,6 +306,10 @@ def job_environment(jobs: int) -> dict[str, str]:
 def publish_run(run: Path, target: Path) -> None:
     """Copy a finished run's small outputs (see PUBLISHED) to `target`, where a report can be rebuilt from them."""
     RunFolder(run).write_episodes_csv()
+    _copy_summaries(run, target)
+
+
+def _copy_summaries(run: Path, target: Path) -> None:
     if target.exists():  # a run published before with other settings: none of its stages may stay behind
         shutil.rmtree(target)
     for pattern in PUBLISHED:

@@ -169,10 +169,10 @@ def copied(spec: Spec, publish: Path | None) -> bool:
         source = config_file.parent
         if source.parent.resolve() != publish.resolve() and (source / "episodes.csv").exists() \
                 and _same_run(spec, source, say=False):  # episodes.csv: a published copy, not a run folder
-            target = publish / spec.name
+            target, origin = publish / spec.name, source.relative_to(publish.parent)
             _copy_summaries(source, target)
-            (target / "copied_from.txt").write_text(f"{source.relative_to(publish.parent)}\n")
-            console.print(f"{spec.name}: copied from {source.relative_to(publish.parent)}, run with the same settings")
+            (target / "copied_from.txt").write_text(f"{origin}\n")
+            console.print(f"{spec.name}: copied from {origin}, run with the same settings")
             return True
     return False
 

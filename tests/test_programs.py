@@ -210,18 +210,46 @@ def test_the_scripted_policy_uses_only_what_its_level_grants() -> None:
     view = ("You arrive at cabinet 1. The cabinet 1 is closed.\nAt: cabinet 1\nHolding: nothing\nSeen: none\n"
             "Unvisited: fridge 1, garbagecan 1\nActions: go to fridge 1, go to garbagecan 1, open cabinet 1, look")
     facts = {"object locations": ["apple 3 is in/on fridge 1"]}
-    assert scripted_action(task, view, "", 0, facts) == "open cabinet 1"  # level 0 ignores the facts
-    assert scripted_action(task, view, "", 1, facts) == "go to fridge 1"  # level 1 goes where the apple is
+    assert scripted_action(task, view, 0, facts) == "open cabinet 1"  # level 0 ignores the facts
+    assert scripted_action(task, view, 1, facts) == "go to fridge 1"  # level 1 goes where the apple is
     holding = view.replace("Holding: nothing", "Holding: apple 3")
-    assert scripted_action(task, holding, "", 0) == "go to fridge 1"  # nothing to cool it with here
+    assert scripted_action(task, holding, 0) == "go to fridge 1"  # nothing to cool it with here
     at_fridge = holding.replace(", look", ", cool apple 3 with fridge 1")
-    assert scripted_action(task, at_fridge, "", 0) == "cool apple 3 with fridge 1"
+    assert scripted_action(task, at_fridge, 0) == "cool apple 3 with fridge 1"
     cooled = view.replace("Holding: nothing", "Holding: apple 3 (cool)")
-    assert scripted_action(task, cooled, "", 0) == "go to garbagecan 1"
+    assert scripted_action(task, cooled, 0) == "go to garbagecan 1"
     states = {"states": ["apple 3 is cool"]}
-    assert scripted_action(task, view.replace("Holding: nothing", "Holding: apple 3"), "", 2, states) == (
+    assert scripted_action(task, view.replace("Holding: nothing", "Holding: apple 3"), 2, states) == (
         "go to garbagecan 1")  # level 2 knows it is cool already
-    assert scripted_action(task, "You arrive at cabinet 1.", "", 0) is None  # no notes, no policy
+    assert scripted_action(task, "You arrive at cabinet 1.", 0) is None  # no notes, no policy
+
+
+def test_the_scripted_policy_keeps_one_target_and_searches_again() -> None:
+    """Its choices read the notes, never the history window: both pillows go to the same sofa, and with every
+    place visited and the object unseen (the student put it down somewhere) it looks again, in numbered order."""
+    from leap_dspy.envs.alfworld.expertise import ALFWorldExpertise
+    from leap_dspy.envs.alfworld.policy import scripted_action
+    from leap_dspy.types import PrivilegedState, StudentInputs
+
+    task = "find two pillow and put them in sofa."
+    carrying = ("You pick up the pillow {n} from the armchair 1.\nAt: armchair 1\nHolding: pillow {n}\nSeen: none\n"
+                "Unvisited: {unvisited}\nActions: go to shelf 2, go to shelf 1, go to sofa 2, go to sofa 1, look")
+    first = carrying.format(n=1, unvisited="shelf 2, shelf 1, sofa 2, sofa 1")
+    second = carrying.format(n=2, unvisited="shelf 2, shelf 1, sofa 2")
+    assert scripted_action(task, first, 0) == scripted_action(task, second, 0) == "go to sofa 1"
+
+    task = "put a clean cloth in bathtubbasin."
+    lost = ("You arrive at towelholder 1. On the towelholder 1, you see nothing.\nAt: towelholder 1\n"
+            "Holding: nothing\nSeen: none\nUnvisited: none\nActions: examine towelholder 1, go to bathtubbasin 1, "
+            "go to cabinet 2, go to cabinet 1, go to sinkbasin 1, look")
+    assert scripted_action(task, lost, 0) == "go to cabinet 1"  # after towelholder 1, past the bathtubbasin
+    at_cabinet = lost.replace("towelholder 1", "cabinet 2").replace("go to cabinet 2", "go to towelholder 1")
+    assert scripted_action(task, at_cabinet, 0) == "go to sinkbasin 1"
+    expertise, level0 = ALFWorldExpertise(), PrivilegedState(level=0)
+    inputs = StudentInputs(task=task, observation=lost, history="")
+    assert expertise.act(inputs, level0, "go to none") == "go to cabinet 1"
+    assert expertise.unjustified(inputs, level0, "go to cabinet 1") is None
+    assert expertise.unjustified(inputs, level0, "go to sinkbasin 1") is not None
 
 
 def test_carrying_reasons_copy_the_task_word_before_the_place() -> None:

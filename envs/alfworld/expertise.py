@@ -12,7 +12,14 @@ import re
 
 from leap_dspy.envs.alfworld.notes import read_note, task_lamp, task_object
 from leap_dspy.envs.alfworld.notes import scene_places as _scene_of
-from leap_dspy.envs.alfworld.policy import APPLIANCE, admissible_from, scripted_action, task_change, task_target
+from leap_dspy.envs.alfworld.policy import (
+    APPLIANCE,
+    admissible_from,
+    revisit_next,
+    scripted_action,
+    task_change,
+    task_target,
+)
 from leap_dspy.envs.expertise import Expertise
 from leap_dspy.types import PrivilegedState, StudentInputs
 
@@ -36,7 +43,7 @@ class ALFWorldExpertise(Expertise):
         oracle = privileged.oracle_action
         if not oracle:
             facts = {k: v for k, v in privileged.sections.items() if isinstance(v, list)}
-            return scripted_action(task, observation, history, privileged.level, facts)
+            return scripted_action(task, observation, privileged.level, facts)
         if self.realizable_search:
             return realizable_search_action(task, observation, history, student_action, oracle)
         return oracle
@@ -49,10 +56,11 @@ class ALFWorldExpertise(Expertise):
         """A `go to` while the thing sought is unseen, other than the next place of a sweep, is a guess for the
         student: only the hidden locations justify it."""
         task, observation, history = inputs.task, inputs.observation, inputs.history
-        missing = sought(task, observation, history)
-        if missing and action.startswith("go to ") and action.removeprefix("go to ") != sweep_next(
-                observation, history):
-            return f"goes to {action.removeprefix('go to ')} while no {missing} has been seen"
+        missing, place = sought(task, observation, history), action.removeprefix("go to ")
+        searched = read_note(observation, "Unvisited") == "none"  # then a search goes round again
+        if missing and action.startswith("go to ") and place != sweep_next(observation, history) and not (
+                searched and place == revisit_next(task, observation)):
+            return f"goes to {place} while no {missing} has been seen"
         return super().unjustified(inputs, privileged, action)
 
 
@@ -170,7 +178,7 @@ def realizable_search_action(task: str, observation: str, history: str, student_
         if oracle.startswith("close ") or oracle == "look":
             # Nothing the task needs is behind it: with the student's notes, the policy that plays from
             # them knows the step that does serve the task (carry, treat, place), without the detour.
-            return scripted_action(task, observation, history, 0) or oracle
+            return scripted_action(task, observation, 0) or oracle
         return _toward_seen(task, observation, history, oracle)
     here = re.match(r"You arrive at ([a-z]+ \d+)\. The \1 is closed\.", observation)
     if here and f"open {here[1]}" in admissible_from(observation):

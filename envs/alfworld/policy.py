@@ -4,14 +4,17 @@ At the top level the scripted expert follows alfworld's handcoded oracle, which 
 the expert may only use what its level grants, so it plays this policy instead:
 
 - level 0 (nothing): the student's own observation and notes only: search the places not yet visited in the
-  scene's order, open what is closed, take what the task needs once it is in view, then clean/heat/cool it,
-  carry it to the target, or find the lamp. Every action it takes is realizable by construction.
+  scene's order (all visited, again in numbered order), open what is closed, take what the task needs once it
+  is in view, then clean/heat/cool it, carry it to the target, or find the lamp. Every action it takes is
+  realizable by construction.
 - level 1 (object locations): as level 0, but instead of searching it goes straight to where the privileged
   state says the object (or the lamp) is: faster, and not realizable from the student's view.
 - level 2 (locations + states): as level 1; an object that is already clean/hot/cool is not treated again.
 
 The policy reads the student's inputs as the student program formats them (the notes lines `At:`,
-`Holding:`, `Seen:`, `Unvisited:` and the `Actions:` list), so it needs the environment's notes.
+`Holding:`, `Seen:`, `Unvisited:` and the `Actions:` list), so it needs the environment's notes. It never
+reads the history: the student sees only its last few steps, and a choice that depends on what the window
+still shows changes between steps (the two objects of "put two book in shelf" went to different shelves).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from leap_dspy.envs.alfworld.notes import read_note, scene_places, task_lamp, task_object
+from leap_dspy.envs.alfworld.notes import read_note, task_lamp, task_object
 
 APPLIANCE = {"clean": "sinkbasin", "hot": "microwave", "cool": "fridge"}
 """Where ALFWorld's objects become clean, hot or cool."""
@@ -51,8 +54,28 @@ def _kind(instance: str) -> str:
     return instance.rsplit(" ", 1)[0].replace(" ", "")
 
 
-def _first_of_kind(places: list[str], kind: str) -> str | None:
-    return next((p for p in places if _kind(p) == kind), None)
+def numbered_places(observation: str) -> list[str]:
+    """Where the student stands and where it can go, in numbered order (cabinet 1, cabinet 2, ..., drawer 1):
+    the same list at every step of an episode, as the `At:` note and the `Actions:` line give it."""
+    here = read_note(observation, "At")
+    places = re.findall(r"go to ([a-z]+ \d+)", ", ".join(admissible_from(observation)))
+    places += [here] if here and here != "start" and here not in places else []
+    return sorted(places, key=lambda p: (_kind(p), int(p.rsplit(" ", 1)[1])))
+
+
+def revisit_next(task: str, observation: str) -> str | None:
+    """With every place visited and the task's object still unseen, the next place to look again: the one
+    after here in numbered order, past the target's kind (what is there stays). The object may be behind a
+    door the student never opened, or where it put the object down itself."""
+    order, here, target = numbered_places(observation), read_note(observation, "At"), task_target(task)
+    start = order.index(here) + 1 if here in order else 0
+    allowed = set(admissible_from(observation))
+    return next((p for p in order[start:] + order[:start]
+                 if _kind(p) != target and f"go to {p}" in allowed), None)
+
+
+def _first_of_kind(view: _View, kind: str) -> str | None:
+    return next((p for p in numbered_places(view.observation) if _kind(p) == kind and p != view.here), None)
 
 
 def _seen(observation: str) -> list[tuple[str, str]]:
@@ -64,6 +87,7 @@ def _seen(observation: str) -> list[tuple[str, str]]:
 class _View:
     """One step's inputs, parsed once, so that each decision below reads the same facts."""
 
+    task: str
     observation: str
     level: int
     facts: dict[str, list[str]]
@@ -76,26 +100,22 @@ class _View:
     lamp: str | None
     change: str | None
     target: str | None
-    places: list[str]
 
 
-def _read_view(task: str, observation: str, history: str, level: int, facts: dict[str, list[str]]) -> _View:
-    """Read the notes, the task and the scene the way the student's prompt shows them."""
+def _read_view(task: str, observation: str, level: int, facts: dict[str, list[str]]) -> _View:
+    """Read the notes and the task the way the student's prompt shows them."""
     admissible = admissible_from(observation)
     here = read_note(observation, "At")
     holding = read_note(observation, "Holding") or "nothing"
     held = None if holding == "nothing" else holding.split(" (")[0]
     held_states = re.findall(r"\b(clean|hot|cool)\b", holding.split(" (", 1)[1]) if " (" in holding else []
-    first = next((line.removeprefix("Start: ") for line in history.splitlines() if line.startswith("Start: ")), "")
-    places = scene_places(first) or [p for p in (read_note(observation, "Unvisited") or "").split(", ") if p]
-    places = places + [p for p in re.findall(r"go to ([a-z]+ \d+)", ", ".join(admissible)) if p not in places]
     if level >= 2 and held:  # the states section says whether it is already in the wanted state
         held_states += [word for line in facts.get("states", []) for word in ("clean", "hot", "cool")
                         if line == f"{held} is {word}"]
-    return _View(observation=observation, level=level, facts=facts, admissible=admissible, allowed=set(admissible),
-                 here=None if here in (None, "start") else here, held=held, held_states=held_states,
-                 goal=task_object(task), lamp=task_lamp(task), change=task_change(task), target=task_target(task),
-                 places=places)
+    return _View(task=task, observation=observation, level=level, facts=facts, admissible=admissible,
+                 allowed=set(admissible), here=None if here in (None, "start") else here, held=held,
+                 held_states=held_states, goal=task_object(task), lamp=task_lamp(task),
+                 change=task_change(task), target=task_target(task))
 
 
 def _go(view: _View, place: str | None) -> str | None:
@@ -125,7 +145,9 @@ def _search(view: _View, kind: str) -> str | None:
     if view.here and f"open {view.here}" in view.allowed:  # closed, and what it holds is not in view yet
         return f"open {view.here}"
     unvisited = [p for p in (read_note(view.observation, "Unvisited") or "").split(", ") if p and p != "none"]
-    return next((f"go to {p}" for p in unvisited if f"go to {p}" in view.allowed), None)
+    if unvisited:
+        return next((f"go to {p}" for p in unvisited if f"go to {p}" in view.allowed), None)
+    return _go(view, revisit_next(view.task, view.observation))
 
 
 def _carry(view: _View, held: str) -> str | None:
@@ -137,12 +159,12 @@ def _carry(view: _View, held: str) -> str | None:
     if view.change and view.change not in view.held_states:
         verb, appliance = _VERB[view.change], APPLIANCE[view.change]
         act = next((a for a in admissible if a.startswith(f"{verb} {held} with {appliance} ")), None)
-        return act or _go(view, _first_of_kind(view.places, appliance))
+        return act or _go(view, _first_of_kind(view, appliance))
     place = next((a for a in admissible if a.startswith(f"move {held} to ") and target
                   and _kind(a.rsplit(" to ", 1)[1]) == target), None)
     if place is None and here and target and _kind(here) == target and f"open {here}" in view.allowed:
         return f"open {here}"  # the target is closed: open it to put the thing in
-    return place or _go(view, _first_of_kind(view.places, target or ""))
+    return place or _go(view, _first_of_kind(view, target or ""))
 
 
 def _fetch(view: _View, goal: str) -> str | None:
@@ -155,17 +177,16 @@ def _fetch(view: _View, goal: str) -> str | None:
     return _search(view, goal)
 
 
-def scripted_action(task: str, observation: str, history: str, level: int,
+def scripted_action(task: str, observation: str, level: int,
                     facts: dict[str, list[str]] | None = None) -> str | None:
-    """The next action of the scripted policy at `level` (0-2), or None when the inputs carry no notes
-    ("look" when it has nothing better: everything searched, nothing found).
+    """The next action of the scripted policy at `level` (0-2), or None when the inputs carry no notes.
 
     `facts` are the privileged sections the level grants (`PrivilegedState.sections`): "object locations"
     at level 1 and above, "states" at level 2.
     """
     if read_note(observation, "Unvisited") is None:
         return None
-    view = _read_view(task, observation, history, level, facts or {})
+    view = _read_view(task, observation, level, facts or {})
     held, goal = view.held, view.goal
     if held and goal and _kind(held) != goal:  # the wrong thing in hand: put it down here
         return next((a for a in view.admissible if a.startswith(f"move {held} to ")), None)

@@ -57,9 +57,9 @@ def _kind(instance: str) -> str:
 def numbered_places(observation: str) -> list[str]:
     """Where the student stands and where it can go, in numbered order (cabinet 1, cabinet 2, ..., drawer 1):
     the same list at every step of an episode, as the `At:` note and the `Actions:` line give it."""
-    here = read_note(observation, "At")
+    here = read_note(observation, "At") or ""
     places = re.findall(r"go to ([a-z]+ \d+)", ", ".join(admissible_from(observation)))
-    places += [here] if here and here != "start" and here not in places else []
+    places += [here] if re.fullmatch(r"[a-z]+ \d+", here) and here not in places else []
     return sorted(places, key=lambda p: (_kind(p), int(p.rsplit(" ", 1)[1])))
 
 
@@ -72,10 +72,6 @@ def revisit_next(task: str, observation: str) -> str | None:
     allowed = set(admissible_from(observation))
     return next((p for p in order[start:] + order[:start]
                  if _kind(p) != target and f"go to {p}" in allowed), None)
-
-
-def _first_of_kind(view: _View, kind: str) -> str | None:
-    return next((p for p in numbered_places(view.observation) if _kind(p) == kind and p != view.here), None)
 
 
 def _seen(observation: str) -> list[tuple[str, str]]:
@@ -121,6 +117,11 @@ def _read_view(task: str, observation: str, level: int, facts: dict[str, list[st
 def _go(view: _View, place: str | None) -> str | None:
     """Going to `place`, when it is one of the admissible actions."""
     return f"go to {place}" if place and f"go to {place}" in view.allowed else None
+
+
+def _first_of_kind(view: _View, kind: str) -> str | None:
+    """The first place of `kind` in numbered order, other than here: the same one at every step."""
+    return next((p for p in numbered_places(view.observation) if _kind(p) == kind and p != view.here), None)
 
 
 def _known_place(view: _View, kind: str) -> str | None:

@@ -2,12 +2,14 @@
 
 Runs that differ only in their seed are one *condition*; an interval comes from a two-level bootstrap (seeds,
 then the games of each seed), since both vary between reruns. Round − behaviour cloning is paired on the
-games both stages played within a seed, which is far tighter than comparing two unpaired intervals.
+games both stages played within a seed, which is far tighter than comparing two unpaired intervals; so is one
+condition's last round against another's, paired by seed and game.
 """
 
 from __future__ import annotations
 
 import html
+import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -196,7 +198,8 @@ def write_report(paths: list[Path], out: Path, title: str = "LEAP results", seed
         tables.append(_cost_table(mine))
         sections.append((env, tables, _plots(env, mine, out, seed)))
     if len(groups) > 1:
-        sections.insert(0, ("summary", [_summary_table(groups, seed)], []))
+        between = _between_table(groups, seed)
+        sections.insert(0, ("summary", [_summary_table(groups, seed)] + ([between] if between[1] else []), []))
     markdown = _markdown(title, sections, runs)
     atomic_write_text(out / "report.md", markdown)
     atomic_write_text(out / "report.html", _html(title, sections, runs))
@@ -247,6 +250,41 @@ def _summary_table(groups: dict[tuple[str, str], list[Run]], seed: int
                      f"{last.text(1.0, digits)} ({stage_name(rounds[-1])})",
                      paired(runs, rounds[-1], "unseen", metric, seed).text(1.0, digits),
                      paired(runs, SELECTED, "unseen", metric, seed).text(1.0, digits)])
+    return head, rows
+
+
+def last_round(runs: list[Run]) -> str | None:
+    rounds = [s for s in stages_of(runs) if s.isdigit() and s != "0"]
+    return rounds[-1] if rounds else None
+
+
+def between(first: list[Run], second: list[Run], metric: str, seed: int = 0) -> Estimate:
+    """`first`'s last round − `second`'s on the unseen games both played, per seed they share: whether one
+    condition beats another, which two overlapping intervals cannot say."""
+    stages = last_round(first), last_round(second)
+    by_seed = {r.config.get("seed"): r for r in second}
+    diffs = []
+    for run in first:
+        other = by_seed.get(run.config.get("seed"))
+        if other is None or None in stages:
+            continue
+        mine, theirs = run.outcomes.get((stages[0], "unseen"), {}), other.outcomes.get((stages[1], "unseen"), {})
+        diffs.append(np.array([mine[t][metric] - theirs[t][metric] for t in mine if t in theirs]))
+    return bootstrap(diffs, seed)
+
+
+def _between_table(groups: dict[tuple[str, str], list[Run]], seed: int
+                   ) -> tuple[list[str], list[list[str]]]:
+    """Each pair of one environment's conditions, last round against last round, paired by seed and game."""
+    head = ["environment", "condition", "against", "seeds", "metric", "last round, condition − against"]
+    rows = []
+    for ((env, label), runs), ((other_env, other), theirs) in itertools.combinations(groups.items(), 2):
+        if env != other_env:
+            continue
+        metric, digits = ("score", 1) if has_scores(runs + theirs) else ("success", 2)
+        difference = between(runs, theirs, metric, seed)
+        if difference.games:
+            rows.append([env, label, other, str(difference.seeds), metric, difference.text(1.0, digits)])
     return head, rows
 
 

@@ -269,6 +269,30 @@ def test_a_report_over_several_environments_opens_with_the_last_round_against_be
 
 
 
+def test_a_report_pairs_each_condition_s_last_round_with_another_s(tmp_path: Path) -> None:
+    """Rebuilt from the published privilege grid: level 0 against level 3 is the mean over seeds of the per-game
+    differences of their last rounds, on the same seed's games."""
+    published = ROOT / "docs" / "results" / "alfworld-privilege"
+    result = CliRunner().invoke(app, ["report", str(published), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+               if line.startswith("| alfworld | privilege_level=0 | privilege_level=3 |"))
+    per_seed = []
+    for seed in range(3):
+        wins = []
+        for level in (0, 3):
+            with (published / f"alfworld-privilege_level={level}-seed{seed}" / "episodes.csv").open() as f:
+                wins.append({r["task_id"]: float(r["success"]) for r in csv.DictReader(f)
+                             if r["stage"] == "2" and r["split"] == "unseen"})
+        per_seed.append(np.mean([wins[0][t] - wins[1][t] for t in wins[0]]))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3:5] == ["3", "success"]
+    assert float(cells[5].split()[0]) == pytest.approx(np.mean(per_seed), abs=0.006)
+    same = next(line for line in (tmp_path / "report.md").read_text().splitlines()
+                if line.startswith("| alfworld | privilege_level=1 | privilege_level=2 |"))
+    assert same.endswith("| 0.00 [0.00, 0.00] |")  # levels 1 and 2 trained on the same rows
+
+
 def test_a_run_published_with_its_summary_alone_keeps_its_wall_time(tmp_path: Path) -> None:
     """Early grids published config, metrics.csv and episodes.csv only: the report rebuilds their cost from
     metrics.csv and says their memory was not recorded, rather than 0."""

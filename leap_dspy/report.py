@@ -264,9 +264,9 @@ def between(first: list[Run], second: list[Run], metric: str, seed: int = 0) -> 
     stages = last_round(first), last_round(second)
     by_seed = {r.config.get("seed"): r for r in second}
     diffs = []
-    for run in first:
+    for run in first if None not in stages else []:
         other = by_seed.get(run.config.get("seed"))
-        if other is None or None in stages:
+        if other is None:
             continue
         mine, theirs = run.outcomes.get((stages[0], "unseen"), {}), other.outcomes.get((stages[1], "unseen"), {})
         diffs.append(np.array([mine[t][metric] - theirs[t][metric] for t in mine if t in theirs]))

@@ -15,8 +15,9 @@ from leap_dspy.envs.alfworld.notes import scene_places as _scene_of
 from leap_dspy.envs.alfworld.policy import (
     APPLIANCE,
     admissible_from,
-    revisit_next,
+    first_unvisited,
     scripted_action,
+    search_next,
     task_change,
     task_target,
 )
@@ -57,9 +58,8 @@ class ALFWorldExpertise(Expertise):
         student: only the hidden locations justify it."""
         task, observation, history = inputs.task, inputs.observation, inputs.history
         missing, place = sought(task, observation, history), action.removeprefix("go to ")
-        searched = read_note(observation, "Unvisited") == "none"  # then a search goes round again
-        if missing and action.startswith("go to ") and place != sweep_next(observation, history) and not (
-                searched and place == revisit_next(task, observation)):
+        if missing and action.startswith("go to ") and place not in (
+                sweep_next(observation, history), search_next(task, observation)):
             return f"goes to {place} while no {missing} has been seen"
         return super().unjustified(inputs, privileged, action)
 
@@ -127,10 +127,9 @@ def sweep_next(observation: str, history: str) -> str | None:
     instead of from its whole history: the step after "countertop 1" in the scene's list is found by
     looking up "countertop 1" there and reading on.
     """
+    if read_note(observation, "Unvisited") is not None:  # the notes keep the scene's order, less the places been to
+        return first_unvisited(observation)
     admissible = set(admissible_from(observation))
-    unvisited = read_note(observation, "Unvisited")
-    if unvisited is not None:  # the notes keep the scene's order, less the places been to: take the first
-        return next((p for p in unvisited.split(", ") if f"go to {p}" in admissible), None)
     places = scene_places(observation, history)
     visited = _visited(history, observation)
     current = current_place(observation, history)

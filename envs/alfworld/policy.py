@@ -63,15 +63,25 @@ def numbered_places(observation: str) -> list[str]:
     return sorted(places, key=lambda p: (_kind(p), int(p.rsplit(" ", 1)[1])))
 
 
-def revisit_next(task: str, observation: str) -> str | None:
-    """With every place visited and the task's object still unseen, the next place to look again: the one
-    after here in numbered order, past the target's kind (what is there stays). The object may be behind a
-    door the student never opened, or where it put the object down itself."""
+def first_unvisited(observation: str) -> str | None:
+    """The first place of the notes' `Unvisited:` line (the scene's order) that the student can go to."""
+    allowed = set(admissible_from(observation))
+    return next((p for p in (read_note(observation, "Unvisited") or "").split(", ") if f"go to {p}" in allowed),
+                None)
+
+
+def search_next(task: str, observation: str) -> str | None:
+    """The place a search goes next, from the notes: the first unvisited one in the scene's order, or with every
+    place visited and the task's object still unseen, the one after here in numbered order, past the target's
+    kind (what is there stays): the object may be behind a door never opened, or where the student put it."""
+    unvisited = read_note(observation, "Unvisited")
+    if unvisited is None:
+        return None
+    if unvisited != "none":
+        return first_unvisited(observation)
     order, here, target = numbered_places(observation), read_note(observation, "At"), task_target(task)
     start = order.index(here) + 1 if here in order else 0
-    allowed = set(admissible_from(observation))
-    return next((p for p in order[start:] + order[:start]
-                 if _kind(p) != target and f"go to {p}" in allowed), None)
+    return next((p for p in order[start:] + order[:start] if _kind(p) != target and p != here), None)
 
 
 def _seen(observation: str) -> list[tuple[str, str]]:
@@ -139,16 +149,13 @@ def _known_place(view: _View, kind: str) -> str | None:
 
 
 def _search(view: _View, kind: str) -> str | None:
-    """The next step toward a `kind`: go where one is known, open what is closed here, else the next unvisited."""
+    """The next step toward a `kind`: go where one is known, open what is closed here, else search on."""
     place = _known_place(view, kind)
     if place and place != view.here:
         return _go(view, place)
     if view.here and f"open {view.here}" in view.allowed:  # closed, and what it holds is not in view yet
         return f"open {view.here}"
-    unvisited = [p for p in (read_note(view.observation, "Unvisited") or "").split(", ") if p and p != "none"]
-    if unvisited:
-        return next((f"go to {p}" for p in unvisited if f"go to {p}" in view.allowed), None)
-    return _go(view, revisit_next(view.task, view.observation))
+    return _go(view, search_next(view.task, view.observation))
 
 
 def _carry(view: _View, held: str) -> str | None:

@@ -156,11 +156,15 @@ def estimate(runs: list[Run], stage: str, split: str, metric: str, seed: int = 0
 def paired(runs: list[Run], stage: str, split: str, metric: str, seed: int = 0,
            against: str = "0") -> Estimate:
     """`stage` − `against` on the games both played, per seed."""
-    diffs = []
-    for run in runs:
-        now, before = run.outcomes.get((stage, split), {}), run.outcomes.get((against, split), {})
-        diffs.append(np.array([now[t][metric] - before[t][metric] for t in now if t in before]))
-    return bootstrap(diffs, seed)
+    return _differences([(run.outcomes.get((stage, split), {}), run.outcomes.get((against, split), {}))
+                         for run in runs], metric, seed)
+
+
+def _differences(pairs: list[tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]], metric: str,
+                 seed: int) -> Estimate:
+    """The bootstrap of per-game differences, one (games, games played against) pair per seed."""
+    return bootstrap([np.array([now[t][metric] - then[t][metric] for t in now if t in then])
+                      for now, then in pairs], seed)
 
 
 def stages_of(runs: list[Run]) -> list[str]:
@@ -241,19 +245,20 @@ def _summary_table(groups: dict[tuple[str, str], list[Run]], seed: int
             "best round on seen − BC"]
     rows = []
     for (env, label), runs in groups.items():
-        rounds = [s for s in stages_of(runs) if s.isdigit()]
-        if "0" not in rounds or len(rounds) < 2:
+        final = last_round(runs)
+        if "0" not in stages_of(runs) or final is None:
             continue
         metric, digits = ("score", 1) if has_scores(runs) else ("success", 2)
-        bc, last = estimate(runs, "0", "unseen", metric, seed), estimate(runs, rounds[-1], "unseen", metric, seed)
+        bc, last = estimate(runs, "0", "unseen", metric, seed), estimate(runs, final, "unseen", metric, seed)
         rows.append([env, label, str(len(runs)), str(bc.games // max(bc.seeds, 1)), metric, bc.text(1.0, digits),
-                     f"{last.text(1.0, digits)} ({stage_name(rounds[-1])})",
-                     paired(runs, rounds[-1], "unseen", metric, seed).text(1.0, digits),
+                     f"{last.text(1.0, digits)} ({stage_name(final)})",
+                     paired(runs, final, "unseen", metric, seed).text(1.0, digits),
                      paired(runs, SELECTED, "unseen", metric, seed).text(1.0, digits)])
     return head, rows
 
 
 def last_round(runs: list[Run]) -> str | None:
+    """The latest LEAP round any of `runs` evaluated (not behaviour cloning), or None."""
     rounds = [s for s in stages_of(runs) if s.isdigit() and s != "0"]
     return rounds[-1] if rounds else None
 
@@ -261,16 +266,11 @@ def last_round(runs: list[Run]) -> str | None:
 def between(first: list[Run], second: list[Run], metric: str, seed: int = 0) -> Estimate:
     """`first`'s last round − `second`'s on the unseen games both played, per seed they share: whether one
     condition beats another, which two overlapping intervals cannot say."""
-    stages = last_round(first), last_round(second)
+    mine, theirs = last_round(first), last_round(second)
     by_seed = {r.config.get("seed"): r for r in second}
-    diffs = []
-    for run in first if None not in stages else []:
-        other = by_seed.get(run.config.get("seed"))
-        if other is None:
-            continue
-        mine, theirs = run.outcomes.get((stages[0], "unseen"), {}), other.outcomes.get((stages[1], "unseen"), {})
-        diffs.append(np.array([mine[t][metric] - theirs[t][metric] for t in mine if t in theirs]))
-    return bootstrap(diffs, seed)
+    pairs = [(run.outcomes.get((mine, "unseen"), {}), other.outcomes.get((theirs, "unseen"), {}))
+             for run in first if (other := by_seed.get(run.config.get("seed"))) is not None]
+    return _differences(pairs if mine and theirs else [], metric, seed)
 
 
 def _between_table(groups: dict[tuple[str, str], list[Run]], seed: int

@@ -158,11 +158,15 @@ def best_matmul_flops(threads: int, sizes: tuple[int, ...] = (256, 512, 1024, 20
     the ceiling a model's forward passes (2 x parameters FLOPs per token) could reach on this CPU."""
     import torch
 
+    from leap_dspy.lm.models import cpu_supports_bf16
+
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     best = 0.0
+    # Without bf16 units torch emulates bf16 matmuls far below float32's rate (and the engine runs float32).
+    dtypes = (torch.float32, torch.bfloat16) if cpu_supports_bf16() else (torch.float32,)
     try:
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             for n in sizes:
                 a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
                 torch.matmul(a, b)  # warm-up (allocation, kernel choice)

@@ -1,13 +1,15 @@
 """Benchmark: LoRA SFT throughput on the embedded SmolLM2-135M against this machine's best matmul rate.
 
     python bench/train.py [--rows 64] [--dtype auto] [--batch 8] [--attn sdpa|eager] [--turns 25] [--model DIR]
-                          [--compile] [--liger]
+                          [--compile] [--liger] [--share-prompt on|off|both] [--rows-file RUN/iter_0/train_rows.jsonl]
 
 Prints one table, all measured in this run: the best square-matmul FLOP/s in float32 and bfloat16, SFT train
 tokens/s with the default TrainConfig on realistic agent-step rows (~300-token prompt, ~40-token completion),
 the model-FLOPs fraction (tokens/s x 6 x parameters / best matmul FLOP/s) and peak RSS.
 The 6 x parameters convention counts a full backward; with LoRA the frozen weights need no weight gradients,
 so the true work per token is nearer 4 x parameters and the fraction overstates hardware use by ~1.5x.
+Tokens are the rows' tokens: with the shared prompt head (`TrainConfig.share_prompt`) fewer of them run through
+the model, so the fraction is that of the work a plain forward would do.
 With a CUDA GPU present, the matmuls and the training run on it.
 """
 
@@ -113,6 +115,15 @@ def agent_rows(n: int, seed: int = 0, turns: int | None = None) -> list[dict]:
     return rows
 
 
+def read_rows(path: str, n: int) -> list[dict]:
+    """The first `n` rows of a run's `iter_<k>/train_rows.jsonl`: a compile's own rows, as it trained them."""
+    import json
+
+    with open(path) as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return rows[:n]
+
+
 def count_parameters(model: str) -> int:
     """Parameters of the model, counted on the meta device (no weights loaded: the shape is all it needs)."""
     import torch
@@ -139,6 +150,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                                                                   "~1,000-token rows, as long as WebShop's)")
     parser.add_argument("--compile", action="store_true", help="TrainConfig.torch_compile")
     parser.add_argument("--liger", action="store_true", help="TrainConfig.use_liger_kernel (CUDA)")
+    parser.add_argument("--rows-file", default=None,
+                        help="train on a run's iter_<k>/train_rows.jsonl (its first --rows rows), not made-up rows")
+    parser.add_argument("--share-prompt", default="on", choices=["on", "off", "both"],
+                        help="TrainConfig.share_prompt; both: train each way in this run and print the ratio")
     parser.add_argument("--warmup-steps", type=int, default=0,
                         help="train this many steps first, unmeasured (compilation, kernel autotuning)")
     return parser.parse_args(argv)
@@ -159,49 +174,26 @@ def _config(args: argparse.Namespace) -> Any:
     return TrainConfig(**overrides)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-
-    import torch
-
-    from leap_dspy.lm.models import DEFAULT_MODEL, load_tokenizer, pick_dtype
+def _train(rows: list[dict], model: str, config: Any, warmup_steps: int) -> Any:
+    """One measured `train_sft`, after `warmup_steps` unmeasured ones."""
     from leap_dspy.train import train_sft
-    from leap_dspy.train.data import encode_prompt_completion
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = args.model or DEFAULT_MODEL
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sizes, repeats = ((4096, 8192), 10) if device == "cuda" else ((2048, 4096), 3)
-    f32, n32 = best_matmul_flops("float32", sizes, repeats, device=device)
-    bf16, n16 = best_matmul_flops("bfloat16", sizes, repeats, device=device)
-    best = max(f32, bf16)
-
-    rows = agent_rows(args.rows, turns=args.turns)
-    tok = load_tokenizer(model)
-    lengths = [encode_prompt_completion(tok, r["prompt"], r["completion"]) for r in rows]
-    p_mean = sum(len(p) for p, _ in lengths) / len(lengths)
-    c_mean = sum(len(c) for _, c in lengths) / len(lengths)
-
-    config = _config(args)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.warmup_steps:
-            warm = config.model_copy(update={"max_steps": args.warmup_steps})
-            n_warm = args.warmup_steps * config.per_device_batch_size * config.gradient_accumulation
+        if warmup_steps:
+            warm = config.model_copy(update={"max_steps": warmup_steps})
+            n_warm = warmup_steps * config.per_device_batch_size * config.gradient_accumulation
             train_sft(rows[:n_warm], model=model, output_dir=os.path.join(tmp, "warmup"), config=warm)
-        result = train_sft(rows, model=model, output_dir=os.path.join(tmp, "adapter"), config=config)
-    n_params = count_parameters(model)
-    frac = result.tokens_per_s * 6 * n_params / best
+        return train_sft(rows, model=model, output_dir=os.path.join(tmp, "adapter"), config=config)
 
-    table = [
-        ("device", f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}, "
-                   f"threads {torch.get_num_threads()}, attention {args.attn or 'TrainConfig default'}"),
-        ("best matmul float32", f"{f32 / 1e9:,.0f} GFLOP/s ({n32}^2)"),
-        ("best matmul bfloat16", f"{bf16 / 1e9:,.0f} GFLOP/s ({n16}^2)"),
-        ("model", f"{model}, {n_params / 1e6:.1f}M params, dtype {pick_dtype(args.dtype)}"),
-        ("rows", f"{len(rows)} (prompt {p_mean:.0f} tok, completion {c_mean:.0f} tok on average)"),
+
+def _result_lines(result: Any, config: Any, args: argparse.Namespace, n_params: int, best: float
+                  ) -> list[tuple[str, str]]:
+    """The table's lines for one training run."""
+    frac = result.tokens_per_s * 6 * n_params / best
+    return [
         ("config", f"batch {config.per_device_batch_size}, LoRA r={config.lora_r} on "
-                   f"{','.join(config.target_modules)}, compile {args.compile}, liger {args.liger}"),
+                   f"{','.join(config.target_modules)}, compile {args.compile}, liger {args.liger}, "
+                   f"shared prompt head {config.shares_prompt}"),
         ("steps / train tokens", f"{result.steps} / {result.train_tokens:,}"),
         ("train wall", f"{result.wall_s:.1f} s (setup {result.setup_s:.1f} s, {args.warmup_steps} warm-up steps "
                        "before, unmeasured)"),
@@ -210,6 +202,52 @@ def main(argv: list[str] | None = None) -> int:
         ("tokens/s x 6 x params / best", f"{frac:.1%}"),
         ("peak RSS", f"{result.peak_rss_mb:,.0f} MB"),
     ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+
+    import torch
+
+    from leap_dspy.lm.models import DEFAULT_MODEL, cpu_supports_bf16, load_tokenizer, pick_dtype
+    from leap_dspy.train.data import encode_prompt_completion
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = args.model or DEFAULT_MODEL
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes, repeats = ((4096, 8192), 10) if device == "cuda" else ((2048, 4096), 3)
+    f32, n32 = best_matmul_flops("float32", sizes, repeats, device=device)
+    # Without bf16 units (an AVX2 CPU) torch emulates bf16 matmuls at a small fraction of float32's rate, minutes
+    # for these sizes, and "auto" trains in float32 anyway.
+    bf16, n16 = (best_matmul_flops("bfloat16", sizes, repeats, device=device) if device == "cuda"
+                 or cpu_supports_bf16() else (0.0, 0))
+    best = max(f32, bf16)
+
+    rows = read_rows(args.rows_file, args.rows) if args.rows_file else agent_rows(args.rows, turns=args.turns)
+    tok = load_tokenizer(model)
+    lengths = [encode_prompt_completion(tok, r["prompt"], r["completion"]) for r in rows]
+    p_mean = sum(len(p) for p, _ in lengths) / len(lengths)
+    c_mean = sum(len(c) for _, c in lengths) / len(lengths)
+
+    rows_line = f"{len(rows)} (prompt {p_mean:.0f} tok, completion {c_mean:.0f} tok on average)"
+    n_params = count_parameters(model)
+    table = [
+        ("device", f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}, "
+                   f"threads {torch.get_num_threads()}, attention {args.attn or 'TrainConfig default'}"),
+        ("best matmul float32", f"{f32 / 1e9:,.0f} GFLOP/s ({n32}^2)"),
+        ("best matmul bfloat16", f"{bf16 / 1e9:,.0f} GFLOP/s ({n16}^2)" if n16 else "not measured: no bf16 units"),
+        ("model", f"{model}, {n_params / 1e6:.1f}M params, dtype {pick_dtype(args.dtype)}"),
+        ("rows", rows_line),
+    ]
+    rates = {}
+    for share in {"on": [True], "off": [False], "both": [False, True]}[args.share_prompt]:
+        config = _config(args).model_copy(update={"share_prompt": share})
+        result = _train(rows, model, config, args.warmup_steps)
+        rates[share] = result.tokens_per_s
+        table += _result_lines(result, config, args, n_params, best)
+    if len(rates) == 2:
+        table.append(("shared head / plain", f"{rates[True] / rates[False]:.2f}x tokens/s"))
     width = max(len(k) for k, _ in table)
     print()
     for key, value in table:

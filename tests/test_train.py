@@ -319,3 +319,42 @@ def test_long_rows_train_in_smaller_batches_with_as_many_rows_per_step(tiny_mode
                                            max_batch_tokens=budget)).steps
              for budget in (None, 256)}
     assert steps[None] == steps[256] == 1
+
+
+def test_a_shared_prompt_head_gives_the_same_loss_and_gradients(tiny_model, tmp_path):
+    """`share_prompt` runs the rows' common head once per batch and broadcasts its keys and values: rows of
+    different lengths (right-padded) get the loss and the LoRA gradients of the plain full-batch forward, and
+    the head stops before the first trained token."""
+    import torch
+
+    from leap_dspy.train.common import load_trainable_model
+    from leap_dspy.train.sft import completion_only_loss, shared_prompt_len
+
+    model, tokenizer = load_trainable_model(tiny_model, fast())
+    rows = [{"prompt": _prompt(i) + [{"role": "user", "content": "you see a shelf. " * (1 + 3 * i)}],
+             "completion": _answer(f"go to shelf {i}")} for i in range(4)]
+    features = sft_features(tokenizer, rows, None)
+    width = max(len(ids) for ids in features["input_ids"])
+    pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
+    inputs = {"input_ids": torch.tensor([pad(ids, tokenizer.pad_token_id) for ids in features["input_ids"]]),
+              "labels": torch.tensor([pad(labels, -100) for labels in features["labels"]]),
+              "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids in features["input_ids"]])}
+    shared = shared_prompt_len(inputs)
+    first_trained = min(labels.index(next(t for t in labels if t != -100)) for labels in features["labels"])
+    assert 16 <= shared < first_trained
+
+    def loss_and_grads(share: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = completion_only_loss(model, inputs, share_prompt=share)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (plain, plain_grads), (split, split_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert split == pytest.approx(plain, rel=1e-5)
+    for name, grad in plain_grads.items():
+        assert torch.allclose(split_grads[name], grad, rtol=1e-3, atol=1e-6), name
+    assert any(grad.abs().sum() > 0 for grad in plain_grads.values())
+    same = train_sft(rows, model=tiny_model, output_dir=tmp_path / "shared", config=fast(max_steps=3))
+    apart = train_sft(rows, model=tiny_model, output_dir=tmp_path / "apart", config=fast(max_steps=3,
+                                                                                         share_prompt=False))
+    assert same.loss_history == pytest.approx(apart.loss_history, rel=1e-4)

@@ -57,6 +57,10 @@ class TrainConfig(BaseModel):
     """SFT only: TRL's Liger kernels (fused RMSNorm, SwiGLU, rotary; `pip install liger-kernel`, CUDA only)."""
     group_by_length: bool = True
     """Batch rows of similar length together, so little of each batch is padding."""
+    share_prompt: bool = True
+    """SFT: run the prompt head that every row of a batch shares (an agent's system turn) once per batch, its keys
+    and values broadcast to the rows: the same loss and gradients for less compute. Off under gradient
+    checkpointing and `torch_compile`, which replay or trace one forward per step."""
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     lr_scheduler: str = "linear"
@@ -69,6 +73,10 @@ class TrainConfig(BaseModel):
     progress_bar: bool = True
     report_to: list[str] = Field(default_factory=list)
     """Trackers TRL sends the training curves to (tensorboard, mlflow, wandb); none by default."""
+
+    @property
+    def shares_prompt(self) -> bool:
+        return self.share_prompt and not (self.gradient_checkpointing or self.torch_compile)
 
     def lr_for(self, method: str) -> float:
         if self.learning_rate is not None:

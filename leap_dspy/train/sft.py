@@ -29,31 +29,77 @@ from leap_dspy.train.config import TrainConfig, TrainResult
 from leap_dspy.train.data import check_rows, sft_features
 
 
-def completion_only_loss(model: Any, inputs: Mapping[str, Any], num_items_in_batch: Any = None) -> Any:
+def shared_prompt_len(inputs: Mapping[str, Any], smallest: int = 16) -> int:
+    """How many leading tokens every row of the batch shares before its first trained token: the prompts' common
+    head (an agent's system turn), which `completion_only_loss` then computes once, not once per row. 0 when
+    fewer than `smallest`, or when the batch is packed (several rows to a sequence)."""
+    import torch
+
+    ids, labels = inputs["input_ids"], inputs["labels"]
+    if ids.shape[0] < 2 or inputs.get("position_ids") is not None:
+        return 0
+    mask = inputs.get("attention_mask")
+    same = (ids == ids[:1]) if mask is None else (ids == ids[:1]) & mask.bool() & mask[:1].bool()
+    common = int(same.long().cumprod(dim=1).sum(dim=1).min())
+    trained = labels != -100
+    first = torch.where(trained.any(dim=1), trained.long().argmax(dim=1), labels.shape[1])
+    # The token before the first trained one predicts it: its hidden state must come from the shared pass too.
+    length = min(common, int(first.min()) - 1)
+    return length if length >= smallest else 0
+
+
+def _hidden_after_shared_prompt(backbone: Any, inputs: Mapping[str, Any], shared: int) -> Any:
+    """The backbone's last hidden states at positions `shared:`, the first `shared` tokens run once at batch 1
+    and their keys and values broadcast over the batch: the same attention inputs as the full batch (causal
+    attention never looks forward), and backward sums each row's gradient into the one shared pass."""
+    import torch
+    from transformers import DynamicCache
+
+    ids = inputs["input_ids"]
+    batch, length = ids.shape
+    cache = DynamicCache(config=backbone.config)
+    backbone(input_ids=ids[:1, :shared], cache=cache, use_cache=True)
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(batch, -1, -1, -1)
+        layer.values = layer.values.expand(batch, -1, -1, -1)
+    mask = inputs.get("attention_mask")
+    positions = torch.arange(shared, length, device=ids.device).expand(batch, -1)
+    out = backbone(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions, cache=cache,
+                   use_cache=True)
+    return out.last_hidden_state
+
+
+def completion_only_loss(model: Any, inputs: Mapping[str, Any], num_items_in_batch: Any = None,
+                         share_prompt: bool = False) -> Any:
     """Mean next-token cross-entropy over positions whose label is not -100, projecting only those positions
-    through the LM head. `model` is the (PEFT-wrapped) causal LM; the LoRA layers live inside its backbone."""
+    through the LM head. `model` is the (PEFT-wrapped) causal LM; the LoRA layers live inside its backbone.
+    `share_prompt` computes the rows' common prompt head once per batch (`shared_prompt_len`)."""
     import torch
     import torch.nn.functional as F
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     labels = inputs["labels"]
-    out = backbone(
-        input_ids=inputs["input_ids"],
-        attention_mask=inputs.get("attention_mask"),
-        position_ids=inputs.get("position_ids"),
-        use_cache=False,
-    )
-    shift_labels = labels[:, 1:]
+    shared = shared_prompt_len(inputs) if share_prompt else 0
+    if shared:
+        hidden = _hidden_after_shared_prompt(backbone, inputs, shared)
+    else:
+        hidden = backbone(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs.get("attention_mask"),
+            position_ids=inputs.get("position_ids"),
+            use_cache=False,
+        ).last_hidden_state
+    shift_labels = labels[:, shared + 1:]
     mask = shift_labels != -100
-    hidden = out.last_hidden_state[:, :-1][mask]
+    hidden = hidden[:, :-1][mask]
     logits = causal_lm.get_output_embeddings()(hidden).float()
     loss_sum = F.cross_entropy(logits, shift_labels[mask], reduction="sum")
     denom = num_items_in_batch if num_items_in_batch is not None else mask.sum()
     return loss_sum / torch.as_tensor(denom, device=loss_sum.device).clamp(min=1)
 
 
-def _trainer_class() -> type:
+def _trainer_class(share_prompt: bool) -> type:
     from trl import SFTTrainer
 
     class CompletionOnlySFTTrainer(SFTTrainer):
@@ -62,7 +108,9 @@ def _trainer_class() -> type:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
             if return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            loss = completion_only_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch)
+            # FSDP gathers a layer's shards around one forward: the shared pass would be a second.
+            share = share_prompt and not self.is_fsdp_enabled
+            loss = completion_only_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch, share)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # As Trainer.compute_loss does: the token count is the global one, and DDP averages gradients.
                 loss = loss * self.accelerator.num_processes
@@ -119,7 +167,7 @@ def train_sft(
             dataset_kwargs={"skip_prepare_dataset": False},
         )
         recorder = LossRecorder()
-        trainer = _trainer_class()(
+        trainer = _trainer_class(config.shares_prompt)(
             model=peft_model,
             args=args,
             train_dataset=dataset,

@@ -65,7 +65,7 @@ def test_every_environment_compiles_with_its_defaults(name: str, tiny_model: str
     leap.compile(Student(), trainset=env.tasks("train")[:2], teacher=OracleExpert(), valset=val)
     with open(run / "metrics.csv") as handle:
         rows = {row["iteration"]: row for row in csv.DictReader(handle)}
-    assert list(rows) == ["base", "expert", "0", "1"]
+    assert list(rows) == ["expert", "0", "1"]
     records = [c for k in (0, 1) for c in JsonlLog(run / f"iter_{k}" / "corrections.jsonl", Correction,
                                                     key=lambda c: c.key).load().values()]
     assert records, "no demonstration or correction was recorded"

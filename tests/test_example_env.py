@@ -116,8 +116,8 @@ def test_compiles_from_python_and_from_the_cli(tiny_model: str, tmp_path: Path,
                 lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False)
     leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(),
                  valset=env.tasks("seen") + env.tasks("unseen"))
-    assert metrics_rows(tmp_path / "py") == ["base", "expert", "0", "1"]
-    expert_row = (tmp_path / "py" / "metrics.csv").read_text().splitlines()[2].split(",")
+    assert metrics_rows(tmp_path / "py") == ["expert", "0", "1"]
+    expert_row = (tmp_path / "py" / "metrics.csv").read_text().splitlines()[1].split(",")
     assert expert_row[1:3] == ["1.0", "1.0"]  # the realizable expert wins every task within max_steps
 
     monkeypatch.chdir(ROOT)
@@ -126,7 +126,7 @@ def test_compiles_from_python_and_from_the_cli(tiny_model: str, tmp_path: Path,
                                       "--model", tiny_model, "--run-dir", str(tmp_path / "cli"), "--threads", "4",
                                       "--max-train-rows", "16", "--quiet"])
     assert result.exit_code == 0, result.output
-    assert metrics_rows(tmp_path / "cli") == ["base", "expert", "0", "1"]
+    assert metrics_rows(tmp_path / "cli") == ["expert", "0", "1"]
 
     out = tmp_path / "unseen.jsonl"
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "cli"), "--threads", "4", "--out", str(out)])

@@ -89,7 +89,7 @@ def test_privileged_state_never_reaches_a_student_training_row(env: ALFWorld, ti
 def test_compile_writes_the_run_folder_and_a_loadable_student(env: ALFWorld, tiny_model: str,
                                                               tmp_path: Path) -> None:
     run = tmp_path / "run"
-    student = compile_tiny(env, tiny_model, run)
+    student = compile_tiny(env, tiny_model, run, evaluate_base=True)
     lines = (run / "metrics.csv").read_text().splitlines()
     assert lines[0].split(",")[:3] == ["iteration", "seen_success", "unseen_success"]
     assert [line.split(",")[0] for line in lines[1:]] == ["base", "expert", "0", "1"]
@@ -193,7 +193,7 @@ def test_a_killed_run_resumes_without_losing_or_duplicating_records(env: ALFWorl
     corrections = (run / "iter_1" / "corrections.jsonl").read_text().splitlines()
     assert len(corrections) == steps  # every visited step corrected exactly once
     rows = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
-    assert rows == ["base", "expert", "0", "1"]
+    assert rows == ["expert", "0", "1"]  # the untrained student is evaluated only when asked
 
 
 def test_malformed_model_output_is_recorded_not_raised(env: ALFWorld) -> None:
@@ -364,10 +364,11 @@ def test_a_round_trains_on_every_new_correction_as_dagger_does() -> None:
 def test_a_run_can_start_from_another_runs_behaviour_cloning(env: ALFWorld, tiny_model: str,
                                                              tmp_path: Path) -> None:
     source = tmp_path / "bc"
-    compile_tiny(env, tiny_model, source, iterations=0)
+    compile_tiny(env, tiny_model, source, iterations=0, evaluate_base=True)
     run = tmp_path / "dpo"
     leap = LEAP(env, iterations=1, update="dpo", model=tiny_model, run_dir=run, train_config=FAST_TRAIN,
-                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False, bc_from=source)
+                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False, bc_from=source,
+                evaluate_base=True)
     leap.compile(Student(), trainset=env.tasks("train"), valset=env.tasks("seen") + env.tasks("unseen"))
     for name in ("base", "expert", "iter_0"):  # adopted as they were, not played or trained again
         assert (run / name / "metrics.json").read_text() == (source / name / "metrics.json").read_text()

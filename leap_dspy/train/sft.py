@@ -4,7 +4,8 @@ Rows are tokenised here (see `data.py`) rather than by TRL so that the prompt id
 the inference engine feeds the model. The loss is computed on completion tokens only, and the LM head is applied
 only at those positions: on CPU, TRL's fused head scores every position, and with prompts much longer than
 their completions the vocabulary projection would otherwise spend a large share of each step on logits nobody
-uses.
+uses. For the same reason the prompt head every row of a batch shares (the system turn) runs once per batch
+(`TrainConfig.share_prompt`).
 """
 
 from __future__ import annotations

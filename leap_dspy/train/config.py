@@ -60,7 +60,8 @@ class TrainConfig(BaseModel):
     share_prompt: bool = True
     """SFT: run the prompt head that every row of a batch shares (an agent's system turn) once per batch, its keys
     and values broadcast to the rows: the same loss and gradients for less compute. Off under gradient
-    checkpointing and `torch_compile`, which replay or trace one forward per step."""
+    checkpointing and `torch_compile`, which replay or trace one forward per step, and under FSDP, which gathers
+    a layer's shards around one forward."""
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     lr_scheduler: str = "linear"

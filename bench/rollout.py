@@ -46,6 +46,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no cost-map fet
 
 import dspy  # noqa: E402
 from dspy.clients import base_lm  # noqa: E402
+from matmul_peak import best_matmul_flops, peak_dtypes  # noqa: E402 - bench/, beside this script
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -151,34 +152,6 @@ def _output_text(entry: dict) -> str:
     if isinstance(first, dict):
         return first.get("text") or ""
     return str(first)
-
-
-def best_matmul_flops(threads: int, sizes: tuple[int, ...] = (256, 512, 1024, 2048)) -> float:
-    """The best dense matmul rate (FLOP/s) torch reaches here, float32 or bfloat16, with `threads` threads:
-    the ceiling a model's forward passes (2 x parameters FLOPs per token) could reach on this CPU."""
-    import torch
-
-    from leap_dspy.lm.models import cpu_supports_bf16
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    best = 0.0
-    # Without bf16 units torch emulates bf16 matmuls far below float32's rate (and the engine runs float32).
-    dtypes = (torch.float32, torch.bfloat16) if cpu_supports_bf16() else (torch.float32,)
-    try:
-        for dtype in dtypes:
-            for n in sizes:
-                a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-                torch.matmul(a, b)  # warm-up (allocation, kernel choice)
-                reps = max(1, int(2e9 // (2 * n**3)))
-                for _ in range(3):  # best of 3: other jobs may share the CPU
-                    start = time.perf_counter()
-                    for _ in range(reps):
-                        torch.matmul(a, b)
-                    best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
-    finally:
-        torch.set_num_threads(previous)
-    return best
 
 
 @contextlib.contextmanager
@@ -379,7 +352,8 @@ def main() -> None:
     if args.llama_cpp:
         bench.llama_rows(engine.max_new_tokens)
     params = sum(p.numel() for p in engine.hf_model.parameters())
-    flops = best_matmul_flops(args.threads)
+    flops = max(best_matmul_flops(dtype, (256, 512, 1024, 2048), threads=args.threads)[0]
+                for dtype in peak_dtypes("cpu"))
     title = (f"ALFWorld rollouts, {DEFAULT_MODEL}, adapter={args.adapter}, max {args.max_steps} steps, "
              f"{args.threads} CPU threads")
     print_table(bench.rows, title, params, flops, base_rss_mib)

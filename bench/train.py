@@ -20,35 +20,11 @@ import os
 import random
 import sys
 import tempfile
-import time
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def best_matmul_flops(dtype_name: str, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3,
-                      device: str = "cpu") -> tuple[float, int]:
-    """Best FLOP/s over a few square matmuls of each size (after one warm-up); returns (flops, size)."""
-    import torch
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    best, best_n = 0.0, 0
-    for n in sizes:
-        a = torch.randn(n, n, dtype=dtype, device=device)
-        b = torch.randn(n, n, dtype=dtype, device=device)
-        torch.matmul(a, b)
-        sync()
-        for _ in range(repeats):
-            t = time.perf_counter()
-            torch.matmul(a, b)
-            sync()
-            dt = time.perf_counter() - t
-            flops = 2 * n**3 / dt
-            if flops > best:
-                best, best_n = flops, n
-    return best, best_n
-
+from matmul_peak import best_matmul_flops, peak_dtypes  # noqa: E402 - bench/, beside this script
 
 FIELDS_SYSTEM = """Your input fields are:
 1. `task` (str): The household task to accomplish.
@@ -209,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from leap_dspy.lm.models import DEFAULT_MODEL, cpu_supports_bf16, load_tokenizer, pick_dtype
+    from leap_dspy.lm.models import DEFAULT_MODEL, load_tokenizer, pick_dtype
     from leap_dspy.train.data import encode_prompt_completion
 
     if args.threads:
@@ -217,11 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or DEFAULT_MODEL
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes, repeats = ((4096, 8192), 10) if device == "cuda" else ((2048, 4096), 3)
-    f32, n32 = best_matmul_flops("float32", sizes, repeats, device=device)
-    # Without bf16 units (an AVX2 CPU) torch emulates bf16 matmuls at a small fraction of float32's rate, minutes
-    # for these sizes, and "auto" trains in float32 anyway.
-    bf16, n16 = (best_matmul_flops("bfloat16", sizes, repeats, device=device) if device == "cuda"
-                 or cpu_supports_bf16() else (0.0, 0))
+    dtypes = peak_dtypes(device)
+    f32, n32 = best_matmul_flops("float32", sizes, repeats=repeats, device=device)
+    bf16, n16 = best_matmul_flops("bfloat16", sizes, repeats=repeats, device=device) if len(dtypes) > 1 else (0, 0)
     best = max(f32, bf16)
 
     rows = read_rows(args.rows_file, args.rows) if args.rows_file else agent_rows(args.rows, turns=args.turns)

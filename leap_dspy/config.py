@@ -68,7 +68,7 @@ class LEAPConfig(BaseModel):
     expert_threads: int = Field(8, ge=1, description="concurrent calls to an LM expert")
     expert_retries: int = Field(3, ge=1, description="attempts per expert call before the failure is recorded")
     evaluate_base: bool = Field(False, description="evaluate the untrained student (off: it cannot follow the "
-                                "format and scores 0, while its 80-token answers make it a slow evaluation)")
+                                "format and scores 0, while answering to the token limit makes it a slow evaluation)")
     evaluate_expert: bool = Field(True, description="evaluate the expert acting itself (not a privileged self, "
                                   "which before behaviour cloning is the untrained student)")
     evaluate_snapped: bool = Field(True, description="beside strict success (actions run as written), report "

@@ -113,6 +113,16 @@ def run_parallel(play: Callable[[TextEnv, Task], Trajectory], env: TextEnv, task
 
 
 @dataclasses.dataclass
+class Replays:
+    """Episodes to play once more as their first play ends, each in the thread (and so the batches) that played
+    it: a stage's snapped replays fill the strict evaluation's shrinking batches instead of a tail of their own."""
+
+    log: JsonlLog[Trajectory]
+    wanted: Callable[[Trajectory], bool]
+    play: Callable[[TextEnv, Task], Trajectory]
+
+
+@dataclasses.dataclass
 class Episodes:
     """A resumable batch of episodes: the tasks, how one is played, and the log each lands in as it ends."""
 
@@ -120,22 +130,35 @@ class Episodes:
     tasks: list[Task]
     label: str
     play: Callable[[TextEnv, Task], Trajectory]
+    replays: Replays | None = None
 
 
 def play_episodes(job: Episodes, env: TextEnv, *, program: dspy.Module | None, num_threads: int,
                   progress: bool = True) -> dict[str, Trajectory]:
     """The one episode runner of a compile: plays the tasks not yet in the job's log, appends each episode as it
-    ends (the resume point) and returns all of them by task id."""
+    ends (the resume point) and returns all of them by task id. An episode's replay (`job.replays`) lands in
+    its own log; one cut short by a stop is played again by the next `play_episodes` over that log."""
     done = job.log.load()
     todo = [task for task in job.tasks if task.id not in done]
-    if todo:
-        with progress_bar(job.label, len(todo), progress) as advance:
-            def save(trajectory: Trajectory) -> None:
-                job.log.append(trajectory)
-                done[trajectory.task.id] = trajectory
-                advance()
+    if not todo:
+        return done
+    replayed = job.replays.log.load() if job.replays else {}
+    with progress_bar(job.label, len(todo), progress) as advance:
+        lock = threading.Lock()
 
-            run_parallel(job.play, env, todo, num_threads=num_threads, program=program, on_trajectory=save)
+        def play(episode_env: TextEnv, task: Task) -> Trajectory:
+            trajectory = job.play(episode_env, task)
+            with lock:
+                job.log.append(trajectory)
+                done[task.id] = trajectory
+                advance()
+            again = job.replays
+            if again is not None and task.id not in replayed and again.wanted(trajectory):
+                # `reset` starts the episode anew in the same environment (the `TextEnv` contract).
+                again.log.append(again.play(episode_env, task))
+            return trajectory
+
+        run_parallel(play, env, todo, num_threads=num_threads, program=program)
     return done
 
 

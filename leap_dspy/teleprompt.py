@@ -37,11 +37,12 @@ from leap_dspy.metrics import describe_expert, round_metrics, split_metrics
 from leap_dspy.placement import Placement
 from leap_dspy.programs.agent import Agent
 from leap_dspy.programs.experts import OracleExpert
-from leap_dspy.programs.student import Student, snap_action
+from leap_dspy.programs.student import Student, has_near_miss
 from leap_dspy.progress import console
 from leap_dspy.rollout import (
     ROLLOUT_MAX_STUCK,
     Episodes,
+    Replays,
     attach_env,
     engine_counters,
     expert_capture,
@@ -291,14 +292,15 @@ class LEAP(Teleprompter):
             play = expert_policy(policy, self._student, self.env, level=expert_level)
             threads = self.config.expert_threads
         log = JsonlLog(stage / "eval.jsonl", Trajectory, key=lambda t: t.task.id)
+        snapped = self._snapped_replays(name) if expert_level is None and self.config.evaluate_snapped else None
         before = engine_counters(policy)
-        done = play_episodes(Episodes(log, tasks, f"evaluate {name}", play), self.placement.episodes, program=policy,
-                             num_threads=threads, progress=self.config.progress)
+        done = play_episodes(Episodes(log, tasks, f"evaluate {name}", play, replays=snapped), self.placement.episodes,
+                             program=policy, num_threads=threads, progress=self.config.progress)
         work = {f"eval_{k}": round(v - before[k], 1) for k, v in engine_counters(policy).items()}
         metrics: dict[str, Any] = {"iteration": str(name), **split_metrics(list(done.values())),
                                    "train_examples": 0, **work, **extra}
-        if expert_level is None and self.config.evaluate_snapped:
-            metrics.update(self.evaluate_snapped(name, tasks, done))
+        if snapped is not None:
+            metrics.update(self.evaluate_snapped(name, tasks, done, snapped))
         metrics["eval_s"] = round(time.perf_counter() - start, 1)
         metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)  # this process's, so far; a launched fine-tune's is apart
         metrics["wall_s"] = round(time.perf_counter() - since, 1)
@@ -308,17 +310,20 @@ class LEAP(Teleprompter):
         shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("seen_success", "unseen_success") if k in metrics)
         console.print(f"[bold]{name}[/bold]: {shown}")
 
-    def evaluate_snapped(self, name: str | int, tasks: list[Task], strict: dict[str, Trajectory]
-                         ) -> dict[str, Any]:
+    def _snapped_replays(self, name: str | int) -> Replays:
+        """The student replaying, with near misses snapped, the strict evaluation's episodes that had one."""
+        return Replays(JsonlLog(self.run.stage(name) / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id),
+                       wanted=has_near_miss, play=student_policy(self._student, policy=str(name), snap=True))
+
+    def evaluate_snapped(self, name: str | int, tasks: list[Task], strict: dict[str, Trajectory],
+                         replays: Replays) -> dict[str, Any]:
         """Success had near misses been snapped to the admissible action (`Student.snap_actions`), reported
         beside the strict one. Greedy decoding replays an episode step for step up to its first near miss,
-        so only the episodes that had one play again."""
-        near = [task for task in tasks if any(snap_action(s.action, s.admissible_actions)
-                                              for s in strict[task.id].steps)]
-        play = student_policy(self._student, policy=str(name), snap=True)
-        log = JsonlLog(self.run.stage(name) / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id)
-        replayed = play_episodes(Episodes(log, near, f"evaluate {name}, snapped", play), self.placement.episodes,
-                                 program=self._student, num_threads=self.config.num_threads,
+        so only the episodes that had one play again: as each ends (see `Replays`), and here those a stop cut
+        short."""
+        near = [task for task in tasks if has_near_miss(strict[task.id])]
+        replayed = play_episodes(Episodes(replays.log, near, f"evaluate {name}, snapped", replays.play),
+                                 self.placement.episodes, program=self._student, num_threads=self.config.num_threads,
                                  progress=self.config.progress) if near else {}
         metrics = split_metrics([replayed.get(task.id, strict[task.id]) for task in tasks])
         snapped = {f"{k}_snapped": v for k, v in metrics.items() if k.endswith(("_success", "_score"))}

@@ -167,6 +167,11 @@ def snap_action(action: str, admissible: list[str] | None) -> str | None:
                                                                      autojunk=False).ratio())
 
 
+def has_near_miss(trajectory: Trajectory) -> bool:
+    """Whether one of the episode's actions was a near miss (see `snap_action`), so snapping would change it."""
+    return any(snap_action(step.action, step.admissible_actions) for step in trajectory.steps)
+
+
 def capture_privileged(env: Any, level: int | None, oracle: bool) -> PrivilegedState | None:
     """What an expert will read about the current state: the privileged state at `level` (None: not read), the
     oracle's next action if `oracle`; None when it reads neither."""

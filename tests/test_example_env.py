@@ -3,6 +3,7 @@ realizable where the oracle is not, and it compiles from Python and from the CLI
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from leap_dspy.envs import UnknownEnvironment, env_class
 from leap_dspy.programs import OracleExpert, Student
 from leap_dspy.programs.student import run_episode
 from leap_dspy.realizability import unobserved_mentions
+from leap_dspy.rollout import Episodes, play_episodes, student_policy
+from leap_dspy.store import JsonlLog
 from leap_dspy.teleprompt import LEAP
 from leap_dspy.train import TrainConfig
 from leap_dspy.types import StudentInputs, Trajectory
@@ -154,12 +157,35 @@ def test_evaluation_is_strict_and_reports_snapped_success_beside(tmp_path: Path)
     leap._student = student = _Wordy()
     tasks = env.tasks("seen") + env.tasks("unseen")
     leap.evaluate("probe", student, tasks, since=0.0, extra={})
-    metrics = __import__("json").loads((tmp_path / "run" / "probe" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "probe" / "metrics.json").read_text())
     assert metrics["seen_success"] == metrics["unseen_success"] == 0.0  # "take the key" does not run as written
     assert metrics["seen_success_snapped"] == metrics["unseen_success_snapped"] == 1.0
     assert metrics["near_miss_episodes"] == 2 and metrics["snapped_actions"] == 0
     strict = (tmp_path / "run" / "probe" / "eval.jsonl").read_text()
     assert '"executed":null' in strict.replace(" ", "") and "take the key" in strict
+
+
+def test_near_misses_replay_as_their_strict_episode_ends_and_a_cut_replay_on_resume(tmp_path: Path) -> None:
+    env = KeyBox(**TINY)
+    leap = LEAP(env, run_dir=tmp_path / "run", progress=False, evaluate_snapped=True)
+    leap._student = student = _Wordy()
+    tasks = env.tasks("seen") + env.tasks("unseen")
+    stage = tmp_path / "run" / "probe"
+    replays = leap._snapped_replays("probe")
+    strict = play_episodes(Episodes(JsonlLog(stage / "eval.jsonl", Trajectory, key=lambda t: t.task.id), tasks,
+                                    "probe", student_policy(student, snap=False), replays=replays),
+                           env, program=None, num_threads=2, progress=False)
+    snapped = replays.log.load()
+    assert sorted(snapped) == sorted(t.id for t in tasks)  # played in the same pass, before any second one
+    assert all(t.success and t.num_snapped for t in snapped.values())
+    assert not any(t.success for t in strict.values())
+
+    lines = (stage / "eval_snapped.jsonl").read_text().splitlines(keepends=True)
+    (stage / "eval_snapped.jsonl").write_text(lines[0])  # a stop after the first replay
+    leap.evaluate("probe", student, tasks, since=0.0, extra={})
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["unseen_success_snapped"] == metrics["seen_success_snapped"] == 1.0
+    assert len(replays.log.load()) == len(tasks) and metrics["unseen_success"] == 0.0
 
 
 def test_a_rollout_stops_where_the_student_repeats_an_action_that_changes_nothing():

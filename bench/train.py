@@ -193,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or DEFAULT_MODEL
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sizes, repeats = ((4096, 8192), 10) if device == "cuda" else ((2048, 4096), 3)
-    dtypes = peak_dtypes(device)
     f32, n32 = best_matmul_flops("float32", sizes, repeats=repeats, device=device)
-    bf16, n16 = best_matmul_flops("bfloat16", sizes, repeats=repeats, device=device) if len(dtypes) > 1 else (0, 0)
+    bf16, n16 = (best_matmul_flops("bfloat16", sizes, repeats=repeats, device=device)
+                 if "bfloat16" in peak_dtypes(device) else (0.0, 0))
     best = max(f32, bf16)
 
     rows = read_rows(args.rows_file, args.rows) if args.rows_file else agent_rows(args.rows, turns=args.turns)

@@ -264,7 +264,7 @@ class Bench:
 def local_rows(bench: Bench, args: argparse.Namespace) -> None:
     """The three in-process rows over leap-dspy's local engine."""
     env, tasks = bench.env, bench.tasks
-    batched_lm = local_lm(DEFAULT_MODEL, adapter=args.adapter, max_batch=64)
+    batched_lm = local_lm(DEFAULT_MODEL, adapter=args.adapter, max_batch=64, draft_tokens=args.draft_tokens)
     # warm up the model (first calls pay one-off costs); the step limit keeps it short
     bench.timed("warm-up", batched_lm, lambda s: sum(
         len(t.steps) for t in rollout(s, env, tasks[:2], num_threads=2, max_steps=min(args.max_steps, 2))))
@@ -274,8 +274,14 @@ def local_rows(bench: Bench, args: argparse.Namespace) -> None:
         trajectories = rollout(student, env, tasks, num_threads=len(tasks), max_steps=args.max_steps)
         return sum(len(t.steps) for t in trajectories)
 
+    stats = get_engine(DEFAULT_MODEL, args.adapter, max_batch=64, draft_tokens=args.draft_tokens).stats
+    before = dataclasses.replace(stats)
     bench.timed(f"batched rollouts ({len(tasks)} episodes at once)", batched_lm, batched)
-    single_lm = local_lm(DEFAULT_MODEL, adapter=args.adapter, batching=False)
+    prefill_s, total_s = stats.prefill_seconds - before.prefill_seconds, stats.seconds - before.seconds
+    print(f"  its generation: {total_s:.1f} s; prefill {prefill_s:.1f} s for "
+          f"{stats.prefill_tokens - before.prefill_tokens} tokens through the model, decoding "
+          f"{total_s - prefill_s:.1f} s for {stats.output_tokens - before.output_tokens} tokens")
+    single_lm = local_lm(DEFAULT_MODEL, adapter=args.adapter, batching=False, draft_tokens=args.draft_tokens)
 
     def one_at_a_time(student: Student) -> int:
         return sum(len(student.run(env.clone(), t, max_steps=args.max_steps).steps)
@@ -316,6 +322,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--split", default="train")
     parser.add_argument("--adapter", default=None, help="LoRA adapter folder (default: the untrained model)")
     parser.add_argument("--max-steps", type=int, default=10)
+    parser.add_argument("--draft-tokens", type=int, default=4,
+                        help="the local engine's drafted tokens checked a step (0: one token a step)")
     parser.add_argument("--sequential-tasks", type=int, default=4, help="tasks for the one-at-a-time run")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
                         help="add llama.cpp llama-server rows (built on first use; skipped if the build fails)")
@@ -345,7 +353,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     env = ALFWorld()
     tasks = env.tasks(args.split)[: args.tasks]
-    engine = get_engine(DEFAULT_MODEL, args.adapter, max_batch=64)
+    engine = get_engine(DEFAULT_MODEL, args.adapter, max_batch=64, draft_tokens=args.draft_tokens)
     base_rss_mib = _proc_kib("VmRSS") / 1024
     bench = Bench(args, env, tasks, TokenCounter(engine))
     local_rows(bench, args)

@@ -27,23 +27,27 @@ def _prompts(tokenizer) -> list[list[int]]:
     return [head + tokenizer.encode(" " + tail) for tail in TAILS]
 
 
+@pytest.mark.parametrize("draft", [0, 4], ids=["one-token-steps", "drafts"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_batched_greedy_picks_each_rows_own_argmax(tiny_model, device, dtype):
+def test_batched_greedy_picks_each_rows_own_argmax(tiny_model, device, dtype, draft):
     """The batched path (shared prefix computed once, rows prefilled in length chunks, left pads masked,
-    finished rows dropped) picks, at every step of every row, a token whose logit is the row's unbatched
-    maximum up to rounding."""
+    finished rows dropped; with drafts, several fed tokens a row and rejected ones masked) picks, at every step
+    of every row, a token whose logit is the row's unbatched maximum up to rounding."""
     from leap_dspy.lm.generate import Generator, GenParams
-    from leap_dspy.lm.models import load_model, load_tokenizer
+    from leap_dspy.lm.models import load_model, load_tokenizer, use_grouped_attention
 
     tokenizer = load_tokenizer(tiny_model)
     model = load_model(tiny_model, dtype=dtype, device=device)
+    use_grouped_attention(model)
     assert model.device.type == device and model.dtype == getattr(torch, dtype)
-    generator = Generator(model, tokenizer, prefix_cache=True, prefill_waste=0.0)
+    generator = Generator(model, tokenizer, prefix_cache=True, prefill_waste=0.0, draft_budget=1024)
     prompts = _prompts(tokenizer)
-    results = generator.generate(prompts, GenParams(max_new_tokens=12, ignore_eos=True))
+    results = generator.generate(prompts, GenParams(max_new_tokens=12, ignore_eos=True, draft_tokens=draft))
     assert generator.stats.prefill_tokens < sum(len(p) for p in prompts)  # the shared head ran once
     assert generator.stats.extra["prefill_chunks"] > 1
+    if draft:
+        assert generator.stats.extra["kept"] > 0
     tolerance = 1e-3 if dtype == "float32" else 0.15
     with torch.inference_mode():
         for prompt, result in zip(prompts, results, strict=True):

@@ -6,6 +6,7 @@ other shapes than a single row's, so rare near-ties between two tokens can flip 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -398,3 +399,52 @@ def test_a_greedy_answer_asked_again_is_remembered_not_recomputed():
     off.complete(request(QUESTIONS[0], 8))
     off.complete(request(QUESTIONS[0], 8))
     assert off.remembered == 0 and len(off.batch_sizes) == 2
+
+
+def test_drafts_come_from_the_row_first_then_from_recent_answers():
+    from leap_dspy.lm.draft import Drafter
+
+    drafter = Drafter(sizes=(2,))
+    row = drafter.row([5, 6, 7, 8, 1, 5, 6])
+    assert drafter.draft(row, 3) == [7, 8, 1]  # what followed "5 6" in the row's own context
+    assert drafter.draft(row, 0) == []
+    other = drafter.row([9, 3, 4])
+    assert drafter.draft(other, 3) == []
+    drafter.remember([3, 4, 11, 12, 13, 14])
+    assert drafter.draft(other, 3) == [11, 12, 13]  # what followed "3 4" in a recent answer
+    row.extend([7])
+    assert drafter.draft(row, 2) == [8, 1]  # the answer so far counts as context too
+    assert drafter.row([1, 2, 3, 1, 2, 4, 1, 2]).follows(2, 2) == [4, 1]  # the latest occurrence wins
+    assert drafter.draft(drafter.row([7, 7, 9]), 2) == []  # nothing seen follows "7 9"
+
+
+@pytest.mark.parametrize("guard", [0, 3], ids=["plain", "no-repeat-ngram"])
+def test_drafted_greedy_answers_equal_one_token_steps_float32(guard):
+    """Checking drafted tokens changes how many forward passes an answer takes, never the answer: the same tokens,
+    finish reasons and eos, with stop strings, the token budget and the repetition guard, while some drafts are
+    kept and some rejected (their cache columns masked out)."""
+    from leap_dspy.lm.generate import Generator, GenParams
+    from leap_dspy.lm.models import DEFAULT_MODEL, load_model, load_tokenizer, use_grouped_attention
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    model = load_model(DEFAULT_MODEL, dtype="float32")
+    use_grouped_attention(model)
+    prompts = [tokenizer.encode(format_prompt(tokenizer, [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"[[ ## question ## ]]\n{q} Repeat the question, then answer it."}]))
+        for q in QUESTIONS]
+    generator = Generator(model, tokenizer, draft_budget=1024)  # drafts at every batch size
+    for stop, budget in (((), 40), (("\n\n[[ ## completed",), 60)):
+        params = GenParams(max_new_tokens=budget, stop=stop, no_repeat_ngram=guard, ngram_repeats=2)
+        plain = generator.generate(prompts, params)
+        generator.stats.extra.clear()
+        drafted = generator.generate(prompts, dataclasses.replace(params, draft_tokens=4))
+        assert [r.token_ids for r in drafted] == [r.token_ids for r in plain]
+        assert [(r.finish_reason, r.ended_with_eos) for r in drafted] == [
+            (r.finish_reason, r.ended_with_eos) for r in plain]
+        extra = generator.stats.extra
+        assert 0 < extra["kept"] < extra["drafted"]
+        assert extra["decode_steps"] < max(len(r.token_ids) for r in plain)
+    assert LocalEngine(draft_tokens=0).dump_state()["draft_tokens"] == 0
+    with pytest.raises(ValueError, match="draft_tokens"):
+        LocalEngine(draft_tokens=-1)

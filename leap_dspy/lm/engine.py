@@ -22,12 +22,12 @@ from typing import Any
 
 from leap_dspy.lm import chat
 from leap_dspy.lm.batcher import Batcher
-from leap_dspy.lm.generate import GenParams, GenResult
+from leap_dspy.lm.generate import GenParams, GenResult, GenStats
 from leap_dspy.lm.models import DEFAULT_MODEL
 from leap_dspy.lm.registry import LoadedModel, get_loaded
 
 _STATE_KEYS = ("model", "adapter", "dtype", "max_batch", "max_new_tokens", "batching", "prefix_cache",
-               "batch_wait_s", "device", "no_repeat_ngram", "ngram_repeats", "answer_cache")
+               "batch_wait_s", "device", "no_repeat_ngram", "ngram_repeats", "answer_cache", "draft_tokens")
 
 
 class LocalEngine:
@@ -50,6 +50,9 @@ class LocalEngine:
         answer_cache: how many greedy answers to remember by prompt (0: off). A greedy answer is a function of
             the prompt, and an agent stuck in a loop asks the very same prompt step after step. A remembered
             answer is returned as it was (usage included) without computing it; `remembered` counts them.
+        draft_tokens: greedy answers check up to this many drafted tokens a row at each decode step (0: one
+            token a step). Drafts come from the prompt and recent answers; the answers do not change, only the
+            number of forward passes (see `leap_dspy/lm/draft.py`).
 
     `expected` (attribute, int or None) may be set by a caller that knows how many clients call at once
     (the rollout runner sets it to the number of live environments): a batch then starts as soon as that
@@ -71,9 +74,12 @@ class LocalEngine:
         no_repeat_ngram: int = 0,
         ngram_repeats: int = 1,
         answer_cache: int = 4096,
+        draft_tokens: int = 4,
     ) -> None:
         if max_batch < 1 or max_new_tokens < 1:
             raise ValueError("max_batch and max_new_tokens must be at least 1")
+        if draft_tokens < 0:
+            raise ValueError("draft_tokens must be 0 (no drafts) or more")
         self.model = str(model)
         self.adapter = str(Path(adapter).expanduser().resolve()) if adapter is not None else None
         self.dtype = dtype
@@ -86,6 +92,7 @@ class LocalEngine:
         self.no_repeat_ngram = int(no_repeat_ngram)
         self.ngram_repeats = int(ngram_repeats)
         self.answer_cache = int(answer_cache)
+        self.draft_tokens = int(draft_tokens)
         self._answers: OrderedDict[tuple, GenResult] = OrderedDict()
         self._answers_lock = threading.Lock()
         self.remembered = 0
@@ -121,7 +128,12 @@ class LocalEngine:
     @property
     def generate_seconds(self) -> float:
         """Seconds the model has spent generating so far (shared by the engines of one loaded model)."""
-        return self._loaded.generator.stats.seconds
+        return self.stats.seconds
+
+    @property
+    def stats(self) -> GenStats:
+        """The generator's counters: batches, tokens, prefill and decode seconds (shared like the model)."""
+        return self._loaded.generator.stats
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -218,6 +230,7 @@ class LocalEngine:
             seed=config.seed if temperature else None,
             no_repeat_ngram=self.no_repeat_ngram,
             ngram_repeats=self.ngram_repeats,
+            draft_tokens=self.draft_tokens,
         )
 
     def _generate(self, params: GenParams, ids: list[int]) -> GenResult:

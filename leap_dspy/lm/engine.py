@@ -51,8 +51,9 @@ class LocalEngine:
             the prompt, and an agent stuck in a loop asks the very same prompt step after step. A remembered
             answer is returned as it was (usage included) without computing it; `remembered` counts them.
         draft_tokens: greedy answers check up to this many drafted tokens a row at each decode step (0: one
-            token a step). Drafts come from the prompt and recent answers; the answers do not change, only the
-            number of forward passes (see `leap_dspy/lm/draft.py`).
+            token a step). Drafts come from the prompt and recent answers; in float32 the answers do not change,
+            only the number of forward passes (in bfloat16 a several-token step's other matmul shapes can flip
+            a rare near-tie, as batching can; see `leap_dspy/lm/draft.py`).
 
     `expected` (attribute, int or None) may be set by a caller that knows how many clients call at once
     (the rollout runner sets it to the number of live environments): a batch then starts as soon as that

@@ -153,7 +153,7 @@ def _drop_finished(
         return rows, mask, next_pos, nxt
     index = torch.tensor(keep, device=device)
     cache.batch_select_indices(index)
-    return [rows[i] for i in keep], mask[index], next_pos[index], nxt[index]
+    return [rows[i] for i in keep], mask[index], next_pos[index], nxt[index.to(nxt.device)]
 
 
 class Generator:
@@ -185,8 +185,8 @@ class Generator:
         self.min_prefix = min_prefix
         # Other layer kinds (sliding windows) keep their own layout: those models prefill in one piece.
         growing = growing_layer_class()
-        self.prefill_waste = prefill_waste if all(
-            type(layer) is growing for layer in growing_cache(model.config, 1).layers) else 1.0
+        self.full_attention = all(type(layer) is growing for layer in growing_cache(model.config, 1).layers)
+        self.prefill_waste = prefill_waste if self.full_attention else 1.0
         self.store = PrefixStore(prefix_store_size)
         self.drafter = Drafter()
         self.draft_budget = draft_budget or (4096 if self.device.type == "cuda" else 64)
@@ -262,7 +262,8 @@ class Generator:
         self.stats.prompt_tokens += sum(len(p) for p in prompts)
         cache, logits, mask, positions = self._prefill_prompts(prompts, params, use_prefix)
         self.stats.prefill_seconds += time.perf_counter() - started
-        if params.greedy and params.draft_tokens > 0:
+        # a sliding window counts cache columns, and a rejected draft's columns would narrow it
+        if params.greedy and params.draft_tokens > 0 and self.full_attention:
             progress = self._decode_drafted(cache, logits, mask, positions[:, -1:] + 1, params, prompts)
             for answer in progress.tokens:
                 self.drafter.remember(answer)
@@ -366,12 +367,12 @@ class Generator:
             pending, kept = self._confirm(logits, drafts, rows, progress, index, params)
             if all(progress.done):
                 return progress
-            if fed:
-                for i, k in enumerate(kept):  # a rejected draft's columns are masked out, like pads
-                    mask[i, mask.shape[1] - fed + 1 + k:] = 0
-                next_pos = next_pos + 1 + torch.tensor(kept, device=device).unsqueeze(1)
+            if fed:  # a rejected draft's columns are masked out, like pads
+                kept_t = torch.tensor(kept, device=device).unsqueeze(1)
+                mask[:, -fed:] *= (torch.arange(fed, device=device).unsqueeze(0) <= kept_t).to(mask.dtype)
+                next_pos = next_pos + 1 + kept_t
             rows, mask, next_pos, nxt = _drop_finished(
-                cache, rows, progress.done, mask, next_pos, torch.tensor(pending, device=device), device)
+                cache, rows, progress.done, mask, next_pos, torch.tensor(pending), device)
             width = min(params.draft_tokens, self.draft_budget // len(rows) - 1)
             drafts = [self._draft(index, prompts, progress, row, width, params) for row in rows]
             fed = 1 + max(len(d) for d in drafts)
@@ -379,7 +380,7 @@ class Generator:
             block = torch.zeros((len(rows), fed), dtype=mask.dtype)
             for i, (row, draft) in enumerate(zip(rows, drafts, strict=True)):
                 if not progress.done[row]:
-                    feed[i, 0] = nxt[i]
+                    feed[i, 0] = nxt[i]  # on the CPU: `pending` was never moved to the device
                 feed[i, 1:1 + len(draft)] = torch.tensor(draft, dtype=torch.long)
                 block[i, :1 + len(draft)] = 1
             mask = torch.cat([mask, block.to(device)], dim=1)

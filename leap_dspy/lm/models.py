@@ -205,7 +205,8 @@ def _grouped_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if (query.device.type != "cpu" or query.shape[2] == 1 or attention_mask is None
-            or getattr(module, "num_key_value_groups", 1) == 1 or kwargs.get("position_bias") is not None):
+            or getattr(module, "num_key_value_groups", 1) == 1 or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap") is not None):  # transformers' own checks and errors for those
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,

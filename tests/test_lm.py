@@ -362,11 +362,12 @@ def test_no_repeat_ngram_breaks_greedy_loops(tiny_model):
 def test_length_chunked_prefill_matches_one_padded_prefill():
     """Rows prefilled in chunks of similar length and then laid side by side give the same greedy answers, in
     float32, as one padded prefill of the whole batch: the rows' order is restored and pads stay masked."""
-    from leap_dspy.lm.generate import Generator, GenParams, _length_chunks
+    from leap_dspy.lm.generate import Generator, GenParams
     from leap_dspy.lm.models import DEFAULT_MODEL, load_model, load_tokenizer
+    from leap_dspy.lm.prefill import length_chunks
 
-    assert _length_chunks([30, 10, 31, 11], 0.1) == [[1, 3], [0, 2]]
-    assert _length_chunks([30, 10], 1.0) == [[0, 1]]
+    assert length_chunks([30, 10, 31, 11], 0.1) == [[1, 3], [0, 2]]
+    assert length_chunks([30, 10], 1.0) == [[0, 1]]
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     model = load_model(DEFAULT_MODEL, dtype="float32")
     head = tokenizer.encode(SYSTEM)

@@ -78,7 +78,7 @@ def main() -> None:
     for dtype in args.dtypes:
         for prefix in prefix_modes:
             engine = get_engine(args.model or DEFAULT_MODEL, dtype=dtype, prefix_cache=prefix, batching=False)
-            engine._loaded.generator.store.clear()
+            engine._loaded.generator.prefill.store.clear()
             for batch in args.batches:
                 rows = args.rows1 if batch == 1 else batch
                 prompts = make_prompts(engine, rows, seed=batch)

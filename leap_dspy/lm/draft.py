@@ -3,7 +3,7 @@
 An agent's answer copies a lot: the output format's field headers, an action from the observation's list, the
 phrasing of its earlier answers ("the first unvisited is the ..."). For a row whose context (prompt and answer
 so far) ends in some n tokens, `Drafter` proposes what followed the latest earlier occurrence of those n tokens:
-in the row's own context first, then in recent answers of any row. The decode loop (`generate.py`) feeds a draft
+in the row's own context first, then in recent answers of any row. The decode loop (`decode.py`) feeds a draft
 with the row's next token and keeps only the drafted tokens the model's own greedy choices confirm, so a draft
 changes how many forward passes an answer takes, never the answer.
 """

@@ -41,7 +41,7 @@ class LocalEngine:
         max_batch: the largest batch one `generate` call takes.
         max_new_tokens: the default generation length when a request does not set `max_tokens`.
         batching: gather concurrent calls into batches (True) or run each call alone (False).
-        prefix_cache: compute the KV cache of a batch's common token prefix once (see `generate.py`).
+        prefix_cache: compute the KV cache of a batch's common token prefix once (see `prefill.py`).
         batch_wait_s: how long the worker waits for another request before starting a partial batch.
         device: "cpu", "cuda", ...; None picks CUDA when available.
         no_repeat_ngram: never generate an n-gram of this many tokens more than `ngram_repeats` times in one

@@ -1,4 +1,4 @@
-"""The KV caches the batched decode loop (`generate.py`) builds on: where a row's keys and values live.
+"""The KV caches batched prefill and decoding (`prefill.py`, `decode.py`) build on: where rows keep keys and values.
 
 - `growing_cache`: a transformers `DynamicCache` whose layers append a step's keys and values into spare room of
   one buffer instead of concatenating the whole cache each step.

@@ -35,11 +35,12 @@ def test_batched_greedy_picks_each_rows_own_argmax(tiny_model, device, dtype, dr
     finished rows dropped; with drafts, several fed tokens a row and rejected ones masked) picks, at every step
     of every row, a token whose logit is the row's unbatched maximum up to rounding."""
     from leap_dspy.lm.generate import Generator, GenParams
-    from leap_dspy.lm.models import load_model, load_tokenizer, use_grouped_attention
+    from leap_dspy.lm.kernels import prepare_for_inference
+    from leap_dspy.lm.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model)
     model = load_model(tiny_model, dtype=dtype, device=device)
-    use_grouped_attention(model)
+    prepare_for_inference(model)
     assert model.device.type == device and model.dtype == getattr(torch, dtype)
     generator = Generator(model, tokenizer, prefix_cache=True, prefill_waste=0.0, draft_budget=1024)
     prompts = _prompts(tokenizer)

@@ -425,11 +425,12 @@ def test_drafted_greedy_answers_equal_one_token_steps_float32(guard):
     finish reasons and eos, with stop strings, the token budget and the repetition guard, while some drafts are
     kept and some rejected (their cache columns masked out)."""
     from leap_dspy.lm.generate import Generator, GenParams
-    from leap_dspy.lm.models import DEFAULT_MODEL, load_model, load_tokenizer, use_grouped_attention
+    from leap_dspy.lm.kernels import prepare_for_inference
+    from leap_dspy.lm.models import DEFAULT_MODEL, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     model = load_model(DEFAULT_MODEL, dtype="float32")
-    use_grouped_attention(model)
+    prepare_for_inference(model)
     prompts = [tokenizer.encode(format_prompt(tokenizer, [
         {"role": "system", "content": SYSTEM},
         {"role": "user", "content": f"[[ ## question ## ]]\n{q} Repeat the question, then answer it."}]))
@@ -449,3 +450,31 @@ def test_drafted_greedy_answers_equal_one_token_steps_float32(guard):
     assert LocalEngine(draft_tokens=0).dump_state()["draft_tokens"] == 0
     with pytest.raises(ValueError, match="draft_tokens"):
         LocalEngine(draft_tokens=-1)
+
+
+def test_weight_first_linears_compute_what_f_linear_computes(tiny_model, monkeypatch):
+    """Weight-first linears change the order of a matmul, not its result: a model's logits stay within float32
+    rounding, biases and 3-d inputs included, and a prefill's many rows keep `F.linear` exactly. Whether a model
+    gets them is timed; here the timing is taken as won, or lost."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from leap_dspy.lm import kernels
+
+    layer = torch.nn.Linear(48, 96)
+    x = torch.randn(3, 5, 48)
+    with torch.inference_mode():
+        assert torch.allclose(kernels._weight_first(layer, x), layer(x), atol=1e-5)
+        many = torch.randn(kernels.WEIGHT_FIRST_ROWS + 1, 48)
+        assert torch.equal(kernels._weight_first(layer, many), F.linear(many, layer.weight, layer.bias))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    monkeypatch.setattr(kernels, "_weight_first_is_faster", lambda weight: False)
+    assert not kernels.use_weight_first_linears(model)
+    monkeypatch.setattr(kernels, "_weight_first_is_faster", lambda weight: True)
+    assert kernels.use_weight_first_linears(model)
+    ids = torch.randint(0, 1000, (2, 7))
+    with torch.inference_mode():
+        assert torch.allclose(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4)
+    assert not kernels.use_weight_first_linears(plain.to(torch.bfloat16))  # float32 on a CPU only

@@ -45,7 +45,7 @@ def make_prompts(engine, n: int, seed: int = 0, user_words: int = 60) -> list[st
 
 
 def run(engine, prompts: list[str], batch: int, new: int) -> tuple[float, float, int]:
-    from leap_dspy.lm.generate import GenParams
+    from leap_dspy.lm.gen_types import GenParams
 
     ids = [engine.tokenize(p) for p in prompts]
     params = GenParams(max_new_tokens=new, ignore_eos=True)

@@ -21,7 +21,7 @@ import torch
 from leap_dspy.lm.draft import Drafter, RowIndex
 
 if TYPE_CHECKING:
-    from leap_dspy.lm.generate import GenParams, GenStats
+    from leap_dspy.lm.gen_types import GenParams, GenStats
     from leap_dspy.lm.prefill import Prefilled
 
 
@@ -130,9 +130,9 @@ class Decoder:
                 ban_repeats(logits, [progress.tokens[row] for row in rows], params.no_repeat_ngram,
                             params.ngram_repeats)
             nxt = choose(logits, params, generator)
-            for i, (token, is_eos) in enumerate(zip(nxt.tolist(), torch.isin(nxt, eos).tolist(), strict=True)):
-                if not done[rows[i]]:
-                    self._take(progress, rows[i], token, is_eos, params)
+            for row, token, is_eos in zip(rows, nxt.tolist(), torch.isin(nxt, eos).tolist(), strict=True):
+                if not done[row]:
+                    self._take(progress, row, token, is_eos, params)
             if all(done) or step == params.max_new_tokens - 1:
                 break
             rows, mask, next_pos, nxt = _drop_finished(cache, rows, done, mask, next_pos, nxt, device)

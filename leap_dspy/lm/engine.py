@@ -22,7 +22,7 @@ from typing import Any
 
 from leap_dspy.lm import chat
 from leap_dspy.lm.batcher import Batcher
-from leap_dspy.lm.generate import GenParams, GenResult, GenStats
+from leap_dspy.lm.gen_types import GenParams, GenResult, GenStats
 from leap_dspy.lm.models import DEFAULT_MODEL
 from leap_dspy.lm.registry import LoadedModel, get_loaded
 

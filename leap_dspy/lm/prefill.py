@@ -27,7 +27,7 @@ import torch
 from leap_dspy.lm.kv_cache import PrefixStore, common_prefix_len, empty_layers, growing_cache
 
 if TYPE_CHECKING:
-    from leap_dspy.lm.generate import GenStats
+    from leap_dspy.lm.gen_types import GenStats
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -80,7 +80,7 @@ class Prefiller:
         return next(self.model.parameters()).device
 
     def __call__(self, prompts: list[list[int]], room: int, use_prefix: bool) -> Prefilled:
-        """Prefill `prompts` with `room` spare cache positions a row for the answer."""
+        """Prefill `prompts`, keeping `room` cache positions free after them for the answer."""
         device = self.device
         batch = len(prompts)
         prefix_len = self._shared_prefix_len(prompts) if use_prefix else 0
@@ -95,7 +95,7 @@ class Prefiller:
         if prefix_len:
             mask = torch.cat([torch.ones((batch, prefix_len), dtype=torch.long, device=device), mask], dim=1)
         self.stats.prefill_tokens += int(sum(len(s) for s in suffixes))
-        cache, logits = self._suffixes(suffixes, kv, prefix_len, width + room)
+        cache, logits = self._suffixes(suffixes, kv, prefix_len, room)
         return Prefilled(cache, logits, mask, positions)
 
     def _shared_prefix_len(self, prompts: list[list[int]]) -> int:
@@ -128,7 +128,7 @@ class Prefiller:
     def _suffixes(self, suffixes: list[list[int]], prefix_kv: KV, prefix_len: int, room: int
                   ) -> tuple[Any, torch.Tensor]:
         """Run every row's suffix after the shared prefix, chunk by chunk; return the batch's cache, laid out as
-        the module docstring draws it, and each row's last logits."""
+        the module docstring draws it with `room` free positions after it, and each row's last logits."""
         chunks = self._chunks(suffixes)
         if len(chunks) == 1:
             cache, logits, _ = self._chunk(suffixes, chunks[0], prefix_kv, prefix_len, room)
@@ -138,7 +138,7 @@ class Prefiller:
         logits: torch.Tensor | None = None
         layers: KV = []
         for chunk in chunks:
-            part, last, w = self._chunk(suffixes, chunk, prefix_kv, prefix_len, 1)
+            part, last, w = self._chunk(suffixes, chunk, prefix_kv, prefix_len, 0)
             if logits is None:
                 logits = last.new_empty((batch, last.shape[-1]))
                 layers = empty_layers(part, batch, prefix_len + width)
@@ -165,7 +165,7 @@ class Prefiller:
     def _chunk(self, suffixes: list[list[int]], chunk: list[int], prefix_kv: KV, prefix_len: int, headroom: int
                ) -> tuple[Any, torch.Tensor, int]:
         """Prefill the rows of one chunk, right-aligned after the shared prefix; return their cache (with
-        `headroom` spare positions), their last logits and the chunk's width."""
+        `headroom` free positions after the chunk), their last logits and the chunk's width."""
         device = self.device
         w = max(len(suffixes[row]) for row in chunk)
         ids = torch.full((len(chunk), w), self.pad_id, dtype=torch.long)
@@ -181,7 +181,8 @@ class Prefiller:
         # sequence is not contiguous, and the LM head then runs as a batched matmul over a copy of its
         # weight per row, which costs far more memory and time than the head itself.
         last = torch.tensor([w - 1], device=device)
-        cache = growing_cache(self.model.config, headroom, expanded)
+        # the cache's first write is the prefix when there is one: room for the suffixes too
+        cache = growing_cache(self.model.config, headroom + (w if prefix_kv else 0), expanded)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                          use_cache=True, logits_to_keep=last)
         return cache, out.logits[:, -1, :], w

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from leap_dspy.lm.generate import Generator
-from leap_dspy.lm.models import load_model_with_adapter, load_tokenizer, pick_dtype, use_grouped_attention
+from leap_dspy.lm.kernels import prepare_for_inference
+from leap_dspy.lm.models import load_model_with_adapter, load_tokenizer, pick_dtype
 
 _lock = threading.Lock()
 _loaded: dict[tuple, LoadedModel] = {}
@@ -65,7 +66,7 @@ def get_loaded(model: str, adapter: str | Path | None = None, dtype: str = "auto
             return found
         tokenizer = load_tokenizer(model)
         lm = load_model_with_adapter(model, adapter, dtype, key[3])
-        use_grouped_attention(lm)  # decode steps that check drafts feed several tokens a row
+        prepare_for_inference(lm)
         loaded = LoadedModel(key, lm, tokenizer, Generator(lm, tokenizer), threading.Lock())
         _loaded[key] = loaded
         return loaded

@@ -323,7 +323,7 @@ def run_trainer(
     counted_tokens: Any = None,
 ) -> TrainResult:
     """Train, save the adapter into `tmp_dir` and report; the caller's `atomic_output_dir` publishes it."""
-    from leap_dspy.lm.models import attention_kernels
+    from leap_dspy.lm.kernels import attention_kernels
 
     with adapters_in_base_dtype(trainer.model), attention_kernels(next(trainer.model.parameters()).device.type):
         output = trainer.train()

@@ -1,0 +1,137 @@
+"""How an inference model's forward pass runs: the attention backend, grouped-query attention on a CPU, and
+which side of a linear layer's matmul goes first. Each changes only speed; `prepare_for_inference` applies them
+to a loaded model (never to one being trained).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import types
+from collections.abc import Iterator
+from typing import Any
+
+
+def prepare_for_inference(model: Any) -> None:
+    """The kernels below, on a model that only generates (its weights already merged)."""
+    use_grouped_attention(model)
+    use_weight_first_linears(model)
+
+
+@contextlib.contextmanager
+def attention_kernels(device_type: str) -> Iterator[None]:
+    """Scaled-dot-product attention without the cuDNN backend, on CUDA.
+
+    PyTorch prefers cuDNN's attention on Hopper, and it builds a graph for every new shape: a decode step (one
+    more cached token each time) or a training batch (its own padded length) is always a new shape, and for a
+    small model those builds outweigh the attention itself. Flash and memory-efficient attention have no such
+    per-shape cost. Elsewhere nothing changes.
+    """
+    if device_type != "cuda":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
+
+
+GROUPED_SDPA = "leap_grouped_sdpa"
+"""The attention implementation `use_grouped_attention` gives inference models."""
+
+
+def _grouped_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
+                  scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
+    """transformers' SDPA attention, except that several queries a row on a CPU reach torch with their grouped
+    key/value heads as they are (`enable_gqa`): given a mask, transformers copies each key/value head for every
+    query head that reads it, and at a decode step that checks a draft the copy costs more than the attention."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (query.device.type != "cpu" or query.shape[2] == 1 or attention_mask is None
+            or getattr(module, "num_key_value_groups", 1) == 1 or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap") is not None):  # transformers' own checks and errors for those
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_grouped_attention(model: Any) -> None:
+    """Run an inference model's SDPA attention through `_grouped_sdpa`; other implementations stay as they are."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if model.config._attn_implementation != "sdpa":
+        return
+    AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
+    model.set_attn_implementation(GROUPED_SDPA)
+
+
+WEIGHT_FIRST_ROWS = 512
+"""The most input rows (tokens) a linear layer runs weight-first: past a few hundred the two orders cost the same,
+and a prefill's thousands of rows go back to `F.linear`."""
+
+
+def _weight_first(self: Any, x: Any) -> Any:
+    """`nn.Linear.forward` computed as (W x^T)^T for a few rows: the same products, summed in another order."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = x.numel() // x.shape[-1]
+    if rows > WEIGHT_FIRST_ROWS or rows == 0:
+        return F.linear(x, self.weight, self.bias)
+    out = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t()
+    out = out.contiguous() if self.bias is None else out + self.bias
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+_FASTER: dict[tuple[Any, ...], bool] = {}  # by weight shape and dtype: a process times each kind of model once
+
+
+def _weight_first_is_faster(weight: Any, rows: tuple[int, ...] = (4, 64), reps: int = 3) -> bool:
+    """Time both orders on the model's widest layer (its LM head) at a few decode-sized row counts."""
+    import torch
+
+    key = (tuple(weight.shape), weight.dtype)
+    if key in _FASTER:
+        return _FASTER[key]
+    import torch.nn.functional as F
+
+    def seconds(fn: Any, x: Any) -> float:
+        fn(x)
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn(x)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        inputs = [torch.randn(n, weight.shape[1], dtype=weight.dtype) for n in rows]
+        plain = sum(seconds(lambda x: F.linear(x, weight), x) for x in inputs)
+        first = sum(seconds(lambda x: torch.mm(weight, x.t()).t().contiguous(), x) for x in inputs)
+    _FASTER[key] = first < 0.9 * plain
+    return _FASTER[key]
+
+
+def use_weight_first_linears(model: Any) -> bool:
+    """Run an inference model's linear layers weight-first for small inputs, where that measures faster.
+
+    A decode step multiplies a few rows by each weight. On a CPU in float32, MKL computes rows @ W^T (what
+    `F.linear` asks for) for a few rows well below its rate and W @ rows^T near it: for SmolLM2-135M's LM head on
+    a 2-core AVX2 CPU, 20 ms against 7 ms at 5 rows and 48 ms against 32 ms at 64. Which order wins depends on
+    the CPU and its BLAS, so it is timed once, on the model's LM head, before it is used. Returns whether it is.
+    """
+    import torch
+
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return False
+    if not _weight_first_is_faster(weight.detach()):
+        return False
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = types.MethodType(_weight_first, module)
+    return True

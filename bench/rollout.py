@@ -51,7 +51,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from leap_dspy.envs.alfworld import ALFWorld  # noqa: E402
-from leap_dspy.lm import DEFAULT_MODEL, local_lm  # noqa: E402
+from leap_dspy.lm import DEFAULT_MODEL, kernels, local_lm  # noqa: E402
 from leap_dspy.lm.lms import get_engine  # noqa: E402
 from leap_dspy.programs import Student  # noqa: E402
 from leap_dspy.rollout import rollout  # noqa: E402
@@ -324,6 +324,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=10)
     parser.add_argument("--draft-tokens", type=int, default=4,
                         help="the local engine's drafted tokens checked a step (0: one token a step)")
+    parser.add_argument("--weight-first", action=argparse.BooleanOptionalAction, default=True,
+                        help="let the local engine run small linears weight-first where that measures faster")
     parser.add_argument("--sequential-tasks", type=int, default=4, help="tasks for the one-at-a-time run")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
                         help="add llama.cpp llama-server rows (built on first use; skipped if the build fails)")
@@ -351,6 +353,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 def main() -> None:
     args = parse_args()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if not args.weight_first:
+        kernels.WEIGHT_FIRST_ROWS = 0  # every linear goes back to F.linear
     env = ALFWorld()
     tasks = env.tasks(args.split)[: args.tasks]
     engine = get_engine(DEFAULT_MODEL, args.adapter, max_batch=64, draft_tokens=args.draft_tokens)

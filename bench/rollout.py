@@ -21,7 +21,7 @@ thread count) in the same run: the fraction of the machine's dense-matmul limit 
 Usage: python bench/rollout.py [--tasks 64] [--adapter runs/x/iter_2/adapter] [--max-steps 10]
            [--peer-tasks 16] [--sequential-tasks 4] [--llama-parallel 4 8] [--no-llama-cpp]
            [--llama-outtype f16] [--llama-ctx-per-slot 4096] [--llama-cache-ram 1024]
-           [--llama-timeout 3600] [--threads 2]
+           [--llama-timeout 3600] [--threads 2] [--profile] [--no-weight-first] [--draft-tokens 4]
 Small smoke run: python bench/rollout.py --tasks 8 --peer-tasks 8 --sequential-tasks 2 --max-steps 4 \
            --llama-parallel 4
 """
@@ -47,6 +47,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no cost-map fet
 import dspy  # noqa: E402
 from dspy.clients import base_lm  # noqa: E402
 from matmul_peak import best_matmul_flops, peak_dtypes  # noqa: E402 - bench/, beside this script
+from op_profile import format_profile, op_profile  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -274,13 +275,17 @@ def local_rows(bench: Bench, args: argparse.Namespace) -> None:
         trajectories = rollout(student, env, tasks, num_threads=len(tasks), max_steps=args.max_steps)
         return sum(len(t.steps) for t in trajectories)
 
-    stats = get_engine(DEFAULT_MODEL, args.adapter, max_batch=64, draft_tokens=args.draft_tokens).stats
+    engine = get_engine(DEFAULT_MODEL, args.adapter, max_batch=64, draft_tokens=args.draft_tokens)
+    stats = engine.stats
     before = dataclasses.replace(stats)
-    bench.timed(f"batched rollouts ({len(tasks)} episodes at once)", batched_lm, batched)
+    with op_profile(vocab=engine.hf_model.config.vocab_size) if args.profile else contextlib.nullcontext([]) as ops:
+        bench.timed(f"batched rollouts ({len(tasks)} episodes at once)", batched_lm, batched)
     prefill_s, total_s = stats.prefill_seconds - before.prefill_seconds, stats.seconds - before.seconds
     print(f"  its generation: {total_s:.1f} s; prefill {prefill_s:.1f} s for "
           f"{stats.prefill_tokens - before.prefill_tokens} tokens through the model, decoding "
           f"{total_s - prefill_s:.1f} s for {stats.output_tokens - before.output_tokens} tokens")
+    if ops:
+        print(format_profile(ops, "  batched rollouts, by operation"))
     single_lm = local_lm(DEFAULT_MODEL, adapter=args.adapter, batching=False, draft_tokens=args.draft_tokens)
 
     def one_at_a_time(student: Student) -> int:
@@ -326,6 +331,8 @@ def parse_args() -> argparse.Namespace:
                         help="the local engine's drafted tokens checked a step (0: one token a step)")
     parser.add_argument("--weight-first", action=argparse.BooleanOptionalAction, default=True,
                         help="let the local engine run small linears weight-first where that measures faster")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the batched row by kind of operation (slows that row down)")
     parser.add_argument("--sequential-tasks", type=int, default=4, help="tasks for the one-at-a-time run")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
                         help="add llama.cpp llama-server rows (built on first use; skipped if the build fails)")

@@ -2,6 +2,7 @@
 
     python bench/train.py [--rows 64] [--dtype auto] [--batch 8] [--attn sdpa|eager] [--turns 25] [--model DIR]
                           [--compile] [--liger] [--share-prompt on|off|both] [--rows-file RUN/iter_0/train_rows.jsonl]
+                          [--profile]
 
 Prints one table, all measured in this run: the best square-matmul FLOP/s in float32 and bfloat16, SFT train
 tokens/s with the default TrainConfig on realistic agent-step rows (~300-token prompt, ~40-token completion),
@@ -10,7 +11,8 @@ The 6 x parameters convention counts a full backward; with LoRA the frozen weigh
 so the true work per token is nearer 4 x parameters and the fraction overstates hardware use by ~1.5x.
 Tokens are the rows' tokens: with the shared prompt head (`TrainConfig.share_prompt`) fewer of them run through
 the model, so the fraction is that of the work a plain forward would do.
-With a CUDA GPU present, the matmuls and the training run on it.
+With a CUDA GPU present, the matmuls and the training run on it. `--profile` adds where the training's CPU
+time went, by kind of operation (`op_profile.py`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import os
 import random
 import sys
 import tempfile
+from contextlib import nullcontext
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from matmul_peak import best_matmul_flops, peak_dtypes  # noqa: E402 - bench/, beside this script
+from op_profile import format_profile, op_profile  # noqa: E402
 
 FIELDS_SYSTEM = """Your input fields are:
 1. `task` (str): The household task to accomplish.
@@ -112,6 +116,15 @@ def count_parameters(model: str) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
+def vocab_size(model: str) -> int:
+    """The model's vocabulary: the head's matmuls are the ones with this dimension."""
+    from transformers import AutoConfig
+
+    from leap_dspy.lm.models import resolve_model
+
+    return AutoConfig.from_pretrained(resolve_model(model)).vocab_size
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=64)
@@ -130,6 +143,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="train on a run's iter_<k>/train_rows.jsonl (its first --rows rows), not made-up rows")
     parser.add_argument("--share-prompt", default="on", choices=["on", "off", "both"],
                         help="TrainConfig.share_prompt; both: train each way in this run and print the ratio")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where the measured training's time went, by kind of operation")
     parser.add_argument("--warmup-steps", type=int, default=0,
                         help="train this many steps first, unmeasured (compilation, kernel autotuning)")
     return parser.parse_args(argv)
@@ -214,18 +229,23 @@ def main(argv: list[str] | None = None) -> int:
         ("model", f"{model}, {n_params / 1e6:.1f}M params, dtype {pick_dtype(args.dtype)}"),
         ("rows", rows_line),
     ]
-    rates = {}
+    rates, profiles = {}, []
     for share in {"on": [True], "off": [False], "both": [False, True]}[args.share_prompt]:
         config = _config(args).model_copy(update={"share_prompt": share})
-        result = _train(rows, model, config, args.warmup_steps)
+        with op_profile(config.lora_r, vocab_size(model)) if args.profile else nullcontext([]) as ops:
+            result = _train(rows, model, config, args.warmup_steps)
         rates[share] = result.tokens_per_s
         table += _result_lines(result, config, args, n_params, best)
+        if ops:
+            profiles.append(format_profile(ops, f"shared prompt head {config.shares_prompt}: by operation"))
     if len(rates) == 2:
         table.append(("shared head / plain", f"{rates[True] / rates[False]:.2f}x tokens/s"))
     width = max(len(k) for k, _ in table)
     print()
     for key, value in table:
         print(f"{key:<{width}}  {value}")
+    for profile in profiles:
+        print(f"\n{profile}")
     sys.stdout.flush()
     return 0
 

@@ -246,12 +246,14 @@ def test_adapters_compute_in_the_base_dtype_with_float32_master_weights(tiny_mod
 
 @pytest.mark.skipif(CUDA, reason="a CPU's choice of attention kernel; on CUDA the trainers run on the GPU")
 def test_long_rows_train_with_the_fused_attention_kernel_on_a_cpu(tiny_model, tmp_path):
-    """Eager attention keeps length² scores per row for the backward: on a CPU, "auto" switches to sdpa once
-    the longest row passes EAGER_MAX_TOKENS, and the same long rows train the same either way (within float
-    rounding), so only memory changes."""
+    """Eager attention keeps length² scores per row for the backward: on a CPU, "auto" trains with sdpa in
+    float32; in bf16 it starts eager and switches to sdpa once the longest row passes EAGER_MAX_TOKENS, and the
+    same long rows train the same either way (within float rounding), so only memory changes."""
     from leap_dspy.train.common import EAGER_MAX_TOKENS, fit_attention, load_trainable_model
 
     model, _ = load_trainable_model(tiny_model, fast())
+    assert model.get_base_model().config._attn_implementation == "sdpa"  # float32
+    model, _ = load_trainable_model(tiny_model, fast(dtype="bfloat16"))
     implementation = lambda: model.get_base_model().config._attn_implementation  # noqa: E731
     assert implementation() == "eager"
     fit_attention(model, fast(), EAGER_MAX_TOKENS)

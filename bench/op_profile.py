@@ -1,6 +1,7 @@
 """Where a workload's CPU time goes by operation: `torch.profiler`'s self time, grouped into kinds one can act on
 (the frozen weights' matmuls, LoRA's rank-r ones, the vocabulary-wide head, attention, elementwise work, the
-optimizer), for `bench/train.py --profile` and `bench/rollout.py --profile`."""
+optimizer), for `bench/train.py --profile` and `bench/rollout.py --profile`. The profiler's own cost per call
+(~10 us) lands mostly in "outside operators": where calls are many and small, read that share as an upper bound."""
 
 from __future__ import annotations
 
@@ -37,11 +38,13 @@ def op_profile(rank: int | None = None, vocab: int | None = None) -> Iterator[li
     """Profile the block on the CPU; afterwards the yielded list holds (kind, self seconds, calls), largest
     first, with the block's wall time outside any operator. `rank` and `vocab` tell LoRA's and the head's
     matmuls from the rest by their shapes."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, _ExperimentalConfig, profile
 
     rows: list[tuple[str, float, int]] = []
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    # every thread: the engine's forward passes run on its batcher thread, started before the profiler
+    every_thread = _ExperimentalConfig(profile_all_threads=True)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, experimental_config=every_thread) as prof:
         yield rows
     wall = time.perf_counter() - start
     totals: dict[str, list[float]] = {}

@@ -12,6 +12,8 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 
 def prepare_for_inference(model: Any) -> None:
     """The kernels below, on a model that only generates (its weights already merged)."""
@@ -36,8 +38,6 @@ def attention_kernels(device_type: str) -> Iterator[None]:
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
         yield
 
-
-log = logging.getLogger(__name__)
 
 GROUPED_SDPA = "leap_grouped_sdpa"
 """The attention implementation `use_grouped_attention` gives inference models."""

@@ -8,7 +8,8 @@ finished it. Where a stage's metrics.json records them (runs from 2026-11-30 on)
 into the model's generating and the rest (environment steps, DSPy's formatting and parsing, waiting), with
 the answers the engine remembered instead of generating.
 
-Usage: python bench/profile_run.py RUN_DIR [RUN_DIR ...]
+Usage: python bench/profile_run.py RUN_DIR [RUN_DIR ...] [--plot compile-time.png]
+(`--plot`: one bar per run, its stages in order, each split by kind, so runs compare at a glance.)
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ def stage_name(iteration: str) -> str:
     return {"0": "BC", "base": "base", "expert": "expert"}.get(iteration, f"round {iteration}")
 
 
-def profile(run: Path) -> Table:
+def stage_rows(run: Path) -> list[dict[str, str]]:
     with (run / "metrics.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+        return list(csv.DictReader(handle))
+
+
+def profile(run: Path) -> Table:
+    rows = stage_rows(run)
     table = Table(title=f"{run.name}: seconds by stage")
     for column in ("stage", *KINDS, "of which generating", "remembered answers", "wall"):
         table.add_column(column, justify="right")
@@ -67,14 +72,48 @@ def profile(run: Path) -> Table:
     return table
 
 
+def plot(runs: list[Path], out: Path) -> None:
+    """Minutes by stage and kind, one horizontal bar per run; a stage's three kinds share its label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 1.2 + 0.7 * len(runs)))
+    for y, run in enumerate(runs):
+        left = 0.0
+        for row in stage_rows(run):
+            seconds, start = stage_seconds(row), left
+            for colour, kind in enumerate(KINDS):
+                ax.barh(y, seconds[kind] / 60, height=0.55, left=left, color=f"C{colour}", edgecolor="white",
+                        linewidth=0.5, label=kind if y == 0 and start == 0 else None)
+                left += seconds[kind] / 60
+            if left - start > 2:  # the expert's reference evaluation is too thin to label
+                ax.text((start + left) / 2, y - 0.33, stage_name(row["iteration"]), ha="center", fontsize=8)
+        ax.text(left + 0.3, y, f"{left:.0f} min", va="center", fontsize=9)
+    ax.set_yticks(range(len(runs)), [run.name for run in runs])
+    ax.set_ylim(len(runs) - 0.5, -0.75)  # the first run on top, with room for its stage labels
+    ax.set(xlabel="minutes", title="where each compile's time went, stage by stage")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with a metrics.csv)")
+    parser.add_argument("--plot", type=Path, help="also draw the runs side by side into this PNG")
+    args = parser.parse_args()
     console = Console()
-    for run in parser.parse_args().runs:
+    for run in args.runs:
         if not (run / "metrics.csv").exists():
             raise SystemExit(f"error: {run} has no metrics.csv")
         console.print(profile(run))
+    if args.plot:
+        plot(args.runs, args.plot)
+        console.print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

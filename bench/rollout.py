@@ -20,7 +20,7 @@ thread count) in the same run: the fraction of the machine's dense-matmul limit 
 
 Usage: python bench/rollout.py [--tasks 64] [--adapter runs/x/iter_2/adapter] [--max-steps 10]
            [--peer-tasks 16] [--sequential-tasks 4] [--llama-parallel 4 8] [--no-llama-cpp]
-           [--llama-outtype f16] [--llama-ctx-per-slot 4096] [--llama-cache-ram 1024]
+           [--llama-outtype f16 bf16] [--llama-ctx-per-slot 4096] [--llama-cache-ram 1024]
            [--llama-timeout 3600] [--threads 2] [--profile] [--no-weight-first] [--draft-tokens 4]
 Small smoke run: python bench/rollout.py --tasks 8 --peer-tasks 8 --sequential-tasks 2 --max-steps 4 \
            --llama-parallel 4
@@ -230,36 +230,46 @@ class Bench:
         return row
 
     def llama_rows(self, max_tokens: int) -> None:
-        """One llama-server row per `--llama-parallel` value; skipped, saying why, when llama.cpp fails."""
+        """One llama-server row per `--llama-outtype` and `--llama-parallel` value; skipped, saying why, when
+        llama.cpp fails."""
         llama_cpp = load_llama_cpp()
         try:
             binary = llama_cpp.build_llama_server()
-            gguf = llama_cpp.export_gguf(DEFAULT_MODEL, self.args.adapter, self.args.llama_outtype)
         except (llama_cpp.LlamaCppError, OSError) as error:
             print(f"skipping the llama.cpp rows: {error}")
             return
-        tasks = self.tasks[: self.args.peer_tasks]
-        for parallel in self.args.llama_parallel:
+        for outtype in self.args.llama_outtype:
             try:
-                with llama_cpp.llama_server(gguf, parallel, threads=self.args.threads, binary=binary,
-                                            ctx_per_slot=self.args.llama_ctx_per_slot,
-                                            cache_ram_mib=self.args.llama_cache_ram) as server:
-                    # no retries and a long timeout: on a loaded machine a slow answer must be waited for,
-                    # never silently re-sent (a re-sent prompt is paid twice and counted once)
-                    lm = dspy.LM(f"openai/{gguf.stem}", api_base=server.url + "/v1", api_key="none",
-                                 temperature=0.0, max_tokens=max_tokens, cache=False, num_retries=0,
-                                 timeout=self.args.llama_timeout)
-                    lm("hi", max_tokens=4)  # warm-up: the OpenAI client import and first connection
-                    row = self.timed(
-                        f"llama.cpp llama-server -np {parallel} ({self.args.llama_outtype}) under "
-                        f"dspy.Evaluate(num_threads={parallel}), {len(tasks)} episodes", lm,
-                        lambda s, n=parallel: evaluate_episodes(s, self.env, tasks, self.args.max_steps, n),
-                        in_process=False)
-            except llama_cpp.LlamaCppError as error:
-                print(f"skipping llama.cpp -np {parallel}: {error}")
+                gguf = llama_cpp.export_gguf(DEFAULT_MODEL, self.args.adapter, outtype)
+            except (llama_cpp.LlamaCppError, OSError) as error:
+                print(f"skipping the llama.cpp {outtype} rows: {error}")
                 continue
-            if server.peak_rss_bytes:
-                row.peak_mib, row.memory = server.peak_rss_bytes / MiB, "server VmHWM"
+            for parallel in self.args.llama_parallel:
+                self.llama_row(llama_cpp, binary, gguf, outtype, parallel, max_tokens)
+
+    def llama_row(self, llama_cpp: ModuleType, binary: Path, gguf: Path, outtype: str, parallel: int,
+                  max_tokens: int) -> None:
+        tasks = self.tasks[: self.args.peer_tasks]
+        try:
+            with llama_cpp.llama_server(gguf, parallel, threads=self.args.threads, binary=binary,
+                                        ctx_per_slot=self.args.llama_ctx_per_slot,
+                                        cache_ram_mib=self.args.llama_cache_ram) as server:
+                # no retries and a long timeout: on a loaded machine a slow answer must be waited for,
+                # never silently re-sent (a re-sent prompt is paid twice and counted once)
+                lm = dspy.LM(f"openai/{gguf.stem}", api_base=server.url + "/v1", api_key="none",
+                             temperature=0.0, max_tokens=max_tokens, cache=False, num_retries=0,
+                             timeout=self.args.llama_timeout)
+                lm("hi", max_tokens=4)  # warm-up: the OpenAI client import and first connection
+                row = self.timed(
+                    f"llama.cpp llama-server -np {parallel} ({outtype}) under "
+                    f"dspy.Evaluate(num_threads={parallel}), {len(tasks)} episodes", lm,
+                    lambda s, n=parallel: evaluate_episodes(s, self.env, tasks, self.args.max_steps, n),
+                    in_process=False)
+        except llama_cpp.LlamaCppError as error:
+            print(f"skipping llama.cpp -np {parallel} ({outtype}): {error}")
+            return
+        if server.peak_rss_bytes:
+            row.peak_mib, row.memory = server.peak_rss_bytes / MiB, "server VmHWM"
 
 
 def local_rows(bench: Bench, args: argparse.Namespace) -> None:
@@ -338,8 +348,8 @@ def parse_args() -> argparse.Namespace:
                         help="add llama.cpp llama-server rows (built on first use; skipped if the build fails)")
     parser.add_argument("--llama-parallel", type=int, nargs="+", default=[4, 8],
                         help="llama-server slots (-np), one row each, with as many dspy.Evaluate threads")
-    parser.add_argument("--llama-outtype", default="f16", choices=["f16", "bf16", "f32", "q8_0"],
-                        help="GGUF weight type of the exported student")
+    parser.add_argument("--llama-outtype", nargs="+", default=["f16"], choices=["f16", "bf16", "f32", "q8_0"],
+                        help="GGUF weight types of the exported student, one set of llama-server rows each")
     parser.add_argument("--llama-ctx-per-slot", type=int, default=4096, help="llama-server context per slot")
     parser.add_argument("--llama-cache-ram", type=int, default=1024,
                         help="MiB for llama-server's host prompt cache (its own default is 8192)")

@@ -91,10 +91,11 @@ def plot(runs: list[Path], out: Path) -> None:
             if left - start > 2:  # the expert's reference evaluation is too thin to label
                 ax.text((start + left) / 2, y - 0.33, stage_name(row["iteration"]), ha="center", fontsize=8)
         ax.text(left + 0.3, y, f"{left:.0f} min", va="center", fontsize=9)
-    ax.set_yticks(range(len(runs)), [run.name for run in runs])
+    ax.set_yticks(range(len(runs)), [f"{run.parent.name}/{run.name}" for run in runs])
     ax.set_ylim(len(runs) - 0.5, -0.75)  # the first run on top, with room for its stage labels
     ax.set(xlabel="minutes", title="where each compile's time went, stage by stage")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.margins(x=0.08)  # room for the totals
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

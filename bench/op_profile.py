@@ -6,6 +6,7 @@ optimizer), for `bench/train.py --profile` and `bench/rollout.py --profile`. The
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -33,35 +34,56 @@ def _kind(name: str, shapes: list[Any], rank: int | None, vocab: int | None) -> 
     return "other operators (autograd, framework)"
 
 
+@dataclasses.dataclass
+class Profile:
+    """Self seconds and calls by kind (with the block's wall time outside any operator), largest first, and the
+    operators that took the most self time: the kinds say where to act, the operators what to act on."""
+
+    kinds: list[tuple[str, float, int]] = dataclasses.field(default_factory=list)
+    operators: list[tuple[str, float, int]] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.kinds)
+
+
 @contextlib.contextmanager
-def op_profile(rank: int | None = None, vocab: int | None = None) -> Iterator[list[tuple[str, float, int]]]:
-    """Profile the block on the CPU; afterwards the yielded list holds (kind, self seconds, calls), largest
-    first, with the block's wall time outside any operator. `rank` and `vocab` tell LoRA's and the head's
-    matmuls from the rest by their shapes."""
+def op_profile(rank: int | None = None, vocab: int | None = None, top: int = 8) -> Iterator[Profile]:
+    """Profile the block on the CPU; afterwards the yielded `Profile` is filled in. `rank` and `vocab` tell
+    LoRA's and the head's matmuls from the rest by their shapes; `top` operators are listed by name."""
     from torch.profiler import ProfilerActivity, _ExperimentalConfig, profile
 
-    rows: list[tuple[str, float, int]] = []
+    result = Profile()
     start = time.perf_counter()
     # every thread: the engine's forward passes run on its batcher thread, started before the profiler
     every_thread = _ExperimentalConfig(profile_all_threads=True)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, experimental_config=every_thread) as prof:
-        yield rows
+        yield result
     wall = time.perf_counter() - start
     totals: dict[str, list[float]] = {}
+    by_name: dict[str, list[float]] = {}
     for event in prof.key_averages(group_by_input_shape=True):
         kind = _kind(event.key, list(event.input_shapes or []), rank, vocab)
-        slot = totals.setdefault(kind, [0.0, 0])
-        slot[0] += event.self_cpu_time_total / 1e6
-        slot[1] += event.count
+        for table, key in ((totals, kind), (by_name, event.key)):
+            slot = table.setdefault(key, [0.0, 0])
+            slot[0] += event.self_cpu_time_total / 1e6
+            slot[1] += event.count
     inside = sum(seconds for seconds, _ in totals.values())
     totals["outside operators (python, framework)"] = [max(0.0, wall - inside), 0]
-    rows.extend(sorted(((k, s, int(n)) for k, (s, n) in totals.items()), key=lambda r: -r[1]))
+    result.kinds.extend(_largest(totals))
+    result.operators.extend(_largest(by_name)[:top])
 
 
-def format_profile(rows: list[tuple[str, float, int]], title: str) -> str:
-    """The profile as a small text table with each kind's share of the profiled self time."""
-    total = sum(seconds for _, seconds, _ in rows) or 1.0
-    width = max([len(kind) for kind, _, _ in rows] + [len(title)])
+def _largest(table: dict[str, list[float]]) -> list[tuple[str, float, int]]:
+    return sorted(((k, s, int(n)) for k, (s, n) in table.items()), key=lambda r: -r[1])
+
+
+def format_profile(profile: Profile, title: str) -> str:
+    """The profile as small text tables: each kind's share of the profiled time, then the largest operators."""
+    total = sum(seconds for _, seconds, _ in profile.kinds) or 1.0
+    names = [name for name, _, _ in profile.kinds + profile.operators]
+    width = max([len(name) for name in names] + [len(title)])
     lines = [f"{title:<{width}}  {'self s':>8}  {'share':>6}  {'calls':>9}"]
-    lines += [f"{kind:<{width}}  {seconds:8.1f}  {seconds / total:6.1%}  {calls:9,d}" for kind, seconds, calls in rows]
+    for rows in (profile.kinds, [("largest operators:", 0.0, 0)], profile.operators):
+        lines += [f"{name:<{width}}  {seconds:8.1f}  {seconds / total:6.1%}  {calls:9,d}" if calls or seconds
+                  else name for name, seconds, calls in rows]
     return "\n".join(lines)

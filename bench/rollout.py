@@ -288,7 +288,7 @@ def local_rows(bench: Bench, args: argparse.Namespace) -> None:
     engine = get_engine(DEFAULT_MODEL, args.adapter, max_batch=64, draft_tokens=args.draft_tokens)
     stats = engine.stats
     before = dataclasses.replace(stats)
-    with op_profile(vocab=engine.hf_model.config.vocab_size) if args.profile else contextlib.nullcontext([]) as ops:
+    with op_profile(vocab=engine.hf_model.config.vocab_size) if args.profile else contextlib.nullcontext(None) as ops:
         bench.timed(f"batched rollouts ({len(tasks)} episodes at once)", batched_lm, batched)
     prefill_s, total_s = stats.prefill_seconds - before.prefill_seconds, stats.seconds - before.seconds
     print(f"  its generation: {total_s:.1f} s; prefill {prefill_s:.1f} s for "

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = vocab_size(model) if args.profile else None
     for share in {"on": [True], "off": [False], "both": [False, True]}[args.share_prompt]:
         config = _config(args).model_copy(update={"share_prompt": share})
-        with op_profile(config.lora_r, vocab) if args.profile else nullcontext([]) as ops:
+        with op_profile(config.lora_r, vocab) if args.profile else nullcontext(None) as ops:
             result = _train(rows, model, config, args.warmup_steps)
         rates[share] = result.tokens_per_s
         table += _result_lines(result, config, args, n_params, best)

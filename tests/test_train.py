@@ -247,21 +247,15 @@ def test_adapters_compute_in_the_base_dtype_with_float32_master_weights(tiny_mod
 @pytest.mark.skipif(CUDA, reason="a CPU's choice of attention kernel; on CUDA the trainers run on the GPU")
 def test_long_rows_train_with_the_fused_attention_kernel_on_a_cpu(tiny_model, tmp_path):
     """Eager attention keeps length² scores per row for the backward: on a CPU, "auto" trains with sdpa in
-    float32; in bf16 it starts eager and switches to sdpa once the longest row passes EAGER_MAX_TOKENS, and the
-    same long rows train the same either way (within float rounding), so only memory changes."""
-    from leap_dspy.train.common import EAGER_MAX_TOKENS, fit_attention, load_trainable_model
+    float32 and in bf16 (an explicit choice is kept), and the same long rows train the same either way (within
+    float rounding), so only memory and speed change."""
+    from leap_dspy.train.common import load_trainable_model
 
-    model, _ = load_trainable_model(tiny_model, fast())
-    assert model.get_base_model().config._attn_implementation == "sdpa"  # float32
-    model, _ = load_trainable_model(tiny_model, fast(dtype="bfloat16"))
-    implementation = lambda: model.get_base_model().config._attn_implementation  # noqa: E731
-    assert implementation() == "eager"
-    fit_attention(model, fast(), EAGER_MAX_TOKENS)
-    assert implementation() == "eager"
-    fit_attention(model, fast(attn_implementation="eager"), 4 * EAGER_MAX_TOKENS)
-    assert implementation() == "eager"
-    fit_attention(model, fast(), EAGER_MAX_TOKENS + 1)
-    assert implementation() == "sdpa"
+    for dtype in ("float32", "bfloat16"):
+        model, _ = load_trainable_model(tiny_model, fast(dtype=dtype))
+        assert model.get_base_model().config._attn_implementation == "sdpa", dtype
+    model, _ = load_trainable_model(tiny_model, fast(dtype="bfloat16", attn_implementation="eager"))
+    assert model.get_base_model().config._attn_implementation == "eager"
 
     long_rows = [{"prompt": [{"role": "user", "content": "look around. " * 120 + f"Room {i}."}],
                   "completion": [{"role": "assistant", "content": f"open box {i}"}]} for i in range(4)]

@@ -59,8 +59,8 @@ def load_trainable_model(
     base = load_model(model, dtype=config.dtype)
     base.config.use_cache = False
     attn = config.attn_implementation
-    if attn == "auto":  # on a CPU in float32, sdpa trains as fast as eager in less memory (docs/results.md)
-        attn = None if torch.cuda.is_available() else ("eager" if base.dtype == torch.bfloat16 else "sdpa")
+    if attn == "auto":  # on a CPU sdpa trains as fast as eager or faster, in less memory (docs/results.md)
+        attn = None if torch.cuda.is_available() else "sdpa"
     if attn:
         base.set_attn_implementation(attn)
     if init_adapter is not None:
@@ -91,20 +91,6 @@ def load_trainable_model(
         # In place, so the state dict keeps its names and the saved adapter is the same either way.
         getattr(base, base.base_model_prefix).compile(dynamic=True)
     return peft_model, tokenizer
-
-
-EAGER_MAX_TOKENS = 512
-"""On a CPU in bf16, eager attention trains short rows a little faster than the fused kernel, but it keeps layers x
-heads x length² scores per row for the backward: past this many tokens the fused kernel, as fast there and far
-smaller (docs/results.md), is used instead."""
-
-
-def fit_attention(model: Any, config: TrainConfig, longest: int) -> None:
-    """`attn_implementation="auto"` on a CPU, once the rows are known: sdpa beyond `EAGER_MAX_TOKENS`."""
-    import torch
-
-    if config.attn_implementation == "auto" and not torch.cuda.is_available() and longest > EAGER_MAX_TOKENS:
-        model.get_base_model().set_attn_implementation("sdpa")
 
 
 def fit_batch(config: TrainConfig, longest: int, smallest: int = 1) -> tuple[int, int]:

@@ -48,8 +48,8 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     """Off: it recomputes the forward, and a small model's activations fit in RAM."""
     attn_implementation: str | None = "auto"
-    """"auto": sdpa on a CPU in float32; in bf16 eager for rows up to 512 tokens and sdpa beyond (eager's memory
-    grows with length², `common.EAGER_MAX_TOKENS`); the model's own (sdpa/flash) on CUDA. None keeps the model's."""
+    """"auto": sdpa on a CPU (as fast as eager or faster, and eager keeps length² scores per row for the backward);
+    the model's own (sdpa/flash) on CUDA. None keeps the model's."""
     torch_compile: bool = False
     """Compile the backbone (torch.compile): on a GPU a small model's step is mostly short kernels (LoRA, norms,
     rotary) that compilation fuses; the first steps pay for compiling, so it pays off on long runs only."""

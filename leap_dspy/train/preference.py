@@ -24,7 +24,6 @@ from typing import Any
 from leap_dspy.train.common import (
     LossRecorder,
     atomic_output_dir,
-    fit_attention,
     load_trainable_model,
     quiet_libraries,
     run_trainer,
@@ -97,7 +96,6 @@ def train_dpo(
             columns["chosen"].append(chosen)
             columns["rejected"].append(rejected)
             tokens += n
-        fit_attention(peft_model, config, longest)
         args = DPOConfig(
             **trl_common_args(config, tmp, "dpo", 2 * longest),  # chosen and rejected run as one batch
             beta=config.beta,
@@ -151,7 +149,6 @@ def train_kto(
             columns["completion"].append(completion)
             columns["label"].append(bool(row["label"]))
             tokens += 2 * n  # each row also runs once as another row's KL (mismatched) completion
-        fit_attention(peft_model, config, longest)
         undesirable = len(rows) - desirable
         # Each row also runs as another's KL completion; that KL term pairs rows within a batch, so it needs two.
         common = trl_common_args(config, tmp, "kto", 2 * longest, smallest_batch=2)

@@ -19,7 +19,6 @@ from typing import Any
 from leap_dspy.train.common import (
     LossRecorder,
     atomic_output_dir,
-    fit_attention,
     load_trainable_model,
     quiet_libraries,
     run_trainer,
@@ -156,7 +155,6 @@ def train_sft(
         peft_model, tokenizer = load_trainable_model(model, config, init_adapter)
         features = sft_features(tokenizer, rows, config.max_length)
         longest = max(len(ids) for ids in features["input_ids"])
-        fit_attention(peft_model, config, longest)
         dataset = Dataset.from_dict(features)
         tokens_per_epoch = sum(len(ids) for ids in features["input_ids"])
         args = SFTConfig(

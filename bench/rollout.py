@@ -342,7 +342,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--weight-first", action=argparse.BooleanOptionalAction, default=True,
                         help="let the local engine run small linears weight-first where that measures faster")
     parser.add_argument("--profile", action="store_true",
-                        help="profile the batched row by kind of operation (slows that row down)")
+                        help="profile the batched row by kind of operation (slows that row down; the profiler "
+                             "keeps every call, so on a fast CPU use fewer steps, e.g. --max-steps 3: the "
+                             "10-step row outgrew 24 GB on an AMX CPU)")
     parser.add_argument("--sequential-tasks", type=int, default=4, help="tasks for the one-at-a-time run")
     parser.add_argument("--llama-cpp", action=argparse.BooleanOptionalAction, default=True,
                         help="add llama.cpp llama-server rows (built on first use; skipped if the build fails)")

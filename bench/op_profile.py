@@ -82,8 +82,9 @@ def format_profile(profile: Profile, title: str) -> str:
     total = sum(seconds for _, seconds, _ in profile.kinds) or 1.0
     names = [name for name, _, _ in profile.kinds + profile.operators]
     width = max([len(name) for name in names] + [len(title)])
-    lines = [f"{title:<{width}}  {'self s':>8}  {'share':>6}  {'calls':>9}"]
-    for rows in (profile.kinds, [("largest operators:", 0.0, 0)], profile.operators):
-        lines += [f"{name:<{width}}  {seconds:8.1f}  {seconds / total:6.1%}  {calls:9,d}" if calls or seconds
-                  else name for name, seconds, calls in rows]
-    return "\n".join(lines)
+    def line(name: str, seconds: float, calls: int) -> str:
+        return f"{name:<{width}}  {seconds:8.1f}  {seconds / total:6.1%}  {calls:9,d}"
+
+    return "\n".join([f"{title:<{width}}  {'self s':>8}  {'share':>6}  {'calls':>9}",
+                      *(line(*row) for row in profile.kinds), "largest operators:",
+                      *(line(*row) for row in profile.operators)])

@@ -52,8 +52,7 @@ def stage_rows(run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def profile(run: Path) -> Table:
-    rows = stage_rows(run)
+def profile(run: Path, rows: list[dict[str, str]]) -> Table:
     table = Table(title=f"{run.name}: seconds by stage")
     for column in ("stage", *KINDS, "of which generating", "remembered answers", "wall"):
         table.add_column(column, justify="right")
@@ -72,7 +71,7 @@ def profile(run: Path) -> Table:
     return table
 
 
-def plot(runs: list[Path], out: Path) -> None:
+def plot(runs: dict[Path, list[dict[str, str]]], out: Path) -> None:
     """Minutes by stage and kind, one horizontal bar per run; a stage's three kinds share its label."""
     import matplotlib
 
@@ -80,9 +79,9 @@ def plot(runs: list[Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 1.2 + 0.7 * len(runs)))
-    for y, run in enumerate(runs):
+    for y, rows in enumerate(runs.values()):
         left = 0.0
-        for row in stage_rows(run):
+        for row in rows:
             seconds, start = stage_seconds(row), left
             for colour, kind in enumerate(KINDS):
                 ax.barh(y, seconds[kind] / 60, height=0.55, left=left, color=f"C{colour}", edgecolor="white",
@@ -108,12 +107,14 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="also draw the runs side by side into this PNG")
     args = parser.parse_args()
     console = Console()
+    runs = {}
     for run in args.runs:
         if not (run / "metrics.csv").exists():
             raise SystemExit(f"error: {run} has no metrics.csv")
-        console.print(profile(run))
+        runs[run] = stage_rows(run)
+        console.print(profile(run, runs[run]))
     if args.plot:
-        plot(args.runs, args.plot)
+        plot(runs, args.plot)
         console.print(f"plot: {args.plot}")
 
 

@@ -130,6 +130,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--batch", type=int, default=None, help="per-device batch (default: TrainConfig's)")
+    parser.add_argument("--accumulation", type=int, default=None,
+                        help="gradient accumulation steps (default: TrainConfig's)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="TrainConfig.max_batch_tokens (0: none; default: TrainConfig's)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--targets", default=None, help="comma-separated LoRA target modules")
     parser.add_argument("--threads", type=int, default=None)
@@ -157,6 +161,10 @@ def _config(args: argparse.Namespace) -> Any:
     overrides = {"dtype": args.dtype, "epochs": args.epochs, "progress_bar": False, "logging_steps": 1}
     if args.batch:
         overrides["per_device_batch_size"] = args.batch
+    if args.accumulation:
+        overrides["gradient_accumulation"] = args.accumulation
+    if args.max_batch_tokens is not None:
+        overrides["max_batch_tokens"] = args.max_batch_tokens or None
     if args.attn:
         overrides["attn_implementation"] = args.attn
     if args.targets:

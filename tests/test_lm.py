@@ -483,3 +483,30 @@ def test_weight_first_linears_compute_what_f_linear_computes(tiny_model, monkeyp
     with torch.inference_mode():
         assert torch.allclose(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4)
     assert not kernels.use_weight_first_linears(plain.to(torch.bfloat16))  # float32 on a CPU only
+
+
+@pytest.mark.parametrize("queries", [2, 5, 17], ids=["drafted-step", "longer-draft", "prefill-chunk"])
+def test_grouped_attention_computes_what_sdpa_computes_over_repeated_heads(queries):
+    """A few queries a row are packed by key/value head and a prefill chunk's run with grouped heads: either way
+    each query head gets what sdpa gives it over its own copy of the key/value head, under a padding and causal
+    mask, boolean or additive."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from leap_dspy.lm import kernels
+
+    batch, heads, kv_heads, length, dim = 3, 6, 2, 23, 8
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
+    query = torch.randn(batch, heads, queries, dim)
+    key, value = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
+    visible = torch.ones(batch, 1, queries, length, dtype=torch.bool).tril(length - queries)
+    visible[1, ..., :4] = False  # a row's left padding
+    additive = torch.zeros(visible.shape).masked_fill(~visible, float("-inf"))
+    expected = F.scaled_dot_product_attention(query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1),
+                                              attn_mask=visible).transpose(1, 2)
+    for mask in (visible, additive):
+        out, _ = kernels._grouped_sdpa(module, query, key, value, mask, scaling=dim**-0.5)
+        assert out.shape == (batch, queries, heads, dim)
+        assert torch.allclose(out, expected, atol=1e-5)

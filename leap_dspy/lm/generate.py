@@ -25,6 +25,16 @@ from leap_dspy.lm.kv_cache import growing_cache, growing_layer_class
 from leap_dspy.lm.prefill import Prefiller
 
 
+def default_draft_budget(device_type: str, dtype: torch.dtype) -> int:
+    """The tokens a decode step may feed by default: as many as keep it bound by reading the weights and the
+    cache rather than by arithmetic. 64 on a CPU computing in float32 (a step of 64 rows is already bound by
+    its matmuls there); 320 on one with bf16 units, where matmuls are fast enough that 64 rows with a draft of
+    4 each cost about twice a one-token step; 4096 on CUDA."""
+    if device_type == "cuda":
+        return 4096
+    return 64 if dtype == torch.float32 else 320
+
+
 class Generator:
     """Runs batched generation for one loaded model; serialises calls with `lock` (one model, many engines).
 
@@ -32,8 +42,7 @@ class Generator:
     worth the extra forward call. `prefill_waste` bounds the padding of each prefill chunk; 1.0 prefills the
     whole batch at once. `draft_budget` caps the tokens one decode step feeds when drafts are on (rows x
     (1 + draft)): past it a step costs about as much per token as prefill and a rejected draft is paid in full,
-    so large batches draft less or not at all (default 64 on a CPU, 4096 on CUDA, where a step stays bound by
-    reading the weights far longer).
+    so large batches draft less or not at all (default: `default_draft_budget`).
     """
 
     def __init__(
@@ -64,7 +73,7 @@ class Generator:
         full_attention = all(type(layer) is growing for layer in growing_cache(model.config, 1).layers)
         self.prefill = Prefiller(model, pad_id, self.stats, store_size=prefix_store_size, min_prefix=min_prefix,
                                  waste=prefill_waste if full_attention else 1.0)
-        budget = draft_budget or (4096 if self.device.type == "cuda" else 64)
+        budget = draft_budget or default_draft_budget(self.device.type, next(model.parameters()).dtype)
         self.decode = Decoder(model, tokenizer, eos_ids, pad_id, self.stats, drafts=full_attention,
                               draft_budget=budget)
 

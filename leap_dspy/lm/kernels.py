@@ -43,11 +43,19 @@ GROUPED_SDPA = "leap_grouped_sdpa"
 """The attention implementation `use_grouped_attention` gives inference models."""
 
 
+PACKED_QUERIES = 16
+"""The most query positions a row (a decode step's token and its draft) whose grouped heads are packed into one
+query axis per key/value head; a longer prefill chunk uses `enable_gqa`."""
+
+
 def _grouped_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
                   scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
-    """transformers' SDPA attention, except that several queries a row on a CPU reach torch with their grouped
-    key/value heads as they are (`enable_gqa`): given a mask, transformers copies each key/value head for every
-    query head that reads it, and at a decode step that checks a draft the copy costs more than the attention."""
+    """transformers' SDPA attention, except for several queries a row on a CPU under a mask, where transformers
+    copies each key/value head for every query head that reads it (at a decode step that checks a draft the
+    copy costs more than the attention). A few queries (a drafted step) are packed, the query heads that share
+    a key/value head stacked on the query axis, so that each head's cached keys and values are read once per
+    row rather than once per query head (transformers packs one-token steps the same way); a prefill chunk
+    reaches torch with its heads grouped (`enable_gqa`)."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -56,9 +64,18 @@ def _grouped_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask:
             or kwargs.get("softcap") is not None):  # transformers' own checks and errors for those
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                           dropout_p=dropout, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
+    batch, heads, queries, dim = query.shape
+    if queries > PACKED_QUERIES or attention_mask.shape[1] != 1:  # a long chunk, or a mask per head
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                                               dropout_p=dropout, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    kv_heads, groups = key.shape[1], heads // key.shape[1]
+    packed = query.reshape(batch, kv_heads, groups * queries, dim)  # query heads are kv-head major
+    mask = attention_mask.unsqueeze(2).expand(-1, -1, groups, -1, -1)  # [b, 1, q, kv], repeated per group
+    mask = mask.reshape(attention_mask.shape[0], 1, groups * queries, -1)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout,
+                                                           scale=scaling)
+    return out.view(batch, heads, queries, dim).transpose(1, 2).contiguous(), None
 
 
 def use_grouped_attention(model: Any) -> None:

@@ -1,6 +1,7 @@
 """Benchmark: LoRA SFT throughput on the embedded SmolLM2-135M against this machine's best matmul rate.
 
-    python bench/train.py [--rows 64] [--dtype auto] [--batch 8] [--attn sdpa|eager] [--turns 25] [--model DIR]
+    python bench/train.py [--rows 64] [--dtype auto] [--batch 8] [--accumulation 1] [--max-batch-tokens 0]
+                          [--attn sdpa|eager] [--turns 25] [--model DIR]
                           [--compile] [--liger] [--share-prompt on|off|both] [--rows-file RUN/iter_0/train_rows.jsonl]
                           [--profile]
 

@@ -51,11 +51,10 @@ query axis per key/value head; a longer prefill chunk uses `enable_gqa`."""
 def _grouped_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
                   scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
     """transformers' SDPA attention, except for several queries a row on a CPU under a mask, where transformers
-    copies each key/value head for every query head that reads it (at a decode step that checks a draft the
-    copy costs more than the attention). A few queries (a drafted step) are packed, the query heads that share
-    a key/value head stacked on the query axis, so that each head's cached keys and values are read once per
-    row rather than once per query head (transformers packs one-token steps the same way); a prefill chunk
-    reaches torch with its heads grouped (`enable_gqa`)."""
+    would copy each key/value head for every query head that reads it. A few queries (a drafted step) are packed
+    as transformers packs a one-token step: the query heads that share a key/value head stacked on one query
+    axis, so each row's cached keys and values are read once rather than once per query head. A longer prefill
+    chunk runs with grouped heads (`enable_gqa`)."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -62,11 +62,12 @@ def main() -> None:
     print("| rows | tokens a row | packed ms | grouped-query ms | packed / one-token step | ms per token |")
     print("|---|---|---|---|---|---|")
     for rows in args.rows:
-        one = None
-        for fed in args.fed:
+        one = 0.0
+        for fed in sorted({1, *args.fed}):  # the one-token step first: the ratios are to it
             kernels.PACKED_QUERIES = packed_max
             packed = step_ms(model, rows, fed, args.context, args.repeats)
             kernels.PACKED_QUERIES = 0  # every several-token step back to torch's grouped-query attention
+            # one token a row: nothing to pack, the same step either way
             grouped = step_ms(model, rows, fed, args.context, args.repeats) if fed > 1 else packed
             one = one or packed
             print(f"| {rows} | {fed} | {packed:.0f} | {grouped:.0f} | {packed / one:.2f}x | "

@@ -64,17 +64,17 @@ def _grouped_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     batch, heads, queries, dim = query.shape
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     if queries > PACKED_QUERIES or attention_mask.shape[1] != 1:  # a long chunk, or a mask per head
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                               dropout_p=dropout, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2).contiguous(), None
-    kv_heads, groups = key.shape[1], heads // key.shape[1]
-    packed = query.reshape(batch, kv_heads, groups * queries, dim)  # query heads are kv-head major
-    mask = attention_mask.unsqueeze(2).expand(-1, -1, groups, -1, -1)  # [b, 1, q, kv], repeated per group
-    mask = mask.reshape(attention_mask.shape[0], 1, groups * queries, -1)
-    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout,
-                                                           scale=scaling)
-    return out.view(batch, heads, queries, dim).transpose(1, 2).contiguous(), None
+        out = sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True)
+    else:
+        kv_heads, groups = key.shape[1], heads // key.shape[1]
+        packed = query.reshape(batch, kv_heads, groups * queries, dim)  # query heads are kv-head major
+        mask = attention_mask.unsqueeze(2).expand(-1, -1, groups, -1, -1)  # [b, 1, q, kv], repeated per group
+        mask = mask.reshape(attention_mask.shape[0], 1, groups * queries, -1)
+        out = sdpa(packed, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+        out = out.view(batch, heads, queries, dim)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def use_grouped_attention(model: Any) -> None:

@@ -2,8 +2,8 @@
 
     python bench/train.py [--rows 64] [--dtype auto] [--batch 8] [--accumulation 1] [--max-batch-tokens 0]
                           [--attn sdpa|eager] [--turns 25] [--model DIR]
-                          [--compile] [--liger] [--share-prompt on|off|both] [--rows-file RUN/iter_0/train_rows.jsonl]
-                          [--profile]
+                          [--compile] [--liger] [--share-prompt on|off|both] [--fused-lora on|off|both]
+                          [--rows-file RUN/iter_0/train_rows.jsonl] [--profile]
 
 Prints one table, all measured in this run: the best square-matmul FLOP/s in float32 and bfloat16, SFT train
 tokens/s with the default TrainConfig on realistic agent-step rows (~300-token prompt, ~40-token completion),
@@ -19,6 +19,7 @@ time went, by kind of operation (`op_profile.py`).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import sys
@@ -148,11 +149,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="train on a run's iter_<k>/train_rows.jsonl (its first --rows rows), not made-up rows")
     parser.add_argument("--share-prompt", default="on", choices=["on", "off", "both"],
                         help="TrainConfig.share_prompt; both: train each way in this run and print the ratio")
+    parser.add_argument("--fused-lora", default="on", choices=["on", "off", "both"],
+                        help="TrainConfig.fused_lora; both: train each way in this run and print the ratio")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the measured training's time went, by kind of operation")
     parser.add_argument("--warmup-steps", type=int, default=0,
                         help="train this many steps first, unmeasured (compilation, kernel autotuning)")
     return parser.parse_args(argv)
+
+
+def _switch(value: str) -> list[bool]:
+    return {"on": [True], "off": [False], "both": [False, True]}[value]
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -193,7 +200,7 @@ def _result_lines(result: Any, config: Any, args: argparse.Namespace, n_params: 
     return [
         ("config", f"batch {config.per_device_batch_size}, LoRA r={config.lora_r} on "
                    f"{','.join(config.target_modules)}, compile {args.compile}, liger {args.liger}, "
-                   f"shared prompt head {config.shares_prompt}"),
+                   f"shared prompt head {config.shares_prompt}, fused LoRA {config.fused_lora}"),
         ("steps / train tokens", f"{result.steps} / {result.train_tokens:,}"),
         ("train wall", f"{result.wall_s:.1f} s (setup {result.setup_s:.1f} s, {args.warmup_steps} warm-up steps "
                        "before, unmeasured)"),
@@ -240,16 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     ]
     rates, profiles = {}, []
     vocab = vocab_size(model) if args.profile else None
-    for share in {"on": [True], "off": [False], "both": [False, True]}[args.share_prompt]:
-        config = _config(args).model_copy(update={"share_prompt": share})
+    shares, fuseds = _switch(args.share_prompt), _switch(args.fused_lora)
+    for share, fused in itertools.product(shares, fuseds):
+        config = _config(args).model_copy(update={"share_prompt": share, "fused_lora": fused})
         with op_profile(config.lora_r, vocab) if args.profile else nullcontext(None) as ops:
             result = _train(rows, model, config, args.warmup_steps)
-        rates[share] = result.tokens_per_s
+        rates[share, fused] = result.tokens_per_s
         table += _result_lines(result, config, args, n_params, best)
         if ops:
-            profiles.append(format_profile(ops, f"shared prompt head {config.shares_prompt}: by operation"))
-    if len(rates) == 2:
-        table.append(("shared head / plain", f"{rates[True] / rates[False]:.2f}x tokens/s"))
+            profiles.append(format_profile(ops, f"shared prompt head {config.shares_prompt}, fused LoRA {fused}: "
+                                                "by operation"))
+    for name, pairs in (("shared head / plain", [((True, f), (False, f)) for f in fuseds]),
+                        ("fused LoRA / PEFT's", [((s, True), (s, False)) for s in shares])):
+        table += [(name, f"{rates[a] / rates[b]:.2f}x tokens/s") for a, b in pairs if a in rates and b in rates]
     width = max(len(k) for k, _ in table)
     print()
     for key, value in table:

@@ -354,3 +354,49 @@ def test_a_shared_prompt_head_gives_the_same_loss_and_gradients(tiny_model, tmp_
     apart = train_sft(rows, model=tiny_model, output_dir=tmp_path / "apart", config=fast(max_steps=3,
                                                                                          share_prompt=False))
     assert same.loss_history == pytest.approx(apart.loss_history, rel=1e-4)
+
+
+def test_fused_lora_gives_peft_outputs_and_gradients(tiny_model, tmp_path):
+    """`fused_lora` computes every plain LoRA linear's output and its input's, A's and B's gradients as PEFT's
+    operators do (float32: to rounding; a bf16 base under `adapters_in_base_dtype`: as near the exact gradients
+    as PEFT's), falls back to PEFT's forward with the adapters disabled (DPO's reference pass), and leaves the
+    modules as they were."""
+    import copy
+
+    import torch
+
+    from leap_dspy.train.common import adapters_in_base_dtype, load_trainable_model
+    from leap_dspy.train.fused_lora import fused_lora
+
+    def loss_and_grads(model, ids, fused: bool) -> tuple[float, dict[str, torch.Tensor], torch.Tensor]:
+        model.zero_grad()
+        with adapters_in_base_dtype(model), fused_lora(model, fused) as patched:
+            assert patched == (14 if fused else 0)  # 7 projections x 2 layers
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            with model.disable_adapter(), torch.no_grad():
+                base = model(input_ids=ids).logits
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, base
+
+    for dtype in ("float32", "bfloat16"):
+        model, tokenizer = load_trainable_model(tiny_model, fast(dtype=dtype))
+        torch.manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero; A's gradient would be zero too
+                torch.nn.init.normal_(param, std=0.5)
+        ids = torch.tensor([tokenizer.encode("go to shelf 1, take mug 1 from shelf 1")])
+        # The exact gradients of these very weights: a float32 copy through PEFT's own operators.
+        _, exact, _ = loss_and_grads(copy.deepcopy(model).float(), ids, False)
+        (plain, plain_grads, plain_base), (fused, fused_grads, fused_base) = (loss_and_grads(model, ids, False),
+                                                                              loss_and_grads(model, ids, True))
+        assert fused == pytest.approx(plain, rel=1e-5 if dtype == "float32" else 1e-2), dtype
+        assert torch.equal(fused_base, plain_base), dtype
+        assert len(fused_grads) == 28 and all(g.abs().sum() > 0 for g in exact.values())
+        for name, grad in exact.items():
+            error = {"peft": (plain_grads[name] - grad).norm(), "fused": (fused_grads[name] - grad).norm()}
+            assert error["fused"] <= 1.5 * error["peft"] + 1e-5 * grad.norm(), (dtype, name, error)
+        assert not any("forward" in vars(m) for m in model.modules())
+
+    runs = {flag: train_sft(sft_rows(), model=tiny_model, output_dir=tmp_path / str(flag),
+                            config=fast(fused_lora=flag, max_steps=3)).loss_history for flag in (False, True)}
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)

@@ -307,11 +307,15 @@ def run_trainer(
     tokens_per_epoch: int,
     setup_s: float,
     counted_tokens: Any = None,
+    fused: bool = True,
 ) -> TrainResult:
-    """Train, save the adapter into `tmp_dir` and report; the caller's `atomic_output_dir` publishes it."""
+    """Train, save the adapter into `tmp_dir` and report; the caller's `atomic_output_dir` publishes it.
+    `fused`: plain LoRA linears train through `fused_lora` (TrainConfig.fused_lora)."""
     from leap_dspy.lm.kernels import attention_kernels
+    from leap_dspy.train.fused_lora import fused_lora
 
-    with adapters_in_base_dtype(trainer.model), attention_kernels(next(trainer.model.parameters()).device.type):
+    device = next(trainer.model.parameters()).device.type
+    with adapters_in_base_dtype(trainer.model), attention_kernels(device), fused_lora(trainer.model, fused):
         output = trainer.train()
     steps = int(output.global_step)
     epochs_done = float(trainer.state.epoch or 0.0)

@@ -55,6 +55,9 @@ class TrainConfig(BaseModel):
     rotary) that compilation fuses; the first steps pay for compiling, so it pays off on long runs only."""
     use_liger_kernel: bool = False
     """SFT only: TRL's Liger kernels (fused RMSNorm, SwiGLU, rotary; `pip install liger-kernel`, CUDA only)."""
+    fused_lora: bool = True
+    """Train plain LoRA linears through one autograd function (`fused_lora.py`): the same gradients without the
+    activation-sized scale and add passes of PEFT's separate operators. Off: PEFT's own forward."""
     group_by_length: bool = True
     """Batch rows of similar length together, so little of each batch is padding."""
     share_prompt: bool = True

@@ -52,7 +52,7 @@ def _render(
 
 
 def _fit(trainer_class: Any, method: str, peft_model: Any, tokenizer: Any, args: Any, columns: dict[str, list[Any]],
-         tmp: Path, final_dir: Path, train_rows: int, tokens: int, t0: float) -> TrainResult:
+         tmp: Path, final_dir: Path, train_rows: int, tokens: int, t0: float, fused: bool) -> TrainResult:
     """Run TRL's `trainer_class` over the rendered columns; ref_model=None: see the module docstring."""
     from datasets import Dataset
 
@@ -60,7 +60,7 @@ def _fit(trainer_class: Any, method: str, peft_model: Any, tokenizer: Any, args:
     trainer = trainer_class(model=peft_model, ref_model=None, args=args, train_dataset=Dataset.from_dict(columns),
                             processing_class=tokenizer, callbacks=[recorder.callback()])
     return run_trainer(trainer, recorder, method=method, tmp_dir=tmp, final_dir=final_dir, tokenizer=tokenizer,
-                       train_rows=train_rows, tokens_per_epoch=tokens, setup_s=time.perf_counter() - t0)
+                       train_rows=train_rows, tokens_per_epoch=tokens, setup_s=time.perf_counter() - t0, fused=fused)
 
 
 def train_dpo(
@@ -103,7 +103,8 @@ def train_dpo(
             precompute_ref_log_probs=False,
             loss_type=["sigmoid", "sft"] if any(row.get("anchor") for row in rows) else ["sigmoid"],
         )
-        return _fit(DPOTrainer, "dpo", peft_model, tokenizer, args, columns, tmp, final_dir, len(rows), tokens, t0)
+        return _fit(DPOTrainer, "dpo", peft_model, tokenizer, args, columns, tmp, final_dir, len(rows), tokens, t0,
+                    config.fused_lora)
 
 
 def train_kto(
@@ -162,4 +163,5 @@ def train_kto(
             desirable_weight=max(1.0, undesirable / desirable),
             undesirable_weight=max(1.0, desirable / undesirable),
         )
-        return _fit(KTOTrainer, "kto", peft_model, tokenizer, args, columns, tmp, final_dir, len(rows), tokens, t0)
+        return _fit(KTOTrainer, "kto", peft_model, tokenizer, args, columns, tmp, final_dir, len(rows), tokens, t0,
+                    config.fused_lora)

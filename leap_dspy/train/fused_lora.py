@@ -1,0 +1,92 @@
+"""A LoRA linear layer's forward and backward in a few matmuls, for training.
+
+PEFT computes `base(x) + lora_B(lora_A(x)) * scaling` as separate operators: on a CPU each one writes and reads
+back an activation as large as the layer's output (the scale, the add, and their backward), and for a small
+model those passes cost more than the frozen weights' matmuls. Here the scaled `B` is a matrix of r columns, so
+the update accumulates into the base matmul's output (`addmm_`), and backward gets the input's gradient from one
+matmul per weight with no elementwise pass. The parameters are PEFT's own: the optimizer, the saved adapter and
+merging see no difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x W^T (+ bias) + (x A^T)(s B)^T, with gradients for x, A and B (W and bias are frozen)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+        dtype = weight.dtype  # the frozen base's: the adapter's float32 master weights multiply in it
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)
+        h = x2 @ a.t()
+        y = x2 @ weight.t() if bias is None else torch.addmm(bias.to(dtype), x2, weight.t())
+        y.addmm_(h, b.t())
+        ctx.save_for_backward(x2, h, weight, a, b)
+        ctx.scaling, ctx.x_dtype, ctx.x_shape = scaling, x.dtype, x.shape
+        ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, h, weight, a, b = ctx.saved_tensors
+        g = grad.reshape(-1, weight.shape[0]).to(weight.dtype)
+        gh = g @ b  # the gradient reaching x A^T
+        gx = g @ weight
+        gx.addmm_(gh, a)
+        grad_a = (gh.t() @ x2).to(ctx.param_dtypes[0])
+        grad_b = (g.t() @ h).mul_(ctx.scaling).to(ctx.param_dtypes[1])
+        return gx.view(ctx.x_shape).to(ctx.x_dtype), None, None, grad_a, grad_b, None
+
+
+def _fusable(module: Any) -> bool:
+    """Plain LoRA on a frozen `nn.Linear`, one adapter active, no dropout: what the fused path computes."""
+    from peft.tuners.lora.layer import Linear
+
+    if not isinstance(module, Linear) or module.merged or module.disable_adapters:
+        return False
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if len(active) != 1 or active[0] in module.lora_variant or getattr(module, "fan_in_fan_out", False):
+        return False
+    base = module.get_base_layer()
+    dropout = module.lora_dropout[active[0]]
+    return (type(base) is torch.nn.Linear and not base.weight.requires_grad and not hasattr(module, "_hf_hook")
+            and (base.bias is None or not base.bias.requires_grad) and isinstance(dropout, torch.nn.Identity))
+
+
+def _fused_forward(module: Any, original: Any) -> Any:
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or not _fusable(module):  # mixed-adapter batches and anything changed since: PEFT's
+            return original(x, *args, **kwargs)
+        name = next(n for n in module.active_adapters if n in module.lora_A)
+        base = module.get_base_layer()
+        out = _LoraLinear.apply(x, base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
+                                float(module.scaling[name]))
+        return out
+
+    return forward
+
+
+@contextlib.contextmanager
+def fused_lora(model: Any, enabled: bool = True) -> Iterator[int]:
+    """Within the block, the model's plain LoRA linears train through `_LoraLinear`; yields how many. Outside it
+    (saving, merging, generating) they are PEFT's again."""
+    patched = [m for m in model.modules() if enabled and _fusable(m)]
+    previous = [module.__dict__.get("forward") for module in patched]
+    for module in patched:
+        module.forward = _fused_forward(module, module.forward)
+    try:
+        yield len(patched)
+    finally:
+        for module, forward in zip(patched, previous, strict=True):
+            if forward is None:
+                del module.forward  # the class's forward is back
+            else:
+                module.forward = forward

@@ -360,14 +360,17 @@ def test_no_repeat_ngram_breaks_greedy_loops(tiny_model):
 
 
 def test_length_chunked_prefill_matches_one_padded_prefill():
-    """Rows prefilled in chunks of similar length and then laid side by side give the same greedy answers, in
-    float32, as one padded prefill of the whole batch: the rows' order is restored and pads stay masked."""
+    """Rows prefilled in chunks of similar length (or of a bounded size) and then laid side by side give the same
+    greedy answers, in float32, as one padded prefill of the whole batch: the rows' order is restored and pads
+    stay masked."""
     from leap_dspy.lm.generate import Generator, GenParams
     from leap_dspy.lm.models import DEFAULT_MODEL, load_model, load_tokenizer
     from leap_dspy.lm.prefill import length_chunks
 
     assert length_chunks([30, 10, 31, 11], 0.1) == [[1, 3], [0, 2]]
     assert length_chunks([30, 10], 1.0) == [[0, 1]]
+    assert length_chunks([10, 10, 10, 10, 10], 1.0, max_tokens=20) == [[0, 1], [2, 3], [4]]
+    assert length_chunks([30, 10, 31, 11], 0.1, max_tokens=40) == [[1, 3], [0], [2]]
     tokenizer = load_tokenizer(DEFAULT_MODEL)
     model = load_model(DEFAULT_MODEL, dtype="float32")
     head = tokenizer.encode(SYSTEM)
@@ -378,6 +381,9 @@ def test_length_chunked_prefill_matches_one_padded_prefill():
     split = chunked.generate(prompts, params)
     assert chunked.stats.extra["prefill_chunks"] == len({len(p) for p in prompts}) > 1  # no padding at all
     assert [r.token_ids for r in split] == [r.token_ids for r in one]
+    bounded = Generator(model, tokenizer, prefill_waste=1.0, prefill_tokens=1)  # a row a chunk
+    assert [r.token_ids for r in bounded.generate(prompts, params)] == [r.token_ids for r in one]
+    assert bounded.stats.extra["prefill_chunks"] == len(prompts)
 
 
 def test_a_greedy_answer_asked_again_is_remembered_not_recomputed():

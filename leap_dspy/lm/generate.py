@@ -35,14 +35,22 @@ def default_draft_budget(device_type: str, dtype: torch.dtype) -> int:
     return 64 if dtype == torch.float32 else 320
 
 
+def default_prefill_tokens(device_type: str) -> int | None:
+    """The most tokens one prefill forward takes by default: on a CPU a forward over many more than 8k tokens
+    runs slower per token (its activations no longer fit the caches, and each is freshly mapped memory); a GPU
+    takes the batch at once."""
+    return None if device_type == "cuda" else 8192
+
+
 class Generator:
     """Runs batched generation for one loaded model; serialises calls with `lock` (one model, many engines).
 
     `prefix_cache` turns on the shared-prefix prefill (`prefill.py`); `min_prefix` is the shortest common prefix
     worth the extra forward call. `prefill_waste` bounds the padding of each prefill chunk; 1.0 prefills the
-    whole batch at once. `draft_budget` caps the tokens one decode step feeds when drafts are on (rows x
-    (1 + draft)): past it a step costs about as much per token as prefill and a rejected draft is paid in full,
-    so large batches draft less or not at all (default: `default_draft_budget`).
+    whole batch at once; `prefill_tokens` bounds its padded size (default: `default_prefill_tokens`).
+    `draft_budget` caps the tokens one decode step feeds when drafts are on (rows x (1 + draft)): past it a step
+    costs about as much per token as prefill and a rejected draft is paid in full, so large batches draft less
+    or not at all (default: `default_draft_budget`).
     """
 
     def __init__(
@@ -54,6 +62,7 @@ class Generator:
         prefix_store_size: int = 8,
         min_prefix: int = 16,
         prefill_waste: float = 0.125,
+        prefill_tokens: int | None = None,
         draft_budget: int | None = None,
         lock: threading.Lock | None = None,
     ) -> None:
@@ -71,8 +80,10 @@ class Generator:
         # Other layer kinds (sliding windows) keep their own layout: those models prefill in one piece, undrafted.
         growing = growing_layer_class()
         full_attention = all(type(layer) is growing for layer in growing_cache(model.config, 1).layers)
+        chunk_tokens = prefill_tokens or default_prefill_tokens(self.device.type)
         self.prefill = Prefiller(model, pad_id, self.stats, store_size=prefix_store_size, min_prefix=min_prefix,
-                                 waste=prefill_waste if full_attention else 1.0)
+                                 waste=prefill_waste if full_attention else 1.0,
+                                 chunk_tokens=chunk_tokens if full_attention else None)
         budget = draft_budget or default_draft_budget(self.device.type, next(model.parameters()).dtype)
         self.decode = Decoder(model, tokenizer, eos_ids, pad_id, self.stats, drafts=full_attention,
                               draft_budget=budget)

@@ -32,17 +32,18 @@ if TYPE_CHECKING:
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def length_chunks(lengths: list[int], waste: float) -> list[list[int]]:
+def length_chunks(lengths: list[int], waste: float, max_tokens: int | None = None) -> list[list[int]]:
     """Row indices grouped by length, shortest first: a chunk grows while padding stays within `waste` of its
-    padded size (waste >= 1: one chunk of all rows)."""
-    if waste >= 1:
+    padded size (waste >= 1: any padding) and its padded size within `max_tokens` (None: any size)."""
+    if waste >= 1 and max_tokens is None:
         return [list(range(len(lengths)))]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     chunks: list[list[int]] = []
     total = 0
     for row in order:
         n = lengths[row]  # the longest so far: rows come in ascending length
-        if chunks and (n * (len(chunks[-1]) + 1) - (total + n)) <= waste * n * (len(chunks[-1]) + 1):
+        size = n * (len(chunks[-1]) + 1) if chunks else n
+        if chunks and (size - (total + n)) <= waste * size and (max_tokens is None or size <= max_tokens):
             chunks[-1].append(row)
             total += n
         else:
@@ -64,16 +65,18 @@ class Prefilled:
 
 class Prefiller:
     """Prefills batches for one model. `min_prefix` is the shortest common prefix worth the extra forward call;
-    `waste` bounds the padding of each length chunk (1.0: the whole batch at once)."""
+    `waste` bounds the padding of each length chunk (1.0: the whole batch at once) and `chunk_tokens` its
+    padded size (None: any)."""
 
     def __init__(self, model: Any, pad_id: int, stats: GenStats, *, store_size: int = 8, min_prefix: int = 16,
-                 waste: float = 0.125) -> None:
+                 waste: float = 0.125, chunk_tokens: int | None = None) -> None:
         self.model = model
         self.pad_id = pad_id
         self.stats = stats
         self.store = PrefixStore(store_size)
         self.min_prefix = min_prefix
         self.waste = waste
+        self.chunk_tokens = chunk_tokens
 
     @property
     def device(self) -> torch.device:
@@ -156,7 +159,7 @@ class Prefiller:
 
     def _chunks(self, suffixes: list[list[int]]) -> list[list[int]]:
         """Row indices grouped by `length_chunks`; counted in the stats for benchmarks."""
-        chunks = length_chunks([len(s) for s in suffixes], self.waste)
+        chunks = length_chunks([len(s) for s in suffixes], self.waste, self.chunk_tokens)
         if len(chunks) == 1:
             chunks = [list(range(len(suffixes)))]  # one piece: the rows in their own order
         self.stats.extra["prefill_chunks"] = self.stats.extra.get("prefill_chunks", 0) + len(chunks)

@@ -3,6 +3,7 @@
     python bench/train.py [--rows 64] [--dtype auto] [--batch 8] [--accumulation 1] [--max-batch-tokens 0]
                           [--attn sdpa|eager] [--turns 25] [--model DIR]
                           [--compile] [--liger] [--share-prompt on|off|both] [--fused-lora on|off|both]
+                          [--fused-loss on|off]
                           [--rows-file RUN/iter_0/train_rows.jsonl] [--profile]
 
 Prints one table, all measured in this run: the best square-matmul FLOP/s in float32 and bfloat16, SFT train
@@ -151,6 +152,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="TrainConfig.share_prompt; both: train each way in this run and print the ratio")
     parser.add_argument("--fused-lora", default="on", choices=["on", "off", "both"],
                         help="TrainConfig.fused_lora; both: train each way in this run and print the ratio")
+    parser.add_argument("--fused-loss", default="on", choices=["on", "off"], help="TrainConfig.fused_loss")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the measured training's time went, by kind of operation")
     parser.add_argument("--warmup-steps", type=int, default=0,
@@ -166,7 +168,8 @@ def _config(args: argparse.Namespace) -> Any:
     """The `TrainConfig` the command line asks for."""
     from leap_dspy.train import TrainConfig
 
-    overrides = {"dtype": args.dtype, "epochs": args.epochs, "progress_bar": False, "logging_steps": 1}
+    overrides = {"dtype": args.dtype, "epochs": args.epochs, "progress_bar": False, "logging_steps": 1,
+                 "fused_loss": args.fused_loss == "on"}
     if args.batch:
         overrides["per_device_batch_size"] = args.batch
     if args.accumulation:
@@ -200,7 +203,8 @@ def _result_lines(result: Any, config: Any, args: argparse.Namespace, n_params: 
     return [
         ("config", f"batch {config.per_device_batch_size}, LoRA r={config.lora_r} on "
                    f"{','.join(config.target_modules)}, compile {args.compile}, liger {args.liger}, "
-                   f"shared prompt head {config.shares_prompt}, fused LoRA {config.fused_lora}"),
+                   f"shared prompt head {config.shares_prompt}, fused LoRA {config.fused_lora}, "
+                   f"fused loss {config.fused_loss}"),
         ("steps / train tokens", f"{result.steps} / {result.train_tokens:,}"),
         ("train wall", f"{result.wall_s:.1f} s (setup {result.setup_s:.1f} s, {args.warmup_steps} warm-up steps "
                        "before, unmeasured)"),

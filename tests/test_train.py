@@ -366,7 +366,7 @@ def test_fused_lora_gives_peft_outputs_and_gradients(tiny_model, tmp_path):
     import torch
 
     from leap_dspy.train.common import adapters_in_base_dtype, load_trainable_model
-    from leap_dspy.train.fused_lora import fused_lora
+    from leap_dspy.train.kernels import fused_lora
 
     def loss_and_grads(model, ids, fused: bool) -> tuple[float, dict[str, torch.Tensor], torch.Tensor]:
         model.zero_grad()
@@ -399,4 +399,40 @@ def test_fused_lora_gives_peft_outputs_and_gradients(tiny_model, tmp_path):
 
     runs = {flag: train_sft(sft_rows(), model=tiny_model, output_dir=tmp_path / str(flag),
                             config=fast(fused_lora=flag, max_steps=3)).loss_history for flag in (False, True)}
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+
+
+def test_the_chunked_head_loss_gives_the_plain_loss_and_gradients(tiny_model, tmp_path, monkeypatch):
+    """`linear_cross_entropy` computes the head's summed cross-entropy and the hidden states' gradient a chunk of
+    positions at a time: in float32 what the head and `F.cross_entropy` give, over more positions than a chunk
+    holds; a head that trains falls back to the plain path; and SFT trains the same losses either way."""
+    import torch
+    import torch.nn.functional as F
+
+    from leap_dspy.train import kernels
+    from leap_dspy.train.common import load_trainable_model
+
+    monkeypatch.setattr(kernels, "LOSS_CHUNK", 3)
+    model, _ = load_trainable_model(tiny_model, fast())
+    head = model.get_output_embeddings()
+    assert not head.weight.requires_grad
+    torch.manual_seed(0)
+    hidden = torch.randn(10, head.in_features) * 3
+    labels = torch.randint(0, head.out_features, (10,))
+    results = {}
+    for fused in (False, True):
+        h = hidden.clone().requires_grad_()
+        loss = (kernels.linear_cross_entropy(h, head, labels) if fused
+                else F.cross_entropy(head(h).float(), labels, reduction="sum"))
+        (loss / 7).backward()
+        results[fused] = (loss.item(), h.grad)
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    assert torch.allclose(results[True][1], results[False][1], rtol=1e-4, atol=1e-6)
+    assert results[False][1].abs().sum() > 0
+
+    head.weight.requires_grad_(True)  # a trained head: the plain path, its gradient reaching the weight
+    kernels.linear_cross_entropy(hidden, head, labels).backward()
+    assert head.weight.grad is not None
+    runs = {flag: train_sft(sft_rows(), model=tiny_model, output_dir=tmp_path / str(flag),
+                            config=fast(fused_loss=flag, max_steps=3)).loss_history for flag in (False, True)}
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)

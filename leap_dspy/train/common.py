@@ -312,7 +312,7 @@ def run_trainer(
     """Train, save the adapter into `tmp_dir` and report; the caller's `atomic_output_dir` publishes it.
     `fused`: plain LoRA linears train through `fused_lora` (TrainConfig.fused_lora)."""
     from leap_dspy.lm.kernels import attention_kernels
-    from leap_dspy.train.fused_lora import fused_lora
+    from leap_dspy.train.kernels import fused_lora
 
     device = next(trainer.model.parameters()).device.type
     with adapters_in_base_dtype(trainer.model), attention_kernels(device), fused_lora(trainer.model, fused):

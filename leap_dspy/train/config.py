@@ -56,8 +56,12 @@ class TrainConfig(BaseModel):
     use_liger_kernel: bool = False
     """SFT only: TRL's Liger kernels (fused RMSNorm, SwiGLU, rotary; `pip install liger-kernel`, CUDA only)."""
     fused_lora: bool = True
-    """Train plain LoRA linears through one autograd function (`fused_lora.py`): the same gradients without the
+    """Train plain LoRA linears through one autograd function (`kernels.py`): the same gradients without the
     activation-sized scale and add passes of PEFT's separate operators. Off: PEFT's own forward."""
+    fused_loss: bool = True
+    """SFT: the LM head and cross-entropy over the completion positions a chunk at a time, the gradient for the
+    hidden states computed in the forward (`kernels.linear_cross_entropy`): no vocabulary-wide logits kept for
+    the backward. Off: the head, then `F.cross_entropy`."""
     group_by_length: bool = True
     """Batch rows of similar length together, so little of each batch is padding."""
     share_prompt: bool = True

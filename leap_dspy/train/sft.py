@@ -70,12 +70,15 @@ def _hidden_after_shared_prompt(backbone: Any, inputs: Mapping[str, Any], shared
 
 
 def completion_only_loss(model: Any, inputs: Mapping[str, Any], num_items_in_batch: Any = None,
-                         share_prompt: bool = False) -> Any:
+                         share_prompt: bool = False, fused: bool = False) -> Any:
     """Mean next-token cross-entropy over positions whose label is not -100, projecting only those positions
     through the LM head. `model` is the (PEFT-wrapped) causal LM; the LoRA layers live inside its backbone.
-    `share_prompt` computes the rows' common prompt head once per batch (`shared_prompt_len`)."""
+    `share_prompt` computes the rows' common prompt head once per batch (`shared_prompt_len`); `fused` computes
+    the head and the loss a chunk of positions at a time (`kernels.linear_cross_entropy`)."""
     import torch
     import torch.nn.functional as F
+
+    from leap_dspy.train.kernels import linear_cross_entropy
 
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
@@ -93,13 +96,16 @@ def completion_only_loss(model: Any, inputs: Mapping[str, Any], num_items_in_bat
     shift_labels = labels[:, shared + 1:]
     mask = shift_labels != -100
     hidden = hidden[:, :-1][mask]
-    logits = causal_lm.get_output_embeddings()(hidden).float()
-    loss_sum = F.cross_entropy(logits, shift_labels[mask], reduction="sum")
+    head = causal_lm.get_output_embeddings()
+    if fused:
+        loss_sum = linear_cross_entropy(hidden, head, shift_labels[mask])
+    else:
+        loss_sum = F.cross_entropy(head(hidden).float(), shift_labels[mask], reduction="sum")
     denom = num_items_in_batch if num_items_in_batch is not None else mask.sum()
     return loss_sum / torch.as_tensor(denom, device=loss_sum.device).clamp(min=1)
 
 
-def _trainer_class(share_prompt: bool) -> type:
+def _trainer_class(share_prompt: bool, fused_loss: bool) -> type:
     from trl import SFTTrainer
 
     class CompletionOnlySFTTrainer(SFTTrainer):
@@ -110,7 +116,8 @@ def _trainer_class(share_prompt: bool) -> type:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             # FSDP gathers a layer's shards around one forward: the shared pass would be a second.
             share = share_prompt and not self.is_fsdp_enabled
-            loss = completion_only_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch, share)
+            loss = completion_only_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch, share,
+                                        fused_loss)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # As Trainer.compute_loss does: the token count is the global one, and DDP averages gradients.
                 loss = loss * self.accelerator.num_processes
@@ -166,7 +173,7 @@ def train_sft(
             dataset_kwargs={"skip_prepare_dataset": False},
         )
         recorder = LossRecorder()
-        trainer = _trainer_class(config.shares_prompt)(
+        trainer = _trainer_class(config.shares_prompt, config.fused_loss)(
             model=peft_model,
             args=args,
             train_dataset=dataset,

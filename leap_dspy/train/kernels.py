@@ -1,11 +1,18 @@
-"""A LoRA linear layer's forward and backward in a few matmuls, for training.
+"""How a model being trained runs: LoRA linears and the completion loss each as one autograd function.
 
-PEFT computes `base(x) + lora_B(lora_A(x)) * scaling` as separate operators: on a CPU each one writes and reads
-back an activation as large as the layer's output (the scale, the add, and their backward), and for a small
-model those passes cost more than the frozen weights' matmuls. Here the scaled `B` is a matrix of r columns, so
-the update accumulates into the base matmul's output (`addmm_`), and backward gets the input's gradient from one
+Both replace chains of operators that each make a pass over an activation-sized tensor (on a CPU, cold and
+freshly allocated memory, which costs more than the arithmetic) with a few matmuls; the gradients are the same.
+
+LoRA linears. PEFT computes `base(x) + lora_B(lora_A(x)) * scaling` as separate operators: the scale, the add and
+their backward each write and read back an activation as large as the layer's output, and for a small model
+those passes cost more than the frozen weights' matmuls. Here the scaled `B` is a matrix of r columns, so the
+update accumulates into the base matmul's output (`addmm_`), and backward gets the input's gradient from one
 matmul per weight with no elementwise pass. The parameters are PEFT's own: the optimizer, the saved adapter and
 merging see no difference.
+
+The loss. The vocabulary head's logits for every completion position, their log-softmax and its gradient are
+each as wide as the vocabulary (49k for SmolLM2); computed a chunk of positions at a time, with the hidden
+states' gradient taken in the forward since the head is frozen, none of them outlives its chunk.
 """
 
 from __future__ import annotations
@@ -90,3 +97,42 @@ def fused_lora(model: Any, enabled: bool = True) -> Iterator[int]:
                 del module.forward  # the class's forward is back
             else:
                 module.forward = forward
+
+
+LOSS_CHUNK = 64
+"""Completion positions whose vocabulary-wide logits exist at once in `linear_cross_entropy`."""
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i -log softmax(h_i W^T)[y_i] for a frozen head W, `LOSS_CHUNK` positions at a time. The gradient for h
+    is computed in forward, chunk by chunk, so no vocabulary-wide tensor outlives its chunk."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], LOSS_CHUNK):
+            logits = (hidden[start:start + LOSS_CHUNK] @ weight.t()).float()
+            label = labels[start:start + LOSS_CHUNK]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, label[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax - one-hot: the logits' gradient
+            probs[torch.arange(label.shape[0], device=label.device), label] -= 1
+            grad[start:start + LOSS_CHUNK] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad * upstream.to(grad.dtype), None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, head: Any, labels: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of `head(hidden)` against `labels`: through `_LinearCrossEntropy` for a frozen
+    bias-free linear head, else plainly (a trained or adapted head needs its own gradient)."""
+    weight = getattr(head, "weight", None)
+    if (type(head) is torch.nn.Linear and head.bias is None and weight is not None and not weight.requires_grad
+            and hidden.dtype == weight.dtype):
+        return _LinearCrossEntropy.apply(hidden, weight, labels)
+    return torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="sum")

@@ -310,7 +310,7 @@ def run_trainer(
     fused: bool = True,
 ) -> TrainResult:
     """Train, save the adapter into `tmp_dir` and report; the caller's `atomic_output_dir` publishes it.
-    `fused`: plain LoRA linears train through `fused_lora` (TrainConfig.fused_lora)."""
+    `fused`: plain LoRA linears train through `kernels.fused_lora` (TrainConfig.fused_lora)."""
     from leap_dspy.lm.kernels import attention_kernels
     from leap_dspy.train.kernels import fused_lora
 

@@ -69,14 +69,15 @@ def _fusable(module: Any) -> bool:
 
 
 def _fused_forward(module: Any, original: Any) -> Any:
+    """`module.forward` through `_LoraLinear` while the module stays fusable, else `original`."""
+
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or not _fusable(module):  # mixed-adapter batches and anything changed since: PEFT's
             return original(x, *args, **kwargs)
         name = next(n for n in module.active_adapters if n in module.lora_A)
         base = module.get_base_layer()
-        out = _LoraLinear.apply(x, base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
-                                float(module.scaling[name]))
-        return out
+        return _LoraLinear.apply(x, base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
+                                 float(module.scaling[name]))
 
     return forward
 

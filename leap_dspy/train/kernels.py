@@ -53,28 +53,30 @@ class _LoraLinear(torch.autograd.Function):
         return gx.view(ctx.x_shape).to(ctx.x_dtype), None, None, grad_a, grad_b, None
 
 
-def _fusable(module: Any) -> bool:
-    """Plain LoRA on a frozen `nn.Linear`, one adapter active, no dropout: what the fused path computes."""
+def _plain_adapter(module: Any) -> str | None:
+    """The one active adapter's name when `module` is plain LoRA on a frozen `nn.Linear` without dropout (what
+    the fused path computes), else None."""
     from peft.tuners.lora.layer import Linear
 
     if not isinstance(module, Linear) or module.merged or module.disable_adapters:
-        return False
+        return None
     active = [name for name in module.active_adapters if name in module.lora_A]
     if len(active) != 1 or active[0] in module.lora_variant or getattr(module, "fan_in_fan_out", False):
-        return False
+        return None
     base = module.get_base_layer()
-    dropout = module.lora_dropout[active[0]]
-    return (type(base) is torch.nn.Linear and not base.weight.requires_grad and not hasattr(module, "_hf_hook")
-            and (base.bias is None or not base.bias.requires_grad) and isinstance(dropout, torch.nn.Identity))
+    plain = (type(base) is torch.nn.Linear and not base.weight.requires_grad and not hasattr(module, "_hf_hook")
+             and (base.bias is None or not base.bias.requires_grad)
+             and isinstance(module.lora_dropout[active[0]], torch.nn.Identity))
+    return active[0] if plain else None
 
 
 def _fused_forward(module: Any, original: Any) -> Any:
-    """`module.forward` through `_LoraLinear` while the module stays fusable, else `original`."""
+    """`module.forward` through `_LoraLinear` while the module stays plain LoRA, else `original`."""
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args or kwargs or not _fusable(module):  # mixed-adapter batches and anything changed since: PEFT's
+        name = None if args or kwargs else _plain_adapter(module)
+        if name is None:  # mixed-adapter batches and anything changed since: PEFT's
             return original(x, *args, **kwargs)
-        name = next(n for n in module.active_adapters if n in module.lora_A)
         base = module.get_base_layer()
         return _LoraLinear.apply(x, base.weight, base.bias, module.lora_A[name].weight, module.lora_B[name].weight,
                                  float(module.scaling[name]))
@@ -86,7 +88,7 @@ def _fused_forward(module: Any, original: Any) -> Any:
 def fused_lora(model: Any, enabled: bool = True) -> Iterator[int]:
     """Within the block, the model's plain LoRA linears train through `_LoraLinear`; yields how many. Outside it
     (saving, merging, generating) they are PEFT's again."""
-    patched = [m for m in model.modules() if enabled and _fusable(m)]
+    patched = [m for m in model.modules() if enabled and _plain_adapter(m) is not None]
     previous = [module.__dict__.get("forward") for module in patched]
     for module in patched:
         module.forward = _fused_forward(module, module.forward)

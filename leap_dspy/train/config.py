@@ -71,7 +71,8 @@ class TrainConfig(BaseModel):
     a layer's shards around one forward."""
     prompt_grad: bool = True
     """SFT: back-propagate through the prompt positions too. False runs every row's prompt without a gradient
-    (keys and values only) and trains through the completion alone: much less work a row, a different gradient."""
+    (keys and values only) and trains through the completion alone: much less work a row, a different gradient.
+    Always on under FSDP (one forward a step) and for packed rows."""
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     lr_scheduler: str = "linear"

@@ -92,7 +92,8 @@ def completion_only_loss(model: Any, inputs: Mapping[str, Any], num_items_in_bat
     """Mean next-token cross-entropy over positions whose label is not -100, projecting only those positions
     through the LM head. `model` is the (PEFT-wrapped) causal LM; the LoRA layers live inside its backbone.
     `share_prompt` computes the rows' common prompt head once per batch (`shared_prompt_len`); `fused` computes
-    the head and the loss a chunk of positions at a time (`kernels.linear_cross_entropy`)."""
+    the head and the loss a chunk of positions at a time (`kernels.linear_cross_entropy`); `prompt_grad=False`
+    runs the positions before the batch's first trained token without a gradient (not for packed rows)."""
     import torch
     import torch.nn.functional as F
 
@@ -133,10 +134,10 @@ def _trainer_class(share_prompt: bool, fused_loss: bool, prompt_grad: bool = Tru
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
             if return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # FSDP gathers a layer's shards around one forward: the shared pass would be a second.
-            share = share_prompt and not self.is_fsdp_enabled
-            loss = completion_only_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch, share,
-                                        fused_loss, prompt_grad)
+            # FSDP gathers a layer's shards around one forward: a shared or gradient-free pass would be a second.
+            fsdp = self.is_fsdp_enabled
+            loss = completion_only_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch,
+                                        share_prompt and not fsdp, fused_loss, prompt_grad or fsdp)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # As Trainer.compute_loss does: the token count is the global one, and DDP averages gradients.
                 loss = loss * self.accelerator.num_processes

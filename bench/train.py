@@ -153,7 +153,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fused-lora", default="on", choices=["on", "off", "both"],
                         help="TrainConfig.fused_lora; both: train each way in this run and print the ratio")
     parser.add_argument("--fused-loss", default="on", choices=["on", "off"], help="TrainConfig.fused_loss")
-    parser.add_argument("--prompt-grad", default="on", choices=["on", "off"], help="TrainConfig.prompt_grad")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the measured training's time went, by kind of operation")
     parser.add_argument("--warmup-steps", type=int, default=0,
@@ -170,7 +169,7 @@ def _config(args: argparse.Namespace) -> Any:
     from leap_dspy.train import TrainConfig
 
     overrides = {"dtype": args.dtype, "epochs": args.epochs, "progress_bar": False, "logging_steps": 1,
-                 "fused_loss": args.fused_loss == "on", "prompt_grad": args.prompt_grad == "on"}
+                 "fused_loss": args.fused_loss == "on"}
     if args.batch:
         overrides["per_device_batch_size"] = args.batch
     if args.accumulation:
@@ -205,7 +204,7 @@ def _result_lines(result: Any, config: Any, args: argparse.Namespace, n_params: 
         ("config", f"batch {config.per_device_batch_size}, LoRA r={config.lora_r} on "
                    f"{','.join(config.target_modules)}, compile {args.compile}, liger {args.liger}, "
                    f"shared prompt head {config.shares_prompt}, fused LoRA {config.fused_lora}, "
-                   f"fused loss {config.fused_loss}, prompt grad {config.prompt_grad}"),
+                   f"fused loss {config.fused_loss}"),
         ("steps / train tokens", f"{result.steps} / {result.train_tokens:,}"),
         ("train wall", f"{result.wall_s:.1f} s (setup {result.setup_s:.1f} s, {args.warmup_steps} warm-up steps "
                        "before, unmeasured)"),

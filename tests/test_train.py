@@ -356,53 +356,6 @@ def test_a_shared_prompt_head_gives_the_same_loss_and_gradients(tiny_model, tmp_
     assert same.loss_history == pytest.approx(apart.loss_history, rel=1e-4)
 
 
-def test_a_prompt_without_gradient_trains_through_the_completion_alone(tiny_model):
-    """`prompt_grad=False` runs the prompt positions without a gradient: the loss is the full forward's, and the
-    gradients are those of the full forward whose prompt keys and values are cut from the graph (hooks on every
-    k_proj and v_proj), not the full gradients; with and without the shared head."""
-    import torch
-
-    from leap_dspy.train.common import load_trainable_model
-    from leap_dspy.train.sft import completion_only_loss, frozen_prompt_len
-
-    model, tokenizer = load_trainable_model(tiny_model, fast())
-    rows = [{"prompt": _prompt(i) + [{"role": "user", "content": "you see a shelf. " * (1 + 3 * i)}],
-             "completion": _answer(f"go to shelf {i}")} for i in range(4)]
-    features = sft_features(tokenizer, rows, None)
-    width = max(len(ids) for ids in features["input_ids"])
-    pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
-    inputs = {"input_ids": torch.tensor([pad(ids, tokenizer.pad_token_id) for ids in features["input_ids"]]),
-              "labels": torch.tensor([pad(labels, -100) for labels in features["labels"]]),
-              "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids in features["input_ids"]])}
-    cut = frozen_prompt_len(inputs)
-    first_trained = min(labels.index(next(t for t in labels if t != -100)) for labels in features["labels"])
-    assert cut == first_trained - 1
-
-    def loss_and_grads(**kwargs) -> tuple[float, dict[str, torch.Tensor]]:
-        model.zero_grad()
-        loss = completion_only_loss(model, inputs, **kwargs)
-        loss.backward()
-        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-    def detach_prompt(module, args, out):  # noqa: ANN001, ANN202
-        return torch.cat([out[:, :cut].detach(), out[:, cut:]], dim=1)
-
-    hooks = [m.register_forward_hook(detach_prompt) for n, m in model.named_modules()
-             if n.endswith(("k_proj", "v_proj")) and hasattr(m, "lora_A")]
-    assert hooks
-    reference, reference_grads = loss_and_grads()
-    for hook in hooks:
-        hook.remove()
-    full, full_grads = loss_and_grads()
-    assert reference == pytest.approx(full, rel=1e-5)
-    for share in (False, True):
-        loss, grads = loss_and_grads(share_prompt=share, prompt_grad=False)
-        assert loss == pytest.approx(full, rel=1e-5)
-        for name, grad in reference_grads.items():
-            assert torch.allclose(grads[name], grad, rtol=1e-3, atol=1e-6), name
-    assert any(not torch.allclose(grads[n], g, rtol=1e-3, atol=1e-6) for n, g in full_grads.items())
-
-
 def test_fused_lora_gives_peft_outputs_and_gradients(tiny_model, tmp_path):
     """`fused_lora` computes every plain LoRA linear's output and its input's, A's and B's gradients as PEFT's
     operators do (float32: to rounding; a bf16 base under `adapters_in_base_dtype`: as near the exact gradients

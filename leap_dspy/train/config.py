@@ -69,10 +69,6 @@ class TrainConfig(BaseModel):
     and values broadcast to the rows: the same loss and gradients for less compute. Off under gradient
     checkpointing and `torch_compile`, which replay or trace one forward per step, and under FSDP, which gathers
     a layer's shards around one forward."""
-    prompt_grad: bool = True
-    """SFT: back-propagate through the prompt positions too. False runs every row's prompt without a gradient
-    (keys and values only) and trains through the completion alone: much less work a row, a different gradient.
-    Always on under FSDP (one forward a step) and for packed rows."""
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     lr_scheduler: str = "linear"

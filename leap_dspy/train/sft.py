@@ -48,52 +48,33 @@ def shared_prompt_len(inputs: Mapping[str, Any], smallest: int = 16) -> int:
     return length if length >= smallest else 0
 
 
-def frozen_prompt_len(inputs: Mapping[str, Any]) -> int:
-    """How many leading positions come before every row's first trained token but the one that predicts it:
-    the part of the batch that `TrainConfig.prompt_grad=False` runs without a gradient."""
-    import torch
-
-    trained = inputs["labels"] != -100
-    first = torch.where(trained.any(dim=1), trained.long().argmax(dim=1), trained.shape[1])
-    return max(int(first.min()) - 1, 0)
-
-
-def _hidden_after_prefix(backbone: Any, inputs: Mapping[str, Any], shared: int, frozen: int) -> Any:
-    """The backbone's last hidden states at positions `max(shared, frozen):`. The first `shared` tokens run once
-    at batch 1 and their keys and values are broadcast over the batch: the same attention inputs as the full
-    batch (causal attention never looks forward), and backward sums each row's gradient into the one shared
-    pass. The first `frozen` tokens run without a gradient: only the positions after them are trained through."""
+def _hidden_after_shared_prompt(backbone: Any, inputs: Mapping[str, Any], shared: int) -> Any:
+    """The backbone's last hidden states at positions `shared:`, the first `shared` tokens run once at batch 1
+    and their keys and values broadcast over the batch: the same attention inputs as the full batch (causal
+    attention never looks forward), and backward sums each row's gradient into the one shared pass."""
     import torch
     from transformers import DynamicCache
 
-    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    ids = inputs["input_ids"]
     batch, length = ids.shape
     cache = DynamicCache(config=backbone.config)
-    if shared:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and frozen < shared):
-            backbone(input_ids=ids[:1, :shared], cache=cache, use_cache=True)
-        for layer in cache.layers:
-            layer.keys = layer.keys.expand(batch, -1, -1, -1)
-            layer.values = layer.values.expand(batch, -1, -1, -1)
-    start = max(shared, frozen)
-    if frozen > shared:
-        with torch.no_grad():
-            backbone(input_ids=ids[:, shared:frozen], attention_mask=None if mask is None else mask[:, :frozen],
-                     position_ids=torch.arange(shared, frozen, device=ids.device).expand(batch, -1), cache=cache,
-                     use_cache=True)
-    positions = torch.arange(start, length, device=ids.device).expand(batch, -1)
-    out = backbone(input_ids=ids[:, start:], attention_mask=mask, position_ids=positions, cache=cache,
+    backbone(input_ids=ids[:1, :shared], cache=cache, use_cache=True)
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(batch, -1, -1, -1)
+        layer.values = layer.values.expand(batch, -1, -1, -1)
+    mask = inputs.get("attention_mask")
+    positions = torch.arange(shared, length, device=ids.device).expand(batch, -1)
+    out = backbone(input_ids=ids[:, shared:], attention_mask=mask, position_ids=positions, cache=cache,
                    use_cache=True)
     return out.last_hidden_state
 
 
 def completion_only_loss(model: Any, inputs: Mapping[str, Any], num_items_in_batch: Any = None,
-                         share_prompt: bool = False, fused: bool = False, prompt_grad: bool = True) -> Any:
+                         share_prompt: bool = False, fused: bool = False) -> Any:
     """Mean next-token cross-entropy over positions whose label is not -100, projecting only those positions
     through the LM head. `model` is the (PEFT-wrapped) causal LM; the LoRA layers live inside its backbone.
     `share_prompt` computes the rows' common prompt head once per batch (`shared_prompt_len`); `fused` computes
-    the head and the loss a chunk of positions at a time (`kernels.linear_cross_entropy`); `prompt_grad=False`
-    runs the positions before the batch's first trained token without a gradient (not for packed rows)."""
+    the head and the loss a chunk of positions at a time (`kernels.linear_cross_entropy`)."""
     import torch
     import torch.nn.functional as F
 
@@ -103,9 +84,8 @@ def completion_only_loss(model: Any, inputs: Mapping[str, Any], num_items_in_bat
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     labels = inputs["labels"]
     shared = shared_prompt_len(inputs) if share_prompt else 0
-    frozen = 0 if prompt_grad or inputs.get("position_ids") is not None else frozen_prompt_len(inputs)
-    if shared or frozen:
-        hidden = _hidden_after_prefix(backbone, inputs, shared, frozen)
+    if shared:
+        hidden = _hidden_after_shared_prompt(backbone, inputs, shared)
     else:
         hidden = backbone(
             input_ids=inputs["input_ids"],
@@ -113,7 +93,7 @@ def completion_only_loss(model: Any, inputs: Mapping[str, Any], num_items_in_bat
             position_ids=inputs.get("position_ids"),
             use_cache=False,
         ).last_hidden_state
-    shift_labels = labels[:, max(shared, frozen) + 1:]
+    shift_labels = labels[:, shared + 1:]
     mask = shift_labels != -100
     hidden = hidden[:, :-1][mask]
     head = causal_lm.get_output_embeddings()
@@ -125,7 +105,7 @@ def completion_only_loss(model: Any, inputs: Mapping[str, Any], num_items_in_bat
     return loss_sum / torch.as_tensor(denom, device=loss_sum.device).clamp(min=1)
 
 
-def _trainer_class(share_prompt: bool, fused_loss: bool, prompt_grad: bool = True) -> type:
+def _trainer_class(share_prompt: bool, fused_loss: bool) -> type:
     from trl import SFTTrainer
 
     class CompletionOnlySFTTrainer(SFTTrainer):
@@ -134,10 +114,10 @@ def _trainer_class(share_prompt: bool, fused_loss: bool, prompt_grad: bool = Tru
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
             if return_outputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            # FSDP gathers a layer's shards around one forward: a shared or gradient-free pass would be a second.
-            fsdp = self.is_fsdp_enabled
-            loss = completion_only_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch,
-                                        share_prompt and not fsdp, fused_loss, prompt_grad or fsdp)
+            # FSDP gathers a layer's shards around one forward: the shared pass would be a second.
+            share = share_prompt and not self.is_fsdp_enabled
+            loss = completion_only_loss(self.accelerator.unwrap_model(model), inputs, num_items_in_batch, share,
+                                        fused_loss)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # As Trainer.compute_loss does: the token count is the global one, and DDP averages gradients.
                 loss = loss * self.accelerator.num_processes
@@ -193,7 +173,7 @@ def train_sft(
             dataset_kwargs={"skip_prepare_dataset": False},
         )
         recorder = LossRecorder()
-        trainer = _trainer_class(config.shares_prompt, config.fused_loss, config.prompt_grad)(
+        trainer = _trainer_class(config.shares_prompt, config.fused_loss)(
             model=peft_model,
             args=args,
             train_dataset=dataset,

@@ -300,6 +300,8 @@ def test_long_rows_train_in_smaller_batches_with_as_many_rows_per_step(tiny_mode
     from leap_dspy.train.common import fit_batch, trl_common_args
 
     config = TrainConfig(per_device_batch_size=4, gradient_accumulation=2, max_batch_tokens=2048)
+    assert fit_batch(TrainConfig(), 500) == (8, 1)  # an agent step's rows: all 8 of a step at once
+    assert fit_batch(TrainConfig(), 1000) == (4, 2)
     assert fit_batch(config, 500) == (4, 2)
     assert fit_batch(config, 1000) == (2, 4)
     assert fit_batch(config, 4000) == (1, 8)

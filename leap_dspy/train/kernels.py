@@ -46,11 +46,12 @@ class _LoraLinear(torch.autograd.Function):
         x2, h, weight, a, b = ctx.saved_tensors
         g = grad.reshape(-1, weight.shape[0]).to(weight.dtype)
         gh = g @ b  # the gradient reaching x A^T
-        gx = g @ weight
-        gx.addmm_(gh, a)
+        gx = None
+        if ctx.needs_input_grad[0]:  # not in the first layer, which reads the frozen embeddings
+            gx = (g @ weight).addmm_(gh, a).view(ctx.x_shape).to(ctx.x_dtype)
         grad_a = (gh.t() @ x2).to(ctx.param_dtypes[0])
         grad_b = (g.t() @ h).mul_(ctx.scaling).to(ctx.param_dtypes[1])
-        return gx.view(ctx.x_shape).to(ctx.x_dtype), None, None, grad_a, grad_b, None
+        return gx, None, None, grad_a, grad_b, None
 
 
 def _plain_adapter(module: Any) -> str | None:

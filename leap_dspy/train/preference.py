@@ -33,6 +33,11 @@ from leap_dspy.train.common import (
 from leap_dspy.train.config import TrainConfig, TrainResult
 from leap_dspy.train.data import as_messages, check_rows, completion_text, prompt_text
 
+PREFERENCE_TOKEN_COST = 2
+"""A preference row's tokens count this many times an SFT row's against `max_batch_tokens`: DPO and KTO keep
+every completion position's vocabulary-wide logits and run a reference pass too, where SFT's chunked loss keeps
+no logits. At 2 they keep the batches they were measured at when SFT's bound was 2,048."""
+
 
 def _render(
     tokenizer: Any, prompt: Any, completions: Sequence[Any], max_length: int | None
@@ -97,7 +102,8 @@ def train_dpo(
             columns["rejected"].append(rejected)
             tokens += n
         args = DPOConfig(
-            **trl_common_args(config, tmp, "dpo", 2 * longest),  # chosen and rejected run as one batch
+            # Chosen and rejected run as one batch.
+            **trl_common_args(config, tmp, "dpo", 2 * longest * PREFERENCE_TOKEN_COST),
             beta=config.beta,
             max_length=None,  # rows were cut to config.max_length above, keeping the completions
             precompute_ref_log_probs=False,
@@ -152,7 +158,7 @@ def train_kto(
             tokens += 2 * n  # each row also runs once as another row's KL (mismatched) completion
         undesirable = len(rows) - desirable
         # Each row also runs as another's KL completion; that KL term pairs rows within a batch, so it needs two.
-        common = trl_common_args(config, tmp, "kto", 2 * longest, smallest_batch=2)
+        common = trl_common_args(config, tmp, "kto", 2 * longest * PREFERENCE_TOKEN_COST, smallest_batch=2)
         common["per_device_train_batch_size"] = max(2, min(common["per_device_train_batch_size"], len(rows)))
         args = KTOConfig(
             **common,

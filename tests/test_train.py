@@ -295,8 +295,8 @@ def test_a_seed_trains_the_same_adapter_whatever_ran_before(tiny_model, tmp_path
 
 
 def test_long_rows_train_in_smaller_batches_with_as_many_rows_per_step(tiny_model, tmp_path):
-    """`max_batch_tokens` bounds rows x length per forward (the memory of long rows); accumulation grows so an
-    optimizer step still sees the configured number of rows."""
+    """`max_batch_tokens` bounds rows x length per forward (the memory of long rows): DPO/KTO's batch halves and
+    accumulation grows so an optimizer step still sees the configured number of rows; SFT's steps stay the same."""
     from leap_dspy.train.common import fit_batch, trl_common_args
 
     config = TrainConfig(per_device_batch_size=4, gradient_accumulation=2, max_batch_tokens=2048)
@@ -307,8 +307,9 @@ def test_long_rows_train_in_smaller_batches_with_as_many_rows_per_step(tiny_mode
     assert fit_batch(config, 4000) == (1, 8)
     assert fit_batch(config, 4000, smallest=2) == (2, 4)  # KTO pairs rows within a batch
     assert fit_batch(config.model_copy(update={"max_batch_tokens": None}), 4000) == (4, 2)
-    args = trl_common_args(config, tmp_path, "sft", 1000)
+    args = trl_common_args(config, tmp_path, "dpo", 1000)
     assert (args["per_device_train_batch_size"], args["gradient_accumulation_steps"]) == (2, 4)
+    assert fit_batch(config, None) == (4, 2)  # SFT cuts its long batches itself
 
     rows = [{"prompt": [{"role": "user", "content": "look around. " * 60 + f"Room {i}."}],
              "completion": [{"role": "assistant", "content": f"open box {i}"}]} for i in range(8)]
@@ -317,6 +318,31 @@ def test_long_rows_train_in_smaller_batches_with_as_many_rows_per_step(tiny_mode
                                            max_batch_tokens=budget)).steps
              for budget in (None, 256)}
     assert steps[None] == steps[256] == 1
+
+
+def test_sft_cuts_a_batch_of_long_rows_into_passes_with_the_whole_batchs_gradient(tiny_model, tmp_path):
+    """SFT keeps 8 rows a batch and cuts only a batch whose padded tokens pass `max_batch_tokens` into equal runs
+    of rows (one long row no longer shrinks every batch); the passes sum to the whole batch's loss and gradient."""
+    from leap_dspy.train.sft import row_chunks
+
+    ids = torch.zeros(8, 300, dtype=torch.long)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": ids, "note": "kept"}
+    assert [len(p["input_ids"]) for p in row_chunks(batch, 4096)] == [8]
+    assert [len(p["input_ids"]) for p in row_chunks(batch, 2048)] == [4, 4]
+    assert [len(p["input_ids"]) for p in row_chunks(batch, 1000)] == [3, 3, 2]
+    assert [len(p["input_ids"]) for p in row_chunks(batch, 100)] == [1] * 8
+    assert all(p["note"] == "kept" for p in row_chunks(batch, 1000)) and len(row_chunks(batch, None)) == 1
+
+    rows = [{"prompt": [{"role": "user", "content": "look around. " * (20 + 10 * i) + f"Room {i}."}],
+             "completion": [{"role": "assistant", "content": f"open box {i}"}]} for i in range(16)]
+    results = {budget: train_sft(rows, model=tiny_model, output_dir=tmp_path / str(budget),
+                                 config=fast(max_steps=-1, epochs=1, per_device_batch_size=8, gradient_accumulation=1,
+                                             max_batch_tokens=budget))
+               for budget in (None, 600)}
+    assert results[None].steps == results[600].steps == 2
+    assert results[600].loss_history == pytest.approx(results[None].loss_history, rel=1e-4)
+    whole, cut = _lora_state(tmp_path / "None"), _lora_state(tmp_path / "600")
+    assert all(torch.allclose(whole[name], cut[name], rtol=1e-4, atol=1e-6) for name in whole)
 
 
 def test_a_shared_prompt_head_gives_the_same_loss_and_gradients(tiny_model, tmp_path):

@@ -93,17 +93,17 @@ def load_trainable_model(
     return peft_model, tokenizer
 
 
-def fit_batch(config: TrainConfig, longest: int, smallest: int = 1) -> tuple[int, int]:
+def fit_batch(config: TrainConfig, longest: int | None, smallest: int = 1) -> tuple[int, int]:
     """(per-device batch, accumulation steps) for rows up to `longest` tokens, under `config.max_batch_tokens`,
-    never below `smallest` rows a batch."""
+    never below `smallest` rows a batch; None: the configured ones (a trainer that cuts long batches itself)."""
     batch, accumulation = config.per_device_batch_size, config.gradient_accumulation
-    if config.max_batch_tokens:
+    if config.max_batch_tokens and longest:
         while batch // 2 >= smallest and batch % 2 == 0 and batch * longest > config.max_batch_tokens:
             batch, accumulation = batch // 2, accumulation * 2
     return batch, accumulation
 
 
-def trl_common_args(config: TrainConfig, output_dir: Path, method: str, longest: int, smallest_batch: int = 1
+def trl_common_args(config: TrainConfig, output_dir: Path, method: str, longest: int | None, smallest_batch: int = 1
                     ) -> dict[str, Any]:
     """Keyword arguments every TRL config gets here.
 

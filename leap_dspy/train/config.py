@@ -37,9 +37,10 @@ class TrainConfig(BaseModel):
     """Eight rows per optimizer step, all at once where they fit `max_batch_tokens` (an agent step's rows): one
     forward of 8 rows trains about 1.2x as fast as two of 4 on a CPU, in about 1 GB more."""
     max_batch_tokens: int | None = 4096
-    """The per-device batch halves (and accumulation doubles, so an optimizer step sees as many rows) until a
-    batch of the longest rows holds at most this many tokens: long rows (WebShop's pages) then train within a
-    few GB, short ones keep the faster batch. None: the batch as given."""
+    """The most padded tokens one forward and backward pass holds (the memory of long rows, WebShop's pages):
+    SFT runs a batch past it as a few passes of equal runs of rows with the batch's gradient, so one long row
+    slows only its own batch; DPO and KTO halve the per-device batch (and double accumulation) until a batch of
+    their longest rows fits. None: every batch in one pass."""
     max_length: int = 1024
     """Rows longer than this (prompt + completion tokens) are cut from the start of the prompt, never the
     completion, so what is trained is always the tail the model must produce."""

@@ -105,11 +105,36 @@ def completion_only_loss(model: Any, inputs: Mapping[str, Any], num_items_in_bat
     return loss_sum / torch.as_tensor(denom, device=loss_sum.device).clamp(min=1)
 
 
-def _trainer_class(share_prompt: bool, fused_loss: bool) -> type:
+def row_chunks(inputs: Mapping[str, Any], max_tokens: int | None) -> list[dict[str, Any]]:
+    """The batch cut into as few equal runs of rows as keep each under `max_tokens` padded tokens (the memory of
+    one forward and backward); the batch whole when it fits or when there is no bound."""
+    import math
+
+    ids = inputs["input_ids"]
+    rows, width = ids.shape
+    parts = min(rows, math.ceil(rows * width / max_tokens)) if max_tokens else 1
+    if parts <= 1:
+        return [dict(inputs)]
+    size = math.ceil(rows / parts)
+    return [{k: v[start:start + size] if hasattr(v, "shape") and v.shape[:1] == (rows,) else v
+             for k, v in inputs.items()} for start in range(0, rows, size)]
+
+
+def _trainer_class(share_prompt: bool, fused_loss: bool, max_batch_tokens: int | None = None) -> type:
     from trl import SFTTrainer
 
     class CompletionOnlySFTTrainer(SFTTrainer):
-        """SFTTrainer whose loss projects only completion positions through the LM head."""
+        """SFTTrainer whose loss projects only completion positions through the LM head, and which runs a batch
+        of long rows as several forward and backward passes (`row_chunks`)."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
+            parts = row_chunks(inputs, max_batch_tokens)
+            if len(parts) == 1:
+                return super().training_step(model, inputs, num_items_in_batch)
+            if num_items_in_batch is None:  # each part's loss is then a share of the whole batch's mean
+                num_items_in_batch = (inputs["labels"][:, 1:] != -100).sum()
+            return sum(super(CompletionOnlySFTTrainer, self).training_step(model, part, num_items_in_batch)
+                       for part in parts)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
             if return_outputs:
@@ -161,11 +186,10 @@ def train_sft(
     with torch_threads(config.num_threads), quiet_libraries(config.progress_bar), atomic_output_dir(final_dir) as tmp:
         peft_model, tokenizer = load_trainable_model(model, config, init_adapter)
         features = sft_features(tokenizer, rows, config.max_length)
-        longest = max(len(ids) for ids in features["input_ids"])
         dataset = Dataset.from_dict(features)
         tokens_per_epoch = sum(len(ids) for ids in features["input_ids"])
         args = SFTConfig(
-            **trl_common_args(config, tmp, "sft", longest),
+            **trl_common_args(config, tmp, "sft", None),  # the trainer cuts batches of long rows itself
             max_length=None,  # rows are already cut to config.max_length, keeping the completion
             completion_only_loss=True,
             use_liger_kernel=config.use_liger_kernel,
@@ -173,7 +197,7 @@ def train_sft(
             dataset_kwargs={"skip_prepare_dataset": False},
         )
         recorder = LossRecorder()
-        trainer = _trainer_class(config.shares_prompt, config.fused_loss)(
+        trainer = _trainer_class(config.shares_prompt, config.fused_loss, config.max_batch_tokens)(
             model=peft_model,
             args=args,
             train_dataset=dataset,

@@ -331,6 +331,7 @@ def test_sft_cuts_a_batch_of_long_rows_into_passes_with_the_whole_batchs_gradien
     assert [len(p["input_ids"]) for p in row_chunks(batch, 2048)] == [4, 4]
     assert [len(p["input_ids"]) for p in row_chunks(batch, 1000)] == [3, 3, 2]
     assert [len(p["input_ids"]) for p in row_chunks(batch, 100)] == [1] * 8
+    assert [len(p["input_ids"]) for p in row_chunks(batch, 800)] == [2, 2, 2, 2]  # not 3, 3, 2 (900 tokens)
     assert all(p["note"] == "kept" for p in row_chunks(batch, 1000)) and len(row_chunks(batch, None)) == 1
 
     rows = [{"prompt": [{"role": "user", "content": "look around. " * (20 + 10 * i) + f"Room {i}."}],

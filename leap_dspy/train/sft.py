@@ -114,9 +114,7 @@ def row_chunks(inputs: Mapping[str, Any], max_tokens: int | None) -> list[dict[s
     rows, width = ids.shape
     if not max_tokens or rows * width <= max_tokens:
         return [dict(inputs)]
-    parts = min(rows, math.ceil(rows * width / max_tokens))
-    while parts < rows and math.ceil(rows / parts) * width > max_tokens:  # equal runs round up
-        parts += 1
+    parts = math.ceil(rows / max(1, max_tokens // width))  # the fewest runs of at most that many rows
     size = math.ceil(rows / parts)
     return [{k: v[start:start + size] if hasattr(v, "shape") and v.shape[:1] == (rows,) else v
              for k, v in inputs.items()} for start in range(0, rows, size)]

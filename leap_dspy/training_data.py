@@ -120,7 +120,7 @@ def aggregate_sft(current: list[Correction], earlier: list[Correction], budget: 
     rng.shuffle(chosen)
     if earlier and not all_new:
         chosen = chosen[: max(budget // 2, budget - len(earlier))]
-    keep = chosen if earlier else []
+    keep = list(chosen) if earlier else []  # a copy: the fill below extends `chosen`
     earlier = list(earlier)
     rng.shuffle(earlier)
     chosen += earlier[: max(0, budget - len(chosen))]

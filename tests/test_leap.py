@@ -359,6 +359,13 @@ def test_a_round_trains_on_every_new_correction_as_dagger_does() -> None:
     assert len(rows) == 60 and sum(r.task_id == "new" for r in rows) == 20  # old ones fill the budget
     capped = aggregate_sft(new, old, 60, random.Random(0), 1, random.Random(1), all_new=False)
     assert sum(r.task_id == "new" for r in capped) == 30 and len(capped) == 60  # the half-budget variant
+    rare = [Correction(task_id="old", step=300 + i, inputs=inputs, reason="r", action="take mug 1 from shelf 1",
+                       expert="x") for i in range(60)]
+    for all_new in (True, False):  # the earlier data that fills the round is balanced too, within the budget
+        rows = aggregate_sft(new[:20], old + rare, 60, random.Random(0), 2, random.Random(1), all_new=all_new)
+        takes = [r for r in rows if r.action.startswith("take")]
+        assert len(rows) == 60 and {id(r) for r in new[:20]} <= {id(r) for r in rows}
+        assert len({id(r) for r in takes}) < len(takes)  # a rare kind's records repeated
 
 
 def test_a_run_can_start_from_another_runs_behaviour_cloning(env: ALFWorld, tiny_model: str,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import threading
+import uuid
 from pathlib import Path
 
 import pytest
@@ -218,6 +220,22 @@ def test_the_scripted_expert_wins_below_the_oracle_level(env: ALFWorld, all_task
     assert all(t.success for t in trajectories), [(t.task.task_type, [s.action for s in t.steps])
                                                   for t in trajectories if not t.success]
     assert not any(s.error for t in trajectories for s in t.steps)
+
+
+def test_fast_downward_leaves_the_scripts_arguments(monkeypatch) -> None:
+    """Fast Downward's translation (each new game's reset) rewrites `sys.argv`; the installed one restores it."""
+    import fast_downward
+
+    from leap_dspy.envs.alfworld import textworld_cache
+
+    textworld_cache.install()
+    name = f"d{uuid.uuid4().hex}"  # a new domain: not memoised yet
+    domain = (f"(define (domain {name}) (:requirements :strips) (:predicates (p))"
+              " (:action a :parameters () :precondition (and) :effect (p)))")
+    problem = f"(define (problem q) (:domain {name}) (:init) (:goal (p)))"
+    monkeypatch.setattr(sys, "argv", ["my-script", "--flag"])
+    fast_downward.pddl2sas(domain, problem)
+    assert sys.argv == ["my-script", "--flag"]
 
 
 def test_memoised_textworld_parsing_changes_no_observation(env: ALFWorld, all_tasks, monkeypatch) -> None:

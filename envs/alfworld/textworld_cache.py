@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,21 @@ def _memoised(parse: Callable[..., Any], maxsize: int) -> Callable[..., Any]:
     return wrapper
 
 
+def _keeping_argv(translate: Callable[..., Any]) -> Callable[..., Any]:
+    """Fast Downward's translation sets `sys.argv` for its option parser and leaves it so: a script that read
+    its own arguments after an ALFWorld reset would get `['translate.py', 'domain', 'task']`."""
+
+    @functools.wraps(translate)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        argv = sys.argv
+        try:
+            return translate(*args, **kwargs)
+        finally:
+            sys.argv = argv
+
+    return wrapper
+
+
 def install() -> None:
     """Replace TextWorld's three parse functions and Fast Downward's translation with memoised ones (once per
     process)."""
@@ -48,5 +64,5 @@ def install() -> None:
     textgen._parse_and_convert = _memoised(textgen._parse_and_convert, maxsize=4096)
     textworld.logic._parse_and_convert = _memoised(textworld.logic._parse_and_convert, maxsize=4096)
     logic._parse_and_convert = _memoised(logic._parse_and_convert, maxsize=16)
-    fast_downward.pddl2sas = _memoised(fast_downward.pddl2sas, maxsize=16)
+    fast_downward.pddl2sas = _memoised(_keeping_argv(fast_downward.pddl2sas), maxsize=16)
     _installed = True

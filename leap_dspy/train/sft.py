@@ -10,6 +10,7 @@ uses. For the same reason the prompt head every row of a batch shares (the syste
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -108,8 +109,6 @@ def completion_only_loss(model: Any, inputs: Mapping[str, Any], num_items_in_bat
 def row_chunks(inputs: Mapping[str, Any], max_tokens: int | None) -> list[dict[str, Any]]:
     """The batch cut into as few equal runs of rows as keep each under `max_tokens` padded tokens (the memory of
     one forward and backward); the batch whole when it fits or when there is no bound."""
-    import math
-
     ids = inputs["input_ids"]
     rows, width = ids.shape
     if not max_tokens or rows * width <= max_tokens:

@@ -431,6 +431,62 @@ def test_fused_lora_gives_peft_outputs_and_gradients(tiny_model, tmp_path):
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
 
 
+def test_fused_layers_give_the_models_outputs_and_gradients(tiny_model, tmp_path):
+    """`fused_layers` trains RMSNorms and SwiGLU MLPs (with a LoRA or a frozen down projection) to the model's own
+    loss and gradients (float32: to rounding; bf16: as near the exact ones as the model's operators), keeps the
+    forward of a norm that computes something else and of a norm whose weight trains, and restores every
+    module."""
+    import copy
+
+    import torch
+
+    from leap_dspy.train.common import adapters_in_base_dtype, load_trainable_model
+    from leap_dspy.train.kernels import fused_layers, fused_lora
+
+    class ShiftedRMSNorm(torch.nn.Module):  # Gemma's: scales by 1 + w, so the fused norm would be wrong
+        def __init__(self, norm: torch.nn.Module) -> None:
+            super().__init__()
+            self.weight, self.variance_epsilon = norm.weight, norm.variance_epsilon
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            xf = x.float()
+            return (1 + self.weight) * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+    def loss_and_grads(model, ids, fused: bool) -> tuple[float, dict[str, torch.Tensor], int]:
+        model.zero_grad()
+        with adapters_in_base_dtype(model), fused_lora(model), fused_layers(model, fused) as patched:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, patched
+
+    for dtype, targets in (("float32", None), ("bfloat16", None), ("float32", ["q_proj", "v_proj"])):
+        model, tokenizer = load_trainable_model(tiny_model, fast(dtype=dtype, **(
+            {"target_modules": targets} if targets else {})))
+        torch.manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero; A's gradient would be zero too
+                torch.nn.init.normal_(param, std=0.5)
+        layers = model.base_model.model.model.layers
+        layers[1].post_attention_layernorm = ShiftedRMSNorm(layers[1].post_attention_layernorm)
+        layers[0].input_layernorm.weight.requires_grad_(True)  # a norm that trains: its own forward
+        ids = torch.tensor([tokenizer.encode("go to shelf 1, take mug 1 from shelf 1")])
+        _, exact, _ = loss_and_grads(copy.deepcopy(model).float(), ids, False)
+        (plain, plain_grads, none), (fused, fused_grads, patched) = (loss_and_grads(model, ids, False),
+                                                                     loss_and_grads(model, ids, True))
+        assert (none, patched) == (0, 6), dtype  # 2 layers x 2 norms + the final one, one shifted; 2 MLPs
+        assert fused == pytest.approx(plain, rel=1e-5 if dtype == "float32" else 1e-2), dtype
+        assert "model.layers.0.input_layernorm.weight" in "".join(fused_grads)
+        assert all(g.abs().sum() > 0 for g in exact.values())
+        for name, grad in exact.items():
+            error = {"model": (plain_grads[name] - grad).norm(), "fused": (fused_grads[name] - grad).norm()}
+            assert error["fused"] <= 1.5 * error["model"] + 1e-5 * grad.norm(), (dtype, targets, name, error)
+        assert not any("forward" in vars(m) for m in model.modules())
+
+    runs = {flag: train_sft(sft_rows(), model=tiny_model, output_dir=tmp_path / str(flag),
+                            config=fast(fused_layers=flag, max_steps=3)).loss_history for flag in (False, True)}
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+
+
 def test_the_chunked_head_loss_gives_the_plain_loss_and_gradients(tiny_model, tmp_path, monkeypatch):
     """`linear_cross_entropy` computes the head's summed cross-entropy and the hidden states' gradient a chunk of
     positions at a time: in float32 what the head and `F.cross_entropy` give, over more positions than a chunk

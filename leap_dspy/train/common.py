@@ -307,15 +307,17 @@ def run_trainer(
     tokens_per_epoch: int,
     setup_s: float,
     counted_tokens: Any = None,
-    fused: bool = True,
+    kernels: TrainConfig | None = None,
 ) -> TrainResult:
     """Train, save the adapter into `tmp_dir` and report; the caller's `atomic_output_dir` publishes it.
-    `fused`: plain LoRA linears train through `kernels.fused_lora` (TrainConfig.fused_lora)."""
+    `kernels`: the config whose `fused_lora` and `fused_layers` say which of `kernels.py`'s functions train."""
     from leap_dspy.lm.kernels import attention_kernels
-    from leap_dspy.train.kernels import fused_lora
+    from leap_dspy.train.kernels import fused_layers, fused_lora
 
-    device = next(trainer.model.parameters()).device.type
-    with adapters_in_base_dtype(trainer.model), attention_kernels(device), fused_lora(trainer.model, fused):
+    kernels = kernels or TrainConfig()
+    device, model = next(trainer.model.parameters()).device.type, trainer.model
+    with (adapters_in_base_dtype(model), attention_kernels(device), fused_lora(model, kernels.fused_lora),
+          fused_layers(model, kernels.fused_layers)):
         output = trainer.train()
     steps = int(output.global_step)
     epochs_done = float(trainer.state.epoch or 0.0)

@@ -57,7 +57,7 @@ def _render(
 
 
 def _fit(trainer_class: Any, method: str, peft_model: Any, tokenizer: Any, args: Any, columns: dict[str, list[Any]],
-         tmp: Path, final_dir: Path, train_rows: int, tokens: int, t0: float, fused: bool) -> TrainResult:
+         tmp: Path, final_dir: Path, train_rows: int, tokens: int, t0: float, config: TrainConfig) -> TrainResult:
     """Run TRL's `trainer_class` over the rendered columns; ref_model=None: see the module docstring."""
     from datasets import Dataset
 
@@ -65,7 +65,7 @@ def _fit(trainer_class: Any, method: str, peft_model: Any, tokenizer: Any, args:
     trainer = trainer_class(model=peft_model, ref_model=None, args=args, train_dataset=Dataset.from_dict(columns),
                             processing_class=tokenizer, callbacks=[recorder.callback()])
     return run_trainer(trainer, recorder, method=method, tmp_dir=tmp, final_dir=final_dir, tokenizer=tokenizer,
-                       train_rows=train_rows, tokens_per_epoch=tokens, setup_s=time.perf_counter() - t0, fused=fused)
+                       train_rows=train_rows, tokens_per_epoch=tokens, setup_s=time.perf_counter() - t0, kernels=config)
 
 
 def train_dpo(
@@ -110,7 +110,7 @@ def train_dpo(
             loss_type=["sigmoid", "sft"] if any(row.get("anchor") for row in rows) else ["sigmoid"],
         )
         return _fit(DPOTrainer, "dpo", peft_model, tokenizer, args, columns, tmp, final_dir, len(rows), tokens, t0,
-                    config.fused_lora)
+                    config)
 
 
 def train_kto(
@@ -170,4 +170,4 @@ def train_kto(
             undesirable_weight=max(1.0, desirable / undesirable),
         )
         return _fit(KTOTrainer, "kto", peft_model, tokenizer, args, columns, tmp, final_dir, len(rows), tokens, t0,
-                    config.fused_lora)
+                    config)

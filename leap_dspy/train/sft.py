@@ -216,5 +216,5 @@ def train_sft(
             tokens_per_epoch=tokens_per_epoch,
             setup_s=time.perf_counter() - t0,
             counted_tokens=lambda: counter.tokens,
-            fused=config.fused_lora,
+            kernels=config,
         )

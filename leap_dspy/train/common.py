@@ -317,7 +317,7 @@ def run_trainer(
     kernels = kernels or TrainConfig()
     device, model = next(trainer.model.parameters()).device.type, trainer.model
     with (adapters_in_base_dtype(model), attention_kernels(device), fused_lora(model, kernels.fused_lora),
-          fused_layers(model, kernels.fused_layers)):
+          fused_layers(model, kernels.fused_layers and not kernels.use_liger_kernel)):  # Liger fuses its own
         output = trainer.train()
     steps = int(output.global_step)
     epochs_done = float(trainer.state.epoch or 0.0)

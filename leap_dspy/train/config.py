@@ -62,7 +62,8 @@ class TrainConfig(BaseModel):
     fused_layers: bool = True
     """Train RMSNorms and SwiGLU MLPs through autograd functions (`kernels.py`) that keep x rather than a float32
     copy, and gate and up rather than also silu(gate) and the product: the same gradients in about a third less
-    activation memory. A module whose forward a probe finds different (Gemma's norm) keeps its own."""
+    activation memory. A module whose forward a probe finds different (Gemma's norm) keeps its own; off under
+    `use_liger_kernel`, whose Triton kernels fuse the same layers on a GPU."""
     fused_loss: bool = True
     """SFT: the LM head and cross-entropy over the completion positions a chunk at a time, the gradient for the
     hidden states computed in the forward (`kernels.linear_cross_entropy`): no vocabulary-wide logits kept for

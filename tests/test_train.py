@@ -487,6 +487,18 @@ def test_fused_layers_give_the_models_outputs_and_gradients(tiny_model, tmp_path
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
 
 
+def test_a_cpu_fine_tune_trims_the_heap_after_each_step(tiny_model, tmp_path, monkeypatch):
+    """`trim_heap` hands glibc's free pages back after every optimizer step of a CPU fine-tune, and only then."""
+    from leap_dspy.train import common
+
+    calls: list[int] = []
+    monkeypatch.setattr(common, "_malloc_trim", lambda: calls.append(1))
+    for trim in (False, True):
+        calls.clear()
+        train_sft(sft_rows(), model=tiny_model, output_dir=tmp_path / str(trim), config=fast(trim_heap=trim))
+        assert len(calls) == (4 if trim else 0), trim  # fast(): 4 steps
+
+
 def test_the_chunked_head_loss_gives_the_plain_loss_and_gradients(tiny_model, tmp_path, monkeypatch):
     """`linear_cross_entropy` computes the head's summed cross-entropy and the hidden states' gradient a chunk of
     positions at a time: in float32 what the head and `F.cross_entropy` give, over more positions than a chunk

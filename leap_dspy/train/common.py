@@ -316,6 +316,8 @@ def run_trainer(
 
     kernels = kernels or TrainConfig()
     device, model = next(trainer.model.parameters()).device.type, trainer.model
+    if kernels.trim_heap and device == "cpu":
+        trainer.add_callback(_heap_trimmer())
     with (adapters_in_base_dtype(model), attention_kernels(device), fused_lora(model, kernels.fused_lora),
           fused_layers(model, kernels.fused_layers and not kernels.use_liger_kernel)):  # Liger fuses its own
         output = trainer.train()
@@ -344,16 +346,31 @@ def run_trainer(
     return result
 
 
+def _heap_trimmer() -> Any:
+    """A TrainerCallback handing the heap's free pages back after each optimizer step (`TrainConfig.trim_heap`)."""
+    from transformers import TrainerCallback
+
+    class _Trim(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            _malloc_trim()
+
+    return _Trim()
+
+
+def _malloc_trim() -> None:
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def release_memory() -> None:
     """Hand the trainer's freed memory back to the system: without it the process keeps the peak of every
     training round (glibc holds freed heap), and rollouts that follow run with gigabytes less."""
-    import contextlib
-    import ctypes
     import gc
 
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    _malloc_trim()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():  # a launched trainer needs the GPU memory too
         torch.cuda.empty_cache()

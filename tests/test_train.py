@@ -467,13 +467,16 @@ def test_fused_layers_give_the_models_outputs_and_gradients(tiny_model, tmp_path
             if "lora_B" in name:  # B starts at zero; A's gradient would be zero too
                 torch.nn.init.normal_(param, std=0.5)
         layers = model.base_model.model.model.layers
-        layers[1].post_attention_layernorm = ShiftedRMSNorm(layers[1].post_attention_layernorm)
-        layers[0].input_layernorm.weight.requires_grad_(True)  # a norm that trains: its own forward
+        for layer in layers:
+            layer.post_attention_layernorm = ShiftedRMSNorm(layer.post_attention_layernorm)
+        # Norms that train run their own forward, and are not what decides a class's probe.
+        layers[0].input_layernorm.weight.requires_grad_(True)
+        layers[0].post_attention_layernorm.weight.requires_grad_(True)
         ids = torch.tensor([tokenizer.encode("go to shelf 1, take mug 1 from shelf 1")])
         _, exact, _ = loss_and_grads(copy.deepcopy(model).float(), ids, False)
         (plain, plain_grads, none), (fused, fused_grads, patched) = (loss_and_grads(model, ids, False),
                                                                      loss_and_grads(model, ids, True))
-        assert (none, patched) == (0, 6), dtype  # 2 layers x 2 norms + the final one, one shifted; 2 MLPs
+        assert (none, patched) == (0, 5), dtype  # 2 input norms and the final one; 2 MLPs
         assert fused == pytest.approx(plain, rel=1e-5 if dtype == "float32" else 1e-2), dtype
         assert "model.layers.0.input_layernorm.weight" in "".join(fused_grads)
         assert all(g.abs().sum() > 0 for g in exact.values())

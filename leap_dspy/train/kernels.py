@@ -174,16 +174,17 @@ class _GatedDown(torch.autograd.Function):
         return grad_gate, gp * silu, None, None, grad_a, grad_b, None
 
 
-def _norm_forward(module: Any) -> Any:
-    """`module`'s forward through `_RMSNorm` (its own while its weight trains)."""
+def _norm_forward(module: Any) -> tuple[Any, Any]:
+    """`module`'s forward through `_RMSNorm` (its own while its weight trains), and the fused path alone."""
     original, eps = module.forward, float(getattr(module, "variance_epsilon", getattr(module, "eps", 0.0)))
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if module.weight.requires_grad:
-            return original(x)
+    def fused(x: torch.Tensor) -> torch.Tensor:
         return _RMSNorm.apply(x, module.weight, eps)
 
-    return forward
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return original(x) if module.weight.requires_grad else fused(x)
+
+    return forward, fused
 
 
 def _down_parts(down: Any) -> tuple[Any, ...] | None:
@@ -198,22 +199,23 @@ def _down_parts(down: Any) -> tuple[Any, ...] | None:
     return None
 
 
-def _mlp_forward(module: Any) -> Any:
-    """`module`'s forward through `_GatedDown` while its down projection stays plain (else its own)."""
+def _mlp_forward(module: Any) -> tuple[Any, Any]:
+    """`module`'s forward through `_GatedDown` (its own while its down projection is not plain), and the fused
+    path alone (None when it cannot run now)."""
     original = module.forward
 
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        return _GatedDown.apply(module.gate_proj(x), module.up_proj(x), *_down_parts(module.down_proj))
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        parts = _down_parts(module.down_proj)
-        if parts is None:
-            return original(x)
-        return _GatedDown.apply(module.gate_proj(x), module.up_proj(x), *parts)
+        return original(x) if _down_parts(module.down_proj) is None else fused(x)
 
-    return forward
+    return forward, fused if _down_parts(module.down_proj) is not None else None
 
 
-def _candidates(model: Any) -> Iterator[tuple[Any, Any]]:
-    """(module, its fused forward) for each module shaped like an RMSNorm or a gated MLP; `fused_layers` checks
-    on a probe that the fused forward computes what the module's own does before using it."""
+def _candidates(model: Any) -> Iterator[tuple[Any, tuple[Any, Any]]]:
+    """(module, (forward, fused path)) for each module shaped like an RMSNorm or a gated MLP; `fused_layers`
+    checks on a probe that the fused path computes what the module's own forward does before using it."""
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if (type(module).__name__.endswith("RMSNorm") and isinstance(weight, torch.nn.Parameter) and weight.dim() == 1
@@ -231,8 +233,10 @@ def _is_silu(act: Any) -> bool:
 
 
 def _same_on_a_probe(module: Any, fused: Any) -> bool:
-    """Whether `fused` gives the module's own output on a random input (Gemma's norm scales by 1 + w, some MLPs
-    mix their halves otherwise: those keep their forward)."""
+    """Whether the fused path gives the module's own output on a random input (Gemma's norm scales by 1 + w,
+    some MLPs mix their halves otherwise: those keep their forward)."""
+    if fused is None:
+        return False
     width = module.weight.shape[0] if hasattr(module, "weight") else module.gate_proj.in_features
     dtype = next(module.parameters()).dtype
     probe = torch.randn(2, 3, width, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -247,14 +251,14 @@ def fused_layers(model: Any, enabled: bool = True) -> Iterator[int]:
     keep fewer activations for the backward; yields how many modules. Outside it they are the model's own."""
     checked: dict[type, bool] = {}
     patched, previous = [], []
-    for module, fused in (_candidates(model) if enabled else ()):
+    for module, (forward, fused) in (_candidates(model) if enabled else ()):
         kind = type(module)
         if kind not in checked:  # one probe per class: its instances share the forward
             checked[kind] = _same_on_a_probe(module, fused)
         if checked[kind]:
             patched.append(module)
             previous.append(module.__dict__.get("forward"))
-            module.forward = fused
+            module.forward = forward
     try:
         yield len(patched)
     finally:

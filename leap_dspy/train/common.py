@@ -346,13 +346,25 @@ def run_trainer(
     return result
 
 
+TRIM_GROWTH_MB = 512
+"""How far a trainer's resident memory may grow, from the end of the step after the last trim, before the next."""
+
+
 def _heap_trimmer() -> Any:
-    """A TrainerCallback handing the heap's free pages back after each optimizer step (`TrainConfig.trim_heap`)."""
+    """A TrainerCallback handing the heap's free pages back after an optimizer step once the process has grown
+    `TRIM_GROWTH_MB` since the last time (`TrainConfig.trim_heap`): every step would refault a step's worth of
+    pages each time, about a tenth of a short step."""
     from transformers import TrainerCallback
 
     class _Trim(TrainerCallback):
+        level: float | None = None  # where a step ends once its pages are back: the first step, or the one after a trim
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            _malloc_trim()
+            if self.level is None:
+                self.level = rss_mb()
+            elif rss_mb() > self.level + TRIM_GROWTH_MB:
+                _malloc_trim()
+                self.level = None
 
     return _Trim()
 

@@ -3,7 +3,7 @@
     python bench/train.py [--rows 64] [--dtype auto] [--batch 8] [--accumulation 1] [--max-batch-tokens 0]
                           [--attn sdpa|eager] [--turns 25] [--model DIR]
                           [--compile] [--liger] [--share-prompt on|off|both] [--fused-lora on|off|both]
-                          [--fused-loss on|off] [--fused-layers on|off] [--trim-heap on|off]
+                          [--fused-loss on|off] [--fused-layers on|off]
                           [--rows-file RUN/iter_0/train_rows.jsonl] [--profile]
 
 Prints one table, all measured in this run: the best square-matmul FLOP/s in float32 and bfloat16, SFT train
@@ -154,7 +154,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="TrainConfig.fused_lora; both: train each way in this run and print the ratio")
     parser.add_argument("--fused-loss", default="on", choices=["on", "off"], help="TrainConfig.fused_loss")
     parser.add_argument("--fused-layers", default="on", choices=["on", "off"], help="TrainConfig.fused_layers")
-    parser.add_argument("--trim-heap", default="on", choices=["on", "off"], help="TrainConfig.trim_heap")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the measured training's time went, by kind of operation")
     parser.add_argument("--warmup-steps", type=int, default=0,
@@ -171,8 +170,7 @@ def _config(args: argparse.Namespace) -> Any:
     from leap_dspy.train import TrainConfig
 
     overrides = {"dtype": args.dtype, "epochs": args.epochs, "progress_bar": False, "logging_steps": 1,
-                 "fused_loss": args.fused_loss == "on", "fused_layers": args.fused_layers == "on",
-                 "trim_heap": args.trim_heap == "on"}
+                 "fused_loss": args.fused_loss == "on", "fused_layers": args.fused_layers == "on"}
     if args.batch:
         overrides["per_device_batch_size"] = args.batch
     if args.accumulation:
@@ -207,7 +205,7 @@ def _result_lines(result: Any, config: Any, args: argparse.Namespace, n_params: 
         ("config", f"batch {config.per_device_batch_size}, LoRA r={config.lora_r} on "
                    f"{','.join(config.target_modules)}, compile {args.compile}, liger {args.liger}, "
                    f"shared prompt head {config.shares_prompt}, fused LoRA {config.fused_lora}, "
-                   f"fused loss {config.fused_loss}, fused layers {config.fused_layers}, trim heap {config.trim_heap}"),
+                   f"fused loss {config.fused_loss}, fused layers {config.fused_layers}"),
         ("steps / train tokens", f"{result.steps} / {result.train_tokens:,}"),
         ("train wall", f"{result.wall_s:.1f} s (setup {result.setup_s:.1f} s, {args.warmup_steps} warm-up steps "
                        "before, unmeasured)"),

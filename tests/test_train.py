@@ -490,23 +490,6 @@ def test_fused_layers_give_the_models_outputs_and_gradients(tiny_model, tmp_path
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
 
 
-def test_a_cpu_fine_tune_trims_the_heap_once_it_has_grown(tiny_model, tmp_path, monkeypatch):
-    """`trim_heap` hands glibc's free pages back after an optimizer step of a CPU fine-tune once the process has
-    grown `TRIM_GROWTH_MB` past where the first step (or the first after a trim) ended, and never when off."""
-    from leap_dspy.train import common
-
-    calls: list[int] = []
-    monkeypatch.setattr(common, "_malloc_trim", lambda: calls.append(1))
-    for trim in (False, True):
-        calls.clear()
-        # The resident size each step ends at: 1,000 MB, then growing past 1,000 + 512 at the third step; the
-        # fourth, after the trim, sets the level again.
-        sizes = iter([1000.0, 1400.0, 1600.0, 1200.0, 1300.0])
-        monkeypatch.setattr(common, "rss_mb", lambda sizes=sizes: next(sizes))
-        train_sft(sft_rows(), model=tiny_model, output_dir=tmp_path / str(trim), config=fast(trim_heap=trim))
-        assert len(calls) == (1 if trim else 0), trim  # fast(): 4 steps
-
-
 def test_the_chunked_head_loss_gives_the_plain_loss_and_gradients(tiny_model, tmp_path, monkeypatch):
     """`linear_cross_entropy` computes the head's summed cross-entropy and the hidden states' gradient a chunk of
     positions at a time: in float32 what the head and `F.cross_entropy` give, over more positions than a chunk
@@ -541,3 +524,20 @@ def test_the_chunked_head_loss_gives_the_plain_loss_and_gradients(tiny_model, tm
     runs = {flag: train_sft(sft_rows(), model=tiny_model, output_dir=tmp_path / str(flag),
                             config=fast(fused_loss=flag, max_steps=3)).loss_history for flag in (False, True)}
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+
+
+def test_a_launched_trainers_peak_is_its_own_not_the_launching_process():
+    """`peak_rss_mb` in a process started by a large one (a compile launching its trainer) reports that process's
+    own peak: ru_maxrss would report the launcher's, which the child inherits across fork and exec."""
+    import subprocess
+    import sys
+
+    from leap_dspy.train.common import peak_rss_mb
+
+    held = bytearray(768 * 2**20)
+    held[::4096] = b"\x01" * len(held[::4096])  # touch every page: resident, not just reserved
+    probe = "from leap_dspy.train.common import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    assert peak_rss_mb() >= 768
+    assert 0 < child < peak_rss_mb() - 512, (child, peak_rss_mb())
+    del held

@@ -26,7 +26,13 @@ log = logging.getLogger(__name__)
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this program in MB: Linux's VmHWM, which starts afresh at exec, where ru_maxrss
+    would carry the launching compile's own peak into a launched trainer (ru_maxrss: KiB on Linux, bytes on
+    macOS)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
@@ -316,8 +322,6 @@ def run_trainer(
 
     kernels = kernels or TrainConfig()
     device, model = next(trainer.model.parameters()).device.type, trainer.model
-    if kernels.trim_heap and device == "cpu":
-        trainer.add_callback(_heap_trimmer())
     with (adapters_in_base_dtype(model), attention_kernels(device), fused_lora(model, kernels.fused_lora),
           fused_layers(model, kernels.fused_layers and not kernels.use_liger_kernel)):  # Liger fuses its own
         output = trainer.train()
@@ -344,29 +348,6 @@ def run_trainer(
     # Published with the adapter, atomically: a kill right after publishing must not lose the result.
     (tmp_dir / RESULT_FILE).write_text(result.model_dump_json(indent=2))
     return result
-
-
-TRIM_GROWTH_MB = 512
-"""How far a trainer's resident memory may grow, from the end of the step after the last trim, before the next."""
-
-
-def _heap_trimmer() -> Any:
-    """A TrainerCallback handing the heap's free pages back after an optimizer step once the process has grown
-    `TRIM_GROWTH_MB` since the last time (`TrainConfig.trim_heap`): every step would refault a step's worth of
-    pages each time, about a tenth of a short step."""
-    from transformers import TrainerCallback
-
-    class _Trim(TrainerCallback):
-        level: float | None = None  # where a step ends once its pages are back: the first step, or the one after a trim
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self.level is None:
-                self.level = rss_mb()
-            elif rss_mb() > self.level + TRIM_GROWTH_MB:
-                _malloc_trim()
-                self.level = None
-
-    return _Trim()
 
 
 def _malloc_trim() -> None:

@@ -64,10 +64,6 @@ class TrainConfig(BaseModel):
     copy, and gate and up rather than also silu(gate) and the product: the same gradients in about a third less
     activation memory. A module whose forward a probe finds different (Gemma's norm) keeps its own; off under
     `use_liger_kernel`, whose Triton kernels fuse the same layers on a GPU."""
-    trim_heap: bool = True
-    """On a CPU, hand the heap's free pages back to the system after every optimizer step (glibc's
-    `malloc_trim`): freed activations of passes of varying shapes leave holes the next pass cannot reuse, and a
-    trainer's peak otherwise creeps up by gigabytes over a fine-tune. Off: about 3% faster."""
     fused_loss: bool = True
     """SFT: the LM head and cross-entropy over the completion positions a chunk at a time, the gradient for the
     hidden states computed in the forward (`kernels.linear_cross_entropy`): no vocabulary-wide logits kept for

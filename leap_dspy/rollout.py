@@ -8,9 +8,7 @@ instead of waiting on a timer: the environments step in lockstep and the model s
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-import ctypes
 import dataclasses
 import random
 import threading
@@ -82,18 +80,6 @@ class _Live:
             engine.expected = None
 
 
-MALLOC_ARENAS = 2
-"""glibc heaps the episodes' threads share (`mallopt(M_ARENA_MAX)`). By default threads get up to 8 per core,
-and each heap keeps the peak of what was freed in it: a WebShop evaluation of 60 goals peaked at 7.1 GB with
-them, 6.2 GB with 2, in the same time."""
-
-
-def share_malloc_arenas() -> None:
-    """Cap glibc's heaps at `MALLOC_ARENAS` for threads that start from now on (not glibc: nothing to do)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-8, MALLOC_ARENAS)  # -8: M_ARENA_MAX
-
-
 def run_parallel(play: Callable[[TextEnv, Task], Trajectory], env: TextEnv, tasks: Iterable[Task], *,
                  num_threads: int = 32, program: dspy.Module | None = None,
                  on_trajectory: Progress | None = None) -> list[Trajectory]:
@@ -102,7 +88,6 @@ def run_parallel(play: Callable[[TextEnv, Task], Trajectory], env: TextEnv, task
     if not tasks:
         return []
     threads = max(1, min(num_threads, len(tasks)))
-    share_malloc_arenas()
     live = _Live(_engines(program), len(tasks), threads)
     results: list[Trajectory | None] = [None] * len(tasks)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 import csv
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -135,38 +134,3 @@ def test_an_environment_with_only_the_protocol_gets_an_honest_scripted_expert() 
     step = trajectories[0].steps[0]
     assert Expertise().unjustified(step.inputs, hidden, "go to cellar") is not None
     assert Expertise().unjustified(step.inputs, hidden, "open red box") is None
-
-
-ARENA_PROBE = """
-import ctypes, sys, threading
-from leap_dspy.rollout import MALLOC_ARENAS, share_malloc_arenas
-if sys.argv[1] == "shared":
-    share_malloc_arenas()
-held, barrier = [], threading.Barrier(16)
-def hold():
-    barrier.wait()  # all 16 alive at once, each allocating from its thread's heap
-    held.append(bytearray(4 * 2**20))
-threads = [threading.Thread(target=hold) for _ in range(16)]
-for t in threads: t.start()
-for t in threads: t.join()
-libc = ctypes.CDLL("libc.so.6")
-libc.fopen.restype = ctypes.c_void_p
-out = libc.fopen(sys.argv[2].encode(), b"w")
-libc.malloc_info(0, ctypes.c_void_p(out)); libc.fclose(ctypes.c_void_p(out))
-"""
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's heaps")
-def test_episode_threads_share_a_few_heaps(tmp_path):
-    """`share_malloc_arenas` (run before the episodes' threads start) caps glibc's heaps at `MALLOC_ARENAS`; a
-    process that does not call it gives 16 threads more heaps, each keeping the peak freed in it."""
-    import subprocess
-
-    from leap_dspy.rollout import MALLOC_ARENAS
-
-    heaps = {}
-    for mode in ("own", "shared"):
-        report = tmp_path / f"{mode}.xml"
-        subprocess.run([sys.executable, "-c", ARENA_PROBE, mode, str(report)], check=True)
-        heaps[mode] = report.read_text().count("<heap nr=")
-    assert heaps["shared"] <= MALLOC_ARENAS < heaps["own"], heaps

@@ -350,20 +350,15 @@ def run_trainer(
     return result
 
 
-def _malloc_trim() -> None:
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def release_memory() -> None:
     """Hand the trainer's freed memory back to the system: without it the process keeps the peak of every
     training round (glibc holds freed heap), and rollouts that follow run with gigabytes less."""
+    import ctypes
     import gc
 
     gc.collect()
-    _malloc_trim()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():  # a launched trainer needs the GPU memory too
         torch.cuda.empty_cache()

@@ -204,13 +204,15 @@ def _mlp_forward(module: Any) -> tuple[Any, Any]:
     path alone (None when it cannot run now)."""
     original = module.forward
 
-    def fused(x: torch.Tensor) -> torch.Tensor:
-        return _GatedDown.apply(module.gate_proj(x), module.up_proj(x), *_down_parts(module.down_proj))
+    def fused(x: torch.Tensor, parts: tuple[Any, ...]) -> torch.Tensor:
+        return _GatedDown.apply(module.gate_proj(x), module.up_proj(x), *parts)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return original(x) if _down_parts(module.down_proj) is None else fused(x)
+        parts = _down_parts(module.down_proj)  # once a call: the adapter may be disabled (DPO's reference pass)
+        return original(x) if parts is None else fused(x, parts)
 
-    return forward, fused if _down_parts(module.down_proj) is not None else None
+    parts = _down_parts(module.down_proj)
+    return forward, None if parts is None else (lambda x: fused(x, parts))
 
 
 def _candidates(model: Any) -> Iterator[tuple[Any, tuple[Any, Any]]]:

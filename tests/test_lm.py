@@ -386,6 +386,41 @@ def test_length_chunked_prefill_matches_one_padded_prefill():
     assert bounded.stats.extra["prefill_chunks"] == len(prompts)
 
 
+def test_a_batchs_kv_cache_is_held_once(monkeypatch):
+    """The buffers chunked prefill fills are the ones decoding appends to, with room for the answer, and
+    dropping finished rows replaces each layer's buffer rather than keeping it beside the selected copy: a
+    batch's cache is never held twice (it was, and that was most of an evaluation's peak memory)."""
+    import torch
+
+    from leap_dspy.lm import prefill as prefill_module
+    from leap_dspy.lm.generate import Generator
+    from leap_dspy.lm.models import DEFAULT_MODEL, load_model, load_tokenizer
+
+    filled: list = []
+    empty_layers = prefill_module.empty_layers
+    monkeypatch.setattr(prefill_module, "empty_layers", lambda *a: filled.append(empty_layers(*a)) or filled[-1])
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    model = load_model(DEFAULT_MODEL, dtype="float32")
+    head = tokenizer.encode(SYSTEM)
+    prompts = [head + tokenizer.encode(q * k) for q, k in zip(QUESTIONS, (3, 1, 2, 1), strict=True)]
+    generator = Generator(model, tokenizer, prefill_waste=0.0)
+    with torch.inference_mode():
+        start = generator.prefill(prompts, 5, True)
+    layers = start.cache.layers
+    assert len(filled) == 1
+    for layer, (keys, values) in zip(layers, filled[0], strict=True):
+        assert layer._k is keys and layer._v is values
+        assert layer.keys.data_ptr() == keys.data_ptr() and keys.shape[-2] == layer.get_seq_length() + 5
+    before = [layer.keys[[0, 2]].clone() for layer in layers]
+    start.cache.batch_select_indices(torch.tensor([0, 2]))
+    for layer, rows in zip(layers, before, strict=True):
+        assert layer._k.shape[0] == 2 and layer.keys.data_ptr() == layer._k.data_ptr()
+        assert torch.equal(layer.keys, rows)
+        buffer = layer._k
+        layer.update(torch.zeros(2, rows.shape[1], 5, rows.shape[-1]), torch.zeros(2, rows.shape[1], 5, rows.shape[-1]))
+        assert layer._k is buffer  # the answer's room came along
+
+
 def test_a_greedy_answer_asked_again_is_remembered_not_recomputed():
     """An agent in a loop sends the same prompt step after step: the engine answers it again from memory, the
     same response, without a batch; sampled answers and `answer_cache=0` are always generated."""

@@ -4,7 +4,8 @@
   one buffer instead of concatenating the whole cache each step.
 - `PrefixStore`: batch-1 caches of earlier prompts' common head (the system turn), reused by later batches: the
   KV entries at positions < n depend only on the first n tokens, so a stored prefix may be truncated or extended.
-- `empty_layers`: zeroed per-layer buffers that chunked prefill fills row by row.
+- `empty_layers`: zeroed per-layer buffers, with room for the answer, that chunked prefill fills row by row and
+  the growing cache then adopts as they are.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ from typing import Any
 import torch
 
 
-def growing_cache(config: Any, headroom: int, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Any:
-    """A `DynamicCache` whose full-attention layers append into preallocated room (see `_GrowingLayer`)."""
+def growing_cache(config: Any, headroom: int, kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  filled: int | None = None) -> Any:
+    """A `DynamicCache` whose full-attention layers append into preallocated room (see `_GrowingLayer`).
+
+    `kv` is copied in, unless `filled` is given: then each (keys, values) is a buffer whose first `filled`
+    positions hold the cache, and the layers adopt it, so a batch's KV is never held twice."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
@@ -24,7 +29,10 @@ def growing_cache(config: Any, headroom: int, kv: list[tuple[torch.Tensor, torch
     cache.layers = [growing_layer_class()(headroom) if type(layer) is DynamicLayer else layer
                     for layer in cache.layers]
     for layer, (keys, values) in zip(cache.layers, kv or [], strict=False):
-        layer.update(keys, values)
+        if filled is None:
+            layer.update(keys, values)
+        else:
+            layer.adopt(keys, values, filled)
     return cache
 
 
@@ -67,6 +75,22 @@ def growing_layer_class() -> type:
             self._v[..., have:need, :] = value_states
             self.keys, self.values = self._k[..., :need, :], self._v[..., :need, :]
             return self.keys, self.values
+
+        def adopt(self, keys: torch.Tensor, values: torch.Tensor, filled: int) -> None:
+            """Take `keys`/`values` as this layer's buffers, their first `filled` positions the cache."""
+            self.lazy_initialization(keys, values)
+            self._k, self._v = keys, values
+            self.keys, self.values = keys[..., :filled, :], values[..., :filled, :]
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            # Select from the buffer itself: transformers' select copies the filled part and leaves the old
+            # buffer alive until the next step reallocates, so every layer briefly held its cache twice.
+            have = self.get_seq_length()
+            if have and self._k is not None and self.keys.data_ptr() == self._k.data_ptr():
+                self._k, self._v = self._k[indices], self._v[indices]
+                self.keys, self.values = self._k[..., :have, :], self._v[..., :have, :]
+            else:
+                super().batch_select_indices(indices)
 
     _GROWING = _GrowingLayer
     return _GROWING
@@ -127,7 +151,8 @@ class PrefixStore:
 
 
 def empty_layers(part: Any, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zeroed per-layer (keys, values) for the whole batch, shaped like the chunk cache `part` but `length` long."""
+    """Zeroed per-layer (keys, values) for the whole batch, shaped like the chunk cache `part` but `length` long.
+    Zeroed, not empty: a masked position still enters attention's weighted sum, and 0 x NaN is NaN."""
     layers = []
     for layer in part.layers:
         k, v = layer.keys, layer.values

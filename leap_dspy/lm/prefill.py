@@ -144,18 +144,19 @@ class Prefiller:
             part, last, w = self._chunk(suffixes, chunk, prefix_kv, prefix_len, 0)
             if logits is None:
                 logits = last.new_empty((batch, last.shape[-1]))
-                layers = empty_layers(part, batch, prefix_len + width)
+                layers = empty_layers(part, batch, prefix_len + width + room)
             index = torch.tensor(chunk, device=self.device)
             logits[index] = last
+            end = prefix_len + width  # the room for the answer follows
             for (keys, values), layer in zip(layers, part.layers, strict=True):
-                keys[index, :, prefix_len + width - w:] = layer.keys[:, :, prefix_len:]
-                values[index, :, prefix_len + width - w:] = layer.values[:, :, prefix_len:]
+                keys[index, :, end - w:end] = layer.keys[:, :, prefix_len:]
+                values[index, :, end - w:end] = layer.values[:, :, prefix_len:]
         if prefix_len:
             for (keys, values), (k, v) in zip(layers, prefix_kv, strict=True):
                 keys[:, :, :prefix_len] = k
                 values[:, :, :prefix_len] = v
         assert logits is not None
-        return growing_cache(self.model.config, room, layers), logits
+        return growing_cache(self.model.config, room, layers, filled=prefix_len + width), logits
 
     def _chunks(self, suffixes: list[list[int]]) -> list[list[int]]:
         """Row indices grouped by `length_chunks`; counted in the stats for benchmarks."""

@@ -421,6 +421,30 @@ def test_a_batchs_kv_cache_is_held_once(monkeypatch):
         assert layer._k is buffer  # the answer's room came along
 
 
+def test_a_call_past_the_kv_budget_runs_as_several_batches_with_the_same_answers():
+    """A call whose KV cache would pass `kv_budget` runs as batches of similar length one after another: the
+    same greedy answers in float32, in the callers' order."""
+    from leap_dspy.lm.generate import Generator, GenParams, kv_bytes_per_token
+    from leap_dspy.lm.models import DEFAULT_MODEL, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    model = load_model(DEFAULT_MODEL, dtype="float32")
+    config = model.config
+    assert kv_bytes_per_token(config, model.dtype) == (
+        config.num_hidden_layers * 2 * config.num_key_value_heads * 64 * 4)  # SmolLM2-135M: 30 x 2 x 3 x 64 floats
+    head = tokenizer.encode(SYSTEM)
+    prompts = [head + tokenizer.encode(q * k) for q, k in zip(QUESTIONS, (3, 1, 2, 1), strict=True)]
+    params = GenParams(max_new_tokens=8)
+    whole = Generator(model, tokenizer)
+    one = whole.generate(prompts, params)
+    assert "kv_groups" not in whole.stats.extra
+    two_rows = 2 * (max(len(p) for p in prompts) + 9) * kv_bytes_per_token(config, model.dtype)
+    split = Generator(model, tokenizer, kv_budget=two_rows)
+    assert split.groups([len(p) for p in prompts], 9) == [[1, 3], [2, 0]]
+    assert [r.token_ids for r in split.generate(prompts, params)] == [r.token_ids for r in one]
+    assert split.stats.extra["kv_groups"] == 4 and split.stats.batches == 1  # two groups here, two above
+
+
 def test_a_greedy_answer_asked_again_is_remembered_not_recomputed():
     """An agent in a loop sends the same prompt step after step: the engine answers it again from memory, the
     same response, without a batch; sampled answers and `answer_cache=0` are always generated."""

@@ -35,6 +35,22 @@ def default_draft_budget(device_type: str, dtype: torch.dtype) -> int:
     return 64 if dtype == torch.float32 else 320
 
 
+def default_kv_budget(device_type: str) -> int | None:
+    """The most bytes one batch's KV cache may take by default: 2 GiB on a CPU, where a larger batch decodes no
+    faster per row (each step reads every row's cache either way) but the cache shares the machine's memory
+    with everything else; a GPU takes the batch at once."""
+    return None if device_type == "cuda" else 2 << 30
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes one position of the KV cache takes over all layers (an upper bound for sliding-window layers)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return text.num_hidden_layers * 2 * kv_heads * head_dim * dtype.itemsize
+
+
 def default_prefill_tokens(device_type: str) -> int | None:
     """The most tokens one prefill forward takes by default: on a CPU a forward over many more than 8k tokens
     runs slower per token (its activations no longer fit the caches, and each is freshly mapped memory); a GPU
@@ -50,7 +66,8 @@ class Generator:
     whole batch at once; `prefill_tokens` bounds its padded size (default: `default_prefill_tokens`).
     `draft_budget` caps the tokens one decode step feeds when drafts are on (rows x (1 + draft)): past it a step
     costs about as much per token as prefill and a rejected draft is paid in full, so large batches draft less
-    or not at all (default: `default_draft_budget`).
+    or not at all (default: `default_draft_budget`). `kv_budget` bounds the bytes of one batch's KV cache: a
+    larger call runs as several batches of similar length, one after another (default: `default_kv_budget`).
     """
 
     def __init__(
@@ -64,6 +81,7 @@ class Generator:
         prefill_waste: float = 0.125,
         prefill_tokens: int | None = None,
         draft_budget: int | None = None,
+        kv_budget: int | None = None,
         lock: threading.Lock | None = None,
     ) -> None:
         self.model = model
@@ -84,7 +102,10 @@ class Generator:
         self.prefill = Prefiller(model, pad_id, self.stats, store_size=prefix_store_size, min_prefix=min_prefix,
                                  waste=prefill_waste if full_attention else 1.0,
                                  chunk_tokens=chunk_tokens if full_attention else None)
-        budget = draft_budget or default_draft_budget(self.device.type, next(model.parameters()).dtype)
+        dtype = next(model.parameters()).dtype
+        budget = draft_budget or default_draft_budget(self.device.type, dtype)
+        self.kv_budget = kv_budget or default_kv_budget(self.device.type)
+        self.kv_bytes = kv_bytes_per_token(model.config, dtype)
         self.decode = Decoder(model, tokenizer, eos_ids, pad_id, self.stats, drafts=full_attention,
                               draft_budget=budget)
 
@@ -104,17 +125,36 @@ class Generator:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         use_prefix = self.prefix_cache if prefix_cache is None else prefix_cache
+        results: dict[int, GenResult] = {}
         with self.lock, torch.inference_mode(), attention_kernels(self.device.type):
             start = time.perf_counter()
             self.stats.batches += 1
             self.stats.rows += len(prompts)
             self.stats.prompt_tokens += sum(len(p) for p in prompts)
-            prefilled = self.prefill(prompts, params.max_new_tokens + 1, use_prefix)
-            self.stats.prefill_seconds += time.perf_counter() - start
-            progress = self.decode(prefilled, params, prompts)
-            results = self._results(prompts, progress, params.stop)
+            for group in self.groups([len(p) for p in prompts], params.max_new_tokens + 1):
+                rows = [prompts[i] for i in group]
+                began = time.perf_counter()
+                prefilled = self.prefill(rows, params.max_new_tokens + 1, use_prefix)
+                self.stats.prefill_seconds += time.perf_counter() - began
+                progress = self.decode(prefilled, params, rows)
+                del prefilled  # the next group's cache must not meet this one's
+                results.update(zip(group, self._results(rows, progress, params.stop), strict=True))
             self.stats.seconds += time.perf_counter() - start
-        return results
+        return [results[i] for i in range(len(prompts))]
+
+    def groups(self, lengths: list[int], room: int) -> list[list[int]]:
+        """Row indices in batches whose KV cache (each row `room` past its prompt) fits `kv_budget`: one batch
+        in the rows' own order when the whole call fits, else rows of similar length together, shortest first."""
+        if self.kv_budget is None or len(lengths) * (max(lengths) + room) * self.kv_bytes <= self.kv_budget:
+            return [list(range(len(lengths)))]
+        groups: list[list[int]] = [[]]
+        for row in sorted(range(len(lengths)), key=lengths.__getitem__):
+            width = lengths[row] + room  # the longest so far: rows come in ascending length
+            if groups[-1] and (len(groups[-1]) + 1) * width * self.kv_bytes > self.kv_budget:
+                groups.append([])
+            groups[-1].append(row)
+        self.stats.extra["kv_groups"] = self.stats.extra.get("kv_groups", 0) + len(groups)
+        return groups
 
     def _results(self, prompts: list[list[int]], progress: Progress, stop: tuple[str, ...]) -> list[GenResult]:
         """Each row's text, trimmed at the first stop string (a stop string may span tokens), with its counts."""

@@ -35,11 +35,12 @@ def default_draft_budget(device_type: str, dtype: torch.dtype) -> int:
     return 64 if dtype == torch.float32 else 320
 
 
-def default_kv_budget(device_type: str) -> int | None:
-    """The most bytes one batch's KV cache may take by default: 2 GiB on a CPU, where a larger batch decodes no
-    faster per row (each step reads every row's cache either way) but the cache shares the machine's memory
-    with everything else; a GPU takes the batch at once."""
-    return None if device_type == "cuda" else 2 << 30
+def default_kv_budget(device_type: str, weight_bytes: int) -> int | None:
+    """The most bytes one batch's KV cache may take by default on a CPU: twice the weights', at least 512 MiB.
+    A decode step reads the weights once a batch and every row's cache, so each further batch adds one weight read
+    to steps that read at least twice that in cache, while the cache's memory stays small; a GPU takes the batch
+    at once."""
+    return None if device_type == "cuda" else max(512 << 20, 2 * weight_bytes)
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
@@ -104,7 +105,8 @@ class Generator:
                                  chunk_tokens=chunk_tokens if full_attention else None)
         dtype = next(model.parameters()).dtype
         budget = draft_budget or default_draft_budget(self.device.type, dtype)
-        self.kv_budget = kv_budget or default_kv_budget(self.device.type)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.kv_budget = kv_budget or default_kv_budget(self.device.type, weights)
         self.kv_bytes = kv_bytes_per_token(model.config, dtype)
         self.decode = Decoder(model, tokenizer, eos_ids, pad_id, self.stats, drafts=full_attention,
                               draft_budget=budget)

@@ -440,9 +440,17 @@ def test_a_call_past_the_kv_budget_runs_as_several_batches_with_the_same_answers
     assert "kv_groups" not in whole.stats.extra
     two_rows = 2 * (max(len(p) for p in prompts) + 9) * kv_bytes_per_token(config, model.dtype)
     split = Generator(model, tokenizer, kv_budget=two_rows)
-    assert split.groups([len(p) for p in prompts], 9) == [[1, 3], [2, 0]]
+    assert split.groups([len(p) for p in prompts], 9, two_rows) == [[1, 3], [2, 0]]
     assert [r.token_ids for r in split.generate(prompts, params)] == [r.token_ids for r in one]
     assert split.stats.extra["kv_groups"] == 4 and split.stats.batches == 1  # two groups here, two above
+    asked = dataclasses.replace(params, kv_budget=two_rows)  # a call's own budget (an engine's kv_budget_mb)
+    assert [r.token_ids for r in whole.generate(prompts, asked)] == [r.token_ids for r in one]
+    assert whole.stats.extra["kv_groups"] == 2
+    engine = LocalEngine(kv_budget_mb=3)
+    assert engine._params(request(QUESTIONS[0]).config, 10).kv_budget == 3 << 20
+    assert engine.dump_state()["kv_budget_mb"] == 3
+    with pytest.raises(ValueError, match="kv_budget_mb"):
+        LocalEngine(kv_budget_mb=0)
 
 
 def test_a_greedy_answer_asked_again_is_remembered_not_recomputed():

@@ -27,7 +27,8 @@ from leap_dspy.lm.models import DEFAULT_MODEL
 from leap_dspy.lm.registry import LoadedModel, get_loaded
 
 _STATE_KEYS = ("model", "adapter", "dtype", "max_batch", "max_new_tokens", "batching", "prefix_cache",
-               "batch_wait_s", "device", "no_repeat_ngram", "ngram_repeats", "answer_cache", "draft_tokens")
+               "batch_wait_s", "device", "no_repeat_ngram", "ngram_repeats", "answer_cache", "draft_tokens",
+               "kv_budget_mb")
 
 
 class LocalEngine:
@@ -54,6 +55,8 @@ class LocalEngine:
             token a step). Drafts come from the prompt and recent answers; in float32 the answers do not change,
             only the number of forward passes (in bfloat16 a several-token step's other matmul shapes can flip
             a rare near-tie, as batching can; see `leap_dspy/lm/draft.py`).
+        kv_budget_mb: the most MiB of KV cache one batch may hold; a larger batch runs as several, one after
+            another (None: twice the weights' size on a CPU, at least 512 MiB; no bound on a GPU).
 
     `expected` (attribute, int or None) may be set by a caller that knows how many clients call at once
     (the rollout runner sets it to the number of live environments): a batch then starts as soon as that
@@ -76,11 +79,14 @@ class LocalEngine:
         ngram_repeats: int = 1,
         answer_cache: int = 4096,
         draft_tokens: int = 4,
+        kv_budget_mb: int | None = None,
     ) -> None:
         if max_batch < 1 or max_new_tokens < 1:
             raise ValueError("max_batch and max_new_tokens must be at least 1")
         if draft_tokens < 0:
             raise ValueError("draft_tokens must be 0 (no drafts) or more")
+        if kv_budget_mb is not None and kv_budget_mb < 1:
+            raise ValueError("kv_budget_mb must be at least 1 (None: the default)")
         self.model = str(model)
         self.adapter = str(Path(adapter).expanduser().resolve()) if adapter is not None else None
         self.dtype = dtype
@@ -94,6 +100,7 @@ class LocalEngine:
         self.ngram_repeats = int(ngram_repeats)
         self.answer_cache = int(answer_cache)
         self.draft_tokens = int(draft_tokens)
+        self.kv_budget_mb = kv_budget_mb
         self._answers: OrderedDict[tuple, GenResult] = OrderedDict()
         self._answers_lock = threading.Lock()
         self.remembered = 0
@@ -232,6 +239,7 @@ class LocalEngine:
             no_repeat_ngram=self.no_repeat_ngram,
             ngram_repeats=self.ngram_repeats,
             draft_tokens=self.draft_tokens,
+            kv_budget=self.kv_budget_mb << 20 if self.kv_budget_mb else None,
         )
 
     def _generate(self, params: GenParams, ids: list[int]) -> GenResult:

@@ -28,6 +28,9 @@ class GenParams:
     draft_tokens: int = 0
     """Greedy decoding only: check up to this many drafted tokens a row at each step (0: one token a step). The
     answers are the same; see `decode.py`'s module docstring."""
+    kv_budget: int | None = None
+    """The most bytes of KV cache one batch may hold; a larger call runs as several batches, one after another
+    (None: the generator's own, see `default_kv_budget`)."""
 
     @property
     def greedy(self) -> bool:

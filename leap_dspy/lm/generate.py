@@ -68,7 +68,8 @@ class Generator:
     `draft_budget` caps the tokens one decode step feeds when drafts are on (rows x (1 + draft)): past it a step
     costs about as much per token as prefill and a rejected draft is paid in full, so large batches draft less
     or not at all (default: `default_draft_budget`). `kv_budget` bounds the bytes of one batch's KV cache: a
-    larger call runs as several batches of similar length, one after another (default: `default_kv_budget`).
+    larger call runs as several batches of similar length, one after another (default: `default_kv_budget`; a
+    call's `GenParams.kv_budget` overrides it).
     """
 
     def __init__(
@@ -133,7 +134,8 @@ class Generator:
             self.stats.batches += 1
             self.stats.rows += len(prompts)
             self.stats.prompt_tokens += sum(len(p) for p in prompts)
-            for group in self.groups([len(p) for p in prompts], params.max_new_tokens + 1):
+            budget = params.kv_budget or self.kv_budget
+            for group in self.groups([len(p) for p in prompts], params.max_new_tokens + 1, budget):
                 rows = [prompts[i] for i in group]
                 began = time.perf_counter()
                 prefilled = self.prefill(rows, params.max_new_tokens + 1, use_prefix)
@@ -144,15 +146,15 @@ class Generator:
             self.stats.seconds += time.perf_counter() - start
         return [results[i] for i in range(len(prompts))]
 
-    def groups(self, lengths: list[int], room: int) -> list[list[int]]:
-        """Row indices in batches whose KV cache (each row `room` past its prompt) fits `kv_budget`: one batch
+    def groups(self, lengths: list[int], room: int, budget: int | None) -> list[list[int]]:
+        """Row indices in batches whose KV cache (each row `room` past its prompt) fits `budget` bytes: one batch
         in the rows' own order when the whole call fits, else rows of similar length together, shortest first."""
-        if self.kv_budget is None or len(lengths) * (max(lengths) + room) * self.kv_bytes <= self.kv_budget:
+        if budget is None or len(lengths) * (max(lengths) + room) * self.kv_bytes <= budget:
             return [list(range(len(lengths)))]
         groups: list[list[int]] = [[]]
         for row in sorted(range(len(lengths)), key=lengths.__getitem__):
             width = lengths[row] + room  # the longest so far: rows come in ascending length
-            if groups[-1] and (len(groups[-1]) + 1) * width * self.kv_bytes > self.kv_budget:
+            if groups[-1] and (len(groups[-1]) + 1) * width * self.kv_bytes > budget:
                 groups.append([])
             groups[-1].append(row)
         self.stats.extra["kv_groups"] = self.stats.extra.get("kv_groups", 0) + len(groups)

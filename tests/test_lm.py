@@ -393,7 +393,7 @@ def test_a_batchs_kv_cache_is_held_once(monkeypatch):
     import torch
 
     from leap_dspy.lm import prefill as prefill_module
-    from leap_dspy.lm.generate import Generator
+    from leap_dspy.lm.generate import Generator, GenParams
     from leap_dspy.lm.models import DEFAULT_MODEL, load_model, load_tokenizer
 
     filled: list = []
@@ -419,6 +419,13 @@ def test_a_batchs_kv_cache_is_held_once(monkeypatch):
         buffer = layer._k
         layer.update(torch.zeros(2, rows.shape[1], 5, rows.shape[-1]), torch.zeros(2, rows.shape[1], 5, rows.shape[-1]))
         assert layer._k is buffer  # the answer's room came along
+    # Drafted steps outgrow the room (a rejected draft's columns stay) and finished rows are dropped: the adopted
+    # buffers grow and shrink, and the answers are those of one padded prefill decoded a token a step.
+    plain = Generator(model, tokenizer, prefill_waste=1.0).generate(prompts, GenParams(max_new_tokens=40))
+    chunked = Generator(model, tokenizer, prefill_waste=0.0, draft_budget=1024)
+    drafted = chunked.generate(prompts, GenParams(max_new_tokens=40, draft_tokens=4))
+    assert [r.token_ids for r in drafted] == [r.token_ids for r in plain]
+    assert len(filled) == 2 and chunked.stats.extra["drafted"] > chunked.stats.extra["kept"]
 
 
 def test_a_call_past_the_kv_budget_runs_as_several_batches_with_the_same_answers():
@@ -441,8 +448,9 @@ def test_a_call_past_the_kv_budget_runs_as_several_batches_with_the_same_answers
     two_rows = 2 * (max(len(p) for p in prompts) + 9) * kv_bytes_per_token(config, model.dtype)
     split = Generator(model, tokenizer, kv_budget=two_rows)
     assert split.groups([len(p) for p in prompts], 9, two_rows) == [[1, 3], [2, 0]]
+    assert split.groups([len(p) for p in prompts], 9, 1) == [[1], [3], [2], [0]]  # a row past it: alone
     assert [r.token_ids for r in split.generate(prompts, params)] == [r.token_ids for r in one]
-    assert split.stats.extra["kv_groups"] == 4 and split.stats.batches == 1  # two groups here, two above
+    assert split.stats.extra["kv_groups"] == 2 and split.stats.batches == 1
     asked = dataclasses.replace(params, kv_budget=two_rows)  # a call's own budget (an engine's kv_budget_mb)
     assert [r.token_ids for r in whole.generate(prompts, asked)] == [r.token_ids for r in one]
     assert whole.stats.extra["kv_groups"] == 2

@@ -102,25 +102,31 @@ class Decoder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def __call__(self, start: Prefilled, params: GenParams, prompts: list[list[int]]) -> Progress:
-        """Decode every row of a prefilled batch until it ends or spends `params.max_new_tokens`."""
+    def __call__(self, start: Prefilled, params: GenParams, prompts: list[list[int]],
+                 rng: torch.Generator | None = None) -> Progress:
+        """Decode every row of a prefilled batch until it ends or spends `params.max_new_tokens`; sampling draws
+        from `rng` (one stream for a whole call that runs as several batches), else from `params.seed`."""
         next_pos = start.positions[:, -1:] + 1
         if not (params.greedy and params.draft_tokens > 0 and self.drafts):
-            return self._one_token(start.cache, start.logits, start.mask, next_pos, params, len(prompts))
+            return self._one_token(start.cache, start.logits, start.mask, next_pos, params, len(prompts),
+                                   rng or self.rng(params))
         progress = self._drafted(start.cache, start.logits, start.mask, next_pos, params, prompts)
         for answer in progress.tokens:
             self.drafter.remember(answer)
         return progress
 
+    def rng(self, params: GenParams) -> torch.Generator | None:
+        """The random stream a seeded sampling call draws from (None: unseeded or greedy)."""
+        if params.greedy or params.seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(params.seed)
+
     def _one_token(
         self, cache: Any, logits: torch.Tensor, mask: torch.Tensor, next_pos: torch.Tensor, params: GenParams,
-        batch: int,
+        batch: int, generator: torch.Generator | None,
     ) -> Progress:
         """Choose and feed back one token per row per step until every row is done or the budget is spent."""
         device = self.device
-        generator = None
-        if not params.greedy and params.seed is not None:
-            generator = torch.Generator(device=device).manual_seed(params.seed)
         eos = torch.tensor(sorted(self.eos_ids), device=device)
         progress = Progress.empty(batch)
         done = progress.done

@@ -100,7 +100,7 @@ class LocalEngine:
         self.ngram_repeats = int(ngram_repeats)
         self.answer_cache = int(answer_cache)
         self.draft_tokens = int(draft_tokens)
-        self.kv_budget_mb = kv_budget_mb
+        self.kv_budget_mb = int(kv_budget_mb) if kv_budget_mb is not None else None
         self._answers: OrderedDict[tuple, GenResult] = OrderedDict()
         self._answers_lock = threading.Lock()
         self.remembered = 0

@@ -49,7 +49,10 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return text.num_hidden_layers * 2 * kv_heads * head_dim * dtype.itemsize
+    # Latent-attention models (DeepSeek's) cache keys and values of other widths than `head_dim`.
+    key_dim = (getattr(text, "qk_nope_head_dim", 0) or 0) + (getattr(text, "qk_rope_head_dim", 0) or 0)
+    value_dim = getattr(text, "v_head_dim", None) or head_dim
+    return text.num_hidden_layers * kv_heads * ((key_dim or head_dim) + value_dim) * dtype.itemsize
 
 
 def default_prefill_tokens(device_type: str) -> int | None:
@@ -134,13 +137,17 @@ class Generator:
             self.stats.batches += 1
             self.stats.rows += len(prompts)
             self.stats.prompt_tokens += sum(len(p) for p in prompts)
-            budget = params.kv_budget or self.kv_budget
-            for group in self.groups([len(p) for p in prompts], params.max_new_tokens + 1, budget):
+            groups = self.groups([len(p) for p in prompts], params.max_new_tokens + 1,
+                                 params.kv_budget or self.kv_budget)
+            if len(groups) > 1:
+                self.stats.extra["kv_groups"] = self.stats.extra.get("kv_groups", 0) + len(groups)
+            rng = self.decode.rng(params)  # one stream for the call, however it is split
+            for group in groups:
                 rows = [prompts[i] for i in group]
                 began = time.perf_counter()
                 prefilled = self.prefill(rows, params.max_new_tokens + 1, use_prefix)
                 self.stats.prefill_seconds += time.perf_counter() - began
-                progress = self.decode(prefilled, params, rows)
+                progress = self.decode(prefilled, params, rows, rng)
                 del prefilled  # the next group's cache must not meet this one's
                 results.update(zip(group, self._results(rows, progress, params.stop), strict=True))
             self.stats.seconds += time.perf_counter() - start
@@ -157,7 +164,6 @@ class Generator:
             if groups[-1] and (len(groups[-1]) + 1) * width * self.kv_bytes > budget:
                 groups.append([])
             groups[-1].append(row)
-        self.stats.extra["kv_groups"] = self.stats.extra.get("kv_groups", 0) + len(groups)
         return groups
 
     def _results(self, prompts: list[list[int]], progress: Progress, stop: tuple[str, ...]) -> list[GenResult]:

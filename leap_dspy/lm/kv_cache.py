@@ -150,12 +150,16 @@ class PrefixStore:
         self._entries.clear()
 
 
-def empty_layers(part: Any, batch: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zeroed per-layer (keys, values) for the whole batch, shaped like the chunk cache `part` but `length` long.
-    Zeroed, not empty: a masked position still enters attention's weighted sum, and 0 x NaN is NaN."""
+def empty_layers(part: Any, batch: int, length: int, room: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values) for the whole batch, shaped like the chunk cache `part` but `length` + `room`
+    long: the first `length` positions zeroed (a masked pad still enters attention's weighted sum, and 0 x NaN is
+    NaN), the room left for decoding to write."""
     layers = []
     for layer in part.layers:
-        k, v = layer.keys, layer.values
-        layers.append((k.new_zeros((batch, k.shape[1], length, k.shape[-1])),
-                       v.new_zeros((batch, v.shape[1], length, v.shape[-1]))))
+        pair = []
+        for t in (layer.keys, layer.values):
+            buffer = t.new_empty((batch, t.shape[1], length + room, t.shape[-1]))
+            buffer[:, :, :length].zero_()
+            pair.append(buffer)
+        layers.append((pair[0], pair[1]))
     return layers

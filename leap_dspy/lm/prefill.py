@@ -144,7 +144,7 @@ class Prefiller:
             part, last, w = self._chunk(suffixes, chunk, prefix_kv, prefix_len, 0)
             if logits is None:
                 logits = last.new_empty((batch, last.shape[-1]))
-                layers = empty_layers(part, batch, prefix_len + width + room)
+                layers = empty_layers(part, batch, prefix_len + width, room)
             index = torch.tensor(chunk, device=self.device)
             logits[index] = last
             end = prefix_len + width  # the room for the answer follows

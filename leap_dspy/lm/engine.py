@@ -56,7 +56,7 @@ class LocalEngine:
             only the number of forward passes (in bfloat16 a several-token step's other matmul shapes can flip
             a rare near-tie, as batching can; see `leap_dspy/lm/draft.py`).
         kv_budget_mb: the most MiB of KV cache one batch may hold; a larger batch runs as several, one after
-            another (None: twice the weights' size on a CPU, at least 512 MiB; no bound on a GPU).
+            another (None: four times the weights' size on a CPU, at least 1 GiB; no bound on a GPU).
 
     `expected` (attribute, int or None) may be set by a caller that knows how many clients call at once
     (the rollout runner sets it to the number of live environments): a batch then starts as soon as that

@@ -36,11 +36,12 @@ def default_draft_budget(device_type: str, dtype: torch.dtype) -> int:
 
 
 def default_kv_budget(device_type: str, weight_bytes: int) -> int | None:
-    """The most bytes one batch's KV cache may take by default on a CPU: twice the weights', at least 512 MiB.
-    A decode step reads the weights once a batch and every row's cache, so each further batch adds one weight read
-    to steps that read at least twice that in cache, while the cache's memory stays small; a GPU takes the batch
+    """The most bytes one batch's KV cache may take by default on a CPU: four times the weights', at least 1 GiB.
+    A bound for the worst case (long prompts, a larger model), not a speed-up: a decode step reads the weights
+    once a batch and every row's cache, so each further batch adds one weight read to steps that read at least
+    four times that in cache, and a typical agent batch of the embedded model runs whole. A GPU takes the batch
     at once."""
-    return None if device_type == "cuda" else max(512 << 20, 2 * weight_bytes)
+    return None if device_type == "cuda" else max(1 << 30, 4 * weight_bytes)
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:

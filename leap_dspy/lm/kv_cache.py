@@ -4,7 +4,7 @@
   one buffer instead of concatenating the whole cache each step.
 - `PrefixStore`: batch-1 caches of earlier prompts' common head (the system turn), reused by later batches: the
   KV entries at positions < n depend only on the first n tokens, so a stored prefix may be truncated or extended.
-- `empty_layers`: zeroed per-layer buffers, with room for the answer, that chunked prefill fills row by row and
+- `empty_layers`: per-layer buffers (pads zeroed), with room for the answer, that chunked prefill fills row by row and
   the growing cache then adopts as they are.
 """
 

@@ -28,14 +28,6 @@ from rich.table import Table
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def vm_kb(key: str) -> int:
-    """One of this process's /proc/self/status sizes (VmRSS, VmHWM), in KB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
 def with_budget(program: Path, budget_mb: int) -> Path:
     """A copy of the saved program whose engines carry `kv_budget_mb` (0: the default)."""
     state = json.loads(program.read_text())
@@ -52,6 +44,7 @@ def child(args: argparse.Namespace) -> None:
     """One evaluation in this process; its measurements as one JSON line on stdout."""
     from leap_dspy.cli import build_env, load_program
     from leap_dspy.rollout import rollout
+    from leap_dspy.train.common import peak_rss_mb, rss_mb
 
     student = load_program(with_budget(args.program, args.child))
     environment = build_env(args.env, {})
@@ -62,7 +55,7 @@ def child(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - start
     stats = engine.stats
     print(json.dumps({
-        "budget": args.child, "wall_s": wall, "peak_mb": vm_kb("VmHWM") / 1024, "end_mb": vm_kb("VmRSS") / 1024,
+        "budget": args.child, "wall_s": wall, "peak_mb": peak_rss_mb(), "end_mb": rss_mb(),
         "episodes": len(trajectories), "steps": sum(len(t.steps) for t in trajectories),
         "success": sum(t.success for t in trajectories) / max(1, len(trajectories)),
         "batches": stats.batches, "kv_groups": stats.extra.get("kv_groups", 0),

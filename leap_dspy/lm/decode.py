@@ -103,13 +103,12 @@ class Decoder:
         return next(self.model.parameters()).device
 
     def __call__(self, start: Prefilled, params: GenParams, prompts: list[list[int]],
-                 rng: torch.Generator | None = None) -> Progress:
+                 rng: torch.Generator | None) -> Progress:
         """Decode every row of a prefilled batch until it ends or spends `params.max_new_tokens`; sampling draws
-        from `rng` (one stream for a whole call that runs as several batches), else from `params.seed`."""
+        from `rng` (`rng(params)`: one stream for a whole call, however many batches it runs as)."""
         next_pos = start.positions[:, -1:] + 1
         if not (params.greedy and params.draft_tokens > 0 and self.drafts):
-            return self._one_token(start.cache, start.logits, start.mask, next_pos, params, len(prompts),
-                                   rng or self.rng(params))
+            return self._one_token(start.cache, start.logits, start.mask, next_pos, params, len(prompts), rng)
         progress = self._drafted(start.cache, start.logits, start.mask, next_pos, params, prompts)
         for answer in progress.tokens:
             self.drafter.remember(answer)

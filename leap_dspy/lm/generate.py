@@ -138,15 +138,15 @@ class Generator:
             self.stats.batches += 1
             self.stats.rows += len(prompts)
             self.stats.prompt_tokens += sum(len(p) for p in prompts)
-            groups = self.groups([len(p) for p in prompts], params.max_new_tokens + 1,
-                                 params.kv_budget or self.kv_budget)
+            room = params.max_new_tokens + 1
+            groups = self.groups([len(p) for p in prompts], room, params.kv_budget or self.kv_budget)
             if len(groups) > 1:
                 self.stats.extra["kv_groups"] = self.stats.extra.get("kv_groups", 0) + len(groups)
             rng = self.decode.rng(params)  # one stream for the call, however it is split
             for group in groups:
                 rows = [prompts[i] for i in group]
                 began = time.perf_counter()
-                prefilled = self.prefill(rows, params.max_new_tokens + 1, use_prefix)
+                prefilled = self.prefill(rows, room, use_prefix)
                 self.stats.prefill_seconds += time.perf_counter() - began
                 progress = self.decode(prefilled, params, rows, rng)
                 del prefilled  # the next group's cache must not meet this one's

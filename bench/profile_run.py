@@ -6,7 +6,8 @@ expert's corrections. The table shows each stage's split and the whole run's sha
 speeding up is the first thing one reads. A stage finished after a resume counts only the process that
 finished it. Where a stage's metrics.json records them (runs from 2026-11-30 on), evaluation is split further
 into the model's generating and the rest (environment steps, DSPy's formatting and parsing, waiting), with
-the answers the engine remembered instead of generating.
+the answers the engine remembered instead of generating. Where a round's fine-tune trained beside the previous
+stage's evaluation, those seconds count once, as that evaluation's, and the table shows them apart.
 
 Usage: python bench/profile_run.py RUN_DIR [RUN_DIR ...] [--plot compile-time.png]
 (`--plot`: one bar per run, its stages in order, each split by kind, so runs compare at a glance.)
@@ -26,8 +27,12 @@ KINDS = ("play + correct", "train", "evaluate")
 
 
 def stage_seconds(row: dict[str, str]) -> dict[str, float]:
-    """A stage's seconds by kind; what training and evaluation do not account for is playing and correcting."""
-    train, evaluate, wall = (float(row.get(key) or 0.0) for key in ("train_s", "eval_s", "wall_s"))
+    """A stage's seconds by kind, adding up to its wall; what training and evaluation do not account for is
+    playing and correcting. Training counts only its seconds not spent beside the previous stage's evaluation
+    (`overlap_s`), which that stage's evaluation already counts."""
+    train, evaluate, wall, beside = (float(row.get(key) or 0.0) for key in ("train_s", "eval_s", "wall_s",
+                                                                           "overlap_s"))
+    train -= beside
     return {"play + correct": max(wall - train - evaluate, 0.0), "train": train, "evaluate": evaluate}
 
 
@@ -54,7 +59,8 @@ def stage_rows(run: Path) -> list[dict[str, str]]:
 
 def profile(run: Path, rows: list[dict[str, str]]) -> Table:
     table = Table(title=f"{run.name}: seconds by stage")
-    for column in ("stage", *KINDS, "of which generating", "remembered answers", "wall"):
+    for column in ("stage", *KINDS, "trained beside eval", "of which generating", "remembered answers",
+                   "wall"):
         table.add_column(column, justify="right")
     totals = dict.fromkeys(KINDS, 0.0)
     for row in rows:
@@ -63,10 +69,11 @@ def profile(run: Path, rows: list[dict[str, str]]) -> Table:
             totals[kind] += seconds[kind]
         work = generation(run, row["iteration"])
         split = (f"{work[0]:.0f}", f"{work[1]}") if work else ("", "")
-        table.add_row(stage_name(row["iteration"]), *(f"{seconds[k]:.0f}" for k in KINDS), *split,
-                      f"{sum(seconds.values()):.0f}")
+        beside = float(row.get("overlap_s") or 0.0)
+        table.add_row(stage_name(row["iteration"]), *(f"{seconds[k]:.0f}" for k in KINDS),
+                      f"{beside:.0f}" if beside else "", *split, f"{sum(seconds.values()):.0f}")
     whole = sum(totals.values()) or 1.0
-    table.add_row("all", *(f"{totals[k]:.0f} ({100 * totals[k] / whole:.0f}%)" for k in KINDS), "", "",
+    table.add_row("all", *(f"{totals[k]:.0f} ({100 * totals[k] / whole:.0f}%)" for k in KINDS), "", "", "",
                   f"{whole:.0f}", style="bold")
     return table
 

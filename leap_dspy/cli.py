@@ -87,6 +87,7 @@ def compile_(
     train_all_new: Annotated[bool, typer.Option(help=_help("train_all_new"))] = _default("train_all_new"),
     select: Annotated[str, typer.Option(help=_help("select"))] = _default("select"),
     evaluate_snapped: Annotated[bool, typer.Option(help=_help("evaluate_snapped"))] = _default("evaluate_snapped"),
+    evaluate_beside_training: Annotated[bool | None, typer.Option(help=_help("evaluate_beside_training"))] = None,
     threads: Annotated[int, typer.Option(min=1, help=_help("num_threads"))] = _default("num_threads"),
     base: Annotated[bool, typer.Option(help=_help("evaluate_base"))] = _default("evaluate_base"),
     expert_reference: Annotated[bool, typer.Option("--expert-reference/--no-expert-reference",
@@ -117,7 +118,8 @@ def compile_(
     given = {"iterations": iterations, "update": update, "model": model, "privilege_level": privilege_level,
              "max_train_rows": max_train_rows, "iteration_lr": iteration_lr, "preference_anchor": preference_anchor,
              "drop_unrealizable": drop_unrealizable, "train_all_new": train_all_new, "select": select,
-             "evaluate_snapped": evaluate_snapped, "num_threads": threads, "evaluate_base": base,
+             "evaluate_snapped": evaluate_snapped, "evaluate_beside_training": evaluate_beside_training,
+             "num_threads": threads, "evaluate_base": base,
              "evaluate_expert": expert_reference, "bc_from": bc_from, "seed": seed, "progress": not quiet,
              "report_to": report_to or [], "rollout_servers": rollout_server or [],
              "ray": ray, **({"train_launcher": train_launcher} if train_launcher is not None else {})}

@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from leap_dspy.config import LEAPConfig
+from leap_dspy.cores import SharedCores
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.lm import close_all, local_lm
 from leap_dspy.store import atomic_write_text
 from leap_dspy.train import TrainConfig, TrainResult
-from leap_dspy.train.common import RESULT_FILE, release_memory, rss_mb
+from leap_dspy.train.common import RESULT_FILE, peak_rss_mb, release_memory, rss_mb
 
 
 class Placement:
@@ -60,17 +62,36 @@ class Placement:
         return self._ray_episodes
 
     def fine_tune(self, trainer: Any, rows: list[dict[str, Any]], out: Path, previous: Path | None,
-                  config: TrainConfig) -> TrainResult:
-        """One fine-tune: as its own processes under `train_launcher`, or in this process when there is none."""
-        if self.config.train_launcher:
-            return self.launch_fine_tune(trainer.__name__.removeprefix("train_"), out, previous, config)
+                  config: TrainConfig, beside: Callable[[], None] | None = None) -> tuple[TrainResult, float]:
+        """One fine-tune: as its own processes under `train_launcher`, or in this process when there is none.
+        `beside` is this process's work the fine-tune does not wait for (the previous stage's evaluation, then
+        releasing its engine): it runs while a launched fine-tune trains when `beside_training`, else first.
+        Returns the result and the seconds the two ran side by side."""
+        launched = bool(self.config.train_launcher)
+        together = beside is not None and launched and self.beside_training
+        if beside is not None and not together:
+            beside()
+        if launched:
+            method = trainer.__name__.removeprefix("train_")
+            return self.launch_fine_tune(method, out, previous, config, beside if together else None)
         return trainer(rows, model=self.config.model, output_dir=out, init_adapter=str(previous) if previous else None,
-                       config=config)
+                       config=config), 0.0
 
-    def launch_fine_tune(self, method: str, out: Path, previous: Path | None, config: TrainConfig) -> TrainResult:
+    @property
+    def beside_training(self) -> bool:
+        """Whether an evaluation runs beside the next fine-tune: `evaluate_beside_training`, or by default on a
+        CPU of two cores or more (on a GPU the two would contend for its memory)."""
+        import torch
+
+        if self.config.evaluate_beside_training is not None:
+            return self.config.evaluate_beside_training
+        return torch.get_num_threads() >= 2 and not torch.cuda.is_available()
+
+    def launch_fine_tune(self, method: str, out: Path, previous: Path | None, config: TrainConfig,
+                         beside: Callable[[], None] | None = None) -> tuple[TrainResult, float]:
         """The fine-tune as its own processes under `train_launcher` (torchrun, accelerate launch): the rows
         (already in the stage's `train_rows.jsonl`) and settings go through files, the result comes back inside
-        the published adapter."""
+        the published adapter. With `beside`, that runs here meanwhile, the cores split (`SharedCores`)."""
         from leap_dspy.train.launch import launch_command
 
         stage = out.parent
@@ -78,16 +99,22 @@ class Placement:
         command = launch_command(self.config.train_launcher, method, stage / "train_rows.jsonl", self.config.model,
                                  out, previous, stage / "train_config.json")
         atomic_write_text(stage / "launch.sh", shlex.join(command) + "\n")  # what other nodes run, for many nodes
-        host = rss_mb()
+        host, shared_s = rss_mb(), 0.0
+        cores = SharedCores(stage, split=not self.config.rollout_servers) if beside else None
         with open(stage / "train_launch.log", "ab") as log:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                       env=cores.environ() if cores else None)
+            if cores is not None and beside is not None:
+                shared_s = cores.run(beside, process)
+                host = max(host, peak_rss_mb())  # at most what this process held beside the trainer
+            code = process.wait()
         if code != 0 or not (out / RESULT_FILE).exists():
             tail = (stage / "train_launch.log").read_text(errors="replace")[-1500:]
             raise RuntimeError(f"the launched fine-tune failed (exit {code}; {stage / 'train_launch.log'}):\n{tail}")
         result = TrainResult.model_validate_json((out / RESULT_FILE).read_text())
         result = result.model_copy(update={"host_rss_mb": round(host, 1)})
         atomic_write_text(out / RESULT_FILE, result.model_dump_json(indent=2))  # what a resumed run reads back
-        return result
+        return result, shared_s
 
     def release_engines(self, student: Any) -> None:
         """Before a fine-tune: the student's engine holds the weights of an adapter no later stage acts with,

@@ -13,7 +13,8 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,21 @@ Rows = list[dict[str, Any]]
 _RENAMED = {"train_config": "train", "lm_kwargs": "lm"}  # the keyword names of earlier releases
 
 
+@dataclass
+class Owed:
+    """A stage's evaluation, run by whichever later stage can spare the time; `seconds` it took, once run.
+    Empty where nothing is owed (the evaluation was done in an earlier run of the folder)."""
+
+    work: Callable[[], None] | None = None
+    seconds: float = 0.0
+
+    def __call__(self) -> None:
+        started = time.perf_counter()
+        if self.work is not None:
+            self.work()
+        self.seconds = time.perf_counter() - started
+
+
 def as_tasks(examples: Iterable[Any]) -> list[Task]:
     """Accept `Task`s or `dspy.Example(task=Task)`s, the way DSPy optimizers take examples."""
     tasks = []
@@ -139,7 +155,7 @@ class LEAP(Teleprompter):
         self.reference(student, teacher, val)
 
         console.print("behaviour cloning: the expert's demonstrations as the student's steps")
-        adapter = self.behaviour_cloning(student, teacher, train, val)
+        adapter, owed = self.behaviour_cloning(student, teacher, train, val)
         for k in range(1, self.config.iterations + 1):
             if self.finished(k):
                 adapter = self.adopt(student, k)
@@ -149,10 +165,13 @@ class LEAP(Teleprompter):
             trajectories = self.rollouts(k, student, teacher, train)
             corrections = self.corrections(k, teacher, trajectories)
             rows, examples = self.aggregate(k, student, corrections)
-            adapter, train_s = self.fine_tune(k, rows, adapter)
+            # The previous stage's evaluation, owed since its fine-tune, runs beside this one (`Placement`).
+            adapter, train_s, overlap_s = self.fine_tune(k, rows, adapter, beside=owed)
             self.point(student, adapter)
-            self.evaluate(k, student, val, since=round_start,
-                          extra=round_metrics(corrections, trajectories, examples, train_s))
+            owed = self.owed_evaluation(k, student, val, time.perf_counter() - round_start - owed.seconds,
+                                        {**round_metrics(corrections, trajectories, examples, train_s),
+                                         "overlap_s": round(overlap_s, 1)})
+        owed()  # the last stage's evaluation: nothing is left to run beside it
 
         adapter = self.select(student, adapter)
         self.run.write_metrics_csv(with_scores=self._with_scores)
@@ -165,11 +184,12 @@ class LEAP(Teleprompter):
 
     # -- the stages ----------------------------------------------------------------------------------------
 
-    def behaviour_cloning(self, student: Student, teacher: dspy.Module, train: list[Task], val: list[Task]) -> Path:
+    def behaviour_cloning(self, student: Student, teacher: dspy.Module, train: list[Task], val: list[Task]
+                          ) -> tuple[Path, Owed]:
         """The demonstrator plays the training tasks; its steps, formatted as the student's own prompts,
-        fine-tune the student (`iter_0`)."""
+        fine-tune the student (`iter_0`). Returns the adapter and its evaluation, owed to the next stage."""
         if self.finished(0):
-            return self.adopt(student, 0)
+            return self.adopt(student, 0), Owed()
         started = time.perf_counter()
         demonstrator = self._demonstrator(teacher)
         level = self._demonstration_level(demonstrator)
@@ -194,11 +214,10 @@ class LEAP(Teleprompter):
                                                self.config.max_train_rows, random.Random(self.config.seed * 17),
                                                self._propose_reason, self.env.idle_actions)
             rows, examples = rows + expert_rows, examples + len(expert_rows)
-        adapter, train_s = self.fine_tune(0, rows, None)
+        adapter, train_s, _ = self.fine_tune(0, rows, None, beside=Owed())
         self.point(student, adapter)
-        self.evaluate(0, student, val, since=started,
-                      extra=round_metrics(current, demos, examples, train_s))
-        return adapter
+        return adapter, self.owed_evaluation(0, student, val, time.perf_counter() - started,
+                                             round_metrics(current, demos, examples, train_s))
 
     def rollouts(self, k: int, student: Student, teacher: dspy.Module, train: list[Task]) -> dict[str, Trajectory]:
         """The current student plays a seeded sample of the training tasks, and further samples until the round
@@ -248,20 +267,23 @@ class LEAP(Teleprompter):
             rows, examples = sft_rows(signature, adapter, chosen), len(chosen)
         return rows, examples
 
-    def fine_tune(self, k: int, rows: Rows, previous: Path | None) -> tuple[Path, float]:
-        """LoRA fine-tuning through TRL, continuing from the previous adapter; (adapter, seconds)."""
+    def fine_tune(self, k: int, rows: Rows, previous: Path | None, beside: Owed) -> tuple[Path, float, float]:
+        """LoRA fine-tuning through TRL, continuing from the previous adapter, with `beside` (the previous
+        stage's evaluation) run meanwhile or first; (adapter, seconds, seconds the two ran side by side)."""
         from leap_dspy.train import train_dpo, train_kto, train_sft
 
         out = self.run.stage(k) / "adapter"
         started = time.perf_counter()
         atomic_write_text(out.parent / "train_rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
         if (out / "adapter_config.json").exists():  # trained before a kill: its result is in the adapter
+            beside()
             recorded = out / RESULT_FILE
             if recorded.exists() and not (out.parent / "train.json").exists():
                 atomic_write_text(out.parent / "train.json", recorded.read_text())
-            return out, float(read_json(recorded).get("wall_s", 0.0)) if recorded.exists() else 0.0
+            return out, float(read_json(recorded).get("wall_s", 0.0)) if recorded.exists() else 0.0, 0.0
         if not rows:
-            return self._keep_adapter(out, previous), 0.0
+            beside()
+            return self._keep_adapter(out, previous), 0.0, 0.0
         lr = None if k == 0 else self.config.iteration_learning_rate()
         config = self.config.train.model_copy(update={"epochs": self.config.bc_epochs if k == 0 else
                                                       self.config.epochs, **({"learning_rate": lr} if lr else {}),
@@ -272,16 +294,38 @@ class LEAP(Teleprompter):
             trainer = train_sft
         console.print(f"{out.parent.name}: fine-tuning on {len(rows)} rows ({trainer.__name__})")
         warn_long_answers(rows, self.config.model, self.config.lm["max_new_tokens"])
-        self.placement.release_engines(self._student)
-        result = self.placement.fine_tune(trainer, rows, out, previous, config)
+
+        owes = beside.work is not None
+        if not owes:
+            self.placement.release_engines(self._student)
+
+        def beside_then_release() -> None:
+            beside()
+            self.placement.release_engines(self._student)
+
+        result, overlap_s = self.placement.fine_tune(trainer, rows, out, previous, config,
+                                                     beside_then_release if owes else None)
         atomic_write_json(out.parent / "train.json", result.model_dump())
         release_memory()
-        return out, time.perf_counter() - started
+        # The training's own seconds: the evaluation's are its stage's, but for those the two ran side by side.
+        return out, time.perf_counter() - started - beside.seconds + overlap_s, overlap_s
 
-    def evaluate(self, name: str | int, policy: dspy.Module, tasks: list[Task], since: float,
-                 extra: dict[str, Any], expert_level: int | None = None) -> None:
+    def owed_evaluation(self, k: int, student: Student, val: list[Task], work_s: float,
+                        extra: dict[str, Any]) -> Owed:
+        """Stage k's evaluation, with its adapter, to run when the next stage can spare the time."""
+        adapter = self.run.stage(k) / "adapter"
+
+        def evaluate() -> None:
+            self.point(student, check_adapter(adapter))
+            self.evaluate(k, student, val, work_s=work_s, extra=extra)
+
+        return Owed(evaluate)
+
+    def evaluate(self, name: str | int, policy: dspy.Module, tasks: list[Task], extra: dict[str, Any],
+                 work_s: float = 0.0, expert_level: int | None = None) -> None:
         """Play the validation tasks (the student, strictly: an action runs as written; or with `expert_level`
-        the expert itself) and write the stage's metrics; `wall_s` counts the whole stage from `since`."""
+        the expert itself) and write the stage's metrics; `wall_s` is the stage's `work_s` (its own seconds
+        before evaluating) and the evaluation's."""
         stage = self.run.stage(name)
         if (stage / "metrics.json").exists():
             return
@@ -303,7 +347,7 @@ class LEAP(Teleprompter):
             metrics.update(self.evaluate_snapped(name, tasks, done, snapped))
         metrics["eval_s"] = round(time.perf_counter() - start, 1)
         metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)  # this process's, so far; a launched fine-tune's is apart
-        metrics["wall_s"] = round(time.perf_counter() - since, 1)
+        metrics["wall_s"] = round(work_s + metrics["eval_s"], 1)
         atomic_write_json(stage / "metrics.json", metrics)
         self.trackers.log_stage(str(name), metrics)
         self.run.write_metrics_csv(with_scores=self._with_scores)
@@ -333,10 +377,9 @@ class LEAP(Teleprompter):
         """The untrained student and the expert acting itself, evaluated once for the table's reference rows; a
         privileged self has no row of its own (before behaviour cloning it is the untrained student)."""
         if self.config.evaluate_base and val:
-            self.evaluate("base", student, val, since=time.perf_counter(), extra={})
+            self.evaluate("base", student, val, extra={})
         if self.config.evaluate_expert and val and not _follows_student(teacher):
-            self.evaluate("expert", teacher, val, since=time.perf_counter(), extra={},
-                          expert_level=self.privilege_level)
+            self.evaluate("expert", teacher, val, extra={}, expert_level=self.privilege_level)
 
     # -- the run folder ------------------------------------------------------------------------------------
 

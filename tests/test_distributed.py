@@ -53,3 +53,30 @@ def test_the_default_fresh_process_trains_exactly_as_the_compiles_own_would(tiny
     assert fresh["loss_history"] == inside["loss_history"] and fresh["steps"] == inside["steps"]
     assert inside["host_rss_mb"] is None and fresh["host_rss_mb"] > 0  # the compile's memory beside the trainer
     assert (tmp_path / "fresh" / "iter_0" / "launch.sh").read_text().startswith(sys.executable)
+
+
+def test_an_evaluation_runs_beside_the_next_fine_tune_and_is_counted_once(tiny_model: str, tmp_path: Path) -> None:
+    """Behaviour cloning's evaluation runs while round 1's launched trainer trains (they do not depend on each
+    other), the cores split between them; every stage is still evaluated, and the stages' walls add up to no
+    more than the compile's, the shared seconds counted once."""
+    import time
+
+    import torch
+
+    env, run = KeyBox(**TINY), tmp_path / "beside"
+    torch.set_num_threads(2)  # a share for each side
+    leap = LEAP(env, iterations=1, model=tiny_model, run_dir=run, num_threads=4, progress=False,
+                train_config=TrainConfig(max_length=512, progress_bar=False), lm_kwargs={"max_new_tokens": 16},
+                evaluate_base=False, evaluate_expert=False, evaluate_beside_training=True)
+    started = time.perf_counter()
+    leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(),
+                 valset=env.tasks("seen") + env.tasks("unseen"))
+    wall = time.perf_counter() - started
+    metrics = [json.loads((run / f"iter_{k}" / "metrics.json").read_text()) for k in (0, 1)]
+    assert all(m["seen_episodes"] == 1 and m["unseen_episodes"] == 1 for m in metrics)
+    assert metrics[1]["overlap_s"] > 0  # behaviour cloning's evaluation ran while round 1 trained
+    assert "overlap_s" not in metrics[0]  # nothing ran beside behaviour cloning's own fine-tune
+    assert sum(m["wall_s"] for m in metrics) <= wall
+    assert (run / "iter_1" / "train_threads").read_text() == "2"  # the trainer was given every core at the end
+    assert not (run / "iter_0" / "train_threads").exists()
+    assert torch.get_num_threads() == 2

@@ -156,7 +156,7 @@ def test_evaluation_is_strict_and_reports_snapped_success_beside(tmp_path: Path)
     leap = LEAP(env, run_dir=tmp_path / "run", progress=False, evaluate_snapped=True)
     leap._student = student = _Wordy()
     tasks = env.tasks("seen") + env.tasks("unseen")
-    leap.evaluate("probe", student, tasks, since=0.0, extra={})
+    leap.evaluate("probe", student, tasks, extra={})
     metrics = json.loads((tmp_path / "run" / "probe" / "metrics.json").read_text())
     assert metrics["seen_success"] == metrics["unseen_success"] == 0.0  # "take the key" does not run as written
     assert metrics["seen_success_snapped"] == metrics["unseen_success_snapped"] == 1.0
@@ -182,7 +182,7 @@ def test_near_misses_replay_as_their_strict_episode_ends_and_a_cut_replay_on_res
 
     lines = (stage / "eval_snapped.jsonl").read_text().splitlines(keepends=True)
     (stage / "eval_snapped.jsonl").write_text(lines[0])  # a stop after the first replay
-    leap.evaluate("probe", student, tasks, since=0.0, extra={})
+    leap.evaluate("probe", student, tasks, extra={})
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["unseen_success_snapped"] == metrics["seen_success_snapped"] == 1.0
     assert len(replays.log.load()) == len(tasks) and metrics["unseen_success"] == 0.0

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+from leap_dspy.cores import follow_generation_share
 from leap_dspy.lm import chat
 from leap_dspy.lm.batcher import Batcher
 from leap_dspy.lm.gen_types import GenParams, GenResult, GenStats
@@ -264,6 +265,7 @@ class LocalEngine:
         return result
 
     def _run_batch(self, params: GenParams, prompts: list[list[int]]) -> list[GenResult]:
+        follow_generation_share()  # a fine-tune beside this process may hold some of the cores
         return self._loaded.generator.generate(prompts, params, self.prefix_cache)
 
 

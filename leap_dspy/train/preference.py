@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from leap_dspy.cores import trainer_callbacks
 from leap_dspy.train.common import (
     LossRecorder,
     atomic_output_dir,
@@ -63,7 +64,7 @@ def _fit(trainer_class: Any, method: str, peft_model: Any, tokenizer: Any, args:
 
     recorder = LossRecorder()
     trainer = trainer_class(model=peft_model, ref_model=None, args=args, train_dataset=Dataset.from_dict(columns),
-                            processing_class=tokenizer, callbacks=[recorder.callback()])
+                            processing_class=tokenizer, callbacks=[recorder.callback(), *trainer_callbacks()])
     return run_trainer(trainer, recorder, method=method, tmp_dir=tmp, final_dir=final_dir, tokenizer=tokenizer,
                        train_rows=train_rows, tokens_per_epoch=tokens, setup_s=time.perf_counter() - t0, kernels=config)
 

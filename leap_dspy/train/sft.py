@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from leap_dspy.cores import trainer_callbacks
 from leap_dspy.train.common import (
     LossRecorder,
     atomic_output_dir,
@@ -201,7 +202,7 @@ def train_sft(
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=[recorder.callback()],
+            callbacks=[recorder.callback(), *trainer_callbacks()],
         )
         counter = _CountingCollator(trainer.data_collator)
         trainer.data_collator = counter

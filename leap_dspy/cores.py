@@ -1,0 +1,102 @@
+"""A CPU's cores split between this process's generation and a fine-tune launched beside it.
+
+An evaluation and the next round's fine-tune do not depend on each other, and on a few cores each leaves its
+share partly idle (Python, environments, memory-bound kernels), so `Placement` runs them side by side, each on
+part of the cores, and gives all of them to whichever is still working when the other ends. torch keeps its
+thread count per OS thread (OpenMP's), so a count set here cannot reach the engine's worker or the trainer at
+once: each reads its share when it starts its next unit of work (a generate call, an optimizer step).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+TRAIN_THREADS = "LEAP_DSPY_TRAIN_THREADS"  # the file a launched trainer reads its thread count from
+
+_generation_threads: int | None = None
+_lock = threading.Lock()
+
+
+def follow_generation_share() -> None:
+    """Called by the thread about to generate: take up the share `SharedCores` set (none: leave torch's)."""
+    wanted = _generation_threads
+    if wanted is not None:
+        import torch
+
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+
+
+def trainer_callbacks() -> list[Any]:
+    """A TrainerCallback following the share in `$LEAP_DSPY_TRAIN_THREADS` before each step; none without it."""
+    path = os.environ.get(TRAIN_THREADS)
+    if not path:
+        return []
+    import torch
+    from transformers import TrainerCallback
+
+    class _FollowShare(TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            try:
+                wanted = int(Path(path).read_text())
+            except (OSError, ValueError):
+                return
+            if wanted > 0 and torch.get_num_threads() != wanted:
+                torch.set_num_threads(wanted)
+
+    return [_FollowShare()]
+
+
+class SharedCores:
+    """Runs work in this process while a launched trainer runs, the cores split between them until one ends
+    (`split=False`: the work generates elsewhere, on inference servers, and the trainer keeps every core).
+
+    The trainer's share goes through a file in its stage folder (`environ()` points the trainer at it); this
+    process's through `follow_generation_share`, which the engine calls before each generate call.
+    """
+
+    def __init__(self, folder: Path, split: bool = True) -> None:
+        import torch
+
+        self.total = torch.get_num_threads()
+        self.trainer_share = max(1, self.total // 2) if split else self.total  # no split: nothing generates here
+        self.file = folder / "train_threads"
+        self.trainer_end: float | None = None
+
+    def environ(self) -> dict[str, str]:
+        self.file.write_text(str(self.trainer_share))
+        return {**os.environ, TRAIN_THREADS: str(self.file)}
+
+    def run(self, work: Callable[[], None], process: subprocess.Popen) -> float:
+        """`work` here while `process` trains; the seconds the two ran side by side."""
+        global _generation_threads
+        started = time.perf_counter()
+        _generation_threads = max(1, self.total - self.trainer_share)
+        threading.Thread(target=self._watch, args=(process,), daemon=True).start()
+        try:
+            work()
+        finally:
+            ended = time.perf_counter()
+            self.file.write_text(str(self.total))  # the trainer takes every core from its next step
+            with _lock:
+                _generation_threads = None
+            import torch
+
+            torch.set_num_threads(self.total)  # threads started from now on, and this one, start with all
+        trainer_end = self.trainer_end or ended
+        return max(0.0, min(ended, trainer_end) - started)
+
+    def _watch(self, process: subprocess.Popen) -> None:
+        """When the trainer ends first, generation takes every core from its next call."""
+        global _generation_threads
+        process.wait()
+        self.trainer_end = time.perf_counter()
+        with _lock:
+            if _generation_threads is not None:
+                _generation_threads = self.total

@@ -1,0 +1,74 @@
+"""The cores split between this process's generation and a launched trainer (`leap_dspy.cores`): each side
+takes up its share at its next unit of work, and whichever is still working gets every core when the other ends."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from leap_dspy.cores import TRAIN_THREADS, SharedCores, follow_generation_share, trainer_callbacks
+
+
+@pytest.fixture
+def two_threads() -> object:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_generation_takes_every_core_once_the_trainer_ends(tmp_path: Path, two_threads: object) -> None:
+    cores = SharedCores(tmp_path)
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"], env=cores.environ())
+    seen: list[tuple[int, str]] = []
+
+    def evaluate() -> None:  # generating on a thread of its own, as the engine's batcher does
+        def generate() -> None:
+            follow_generation_share()
+            seen.append((torch.get_num_threads(), (tmp_path / "train_threads").read_text()))
+
+        for pause in (0.0, 2.0):
+            time.sleep(pause)
+            worker = threading.Thread(target=generate)
+            worker.start()
+            worker.join()
+
+    shared = cores.run(evaluate, trainer)
+    assert seen == [(1, "1"), (2, "1")]  # half the cores while the trainer ran, all of them after
+    assert 0.5 < shared < 1.9  # the seconds the two ran side by side: about the trainer's second
+    assert (tmp_path / "train_threads").read_text() == "2" and torch.get_num_threads() == 2
+    trainer.wait()
+
+
+def test_the_trainer_takes_every_core_once_the_evaluation_ends(tmp_path: Path, two_threads: object,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    cores = SharedCores(tmp_path)
+    monkeypatch.setenv(TRAIN_THREADS, cores.environ()[TRAIN_THREADS])
+    (follow,) = trainer_callbacks()
+    steps: list[int] = []
+
+    def trainer_step() -> None:  # the trainer's loop, here on a thread: its own count, as a process's would be
+        follow.on_step_begin(None, None, None)
+        steps.append(torch.get_num_threads())
+
+    worker = threading.Thread(target=trainer_step)
+    worker.start()
+    worker.join()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    assert cores.run(lambda: time.sleep(0.2), sleeper) < 1.0  # the evaluation ended first
+    sleeper.kill()
+    worker = threading.Thread(target=trainer_step)
+    worker.start()
+    worker.join()
+    assert steps == [1, 2]
+
+
+def test_without_a_share_the_trainer_keeps_its_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TRAIN_THREADS, raising=False)
+    assert trainer_callbacks() == []

@@ -7,6 +7,7 @@ backend is imported only when its setting asks for it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
@@ -20,7 +21,7 @@ from leap_dspy.envs.base import TextEnv
 from leap_dspy.lm import close_all, local_lm
 from leap_dspy.store import atomic_write_text
 from leap_dspy.train import TrainConfig, TrainResult
-from leap_dspy.train.common import RESULT_FILE, peak_rss_mb, release_memory, rss_mb
+from leap_dspy.train.common import RESULT_FILE, machine_memory_mb, peak_rss_mb, release_memory, rss_mb
 
 
 class Placement:
@@ -68,7 +69,7 @@ class Placement:
         releasing its engine): it runs while a launched fine-tune trains when `beside_training`, else first.
         Returns the result and the seconds the two ran side by side."""
         launched = bool(self.config.train_launcher)
-        together = beside is not None and launched and self.beside_training
+        together = beside is not None and launched and self.beside_training(previous)
         if beside is not None and not together:
             beside()
         if launched:
@@ -77,15 +78,21 @@ class Placement:
         return trainer(rows, model=self.config.model, output_dir=out, init_adapter=str(previous) if previous else None,
                        config=config), 0.0
 
-    @property
-    def beside_training(self) -> bool:
-        """Whether an evaluation runs beside the next fine-tune: `evaluate_beside_training`, or by default on a
-        CPU of two cores or more (on a GPU the two would contend for its memory)."""
+    def beside_training(self, previous: Path | None) -> bool:
+        """Whether an evaluation runs beside the fine-tune that continues `previous`: `evaluate_beside_training`,
+        or by default on a CPU of two cores or more (on a GPU the two would contend for its memory) where the
+        fine-tune that made `previous` (the next is of the same model and rows alike) and this process's peak so
+        far fit in half of the machine's memory together."""
         import torch
 
         if self.config.evaluate_beside_training is not None:
             return self.config.evaluate_beside_training
-        return torch.get_num_threads() >= 2 and not torch.cuda.is_available()
+        if torch.get_num_threads() < 2 or torch.cuda.is_available():
+            return False
+        trained = 0.0
+        with contextlib.suppress(OSError, ValueError):
+            trained = TrainResult.model_validate_json((previous / RESULT_FILE).read_text()).peak_rss_mb
+        return trained + peak_rss_mb() <= machine_memory_mb() / 2
 
     def launch_fine_tune(self, method: str, out: Path, previous: Path | None, config: TrainConfig,
                          beside: Callable[[], None] | None = None) -> tuple[TrainResult, float]:

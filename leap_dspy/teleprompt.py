@@ -158,7 +158,8 @@ class LEAP(Teleprompter):
         adapter, owed = self.behaviour_cloning(student, teacher, train, val)
         for k in range(1, self.config.iterations + 1):
             if self.finished(k):
-                adapter = self.adopt(student, k)
+                owed()  # nothing, unless an earlier stage's metrics were removed
+                owed, adapter = Owed(), self.adopt(student, k)
                 continue
             console.print(f"round {k}: rollouts, corrections, aggregate, fine-tune")
             round_start = time.perf_counter()

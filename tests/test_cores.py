@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from leap_dspy.cores import TRAIN_THREADS, SharedCores, follow_generation_share, trainer_callbacks
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from leap_dspy.cores import TRAIN_THREADS, SharedCores, follow_generation_share, trainer_callbacks  # noqa: E402
 
 
 @pytest.fixture
@@ -72,3 +75,29 @@ def test_the_trainer_takes_every_core_once_the_evaluation_ends(tmp_path: Path, t
 def test_without_a_share_the_trainer_keeps_its_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(TRAIN_THREADS, raising=False)
     assert trainer_callbacks() == []
+
+
+def test_an_evaluation_runs_beside_a_fine_tune_only_where_memory_holds_both_twice_over(
+        tmp_path: Path, two_threads: object) -> None:
+    from examples.keybox import KeyBox
+    from leap_dspy.config import LEAPConfig
+    from leap_dspy.placement import Placement
+    from leap_dspy.train import TrainResult
+    from leap_dspy.train.common import RESULT_FILE, machine_memory_mb, peak_rss_mb
+
+    def trained(peak_mb: float) -> Path:
+        adapter = tmp_path / f"peak{peak_mb:.0f}"
+        adapter.mkdir()
+        result = TrainResult(method="sft", adapter_dir=str(adapter), train_rows=1, train_tokens=1, steps=1,
+                             wall_s=1.0, tokens_per_s=1.0, final_loss=None, loss_history=[], peak_rss_mb=peak_mb)
+        (adapter / RESULT_FILE).write_text(result.model_dump_json())
+        return adapter
+
+    room = machine_memory_mb() / 2 - peak_rss_mb()
+    placement = Placement(LEAPConfig(), KeyBox(num_train=1, num_seen=1, num_unseen=1), "run")
+    assert placement.beside_training(trained(room - 100))
+    assert not placement.beside_training(trained(room + 100))
+    assert placement.beside_training(tmp_path / "not-trained-here")  # unknown: this process's peak alone
+    forced = Placement(LEAPConfig(evaluate_beside_training=True), KeyBox(num_train=1), "run")
+    assert forced.beside_training(trained(room + 200))
+    assert not Placement(LEAPConfig(evaluate_beside_training=False), KeyBox(), "run").beside_training(None)

@@ -80,3 +80,11 @@ def test_an_evaluation_runs_beside_the_next_fine_tune_and_is_counted_once(tiny_m
     assert (run / "iter_1" / "train_threads").read_text() == "2"  # the trainer was given every core at the end
     assert not (run / "iter_0" / "train_threads").exists()
     assert torch.get_num_threads() == 2
+    assert "iter_1" in (run / "student.json").read_text()
+
+    (run / "iter_0" / "metrics.json").unlink()  # a resume owes behaviour cloning's evaluation again
+    leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(),
+                 valset=env.tasks("seen") + env.tasks("unseen"))
+    assert json.loads((run / "iter_0" / "metrics.json").read_text())["unseen_episodes"] == 1
+    saved = (run / "student.json").read_text()
+    assert "iter_1" in saved and "iter_0" not in saved  # the round's weights, not the ones evaluated last

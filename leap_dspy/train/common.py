@@ -37,6 +37,14 @@ def peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
+def machine_memory_mb() -> float:
+    """The memory this process's machine (or its container's cgroup limit, where lower) has, in MB."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2 writes "max" where there is no limit
+        total = min(total, int(Path("/sys/fs/cgroup/memory.max").read_text()))
+    return total / 2**20
+
+
 def rss_mb() -> float:
     """Resident memory of this process now, in MB (0 where /proc is missing)."""
     try:

@@ -76,8 +76,9 @@ class LEAPConfig(BaseModel):
     evaluate_beside_training: bool | None = Field(None, description="evaluate a stage while the next round's "
                                                   "launched fine-tune trains, the CPU's cores split between the "
                                                   "two (they do not depend on each other); unset: on a CPU of two "
-                                                  "cores or more whose memory holds both twice over (the last "
-                                                  "trainer's peak and the compile's), never on a GPU")
+                                                  "cores or more computing in bf16 whose memory holds both twice "
+                                                  "over (the last trainer's peak and the compile's); never on a "
+                                                  "float32 CPU, whose cores both keep busy, or a GPU")
     lm: dict[str, Any] = _bc(default_factory=lambda: {"no_repeat_ngram": 12, "ngram_repeats": 2},
                              description="settings of the student's local engine (`LocalEngine`)")
     train: TrainConfig = _bc(default_factory=TrainConfig, description="LoRA fine-tuning hyper-parameters")

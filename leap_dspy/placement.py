@@ -19,6 +19,7 @@ from leap_dspy.config import LEAPConfig
 from leap_dspy.cores import SharedCores
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.lm import close_all, local_lm
+from leap_dspy.lm.models import cpu_supports_bf16
 from leap_dspy.store import atomic_write_text
 from leap_dspy.train import TrainConfig, TrainResult
 from leap_dspy.train.common import RESULT_FILE, machine_memory_mb, peak_rss_mb, release_memory, rss_mb
@@ -80,14 +81,15 @@ class Placement:
 
     def beside_training(self, previous: Path | None) -> bool:
         """Whether an evaluation runs beside the fine-tune that continues `previous`: `evaluate_beside_training`,
-        or by default on a CPU of two cores or more (on a GPU the two would contend for its memory) where the
-        fine-tune that made `previous` (the next is of the same model and rows alike) and this process's peak so
-        far fit in half of the machine's memory together."""
+        or by default on a CPU of two cores or more that computes in bf16, where the fine-tune that made
+        `previous` (the next is of the same model and rows alike) and this process's peak so far fit in half of
+        the machine's memory together. With bf16 units the matmuls are fast and each side leaves its cores
+        partly idle; on a float32 CPU both are busy computing, and on a GPU both would need its memory."""
         import torch
 
         if self.config.evaluate_beside_training is not None:
             return self.config.evaluate_beside_training
-        if torch.get_num_threads() < 2 or torch.cuda.is_available():
+        if torch.get_num_threads() < 2 or torch.cuda.is_available() or not cpu_supports_bf16():
             return False
         trained = 0.0
         with contextlib.suppress(OSError, ValueError):

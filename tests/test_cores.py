@@ -78,7 +78,7 @@ def test_without_a_share_the_trainer_keeps_its_threads(monkeypatch: pytest.Monke
 
 
 def test_an_evaluation_runs_beside_a_fine_tune_only_where_memory_holds_both_twice_over(
-        tmp_path: Path, two_threads: object) -> None:
+        tmp_path: Path, two_threads: object, monkeypatch: pytest.MonkeyPatch) -> None:
     from examples.keybox import KeyBox
     from leap_dspy.config import LEAPConfig
     from leap_dspy.placement import Placement
@@ -95,7 +95,10 @@ def test_an_evaluation_runs_beside_a_fine_tune_only_where_memory_holds_both_twic
 
     room = machine_memory_mb() / 2 - peak_rss_mb()
     placement = Placement(LEAPConfig(), KeyBox(num_train=1, num_seen=1, num_unseen=1), "run")
-    assert placement.beside_training(trained(room - 100))
+    monkeypatch.setattr("leap_dspy.placement.cpu_supports_bf16", lambda: False)
+    assert not placement.beside_training(trained(room - 100))  # a float32 CPU: both sides are busy computing
+    monkeypatch.setattr("leap_dspy.placement.cpu_supports_bf16", lambda: True)
+    assert placement.beside_training(trained(room - 101))
     assert not placement.beside_training(trained(room + 100))
     assert placement.beside_training(tmp_path / "not-trained-here")  # unknown: this process's peak alone
     forced = Placement(LEAPConfig(evaluate_beside_training=True), KeyBox(num_train=1), "run")

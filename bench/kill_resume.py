@@ -50,8 +50,10 @@ FILES = {  # what each stage writes: its logs' records, and files that must surv
 EXPERTS = {"sft": "lm", "dpo": "oracle", "kto": "oracle"}
 """The SFT compile asks the served tiny model; the preference ones ask the scripted expert, whose corrections
 differ from the student's steps, so that there are preference pairs to train on (the tiny model's are dropped)."""
-STAGES = ["demonstrations", "bc training", "bc publish", "bc evaluation", "rollouts", "corrections",
-          "update", "publish", "evaluation", "metrics and report"]
+STAGES = ["demonstrations", "bc training", "bc publish", "rollouts", "corrections", "bc evaluation", "update",
+          "publish", "evaluation", "metrics and report"]
+"""Behaviour cloning's evaluation is owed until round 1's fine-tune: before it, or beside it (then a kill in
+the overlap counts as the update's)."""
 
 
 def stage_of(run: Path) -> str:
@@ -60,18 +62,13 @@ def stage_of(run: Path) -> str:
         return "done"
     if (run / "iter_1" / "metrics.json").exists():
         return "metrics and report"
-    for k, prefix in ((1, ""), (0, "bc ")):
-        stage = run / f"iter_{k}"
-        if (stage / "eval.jsonl").exists():
-            return prefix + "evaluation"
-        if (stage / "adapter").exists():
-            return prefix + "publish"
-        if (stage / "adapter.tmp").exists():
-            return "bc training" if k == 0 else "update"
-        if k == 1 and (stage / "corrections.jsonl").exists():
-            return "corrections"
-        if k == 1 and (stage / "trajectories.jsonl").exists() or k == 0 and (run / "iter_0" / "metrics.json").exists():
-            return "rollouts"
+    one, zero = run / "iter_1", run / "iter_0"
+    for path, stage in ((one / "eval.jsonl", "evaluation"), (one / "adapter", "publish"),
+                        (one / "adapter.tmp", "update"), (zero / "eval.jsonl", "bc evaluation"),
+                        (one / "corrections.jsonl", "corrections"), (one / "trajectories.jsonl", "rollouts"),
+                        (zero / "adapter", "bc publish"), (zero / "adapter.tmp", "bc training")):
+        if path.exists():
+            return stage
     return "demonstrations"
 
 

@@ -21,33 +21,45 @@ TRAIN_THREADS = "LEAP_DSPY_TRAIN_THREADS"  # the file a launched trainer reads i
 
 _generation_threads: int | None = None
 _lock = threading.Lock()
+_own = threading.local()  # the count a thread had before it took up a share, to go back to
 
 
 def follow_generation_share() -> None:
-    """Called by the thread about to generate: take up the share `SharedCores` set (none: leave torch's)."""
+    """Called by the thread about to generate: take up the share `SharedCores` set, or once it is gone go back
+    to the count this thread had before."""
+    import torch
+
     wanted = _generation_threads
-    if wanted is not None:
-        import torch
+    restore = getattr(_own, "threads", None)
+    if wanted is None:
+        if restore is None:
+            return
+        wanted, _own.threads = restore, None
+    elif restore is None:
+        _own.threads = torch.get_num_threads()
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
 
-        if torch.get_num_threads() != wanted:
-            torch.set_num_threads(wanted)
 
-
-def trainer_callbacks() -> list[Any]:
-    """A TrainerCallback following the share in `$LEAP_DSPY_TRAIN_THREADS` before each step; none without it."""
+def trainer_callbacks(most: int | None = None) -> list[Any]:
+    """A TrainerCallback following the share in `$LEAP_DSPY_TRAIN_THREADS` before each step (split among the
+    launcher's local processes, at most `most`); none without it."""
     path = os.environ.get(TRAIN_THREADS)
     if not path:
         return []
     import torch
     from transformers import TrainerCallback
 
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
     class _FollowShare(TrainerCallback):
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             try:
-                wanted = int(Path(path).read_text())
+                wanted = max(1, int(Path(path).read_text()) // ranks)
             except (OSError, ValueError):
                 return
-            if wanted > 0 and torch.get_num_threads() != wanted:
+            wanted = min(wanted, most or wanted)
+            if torch.get_num_threads() != wanted:
                 torch.set_num_threads(wanted)
 
     return [_FollowShare()]
@@ -77,7 +89,8 @@ class SharedCores:
         """`work` here while `process` trains; the seconds the two ran side by side."""
         global _generation_threads
         started = time.perf_counter()
-        _generation_threads = max(1, self.total - self.trainer_share)
+        if self.trainer_share < self.total:
+            _generation_threads = self.total - self.trainer_share
         threading.Thread(target=self._watch, args=(process,), daemon=True).start()
         try:
             work()
@@ -85,7 +98,7 @@ class SharedCores:
             ended = time.perf_counter()
             self.file.write_text(str(self.total))  # the trainer takes every core from its next step
             with _lock:
-                _generation_threads = None
+                _generation_threads = None  # each thread that took up a share goes back at its next call
             import torch
 
             torch.set_num_threads(self.total)  # threads started from now on, and this one, start with all

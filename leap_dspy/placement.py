@@ -117,8 +117,14 @@ class Placement:
                 if cores is not None and beside is not None:
                     shared_s = cores.run(beside, process)
                     host = max(host, peak_rss_mb())  # at most what this process held beside the trainer
-            finally:  # should the evaluation fail, the fine-tune still finishes and publishes its adapter
-                code = process.wait()
+            except Exception:  # the evaluation failed: the fine-tune still finishes and publishes its adapter
+                process.wait()
+                raise
+            except BaseException:  # interrupted: the trainer stops too
+                process.terminate()
+                process.wait()
+                raise
+            code = process.wait()
         if code != 0 or not (out / RESULT_FILE).exists():
             tail = (stage / "train_launch.log").read_text(errors="replace")[-1500:]
             raise RuntimeError(f"the launched fine-tune failed (exit {code}; {stage / 'train_launch.log'}):\n{tail}")

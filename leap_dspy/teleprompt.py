@@ -86,14 +86,11 @@ class Owed:
     """A stage's evaluation, run by whichever later stage can spare the time; `seconds` it took, once run.
     Empty where nothing is owed (the evaluation was done in an earlier run of the folder)."""
 
-    work: Callable[[], None] | None = None
+    work: Callable[[], float] | None = None
     seconds: float = 0.0
 
     def __call__(self) -> None:
-        started = time.perf_counter()
-        if self.work is not None:
-            self.work()
-        self.seconds = time.perf_counter() - started
+        self.seconds = self.work() if self.work is not None else 0.0
 
 
 def as_tasks(examples: Iterable[Any]) -> list[Task]:
@@ -135,6 +132,7 @@ class LEAP(Teleprompter):
         self.trackers = Trackers([], self.run.path, self.run.path.name)  # the configured ones open with the run
         self.placement = Placement(self.config, env, self.run.path.name)
         self.teacher, self.demonstrator = teacher, demonstrator
+        self._pointed: Path | None = None  # the adapter the student acts with (None: base weights, or none)
 
     # -- the method ----------------------------------------------------------------------------------------
 
@@ -298,11 +296,11 @@ class LEAP(Teleprompter):
 
         owes = beside.work is not None
         if not owes:
-            self.placement.release_engines(self._student)
+            self.release()
 
         def beside_then_release() -> None:
             beside()
-            self.placement.release_engines(self._student)
+            self.release()
 
         result, overlap_s = self.placement.fine_tune(trainer, rows, out, previous, config,
                                                      beside_then_release if owes else None)
@@ -316,20 +314,21 @@ class LEAP(Teleprompter):
         """Stage k's evaluation, with its adapter, to run when the next stage can spare the time."""
         adapter = self.run.stage(k) / "adapter"
 
-        def evaluate() -> None:
-            self.point(student, check_adapter(adapter))
-            self.evaluate(k, student, val, work_s=work_s, extra=extra)
+        def evaluate() -> float:
+            if self._pointed != adapter:  # it is already, but after a resume or a round kept without training
+                self.point(student, check_adapter(adapter))
+            return self.evaluate(k, student, val, work_s=work_s, extra=extra)
 
         return Owed(evaluate)
 
     def evaluate(self, name: str | int, policy: dspy.Module, tasks: list[Task], extra: dict[str, Any],
-                 work_s: float = 0.0, expert_level: int | None = None) -> None:
+                 work_s: float = 0.0, expert_level: int | None = None) -> float:
         """Play the validation tasks (the student, strictly: an action runs as written; or with `expert_level`
         the expert itself) and write the stage's metrics; `wall_s` is the stage's `work_s` (its own seconds
-        before evaluating) and the evaluation's."""
+        before evaluating) and the evaluation's. Returns the evaluation's seconds."""
         stage = self.run.stage(name)
         if (stage / "metrics.json").exists():
-            return
+            return 0.0
         start = time.perf_counter()
         if expert_level is None:
             play, threads = student_policy(self._student, policy=str(name), snap=False), self.config.num_threads
@@ -354,6 +353,7 @@ class LEAP(Teleprompter):
         self.run.write_metrics_csv(with_scores=self._with_scores)
         shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("seen_success", "unseen_success") if k in metrics)
         console.print(f"[bold]{name}[/bold]: {shown}")
+        return metrics["eval_s"]
 
     def _snapped_replays(self, name: str | int) -> Replays:
         """The student replaying, with near misses snapped, the strict evaluation's episodes that had one."""
@@ -436,6 +436,13 @@ class LEAP(Teleprompter):
     def point(self, student: Student, adapter: Path | None) -> None:
         """The student acts with `adapter` on the base weights, wherever `placement` runs it."""
         student.set_lm(self.placement.student_lm(adapter))
+        self._pointed = adapter
+
+    def release(self) -> None:
+        """Before a fine-tune, or once the evaluation beside it ends: the student's engine holds weights no later
+        stage acts with, and the trainer needs the memory."""
+        self.placement.release_engines(self._student)
+        self._pointed = None
 
     def save(self, student: Student, adapter: Path | None) -> None:
         """`student.json`, with the local engine on the chosen adapter even when the student acted through a

@@ -63,8 +63,9 @@ def _fit(trainer_class: Any, method: str, peft_model: Any, tokenizer: Any, args:
     from datasets import Dataset
 
     recorder = LossRecorder()
+    callbacks = [recorder.callback(), *trainer_callbacks(config.num_threads)]
     trainer = trainer_class(model=peft_model, ref_model=None, args=args, train_dataset=Dataset.from_dict(columns),
-                            processing_class=tokenizer, callbacks=[recorder.callback(), *trainer_callbacks()])
+                            processing_class=tokenizer, callbacks=callbacks)
     return run_trainer(trainer, recorder, method=method, tmp_dir=tmp, final_dir=final_dir, tokenizer=tokenizer,
                        train_rows=train_rows, tokens_per_epoch=tokens, setup_s=time.perf_counter() - t0, kernels=config)
 

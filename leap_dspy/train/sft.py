@@ -202,7 +202,7 @@ def train_sft(
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
-            callbacks=[recorder.callback(), *trainer_callbacks()],
+            callbacks=[recorder.callback(), *trainer_callbacks(config.num_threads)],
         )
         counter = _CountingCollator(trainer.data_collator)
         trainer.data_collator = counter

@@ -3,11 +3,14 @@ takes up its share at its next unit of work, and whichever is still working gets
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -49,27 +52,63 @@ def test_generation_takes_every_core_once_the_trainer_ends(tmp_path: Path, two_t
     trainer.wait()
 
 
+class Worker:
+    """One long-lived thread running what it is given, as the engine's batcher runs each generate call."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            job, done = self.jobs.get()
+            done.put(job())
+
+    def __call__(self, job: Callable[[], int]) -> int:
+        done: queue.Queue = queue.Queue()
+        self.jobs.put((job, done))
+        return done.get()
+
+
 def test_the_trainer_takes_every_core_once_the_evaluation_ends(tmp_path: Path, two_threads: object,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     cores = SharedCores(tmp_path)
     monkeypatch.setenv(TRAIN_THREADS, cores.environ()[TRAIN_THREADS])
     (follow,) = trainer_callbacks()
-    steps: list[int] = []
+    trainer, engine = Worker(), Worker()  # each keeps its own thread count, as torch does per OS thread
 
-    def trainer_step() -> None:  # the trainer's loop, here on a thread: its own count, as a process's would be
+    def trainer_step() -> int:
         follow.on_step_begin(None, None, None)
-        steps.append(torch.get_num_threads())
+        return torch.get_num_threads()
 
-    worker = threading.Thread(target=trainer_step)
-    worker.start()
-    worker.join()
+    def generate() -> int:
+        follow_generation_share()
+        return torch.get_num_threads()
+
+    assert engine(torch.get_num_threads) == 2  # the engine's thread, started before the share
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
-    assert cores.run(lambda: time.sleep(0.2), sleeper) < 1.0  # the evaluation ended first
+    steps, calls = [trainer(trainer_step)], []
+    assert cores.run(lambda: calls.append(engine(generate)), sleeper) < 1.0  # the evaluation ended first
     sleeper.kill()
-    worker = threading.Thread(target=trainer_step)
-    worker.start()
-    worker.join()
-    assert steps == [1, 2]
+    steps.append(trainer(trainer_step))
+    calls.append(engine(generate))  # the engine's thread goes back to its own count, not left at its share
+    assert steps == [1, 2] and calls == [1, 2]
+
+
+def test_a_multi_process_trainer_splits_its_share_among_its_ranks(tmp_path: Path, two_threads: object,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    cores = SharedCores(tmp_path)
+    monkeypatch.setenv(TRAIN_THREADS, cores.environ()[TRAIN_THREADS])
+    (tmp_path / "train_threads").write_text("4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    (follow,) = trainer_callbacks()
+    (capped,) = trainer_callbacks(most=1)
+
+    def step(callback: Any) -> int:
+        callback.on_step_begin(None, None, None)
+        return torch.get_num_threads()
+
+    assert Worker()(lambda: step(follow)) == 2 and Worker()(lambda: step(capped)) == 1
 
 
 def test_without_a_share_the_trainer_keeps_its_threads(monkeypatch: pytest.MonkeyPatch) -> None:

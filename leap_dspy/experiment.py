@@ -221,7 +221,9 @@ def expected_config(spec: Spec) -> dict[str, Any]:
 
 
 def _cloned_here(root: Path, name: str) -> bool:
-    return (root / name / "iter_0" / "adapter" / "adapter_config.json").exists()
+    """A finished behaviour cloning: its adapter, and its evaluation, which now waits for round 1's fine-tune."""
+    stage = root / name / "iter_0"
+    return (stage / "adapter" / "adapter_config.json").exists() and (stage / "metrics.json").exists()
 
 
 def _bc_ready(spec: Spec, root: Path) -> bool:

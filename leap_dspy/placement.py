@@ -93,7 +93,8 @@ class Placement:
             return False
         trained = 0.0
         with contextlib.suppress(OSError, ValueError):
-            trained = TrainResult.model_validate_json((previous / RESULT_FILE).read_text()).peak_rss_mb
+            if previous is not None:
+                trained = TrainResult.model_validate_json((previous / RESULT_FILE).read_text()).peak_rss_mb
         return trained + peak_rss_mb() <= machine_memory_mb() / 2
 
     def launch_fine_tune(self, method: str, out: Path, previous: Path | None, config: TrainConfig,

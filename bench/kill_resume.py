@@ -1,7 +1,7 @@
 """The kill table: SIGKILL a small compile at moments spread over every stage, resume it each time, and count
 what was lost, duplicated or paid for twice.
 
-    python bench/kill_resume.py [--kills-per-stage 2] [--seed 0] [--out /tmp/kill-resume]
+    python bench/kill_resume.py [--kills-per-stage 2] [--seed 0] [--beside auto|on|off] [--out /tmp/kill-resume]
 
 Everything is local: keybox (examples/keybox.py) as the environment, a tiny random Llama with SmolLM2's
 tokenizer as the student, and the same tiny model behind `leap-dspy serve` as an LM expert asked once per
@@ -112,15 +112,16 @@ def child(args: argparse.Namespace) -> None:
     train = TrainConfig(max_length=512, per_device_batch_size=8, gradient_accumulation=1, progress_bar=False)
     leap = LEAP(env, run_dir=args.run_dir, iterations=1, update=args.update, model=args.model, seed=args.seed,
                 demonstrator=OracleExpert(), train_config=train, lm_kwargs={"max_new_tokens": 16}, num_threads=4,
-                expert_retries=1, evaluate_base=False, evaluate_expert=False, progress=False)
+                expert_retries=1, evaluate_base=False, evaluate_expert=False, progress=False,
+                evaluate_beside_training={"on": True, "off": False}.get(args.beside))
     leap.compile(Student(), trainset=env.tasks("train"), teacher=expert, valset=env.tasks("seen") + env.tasks("unseen"))
 
 
 class Bench:
-    def __init__(self, out: Path, seed: int) -> None:
+    def __init__(self, out: Path, seed: int, beside: str) -> None:
         from leap_dspy.serve import make_server
 
-        self.out, self.seed = out, seed
+        self.out, self.seed, self.beside = out, seed, beside
         self.model = tiny_model(out / "tiny-model")
         self.server, url = make_server(self.model, api_key="bench-key", max_new_tokens=24)
         self.answered, self.in_flight_at_kills = 0, 0
@@ -152,7 +153,7 @@ class Bench:
         return [sys.executable, __file__, "--child", "--run-dir", str(run), "--update", update, "--model", self.model,
                 "--expert", expert,
                 "--served", self.server.served_name, "--api-base", self.api_base, "--api-key", "bench-key",
-                "--seed", str(self.seed)]
+                "--seed", str(self.seed), "--beside", self.beside]
 
     def start(self, run: Path, update: str, cache: Path) -> subprocess.Popen[bytes]:
         env = {**os.environ, "DSPY_CACHEDIR": str(cache), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -249,6 +250,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("/tmp/kill-resume"))
     ap.add_argument("--updates", nargs="+", default=["sft", "dpo"])
+    ap.add_argument("--beside", choices=["auto", "on", "off"], default="auto",
+                    help="evaluate behaviour cloning beside round 1's fine-tune (auto: the compile's default here)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("--run-dir", "--update", "--model", "--expert", "--served", "--api-base", "--api-key"):
         ap.add_argument(name, help=argparse.SUPPRESS)
@@ -257,7 +260,7 @@ def main() -> None:
         return child(args)
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
-    bench, rng, results = Bench(args.out, args.seed), random.Random(args.seed), []
+    bench, rng, results = Bench(args.out, args.seed, args.beside), random.Random(args.seed), []
     started = time.perf_counter()
     for update in args.updates:
         reference, reference_calls = bench.reference(update)

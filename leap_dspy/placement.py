@@ -1,5 +1,6 @@
 """Where a compile's work runs: the student's LM (this process, or a pool of inference servers), each episode's
-environment (here, or Ray actors) and each fine-tune (this process, or a launcher's processes).
+environment (here, or Ray actors) and each fine-tune (this process, or a launcher's processes), and which
+adapter the student's engine holds meanwhile: a stage's evaluation (`Owed`) may run beside the next fine-tune.
 
 `LEAP` asks a `Placement` and never branches on `rollout_servers`, `ray` or `train_launcher` itself; every
 backend is imported only when its setting asks for it.
@@ -12,6 +13,7 @@ import os
 import shlex
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,37 @@ from leap_dspy.train import TrainConfig, TrainResult
 from leap_dspy.train.common import RESULT_FILE, machine_memory_mb, peak_rss_mb, release_memory, rss_mb
 
 
+@dataclass
+class Owed:
+    """A stage's evaluation, run by whichever later stage can spare the time; `seconds` it took, once run.
+    Empty where nothing is owed (the evaluation was done in an earlier run of the folder)."""
+
+    work: Callable[[], float] | None = None
+    seconds: float = 0.0
+
+    def __call__(self) -> None:
+        self.seconds = self.work() if self.work is not None else 0.0
+
+
 class Placement:
     def __init__(self, config: LEAPConfig, env: TextEnv, run_name: str) -> None:
         self.config, self.env, self.run_name = config, env, run_name
+        self.pointed: Path | None = None  # the adapter the student acts with (None: base weights, or released)
         self._pool: Any = None
         self._ray_episodes: Any = None
+
+    def point(self, student: Any, adapter: Path | None) -> None:
+        """The student acts with `adapter` on the base weights, here or through the server pool."""
+        student.set_lm(self.student_lm(adapter))
+        self.pointed = adapter
+
+    def release_engines(self, student: Any) -> None:
+        """Before a fine-tune, or once the evaluation beside it ends: the student's engine holds weights no later
+        stage acts with, and the trainer needs the memory."""
+        student.set_lm(None)
+        close_all()
+        release_memory()
+        self.pointed = None
 
     def local_lm(self, adapter: Path | None) -> Any:
         """The student's weights (+ `adapter`) on the engine in this process."""
@@ -64,18 +92,23 @@ class Placement:
         return self._ray_episodes
 
     def fine_tune(self, trainer: Any, rows: list[dict[str, Any]], out: Path, previous: Path | None,
-                  config: TrainConfig, beside: Callable[[], None] | None = None) -> tuple[TrainResult, float]:
+                  config: TrainConfig, student: Any, beside: Owed) -> tuple[TrainResult, float]:
         """One fine-tune: as its own processes under `train_launcher`, or in this process when there is none.
-        `beside` is this process's work the fine-tune does not wait for (the previous stage's evaluation, then
-        releasing its engine): it runs while a launched fine-tune trains when `beside_training`, else first.
+        `beside` is the previous stage's evaluation, which the fine-tune does not wait for: it runs while a
+        launched fine-tune trains when `beside_training`, else first; then the student's engine is released.
         Returns the result and the seconds the two ran side by side."""
-        launched = bool(self.config.train_launcher)
-        together = beside is not None and launched and self.beside_training(previous)
-        if beside is not None and not together:
+
+        def evaluate_then_release() -> None:
             beside()
+            self.release_engines(student)
+
+        launched = bool(self.config.train_launcher)
+        together = beside.work is not None and launched and self.beside_training(previous)
+        if not together:
+            evaluate_then_release()
         if launched:
             method = trainer.__name__.removeprefix("train_")
-            return self.launch_fine_tune(method, out, previous, config, beside if together else None)
+            return self.launch_fine_tune(method, out, previous, config, evaluate_then_release if together else None)
         return trainer(rows, model=self.config.model, output_dir=out, init_adapter=str(previous) if previous else None,
                        config=config), 0.0
 
@@ -133,10 +166,3 @@ class Placement:
         result = result.model_copy(update={"host_rss_mb": round(host, 1)})
         atomic_write_text(out / RESULT_FILE, result.model_dump_json(indent=2))  # what a resumed run reads back
         return result, shared_s
-
-    def release_engines(self, student: Any) -> None:
-        """Before a fine-tune: the student's engine holds the weights of an adapter no later stage acts with,
-        and the trainer needs the memory."""
-        student.set_lm(None)
-        close_all()
-        release_memory()

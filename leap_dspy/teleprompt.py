@@ -13,8 +13,7 @@ import json
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from leap_dspy.envs.base import TextEnv
 from leap_dspy.envs.check import check_env
 from leap_dspy.lm.models import check_model
 from leap_dspy.metrics import describe_expert, round_metrics, split_metrics
-from leap_dspy.placement import Placement
+from leap_dspy.placement import Owed, Placement
 from leap_dspy.programs.agent import Agent
 from leap_dspy.programs.experts import OracleExpert
 from leap_dspy.programs.student import Student, has_near_miss
@@ -81,18 +80,6 @@ Rows = list[dict[str, Any]]
 _RENAMED = {"train_config": "train", "lm_kwargs": "lm"}  # the keyword names of earlier releases
 
 
-@dataclass
-class Owed:
-    """A stage's evaluation, run by whichever later stage can spare the time; `seconds` it took, once run.
-    Empty where nothing is owed (the evaluation was done in an earlier run of the folder)."""
-
-    work: Callable[[], float] | None = None
-    seconds: float = 0.0
-
-    def __call__(self) -> None:
-        self.seconds = self.work() if self.work is not None else 0.0
-
-
 def as_tasks(examples: Iterable[Any]) -> list[Task]:
     """Accept `Task`s or `dspy.Example(task=Task)`s, the way DSPy optimizers take examples."""
     tasks = []
@@ -132,7 +119,6 @@ class LEAP(Teleprompter):
         self.trackers = Trackers([], self.run.path, self.run.path.name)  # the configured ones open with the run
         self.placement = Placement(self.config, env, self.run.path.name)
         self.teacher, self.demonstrator = teacher, demonstrator
-        self._pointed: Path | None = None  # the adapter the student acts with (None: base weights, or none)
 
     # -- the method ----------------------------------------------------------------------------------------
 
@@ -149,7 +135,7 @@ class LEAP(Teleprompter):
         self._student = student
         teacher = self.prepare(teacher, train, val)
         started = time.perf_counter()
-        self.point(student, None)
+        self.placement.point(student, None)
         self.reference(student, teacher, val)
 
         console.print("behaviour cloning: the expert's demonstrations as the student's steps")
@@ -166,7 +152,7 @@ class LEAP(Teleprompter):
             rows, examples = self.aggregate(k, student, corrections)
             # The previous stage's evaluation, owed since its fine-tune, runs beside this one (`Placement`).
             adapter, train_s, overlap_s = self.fine_tune(k, rows, adapter, beside=owed)
-            self.point(student, adapter)
+            self.placement.point(student, adapter)
             owed = self.owed_evaluation(k, student, val, time.perf_counter() - round_start - owed.seconds,
                                         {**round_metrics(corrections, trajectories, examples, train_s),
                                          "overlap_s": round(overlap_s, 1)})
@@ -214,7 +200,7 @@ class LEAP(Teleprompter):
                                                self._propose_reason, self.env.idle_actions)
             rows, examples = rows + expert_rows, examples + len(expert_rows)
         adapter, train_s, _ = self.fine_tune(0, rows, None, beside=Owed())
-        self.point(student, adapter)
+        self.placement.point(student, adapter)
         return adapter, self.owed_evaluation(0, student, val, time.perf_counter() - started,
                                              round_metrics(current, demos, examples, train_s))
 
@@ -293,17 +279,7 @@ class LEAP(Teleprompter):
             trainer = train_sft
         console.print(f"{out.parent.name}: fine-tuning on {len(rows)} rows ({trainer.__name__})")
         warn_long_answers(rows, self.config.model, self.config.lm["max_new_tokens"])
-
-        owes = beside.work is not None
-        if not owes:
-            self.release()
-
-        def beside_then_release() -> None:
-            beside()
-            self.release()
-
-        result, overlap_s = self.placement.fine_tune(trainer, rows, out, previous, config,
-                                                     beside_then_release if owes else None)
+        result, overlap_s = self.placement.fine_tune(trainer, rows, out, previous, config, self._student, beside)
         atomic_write_json(out.parent / "train.json", result.model_dump())
         release_memory()
         # The training's own seconds: the evaluation's are its stage's, but for those the two ran side by side.
@@ -315,8 +291,8 @@ class LEAP(Teleprompter):
         adapter = self.run.stage(k) / "adapter"
 
         def evaluate() -> float:
-            if self._pointed != adapter:  # it is already, but after a resume or a round kept without training
-                self.point(student, check_adapter(adapter))
+            if self.placement.pointed != adapter:  # it is, unless a resume or a kept round released it
+                self.placement.point(student, check_adapter(adapter))
             return self.evaluate(k, student, val, work_s=work_s, extra=extra)
 
         return Owed(evaluate)
@@ -433,17 +409,6 @@ class LEAP(Teleprompter):
             raise ValueError(f"the scripted expert has no policy at privilege level {self.privilege_level} on "
                              f"{self.env.name} (it follows the oracle at level {top}); use an LM expert there")
 
-    def point(self, student: Student, adapter: Path | None) -> None:
-        """The student acts with `adapter` on the base weights, wherever `placement` runs it."""
-        student.set_lm(self.placement.student_lm(adapter))
-        self._pointed = adapter
-
-    def release(self) -> None:
-        """Before a fine-tune, or once the evaluation beside it ends: the student's engine holds weights no later
-        stage acts with, and the trainer needs the memory."""
-        self.placement.release_engines(self._student)
-        self._pointed = None
-
     def save(self, student: Student, adapter: Path | None) -> None:
         """`student.json`, with the local engine on the chosen adapter even when the student acted through a
         server pool: a saved program must load anywhere, and must not send its prompts to recorded servers."""
@@ -476,7 +441,7 @@ class LEAP(Teleprompter):
     def adopt(self, student: Student, k: int) -> Path:
         """A finished stage of an earlier run of this folder: the student takes its adapter and moves on."""
         adapter = check_adapter(self.run.stage(k) / "adapter")
-        self.point(student, adapter)
+        self.placement.point(student, adapter)
         return adapter
 
     # -- helpers -------------------------------------------------------------------------------------------

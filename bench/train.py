@@ -1,14 +1,18 @@
-"""Benchmark: LoRA SFT throughput on the embedded SmolLM2-135M against this machine's best matmul rate.
+"""Benchmark: LoRA SFT (or DPO, KTO) throughput on the embedded SmolLM2-135M against this machine's best matmul rate.
 
     python bench/train.py [--rows 64] [--dtype auto] [--batch 8] [--accumulation 1] [--max-batch-tokens 0]
                           [--attn sdpa|eager] [--turns 25] [--model DIR]
                           [--compile] [--liger] [--share-prompt on|off|both] [--fused-lora on|off|both]
                           [--fused-loss on|off] [--fused-layers on|off]
+                          [--method sft|dpo|kto] [--head-positions completions|all|both]
                           [--rows-file RUN/iter_0/train_rows.jsonl] [--profile]
 
 Prints one table, all measured in this run: the best square-matmul FLOP/s in float32 and bfloat16, SFT train
 tokens/s with the default TrainConfig on realistic agent-step rows (~300-token prompt, ~40-token completion),
 the model-FLOPs fraction (tokens/s x 6 x parameters / best matmul FLOP/s) and peak RSS.
+`--method dpo|kto` trains the same rows as preferences (each row's answer chosen, or desirable, against another
+row's), counting tokens as the trainer does (a DPO row's prompt twice); `--head-positions all` runs TRL's fused
+head over every position, as TRL does on a CPU, against the completions alone (the default here).
 The 6 x parameters convention counts a full backward; with LoRA the frozen weights need no weight gradients,
 so the true work per token is nearer 4 x parameters and the fraction overstates hardware use by ~1.5x.
 Tokens are the rows' tokens: with the shared prompt head (`TrainConfig.share_prompt`) fewer of them run through
@@ -154,6 +158,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="TrainConfig.fused_lora; both: train each way in this run and print the ratio")
     parser.add_argument("--fused-loss", default="on", choices=["on", "off"], help="TrainConfig.fused_loss")
     parser.add_argument("--fused-layers", default="on", choices=["on", "off"], help="TrainConfig.fused_layers")
+    parser.add_argument("--method", default="sft", choices=["sft", "dpo", "kto"])
+    parser.add_argument("--head-positions", default="completions", choices=["completions", "all", "both"],
+                        help="dpo/kto: where TRL's fused LM head runs (all: TRL's own choice on a CPU)")
     parser.add_argument("--profile", action="store_true",
                         help="also print where the measured training's time went, by kind of operation")
     parser.add_argument("--warmup-steps", type=int, default=0,
@@ -185,35 +192,87 @@ def _config(args: argparse.Namespace) -> Any:
     return TrainConfig(**overrides)
 
 
-def _train(rows: list[dict], model: str, config: Any, warmup_steps: int) -> Any:
-    """One measured `train_sft`, after `warmup_steps` unmeasured ones."""
-    from leap_dspy.train import train_sft
+def preference_rows(rows: list[dict], method: str) -> list[dict]:
+    """The SFT rows as DPO pairs (each answer chosen over the next row's) or KTO rows (every other one
+    undesirable, with the next row's answer): the same prompts, so the tokens compare with SFT's."""
+    other = rows[1:] + rows[:1]
+    if method == "dpo":
+        return [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": o["completion"]}
+                for r, o in zip(rows, other, strict=True)]
+    return [{"prompt": r["prompt"], "completion": r["completion"] if i % 2 else o["completion"], "label": bool(i % 2)}
+            for i, (r, o) in enumerate(zip(rows, other, strict=True))]
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if warmup_steps:
-            warm = config.model_copy(update={"max_steps": warmup_steps})
-            n_warm = warmup_steps * config.per_device_batch_size * config.gradient_accumulation
-            train_sft(rows[:n_warm], model=model, output_dir=os.path.join(tmp, "warmup"), config=warm)
-        return train_sft(rows, model=model, output_dir=os.path.join(tmp, "adapter"), config=config)
+
+def _train(rows: list[dict], model: str, config: Any, warmup_steps: int, method: str = "sft",
+           all_positions: bool = False) -> Any:
+    """One measured fine-tune by `method`, after `warmup_steps` unmeasured ones; `all_positions` runs TRL's
+    fused head over every position (what TRL does on a CPU by itself)."""
+    import leap_dspy.train as train
+    import leap_dspy.train.preference as preference
+
+    trainer = getattr(train, f"train_{method}")
+    rows = rows if method == "sft" else preference_rows(rows, method)
+    scoped = preference._completions_scored_alone
+    if all_positions:
+        preference._completions_scored_alone = nullcontext
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if warmup_steps:
+                warm = config.model_copy(update={"max_steps": warmup_steps})
+                n_warm = warmup_steps * config.per_device_batch_size * config.gradient_accumulation
+                trainer(rows[:n_warm], model=model, output_dir=os.path.join(tmp, "warmup"), config=warm)
+            return trainer(rows, model=model, output_dir=os.path.join(tmp, "adapter"), config=config)
+    finally:
+        preference._completions_scored_alone = scoped
 
 
-def _result_lines(result: Any, config: Any, args: argparse.Namespace, n_params: int, best: float
-                  ) -> list[tuple[str, str]]:
+def _result_lines(result: Any, config: Any, args: argparse.Namespace, n_params: int, best: float,
+                  all_positions: bool = False) -> list[tuple[str, str]]:
     """The table's lines for one training run."""
     frac = result.tokens_per_s * 6 * n_params / best
+    head = ("" if args.method == "sft" else
+            f", {args.method}, head over {'every position' if all_positions else 'the completions'}")
     return [
         ("config", f"batch {config.per_device_batch_size}, LoRA r={config.lora_r} on "
                    f"{','.join(config.target_modules)}, compile {args.compile}, liger {args.liger}, "
                    f"shared prompt head {config.shares_prompt}, fused LoRA {config.fused_lora}, "
-                   f"fused loss {config.fused_loss}, fused layers {config.fused_layers}"),
+                   f"fused loss {config.fused_loss}, fused layers {config.fused_layers}{head}"),
         ("steps / train tokens", f"{result.steps} / {result.train_tokens:,}"),
         ("train wall", f"{result.wall_s:.1f} s (setup {result.setup_s:.1f} s, {args.warmup_steps} warm-up steps "
                        "before, unmeasured)"),
-        ("SFT train tokens/s", f"{result.tokens_per_s:,.0f}"),
+        (f"{args.method.upper()} train tokens/s", f"{result.tokens_per_s:,.0f}"),
         ("loss first -> last", f"{result.loss_history[0]:.3f} -> {result.loss_history[-1]:.3f}"),
         ("tokens/s x 6 x params / best", f"{frac:.1%}"),
         ("peak RSS", f"{result.peak_rss_mb:,.0f} MB"),
     ]
+
+
+def _runs(args: argparse.Namespace, rows: list[dict], model: str, n_params: int, best: float
+          ) -> tuple[list[tuple[str, str]], list[str]]:
+    """Each asked-for combination of the switches, trained once: its table lines, then the ratios between them,
+    and the operation profiles where asked."""
+    table: list[tuple[str, str]] = []
+    rates, profiles = {}, []
+    vocab = vocab_size(model) if args.profile else None
+    shares, fuseds = _switch(args.share_prompt), _switch(args.fused_lora)
+    heads = [False] if args.method == "sft" else {"completions": [False], "all": [True], "both": [True, False]}[
+        args.head_positions]
+    for share, fused, every in itertools.product(shares, fuseds, heads):
+        config = _config(args).model_copy(update={"share_prompt": share, "fused_lora": fused})
+        with op_profile(config.lora_r, vocab) if args.profile else nullcontext(None) as ops:
+            result = _train(rows, model, config, args.warmup_steps, args.method, every)
+        rates[share, fused, every] = result.tokens_per_s
+        table += _result_lines(result, config, args, n_params, best, every)
+        if ops:
+            profiles.append(format_profile(ops, f"shared prompt head {config.shares_prompt}, fused LoRA {fused}: "
+                                                "by operation"))
+    h = heads[-1]
+    for name, pairs in (("shared head / plain", [((True, f, h), (False, f, h)) for f in fuseds]),
+                        ("fused LoRA / PEFT's", [((s, True, h), (s, False, h)) for s in shares]),
+                        ("head over completions / all", [((s, f, False), (s, f, True)) for s in shares
+                                                          for f in fuseds])):
+        table += [(name, f"{rates[a] / rates[b]:.2f}x tokens/s") for a, b in pairs if a in rates and b in rates]
+    return table, profiles
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,21 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         ("model", f"{model}, {n_params / 1e6:.1f}M params, dtype {pick_dtype(args.dtype)}"),
         ("rows", rows_line),
     ]
-    rates, profiles = {}, []
-    vocab = vocab_size(model) if args.profile else None
-    shares, fuseds = _switch(args.share_prompt), _switch(args.fused_lora)
-    for share, fused in itertools.product(shares, fuseds):
-        config = _config(args).model_copy(update={"share_prompt": share, "fused_lora": fused})
-        with op_profile(config.lora_r, vocab) if args.profile else nullcontext(None) as ops:
-            result = _train(rows, model, config, args.warmup_steps)
-        rates[share, fused] = result.tokens_per_s
-        table += _result_lines(result, config, args, n_params, best)
-        if ops:
-            profiles.append(format_profile(ops, f"shared prompt head {config.shares_prompt}, fused LoRA {fused}: "
-                                                "by operation"))
-    for name, pairs in (("shared head / plain", [((True, f), (False, f)) for f in fuseds]),
-                        ("fused LoRA / PEFT's", [((s, True), (s, False)) for s in shares])):
-        table += [(name, f"{rates[a] / rates[b]:.2f}x tokens/s") for a, b in pairs if a in rates and b in rates]
+    runs, profiles = _runs(args, rows, model, n_params, best)
+    table += runs
     width = max(len(k) for k, _ in table)
     print()
     for key, value in table:

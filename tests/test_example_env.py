@@ -216,6 +216,7 @@ def test_a_round_plays_further_samples_until_it_has_visited_rollout_steps(tiny_m
 
     env = KeyBox(**{**TINY, "num_train": 6})
     leap = LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "run", train_config=FAST_TRAIN,
+                train_launcher="",
                 lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False, rollout_tasks=1, rollout_steps=12,
                 evaluate_base=False, evaluate_expert=False)
     leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(), valset=env.tasks("seen"))
@@ -231,6 +232,7 @@ def test_a_privileged_self_has_no_reference_row(tiny_model: str, tmp_path: Path)
 
     env = KeyBox(**TINY)
     leap = LEAP(env, iterations=0, model=tiny_model, run_dir=tmp_path / "run", train_config=FAST_TRAIN,
-                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False, evaluate_base=False)
+                train_launcher="", lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False,
+                evaluate_base=False)
     leap.compile(Student(), trainset=env.tasks("train"), teacher=SelfExpert(), valset=env.tasks("seen"))
     assert metrics_rows(tmp_path / "run") == ["0"]

@@ -53,7 +53,7 @@ def test_experiment_runs_publishes_resumes_and_reports(tiny_model: str, tmp_path
     monkeypatch.chdir(ROOT)  # `examples` is a folder of the repository
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     settings = {"iterations": 1, "model": tiny_model, "max_train_rows": 16, "num_threads": 4,
-                "lm": {"max_new_tokens": 16}, "evaluate_base": False,
+                "lm": {"max_new_tokens": 16}, "evaluate_base": False, "train_launcher": "",  # in each compile's process
                 "train": {"max_length": 512, "per_device_batch_size": 8, "gradient_accumulation": 1,
                           "progress_bar": False}}
     grid = tmp_path / "grid.yaml"

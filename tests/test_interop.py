@@ -40,7 +40,7 @@ def test_better_together_uses_leap_as_its_weight_optimizer(env: ALFWorld, tiny_m
     agent.set_lm(local_lm(tiny_model, max_new_tokens=8))
     leap = LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "run", teacher=OracleExpert(),
                 train_config=TrainConfig(max_length=512, gradient_accumulation=1, progress_bar=False),
-                lm_kwargs={"max_new_tokens": 8},
+                train_launcher="", lm_kwargs={"max_new_tokens": 8},
                 evaluate_base=False, evaluate_expert=False, progress=False)
     optimizer = BetterTogether(metric=task_success, w=leap)
     compiled = optimizer.compile(agent, trainset=examples(env.tasks("train")), valset=examples(env.tasks("seen")),

@@ -1,6 +1,8 @@
 """The LEAP teleprompter on the real engine: real ALFWorld games, real DSPy, real TRL, a tiny random model.
 
-The slow test at the end runs the embedded SmolLM2 end to end at a tiny size.
+The slow test at the end runs the embedded SmolLM2 end to end at a tiny size, as a user's compile does; the
+others fine-tune in the test's own process (`train_launcher=""`), sparing the ~10 s of imports a fresh trainer
+process costs on a small CPU (tests/test_distributed.py checks that both train the same adapter).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from leap_dspy.training_data import aggregate_sft, balance_by_action, privileged
 from leap_dspy.types import Correction, StudentInputs, Trajectory
 
 FAST_TRAIN = TrainConfig(max_length=768, per_device_batch_size=8, gradient_accumulation=1, progress_bar=False)
+FAST = {"train_config": FAST_TRAIN, "train_launcher": ""}  # small batches, trained in this process
 
 
 def tiny_env(cache: Path) -> ALFWorld:
@@ -52,8 +55,8 @@ class PeekingOracle(OracleExpert):
 
 def compile_tiny(env: ALFWorld, model: str, run_dir: Path, teacher: dspy.Module | None = None,
                  iterations: int = 1, **settings: Any) -> Student:
-    leap = LEAP(env, iterations=iterations, model=model, run_dir=run_dir, train_config=FAST_TRAIN,
-                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False, **settings)
+    leap = LEAP(env, iterations=iterations, model=model, run_dir=run_dir, **{**FAST, **settings},
+                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False)
     return leap.compile(Student(), trainset=env.tasks("train"), teacher=teacher or OracleExpert(),
                         valset=env.tasks("seen") + env.tasks("unseen"))
 
@@ -125,7 +128,7 @@ def test_compile_writes_the_run_folder_and_a_loadable_student(env: ALFWorld, tin
     seen = {str(k): (m["seen_success"], m["seen_score"]) for k in (0, 1)
             if (m := json.loads((run / f"iter_{k}" / "metrics.json").read_text()))}
     assert best_stage(seen) == "0"
-    best = LEAP(env, iterations=1, model=tiny_model, run_dir=run, train_config=FAST_TRAIN, select="best",
+    best = LEAP(env, iterations=1, model=tiny_model, run_dir=run, **FAST, select="best",
                 lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False).compile(
         Student(), trainset=env.tasks("train"), teacher=OracleExpert(), valset=env.tasks("seen") + env.tasks("unseen"))
     chosen = json.loads((run / "compiled.json").read_text())
@@ -256,9 +259,14 @@ def test_a_near_miss_runs_the_admissible_action_it_names_and_keeps_what_was_writ
 
 @pytest.mark.slow
 def test_end_to_end_on_the_embedded_smollm2(env: ALFWorld, tmp_path: Path) -> None:
-    """BC + one LEAP iteration on the real 135M weights, at a tiny size (a few minutes on 2 cores)."""
+    """BC + one LEAP iteration on the real 135M weights, at a tiny size (a few minutes on 2 cores): 16 rows a
+    stage in batches of 4, enough steps for the loss to fall, few enough for a CPU without bf16 units."""
     run = tmp_path / "run"
-    compile_tiny(env, DEFAULT_MODEL, run)
+    leap = LEAP(env, iterations=1, model=DEFAULT_MODEL, run_dir=run, bc_rows=16, max_train_rows=16,
+                train_config=FAST_TRAIN.model_copy(update={"per_device_batch_size": 4}),
+                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False)
+    leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(),
+                 valset=env.tasks("seen") + env.tasks("unseen"))
     metrics = {json.loads((run / f"iter_{k}" / "metrics.json").read_text())["iteration"] for k in (0, 1)}
     assert metrics == {"0", "1"}
     train = json.loads((run / "iter_0" / "train.json").read_text())
@@ -268,7 +276,7 @@ def test_end_to_end_on_the_embedded_smollm2(env: ALFWorld, tmp_path: Path) -> No
 @pytest.mark.parametrize("update", ["dpo", "kto"])
 def test_preference_updates_run_through_the_loop(env: ALFWorld, tiny_model: str, tmp_path: Path, update: str) -> None:
     run = tmp_path / update
-    leap = LEAP(env, iterations=1, update=update, model=tiny_model, run_dir=run, train_config=FAST_TRAIN,
+    leap = LEAP(env, iterations=1, update=update, model=tiny_model, run_dir=run, **FAST,
                 lm_kwargs={"max_new_tokens": 16}, num_threads=4, evaluate_base=False, evaluate_expert=False,
                 progress=False)
     leap.compile(Student(), trainset=env.tasks("train"), valset=env.tasks("unseen"))
@@ -297,7 +305,7 @@ def test_self_expert_that_cannot_answer_is_counted_not_fatal(env: ALFWorld, tiny
     from leap_dspy.programs import SelfExpert
 
     run = tmp_path / "self"
-    leap = LEAP(env, iterations=1, model=tiny_model, run_dir=run, train_config=FAST_TRAIN, expert_retries=1,
+    leap = LEAP(env, iterations=1, model=tiny_model, run_dir=run, **FAST, expert_retries=1,
                 lm_kwargs={"max_new_tokens": 16}, num_threads=4, evaluate_base=False, evaluate_expert=False,
                 progress=False)
     leap.compile(Student(), trainset=env.tasks("train"), teacher=SelfExpert(), valset=env.tasks("unseen"))
@@ -374,7 +382,7 @@ def test_a_run_can_start_from_another_runs_behaviour_cloning(env: ALFWorld, tiny
     source = tmp_path / "bc"
     compile_tiny(env, tiny_model, source, iterations=0, evaluate_base=True)
     run = tmp_path / "dpo"
-    leap = LEAP(env, iterations=1, update="dpo", model=tiny_model, run_dir=run, train_config=FAST_TRAIN,
+    leap = LEAP(env, iterations=1, update="dpo", model=tiny_model, run_dir=run, **FAST,
                 lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False, bc_from=source,
                 evaluate_base=True)
     leap.compile(Student(), trainset=env.tasks("train"), valset=env.tasks("seen") + env.tasks("unseen"))
@@ -389,12 +397,12 @@ def test_a_run_can_start_from_another_runs_behaviour_cloning(env: ALFWorld, tiny
     assert [line.split(",")[0] for line in lines[1:]] == ["base", "expert", "0", "1"]
 
     with pytest.raises(ConfigMismatch, match="bc_epochs"):
-        LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "other", train_config=FAST_TRAIN,
+        LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "other", **FAST,
              lm_kwargs={"max_new_tokens": 16}, bc_epochs=3.0, progress=False, bc_from=source).compile(
             Student(), trainset=env.tasks("train"), valset=env.tasks("seen") + env.tasks("unseen"))
     # Another privilege level shares the behaviour cloning, not the expert's own row: that plays at its level.
     level0 = tmp_path / "level0"
-    LEAP(env, iterations=0, model=tiny_model, run_dir=level0, train_config=FAST_TRAIN, privilege_level=0,
+    LEAP(env, iterations=0, model=tiny_model, run_dir=level0, **FAST, privilege_level=0,
          lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False, bc_from=source).compile(
         Student(), trainset=env.tasks("train"), valset=env.tasks("seen") + env.tasks("unseen"))
     def timings(run_dir: Path) -> list[float]:
@@ -404,7 +412,7 @@ def test_a_run_can_start_from_another_runs_behaviour_cloning(env: ALFWorld, tiny
     assert timings(level0) and timings(level0) != timings(source)  # played again, not copied
     assert (level0 / "iter_0" / "metrics.json").read_text() == (source / "iter_0" / "metrics.json").read_text()
     with pytest.raises(ConfigMismatch, match="no finished behaviour cloning"):
-        LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "third", train_config=FAST_TRAIN,
+        LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "third", **FAST,
              lm_kwargs={"max_new_tokens": 16}, progress=False, bc_from=tmp_path / "nowhere").compile(
             Student(), trainset=env.tasks("train"), valset=env.tasks("seen") + env.tasks("unseen"))
 

@@ -95,7 +95,7 @@ def test_a_pool_spreads_requests_survives_a_dead_server_and_serves_each_rounds_a
     # A compile whose student acts only through the pool: each stage's adapter is loaded into the live server.
     run = tmp_path / "run"
     leap = LEAP(env, iterations=1, model=tiny_model, run_dir=run, num_threads=4, progress=False,
-                lm_kwargs={"max_new_tokens": 16}, rollout_servers=[url1, url2], evaluate_base=False,
+                lm_kwargs={"max_new_tokens": 16}, rollout_servers=[url1, url2], evaluate_base=False, train_launcher="",
                 train_config=TrainConfig(max_length=512, per_device_batch_size=8, gradient_accumulation=1,
                                          progress_bar=False))
     leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(),

@@ -65,7 +65,7 @@ def test_an_episode_in_an_actor_plays_as_it_does_here(local_ray: None) -> None:
 def test_a_compile_steps_its_environments_in_actors(local_ray: None, tiny_model: str, tmp_path: Path) -> None:
     env = KeyBox(**TINY)
     leap = LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "run", num_threads=4, progress=False,
-                lm_kwargs={"max_new_tokens": 16}, evaluate_base=False, ray="auto", ray_workers=3,
+                lm_kwargs={"max_new_tokens": 16}, evaluate_base=False, ray="auto", ray_workers=3, train_launcher="",
                 train_config=TrainConfig(max_length=512, per_device_batch_size=8, gradient_accumulation=1,
                                          progress_bar=False))
     leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(),

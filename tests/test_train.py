@@ -186,6 +186,37 @@ def test_dpo_reference_is_the_policy_it_continues_from(tiny_model, tmp_path):
     assert abs(fresh.loss_history[-1] - math.log(2)) > 0.01  # a policy that moved is not at log 2
 
 
+def test_preference_training_scores_the_completions_alone_and_trains_the_same_adapter(tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    """On a CPU TRL runs its fused head over every position of a DPO batch, the prompts' included; it runs over
+    the completions alone here, with the same losses and the same adapter."""
+    import contextlib
+
+    import trl.trainer.utils as trl_utils
+
+    import leap_dspy.train.preference as preference
+
+    scored: list[int] = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+
+    def counted(hidden, *args):
+        scored.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply", counted)
+    rows = [{"prompt": _prompt(i), "chosen": _answer("look"), "rejected": _answer(f"go to desk {i}")}
+            for i in range(4)]
+    config = fast(max_steps=2, per_device_batch_size=4, learning_rate=5e-2)
+    alone = train_dpo(rows, model=tiny_model, output_dir=tmp_path / "alone", config=config)
+    positions, scored[:] = sum(scored), []
+    monkeypatch.setattr(preference, "_completions_scored_alone", contextlib.nullcontext)  # TRL's own choice
+    every = train_dpo(rows, model=tiny_model, output_dir=tmp_path / "every", config=config)
+    assert 0 < positions < sum(scored) / 2
+    assert alone.loss_history == pytest.approx(every.loss_history, rel=1e-5)
+    weights, reference = _lora_state(tmp_path / "alone"), _lora_state(tmp_path / "every")
+    assert all(torch.allclose(weights[k], reference[k], atol=1e-6) for k in reference)
+
+
 def test_kto_runs_and_saves(tiny_model, tmp_path):
     rows = [{"prompt": _prompt(i), "completion": _answer("go to desk 1" if i % 2 else "look"), "label": bool(i % 2)}
             for i in range(4)]

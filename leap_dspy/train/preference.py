@@ -14,10 +14,11 @@ tokenisation (prompt, then prompt + completion split at their common prefix) see
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,24 @@ def _render(
     return head, tails, len(p_ids) * len(tails) + sum(c_lens), len(p_ids) + max(c_lens)
 
 
+@contextlib.contextmanager
+def _completions_scored_alone() -> Iterator[None]:
+    """TRL's fused LM head scores only the completion positions on Triton devices and every position elsewhere
+    (on Neuron a new tile shape per batch would recompile). Eager on a CPU nothing recompiles, and a row's prompt
+    is most of its positions: there too the head runs over the completions alone, with the same log-probs."""
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:  # another TRL: its own choice stands
+        yield
+        return
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def _fit(trainer_class: Any, method: str, peft_model: Any, tokenizer: Any, args: Any, columns: dict[str, list[Any]],
          tmp: Path, final_dir: Path, train_rows: int, tokens: int, t0: float, config: TrainConfig) -> TrainResult:
     """Run TRL's `trainer_class` over the rendered columns; ref_model=None: see the module docstring."""
@@ -66,8 +85,10 @@ def _fit(trainer_class: Any, method: str, peft_model: Any, tokenizer: Any, args:
     callbacks = [recorder.callback(), *trainer_callbacks(config.num_threads)]
     trainer = trainer_class(model=peft_model, ref_model=None, args=args, train_dataset=Dataset.from_dict(columns),
                             processing_class=tokenizer, callbacks=callbacks)
-    return run_trainer(trainer, recorder, method=method, tmp_dir=tmp, final_dir=final_dir, tokenizer=tokenizer,
-                       train_rows=train_rows, tokens_per_epoch=tokens, setup_s=time.perf_counter() - t0, kernels=config)
+    with _completions_scored_alone():
+        return run_trainer(trainer, recorder, method=method, tmp_dir=tmp, final_dir=final_dir, tokenizer=tokenizer,
+                           train_rows=train_rows, tokens_per_epoch=tokens, setup_s=time.perf_counter() - t0,
+                           kernels=config)
 
 
 def train_dpo(

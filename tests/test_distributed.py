@@ -22,12 +22,13 @@ from examples.keybox import KeyBox  # noqa: E402
 TINY = {"num_boxes": 3, "num_train": 4, "num_seen": 1, "num_unseen": 1, "max_steps": 8}
 
 
-def compile_round(model: str, run: Path, per_device: int, launcher: list[str]) -> dict:
+def compile_round(model: str, run: Path, per_device: int, launcher: list[str], iterations: int = 1) -> dict:
+    """Behaviour cloning's fine-tune (`iterations` rounds after it) launched by `launcher`: its train.json."""
     env = KeyBox(**TINY)
     train = TrainConfig(max_length=512, per_device_batch_size=per_device, gradient_accumulation=1,
                         progress_bar=False)
-    leap = LEAP(env, iterations=1, model=model, run_dir=run, train_config=train, num_threads=4, progress=False,
-                lm_kwargs={"max_new_tokens": 16}, evaluate_base=False, evaluate_expert=False,
+    leap = LEAP(env, iterations=iterations, model=model, run_dir=run, train_config=train, num_threads=4,
+                progress=False, lm_kwargs={"max_new_tokens": 16}, evaluate_base=False, evaluate_expert=False,
                 train_launcher=launcher)
     leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(),
                  valset=env.tasks("seen") + env.tasks("unseen"))
@@ -35,7 +36,7 @@ def compile_round(model: str, run: Path, per_device: int, launcher: list[str]) -
 
 
 def test_two_processes_train_as_one_does(tiny_model: str, tmp_path: Path) -> None:
-    one = compile_round(tiny_model, tmp_path / "one", 8, [])
+    one = compile_round(tiny_model, tmp_path / "one", 8, [], iterations=0)
     two = compile_round(tiny_model, tmp_path / "two", 4, ["torchrun", "--nproc_per_node", "2"])
     rows = (tmp_path / "one" / "iter_0" / "train_rows.jsonl").read_bytes()
     assert rows == (tmp_path / "two" / "iter_0" / "train_rows.jsonl").read_bytes()  # the same data
@@ -48,8 +49,8 @@ def test_two_processes_train_as_one_does(tiny_model: str, tmp_path: Path) -> Non
 
 
 def test_the_default_fresh_process_trains_exactly_as_the_compiles_own_would(tiny_model: str, tmp_path: Path) -> None:
-    inside = compile_round(tiny_model, tmp_path / "inside", 8, [])
-    fresh = compile_round(tiny_model, tmp_path / "fresh", 8, LEAPConfig().train_launcher)
+    inside = compile_round(tiny_model, tmp_path / "inside", 8, [], iterations=0)
+    fresh = compile_round(tiny_model, tmp_path / "fresh", 8, LEAPConfig().train_launcher, iterations=0)
     assert fresh["loss_history"] == inside["loss_history"] and fresh["steps"] == inside["steps"]
     assert inside["host_rss_mb"] is None and fresh["host_rss_mb"] > 0  # the compile's memory beside the trainer
     assert (tmp_path / "fresh" / "iter_0" / "launch.sh").read_text().startswith(sys.executable)

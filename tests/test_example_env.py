@@ -116,7 +116,7 @@ def test_compiles_from_python_and_from_the_cli(tiny_model: str, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     env = KeyBox(**TINY)
     leap = LEAP(env, iterations=1, model=tiny_model, run_dir=tmp_path / "py", train_config=FAST_TRAIN,
-                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False)
+                train_launcher="", lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False)
     leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(),
                  valset=env.tasks("seen") + env.tasks("unseen"))
     assert metrics_rows(tmp_path / "py") == ["expert", "0", "1"]

@@ -186,6 +186,7 @@ def test_dpo_reference_is_the_policy_it_continues_from(tiny_model, tmp_path):
     assert abs(fresh.loss_history[-1] - math.log(2)) > 0.01  # a policy that moved is not at log 2
 
 
+@pytest.mark.skipif(CUDA, reason="a CPU's path through TRL's head; on CUDA, Triton's is compact already")
 def test_preference_training_scores_the_completions_alone_and_trains_the_same_adapter(tiny_model, tmp_path,
                                                                                      monkeypatch):
     """On a CPU TRL runs its fused head over every position of a DPO batch, the prompts' included; it runs over

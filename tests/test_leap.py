@@ -21,6 +21,7 @@ from typing import Any
 import dspy
 import pytest
 
+from leap_dspy.config import LEAPConfig
 from leap_dspy.envs.alfworld import ALFWorld
 from leap_dspy.lm import DEFAULT_MODEL
 from leap_dspy.programs import OracleExpert, Student
@@ -262,11 +263,9 @@ def test_end_to_end_on_the_embedded_smollm2(env: ALFWorld, tmp_path: Path) -> No
     """BC + one LEAP iteration on the real 135M weights, at a tiny size (a few minutes on 2 cores): 16 rows a
     stage in batches of 4, enough steps for the loss to fall, few enough for a CPU without bf16 units."""
     run = tmp_path / "run"
-    leap = LEAP(env, iterations=1, model=DEFAULT_MODEL, run_dir=run, bc_rows=16, max_train_rows=16,
-                train_config=FAST_TRAIN.model_copy(update={"per_device_batch_size": 4}),
-                lm_kwargs={"max_new_tokens": 16}, num_threads=4, progress=False)
-    leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(),
-                 valset=env.tasks("seen") + env.tasks("unseen"))
+    compile_tiny(env, DEFAULT_MODEL, run, bc_rows=16, max_train_rows=16,
+                 train_config=FAST_TRAIN.model_copy(update={"per_device_batch_size": 4}),
+                 train_launcher=LEAPConfig().train_launcher)  # the default: a fresh trainer process
     metrics = {json.loads((run / f"iter_{k}" / "metrics.json").read_text())["iteration"] for k in (0, 1)}
     assert metrics == {"0", "1"}
     train = json.loads((run / "iter_0" / "train.json").read_text())

@@ -14,7 +14,7 @@ import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any
+from typing import Any, ClassVar
 
 import dspy
 
@@ -57,27 +57,38 @@ def _engines(program: dspy.Module | None) -> list[Any]:
 
 
 class _Live:
-    """Counts live episodes and keeps each engine's `expected` equal to it."""
+    """Counts one job's live episodes; each engine's `expected` is the sum over the jobs playing through it, so
+    that two jobs at once (an evaluation and the next round's rollouts) fill its batches together."""
+
+    _jobs: ClassVar[dict[int, list[_Live]]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, engines: list[Any], total: int, threads: int) -> None:
-        self.engines = engines
-        self.pending = total
-        self.threads = threads
-        self.lock = threading.Lock()
-        self._publish()
+        self.engines, self.pending, self.threads = engines, total, threads
+        with self._lock:
+            for engine in engines:
+                self._jobs.setdefault(id(engine), []).append(self)
+            self._publish()
 
     def _publish(self) -> None:
         for engine in self.engines:
-            engine.expected = max(1, min(self.pending, self.threads))
+            jobs = self._jobs.get(id(engine))
+            engine.expected = max(1, sum(min(j.pending, j.threads) for j in jobs)) if jobs else None
 
     def done(self) -> None:
-        with self.lock:
+        with self._lock:
             self.pending -= 1
             self._publish()
 
     def close(self) -> None:
-        for engine in self.engines:
-            engine.expected = None
+        with self._lock:
+            for engine in self.engines:
+                jobs = self._jobs.get(id(engine), [])
+                if self in jobs:
+                    jobs.remove(self)
+                if not jobs:
+                    self._jobs.pop(id(engine), None)
+            self._publish()
 
 
 def run_parallel(play: Callable[[TextEnv, Task], Trajectory], env: TextEnv, tasks: Iterable[Task], *,

@@ -145,6 +145,40 @@ def test_batcher_orders_a_batch_by_its_requests_not_by_arrival():
     assert results == {"a": "A", "b": "B", "c": "C", "d": "D"}  # each caller still gets its own answer
 
 
+def test_two_jobs_at_once_tell_their_engine_every_live_episode(tiny_model: str) -> None:
+    """Two rollouts playing through one engine at once (from two threads of a user's script, or a bench's): its
+    `expected` counts the live episodes of both, so a batch starts once all of them have asked rather than once
+    either job's have, and waits out no timer for the other's."""
+    import sys
+    from pathlib import Path
+
+    from leap_dspy.programs import Student
+    from leap_dspy.rollout import run_parallel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from examples.keybox import KeyBox
+
+    env, student = KeyBox(num_boxes=3, num_train=4, num_seen=1, num_unseen=1, max_steps=8), Student()
+    student.set_lm(local_lm(tiny_model, max_new_tokens=8))
+    engine, everyone = student.step.lm.engine, threading.Barrier(5)
+    seen: list[int | None] = []
+
+    def play(episode_env: KeyBox, task: object) -> object:
+        everyone.wait(timeout=60)  # 3 + 2 episodes live at once
+        seen.append(engine.expected)
+        everyone.wait(timeout=60)
+        return student.run(episode_env, task, max_steps=1)
+
+    jobs = [threading.Thread(target=run_parallel, args=(play, env, tasks), kwargs={"program": student})
+            for tasks in (env.tasks("train")[:3], env.tasks("train")[3:] + env.tasks("seen"))]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(timeout=120)
+    assert seen == [5] * 5
+    assert engine.expected is None
+
+
 def test_batcher_close_fails_waiting_requests():
     release = threading.Event()
 

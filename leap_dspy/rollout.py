@@ -58,7 +58,8 @@ def _engines(program: dspy.Module | None) -> list[Any]:
 
 class _Live:
     """Counts one job's live episodes; each engine's `expected` is the sum over the jobs playing through it, so
-    that two jobs at once (an evaluation and the next round's rollouts) fill its batches together."""
+    that two jobs at once (two rollouts from a script's threads) fill its batches together rather than each
+    leaving the other's requests to wait out the batcher's timer."""
 
     _jobs: ClassVar[dict[int, list[_Live]]] = {}
     _lock: ClassVar[threading.Lock] = threading.Lock()

@@ -35,6 +35,7 @@ from leap_dspy.rollout import (  # noqa: E402
     ROLLOUT_MAX_STUCK,
     engine_counters,
     rollout_samples,
+    round_seed,
     run_parallel,
     student_policy,
 )
@@ -82,7 +83,7 @@ def main() -> None:
     student = Student()
     student.set_lm(local_lm(DEFAULT_MODEL, adapter=args.adapter, **config.lm))
     valset = (env.tasks("unseen") + env.tasks("seen"))[: args.eval_tasks]
-    sample = next(rollout_samples(env.tasks("train"), args.rollout_tasks, config.seed * 7919 + 1))
+    sample = next(rollout_samples(env.tasks("train"), args.rollout_tasks, round_seed(config.seed, 1)))
     steps = args.max_steps
     jobs = {"evaluation": (student_policy(student, policy="eval", snap=False, max_steps=steps), valset),
             "rollouts": (student_policy(student, capture_level=None, capture_oracle=True, policy="rollout",

@@ -270,6 +270,11 @@ def reads_privileged_text(expert: dspy.Module) -> bool:
     return bool(getattr(expert, "reads_privileged_text", not needs_oracle(expert)))
 
 
+def round_seed(seed: int, k: int) -> int:
+    """The seed of round k's rollout samples in a compile seeded `seed` (what a bench replaying a round uses too)."""
+    return seed * 7919 + k
+
+
 def rollout_samples(train: list[Task], size: int | None, seed: int) -> Iterator[list[Task]]:
     """Disjoint seeded samples of `size` training tasks (all of them when unset), the first as a round has
     always drawn it, so that a run resumes and reruns with the same rollouts."""

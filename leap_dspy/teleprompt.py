@@ -49,6 +49,7 @@ from leap_dspy.rollout import (
     expert_policy,
     play_episodes,
     rollout_samples,
+    round_seed,
     student_policy,
 )
 from leap_dspy.runs import (
@@ -212,7 +213,7 @@ class LEAP(Teleprompter):
                               policy=f"student@{k - 1}", max_stuck=ROLLOUT_MAX_STUCK)
         log = JsonlLog(self.run.stage(k) / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
         played: dict[str, Trajectory] = {}
-        for tasks in rollout_samples(train, self.config.rollout_tasks, self.config.seed * 7919 + k):
+        for tasks in rollout_samples(train, self.config.rollout_tasks, round_seed(self.config.seed, k)):
             played |= play_episodes(Episodes(log, tasks, f"round {k}: rollouts", play), self.placement.episodes,
                                     program=student, num_threads=self.config.num_threads,
                                     progress=self.config.progress)

@@ -84,10 +84,10 @@ def main() -> None:
     student.set_lm(local_lm(DEFAULT_MODEL, adapter=args.adapter, **config.lm))
     valset = (env.tasks("unseen") + env.tasks("seen"))[: args.eval_tasks]
     sample = next(rollout_samples(env.tasks("train"), args.rollout_tasks, round_seed(config.seed, 1)))
-    steps = args.max_steps
-    jobs = {"evaluation": (student_policy(student, policy="eval", snap=False, max_steps=steps), valset),
+    limit = args.max_steps
+    jobs = {"evaluation": (student_policy(student, policy="eval", snap=False, max_steps=limit), valset),
             "rollouts": (student_policy(student, capture_level=None, capture_oracle=True, policy="rollout",
-                                        max_steps=steps, max_stuck=ROLLOUT_MAX_STUCK), sample)}
+                                        max_steps=limit, max_stuck=ROLLOUT_MAX_STUCK), sample)}
     table = Table(title=f"evaluation ({len(valset)} episodes) and rollouts ({len(sample)}), max {args.max_steps} "
                         f"steps, adapter={args.adapter}")
     for column in ("way", "wall s", "evaluation s", "rollouts s", "env steps", "steps/s", "generating s",

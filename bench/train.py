@@ -140,7 +140,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--accumulation", type=int, default=None,
                         help="gradient accumulation steps (default: TrainConfig's)")
     parser.add_argument("--max-batch-tokens", type=int, default=None,
-                        help="TrainConfig.max_batch_tokens (0: none; default: TrainConfig's)")
+                        help="TrainConfig.max_batch_tokens, in 16-bit tokens (float32 passes hold half); 0: none; "
+                             "default: TrainConfig's")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--targets", default=None, help="comma-separated LoRA target modules")
     parser.add_argument("--threads", type=int, default=None)

@@ -378,6 +378,21 @@ def test_sft_cuts_a_batch_of_long_rows_into_passes_with_the_whole_batchs_gradien
     assert all(torch.allclose(whole[name], cut[name], rtol=1e-4, atol=1e-6) for name in whole)
 
 
+def test_a_float32_pass_holds_half_the_tokens_of_a_16_bit_one(tiny_model, tmp_path, monkeypatch):
+    """`max_batch_tokens` bounds a pass's memory in 16-bit tokens: float32 activations keep twice the bytes a
+    token, so a float32 trainer cuts its batches at half the count."""
+    from leap_dspy.train import sft
+    from leap_dspy.train.common import activation_cost, load_trainable_model
+
+    bounds: list[int | None] = []
+    cut = sft.row_chunks
+    monkeypatch.setattr(sft, "row_chunks", lambda inputs, limit: bounds.append(limit) or cut(inputs, limit))
+    train_sft(sft_rows(), model=tiny_model, output_dir=tmp_path / "a", config=fast(max_steps=1, max_batch_tokens=600))
+    assert bounds == [300]
+    models = [load_trainable_model(tiny_model, fast(dtype=dtype))[0] for dtype in ("float32", "bfloat16")]
+    assert [activation_cost(model) for model in models] == [2, 1]
+
+
 def test_a_shared_prompt_head_gives_the_same_loss_and_gradients(tiny_model, tmp_path):
     """`share_prompt` runs the rows' common head once per batch and broadcasts its keys and values: rows of
     different lengths (right-padded) get the loss and the LoRA gradients of the plain full-batch forward, and

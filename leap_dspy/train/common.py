@@ -107,6 +107,12 @@ def load_trainable_model(
     return peft_model, tokenizer
 
 
+def activation_cost(model: Any) -> int:
+    """How many 16-bit tokens' activation memory one token of `model`'s training keeps: `max_batch_tokens` counts
+    16-bit tokens, so a float32 pass holds half as many tokens in the memory the bound means."""
+    return max(1, model.get_base_model().dtype.itemsize // 2)  # the base's dtype: PEFT keeps LoRA in float32
+
+
 def fit_batch(config: TrainConfig, longest: int | None, smallest: int = 1) -> tuple[int, int]:
     """(per-device batch, accumulation steps) for rows up to `longest` tokens, under `config.max_batch_tokens`,
     never below `smallest` rows a batch; None: the configured ones (a trainer that cuts long batches itself)."""

@@ -37,7 +37,8 @@ class TrainConfig(BaseModel):
     """Eight rows per optimizer step, all at once where they fit `max_batch_tokens` (an agent step's rows): one
     forward of 8 rows trains about 1.2x as fast as two of 4 on a CPU, in about 1 GB more."""
     max_batch_tokens: int | None = 4096
-    """The most padded tokens one forward and backward pass holds (the memory of long rows, WebShop's pages):
+    """The most padded tokens one forward and backward pass holds (the memory of long rows, WebShop's pages),
+    counted in 16-bit activations: float32 keeps twice the bytes a token, so a float32 pass holds half as many.
     SFT runs a batch past it as a few passes of equal runs of rows with the batch's gradient, so one long row
     slows only its own batch; DPO and KTO halve the per-device batch (and double accumulation) until a batch of
     their longest rows fits. None: every batch in one pass."""

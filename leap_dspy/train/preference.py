@@ -25,6 +25,7 @@ from typing import Any
 from leap_dspy.cores import trainer_callbacks
 from leap_dspy.train.common import (
     LossRecorder,
+    activation_cost,
     atomic_output_dir,
     load_trainable_model,
     quiet_libraries,
@@ -126,7 +127,7 @@ def train_dpo(
             tokens += n
         args = DPOConfig(
             # Chosen and rejected run as one batch.
-            **trl_common_args(config, tmp, "dpo", 2 * longest * PREFERENCE_TOKEN_COST),
+            **trl_common_args(config, tmp, "dpo", 2 * longest * PREFERENCE_TOKEN_COST * activation_cost(peft_model)),
             beta=config.beta,
             max_length=None,  # rows were cut to config.max_length above, keeping the completions
             precompute_ref_log_probs=False,
@@ -181,7 +182,8 @@ def train_kto(
             tokens += 2 * n  # each row also runs once as another row's KL (mismatched) completion
         undesirable = len(rows) - desirable
         # Each row also runs as another's KL completion; that KL term pairs rows within a batch, so it needs two.
-        common = trl_common_args(config, tmp, "kto", 2 * longest * PREFERENCE_TOKEN_COST, smallest_batch=2)
+        common = trl_common_args(config, tmp, "kto", 2 * longest * PREFERENCE_TOKEN_COST * activation_cost(peft_model),
+                                 smallest_batch=2)
         common["per_device_train_batch_size"] = max(2, min(common["per_device_train_batch_size"], len(rows)))
         args = KTOConfig(
             **common,

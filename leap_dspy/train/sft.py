@@ -20,6 +20,7 @@ from typing import Any
 from leap_dspy.cores import trainer_callbacks
 from leap_dspy.train.common import (
     LossRecorder,
+    activation_cost,
     atomic_output_dir,
     load_trainable_model,
     quiet_libraries,
@@ -197,7 +198,8 @@ def train_sft(
             dataset_kwargs={"skip_prepare_dataset": False},
         )
         recorder = LossRecorder()
-        trainer = _trainer_class(config.shares_prompt, config.fused_loss, config.max_batch_tokens)(
+        bound = config.max_batch_tokens and config.max_batch_tokens // activation_cost(peft_model)
+        trainer = _trainer_class(config.shares_prompt, config.fused_loss, bound)(
             model=peft_model,
             args=args,
             train_dataset=dataset,

@@ -198,7 +198,7 @@ def train_sft(
             dataset_kwargs={"skip_prepare_dataset": False},
         )
         recorder = LossRecorder()
-        bound = config.max_batch_tokens and config.max_batch_tokens // activation_cost(peft_model)
+        bound = config.max_batch_tokens and max(1, config.max_batch_tokens // activation_cost(peft_model))
         trainer = _trainer_class(config.shares_prompt, config.fused_loss, bound)(
             model=peft_model,
             args=args,

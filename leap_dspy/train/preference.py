@@ -42,6 +42,12 @@ every completion position's vocabulary-wide logits and run a reference pass too,
 no logits. At 2 they keep the batches they were measured at when SFT's bound was 2,048."""
 
 
+def _pass_length(longest: int, model: Any) -> int:
+    """The tokens a batch row of length `longest` counts against `max_batch_tokens`: each row runs twice a batch
+    (DPO: chosen and rejected; KTO: its own completion and another's as the KL term), in 16-bit tokens."""
+    return 2 * longest * PREFERENCE_TOKEN_COST * activation_cost(model)
+
+
 def _render(
     tokenizer: Any, prompt: Any, completions: Sequence[Any], max_length: int | None
 ) -> tuple[str, list[str], int, int]:
@@ -126,8 +132,7 @@ def train_dpo(
             columns["rejected"].append(rejected)
             tokens += n
         args = DPOConfig(
-            # Chosen and rejected run as one batch.
-            **trl_common_args(config, tmp, "dpo", 2 * longest * PREFERENCE_TOKEN_COST * activation_cost(peft_model)),
+            **trl_common_args(config, tmp, "dpo", _pass_length(longest, peft_model)),
             beta=config.beta,
             max_length=None,  # rows were cut to config.max_length above, keeping the completions
             precompute_ref_log_probs=False,
@@ -181,9 +186,8 @@ def train_kto(
             columns["label"].append(bool(row["label"]))
             tokens += 2 * n  # each row also runs once as another row's KL (mismatched) completion
         undesirable = len(rows) - desirable
-        # Each row also runs as another's KL completion; that KL term pairs rows within a batch, so it needs two.
-        common = trl_common_args(config, tmp, "kto", 2 * longest * PREFERENCE_TOKEN_COST * activation_cost(peft_model),
-                                 smallest_batch=2)
+        # The KL term pairs rows within a batch, so a batch needs two.
+        common = trl_common_args(config, tmp, "kto", _pass_length(longest, peft_model), smallest_batch=2)
         common["per_device_train_batch_size"] = max(2, min(common["per_device_train_batch_size"], len(rows)))
         args = KTOConfig(
             **common,

@@ -382,7 +382,7 @@ def test_a_float32_pass_holds_half_the_tokens_of_a_16_bit_one(tiny_model, tmp_pa
     """`max_batch_tokens` bounds a pass's memory in 16-bit tokens: float32 activations keep twice the bytes a
     token, so a float32 trainer cuts its batches at half the count."""
     from leap_dspy.train import sft
-    from leap_dspy.train.common import activation_cost, load_trainable_model
+    from leap_dspy.train.common import activation_cost, fit_batch, load_trainable_model, pass_budget
 
     bounds: list[int | None] = []
     cut = sft.row_chunks
@@ -391,6 +391,9 @@ def test_a_float32_pass_holds_half_the_tokens_of_a_16_bit_one(tiny_model, tmp_pa
     assert bounds == [300]
     models = [load_trainable_model(tiny_model, fast(dtype=dtype))[0] for dtype in ("float32", "bfloat16")]
     assert [activation_cost(model) for model in models] == [2, 1]
+    config = TrainConfig(per_device_batch_size=8, gradient_accumulation=1, max_batch_tokens=2048)
+    assert [pass_budget(config, model) for model in models] == [1024, 2048]
+    assert [fit_batch(config, 256, model=model) for model in models] == [(4, 2), (8, 1)]  # DPO/KTO's batches
 
 
 def test_a_shared_prompt_head_gives_the_same_loss_and_gradients(tiny_model, tmp_path):

@@ -113,18 +113,26 @@ def activation_cost(model: Any) -> int:
     return max(1, model.get_base_model().dtype.itemsize // 2)  # the base's dtype: PEFT keeps LoRA in float32
 
 
-def fit_batch(config: TrainConfig, longest: int | None, smallest: int = 1) -> tuple[int, int]:
-    """(per-device batch, accumulation steps) for rows up to `longest` tokens, under `config.max_batch_tokens`,
-    never below `smallest` rows a batch; None: the configured ones (a trainer that cuts long batches itself)."""
+def pass_budget(config: TrainConfig, model: Any = None) -> int | None:
+    """`config.max_batch_tokens` in `model`'s own tokens (the one home of the float32 rule); no model: as set."""
+    if not config.max_batch_tokens or model is None:
+        return config.max_batch_tokens
+    return max(1, config.max_batch_tokens // activation_cost(model))
+
+
+def fit_batch(config: TrainConfig, longest: int | None, smallest: int = 1, model: Any = None) -> tuple[int, int]:
+    """(per-device batch, accumulation steps) for rows up to `longest` tokens, under `pass_budget`, never below
+    `smallest` rows a batch; None: the configured ones (a trainer that cuts long batches itself)."""
     batch, accumulation = config.per_device_batch_size, config.gradient_accumulation
-    if config.max_batch_tokens and longest:
-        while batch // 2 >= smallest and batch % 2 == 0 and batch * longest > config.max_batch_tokens:
+    budget = pass_budget(config, model)
+    if budget and longest:
+        while batch // 2 >= smallest and batch % 2 == 0 and batch * longest > budget:
             batch, accumulation = batch // 2, accumulation * 2
     return batch, accumulation
 
 
-def trl_common_args(config: TrainConfig, output_dir: Path, method: str, longest: int | None, smallest_batch: int = 1
-                    ) -> dict[str, Any]:
+def trl_common_args(config: TrainConfig, output_dir: Path, method: str, longest: int | None, smallest_batch: int = 1,
+                    model: Any = None) -> dict[str, Any]:
     """Keyword arguments every TRL config gets here.
 
     TRL 1.16 defaults to bf16 autocast and gradient checkpointing; on CPU both are slower than casting the model
@@ -134,7 +142,7 @@ def trl_common_args(config: TrainConfig, output_dir: Path, method: str, longest:
     import torch
 
     on_cuda = torch.cuda.is_available()
-    batch, accumulation = fit_batch(config, longest, smallest_batch)
+    batch, accumulation = fit_batch(config, longest, smallest_batch, model)
     return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch,

@@ -25,7 +25,6 @@ from typing import Any
 from leap_dspy.cores import trainer_callbacks
 from leap_dspy.train.common import (
     LossRecorder,
-    activation_cost,
     atomic_output_dir,
     load_trainable_model,
     quiet_libraries,
@@ -42,10 +41,10 @@ every completion position's vocabulary-wide logits and run a reference pass too,
 no logits. At 2 they keep the batches they were measured at when SFT's bound was 2,048."""
 
 
-def _pass_length(longest: int, model: Any) -> int:
+def _pass_length(longest: int) -> int:
     """The tokens a batch row of length `longest` counts against `max_batch_tokens`: each row runs twice a batch
-    (DPO: chosen and rejected; KTO: its own completion and another's as the KL term), in 16-bit tokens."""
-    return 2 * longest * PREFERENCE_TOKEN_COST * activation_cost(model)
+    (DPO: chosen and rejected; KTO: its own completion and another's as the KL term)."""
+    return 2 * longest * PREFERENCE_TOKEN_COST
 
 
 def _render(
@@ -132,7 +131,7 @@ def train_dpo(
             columns["rejected"].append(rejected)
             tokens += n
         args = DPOConfig(
-            **trl_common_args(config, tmp, "dpo", _pass_length(longest, peft_model)),
+            **trl_common_args(config, tmp, "dpo", _pass_length(longest), model=peft_model),
             beta=config.beta,
             max_length=None,  # rows were cut to config.max_length above, keeping the completions
             precompute_ref_log_probs=False,
@@ -187,7 +186,8 @@ def train_kto(
             tokens += 2 * n  # each row also runs once as another row's KL (mismatched) completion
         undesirable = len(rows) - desirable
         # The KL term pairs rows within a batch, so a batch needs two.
-        common = trl_common_args(config, tmp, "kto", _pass_length(longest, peft_model), smallest_batch=2)
+        common = trl_common_args(config, tmp, "kto", _pass_length(longest), smallest_batch=2,
+                                 model=peft_model)
         common["per_device_train_batch_size"] = max(2, min(common["per_device_train_batch_size"], len(rows)))
         args = KTOConfig(
             **common,

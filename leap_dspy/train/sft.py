@@ -20,9 +20,9 @@ from typing import Any
 from leap_dspy.cores import trainer_callbacks
 from leap_dspy.train.common import (
     LossRecorder,
-    activation_cost,
     atomic_output_dir,
     load_trainable_model,
+    pass_budget,
     quiet_libraries,
     run_trainer,
     torch_threads,
@@ -198,7 +198,7 @@ def train_sft(
             dataset_kwargs={"skip_prepare_dataset": False},
         )
         recorder = LossRecorder()
-        bound = config.max_batch_tokens and max(1, config.max_batch_tokens // activation_cost(peft_model))
+        bound = pass_budget(config, peft_model)
         trainer = _trainer_class(config.shares_prompt, config.fused_loss, bound)(
             model=peft_model,
             args=args,

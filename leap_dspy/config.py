@@ -76,9 +76,14 @@ class LEAPConfig(BaseModel):
     evaluate_beside_training: bool | None = Field(None, description="evaluate a stage while the next round's "
                                                   "launched fine-tune trains, the CPU's cores split between the "
                                                   "two (they do not depend on each other); unset: on a CPU of two "
-                                                  "cores or more computing in bf16 whose memory holds both twice "
-                                                  "over (the last trainer's peak and the compile's); never on a "
-                                                  "float32 CPU, whose cores both keep busy, or a GPU")
+                                                  "cores or more computing in bf16 where both fit "
+                                                  "`memory_budget_gb` (the evaluation's KV cache capped to fit if "
+                                                  "need be); never on a float32 CPU, whose cores both keep busy, "
+                                                  "or a GPU")
+    memory_budget_gb: float | None = Field(None, gt=0, description="the most GiB an evaluation and the fine-tune "
+                                           "beside it may hold together, judged from the last trainer's peak "
+                                           "and the compile's; unset: 8 or half the machine's memory, whichever "
+                                           "is less")
     lm: dict[str, Any] = _bc(default_factory=lambda: {"no_repeat_ngram": 12, "ngram_repeats": 2},
                              description="settings of the student's local engine (`LocalEngine`)")
     train: TrainConfig = _bc(default_factory=TrainConfig, description="LoRA fine-tuning hyper-parameters")
@@ -131,6 +136,10 @@ class LEAPConfig(BaseModel):
     def bc_keys(cls) -> tuple[str, ...]:
         return tuple(name for name, f in cls.model_fields.items()
                      if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("bc"))
+
+    def memory_budget_mb(self, machine_mb: float) -> float:
+        """`memory_budget_gb` in MiB, or its default on a machine of `machine_mb`."""
+        return self.memory_budget_gb * 1024 if self.memory_budget_gb else min(8 * 1024, machine_mb / 2)
 
     def iteration_learning_rate(self) -> float:
         if self.iteration_lr is not None:

@@ -20,8 +20,9 @@ from typing import Any
 from leap_dspy.config import LEAPConfig
 from leap_dspy.cores import SharedCores
 from leap_dspy.envs.base import TextEnv
-from leap_dspy.lm import close_all, local_lm
+from leap_dspy.lm import close_all, get_engine, local_lm
 from leap_dspy.lm.models import cpu_supports_bf16
+from leap_dspy.progress import console
 from leap_dspy.store import atomic_write_text
 from leap_dspy.train import TrainConfig, TrainResult
 from leap_dspy.train.common import RESULT_FILE, machine_memory_mb, peak_rss_mb, release_memory, rss_mb
@@ -43,6 +44,7 @@ class Placement:
     def __init__(self, config: LEAPConfig, env: TextEnv, run_name: str) -> None:
         self.config, self.env, self.run_name = config, env, run_name
         self.pointed: Path | None = None  # the adapter the student acts with (None: base weights, or released)
+        self.kv_cap_mb: int | None = None  # the KV cache an evaluation beside a fine-tune may hold (`beside_training`)
         self._pool: Any = None
         self._ray_episodes: Any = None
 
@@ -61,7 +63,8 @@ class Placement:
 
     def local_lm(self, adapter: Path | None) -> Any:
         """The student's weights (+ `adapter`) on the engine in this process."""
-        return local_lm(self.config.model, **({"adapter": str(adapter)} if adapter else {}), **self.config.lm)
+        lm = {**self.config.lm, **({"kv_budget_mb": self.kv_cap_mb} if self.kv_cap_mb else {})}
+        return local_lm(self.config.model, **({"adapter": str(adapter)} if adapter else {}), **lm)
 
     def student_lm(self, adapter: Path | None) -> Any:
         """The LM the student acts with: local, or through the server pool (`rollout_servers`), into each server
@@ -99,7 +102,10 @@ class Placement:
         Returns the result and the seconds the two ran side by side."""
 
         def evaluate_then_release() -> None:
+            if self.kv_cap_mb:  # the same weights, on an engine whose batches fit the cap
+                self.point(student, self.pointed)
             beside()
+            self.kv_cap_mb = None
             self.release_engines(student)
 
         launched = bool(self.config.train_launcher)
@@ -114,21 +120,46 @@ class Placement:
 
     def beside_training(self, previous: Path | None) -> bool:
         """Whether an evaluation runs beside the fine-tune that continues `previous`: `evaluate_beside_training`,
-        or by default on a CPU of two cores or more that computes in bf16, where the fine-tune that made
-        `previous` (the next is of the same model and rows alike) and this process's peak so far fit in half of
-        the machine's memory together. With bf16 units the matmuls are fast and each side leaves its cores
-        partly idle; on a float32 CPU both are busy computing, and on a GPU both would need its memory."""
+        or by default on a CPU of two cores or more that computes in bf16 where both fit the memory budget. With
+        bf16 units the matmuls are fast and each side leaves its cores partly idle; on a float32 CPU both are
+        busy computing, and on a GPU both would need its memory. Sets `kv_cap_mb` where they fit only so."""
         import torch
 
-        if self.config.evaluate_beside_training is not None:
-            return self.config.evaluate_beside_training
-        if torch.get_num_threads() < 2 or torch.cuda.is_available() or not cpu_supports_bf16():
+        self.kv_cap_mb = None
+        chosen = self.config.evaluate_beside_training
+        if chosen is False or chosen is None and (
+                torch.get_num_threads() < 2 or torch.cuda.is_available() or not cpu_supports_bf16()):
             return False
+        excess = self._predicted_mb(previous) - self.config.memory_budget_mb(machine_memory_mb())
+        if excess <= 0:
+            return True
+        self.kv_cap_mb = self._kv_cap_mb(excess)
+        if self.kv_cap_mb is None and not chosen:
+            console.print(f"evaluating first: beside the fine-tune, {excess:.0f} MiB over the memory budget")
+            return False
+        if self.kv_cap_mb is not None:
+            console.print(f"evaluating beside the fine-tune, its KV cache capped at {self.kv_cap_mb} MiB (the "
+                          "memory budget)")
+        return True
+
+    def _predicted_mb(self, previous: Path | None) -> float:
+        """Both sides' memory: the fine-tune that made `previous` (the next is of the same model and rows alike)
+        and this process's peak so far."""
         trained = 0.0
         with contextlib.suppress(OSError, ValueError):
             if previous is not None:
                 trained = TrainResult.model_validate_json((previous / RESULT_FILE).read_text()).peak_rss_mb
-        return trained + peak_rss_mb() <= machine_memory_mb() / 2
+        return trained + peak_rss_mb()
+
+    def _kv_cap_mb(self, excess: float) -> int | None:
+        """The KV cache that takes `excess` MiB off the largest the student's engine has held, or None where
+        that is less than its weights (a decode step would read more weights than cache, and the evaluation's
+        speed is what running beside buys) or the engine runs elsewhere (`rollout_servers`)."""
+        if self.config.rollout_servers:
+            return None
+        generator = get_engine(self.config.model, self.pointed, **self.config.lm).generator
+        cap = generator.stats.peak_kv_bytes / 2**20 - excess
+        return int(cap) if cap >= generator.weight_bytes / 2**20 else None
 
     def launch_fine_tune(self, method: str, out: Path, previous: Path | None, config: TrainConfig,
                          beside: Callable[[], None] | None = None) -> tuple[TrainResult, float]:

@@ -116,30 +116,43 @@ def test_without_a_share_the_trainer_keeps_its_threads(monkeypatch: pytest.Monke
     assert trainer_callbacks() == []
 
 
-def test_an_evaluation_runs_beside_a_fine_tune_only_where_memory_holds_both_twice_over(
+def test_an_evaluation_runs_beside_a_fine_tune_only_within_the_memory_budget(
         tmp_path: Path, two_threads: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beside a fine-tune an evaluation runs where the last trainer's peak and the compile's fit the budget;
+    a little over, with its KV cache capped by the excess; further over (the cap under the weights), first."""
     from examples.keybox import KeyBox
     from leap_dspy.config import LEAPConfig
+    from leap_dspy.lm import get_engine
     from leap_dspy.placement import Placement
     from leap_dspy.train import TrainResult
     from leap_dspy.train.common import RESULT_FILE, machine_memory_mb, peak_rss_mb
 
     def trained(peak_mb: float) -> Path:
         adapter = tmp_path / f"peak{peak_mb:.0f}"
-        adapter.mkdir()
+        adapter.mkdir(exist_ok=True)
         result = TrainResult(method="sft", adapter_dir=str(adapter), train_rows=1, train_tokens=1, steps=1,
                              wall_s=1.0, tokens_per_s=1.0, final_loss=None, loss_history=[], peak_rss_mb=peak_mb)
         (adapter / RESULT_FILE).write_text(result.model_dump_json())
         return adapter
 
-    room = machine_memory_mb() / 2 - peak_rss_mb()
-    placement = Placement(LEAPConfig(), KeyBox(num_train=1, num_seen=1, num_unseen=1), "run")
+    config = LEAPConfig()
+    assert config.memory_budget_mb(24 * 1024) == 8 * 1024 and config.memory_budget_mb(12 * 1024) == 6 * 1024
+    assert LEAPConfig(memory_budget_gb=20).memory_budget_mb(12 * 1024) == 20 * 1024
+    generator = get_engine(config.model, None, **config.lm).generator  # the engine the student acts with
+    weights_mb = generator.weight_bytes / 2**20
+    generator.stats.peak_kv_bytes = int((weights_mb + 300) * 2**20)  # as if a batch had held this much
+    room = config.memory_budget_mb(machine_memory_mb()) - peak_rss_mb()
+    placement = Placement(config, KeyBox(num_train=1, num_seen=1, num_unseen=1), "run")
     monkeypatch.setattr("leap_dspy.placement.cpu_supports_bf16", lambda: False)
     assert not placement.beside_training(trained(room - 100))  # a float32 CPU: both sides are busy computing
     monkeypatch.setattr("leap_dspy.placement.cpu_supports_bf16", lambda: True)
-    assert placement.beside_training(trained(room - 101))
-    assert not placement.beside_training(trained(room + 100))
+    assert placement.beside_training(trained(room - 101)) and placement.kv_cap_mb is None
+    assert placement.beside_training(trained(room + 100))
+    assert placement.kv_cap_mb is not None and abs(placement.kv_cap_mb - (weights_mb + 200)) <= 2
+    capped = get_engine(config.model, None, **{**config.lm, "kv_budget_mb": placement.kv_cap_mb})
+    assert capped.generator is generator  # the cap is the engine's setting, over the same loaded weights
+    assert not placement.beside_training(trained(room + 400)) and placement.kv_cap_mb is None
     assert placement.beside_training(tmp_path / "not-trained-here")  # unknown: this process's peak alone
     forced = Placement(LEAPConfig(evaluate_beside_training=True), KeyBox(num_train=1), "run")
-    assert forced.beside_training(trained(room + 200))
+    assert forced.beside_training(trained(room + 400)) and forced.kv_cap_mb is None
     assert not Placement(LEAPConfig(evaluate_beside_training=False), KeyBox(), "run").beside_training(None)

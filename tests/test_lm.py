@@ -485,6 +485,9 @@ def test_a_call_past_the_kv_budget_runs_as_several_batches_with_the_same_answers
     assert split.groups([len(p) for p in prompts], 9, 1) == [[1], [3], [2], [0]]  # a row past it: alone
     assert [r.token_ids for r in split.generate(prompts, params)] == [r.token_ids for r in one]
     assert split.stats.extra["kv_groups"] == 2 and split.stats.batches == 1
+    assert split.stats.peak_kv_bytes == max(  # the larger group's reservation, answer room included
+        2 * (max(len(prompts[i]) for i in g) + 9) * kv_bytes_per_token(config, model.dtype) for g in ([1, 3], [2, 0]))
+    assert whole.stats.peak_kv_bytes == 4 * (max(len(p) for p in prompts) + 9) * kv_bytes_per_token(config, model.dtype)
     asked = dataclasses.replace(params, kv_budget=two_rows)  # a call's own budget (an engine's kv_budget_mb)
     assert [r.token_ids for r in whole.generate(prompts, asked)] == [r.token_ids for r in one]
     assert whole.stats.extra["kv_groups"] == 2

@@ -66,4 +66,5 @@ class GenStats:
     prefix_hits: int = 0
     seconds: float = 0.0
     prefill_seconds: float = 0.0  # the part of `seconds` spent before the first new token
+    peak_kv_bytes: int = 0  # the largest KV cache one batch reserved (rows x (prompt + answer room))
     extra: dict[str, Any] = field(default_factory=dict)

@@ -110,8 +110,8 @@ class Generator:
                                  chunk_tokens=chunk_tokens if full_attention else None)
         dtype = next(model.parameters()).dtype
         budget = draft_budget or default_draft_budget(self.device.type, dtype)
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.kv_budget = kv_budget or default_kv_budget(self.device.type, weights)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.kv_budget = kv_budget or default_kv_budget(self.device.type, self.weight_bytes)
         self.kv_bytes = kv_bytes_per_token(model.config, dtype)
         self.decode = Decoder(model, tokenizer, eos_ids, pad_id, self.stats, drafts=full_attention,
                               draft_budget=budget)
@@ -145,6 +145,8 @@ class Generator:
             rng = self.decode.rng(params)  # one stream for the call, however it is split
             for group in groups:
                 rows = [prompts[i] for i in group]
+                reserved = len(rows) * (max(map(len, rows)) + room) * self.kv_bytes
+                self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, reserved)
                 began = time.perf_counter()
                 prefilled = self.prefill(rows, room, use_prefix)
                 self.stats.prefill_seconds += time.perf_counter() - began

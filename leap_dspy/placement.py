@@ -20,8 +20,9 @@ from typing import Any
 from leap_dspy.config import LEAPConfig
 from leap_dspy.cores import SharedCores
 from leap_dspy.envs.base import TextEnv
-from leap_dspy.lm import close_all, get_engine, local_lm
+from leap_dspy.lm import close_all, local_lm
 from leap_dspy.lm.models import cpu_supports_bf16
+from leap_dspy.lm.registry import loaded_generators
 from leap_dspy.progress import console
 from leap_dspy.store import atomic_write_text
 from leap_dspy.train import TrainConfig, TrainResult
@@ -45,6 +46,7 @@ class Placement:
         self.config, self.env, self.run_name = config, env, run_name
         self.pointed: Path | None = None  # the adapter the student acts with (None: base weights, or released)
         self.kv_cap_mb: int | None = None  # the KV cache an evaluation beside a fine-tune may hold (`beside_training`)
+        self.kv_held = 0  # bytes: the largest KV cache one batch of this compile's engines held so far
         self._pool: Any = None
         self._ray_episodes: Any = None
 
@@ -57,6 +59,7 @@ class Placement:
         """Before a fine-tune, or once the evaluation beside it ends: the student's engine holds weights no later
         stage acts with, and the trainer needs the memory."""
         student.set_lm(None)
+        self.note_kv_held()
         close_all()
         release_memory()
         self.pointed = None
@@ -151,15 +154,21 @@ class Placement:
                 trained = TrainResult.model_validate_json((previous / RESULT_FILE).read_text()).peak_rss_mb
         return trained + peak_rss_mb()
 
+    def note_kv_held(self) -> None:
+        """Keep the largest KV cache the loaded engines held, before they go."""
+        self.kv_held = max([self.kv_held, *(g.stats.peak_kv_bytes for g in loaded_generators())])
+
     def _kv_cap_mb(self, excess: float) -> int | None:
-        """The KV cache that takes `excess` MiB off the largest the student's engine has held, or None where
-        that is less than its weights (a decode step would read more weights than cache, and the evaluation's
-        speed is what running beside buys) or the engine runs elsewhere (`rollout_servers`)."""
-        if self.config.rollout_servers:
+        """The KV cache that takes `excess` MiB off the largest this compile's engines held (the batches of the
+        evaluation that set its peak, as a rule), or None where that is less than the weights (a decode step
+        would read more weights than cache, and the evaluation's speed is what running beside buys) or the
+        engine runs elsewhere (`rollout_servers`)."""
+        generators = loaded_generators()
+        if self.config.rollout_servers or not generators:
             return None
-        generator = get_engine(self.config.model, self.pointed, **self.config.lm).generator
-        cap = generator.stats.peak_kv_bytes / 2**20 - excess
-        return int(cap) if cap >= generator.weight_bytes / 2**20 else None
+        self.note_kv_held()
+        cap = self.kv_held / 2**20 - excess
+        return int(cap) if cap >= max(g.weight_bytes for g in generators) / 2**20 else None
 
     def launch_fine_tune(self, method: str, out: Path, previous: Path | None, config: TrainConfig,
                          beside: Callable[[], None] | None = None) -> tuple[TrainResult, float]:

@@ -120,6 +120,8 @@ def test_an_evaluation_runs_beside_a_fine_tune_only_within_the_memory_budget(
         tmp_path: Path, two_threads: object, monkeypatch: pytest.MonkeyPatch) -> None:
     """Beside a fine-tune an evaluation runs where the last trainer's peak and the compile's fit the budget;
     a little over, with its KV cache capped by the excess; further over (the cap under the weights), first."""
+    import dspy
+
     from examples.keybox import KeyBox
     from leap_dspy.config import LEAPConfig
     from leap_dspy.lm import get_engine
@@ -141,6 +143,7 @@ def test_an_evaluation_runs_beside_a_fine_tune_only_within_the_memory_budget(
     generator = get_engine(config.model, None, **config.lm).generator  # the engine the student acts with
     weights_mb = generator.weight_bytes / 2**20
     generator.stats.peak_kv_bytes = int((weights_mb + 300) * 2**20)  # as if a batch had held this much
+    monkeypatch.setattr("leap_dspy.placement.loaded_generators", lambda: [generator])  # other tests' aside
     room = config.memory_budget_mb(machine_memory_mb()) - peak_rss_mb()
     placement = Placement(config, KeyBox(num_train=1, num_seen=1, num_unseen=1), "run")
     monkeypatch.setattr("leap_dspy.placement.cpu_supports_bf16", lambda: False)
@@ -151,6 +154,8 @@ def test_an_evaluation_runs_beside_a_fine_tune_only_within_the_memory_budget(
     assert placement.kv_cap_mb is not None and abs(placement.kv_cap_mb - (weights_mb + 200)) <= 2
     capped = get_engine(config.model, None, **{**config.lm, "kv_budget_mb": placement.kv_cap_mb})
     assert capped.generator is generator  # the cap is the engine's setting, over the same loaded weights
+    placement.release_engines(dspy.Predict("question -> answer"))
+    assert placement.kv_held == generator.stats.peak_kv_bytes  # remembered past the engines
     assert not placement.beside_training(trained(room + 400)) and placement.kv_cap_mb is None
     assert placement.beside_training(tmp_path / "not-trained-here")  # unknown: this process's peak alone
     forced = Placement(LEAPConfig(evaluate_beside_training=True), KeyBox(num_train=1), "run")

@@ -72,6 +72,12 @@ def get_loaded(model: str, adapter: str | Path | None = None, dtype: str = "auto
         return loaded
 
 
+def loaded_generators() -> list[Generator]:
+    """The generators of the models in memory now."""
+    with _lock:
+        return [loaded.generator for loaded in _loaded.values()]
+
+
 def release_all() -> None:
     """Forget every loaded model (engines already holding one keep it alive until they go)."""
     with _lock:

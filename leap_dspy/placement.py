@@ -107,8 +107,10 @@ class Placement:
         def evaluate_then_release() -> None:
             if self.kv_cap_mb:  # the same weights, on an engine whose batches fit the cap
                 self.point(student, self.pointed)
-            beside()
-            self.kv_cap_mb = None
+            try:
+                beside()
+            finally:
+                self.kv_cap_mb = None
             self.release_engines(student)
 
         launched = bool(self.config.train_launcher)

@@ -372,6 +372,22 @@ def run_trainer(
     return result
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter, as MALLOC_ARENA_MAX sets it
+
+
+def cap_heaps(arenas: int = 2) -> None:
+    """Let glibc keep at most `arenas` heaps, as `MALLOC_ARENA_MAX` would: each of an evaluation's 64 episode
+    threads otherwise gets a heap of its own (up to 8 per core), each keeping the peak of what was freed in it.
+    Only before the process has started threads: glibc fixes the limit when it first needs more than 8 heaps.
+    An environment that sets `MALLOC_ARENA_MAX` keeps its own."""
+    import ctypes
+
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its own allocator
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
+
+
 def release_memory() -> None:
     """Hand the trainer's freed memory back to the system: without it the process keeps the peak of every
     training round (glibc holds freed heap), and rollouts that follow run with gigabytes less."""

@@ -3,6 +3,7 @@ takes up its share at its next unit of work, and whichever is still working gets
 
 from __future__ import annotations
 
+import os
 import queue
 import subprocess
 import sys
@@ -161,3 +162,38 @@ def test_an_evaluation_runs_beside_a_fine_tune_only_within_the_memory_budget(
     forced = Placement(LEAPConfig(evaluate_beside_training=True), KeyBox(num_train=1), "run")
     assert forced.beside_training(trained(room + 400)) and forced.kv_cap_mb is None
     assert not Placement(LEAPConfig(evaluate_beside_training=False), KeyBox(), "run").beside_training(None)
+
+
+HEAPS = """
+import ctypes, sys, threading
+from leap_dspy.train.common import cap_heaps
+if sys.argv[1] == "capped":
+    cap_heaps()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+libc.malloc.restype = ctypes.c_void_p
+all_alive = threading.Barrier(24)
+def allocate():
+    block = libc.malloc(1 << 16)  # a new thread's first allocation picks its heap
+    all_alive.wait()
+    libc.free(ctypes.c_void_p(block))
+threads = [threading.Thread(target=allocate) for _ in range(24)]
+for thread in threads: thread.start()
+for thread in threads: thread.join()
+out = libc.fopen(sys.argv[2].encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(out))
+libc.fclose(ctypes.c_void_p(out))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="glibc's heaps")
+def test_the_cli_caps_glibcs_heaps_before_threads_start(tmp_path: Path) -> None:
+    """24 threads allocating at once get a heap each (up to 8 per core) unless `cap_heaps` ran first; then 2."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    heaps = {}
+    for mode in ("capped", "default"):
+        info = tmp_path / f"{mode}.xml"
+        subprocess.run([sys.executable, "-c", HEAPS, mode, str(info)], check=True, env=env, timeout=60)
+        heaps[mode] = info.read_text().count("<heap nr=")
+    assert heaps["capped"] <= 2 < heaps["default"]

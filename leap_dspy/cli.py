@@ -455,7 +455,7 @@ def serve(
 def main() -> None:  # pragma: no cover - console script entry
     from leap_dspy.train.common import cap_heaps
 
-    cap_heaps()  # before any thread: the compile's evaluations then hold a quarter less
+    cap_heaps()  # before any thread starts: an evaluation's 64 episode threads would each keep a heap
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     app()
 

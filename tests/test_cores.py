@@ -126,6 +126,7 @@ def test_an_evaluation_runs_beside_a_fine_tune_only_within_the_memory_budget(
     from examples.keybox import KeyBox
     from leap_dspy.config import LEAPConfig
     from leap_dspy.lm import get_engine
+    from leap_dspy.lm.registry import loaded_generators
     from leap_dspy.placement import Placement
     from leap_dspy.train import TrainResult
     from leap_dspy.train.common import RESULT_FILE, machine_memory_mb, peak_rss_mb
@@ -141,7 +142,8 @@ def test_an_evaluation_runs_beside_a_fine_tune_only_within_the_memory_budget(
     config = LEAPConfig()
     assert config.memory_budget_mb(24 * 1024) == 8 * 1024 and config.memory_budget_mb(12 * 1024) == 6 * 1024
     assert LEAPConfig(memory_budget_gb=20).memory_budget_mb(12 * 1024) == 20 * 1024
-    generator = get_engine(config.model, None, **config.lm).generator  # the engine the student acts with
+    engine = get_engine(config.model, None, **config.lm)  # the engine the student acts with
+    generator = next(g for g in loaded_generators() if g.model is engine.hf_model)
     weights_mb = generator.weight_bytes / 2**20
     generator.stats.peak_kv_bytes = int((weights_mb + 300) * 2**20)  # as if a batch had held this much
     monkeypatch.setattr("leap_dspy.placement.loaded_generators", lambda: [generator])  # other tests' aside
@@ -154,7 +156,7 @@ def test_an_evaluation_runs_beside_a_fine_tune_only_within_the_memory_budget(
     assert placement.beside_training(trained(room + 100))
     assert placement.kv_cap_mb is not None and abs(placement.kv_cap_mb - (weights_mb + 200)) <= 2
     capped = get_engine(config.model, None, **{**config.lm, "kv_budget_mb": placement.kv_cap_mb})
-    assert capped.generator is generator  # the cap is the engine's setting, over the same loaded weights
+    assert capped.hf_model is engine.hf_model  # the cap is the engine's setting, over the same loaded weights
     placement.release_engines(dspy.Predict("question -> answer"))
     assert placement.kv_held == generator.stats.peak_kv_bytes  # remembered past the engines
     assert not placement.beside_training(trained(room + 400)) and placement.kv_cap_mb is None

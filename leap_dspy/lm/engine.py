@@ -18,7 +18,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from leap_dspy.cores import follow_generation_share
 from leap_dspy.lm import chat
@@ -26,9 +26,6 @@ from leap_dspy.lm.batcher import Batcher
 from leap_dspy.lm.gen_types import GenParams, GenResult, GenStats
 from leap_dspy.lm.models import DEFAULT_MODEL
 from leap_dspy.lm.registry import LoadedModel, get_loaded
-
-if TYPE_CHECKING:
-    from leap_dspy.lm.generate import Generator
 
 _STATE_KEYS = ("model", "adapter", "dtype", "max_batch", "max_new_tokens", "batching", "prefix_cache",
                "batch_wait_s", "device", "no_repeat_ngram", "ngram_repeats", "answer_cache", "draft_tokens",
@@ -136,11 +133,6 @@ class LocalEngine:
     def hf_model(self) -> Any:
         """The loaded (merged) transformers model; shared with other engines of the same settings."""
         return self._loaded.model
-
-    @property
-    def generator(self) -> Generator:
-        """The generator running the loaded model (shared, like the model, by the engines of its settings)."""
-        return self._loaded.generator
 
     @property
     def generate_seconds(self) -> float:

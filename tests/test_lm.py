@@ -628,3 +628,27 @@ def test_grouped_attention_computes_what_sdpa_computes_over_repeated_heads(queri
         out, _ = kernels._grouped_sdpa(module, query, key, value, mask, scaling=dim**-0.5)
         assert out.shape == (batch, queries, heads, dim)
         assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_an_unpadded_one_token_step_is_packed_and_computes_what_sdpa_computes(monkeypatch):
+    """A one-token step with no row padded has no mask; it is packed by key/value head (torch's grouped-query
+    kernel is several times slower on a CPU in bf16) and gives every head what sdpa gives it."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from leap_dspy.lm import kernels
+
+    batch, heads, kv_heads, length, dim = 3, 6, 2, 23, 8
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
+    query = torch.randn(batch, heads, 1, dim)
+    key, value = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
+    expected = F.scaled_dot_product_attention(query, key.repeat_interleave(3, 1), value.repeat_interleave(3, 1))
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **kw: calls.append((q.shape, kw)) or
+                        sdpa(q, *a, **kw))
+    out, _ = kernels._grouped_sdpa(module, query, key, value, None, scaling=dim**-0.5)
+    assert torch.allclose(out, expected.transpose(1, 2), atol=1e-5)
+    assert calls == [((batch, kv_heads, 3, dim), {"attn_mask": None, "dropout_p": 0.0, "scale": dim**-0.5})]

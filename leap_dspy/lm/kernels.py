@@ -50,28 +50,32 @@ query axis per key/value head; a longer prefill chunk uses `enable_gqa`."""
 
 def _grouped_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
                   scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
-    """transformers' SDPA attention, except for several queries a row on a CPU under a mask, where transformers
-    would copy each key/value head for every query head that reads it. A few queries (a drafted step) are packed
-    as transformers packs a one-token step: the query heads that share a key/value head stacked on one query
-    axis, so each row's cached keys and values are read once rather than once per query head. A longer prefill
-    chunk runs with grouped heads (`enable_gqa`)."""
+    """transformers' SDPA attention, except on a CPU for several queries a row under a mask, where transformers
+    would copy each key/value head for every query head that reads it, and for one query a row without a mask
+    (no row padded), where it asks torch's grouped-query kernel, several times slower there in bf16. A few
+    queries (a drafted step, or that unmasked one) are packed as transformers packs a masked one-token step: the
+    query heads that share a key/value head stacked on one query axis, so each row's cached keys and values are
+    read once rather than once per query head. A longer prefill chunk runs with grouped heads (`enable_gqa`)."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (query.device.type != "cpu" or query.shape[2] == 1 or attention_mask is None
+    queries = query.shape[2]
+    if (query.device.type != "cpu" or (queries == 1) != (attention_mask is None)
             or getattr(module, "num_key_value_groups", 1) == 1 or kwargs.get("position_bias") is not None
             or kwargs.get("softcap") is not None):  # transformers' own checks and errors for those
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    batch, heads, queries, dim = query.shape
+    batch, heads, _, dim = query.shape
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    if queries > PACKED_QUERIES or attention_mask.shape[1] != 1:  # a long chunk, or a mask per head
+    if queries > PACKED_QUERIES or (attention_mask is not None and attention_mask.shape[1] != 1):
         out = sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True)
     else:
         kv_heads, groups = key.shape[1], heads // key.shape[1]
         packed = query.reshape(batch, kv_heads, groups * queries, dim)  # query heads are kv-head major
-        mask = attention_mask.unsqueeze(2).expand(-1, -1, groups, -1, -1)  # [b, 1, q, kv], repeated per group
-        mask = mask.reshape(attention_mask.shape[0], 1, groups * queries, -1)
+        mask = None
+        if attention_mask is not None:  # [b, 1, q, kv], repeated per group
+            mask = attention_mask.unsqueeze(2).expand(-1, -1, groups, -1, -1)
+            mask = mask.reshape(attention_mask.shape[0], 1, groups * queries, -1)
         out = sdpa(packed, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
         out = out.view(batch, heads, queries, dim)
     return out.transpose(1, 2).contiguous(), None

@@ -60,7 +60,9 @@ def _grouped_sdpa(module: Any, query: Any, key: Any, value: Any, attention_mask:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     queries = query.shape[2]
-    if (query.device.type != "cpu" or (queries == 1) != (attention_mask is None)
+    # A masked one-token step transformers packs itself; an unmasked longer one is a causal prefill.
+    ours = attention_mask is None if queries == 1 else attention_mask is not None
+    if (query.device.type != "cpu" or not ours
             or getattr(module, "num_key_value_groups", 1) == 1 or kwargs.get("position_bias") is not None
             or kwargs.get("softcap") is not None):  # transformers' own checks and errors for those
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import threading
 import time
+import warnings
 from collections import Counter
 
 import pytest
@@ -293,7 +294,10 @@ def test_adapter_directory_loads(tmp_path):
     get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
     del base
 
-    lm = local_lm(adapter=tmp_path / "adapter", max_new_tokens=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm = local_lm(adapter=tmp_path / "adapter", max_new_tokens=6)
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
     engine = lm._engine_spec
     assert engine.adapter == str((tmp_path / "adapter").resolve())
     assert engine.hf_model is not get_engine(max_new_tokens=16).hf_model

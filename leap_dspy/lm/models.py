@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,9 @@ def load_model_with_adapter(model: str, adapter: str | os.PathLike | None, dtype
     from peft import PeftModel
 
     base = load_model(model, "float32", "cpu")
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing`: noise in every compile's log
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return merged.to(device=device, dtype=pick_dtype(dtype)).eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -239,7 +240,10 @@ def test_merge_adapter_matches_peft_outputs(tiny_model, tmp_path):
 
     adapter = tmp_path / "adapter"
     train_sft(sft_rows(4), model=tiny_model, output_dir=adapter, config=fast(max_steps=2))
-    merged_dir = merge_adapter(tiny_model, adapter, tmp_path / "merged", dtype="float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merged_dir = merge_adapter(tiny_model, adapter, tmp_path / "merged", dtype="float32")
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(adapter)).eval()
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()

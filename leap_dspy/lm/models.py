@@ -194,6 +194,16 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None) -> An
     return lm.to(device).eval()
 
 
+def merge_lora(base: Any, adapter_dir: str | os.PathLike) -> Any:
+    """`base` with the PEFT LoRA at `adapter_dir` folded into its weights (`merge_and_unload`), in place."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing`: noise in every compile's log
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
 def load_model_with_adapter(model: str, adapter: str | os.PathLike | None, dtype: str = "auto",
                             device: str | None = None) -> Any:
     """`load_model`, with a PEFT LoRA adapter merged into the weights (`merge_and_unload`).
@@ -209,12 +219,6 @@ def load_model_with_adapter(model: str, adapter: str | os.PathLike | None, dtype
     adapter_dir = Path(adapter).expanduser()
     if not (adapter_dir / "adapter_config.json").exists():
         raise ModelNotFound(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-    from peft import PeftModel
-
-    base = load_model(model, "float32", "cpu")
-    with warnings.catch_warnings():
-        # PEFT reads transformers' deprecated `is_gradient_checkpointing`: noise in every compile's log
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = merge_lora(load_model(model, "float32", "cpu"), adapter_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return merged.to(device=device, dtype=pick_dtype(dtype)).eval()

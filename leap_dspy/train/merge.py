@@ -12,13 +12,10 @@ def merge_adapter(
 ) -> Path:
     """Load `model` + the LoRA at `adapter_dir`, fold the adapter into the weights, save safetensors + tokenizer
     at `out_dir` (written to `<out_dir>.tmp` then renamed). Returns `out_dir`."""
-    from peft import PeftModel
-
-    from leap_dspy.lm.models import load_model, load_tokenizer
+    from leap_dspy.lm.models import load_model, load_tokenizer, merge_lora
     from leap_dspy.train.common import atomic_output_dir
 
-    base = load_model(model, dtype=dtype)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged = merge_lora(load_model(model, dtype=dtype), adapter_dir)
     tokenizer = load_tokenizer(model)
     with atomic_output_dir(out_dir) as tmp:
         merged.save_pretrained(str(tmp))

@@ -51,6 +51,14 @@ class Expertise:
 
         The default catches an action naming a term of the privileged facts that appears nowhere in the
         student's inputs (a whole fact it restates, such as the gold command it is, is no reason to flag it).
+        A term that only the oracle's own action holds may be one it computed from what the student saw (a
+        midpoint, a sum), so the reason says which of the two it is.
         """
         leaked = privileged_mentions(action, inputs, privileged, known=self.vocabulary, facts=False)
-        return f"the action names {', '.join(leaked[:3])}, known only from the privileged state" if leaked else None
+        if not leaked:
+            return None
+        sections = privileged.model_copy(update={"oracle_action": None})
+        hidden = privileged_mentions(action, inputs, sections, known=self.vocabulary, facts=False)
+        if hidden:
+            return f"the action names {', '.join(hidden[:3])}, known only from the privileged state"
+        return f"the action names {', '.join(leaked[:3])}, which the student was never shown (the oracle chose it)"

@@ -133,5 +133,10 @@ def test_an_environment_with_only_the_protocol_gets_an_honest_scripted_expert() 
             assert s.reason == f"The next step towards the task is: {s.action}."
     hidden = PrivilegedState(level=1, sections={"key": "the key is in the cellar"}, oracle_action="go to cellar")
     step = trajectories[0].steps[0]
-    assert Expertise().unjustified(step.inputs, hidden, "go to cellar") is not None
+    assert "known only from the privileged state" in (Expertise().unjustified(step.inputs, hidden, "go to cellar")
+                                                       or "")
     assert Expertise().unjustified(step.inputs, hidden, "open red box") is None
+    # A term only the oracle's action holds may be computed from what the student saw: the flag says so.
+    chosen = PrivilegedState(level=1, sections={"key": "the key is in the red box"}, oracle_action="dig at 25")
+    why = Expertise().unjustified(step.inputs, chosen, "dig at 25") or ""
+    assert "25" in why and "the oracle chose it" in why and "privileged state" not in why

@@ -34,6 +34,8 @@ def split_metrics(trajectories: list[Trajectory]) -> dict[str, Any]:
         metrics[f"{split}_steps"] = sum(len(t.steps) for t in group) / len(group)
     metrics["parse_errors"] = sum(t.num_errors for t in trajectories)
     metrics["snapped_actions"] = sum(t.num_snapped for t in trajectories)
+    if failed := sum(t.error is not None for t in trajectories):
+        metrics["environment_failures"] = failed  # episodes the environment's own code ended (`Trajectory.error`)
     return metrics
 
 

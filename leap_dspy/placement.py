@@ -177,7 +177,8 @@ class Placement:
         """The fine-tune as its own processes under `train_launcher` (torchrun, accelerate launch): the rows
         (already in the stage's `train_rows.jsonl`) and settings go through files, the result comes back inside
         the published adapter. With `beside`, that runs here meanwhile, the cores split (`SharedCores`)."""
-        from leap_dspy.train.launch import launch_command
+        from leap_dspy.runs import held
+        from leap_dspy.train.launch import LAUNCHED_BY, launch_command
 
         stage = out.parent
         atomic_write_text(stage / "train_config.json", config.model_dump_json(indent=2))
@@ -186,9 +187,11 @@ class Placement:
         atomic_write_text(stage / "launch.sh", shlex.join(command) + "\n")  # what other nodes run, for many nodes
         host, shared_s = rss_mb(), 0.0
         cores = SharedCores(stage, split=not self.config.rollout_servers) if beside else None
+        lock = held(stage.parent)  # the trainer holds the run folder too, until it ends (`runs.hold`)
+        environ = {**(cores.environ() if cores else os.environ), LAUNCHED_BY: str(os.getpid())}
         with open(stage / "train_launch.log", "ab") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                       env=cores.environ() if cores else None)
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environ,
+                                       pass_fds=() if lock is None else (lock,))
             try:
                 if cores is not None and beside is not None:
                     shared_s = cores.run(beside, process)

@@ -12,10 +12,12 @@ metrics.csv  episodes.csv  report.html  learning_curve.png
 from __future__ import annotations
 
 import csv
+import fcntl
 import html
 import inspect
 import io
 import json
+import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -57,6 +59,39 @@ still shows what was done."""
 
 class ConfigMismatch(RunFileError):
     """The run folder was started with another configuration: resuming would mix two experiments."""
+
+
+class RunInUse(RunFileError):
+    """Another process writes into the run folder: a compile, or a fine-tune that a killed compile launched."""
+
+
+_HELD: dict[Path, int] = {}
+LOCK_FILE = ".lock"
+
+
+def hold(run: RunFolder) -> int:
+    """Lock `run` for this process's lifetime and return the lock's descriptor, which the fine-tunes it launches
+    inherit (`Placement.launch_fine_tune`): two compiles of one folder, or a resume beside a killed compile's
+    still-running fine-tune, would write the same files."""
+    path = run.path.resolve()
+    if path in _HELD:
+        return _HELD[path]
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunInUse(f"{run.path} is in use: another compile runs in it, or a fine-tune launched by a compile "
+                       "that was killed is still running (it ends by itself, or stop it: `pkill -f "
+                       f"'leap_dspy.train.launch.*{path}'`); then run again") from None
+    _HELD[path] = fd
+    return fd
+
+
+def held(path: Path) -> int | None:
+    """The lock descriptor of the run folder `path` if this process holds it (see `hold`)."""
+    return _HELD.get(path.resolve())
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -344,6 +379,7 @@ def env_defaults(name: str) -> dict[str, Any]:
 def start_run(run: RunFolder, config: dict[str, Any]) -> None:
     """Write `config` to a new run folder, or resume one started with the same configuration: a resume that
     differed in more than the `OPERATIONAL` settings would mix two experiments."""
+    hold(run)
     path = run.config_path
     if path.exists():
         existing = with_new_defaults(read_config(path), config)

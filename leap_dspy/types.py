@@ -101,6 +101,9 @@ class Trajectory(BaseModel):
     success: bool = False
     reward: float = 0.0
     wall_s: float = 0.0
+    error: str | None = None
+    """Why the episode ended early because the environment's own code raised (see `EnvironmentFailed`): the
+    steps before it are kept, and it counts as a failure."""
 
     @property
     def num_errors(self) -> int:

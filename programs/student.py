@@ -7,9 +7,11 @@ import time
 from typing import Any
 
 import dspy
+from rich.markup import escape
 
 from leap_dspy.adapters import END_MARKER, CompactChatAdapter
 from leap_dspy.envs.base import action_admissible
+from leap_dspy.progress import console
 from leap_dspy.signatures import StudentStep
 from leap_dspy.types import Observation, PrivilegedState, Step, StudentInputs, Task, Trajectory
 
@@ -172,13 +174,29 @@ def has_near_miss(trajectory: Trajectory) -> bool:
     return any(snap_action(step.action, step.admissible_actions) for step in trajectory.steps)
 
 
+class EnvironmentFailed(Exception):
+    """The environment's own code raised inside an episode: `run_episode` records it and ends that episode
+    alone, so that one broken task neither stops a compile nor, replayed greedily on resume, stops it again."""
+
+
+def env_call(what: str, call: Any, *args: Any) -> Any:
+    """`call(*args)`, a method of the environment, with any exception it raises turned into `EnvironmentFailed`
+    naming it (`what`)."""
+    try:
+        return call(*args)
+    except Exception as exc:
+        raise EnvironmentFailed(f"the environment's {what} raised {type(exc).__name__}: {exc}") from exc
+
+
 def capture_privileged(env: Any, level: int | None, oracle: bool) -> PrivilegedState | None:
     """What an expert will read about the current state: the privileged state at `level` (None: not read), the
     oracle's next action if `oracle`; None when it reads neither."""
     if level is None and not oracle:
         return None
-    state = env.privileged_state(level) if level is not None else PrivilegedState(level=-1)
-    state.oracle_action = env.oracle_action() if oracle else None
+    state = PrivilegedState(level=-1)
+    if level is not None:
+        state = env_call("privileged_state()", env.privileged_state, level)
+    state.oracle_action = env_call("oracle_action()", env.oracle_action) if oracle else None
     return state
 
 
@@ -199,32 +217,40 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
     row. A valid action can still be a loop (WebShop's `click[6 ounce]` on a page where it is already
     selected); rollouts stop there, since the expert's corrections of further repeats would be copies of one
     state's, and enough copies outweigh the rest of a round's data.
+
+    When the environment's own code raises (`reset`, `step`, `privileged_state`, `oracle_action`), the episode
+    ends there with the failure in `Trajectory.error` and a warning; the episodes beside it play on.
     """
     start = time.perf_counter()
     limit = max_steps or getattr(env, "max_steps", 30)
-    observation = env.reset(task)
     trajectory = Trajectory(task=task, policy=policy)
     streak = stuck = 0
-    for index in range(limit):
-        inputs = make_inputs(task, observation, trajectory.steps)
-        privileged = capture_privileged(env, capture_level, capture_oracle)
-        reason, action, error = act(inputs)
-        admissible = observation.admissible_actions
-        executed = snap_action(action, admissible) if snap else None
-        observation = env.step(executed or action)
-        trajectory.steps.append(
-            Step(index=index, inputs=inputs, reason=reason, action=action, admissible_actions=admissible,
-                 next_observation=observation.text, reward=observation.reward, done=observation.done,
-                 error=error, privileged=privileged, executed=executed)
-        )
-        invalid = (error is not None or observation.text.strip() in INVALID_MARKERS
-                   or not action_admissible(executed or action, admissible))
-        streak = streak + 1 if invalid else 0
-        stuck = stuck + 1 if _repeats(trajectory.steps) else 0
-        stopped = (max_invalid_streak and streak >= max_invalid_streak) or (max_stuck and stuck >= max_stuck)
-        if observation.done or stopped:
-            break
-    trajectory.success = bool(observation.success)
-    trajectory.reward = float(observation.reward)
+    try:
+        observation = env_call(f"reset({task.id!r})", env.reset, task)
+        for index in range(limit):
+            inputs = make_inputs(task, observation, trajectory.steps)
+            privileged = capture_privileged(env, capture_level, capture_oracle)
+            reason, action, error = act(inputs)
+            admissible = observation.admissible_actions
+            executed = snap_action(action, admissible) if snap else None
+            observation = env_call(f"step({executed or action!r})", env.step, executed or action)
+            trajectory.steps.append(
+                Step(index=index, inputs=inputs, reason=reason, action=action, admissible_actions=admissible,
+                     next_observation=observation.text, reward=observation.reward, done=observation.done,
+                     error=error, privileged=privileged, executed=executed)
+            )
+            invalid = (error is not None or observation.text.strip() in INVALID_MARKERS
+                       or not action_admissible(executed or action, admissible))
+            streak = streak + 1 if invalid else 0
+            stuck = stuck + 1 if _repeats(trajectory.steps) else 0
+            stopped = (max_invalid_streak and streak >= max_invalid_streak) or (max_stuck and stuck >= max_stuck)
+            if observation.done or stopped:
+                break
+        trajectory.success = bool(observation.success)
+        trajectory.reward = float(observation.reward)
+    except EnvironmentFailed as failure:
+        trajectory.error = f"step {len(trajectory.steps)}: {failure}"
+        ended = f"{policy} episode of task {task.id} ended: {trajectory.error}"
+        console.print(f"[yellow]warning:[/yellow] {escape(ended)}", highlight=False, soft_wrap=True)
     trajectory.wall_s = time.perf_counter() - start
     return trajectory

@@ -140,3 +140,32 @@ def test_an_environment_with_only_the_protocol_gets_an_honest_scripted_expert() 
     chosen = PrivilegedState(level=1, sections={"key": "the key is in the red box"}, oracle_action="dig at 25")
     why = Expertise().unjustified(step.inputs, chosen, "dig at 25") or ""
     assert "25" in why and "the oracle chose it" in why and "privileged state" not in why
+
+
+class BrokenBoxes(Boxes):
+    """Boxes whose own code raises: `step` once the green box is open, `oracle_action` on the blue one's task."""
+
+    def step(self, action: str) -> Observation:
+        if "green" in self.opened:
+            raise RuntimeError("the green box jammed")
+        return super().step(action)
+
+    def oracle_action(self) -> str | None:
+        if self.key == "blue":
+            raise KeyError("no plan for blue")
+        return super().oracle_action()
+
+
+def test_an_environment_that_raises_ends_that_episode_alone_and_records_why() -> None:
+    """A user's environment may raise in `step` or `oracle_action`: the episode ends with the failure recorded
+    (task, step, call), its earlier steps kept, while the others play on, and the stage's metrics count it."""
+    from leap_dspy.metrics import split_metrics
+
+    env = BrokenBoxes()
+    red, green, blue = expert_rollout(OracleExpert(), Student(), env, env.tasks("train"), level=1, num_threads=3)
+    assert red.success and red.error is None
+    assert not green.success and len(green.steps) == 1  # opening the green box worked; taking the key raised
+    assert green.error == ("step 1: the environment's step('take key') raised RuntimeError: the green box jammed")
+    assert not blue.success and not blue.steps
+    assert blue.error == "step 0: the environment's oracle_action() raised KeyError: 'no plan for blue'"
+    assert split_metrics([red, green, blue])["environment_failures"] == 2

@@ -131,3 +131,53 @@ def test_a_run_decodes_as_it_ran(tmp_path):
     with pytest.raises(ConfigMismatch, match="lm"):
         start_run(run, config)
     start_run(run, {**config, "lm": {"no_repeat_ngram": 12, "ngram_repeats": 1}})
+
+
+_LAUNCHER = """
+import os, subprocess, sys, time
+from leap_dspy.runs import RunFolder, hold
+from leap_dspy.train.launch import LAUNCHED_BY
+lock = hold(RunFolder(sys.argv[1]))
+child = "from leap_dspy.train.launch import _end_with_the_compile as end; {end}; import time; time.sleep(120)"
+env = {**os.environ, LAUNCHED_BY: str(os.getpid())}
+for end in ("end()", "None"):  # a fine-tune launched directly, and one whose own parent is not the compile
+    process = subprocess.Popen([sys.executable, "-c", child.format(end=end)], env=env, pass_fds=(lock,))
+    print(process.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_compile_leaves_its_run_folder_to_a_resume_or_refuses_it_clearly(tmp_path: Path) -> None:
+    """A compile locks its run folder, and so do the fine-tunes it launches: one it started itself dies with it
+    (`kill -9`), while one that outlives it (under another launcher) makes a resume refuse the folder, by name,
+    until it ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from leap_dspy.runs import RunInUse, hold
+
+    run = RunFolder(tmp_path / "run")
+    compile_ = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(run.path)], stdout=subprocess.PIPE, text=True)
+    direct, other = (int(compile_.stdout.readline()) for _ in range(2))  # type: ignore[union-attr]
+    with pytest.raises(RunInUse, match="in use"):
+        hold(run)
+    time.sleep(2)  # the children have set themselves up
+    os.kill(compile_.pid, signal.SIGKILL)
+    compile_.wait()
+
+    def alive(pid: int) -> bool:
+        return Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+    deadline = time.time() + 10
+    while alive(direct) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(direct), "the directly launched fine-tune outlived its compile"
+    assert alive(other)
+    with pytest.raises(RunInUse, match=str(run.path)):
+        hold(run)
+    os.kill(other, signal.SIGKILL)
+    time.sleep(0.5)
+    assert hold(run) == hold(run)  # now this process's, held once

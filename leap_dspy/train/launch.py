@@ -19,6 +19,9 @@ import shutil
 import sys
 from pathlib import Path
 
+LAUNCHED_BY = "LEAP_DSPY_LAUNCHED_BY"
+"""The environment variable holding the process id of the compile that launched a fine-tune."""
+
 
 def launch_command(launcher: list[str], method: str, rows: Path, model: str, output_dir: Path,
                    init_adapter: Path | None, config_file: Path) -> list[str]:
@@ -48,8 +51,24 @@ def main(argv: list[str] | None = None) -> None:
     rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
     config = TrainConfig.model_validate_json(args.config.read_text()) if args.config else TrainConfig()
     train = {"sft": train_sft, "dpo": train_dpo, "kto": train_kto}[args.method]
+    _end_with_the_compile()
     _resume_mlflow_parent()
     train(rows, model=args.model, output_dir=args.output_dir, init_adapter=args.init_adapter, config=config)
+
+
+def _end_with_the_compile() -> None:
+    """A fine-tune the compile itself started (not through torchrun or accelerate, whose agent is its parent) is
+    sent SIGTERM if the compile dies, on Linux: a killed compile leaves no orphan training on, which a resume
+    would find holding the run folder (`runs.hold`)."""
+    compile_pid = os.environ.get(LAUNCHED_BY)
+    if not sys.platform.startswith("linux") or compile_pid is None or os.getppid() != int(compile_pid):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(compile_pid):  # the compile died before the line above
+        sys.exit("the compile that launched this fine-tune is gone")
 
 
 def _resume_mlflow_parent() -> None:

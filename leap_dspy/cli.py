@@ -182,27 +182,49 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], Any]:
     return config, build_env(env_options.pop("name"), env_options)
 
 
-def load_program(path: Path) -> Any:
+def load_program(path: Path, lm: Any = None) -> Any:
     """A saved Student, loaded only if its LM state names nothing but leap-dspy's own engines and no endpoint:
-    DSPy imports the engine class a file names, so an untrusted file must not choose it."""
+    DSPy imports the engine class a file names, so an untrusted file must not choose it. With `lm`, the student
+    acts with that instead of the engine its file records (whose adapter path is where the run was written)."""
     from leap_dspy.lm.engine import unsafe_lm_state
     from leap_dspy.programs import Student
 
     if not path.exists():
         raise fail(f"no saved program at {path}")
     try:
-        problems = unsafe_lm_state(json.loads(path.read_text()))
+        state = json.loads(path.read_text())
+        problems = unsafe_lm_state(state)
     except (OSError, ValueError) as exc:
         raise fail(f"{path} is not a saved Student program: {exc}") from exc
     if problems:
         raise fail(f"refusing to load {path}: {problems[0]} (a student.json written by leap-dspy names only its "
                    "local engine)")
+    if lm is not None and isinstance(state, dict):
+        state = {k: {**v, "lm": None} if isinstance(v, dict) and "lm" in v else v for k, v in state.items()}
     student = Student()
     try:
-        student.load(str(path), allow_unsafe_lm_state=True)
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+        student.load_state(state, allow_unsafe_lm_state=True)
+    except FileNotFoundError as exc:  # the adapter it records is gone (`ModelNotFound`)
+        raise fail(f"{path}: {str(exc).splitlines()[0]}") from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise fail(f"{path} is not a saved Student program: {exc}") from exc
+    if lm is not None:
+        student.set_lm(lm)
     return student
+
+
+def run_lm(run_dir: Path) -> Any:
+    """The compiled student's LM from the run folder itself (its model, the adapter compile chose, its engine
+    settings), wherever the folder has been moved or copied since `student.json` recorded a path."""
+    from leap_dspy.lm import local_lm
+    from leap_dspy.serve_target import resolve_target
+    from leap_dspy.store import RunFileError
+
+    try:
+        model, adapter, engine = resolve_target(str(run_dir))
+    except (RunFileError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    return local_lm(model, adapter=adapter, **engine)
 
 
 def report_rollout(name: str, trajectories: list[Any]) -> dict[str, Any]:
@@ -228,11 +250,11 @@ def evaluate(
     limit: Annotated[int | None, typer.Option(min=1, help="only the first N tasks")] = None,
     out: OutOption = None,
 ) -> None:
-    """Evaluate a compiled student (the run folder's student.json) on a split."""
+    """Evaluate a compiled student (the run folder's student.json, on the adapter its compile chose) on a split."""
     if not run_dir.exists():
         raise fail(f"run folder {run_dir} does not exist")
     _, environment = load_run(run_dir)
-    student = load_program(run_dir / "student.json")
+    student = load_program(run_dir / "student.json", lm=run_lm(run_dir))
     _play(student, environment, split, threads, limit, f"{run_dir.name} on {split}", out)
 
 

@@ -237,8 +237,13 @@ class RunFolder:
             folder = self.path / (f"iter_{stage}" if stage.isdigit() else stage)
             if not (folder / "eval.jsonl").exists():
                 continue
-            strict = JsonlLog(folder / "eval.jsonl", Trajectory, key=lambda t: t.task.id).load()
-            snapped = JsonlLog(folder / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id).load()
+            strict = JsonlLog(folder / "eval.jsonl", Trajectory, key=lambda t: t.task.id).load(repair=False)
+            snapped = JsonlLog(folder / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id).load(repair=False)
+            metrics = read_json(folder / "metrics.json")
+            evaluated = sum(metrics.get(f"{split}_episodes", 0) for split in ("train", "seen", "unseen"))
+            if len(strict) < evaluated:  # a damaged log: the intervals over episodes would silently shrink
+                console.print(f"[yellow]warning:[/yellow] {folder / 'eval.jsonl'} holds {len(strict)} of the "
+                              f"{evaluated} episodes its metrics.json counts", soft_wrap=True, highlight=False)
             lenient = int(any(t.num_snapped for t in strict.values()))
             for task_id, episode in strict.items():
                 other = snapped.get(task_id, episode)

@@ -68,10 +68,11 @@ class JsonlLog(Generic[M]):
         self.key = key
         self._lock = threading.Lock()
 
-    def load(self) -> dict[str, M]:
+    def load(self, repair: bool = True) -> dict[str, M]:
         """Every complete record, one per key (the last written wins). A torn last line (a write cut by a kill)
         is cut off on disk; an unreadable line before it (a disk error, a hand edit, another version's
-        record) is moved to `<log>.corrupt` with a warning, and every other record is kept."""
+        record) is moved to `<log>.corrupt` with a warning, and every other record is kept. `repair=False`
+        (a reader such as `report`, which must not change a run) only warns and leaves the file as it is."""
         records: dict[str, M] = {}
         if not self.path.exists():
             return records
@@ -87,7 +88,12 @@ class JsonlLog(Generic[M]):
                 continue
             records[self.key(record)] = record
             good.append(line)
-        if bad:
+        if not repair and (bad or torn):
+            from leap_dspy.progress import console
+
+            console.print(f"[yellow]warning:[/yellow] {self.path}: {len(bad) + torn} unreadable line(s) left out",
+                          soft_wrap=True, highlight=False)
+        elif bad:
             self._move_aside(bad, good, torn)
         elif torn:
             with self._lock, open(self.path, "r+b") as handle:

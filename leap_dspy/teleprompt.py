@@ -32,6 +32,7 @@ from leap_dspy.corrections import (
 from leap_dspy.envs import env_spec
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.envs.check import check_env
+from leap_dspy.lm.engine import LocalEngine
 from leap_dspy.lm.models import check_model
 from leap_dspy.metrics import describe_expert, round_metrics, split_metrics
 from leap_dspy.placement import Owed, Placement
@@ -116,6 +117,7 @@ class LEAP(Teleprompter):
         self.env = env
         self.expertise = env.expertise()  # what the records are judged by, and the privileged self's proposals
         env.check_level(self.config.privilege_level)  # an unknown level fails here, before anything runs
+        LocalEngine.check_settings(self.config.lm)  # as does a setting the student's engine would refuse
         self.run = RunFolder(run_dir or default_run_dir(env.name))
         self.trackers = Trackers([], self.run.path, self.run.path.name)  # the configured ones open with the run
         self.placement = Placement(self.config, env, self.run.path.name)

@@ -133,6 +133,11 @@ BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be writte
     (["--env", KEYBOX, "--preference-anchor", "2"], "preference-anchor"),
     (["--env", KEYBOX, "--report-to", "neptune"], "unknown tracker"),
     (["--env", KEYBOX, "--config", "/nonexistent.yaml"], "cannot read --config"),
+    (["--env", KEYBOX, "--config", "yaml:lm: {bogus_key: 1}"], "unknown engine setting lm.bogus_key"),
+    (["--env", KEYBOX, "--config", "yaml:lm: {max_new_tokens: 0}"], "lm.max_new_tokens must be a whole number"),
+    (["--env", KEYBOX, "--config", "yaml:train: {lora_r: 0}"], "train.lora_r"),
+    (["--env", KEYBOX, "--config", "yaml:train: {per_device_batch_size: 0}"], "train.per_device_batch_size"),
+    (["--env", KEYBOX, "--config", "yaml:train: {target_modules: []}"], "train.target_modules"),
 ]
 
 
@@ -140,7 +145,11 @@ BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be writte
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(args: list[str], says: str, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # `examples` is a folder of the repository
-    run = tmp_path / "run"
+    run, config = tmp_path / "run", tmp_path / "config.yaml"
+    for arg in args:
+        if arg.startswith("yaml:"):  # a --config file's text
+            config.write_text(arg.removeprefix("yaml:"))
+    args = [str(config) if arg.startswith("yaml:") else arg for arg in args]
     result = runner.invoke(app, ["compile", "--run-dir", str(run), "--quiet", *args])
     assert result.exit_code == 2, result.output
     assert says in result.output and "Traceback" not in result.output

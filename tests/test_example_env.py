@@ -137,6 +137,13 @@ def test_compiles_from_python_and_from_the_cli(tiny_model: str, tmp_path: Path,
     episodes = [Trajectory.model_validate_json(line) for line in out.read_text().splitlines()]
     assert [t.task.id for t in episodes] == [t.id for t in env.tasks("unseen")]
 
+    # A moved run folder evaluates its own adapter (student.json recorded the old path): the same episodes.
+    (tmp_path / "cli").rename(tmp_path / "moved")
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "moved"), "--threads", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    again = [Trajectory.model_validate_json(line) for line in out.read_text().splitlines()]
+    assert [[s.action for s in t.steps] for t in again] == [[s.action for s in t.steps] for t in episodes]
+
 
 class _Wordy(Student):
     """A student that plays keybox's plan but writes 'the' before the key and the door: near misses."""

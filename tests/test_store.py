@@ -181,3 +181,24 @@ def test_a_killed_compile_leaves_its_run_folder_to_a_resume_or_refuses_it_clearl
     os.kill(other, signal.SIGKILL)
     time.sleep(0.5)
     assert hold(run) == hold(run)  # now this process's, held once
+
+
+def test_reading_a_run_for_a_report_changes_nothing_and_says_what_is_missing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`report` and `compare` read eval logs: a torn one is read as far as it goes, with a warning that the
+    stage's episodes are fewer than its metrics count, and the file is left as it was."""
+    from leap_dspy.types import Task, Trajectory
+
+    stage = tmp_path / "iter_1"
+    stage.mkdir()
+    atomic_write_json(stage / "metrics.json", {"unseen_success": 0.5, "unseen_episodes": 2})
+    tasks = [Task(id=f"u{i}", env="e", split="unseen", instruction="go") for i in range(2)]
+    lines = [Trajectory(task=t, policy="student", success=bool(i)).model_dump_json() + "\n"
+             for i, t in enumerate(tasks)]
+    torn = (lines[0] + lines[1][:40]).encode()
+    (stage / "eval.jsonl").write_bytes(torn)
+    rows = RunFolder(tmp_path).episodes()
+    assert [row["task_id"] for row in rows] == ["u0"]
+    assert (stage / "eval.jsonl").read_bytes() == torn
+    said = " ".join(capsys.readouterr().err.split())
+    assert "1 unreadable line(s) left out" in said and "holds 1 of the 2 episodes" in said

@@ -12,6 +12,7 @@ Engines are saved inside programs as `{"class": "leap_dspy.lm.engine:LocalEngine
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import threading
 import uuid
@@ -82,12 +83,8 @@ class LocalEngine:
         draft_tokens: int = 4,
         kv_budget_mb: int | None = None,
     ) -> None:
-        if max_batch < 1 or max_new_tokens < 1:
-            raise ValueError("max_batch and max_new_tokens must be at least 1")
-        if draft_tokens < 0:
-            raise ValueError("draft_tokens must be 0 (no drafts) or more")
-        if kv_budget_mb is not None and kv_budget_mb < 1:
-            raise ValueError("kv_budget_mb must be at least 1 (None: the default)")
+        self.check_settings({"max_batch": max_batch, "max_new_tokens": max_new_tokens,
+                             "draft_tokens": draft_tokens, "kv_budget_mb": kv_budget_mb})
         self.model = str(model)
         self.adapter = str(Path(adapter).expanduser().resolve()) if adapter is not None else None
         self.dtype = dtype
@@ -215,6 +212,19 @@ class LocalEngine:
 
     def __deepcopy__(self, memo: dict) -> LocalEngine:
         return self
+
+    @classmethod
+    def check_settings(cls, settings: dict[str, Any]) -> None:
+        """Raise ValueError for a setting the engine does not take or a value it refuses: a compile checks its
+        `lm` settings here before its run folder records them (a folder's settings cannot be mended later)."""
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "adapter"}
+        if unknown := sorted(set(settings) - known):
+            raise ValueError(f"unknown engine setting lm.{unknown[0]}; the engine takes {', '.join(sorted(known))}")
+        least = {"max_batch": 1, "max_new_tokens": 1, "draft_tokens": 0, "kv_budget_mb": 1, "no_repeat_ngram": 0,
+                 "ngram_repeats": 1, "answer_cache": 0}
+        for key, value in settings.items():
+            if key in least and value is not None and (not isinstance(value, int) or value < least[key]):
+                raise ValueError(f"lm.{key} must be a whole number of at least {least[key]}, not {value!r}")
 
     def __repr__(self) -> str:
         extra = f", adapter={self.adapter!r}" if self.adapter else ""

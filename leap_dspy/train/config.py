@@ -24,25 +24,25 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    learning_rate: float | None = None
-    epochs: float = 2.0
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
+    learning_rate: float | None = Field(None, ge=0)
+    epochs: float = Field(2.0, gt=0)
     max_steps: int = -1
     """When > 0, overrides `epochs` (tests and benchmarks use it to bound the work)."""
-    per_device_batch_size: int = 8
-    gradient_accumulation: int = 1
+    per_device_batch_size: int = Field(8, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
     """Eight rows per optimizer step, all at once where they fit `max_batch_tokens` (an agent step's rows): one
     forward of 8 rows trains about 1.2x as fast as two of 4 on a CPU, in about 1 GB more."""
-    max_batch_tokens: int | None = 4096
+    max_batch_tokens: int | None = Field(4096, ge=1)
     """The most padded tokens one forward and backward pass holds (the memory of long rows, WebShop's pages),
     counted in 16-bit activations: float32 keeps twice the bytes a token, so a float32 pass holds half as many.
     SFT runs a batch past it as a few passes of equal runs of rows with the batch's gradient, so one long row
     slows only its own batch; DPO and KTO halve the per-device batch (and double accumulation) until a batch of
     their longest rows fits. None: every batch in one pass."""
-    max_length: int = 1024
+    max_length: int = Field(1024, ge=1)
     """Rows longer than this (prompt + completion tokens) are cut from the start of the prompt, never the
     completion, so what is trained is always the tail the model must produce."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -76,14 +76,14 @@ class TrainConfig(BaseModel):
     and values broadcast to the rows: the same loss and gradients for less compute. Off under gradient
     checkpointing and `torch_compile`, which replay or trace one forward per step, and under FSDP, which gathers
     a layer's shards around one forward."""
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
+    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
     lr_scheduler: str = "linear"
     seed: int = 0
     beta: float = 0.1
     """DPO/KTO temperature of the implicit reward (higher = stay closer to the reference)."""
-    logging_steps: int = 1
-    num_threads: int | None = None
+    logging_steps: int = Field(1, ge=1)
+    num_threads: int | None = Field(None, ge=1)
     """torch threads while training; None = leave torch's setting (on CPU: one per core)."""
     progress_bar: bool = True
     report_to: list[str] = Field(default_factory=list)

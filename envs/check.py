@@ -49,6 +49,9 @@ def _play(env: Any, levels: Iterable[int], task: Task, name: str, oracle: bool) 
             warnings.append(f"{name}.oracle_action() gave {action!r} at step {step} of task {task.id}, not in "
                             "its admissible_actions: demonstrations drop such steps")
         obs = _call(name, "step", env.step, action)
+        if obs.info.get("valid") is False:
+            warnings.append(f"{name}.oracle_action() gave {action!r} at step {step} of task {task.id}, which the "
+                            "environment rejected (info['valid'] is False): demonstrations drop such steps")
         _check_privileged(env, levels, name)
     if oracle and not obs.success:
         warnings.append(f"the oracle did not win task {task.id} in {env.max_steps} steps: behaviour cloning "

@@ -42,6 +42,8 @@ def demonstration_records(demos: Iterable[Trajectory], log: JsonlLog[Correction]
             judged = realizability(step, step.reason, step.action, expertise)
             dropped = step.error or (None if action_admissible(step.action, step.admissible_actions) else
                                      f"demonstrated action not admissible: {step.action[:80]}")
+            dropped = dropped or (None if step.valid else f"the environment rejected the demonstrated action: "
+                                                          f"{step.action[:80]}")
             record = Correction(task_id=trajectory.task.id, step=step.index, inputs=step.inputs, reason=step.reason,
                                 action=step.action, student_reason=step.reason, student_action=step.action,
                                 expert=trajectory.policy, iteration=0, level=level, source="demonstration",

@@ -87,7 +87,7 @@ def privileged_self_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdap
     demonstrated step. A student never trained on this format ignores the privileged facts and repeats it.
     """
     steps = [s for t in demonstrations if t.success for s in t.steps
-             if s.privileged is not None and s.error is None and s.action
+             if s.privileged is not None and s.error is None and s.action and s.valid
              and action_admissible(s.action, s.admissible_actions)]
     rng.shuffle(steps)
     judges = "student_action" in signature.input_fields

@@ -86,6 +86,9 @@ class Step(BaseModel):
     done: bool = False
     error: str | None = None
     """Why the model's output could not be used (parse failure, no action), recorded instead of raised."""
+    valid: bool = True
+    """False when the environment rejected the action (its observation's `info["valid"]` is False): what an
+    environment without an admissible list says instead, so a demonstration of such an action is dropped."""
     executed: str | None = None
     """The admissible action the environment ran instead of `action`, when the student's `action` was a near
     miss that it snapped to its list (see `Student.snap_actions`); None when `action` itself ran."""

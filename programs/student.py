@@ -234,12 +234,13 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
             admissible = observation.admissible_actions
             executed = snap_action(action, admissible) if snap else None
             observation = env_call(f"step({executed or action!r})", env.step, executed or action)
+            rejected = observation.info.get("valid") is False
             trajectory.steps.append(
                 Step(index=index, inputs=inputs, reason=reason, action=action, admissible_actions=admissible,
                      next_observation=observation.text, reward=observation.reward, done=observation.done,
-                     error=error, privileged=privileged, executed=executed)
+                     error=error, privileged=privileged, executed=executed, valid=not rejected)
             )
-            invalid = (error is not None or observation.text.strip() in INVALID_MARKERS
+            invalid = (error is not None or rejected or observation.text.strip() in INVALID_MARKERS
                        or not action_admissible(executed or action, admissible))
             streak = streak + 1 if invalid else 0
             stuck = stuck + 1 if _repeats(trajectory.steps) else 0

@@ -169,3 +169,41 @@ def test_an_environment_that_raises_ends_that_episode_alone_and_records_why() ->
     assert not blue.success and not blue.steps
     assert blue.error == "step 0: the environment's oracle_action() raised KeyError: 'no plan for blue'"
     assert split_metrics([red, green, blue])["environment_failures"] == 2
+
+
+class UnlistedBoxes(Boxes):
+    """Boxes without an admissible list, saying `info["valid"]` instead; its oracle first tries a bad action."""
+
+    def step(self, action: str) -> Observation:
+        observation = super().step(action)
+        observation.admissible_actions = None
+        observation.info["valid"] = observation.text != "Nothing happens."
+        return observation
+
+    def reset(self, task: Task) -> Observation:
+        self.tried = False
+        return super().reset(task).model_copy(update={"admissible_actions": None})
+
+    def oracle_action(self) -> str | None:
+        if not self.tried:
+            self.tried = True
+            return "fly away"
+        return super().oracle_action()
+
+
+def test_an_environment_without_an_action_list_can_still_reject_an_action(tmp_path: Path) -> None:
+    """Without `admissible_actions` the generic layer cannot judge an action; `info["valid"] = False` on the
+    observation says the environment rejected it: the step records it, the contract check warns, and behaviour
+    cloning drops the demonstration of it."""
+    from leap_dspy.corrections import demonstration_records
+    from leap_dspy.envs.check import check_env
+
+    env = UnlistedBoxes()
+    task = env.tasks("train")[0]
+    assert any("'fly away' at step 0" in w and "rejected" in w for w in check_env(env, task, UnlistedBoxes()))
+    [played] = expert_rollout(OracleExpert(), Student(), env, [task], level=1, num_threads=1)
+    assert played.success and [s.valid for s in played.steps] == [False, True, True]
+    log = JsonlLog(tmp_path / "c.jsonl", Correction, key=lambda c: c.key)
+    demonstration_records([played], log, 1, env.expertise())
+    dropped = [c.dropped for c in sorted(log.load().values(), key=lambda c: c.step)]
+    assert dropped[0] is not None and "rejected" in dropped[0] and dropped[1:] == [None, None]

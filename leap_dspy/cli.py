@@ -110,7 +110,7 @@ def compile_(
     from leap_dspy.corrections import NoDemonstrations
     from leap_dspy.envs.check import EnvContractError
     from leap_dspy.programs import Student
-    from leap_dspy.rollout import attach_env
+    from leap_dspy.rollout import ExpertUnavailable, attach_env
     from leap_dspy.store import RunFileError
     from leap_dspy.teleprompt import LEAP
 
@@ -143,6 +143,9 @@ def compile_(
         leap.compile(Student(), trainset=trainset, teacher=teacher, valset=valset)
     except (RunFileError, OSError, EnvContractError, NoDemonstrations) as exc:
         raise fail(str(exc)) from exc
+    except ExpertUnavailable as exc:
+        raise fail(f"{exc}; everything played so far is kept: once the expert answers, run the same command "
+                   "again to resume") from exc
     print_metrics(leap.run)
 
 

@@ -15,14 +15,15 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import dspy
+from dspy.utils.exceptions import AdapterParseError
 
 from leap_dspy.envs.base import action_admissible
 from leap_dspy.envs.expertise import Expertise
 from leap_dspy.metrics import call_usage, describe_expert
-from leap_dspy.programs.experts import expert_inputs
+from leap_dspy.programs.experts import ATTEMPT, expert_inputs
 from leap_dspy.progress import progress_bar
 from leap_dspy.realizability import unobserved_mentions
-from leap_dspy.rollout import needs_oracle
+from leap_dspy.rollout import needs_oracle, retry_wait
 from leap_dspy.signatures import StudentTurn
 from leap_dspy.store import JsonlLog
 from leap_dspy.types import Correction, ExpertUsage, Step, Trajectory
@@ -64,6 +65,9 @@ def nothing_to_clone(demos: dict[str, Trajectory], records: list[Correction], su
         message += " (only won episodes are demonstrations; bc_successful_only=false keeps the others)"
     if why:
         message += "; steps dropped: " + "; ".join(f"{n} x {reason}" for reason, n in why.most_common(3))
+    errors = Counter(s.error.splitlines()[0][:200] for t in demos.values() for s in t.steps if s.error)
+    if errors:
+        message += "; the demonstrator's steps failed: " + "; ".join(f"{n} x {e}" for e, n in errors.most_common(2))
     return message
 
 
@@ -117,18 +121,23 @@ class Corrector:
     def ask(self, call: Callable[[], Any]) -> tuple[Any, ExpertUsage | None, str | None]:
         """`call()` with retries and backoff: (answer, what the attempts cost, the last error)."""
         usage = ExpertUsage() if self.uses_lm else None
-        error = "expert gave no answer"
+        error, last = "expert gave no answer", None
         for attempt in range(self.retries):
+            token = ATTEMPT.set(attempt)  # a retry bypasses the cached answer of the attempt that failed
+            failed = False
             with dspy.track_usage() as tracker:
                 try:
                     answer = call()
                 except Exception as exc:  # any expert failure: retry, then record it
-                    error, answer = f"expert failed: {type(exc).__name__}: {str(exc)[:200]}", None
+                    error, answer, last = f"expert failed: {type(exc).__name__}: {str(exc)[:200]}", None, exc
+                    failed = not isinstance(exc, AdapterParseError)  # no answer came back: not a cache hit
+                finally:
+                    ATTEMPT.reset(token)
             if usage is not None:
-                usage += call_usage(tracker)
+                usage += call_usage(tracker, failed=failed)
             if answer is not None:
                 return answer, usage, None
-            time.sleep(min(2.0**attempt * 0.5, 8.0) if attempt + 1 < self.retries else 0)
+            time.sleep(retry_wait(attempt, last) if attempt + 1 < self.retries else 0)
         return None, usage, error
 
     def __call__(self, job: tuple[Trajectory, list[Step]]) -> list[Correction]:
@@ -160,13 +169,21 @@ class Corrector:
                 for s, u in zip(steps, shares, strict=True)]
 
 
+def _settled(record: Correction | None) -> bool:
+    """A record that needs no new call: any but a failed expert call's."""
+    return record is not None and not (record.dropped or "").startswith("expert failed:")
+
+
 def collect_corrections(corrector: Corrector, trajectories: dict[str, Trajectory], log: JsonlLog[Correction],
                         threads: int, progress: bool = True) -> list[Correction]:
     """Ask about every visited step not yet in `log` (one call per step, or per trajectory), saving each record
     as soon as its call returns; returns the round's records."""
     have = log.load()
     k = corrector.k
-    pending = [(t, [s for s in t.steps if f"{k}:{t.task.id}:{s.index}" not in have]) for t in trajectories.values()]
+    # A step whose expert call failed (an outage, a cut connection) is asked again on resume: its new record
+    # replaces the failure (the log keeps the last record of a key), with both attempts' usage.
+    pending = [(t, [s for s in t.steps if not _settled(have.get(f"{k}:{t.task.id}:{s.index}"))])
+               for t in trajectories.values()]
     if corrector.per_trajectory:
         # A trajectory cut short by a kill is asked whole again: the call an uninterrupted run made (the cache
         # answers it), so the expert sees the same context; only its missing records are kept.
@@ -181,8 +198,11 @@ def collect_corrections(corrector: Corrector, trajectories: dict[str, Trajectory
             futures = [pool.submit(context.copy().run, corrector, job) for job in jobs]
             for future in as_completed(futures):
                 for correction in future.result():
-                    if correction.key in have:
+                    old = have.get(correction.key)
+                    if _settled(old):
                         continue
+                    if old is not None and old.usage is not None and correction.usage is not None:
+                        correction.usage = old.usage + correction.usage
                     log.append(correction)
                     have[correction.key] = correction
                     advance()

@@ -39,8 +39,9 @@ def split_metrics(trajectories: list[Trajectory]) -> dict[str, Any]:
     return metrics
 
 
-def call_usage(tracker: Any) -> ExpertUsage:
-    """One expert call as `dspy.track_usage` saw it: a call that billed no tokens was served from the cache."""
+def call_usage(tracker: Any, failed: bool = False) -> ExpertUsage:
+    """One expert call as `dspy.track_usage` saw it: a call that billed no tokens was served from the cache,
+    unless it `failed` without an answer (an HTTP error or a timeout bills nothing either, and is no cache hit)."""
     prompt = completion = 0
     cost: float | None = None
     for model, entries in tracker.usage_data.items():
@@ -51,8 +52,8 @@ def call_usage(tracker: Any) -> ExpertUsage:
             if price is not None:
                 cost = (cost or 0.0) + price
     billed = bool(tracker.usage_data) and (prompt or completion)
-    return ExpertUsage(calls=1, cached=0 if billed else 1, prompt_tokens=prompt, completion_tokens=completion,
-                       cost_usd=cost)
+    return ExpertUsage(calls=1, cached=0 if billed or failed else 1, prompt_tokens=prompt,
+                       completion_tokens=completion, cost_usd=cost)
 
 
 @functools.cache

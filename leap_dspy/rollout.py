@@ -12,6 +12,7 @@ import contextvars
 import dataclasses
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, ClassVar
@@ -19,7 +20,7 @@ from typing import Any, ClassVar
 import dspy
 
 from leap_dspy.envs.base import TextEnv
-from leap_dspy.programs.experts import expert_inputs
+from leap_dspy.programs.experts import ATTEMPT, expert_inputs
 from leap_dspy.programs.student import Student, capture_privileged, run_episode
 from leap_dspy.progress import progress_bar, quiet_repeated_warnings
 from leap_dspy.store import JsonlLog
@@ -197,8 +198,51 @@ def rollout(student: Student, env: TextEnv, tasks: Iterable[Task], *, num_thread
     return run_parallel(play, env, tasks, num_threads=num_threads, program=student, on_trajectory=on_trajectory)
 
 
+class ExpertUnavailable(RuntimeError):
+    """The expert gave no answer at all (an HTTP error, a timeout, a refused key) after every attempt, while
+    playing: the episode is not logged, so a resume plays it again once the expert answers."""
+
+
+_UNREACHABLE = {"LMServerError", "LMRateLimitError", "LMTimeoutError", "LMAuthError", "LMBillingError",
+                "LMTransportError", "APIConnectionError", "Timeout", "RateLimitError", "ServiceUnavailableError",
+                "InternalServerError", "AuthenticationError", "PermissionDeniedError"}
+"""DSPy's and LiteLLM's names for an endpoint that is down, slow, out of quota or refusing the key."""
+
+
+def unreachable(exc: BaseException | None) -> bool:
+    """Whether an LM expert's call failed for want of an endpoint (connection, timeout, rate limit, 5xx, key),
+    which a later resume may not meet, rather than for this request (a context window, an answer that does
+    not parse), which would fail again; DSPy wraps LiteLLM's errors, so the whole chain is read."""
+    while exc is not None:
+        if any(cls.__name__ in _UNREACHABLE for cls in type(exc).__mro__):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def retry_wait(attempt: int, exc: BaseException | None) -> float:
+    """Seconds before retrying an expert call: exponential from 0.5 s, longer for a rate limit (429)."""
+    scale = 4.0 if "RateLimit" in type(exc).__name__ or "RateLimit" in type(exc.__cause__).__name__ else 0.5
+    return min(2.0**attempt * scale, 30.0)
+
+
+def ask_expert(call: Callable[[], Any], retries: int) -> Any:
+    """`call()` with `retries` attempts and backoff, each retry past DSPy's cached answer (`ATTEMPT`)."""
+    for attempt in range(retries):
+        token = ATTEMPT.set(attempt)
+        try:
+            return call()
+        except Exception as exc:
+            if attempt + 1 == retries:
+                raise
+            time.sleep(retry_wait(attempt, exc))
+        finally:
+            ATTEMPT.reset(token)
+    raise ValueError("retries must be at least 1")
+
+
 def expert_policy(expert: dspy.Module, student: Student, env: TextEnv, *, level: int, policy: str = "expert",
-                  record_level: int | None = None) -> Callable[[TextEnv, Task], Trajectory]:
+                  record_level: int | None = None, retries: int = 1) -> Callable[[TextEnv, Task], Trajectory]:
     """The expert acts (demonstrations for behaviour cloning, and the `expert` reference row).
 
     It sees the student's inputs (formatted by the student program, so demonstrations are training rows as
@@ -208,6 +252,7 @@ def expert_policy(expert: dspy.Module, student: Student, env: TextEnv, *, level:
     """
     attach_env(expert, env)
     capture_level, capture_oracle = expert_capture(expert, env, level)
+    retries = 1 if getattr(expert, "scripted", False) else retries  # a scripted expert's failure is its answer
 
     def play(episode_env: TextEnv, task: Task) -> Trajectory:
         used: list[PrivilegedState] = []
@@ -216,8 +261,11 @@ def expert_policy(expert: dspy.Module, student: Student, env: TextEnv, *, level:
             privileged = capture_privileged(episode_env, capture_level, capture_oracle) or PrivilegedState(level=-1)
             used.append(privileged)
             try:
-                out = expert(**expert_inputs(inputs, "", "", privileged))
-            except Exception as exc:  # an expert failure is recorded on the step, not raised
+                out = ask_expert(lambda: expert(**expert_inputs(inputs, "", "", privileged)), retries)
+            except Exception as exc:  # recorded on the step, unless the endpoint is down: then stop, unlogged
+                if unreachable(exc):
+                    raise ExpertUnavailable(f"the expert failed after {retries} attempt(s) while playing {task.id}:"
+                                            f" {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
                 return "", "", f"expert failed: {type(exc).__name__}: {exc}"
             return str(out.reason).strip(), str(out.action).strip(), None
 

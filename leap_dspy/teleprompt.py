@@ -13,6 +13,7 @@ import json
 import random
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,8 @@ class LEAP(Teleprompter):
         demonstrator = self._demonstrator(teacher)
         level = self._demonstration_level(demonstrator)
         record = self.privilege_level if _follows_student(teacher) else None  # a privileged self learns from them
-        play = expert_policy(demonstrator, student, self.env, level=level, record_level=record)
+        play = expert_policy(demonstrator, student, self.env, level=level, record_level=record,
+                             retries=self.config.expert_retries)
         log = JsonlLog(self.run.stage(0) / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
         demos = play_episodes(Episodes(log, train, "demonstrations", play), self.placement.episodes,
                               program=demonstrator, num_threads=self.config.expert_threads,
@@ -230,7 +232,13 @@ class LEAP(Teleprompter):
         corrector = Corrector(teacher, k, self.privilege_level, self.expertise,
                               retries=self.config.expert_retries, drop_unrealizable=self.config.drop_unrealizable)
         threads = 1 if getattr(teacher, "scripted", False) else self.config.expert_threads
-        return collect_corrections(corrector, trajectories, self._corrections_log(k), threads, self.config.progress)
+        records = collect_corrections(corrector, trajectories, self._corrections_log(k), threads,
+                                      self.config.progress)
+        why = Counter(c.dropped.splitlines()[0][:160] for c in records if c.dropped)
+        if why:  # say it: a round trained on a fraction of its steps looks like any other in metrics.csv
+            console.print(f"[yellow]round {k}: {sum(why.values())} of {len(records)} corrections dropped: "
+                          + escape("; ".join(f"{n} x {reason}" for reason, n in why.most_common(3))) + "[/yellow]")
+        return records
 
     def aggregate(self, k: int, student: Student, current: list[Correction]) -> tuple[Rows, int]:
         """DAgger: this round's usable records with all earlier ones, bounded, as the student's training rows."""
@@ -312,7 +320,8 @@ class LEAP(Teleprompter):
         if expert_level is None:
             play, threads = student_policy(self._student, policy=str(name), snap=False), self.config.num_threads
         else:
-            play = expert_policy(policy, self._student, self.env, level=expert_level)
+            play = expert_policy(policy, self._student, self.env, level=expert_level,
+                                 retries=self.config.expert_retries)
             threads = self.config.expert_threads
         log = JsonlLog(stage / "eval.jsonl", Trajectory, key=lambda t: t.task.id)
         snapped = self._snapped_replays(name) if expert_level is None and self.config.evaluate_snapped else None
@@ -479,8 +488,8 @@ class LEAP(Teleprompter):
         return list(self._corrections_log(k).load().values())
 
     def _keep_adapter(self, out: Path, previous: Path | None) -> Path:
-        """Every correction of this round was dropped (an expert that failed throughout, say): the round keeps
-        the previous weights, says so, and the run goes on with what it has."""
+        """No training rows at all (behaviour cloning with every demonstration dropped raises; a round always has
+        earlier data to fill its rows, so a round whose corrections were all dropped still trains on those)."""
         if previous is None:
             raise RuntimeError(f"no training rows for {out.parent.name}: every demonstration was dropped")
         console.print(f"[yellow]{out.parent.name}: no usable corrections; keeping the previous adapter[/yellow]")

@@ -7,6 +7,8 @@ next action from the privileged state; `PrivilegedExpert` asks any LM (LiteLLM m
 
 from __future__ import annotations
 
+import contextvars
+
 import dspy
 
 from leap_dspy.adapters import CompactChatAdapter
@@ -17,6 +19,18 @@ from leap_dspy.types import PrivilegedState, StudentInputs
 
 class MissingPrivilege(ValueError):
     pass
+
+
+ATTEMPT: contextvars.ContextVar[int] = contextvars.ContextVar("leap_expert_attempt", default=0)
+"""Which attempt of a retried expert call this is (set by `Corrector.ask`; 0 for the first)."""
+
+
+def _retry_config() -> dict[str, object]:
+    """A retry asks the LM again instead of DSPy's cache, which holds the failed attempt's answer (an unparsable
+    one is cached like any other): a `rollout_id` of its own keys a separate cache entry, so a rerun still
+    finds the good answer of the attempt that succeeded."""
+    attempt = ATTEMPT.get()
+    return {"config": {"rollout_id": attempt}} if attempt else {}
 
 
 class OracleExpert(dspy.Module):
@@ -84,6 +98,7 @@ class PrivilegedExpert(dspy.Module):
         """ChatAdapter without its JSON retry: a failed parse is one failed attempt, retried by LEAP."""
         if isinstance(model, str):
             lm_kwargs.setdefault("timeout", 120)  # a hung endpoint must not stall an iteration for LiteLLM's 600 s
+            lm_kwargs.setdefault("num_retries", 0)  # LEAP retries each call itself (`expert_retries`, with backoff)
             model = dspy.LM(model, **lm_kwargs)
         if model is not None:
             self.correct.lm = self.correct_all.lm = model
@@ -93,7 +108,7 @@ class PrivilegedExpert(dspy.Module):
         """The expert's fixes for a whole trajectory, one call; steps it skipped are simply absent."""
         text = privileged_state.to_text() if isinstance(privileged_state, PrivilegedState) else privileged_state
         with dspy.context(adapter=self.adapter):
-            out = self.correct_all(task=task, steps=steps, privileged_state=text)
+            out = self.correct_all(task=task, steps=steps, privileged_state=text, **_retry_config())
         return [fix if isinstance(fix, StepFix) else StepFix.model_validate(fix) for fix in out.corrections or []]
 
     def forward(self, task: str, observation: str, history: str, student_reason: str, student_action: str,
@@ -101,7 +116,8 @@ class PrivilegedExpert(dspy.Module):
         text = privileged_state.to_text() if isinstance(privileged_state, PrivilegedState) else privileged_state
         with dspy.context(adapter=self.adapter):
             return self.correct(task=task, observation=observation, history=history,
-                                student_reason=student_reason, student_action=student_action, privileged_state=text)
+                                student_reason=student_reason, student_action=student_action, privileged_state=text,
+                                **_retry_config())
 
 
 class SelfExpert(PrivilegedExpert):

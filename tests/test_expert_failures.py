@@ -62,7 +62,7 @@ class BadExpertHandler(BaseHTTPRequestHandler):
                                                   "code": None}}).encode())
         elif mode == "invalid_json":
             self.reply(200, b'{"id": "x", "choices": [ this is not json')
-        elif mode == "empty":
+        elif mode == "empty" or (mode == "unparsable_once" and first_time):
             self.reply(200, completion(""))
         elif mode == "slow":
             self.server.release.wait(CLIENT_TIMEOUT_S * 5)
@@ -339,3 +339,50 @@ def test_a_trajectory_cut_short_by_a_kill_is_asked_whole_again(env: ALFWorld, ti
     assert bad_server.seen == asked_uninterrupted
     assert {k: (c.reason, c.action, c.dropped) for k, c in resumed.items()} == \
         {k: (c.reason, c.action, c.dropped) for k, c in full.items()}
+
+
+def test_a_retry_asks_the_model_again_not_the_cache_of_its_unparsable_answer(
+        env: ALFWorld, tiny_model: str, tmp_path: Path, bad_server: BadExpertServer,
+        trajectories: dict[str, Trajectory]) -> None:
+    """DSPy caches an answer whether or not it parses: a retry must not read the failed attempt back."""
+    previous = dspy.cache
+    dspy.configure_cache(enable_disk_cache=True, enable_memory_cache=False, disk_cache_dir=str(tmp_path / "cache"))
+    try:
+        leap = LEAP(env, model=tiny_model, run_dir=tmp_path, expert_retries=EXPERT_RETRIES, progress=False)
+        expert = PrivilegedExpert("openai/bad-expert", api_base=bad_server.api_base, api_key="x", engine="litellm",
+                                  num_retries=0, timeout=CLIENT_TIMEOUT_S, cache=True, max_tokens=64)
+        bad_server.reset("unparsable_once")
+        records = leap.corrections(1, expert, trajectories)
+    finally:
+        dspy.cache = previous
+    assert records and all(r.dropped is None and r.action == "look" for r in records)
+    assert bad_server.requests == 2 * len(records)
+
+
+def test_failed_corrections_are_asked_again_when_the_round_resumes(
+        env: ALFWorld, tiny_model: str, tmp_path: Path, bad_server: BadExpertServer,
+        trajectories: dict[str, Trajectory]) -> None:
+    """An outage leaves its steps as failed records; the resumed round asks them again, their usage summed."""
+    records, _, _ = correct(env, tiny_model, tmp_path, bad_server, "500", trajectories)
+    assert all((r.dropped or "").startswith("expert failed:") for r in records.values())
+    records, _, _ = correct(env, tiny_model, tmp_path, bad_server, "ok", trajectories)
+    assert set(records) == visited(trajectories)
+    assert all(r.dropped is None and r.usage is not None and r.usage.calls == EXPERT_RETRIES + 1
+               for r in records.values())
+    assert expert_usage_metrics(list(records.values()))["expert_cached_calls"] == 0  # a 500 is no cache hit
+
+
+def test_an_unreachable_expert_stops_its_episodes_but_an_unparsable_answer_is_recorded(
+        env: ALFWorld, tiny_model: str, bad_server: BadExpertServer) -> None:
+    """While the expert plays (demonstrations, its reference row) an endpoint that never answers stops the
+    compile, the episode unlogged so that a resume plays it; an answer that does not parse is the step's."""
+    from leap_dspy.rollout import ExpertUnavailable, expert_policy, run_parallel
+
+    tasks = env.tasks("train")[:1]
+    bad_server.reset("500")
+    play = expert_policy(expert_for(bad_server), Student(), env, level=env.default_privilege_level, retries=2)
+    with pytest.raises(ExpertUnavailable, match="after 2 attempt.*InternalServerError"):
+        run_parallel(play, env, tasks, num_threads=1)
+    bad_server.reset("empty")
+    [played] = run_parallel(play, env, tasks, num_threads=1)
+    assert played.steps and all((s.error or "").startswith("expert failed: AdapterParseError") for s in played.steps)

@@ -185,7 +185,7 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], Any]:
     return config, build_env(env_options.pop("name"), env_options)
 
 
-def load_program(path: Path, lm: Any = None) -> Any:
+def load_program(path: Path, lm: Any = None, settings: dict[str, Any] | None = None) -> Any:
     """A saved Student, loaded only if its LM state names nothing but leap-dspy's own engines and no endpoint:
     DSPy imports the engine class a file names, so an untrusted file must not choose it. With `lm`, the student
     acts with that instead of the engine its file records (whose adapter path is where the run was written)."""
@@ -204,7 +204,10 @@ def load_program(path: Path, lm: Any = None) -> Any:
                    "local engine)")
     if lm is not None and isinstance(state, dict):
         state = {k: {**v, "lm": None} if isinstance(v, dict) and "lm" in v else v for k, v in state.items()}
-    student = Student()
+    try:
+        student = Student(**(settings or {}))  # the settings its run recorded (history window, clipping, ...)
+    except TypeError as exc:
+        raise fail(f"{path}: its run recorded Student settings this leap-dspy does not take: {exc}") from exc
     try:
         student.load_state(state, allow_unsafe_lm_state=True)
     except FileNotFoundError as exc:  # the adapter it records is gone (`ModelNotFound`)
@@ -256,8 +259,13 @@ def evaluate(
     """Evaluate a compiled student (the run folder's student.json, on the adapter its compile chose) on a split."""
     if not run_dir.exists():
         raise fail(f"run folder {run_dir} does not exist")
-    _, environment = load_run(run_dir)
-    student = load_program(run_dir / "student.json", lm=run_lm(run_dir))
+    config, environment = load_run(run_dir)
+    recorded = dict(config.get("student") or {})
+    if recorded.get("name", "Student") != "Student" or "signature" in recorded:
+        raise fail(f"{run_dir} compiled a student of its own ({recorded.get('name')}); evaluate it from Python "
+                   "(Agent(env, MyStudent()) after .load(...)): the CLI can only rebuild leap-dspy's Student")
+    settings = {k: v for k, v in recorded.items() if k not in ("name", "adapter")}
+    student = load_program(run_dir / "student.json", lm=run_lm(run_dir), settings=settings)  # its compile's prompts
     _play(student, environment, split, threads, limit, f"{run_dir.name} on {split}", out)
 
 

@@ -73,12 +73,27 @@ def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
         raise fail(str(exc)) from exc
     if "schema_version" in data:  # a run's config.yaml: rerun as it ran
         data = as_run_ran(data)
+        data = _unpin_derived_lr(data)
     run_keys = {"env", "student", "expert", "demonstrator", "trainset", "valset", "bc_expert_level", "schema_version"}
     unknown = sorted(set(data) - set(LEAPConfig.model_fields) - run_keys)
     if unknown:
         raise fail(f"--config {path}: not LEAP settings: {', '.join(unknown)}")
     return ({k: v for k, v in data.items() if k in LEAPConfig.model_fields},
             {k: v for k, v in data.items() if k in run_keys})
+
+
+def _unpin_derived_lr(data: dict[str, Any]) -> dict[str, Any]:
+    """A run's config.yaml records the rounds' learning rate it used (`LEAPConfig.dump`), also where it was derived
+    (a tenth of SFT's, or DPO/KTO's own): drop it there, so that a rerun with another `--update` or training rate
+    derives its own instead of keeping the recorded run's."""
+    from leap_dspy.config import LEAPConfig
+
+    fields = {k: v for k, v in data.items() if k in LEAPConfig.model_fields and k != "iteration_lr"}
+    try:
+        derived = LEAPConfig(**fields).iteration_learning_rate()
+    except ValueError:
+        return data
+    return {k: v for k, v in data.items() if k != "iteration_lr"} if data.get("iteration_lr") == derived else data
 
 
 def _given(ctx: typer.Context, param: str) -> bool:

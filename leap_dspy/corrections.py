@@ -23,7 +23,7 @@ from leap_dspy.metrics import call_usage, describe_expert
 from leap_dspy.programs.experts import ATTEMPT, expert_inputs
 from leap_dspy.progress import progress_bar
 from leap_dspy.realizability import unobserved_mentions
-from leap_dspy.rollout import needs_oracle, retry_wait
+from leap_dspy.rollout import needs_oracle, retry_wait, wants_text
 from leap_dspy.signatures import StudentTurn
 from leap_dspy.store import JsonlLog
 from leap_dspy.types import Correction, ExpertUsage, Step, Trajectory
@@ -148,7 +148,7 @@ class Corrector:
             return self._whole(trajectory, steps)
         step = steps[0]
         out, usage, error = self.ask(lambda: self.teacher(**expert_inputs(step.inputs, step.reason, step.action,
-                                                                          step.privileged)))
+                                                                          step.privileged, wants_text(self.teacher))))
         if out is None:
             return [self.record(trajectory, step, dropped=error, usage=usage)]
         return [self.judged(trajectory, step, str(out.reason), str(out.action), usage)]

@@ -113,10 +113,11 @@ def expand(grid: Grid) -> list[Spec]:
 
 def _bc_key(spec: Spec) -> str:
     """What behaviour cloning depends on: the environment and seed, the settings marked `bc`, the expert (its
-    demonstrator), and the privilege level where an LM expert demonstrates at it."""
+    demonstrator), and the privilege level where an LM expert demonstrates at it or a privileged self's
+    demonstrations are recorded at it (`bc_expert_level`, which `check_bc_from` compares)."""
     config = LEAPConfig(**spec.settings)
     bc = {k: getattr(config, k) for k in LEAPConfig.bc_keys() if k != "seed"}
-    level = config.privilege_level if spec.expert not in ("oracle", "self") else None
+    level = config.privilege_level if spec.expert != "oracle" else None
     return json.dumps([spec.env, spec.options, spec.seed, bc, spec.expert, level], sort_keys=True, default=str)
 
 

@@ -91,11 +91,18 @@ def expert_usage_metrics(corrections: list[Correction]) -> dict[str, Any]:
 def describe_expert(teacher: dspy.Module) -> dict[str, Any]:
     """What the config records about the expert: its class and, for LM experts, the model."""
     info: dict[str, Any] = {"name": type(teacher).__name__}
-    lms = [p.lm for p in teacher.predictors() if getattr(p, "lm", None) is not None]
+    predictors = teacher.predictors() if hasattr(teacher, "predictors") else []  # a plain function: none
+    lms = [p.lm for p in predictors if getattr(p, "lm", None) is not None]
+    if not isinstance(teacher, dspy.Module):
+        info["name"] = getattr(teacher, "__qualname__", info["name"])
     if lms:
         info["model"] = getattr(lms[0], "model", str(lms[0]))
     if getattr(teacher, "per", "step") != "step":
         info["per"] = teacher.per
+    if getattr(teacher, "sees_student", False):  # another prompt format for the self, and its behaviour cloning
+        info["sees_student"] = True
+    if getattr(teacher, "given_expertise", False):  # not the environment's own: other corrections
+        info["expertise"] = type(teacher.expertise).__name__
     return info
 
 

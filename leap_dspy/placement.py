@@ -12,6 +12,7 @@ import contextlib
 import os
 import shlex
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,10 @@ from leap_dspy.progress import console
 from leap_dspy.store import atomic_write_text
 from leap_dspy.train import TrainConfig, TrainResult
 from leap_dspy.train.common import RESULT_FILE, machine_memory_mb, peak_rss_mb, release_memory, rss_mb
+
+_IN_PROCESS_TRAINING = threading.Lock()
+"""Fine-tunes inside this process (`train_launcher: ''`) from compiles on several threads run one after another:
+two at once race in TRL's lazy module (ImportError: cannot import name 'SFTConfig') and set torch's threads."""
 
 
 @dataclass
@@ -120,8 +125,9 @@ class Placement:
         if launched:
             method = trainer.__name__.removeprefix("train_")
             return self.launch_fine_tune(method, out, previous, config, evaluate_then_release if together else None)
-        return trainer(rows, model=self.config.model, output_dir=out, init_adapter=str(previous) if previous else None,
-                       config=config), 0.0
+        with _IN_PROCESS_TRAINING:  # one at a time: TRL's lazy imports and torch's thread count are process-wide
+            return trainer(rows, model=self.config.model, output_dir=out,
+                           init_adapter=str(previous) if previous else None, config=config), 0.0
 
     def beside_training(self, previous: Path | None) -> bool:
         """Whether an evaluation runs beside the fine-tune that continues `previous`: `evaluate_beside_training`,

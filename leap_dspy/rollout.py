@@ -45,7 +45,7 @@ def engine_counters(program: dspy.Module | None) -> dict[str, float]:
 def _engines(program: dspy.Module | None) -> list[Any]:
     """The batching engines behind a program's LMs (those that accept an `expected` hint)."""
     lms = []
-    if program is not None:
+    if program is not None and hasattr(program, "predictors"):  # a scripted expert may be a plain function
         lms = [p.lm for p in program.predictors() if getattr(p, "lm", None) is not None]
     if not lms and dspy.settings.lm is not None:
         lms = [dspy.settings.lm]
@@ -261,7 +261,8 @@ def expert_policy(expert: dspy.Module, student: Student, env: TextEnv, *, level:
             privileged = capture_privileged(episode_env, capture_level, capture_oracle) or PrivilegedState(level=-1)
             used.append(privileged)
             try:
-                out = ask_expert(lambda: expert(**expert_inputs(inputs, "", "", privileged)), retries)
+                asked = expert_inputs(inputs, "", "", privileged, wants_text(expert))
+                out = ask_expert(lambda: expert(**asked), retries)
             except Exception as exc:  # recorded on the step, unless the endpoint is down: then stop, unlogged
                 if unreachable(exc):
                     raise ExpertUnavailable(f"the expert failed after {retries} attempt(s) while playing {task.id}:"
@@ -316,6 +317,11 @@ def needs_oracle(expert: dspy.Module) -> bool:
 def reads_privileged_text(expert: dspy.Module) -> bool:
     """LM experts read the privileged state as text; scripted ones do not (the `reads_privileged_text` flag)."""
     return bool(getattr(expert, "reads_privileged_text", not needs_oracle(expert)))
+
+
+def wants_text(expert: dspy.Module) -> bool:
+    """Whether `expert` is handed the privileged state as text: an expert that is not scripted and reads it so."""
+    return reads_privileged_text(expert) and not getattr(expert, "scripted", False)
 
 
 def round_seed(seed: int, k: int) -> int:

@@ -13,6 +13,7 @@ import json
 import random
 import shutil
 import time
+import typing
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -81,6 +82,7 @@ from leap_dspy.types import Correction, PrivilegedState, StudentInputs, Task, Tr
 
 Rows = list[dict[str, Any]]
 _RENAMED = {"train_config": "train", "lm_kwargs": "lm"}  # the keyword names of earlier releases
+_NULLABLE = {k for k, f in LEAPConfig.model_fields.items() if type(None) in typing.get_args(f.annotation)}
 
 
 def as_tasks(examples: Iterable[Any]) -> list[Task]:
@@ -113,8 +115,11 @@ class LEAP(Teleprompter):
                  **settings: Any) -> None:
         super().__init__()
         settings = {_RENAMED.get(k, k): v for k, v in settings.items()}
+        # None sets a field that takes None (rollout_tasks=None: every task; iteration_lr=None: derived), as
+        # LEAPConfig(...) does; for any other field it means "not given".
+        given = {k: v for k, v in settings.items() if v is not None or k in _NULLABLE}
         self.config = LEAPConfig.model_validate({**(config or LEAPConfig()).model_dump(exclude_unset=True),
-                                                 **{k: v for k, v in settings.items() if v is not None}}).for_env(env)
+                                                 **given}).for_env(env)
         self.env = env
         self.expertise = env.expertise()  # what the records are judged by, and the privileged self's proposals
         env.check_level(self.config.privilege_level)  # an unknown level fails here, before anything runs
@@ -135,6 +140,7 @@ class LEAP(Teleprompter):
         if kwargs:
             raise TypeError(f"unexpected arguments: {', '.join(kwargs)}")
         program, student = (student, student.student) if isinstance(student, Agent) else (student, student)
+        check_student(student)  # before anything runs: rows are built from the student's own signature
         train, val = as_tasks(trainset), as_tasks(valset or [])
         self._student = student
         teacher = self.prepare(teacher, train, val)
@@ -254,13 +260,14 @@ class LEAP(Teleprompter):
             pairs, anchors = aggregate_preference(usable, later, right, cfg.max_train_rows, cfg.preference_anchor,
                                                   cfg.update, rng, cfg.balance_actions, balance_rng,
                                                   all_new=cfg.train_all_new)
-            rows = preference_rows(signature, adapter, pairs, kind=cfg.update, anchors=anchors)
+            rows = preference_rows(signature, adapter, pairs, kind=cfg.update, anchors=anchors,
+                                   demos=student.step.demos)
             examples = len(pairs) + len(anchors)
         else:
             budget = (cfg.bc_rows or 2 * cfg.max_train_rows) if k == 0 else cfg.max_train_rows
             chosen = aggregate_sft(usable, earlier, budget, rng, cfg.balance_actions, balance_rng,
                                    all_new=cfg.train_all_new)
-            rows, examples = sft_rows(signature, adapter, chosen), len(chosen)
+            rows, examples = sft_rows(signature, adapter, chosen, demos=student.step.demos), len(chosen)
         return rows, examples
 
     def fine_tune(self, k: int, rows: Rows, previous: Path | None, beside: Owed) -> tuple[Path, float, float]:
@@ -386,6 +393,7 @@ class LEAP(Teleprompter):
         for warning in check_env(self.env, train[0], self.placement.episodes.clone(), oracle=scripted):
             console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         check_model(self.config.model)
+        self.check_student_lm()
         config = self.run_config(teacher, train, val)
         source = check_bc_from(self.config.bc_from, config) if self.config.bc_from is not None else None
         start_run(self.run, config)
@@ -405,7 +413,7 @@ class LEAP(Teleprompter):
             "schema_version": SCHEMA_VERSION,
             "env": {"name": env_spec(self.env), **self.env.config()},
             **self.config.dump(),
-            "student": self._student.settings(),
+            "student": {**self._student.settings(), **_prompt_format(self._student)},
             "expert": describe_expert(teacher),
             "demonstrator": describe_expert(self._demonstrator(teacher)),
             **({"bc_expert_level": self.privilege_level} if _follows_student(teacher) else {}),
@@ -415,11 +423,33 @@ class LEAP(Teleprompter):
 
     def check_teacher(self, teacher: dspy.Module) -> None:
         """Refuse a teacher that cannot correct at this run's privilege level, before anything runs."""
+        import inspect
+
+        try:  # an expert answers PrivilegedCorrection's inputs (a student-shaped teacher takes only the student's)
+            inspect.signature(getattr(teacher, "forward", teacher)).bind(
+                task="", observation="", history="", student_reason="", student_action="", privileged_state=None)
+        except TypeError as exc:
+            raise TypeError(f"the teacher {type(teacher).__name__} cannot be called as an expert ({exc}): it must take "
+                            "task, observation, history, student_reason, student_action and privileged_state and "
+                            "return reason and action (see OracleExpert, PrivilegedExpert)") from None
+        except ValueError:  # no signature to read (a builtin): calling it will tell
+            pass
         top = max(self.env.privilege_levels)
         levels = getattr(getattr(teacher, "expertise", None), "levels", ())
         if getattr(teacher, "scripted", False) and self.privilege_level < top and self.privilege_level not in levels:
             raise ValueError(f"the scripted expert has no policy at privilege level {self.privilege_level} on "
                              f"{self.env.name} (it follows the oracle at level {top}); use an LM expert there")
+
+    def check_student_lm(self) -> None:
+        """Say so when the student arrives with an LM of its own that is not `model`: LEAP fine-tunes and points
+        the student at `model` (a DSPy optimizer such as BootstrapFinetune trains the student's own LM)."""
+        lms = [p.lm for p in self._student.predictors() if getattr(p, "lm", None) is not None]
+        engine = getattr(lms[0], "engine", None) if lms else None
+        theirs = getattr(engine, "model", None) or (getattr(lms[0], "model", None) if lms else None)
+        if theirs is not None and str(theirs) != str(self.config.model):
+            raise ValueError(f"the student's LM is {theirs}, but LEAP trains model={self.config.model!r} and would "
+                             "replace it; pass LEAP(model=...) (a local Hugging Face folder, the embedded default or "
+                             "tiny-random), or unset the student's LM")
 
     def save(self, student: Student, adapter: Path | None) -> None:
         """`student.json`, with the local engine on the chosen adapter even when the student acted through a
@@ -499,6 +529,54 @@ class LEAP(Teleprompter):
         tmp.rename(out)
         atomic_write_json(out.parent / "train.json", {"skipped": "no usable corrections", "adapter_dir": str(out)})
         return out
+
+
+def check_student(student: Any) -> None:
+    """Refuse, before anything runs, a student whose prompts LEAP cannot write training rows for.
+
+    Training rows are the student's own prompts, built from `StudentInputs` (task, history, observation) and
+    the expert's reason and action: a `Student` (or subclass) whose `step` is a `dspy.Predict` over exactly
+    those fields. Any other signature (a renamed field, an extra input, an extra output such as `plan`, or
+    `dspy.ChainOfThought`'s `reasoning`) would be trained on prompts it never sees, or on answers of "None"."""
+    from leap_dspy.signatures import STUDENT_INPUTS
+
+    missing = [name for name in ("inputs", "run", "settings", "adapter", "step") if not hasattr(student, name)]
+    if missing:
+        raise TypeError(f"LEAP compiles a leap_dspy Student (or an Agent holding one); {type(student).__name__} "
+                        f"lacks {', '.join(missing)}: subclass leap_dspy.programs.Student")
+    step = student.step
+    if not isinstance(step, dspy.Predict):
+        raise TypeError(f"{type(student).__name__}.step must be a dspy.Predict (its signature is what the training "
+                        f"rows are written in), not {type(step).__name__}")
+    inputs, outputs = set(step.signature.input_fields), set(step.signature.output_fields)
+    problems = []
+    if inputs != set(STUDENT_INPUTS):
+        problems.append(f"inputs {sorted(inputs)} (LEAP's rows give {sorted(STUDENT_INPUTS)})")
+    if outputs != {"reason", "action"}:
+        problems.append(f"outputs {sorted(outputs)} (the expert gives ['action', 'reason'])")
+    if problems:
+        raise TypeError(f"{type(student).__name__}.step's signature has " + " and ".join(problems) + ": LEAP's "
+                        "training rows would not match the student's prompts")
+    try:
+        student.adapter.format_finetune_data(signature=step.signature, demos=[], inputs=dict.fromkeys(inputs, ""),
+                                             outputs={"reason": "", "action": ""})
+    except NotImplementedError:
+        raise TypeError(f"{type(student.adapter).__name__} cannot write fine-tuning rows (format_finetune_data); "
+                        "give the student a ChatAdapter (the default CompactChatAdapter is one)") from None
+
+
+def _prompt_format(student: Student) -> dict[str, Any]:
+    """The student's signature where it is not the shipped `StudentStep` (changed instructions or field texts):
+    rows written in one format must not be resumed or shared (`bc_from`) into a run that prompts in another."""
+    from leap_dspy.signatures import StudentStep
+
+    def described(signature: type[dspy.Signature]) -> dict[str, Any]:
+        return {"instructions": signature.instructions,
+                "fields": {name: [(f.json_schema_extra or {}).get("prefix"), (f.json_schema_extra or {}).get("desc")]
+                           for name, f in signature.fields.items()}}
+
+    mine = described(student.step.signature)
+    return {} if mine == described(StudentStep) else {"signature": mine}
 
 
 def _follows_student(expert: dspy.Module) -> bool:

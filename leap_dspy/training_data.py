@@ -21,28 +21,30 @@ Messages = list[dict[str, str]]
 
 
 def _prompt_and_completion(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
-                           inputs: StudentInputs | dict[str, Any], reason: str, action: str
-                           ) -> tuple[Messages, Messages]:
+                           inputs: StudentInputs | dict[str, Any], reason: str, action: str,
+                           demos: list[Any] | None = None) -> tuple[Messages, Messages]:
+    """The prompt the student's predictor sends (its few-shot `demos` included, as DSPy's BootstrapFinetune
+    formats them) and the answer."""
     values = inputs.model_dump() if isinstance(inputs, StudentInputs) else inputs
-    data = adapter.format_finetune_data(signature=signature, demos=[], inputs=values,
+    data = adapter.format_finetune_data(signature=signature, demos=list(demos or []), inputs=values,
                                         outputs={"reason": reason, "action": action})
     messages = data["messages"]
     return messages[:-1], messages[-1:]
 
 
 def sft_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
-             corrections: Iterable[Correction]) -> list[dict[str, Any]]:
+             corrections: Iterable[Correction], demos: list[Any] | None = None) -> list[dict[str, Any]]:
     """Conversational prompt-completion rows, TRL's format for completion-only SFT."""
     rows = []
     for c in corrections:
-        prompt, completion = _prompt_and_completion(signature, adapter, c.inputs, c.reason, c.action)
+        prompt, completion = _prompt_and_completion(signature, adapter, c.inputs, c.reason, c.action, demos)
         rows.append({"prompt": prompt, "completion": completion})
     return rows
 
 
 def preference_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
                     corrections: Iterable[Correction], kind: str = "dpo",
-                    anchors: Iterable[Correction] = ()) -> list[dict[str, Any]]:
+                    anchors: Iterable[Correction] = (), demos: list[Any] | None = None) -> list[dict[str, Any]]:
     """The correction preferred over the student's own step. Steps the expert left unchanged make no pair;
     for KTO each changed step gives one desirable and one undesirable row.
 
@@ -57,16 +59,16 @@ def preference_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
     for c in corrections:
         if not c.changed:
             continue
-        prompt, chosen = _prompt_and_completion(signature, adapter, c.inputs, c.reason, c.action)
+        prompt, chosen = _prompt_and_completion(signature, adapter, c.inputs, c.reason, c.action, demos)
         _, rejected = _prompt_and_completion(signature, adapter, c.inputs, c.student_reason or "",
-                                             c.student_action or "")
+                                             c.student_action or "", demos)
         if kind == "dpo":
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
         else:
             rows.append({"prompt": prompt, "completion": chosen, "label": True})
             rows.append({"prompt": prompt, "completion": rejected, "label": False})
     for c in anchors:
-        prompt, chosen = _prompt_and_completion(signature, adapter, c.inputs, c.reason, c.action)
+        prompt, chosen = _prompt_and_completion(signature, adapter, c.inputs, c.reason, c.action, demos)
         if kind == "dpo":
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": chosen, "anchor": True})
         else:

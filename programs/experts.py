@@ -52,10 +52,13 @@ class OracleExpert(dspy.Module):
     def __init__(self, expertise: Expertise | None = None) -> None:
         super().__init__()
         self.expertise = expertise or Expertise()
+        self.given_expertise = expertise is not None
+        """An expertise passed in is the caller's choice: `attach` keeps it."""
 
     def attach(self, env: object) -> None:
-        """Take the environment's expertise (called by LEAP before anything is played)."""
-        self.expertise = env.expertise()  # type: ignore[attr-defined]
+        """Take the environment's expertise (called by LEAP before anything is played), unless one was given."""
+        if not self.given_expertise:
+            self.expertise = env.expertise()  # type: ignore[attr-defined]
 
     def forward(self, task: str, observation: str, history: str, student_reason: str, student_action: str,
                 privileged_state: PrivilegedState) -> dspy.Prediction:
@@ -106,14 +109,14 @@ class PrivilegedExpert(dspy.Module):
     def correct_trajectory(self, task: str, steps: list[StudentTurn],
                            privileged_state: PrivilegedState | str) -> list[StepFix]:
         """The expert's fixes for a whole trajectory, one call; steps it skipped are simply absent."""
-        text = privileged_state.to_text() if isinstance(privileged_state, PrivilegedState) else privileged_state
+        text = privileged_text(privileged_state)
         with dspy.context(adapter=self.adapter):
             out = self.correct_all(task=task, steps=steps, privileged_state=text, **_retry_config())
         return [fix if isinstance(fix, StepFix) else StepFix.model_validate(fix) for fix in out.corrections or []]
 
     def forward(self, task: str, observation: str, history: str, student_reason: str, student_action: str,
                 privileged_state: PrivilegedState | str) -> dspy.Prediction:
-        text = privileged_state.to_text() if isinstance(privileged_state, PrivilegedState) else privileged_state
+        text = privileged_text(privileged_state)
         with dspy.context(adapter=self.adapter):
             return self.correct(task=task, observation=observation, history=history,
                                 student_reason=student_reason, student_action=student_action, privileged_state=text,
@@ -155,12 +158,25 @@ class SelfExpert(PrivilegedExpert):
                 privileged_state: PrivilegedState | str) -> dspy.Prediction:
         if self.sees_student:
             return super().forward(task, observation, history, student_reason, student_action, privileged_state)
-        text = privileged_state.to_text() if isinstance(privileged_state, PrivilegedState) else privileged_state
+        text = privileged_text(privileged_state)
         with dspy.context(adapter=self.adapter):
             return self.step(task=task, observation=observation, history=history, privileged_state=text)
 
 
+def privileged_text(privileged: PrivilegedState | str) -> str:
+    """The privileged state as an LM expert reads it: its sections, and the oracle's next action where it was
+    captured (only for an expert that sets `reads_oracle`)."""
+    if not isinstance(privileged, PrivilegedState):
+        return privileged
+    text = privileged.to_text()
+    if privileged.oracle_action:
+        text = ("" if not privileged.sections else text + "\n") + f"oracle's next action:\n- {privileged.oracle_action}"
+    return text
+
+
 def expert_inputs(inputs: StudentInputs, student_reason: str, student_action: str,
-                  privileged: PrivilegedState) -> dict[str, object]:
+                  privileged: PrivilegedState, as_text: bool = False) -> dict[str, object]:
+    """An expert's call arguments; `as_text` renders the privileged state as text (what `reads_privileged_text`
+    promises an expert that is not scripted), else the typed `PrivilegedState`."""
     return {**inputs.model_dump(), "student_reason": student_reason, "student_action": student_action,
-            "privileged_state": privileged}
+            "privileged_state": privileged_text(privileged) if as_text else privileged}

@@ -243,3 +243,56 @@ def test_a_privileged_self_has_no_reference_row(tiny_model: str, tmp_path: Path)
                 evaluate_base=False)
     leap.compile(Student(), trainset=env.tasks("train"), teacher=SelfExpert(), valset=env.tasks("seen"))
     assert metrics_rows(tmp_path / "run") == ["0"]
+
+
+class _Planner(Student):
+    """A DSPy user's student with a signature of its own: an extra `plan` output LEAP's rows cannot fill."""
+
+    def __init__(self) -> None:
+        import dspy
+
+        super().__init__()
+        self.step = dspy.Predict(self.step.signature.append("plan", dspy.OutputField()))
+
+
+class _Thinker(Student):
+    def __init__(self) -> None:
+        import dspy
+
+        super().__init__()
+        self.step = dspy.ChainOfThought(self.step.signature)
+
+
+def test_a_student_or_teacher_leap_cannot_train_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    """Training rows are written in `StudentStep`'s fields: another signature, a ChainOfThought or a teacher
+    shaped like the student fails at once, with the run folder left empty; `None` unsets a setting."""
+    env = KeyBox(**TINY)
+    for student, says in ((_Planner(), "outputs"), (_Thinker(), "must be a dspy.Predict")):
+        with pytest.raises(TypeError, match=says):
+            LEAP(env, run_dir=tmp_path / "run", progress=False).compile(student, trainset=env.tasks("train"))
+    with pytest.raises(TypeError, match="cannot be called as an expert"):
+        LEAP(env, run_dir=tmp_path / "run", progress=False).compile(Student(), trainset=env.tasks("train"),
+                                                                    teacher=Student())
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert LEAP(env, rollout_tasks=None).config.rollout_tasks is None
+
+
+def test_few_shot_demos_on_the_student_are_in_its_training_prompts_and_a_given_expertise_is_kept() -> None:
+    """What BootstrapFewShot leaves on a student is part of every prompt it sends, so of its training rows too."""
+    import dspy
+
+    from leap_dspy.training_data import sft_rows
+    from leap_dspy.types import Correction
+
+    student = Student()
+    inputs = StudentInputs(task="take the key", observation="You see a red box.", history="(none)")
+    record = Correction(task_id="t", step=0, inputs=inputs, reason="r", action="shake red box", expert="x")
+    plain = sft_rows(student.step.signature, student.adapter, [record])[0]["prompt"]
+    demo = dspy.Example(**inputs.model_dump(), reason="I shake it.", action="shake red box")
+    shown = sft_rows(student.step.signature, student.adapter, [record], demos=[demo])[0]["prompt"]
+    assert len(shown) == len(plain) + 2 and "I shake it." in shown[-2]["content"]
+
+    mine = KeyboxExpertise()
+    expert = OracleExpert(expertise=mine)
+    expert.attach(KeyBox(**TINY))
+    assert expert.expertise is mine

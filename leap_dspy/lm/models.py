@@ -28,6 +28,7 @@ TINY_MODEL = "tiny-random"
 and a whole compile with it takes seconds, for trying an environment or a configuration end to end."""
 _load_lock = threading.Lock()
 _tiny_lock = threading.Lock()
+_from_pretrained_lock = threading.Lock()
 
 
 class ModelNotFound(FileNotFoundError):
@@ -188,7 +189,11 @@ def load_model(model: str, dtype: str = "auto", device: str | None = None) -> An
     from transformers import AutoModelForCausalLM
 
     torch_dtype = pick_dtype(dtype)
-    lm = AutoModelForCausalLM.from_pretrained(str(resolve_model(model)), dtype=torch_dtype)
+    path = str(resolve_model(model))
+    # One load at a time in a process: transformers' loading switches process-wide state (the meta device, skipped
+    # weight init), so two threads loading at once fail with "Cannot copy out of meta tensor".
+    with _from_pretrained_lock:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     _drop_gguf_marker(lm)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return lm.to(device).eval()

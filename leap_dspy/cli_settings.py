@@ -46,7 +46,14 @@ def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Pat
     if isinstance(run.get("expert"), dict) and not _given(ctx, "expert"):
         described = run["expert"]
         expert = expert_spec(described)
+        if expert is None or "expertise" in described:  # an expert of the user's own, built in Python
+            raise fail(f"{config_file} names an expert the command line cannot rebuild ({described}); pass "
+                       "--expert, or rerun it from Python")
         expert_per = described.get("per", expert_per)
+    student = run.get("student")
+    if isinstance(student, dict) and (student.get("name", "Student") != "Student" or "signature" in student):
+        raise fail(f"{config_file} compiled a student of its own ({student.get('name')}); rerun it from Python: "
+                   "the command line compiles leap-dspy's Student")
     typed = parse_sets(sets)
     options.update(typed)
     if takes_seed(env) and ("seed" not in options or (_given(ctx, "seed") and "seed" not in typed)):

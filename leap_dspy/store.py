@@ -110,7 +110,8 @@ class JsonlLog(Generic[M]):
 
         where = ", ".join(str(n) for n, _ in bad[:10]) + (" ..." if len(bad) > 10 else "")
         console.print(f"[yellow]warning:[/yellow] {self.path}: {len(bad)} unreadable line(s) (line {where}) moved "
-                      f"to {corrupt.name}; the other records are kept and the missing ones are produced again"
+                      f"to {corrupt.name}; the other records are kept, and a stage not yet finished produces the "
+                      "missing ones again"
                       + (" (and a torn last line was cut)" if torn else ""), soft_wrap=True, highlight=False)
 
     def append(self, record: M) -> None:

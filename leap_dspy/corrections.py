@@ -8,7 +8,6 @@ round resumes without asking the expert twice. An expert failure is retried, the
 from __future__ import annotations
 
 import contextvars
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -20,10 +19,10 @@ from dspy.utils.exceptions import AdapterParseError
 from leap_dspy.envs.base import action_admissible
 from leap_dspy.envs.expertise import Expertise
 from leap_dspy.metrics import call_usage, describe_expert
-from leap_dspy.programs.experts import ATTEMPT, expert_inputs
+from leap_dspy.programs.experts import expert_inputs
 from leap_dspy.progress import progress_bar
 from leap_dspy.realizability import unobserved_mentions
-from leap_dspy.rollout import needs_oracle, retry_wait, wants_text
+from leap_dspy.rollout import ask_expert, needs_oracle, wants_text
 from leap_dspy.signatures import StudentTurn
 from leap_dspy.store import JsonlLog
 from leap_dspy.types import Correction, ExpertUsage, Step, Trajectory
@@ -119,26 +118,32 @@ class Corrector:
         return self.record(trajectory, step, reason=reason, action=action, dropped=dropped, usage=usage, **judged)
 
     def ask(self, call: Callable[[], Any]) -> tuple[Any, ExpertUsage | None, str | None]:
-        """`call()` with retries and backoff: (answer, what the attempts cost, the last error)."""
+        """`call()` retried as any expert call is (`ask_expert`): (answer, what the attempts cost, the last
+        error), the failure recorded rather than raised."""
         usage = ExpertUsage() if self.uses_lm else None
-        error, last = "expert gave no answer", None
-        for attempt in range(self.retries):
-            token = ATTEMPT.set(attempt)  # a retry bypasses the cached answer of the attempt that failed
+
+        def attempt() -> Any:
+            nonlocal usage
             failed = False
             with dspy.track_usage() as tracker:
                 try:
                     answer = call()
-                except Exception as exc:  # any expert failure: retry, then record it
-                    error, answer, last = f"expert failed: {type(exc).__name__}: {str(exc)[:200]}", None, exc
+                except Exception as exc:
                     failed = not isinstance(exc, AdapterParseError)  # no answer came back: not a cache hit
+                    raise
                 finally:
-                    ATTEMPT.reset(token)
-            if usage is not None:
-                usage += call_usage(tracker, failed=failed)
-            if answer is not None:
-                return answer, usage, None
-            time.sleep(retry_wait(attempt, last) if attempt + 1 < self.retries else 0)
-        return None, usage, error
+                    if usage is not None:
+                        usage += call_usage(tracker, failed=failed)
+            if answer is None:
+                raise NoAnswer("expert gave no answer")
+            return answer
+
+        try:
+            return ask_expert(attempt, self.retries), usage, None
+        except NoAnswer as exc:
+            return None, usage, str(exc)
+        except Exception as exc:  # any expert failure, after its retries
+            return None, usage, f"expert failed: {type(exc).__name__}: {str(exc)[:200]}"
 
     def __call__(self, job: tuple[Trajectory, list[Step]]) -> list[Correction]:
         trajectory, steps = job
@@ -167,6 +172,10 @@ class Corrector:
                 if s.index in by_step else self.record(trajectory, s, usage=u,
                                                        dropped="expert gave no correction for this step")
                 for s, u in zip(steps, shares, strict=True)]
+
+
+class NoAnswer(Exception):
+    """An expert call that returned nothing: retried like a failure."""
 
 
 def _settled(record: Correction | None) -> bool:

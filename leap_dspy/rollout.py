@@ -209,20 +209,25 @@ _UNREACHABLE = {"LMServerError", "LMRateLimitError", "LMTimeoutError", "LMAuthEr
 """DSPy's and LiteLLM's names for an endpoint that is down, slow, out of quota or refusing the key."""
 
 
+def _error_names(exc: BaseException | None) -> set[str]:
+    """The class names along an exception's chain: DSPy wraps LiteLLM's errors in its own."""
+    names: set[str] = set()
+    while exc is not None:
+        names |= {cls.__name__ for cls in type(exc).__mro__}
+        exc = exc.__cause__ or exc.__context__
+    return names
+
+
 def unreachable(exc: BaseException | None) -> bool:
     """Whether an LM expert's call failed for want of an endpoint (connection, timeout, rate limit, 5xx, key),
     which a later resume may not meet, rather than for this request (a context window, an answer that does
-    not parse), which would fail again; DSPy wraps LiteLLM's errors, so the whole chain is read."""
-    while exc is not None:
-        if any(cls.__name__ in _UNREACHABLE for cls in type(exc).__mro__):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    not parse), which would fail again."""
+    return bool(_error_names(exc) & _UNREACHABLE)
 
 
 def retry_wait(attempt: int, exc: BaseException | None) -> float:
     """Seconds before retrying an expert call: exponential from 0.5 s, longer for a rate limit (429)."""
-    scale = 4.0 if "RateLimit" in type(exc).__name__ or "RateLimit" in type(exc.__cause__).__name__ else 0.5
+    scale = 4.0 if any("RateLimit" in name for name in _error_names(exc)) else 0.5
     return min(2.0**attempt * scale, 30.0)
 
 

@@ -12,7 +12,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from leap_dspy.cli_settings import fail, parse_sets, resolve_settings
+from leap_dspy.cli_settings import fail, own_student, parse_sets, resolve_settings
 from leap_dspy.progress import console
 
 if TYPE_CHECKING:
@@ -261,7 +261,7 @@ def evaluate(
         raise fail(f"run folder {run_dir} does not exist")
     config, environment = load_run(run_dir)
     recorded = dict(config.get("student") or {})
-    if recorded.get("name", "Student") != "Student" or "signature" in recorded:
+    if own_student(recorded):
         raise fail(f"{run_dir} compiled a student of its own ({recorded.get('name')}); evaluate it from Python "
                    "(Agent(env, MyStudent()) after .load(...)): the CLI can only rebuild leap-dspy's Student")
     settings = {k: v for k, v in recorded.items() if k not in ("name", "adapter")}

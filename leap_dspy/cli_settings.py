@@ -51,7 +51,7 @@ def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Pat
                        "--expert, or rerun it from Python")
         expert_per = described.get("per", expert_per)
     student = run.get("student")
-    if isinstance(student, dict) and (student.get("name", "Student") != "Student" or "signature" in student):
+    if isinstance(student, dict) and own_student(student):
         raise fail(f"{config_file} compiled a student of its own ({student.get('name')}); rerun it from Python: "
                    "the command line compiles leap-dspy's Student")
     typed = parse_sets(sets)
@@ -107,6 +107,12 @@ def _given(ctx: typer.Context, param: str) -> bool:
     """Whether `param` was typed (by name: typer may carry its own copy of click's ParameterSource)."""
     source = ctx.get_parameter_source(param)
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def own_student(described: dict[str, Any]) -> bool:
+    """Whether a run's config.yaml `student` entry is a student of the user's own, which only Python rebuilds
+    (another class, or leap-dspy's Student with another signature)."""
+    return described.get("name", "Student") != "Student" or "signature" in described
 
 
 def expert_spec(described: dict[str, Any]) -> str | None:

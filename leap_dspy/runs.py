@@ -230,7 +230,7 @@ class RunFolder:
         """Every evaluated episode's outcome, from the stages' eval logs, or from `episodes.csv` where only the
         published summary of a run is kept."""
         from leap_dspy.store import JsonlLog
-        from leap_dspy.types import Trajectory
+        from leap_dspy.types import SPLITS, Trajectory
 
         rows = []
         for stage in self.stages():
@@ -240,7 +240,7 @@ class RunFolder:
             strict = JsonlLog(folder / "eval.jsonl", Trajectory, key=lambda t: t.task.id).load(repair=False)
             snapped = JsonlLog(folder / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id).load(repair=False)
             metrics = read_json(folder / "metrics.json")
-            evaluated = sum(metrics.get(f"{split}_episodes", 0) for split in ("train", "seen", "unseen"))
+            evaluated = sum(metrics.get(f"{split}_episodes", 0) for split in SPLITS)
             if len(strict) < evaluated:  # a damaged log: the intervals over episodes would silently shrink
                 console.print(f"[yellow]warning:[/yellow] {folder / 'eval.jsonl'} holds {len(strict)} of the "
                               f"{evaluated} episodes its metrics.json counts", soft_wrap=True, highlight=False)

@@ -39,8 +39,8 @@ from leap_dspy.lm.models import check_model
 from leap_dspy.metrics import describe_expert, round_metrics, split_metrics
 from leap_dspy.placement import Owed, Placement
 from leap_dspy.programs.agent import Agent
-from leap_dspy.programs.experts import OracleExpert
-from leap_dspy.programs.student import Student, has_near_miss
+from leap_dspy.programs.experts import OracleExpert, check_expert_call
+from leap_dspy.programs.student import Student, check_student, has_near_miss, prompt_format
 from leap_dspy.progress import console
 from leap_dspy.rollout import (
     ROLLOUT_MAX_STUCK,
@@ -413,7 +413,7 @@ class LEAP(Teleprompter):
             "schema_version": SCHEMA_VERSION,
             "env": {"name": env_spec(self.env), **self.env.config()},
             **self.config.dump(),
-            "student": {**self._student.settings(), **_prompt_format(self._student)},
+            "student": {**self._student.settings(), **prompt_format(self._student)},
             "expert": describe_expert(teacher),
             "demonstrator": describe_expert(self._demonstrator(teacher)),
             **({"bc_expert_level": self.privilege_level} if _follows_student(teacher) else {}),
@@ -423,17 +423,7 @@ class LEAP(Teleprompter):
 
     def check_teacher(self, teacher: dspy.Module) -> None:
         """Refuse a teacher that cannot correct at this run's privilege level, before anything runs."""
-        import inspect
-
-        try:  # an expert answers PrivilegedCorrection's inputs (a student-shaped teacher takes only the student's)
-            inspect.signature(getattr(teacher, "forward", teacher)).bind(
-                task="", observation="", history="", student_reason="", student_action="", privileged_state=None)
-        except TypeError as exc:
-            raise TypeError(f"the teacher {type(teacher).__name__} cannot be called as an expert ({exc}): it must take "
-                            "task, observation, history, student_reason, student_action and privileged_state and "
-                            "return reason and action (see OracleExpert, PrivilegedExpert)") from None
-        except ValueError:  # no signature to read (a builtin): calling it will tell
-            pass
+        check_expert_call(teacher)
         top = max(self.env.privilege_levels)
         levels = getattr(getattr(teacher, "expertise", None), "levels", ())
         if getattr(teacher, "scripted", False) and self.privilege_level < top and self.privilege_level not in levels:
@@ -529,54 +519,6 @@ class LEAP(Teleprompter):
         tmp.rename(out)
         atomic_write_json(out.parent / "train.json", {"skipped": "no usable corrections", "adapter_dir": str(out)})
         return out
-
-
-def check_student(student: Any) -> None:
-    """Refuse, before anything runs, a student whose prompts LEAP cannot write training rows for.
-
-    Training rows are the student's own prompts, built from `StudentInputs` (task, history, observation) and
-    the expert's reason and action: a `Student` (or subclass) whose `step` is a `dspy.Predict` over exactly
-    those fields. Any other signature (a renamed field, an extra input, an extra output such as `plan`, or
-    `dspy.ChainOfThought`'s `reasoning`) would be trained on prompts it never sees, or on answers of "None"."""
-    from leap_dspy.signatures import STUDENT_INPUTS
-
-    missing = [name for name in ("inputs", "run", "settings", "adapter", "step") if not hasattr(student, name)]
-    if missing:
-        raise TypeError(f"LEAP compiles a leap_dspy Student (or an Agent holding one); {type(student).__name__} "
-                        f"lacks {', '.join(missing)}: subclass leap_dspy.programs.Student")
-    step = student.step
-    if not isinstance(step, dspy.Predict):
-        raise TypeError(f"{type(student).__name__}.step must be a dspy.Predict (its signature is what the training "
-                        f"rows are written in), not {type(step).__name__}")
-    inputs, outputs = set(step.signature.input_fields), set(step.signature.output_fields)
-    problems = []
-    if inputs != set(STUDENT_INPUTS):
-        problems.append(f"inputs {sorted(inputs)} (LEAP's rows give {sorted(STUDENT_INPUTS)})")
-    if outputs != {"reason", "action"}:
-        problems.append(f"outputs {sorted(outputs)} (the expert gives ['action', 'reason'])")
-    if problems:
-        raise TypeError(f"{type(student).__name__}.step's signature has " + " and ".join(problems) + ": LEAP's "
-                        "training rows would not match the student's prompts")
-    try:
-        student.adapter.format_finetune_data(signature=step.signature, demos=[], inputs=dict.fromkeys(inputs, ""),
-                                             outputs={"reason": "", "action": ""})
-    except NotImplementedError:
-        raise TypeError(f"{type(student.adapter).__name__} cannot write fine-tuning rows (format_finetune_data); "
-                        "give the student a ChatAdapter (the default CompactChatAdapter is one)") from None
-
-
-def _prompt_format(student: Student) -> dict[str, Any]:
-    """The student's signature where it is not the shipped `StudentStep` (changed instructions or field texts):
-    rows written in one format must not be resumed or shared (`bc_from`) into a run that prompts in another."""
-    from leap_dspy.signatures import StudentStep
-
-    def described(signature: type[dspy.Signature]) -> dict[str, Any]:
-        return {"instructions": signature.instructions,
-                "fields": {name: [(f.json_schema_extra or {}).get("prefix"), (f.json_schema_extra or {}).get("desc")]
-                           for name, f in signature.fields.items()}}
-
-    mine = described(student.step.signature)
-    return {} if mine == described(StudentStep) else {"signature": mine}
 
 
 def _follows_student(expert: dspy.Module) -> bool:

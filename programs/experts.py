@@ -8,6 +8,8 @@ next action from the privileged state; `PrivilegedExpert` asks any LM (LiteLLM m
 from __future__ import annotations
 
 import contextvars
+import inspect
+from typing import Any
 
 import dspy
 
@@ -180,3 +182,17 @@ def expert_inputs(inputs: StudentInputs, student_reason: str, student_action: st
     promises an expert that is not scripted), else the typed `PrivilegedState`."""
     return {**inputs.model_dump(), "student_reason": student_reason, "student_action": student_action,
             "privileged_state": privileged_text(privileged) if as_text else privileged}
+
+
+def check_expert_call(teacher: Any) -> None:
+    """Refuse, before anything runs, a teacher that cannot be called as an expert: it answers
+    `PrivilegedCorrection`'s inputs, where a student-shaped teacher takes only the student's."""
+    try:
+        inspect.signature(getattr(teacher, "forward", teacher)).bind(
+            task="", observation="", history="", student_reason="", student_action="", privileged_state=None)
+    except TypeError as exc:
+        raise TypeError(f"the teacher {type(teacher).__name__} cannot be called as an expert ({exc}): it must take "
+                        "task, observation, history, student_reason, student_action and privileged_state and "
+                        "return reason and action (see OracleExpert, PrivilegedExpert)") from None
+    except ValueError:  # no signature to read (a builtin): calling it will tell
+        pass

@@ -12,7 +12,7 @@ from rich.markup import escape
 from leap_dspy.adapters import END_MARKER, CompactChatAdapter
 from leap_dspy.envs.base import action_admissible
 from leap_dspy.progress import console
-from leap_dspy.signatures import StudentStep
+from leap_dspy.signatures import STUDENT_INPUTS, StudentStep
 from leap_dspy.types import Observation, PrivilegedState, Step, StudentInputs, Task, Trajectory
 
 INVALID_MARKERS = ("Nothing happens.",)
@@ -255,3 +255,47 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
         console.print(f"[yellow]warning:[/yellow] {escape(ended)}", highlight=False, soft_wrap=True)
     trajectory.wall_s = time.perf_counter() - start
     return trajectory
+
+
+def check_student(student: Any) -> None:
+    """Refuse, before anything runs, a student whose prompts LEAP cannot write training rows for.
+
+    Training rows are the student's own prompts, built from `StudentInputs` (task, history, observation) and
+    the expert's reason and action: a `Student` (or subclass) whose `step` is a `dspy.Predict` over exactly
+    those fields. Any other signature (a renamed field, an extra input, an extra output such as `plan`, or
+    `dspy.ChainOfThought`'s `reasoning`) would be trained on prompts it never sees, or on answers of "None"."""
+    missing = [name for name in ("inputs", "run", "settings", "adapter", "step") if not hasattr(student, name)]
+    if missing:
+        raise TypeError(f"LEAP compiles a leap_dspy Student (or an Agent holding one); {type(student).__name__} "
+                        f"lacks {', '.join(missing)}: subclass leap_dspy.programs.Student")
+    step = student.step
+    if not isinstance(step, dspy.Predict):
+        raise TypeError(f"{type(student).__name__}.step must be a dspy.Predict (its signature is what the training "
+                        f"rows are written in), not {type(step).__name__}")
+    inputs, outputs = set(step.signature.input_fields), set(step.signature.output_fields)
+    problems = []
+    if inputs != set(STUDENT_INPUTS):
+        problems.append(f"inputs {sorted(inputs)} (LEAP's rows give {sorted(STUDENT_INPUTS)})")
+    if outputs != {"reason", "action"}:
+        problems.append(f"outputs {sorted(outputs)} (the expert gives ['action', 'reason'])")
+    if problems:
+        raise TypeError(f"{type(student).__name__}.step's signature has " + " and ".join(problems) + ": LEAP's "
+                        "training rows would not match the student's prompts")
+    try:
+        student.adapter.format_finetune_data(signature=step.signature, demos=[], inputs=dict.fromkeys(inputs, ""),
+                                             outputs={"reason": "", "action": ""})
+    except NotImplementedError:
+        raise TypeError(f"{type(student.adapter).__name__} cannot write fine-tuning rows (format_finetune_data); "
+                        "give the student a ChatAdapter (the default CompactChatAdapter is one)") from None
+
+
+def prompt_format(student: Student) -> dict[str, Any]:
+    """The student's signature where it is not the shipped `StudentStep` (changed instructions or field texts):
+    rows written in one format must not be resumed or shared (`bc_from`) into a run that prompts in another."""
+    def described(signature: type[dspy.Signature]) -> dict[str, Any]:
+        return {"instructions": signature.instructions,
+                "fields": {name: [(f.json_schema_extra or {}).get("prefix"), (f.json_schema_extra or {}).get("desc")]
+                           for name, f in signature.fields.items()}}
+
+    mine = described(student.step.signature)
+    return {} if mine == described(StudentStep) else {"signature": mine}

@@ -15,8 +15,6 @@ from leap_dspy.progress import console
 from leap_dspy.signatures import STUDENT_INPUTS, StudentStep
 from leap_dspy.types import Observation, PrivilegedState, Step, StudentInputs, Task, Trajectory
 
-INVALID_MARKERS = ("Nothing happens.",)
-
 
 def _clip(text: str, limit: int) -> str:
     text = " ".join(text.split()) if "\n" not in text else text.strip()
@@ -209,8 +207,8 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
     `capture_oracle` the oracle's next action (for the scripted expert): each only when the expert reads it,
     since a full plan can cost far more than the step itself.
 
-    An episode also ends after `max_invalid_streak` consecutive unusable steps (a malformed output or an
-    action the environment rejected): with greedy decoding a policy that fails that often in a row is stuck,
+    An episode also ends after `max_invalid_streak` consecutive unusable steps (a malformed output, an
+    action the environment rejected, or one it says changed nothing, `info["changed"] = False`): with greedy decoding a policy that fails that often in a row is stuck,
     and playing out its remaining steps would only spend the step budget of a rollout.
 
     `max_stuck` (0: off) ends it once the same action has left the observation unchanged that many times in a
@@ -240,7 +238,7 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
                      next_observation=observation.text, reward=observation.reward, done=observation.done,
                      error=error, privileged=privileged, executed=executed, valid=not rejected)
             )
-            invalid = (error is not None or rejected or observation.text.strip() in INVALID_MARKERS
+            invalid = (error is not None or rejected or observation.info.get("changed") is False
                        or not action_admissible(executed or action, admissible))
             streak = streak + 1 if invalid else 0
             stuck = stuck + 1 if _repeats(trajectory.steps) else 0

@@ -67,10 +67,10 @@ def test_invalid_action_never_raises(env: ALFWorld, all_tasks) -> None:
         obs = env.step(action)
         assert obs.text == "Nothing happens."
         assert not obs.done and obs.admissible_actions
-        assert obs.info["valid"] is False
+        assert obs.info["valid"] is False and obs.info["changed"] is False
     # light normalisation: case, whitespace, trailing period
     obs = env.step("  LOOK. ")
-    assert obs.text != "Nothing happens." and obs.info["valid"] is True
+    assert obs.text != "Nothing happens." and obs.info["valid"] is True and obs.info["changed"] is True
     # the oracle still wins after invalid actions (they change nothing)
     assert play_oracle(env, obs).success
 

@@ -207,3 +207,37 @@ def test_an_environment_without_an_action_list_can_still_reject_an_action(tmp_pa
     demonstration_records([played], log, 1, env.expertise())
     dropped = [c.dropped for c in sorted(log.load().values(), key=lambda c: c.step)]
     assert dropped[0] is not None and "rejected" in dropped[0] and dropped[1:] == [None, None]
+
+
+class WaitingBoxes(Boxes):
+    """Boxes where `wait` is always listed and does nothing; with `says_so` the observation tells LEAP that."""
+
+    def __init__(self, says_so: bool = True) -> None:
+        super().__init__()
+        self.says_so = says_so
+
+    def step(self, action: str) -> Observation:
+        if action != "wait":
+            return super().step(action)
+        observation = self._observe("You wait.")
+        observation.info["changed"] = False if self.says_so else None
+        return observation
+
+    def _observe(self, text: str) -> Observation:
+        observation = super()._observe(text)
+        observation.admissible_actions = [*(observation.admissible_actions or []), "wait"]
+        return observation
+
+
+def test_an_environment_can_say_an_admitted_action_changed_nothing() -> None:
+    """`info["changed"] = False` counts an admitted action towards `max_invalid_streak` (what ALFWorld's
+    `Nothing happens.` does), without the generic layer knowing any environment's words for it."""
+    import dspy
+
+    student = Student(max_invalid_streak=3)
+    student.set_lm(dspy.utils.DummyLM([{"reason": "I wait.", "action": "wait"}] * 10))
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        told = student.run(WaitingBoxes(), Boxes().tasks("train")[0])
+        untold = student.run(WaitingBoxes(says_so=False), Boxes().tasks("train")[0])
+    assert len(told.steps) == 3 and all(step.valid for step in told.steps)
+    assert len(untold.steps) == WaitingBoxes.max_steps

@@ -199,7 +199,7 @@ class ALFWorld(TextEnv):
                 text=NOTHING,
                 notes=self._notes(),
                 admissible_actions=list(self._state["admissible_commands"]),
-                info={"steps": self._steps, "valid": False, "error": repr(exc)},
+                info={"steps": self._steps, "valid": False, "changed": False, "error": repr(exc)},
             )
         self._state = state
         self._history.append(command if valid else action)
@@ -223,6 +223,7 @@ class ALFWorld(TextEnv):
                 "steps": self._steps,
                 "max_steps": self.max_steps,
                 "valid": valid,
+                "changed": text != NOTHING,  # an admissible command can do nothing too (open an open drawer)
                 "won": self._won,
                 "task_type": self._task.task_type,
             },

@@ -208,8 +208,9 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
     since a full plan can cost far more than the step itself.
 
     An episode also ends after `max_invalid_streak` consecutive unusable steps (a malformed output, an
-    action the environment rejected, or one it says changed nothing, `info["changed"] = False`): with greedy decoding a policy that fails that often in a row is stuck,
-    and playing out its remaining steps would only spend the step budget of a rollout.
+    action the environment rejected, or one it says changed nothing, `info["changed"] = False`): with greedy
+    decoding a policy that fails that often in a row is stuck, and playing out its remaining steps would only
+    spend the step budget of a rollout.
 
     `max_stuck` (0: off) ends it once the same action has left the observation unchanged that many times in a
     row. A valid action can still be a loop (WebShop's `click[6 ounce]` on a page where it is already

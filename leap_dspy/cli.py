@@ -113,6 +113,7 @@ def compile_(
     from leap_dspy.rollout import ExpertUnavailable, attach_env
     from leap_dspy.store import RunFileError
     from leap_dspy.teleprompt import LEAP
+    from leap_dspy.train.common import TargetModulesNotFound
 
     if update not in ("sft", "dpo", "kto"):
         raise fail(f"--update must be sft, dpo or kto, not {update!r}")
@@ -141,7 +142,7 @@ def compile_(
         raise fail(f"{env} has no training tasks with these options (num_train?)")
     try:
         leap.compile(Student(), trainset=trainset, teacher=teacher, valset=valset)
-    except (RunFileError, OSError, EnvContractError, NoDemonstrations) as exc:
+    except (RunFileError, OSError, EnvContractError, NoDemonstrations, TargetModulesNotFound) as exc:
         raise fail(str(exc)) from exc
     except ExpertUnavailable as exc:
         raise fail(f"{exc}; everything played so far is kept: once the expert answers, run the same command "

@@ -69,7 +69,7 @@ from leap_dspy.runs import (
 from leap_dspy.runs import ConfigMismatch as ConfigMismatch  # re-exported: callers catch it from here
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, read_json
 from leap_dspy.trackers import Trackers
-from leap_dspy.train.common import RESULT_FILE, peak_rss_mb, release_memory
+from leap_dspy.train.common import RESULT_FILE, check_target_modules, peak_rss_mb, release_memory
 from leap_dspy.training_data import (
     aggregate_preference,
     aggregate_sft,
@@ -393,6 +393,7 @@ class LEAP(Teleprompter):
         for warning in check_env(self.env, train[0], self.placement.episodes.clone(), oracle=scripted):
             console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         check_model(self.config.model)
+        check_target_modules(self.config.model, self.config.train)
         self.check_student_lm()
         config = self.run_config(teacher, train, val)
         source = check_bc_from(self.config.bc_from, config) if self.config.bc_from is not None else None

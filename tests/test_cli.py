@@ -138,6 +138,8 @@ BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be writte
     (["--env", KEYBOX, "--config", "yaml:train: {lora_r: 0}"], "train.lora_r"),
     (["--env", KEYBOX, "--config", "yaml:train: {per_device_batch_size: 0}"], "train.per_device_batch_size"),
     (["--env", KEYBOX, "--config", "yaml:train: {target_modules: []}"], "train.target_modules"),
+    (["--env", KEYBOX, "--model", "tiny-random", "--config", "yaml:train: {target_modules: [q_proj, v_prj]}"],
+     "train.target_modules v_prj: no such module"),
     (["--config", f"yaml:{{schema_version: 1, env: {{name: '{KEYBOX}'}}, expert: {{name: Mine}}}}"], "cannot rebuild"),
     (["--config", f"yaml:{{schema_version: 1, env: {{name: '{KEYBOX}'}}, student: {{name: Mine}}}}"], "of its own"),
 ]

@@ -122,6 +122,20 @@ def test_sft_loss_decreases_and_saves_adapter(tiny_model, tmp_path):
     assert result.tokens_per_s > 0 and result.peak_rss_mb > 0
 
 
+def test_lora_targets_are_checked_against_the_model_and_all_linear_is_peft_s(tiny_model, tmp_path):
+    """A misspelt target among several would train without it (PEFT fails only when none matches): refused
+    before a run starts; PEFT's `all-linear` shorthand trains every projection."""
+    from leap_dspy.train.common import TargetModulesNotFound, check_target_modules
+
+    check_target_modules(tiny_model, fast())
+    with pytest.raises(TargetModulesNotFound, match="v_prj: no such module.*q_proj"):
+        check_target_modules(tiny_model, fast(target_modules=["q_proj", "v_prj"]))
+    out = tmp_path / "adapter"
+    train_sft(sft_rows(), model=tiny_model, output_dir=out, config=fast(max_steps=1, target_modules=["all-linear"]))
+    adapted = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == set(TrainConfig().target_modules)
+
+
 def test_sft_continues_from_init_adapter(tiny_model, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

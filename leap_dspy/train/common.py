@@ -87,7 +87,7 @@ def load_trainable_model(
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=list(config.target_modules),
+            target_modules=lora_targets(config),
             bias="none",
             task_type="CAUSAL_LM",
         )
@@ -105,6 +105,35 @@ def load_trainable_model(
         # In place, so the state dict keeps its names and the saved adapter is the same either way.
         getattr(base, base.base_model_prefix).compile(dynamic=True)
     return peft_model, tokenizer
+
+
+class TargetModulesNotFound(ValueError):
+    """`train.target_modules` names a module the student's model lacks."""
+
+
+def lora_targets(config: TrainConfig) -> str | list[str]:
+    """PEFT's `target_modules`: its own shorthand `all-linear` passes as a string, as PEFT takes it."""
+    return "all-linear" if config.target_modules == ["all-linear"] else list(config.target_modules)
+
+
+def check_target_modules(model: str, config: TrainConfig) -> None:
+    """Refuse, before anything runs, LoRA targets the model lacks: PEFT fails only in the first fine-tune, and
+    only when no name matches, so a misspelt one among several would silently train without it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from leap_dspy.lm.models import resolve_model
+
+    if lora_targets(config) == "all-linear":
+        return
+    with torch.device("meta"):  # the module tree without the weights
+        built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(resolve_model(model))))
+    names = [name for name, _ in built.named_modules()]
+    missing = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in built.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise TargetModulesNotFound(f"train.target_modules {', '.join(missing)}: no such module in {model} (its "
+                                    f"linear layers: {', '.join(linear)}; or all-linear)")
 
 
 def activation_cost(model: Any) -> int:

@@ -28,6 +28,8 @@ class TrainConfig(BaseModel):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
+    """The model's modules that get LoRA weights (Llama's names by default), or `["all-linear"]` as in PEFT;
+    a compile checks them against the model before anything runs."""
     learning_rate: float | None = Field(None, ge=0)
     epochs: float = Field(2.0, gt=0)
     max_steps: int = -1

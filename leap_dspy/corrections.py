@@ -14,15 +14,14 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import dspy
-from dspy.utils.exceptions import AdapterParseError
 
 from leap_dspy.envs.base import action_admissible
 from leap_dspy.envs.expertise import Expertise
-from leap_dspy.metrics import call_usage, describe_expert
+from leap_dspy.metrics import describe_expert
 from leap_dspy.programs.experts import expert_inputs
 from leap_dspy.progress import progress_bar
 from leap_dspy.realizability import unobserved_mentions
-from leap_dspy.rollout import ask_expert, needs_oracle, wants_text
+from leap_dspy.rollout import NoAnswer, ask_billed, needs_oracle, wants_text
 from leap_dspy.signatures import StudentTurn
 from leap_dspy.store import JsonlLog
 from leap_dspy.types import Correction, ExpertUsage, Step, Trajectory
@@ -118,32 +117,19 @@ class Corrector:
         return self.record(trajectory, step, reason=reason, action=action, dropped=dropped, usage=usage, **judged)
 
     def ask(self, call: Callable[[], Any]) -> tuple[Any, ExpertUsage | None, str | None]:
-        """`call()` retried as any expert call is (`ask_expert`): (answer, what the attempts cost, the last
+        """`call()` retried as any expert call is (`ask_billed`): (answer, what the attempts cost, the last
         error), the failure recorded rather than raised."""
-        usage = ExpertUsage() if self.uses_lm else None
+        spent: list[ExpertUsage] = []
 
-        def attempt() -> Any:
-            nonlocal usage
-            failed = False
-            with dspy.track_usage() as tracker:
-                try:
-                    answer = call()
-                except Exception as exc:
-                    failed = not isinstance(exc, AdapterParseError)  # no answer came back: not a cache hit
-                    raise
-                finally:
-                    if usage is not None:
-                        usage += call_usage(tracker, failed=failed)
-            if answer is None:
-                raise NoAnswer("expert gave no answer")
-            return answer
+        def bill() -> ExpertUsage | None:
+            return sum(spent, ExpertUsage()) if self.uses_lm else None
 
         try:
-            return ask_expert(attempt, self.retries), usage, None
+            return ask_billed(call, self.retries, spent), bill(), None
         except NoAnswer as exc:
-            return None, usage, str(exc)
+            return None, bill(), str(exc)
         except Exception as exc:  # any expert failure, after its retries
-            return None, usage, f"expert failed: {type(exc).__name__}: {str(exc)[:200]}"
+            return None, bill(), f"expert failed: {type(exc).__name__}: {str(exc)[:200]}"
 
     def __call__(self, job: tuple[Trajectory, list[Step]]) -> list[Correction]:
         trajectory, steps = job
@@ -172,10 +158,6 @@ class Corrector:
                 if s.index in by_step else self.record(trajectory, s, usage=u,
                                                        dropped="expert gave no correction for this step")
                 for s, u in zip(steps, shares, strict=True)]
-
-
-class NoAnswer(Exception):
-    """An expert call that returned nothing: retried like a failure."""
 
 
 def _settled(record: Correction | None) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import dspy
@@ -34,6 +35,7 @@ def split_metrics(trajectories: list[Trajectory]) -> dict[str, Any]:
         metrics[f"{split}_steps"] = sum(len(t.steps) for t in group) / len(group)
     metrics["parse_errors"] = sum(t.num_errors for t in trajectories)
     metrics["snapped_actions"] = sum(t.num_snapped for t in trajectories)
+    metrics |= expert_usage_metrics([], trajectories)  # the expert's reference row, where an LM plays it
     if failed := sum(t.error is not None for t in trajectories):
         metrics["environment_failures"] = failed  # episodes the environment's own code ended (`Trajectory.error`)
     return metrics
@@ -76,9 +78,11 @@ def token_cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> fl
     return float(prompt_cost + completion_cost)
 
 
-def expert_usage_metrics(corrections: list[Correction]) -> dict[str, Any]:
-    """An iteration's expert bill, from the correction records (so a resumed run still counts every call)."""
+def expert_usage_metrics(corrections: list[Correction], trajectories: Iterable[Trajectory] = ()) -> dict[str, Any]:
+    """A stage's expert bill, from the records that keep it (so a resumed run still counts every call): its
+    corrections, and the steps of episodes the expert played itself."""
     usages = [c.usage for c in corrections if c.usage is not None]
+    usages += [s.expert_usage for t in trajectories for s in t.steps if s.expert_usage is not None]
     if not usages:
         return {}
     total = sum(usages, ExpertUsage())
@@ -116,6 +120,6 @@ def round_metrics(current: list[Correction], trajectories: dict[str, Trajectory]
         "corrections_dropped": sum(c.dropped is not None for c in current),
         "corrections_unrealizable": sum(bool(c.unobserved or c.unjustified) for c in current),
         "train_success": success_rate(list(trajectories.values())),
-        **expert_usage_metrics(current),
+        **expert_usage_metrics(current, trajectories.values()),  # behaviour cloning: the demonstrations
         "train_s": round(train_s, 1),
     }

@@ -90,7 +90,7 @@ def load_run(path: Path) -> Run:
         json_path = folder_path / "metrics.json"
         metrics = read_json(json_path) if json_path.exists() else summary[stage]
         run.wall_s += float(metrics.get("wall_s") or 0) if stage in own else 0.0
-        run.expert_tokens += float(metrics.get("expert_tokens") or 0)
+        run.expert_tokens += float(metrics.get("expert_tokens") or 0) if stage in own or not stage.isdigit() else 0.0
         run.peak_mb = max(run.peak_mb, float(metrics.get("peak_rss_mb") or 0))
         if (folder_path / "train.json").exists():  # a launched fine-tune ran beside the compile's own memory
             trained = read_json(folder_path / "train.json")

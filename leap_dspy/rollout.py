@@ -18,13 +18,15 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, ClassVar
 
 import dspy
+from dspy.utils.exceptions import AdapterParseError
 
 from leap_dspy.envs.base import TextEnv
+from leap_dspy.metrics import call_usage
 from leap_dspy.programs.experts import ATTEMPT, expert_inputs
 from leap_dspy.programs.student import Student, capture_privileged, run_episode
 from leap_dspy.progress import progress_bar, quiet_repeated_warnings
 from leap_dspy.store import JsonlLog
-from leap_dspy.types import PrivilegedState, StudentInputs, Task, Trajectory
+from leap_dspy.types import ExpertUsage, PrivilegedState, StudentInputs, Task, Trajectory
 
 Progress = Callable[[Trajectory], None]
 ROLLOUT_MAX_STUCK = 2
@@ -231,6 +233,30 @@ def retry_wait(attempt: int, exc: BaseException | None) -> float:
     return min(2.0**attempt * scale, 30.0)
 
 
+class NoAnswer(Exception):
+    """The expert's call returned None: a failed attempt, retried like an error."""
+
+
+def ask_billed(call: Callable[[], Any], retries: int, spent: list[ExpertUsage]) -> Any:
+    """`ask_expert(call, retries)`, each attempt's cost (`dspy.track_usage`) added to `spent`, failed attempts
+    included; an attempt that returns None raises `NoAnswer`."""
+    def attempt() -> Any:
+        failed = False
+        with dspy.track_usage() as tracker:
+            try:
+                answer = call()
+            except Exception as exc:
+                failed = not isinstance(exc, AdapterParseError)  # no answer came back: not a cache hit
+                raise
+            finally:
+                spent.append(call_usage(tracker, failed=failed))
+        if answer is None:
+            raise NoAnswer("expert gave no answer")
+        return answer
+
+    return ask_expert(attempt, retries)
+
+
 def ask_expert(call: Callable[[], Any], retries: int) -> Any:
     """`call()` with `retries` attempts and backoff, each retry past DSPy's cached answer (`ATTEMPT`)."""
     for attempt in range(retries):
@@ -258,26 +284,31 @@ def expert_policy(expert: dspy.Module, student: Student, env: TextEnv, *, level:
     attach_env(expert, env)
     capture_level, capture_oracle = expert_capture(expert, env, level)
     retries = 1 if getattr(expert, "scripted", False) else retries  # a scripted expert's failure is its answer
+    uses_no_lm = needs_oracle(expert)  # as for corrections: an expert reading the oracle is billed nothing
 
     def play(episode_env: TextEnv, task: Task) -> Trajectory:
         used: list[PrivilegedState] = []
+        bills: list[ExpertUsage | None] = []
 
         def act(inputs: StudentInputs) -> tuple[str, str, str | None]:
             privileged = capture_privileged(episode_env, capture_level, capture_oracle) or PrivilegedState(level=-1)
             used.append(privileged)
+            spent: list[ExpertUsage] = []
             try:
                 asked = expert_inputs(inputs, "", "", privileged, wants_text(expert))
-                out = ask_expert(lambda: expert(**asked), retries)
+                out = ask_billed(lambda: expert(**asked), retries, spent)
             except Exception as exc:  # recorded on the step, unless the endpoint is down: then stop, unlogged
                 if unreachable(exc):
                     raise ExpertUnavailable(f"the expert failed after {retries} attempt(s) while playing {task.id}:"
                                             f" {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
                 return "", "", f"expert failed: {type(exc).__name__}: {exc}"
+            finally:
+                bills.append(None if uses_no_lm else sum(spent, ExpertUsage()))
             return str(out.reason).strip(), str(out.action).strip(), None
 
         trajectory = run_episode(act, student.inputs, episode_env, task, policy=policy, capture_level=record_level)
-        for step, privileged in zip(trajectory.steps, used, strict=False):
-            step.privileged = step.privileged or privileged
+        for step, privileged, bill in zip(trajectory.steps, used, bills, strict=False):
+            step.privileged, step.expert_usage = step.privileged or privileged, bill
         return trajectory
 
     return play

@@ -73,6 +73,24 @@ class StudentInputs(BaseModel):
     history: str
 
 
+class ExpertUsage(BaseModel):
+    """The expert calls behind one correction: attempts, answers served from DSPy's cache, tokens billed and,
+    where LiteLLM knows the model's price, their cost in US dollars."""
+
+    calls: int = 0
+    cached: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+
+    def __add__(self, other: ExpertUsage) -> ExpertUsage:
+        costs = [c for c in (self.cost_usd, other.cost_usd) if c is not None]
+        return ExpertUsage(calls=self.calls + other.calls, cached=self.cached + other.cached,
+                           prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+                           completion_tokens=self.completion_tokens + other.completion_tokens,
+                           cost_usd=sum(costs) if costs else None)
+
+
 class Step(BaseModel):
     """One student decision and what the environment answered."""
 
@@ -95,6 +113,9 @@ class Step(BaseModel):
     privileged: PrivilegedState | None = None
     """The privileged state at this step, captured for the expert while the environment was in it. Only
     experts read it; student training rows are built from `inputs` alone."""
+    expert_usage: ExpertUsage | None = None
+    """What the expert's calls for this step cost, where an LM expert played it (demonstrations, the expert's
+    reference row): the stage's bill counts every call, won episode or not."""
 
 
 class Trajectory(BaseModel):
@@ -115,24 +136,6 @@ class Trajectory(BaseModel):
     @property
     def num_snapped(self) -> int:
         return sum(step.executed is not None for step in self.steps)
-
-
-class ExpertUsage(BaseModel):
-    """The expert calls behind one correction: attempts, answers served from DSPy's cache, tokens billed and,
-    where LiteLLM knows the model's price, their cost in US dollars."""
-
-    calls: int = 0
-    cached: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float | None = None
-
-    def __add__(self, other: ExpertUsage) -> ExpertUsage:
-        costs = [c for c in (self.cost_usd, other.cost_usd) if c is not None]
-        return ExpertUsage(calls=self.calls + other.calls, cached=self.cached + other.cached,
-                           prompt_tokens=self.prompt_tokens + other.prompt_tokens,
-                           completion_tokens=self.completion_tokens + other.completion_tokens,
-                           cost_usd=sum(costs) if costs else None)
 
 
 class Correction(BaseModel):

@@ -386,3 +386,20 @@ def test_an_unreachable_expert_stops_its_episodes_but_an_unparsable_answer_is_re
     bad_server.reset("empty")
     [played] = run_parallel(play, env, tasks, num_threads=1)
     assert played.steps and all((s.error or "").startswith("expert failed: AdapterParseError") for s in played.steps)
+
+
+def test_the_experts_own_play_is_billed_step_by_step(env: ALFWorld, bad_server: BadExpertServer) -> None:
+    """Demonstrations and the reference row are API calls too: each step an LM expert played keeps what its
+    attempts cost, and the stage's metrics sum them, a lost episode's included."""
+    from leap_dspy.metrics import round_metrics, split_metrics
+    from leap_dspy.rollout import expert_policy, run_parallel
+
+    bad_server.reset("empty")  # every attempt answers, unparsably: billed, retried, then the step's error
+    play = expert_policy(expert_for(bad_server), Student(), env, level=env.default_privilege_level, retries=2)
+    [played] = run_parallel(play, env, env.tasks("train")[:1], num_threads=1)
+    assert not played.success and played.steps
+    assert all(s.expert_usage is not None and (s.expert_usage.calls, s.expert_usage.prompt_tokens) == (2, 20)
+               for s in played.steps)
+    bill = split_metrics([played])
+    assert (bill["expert_calls"], bill["expert_tokens"]) == (2 * len(played.steps), 30 * len(played.steps))
+    assert round_metrics([], {played.task.id: played}, 0, 0.0)["expert_calls"] == bill["expert_calls"]

@@ -9,7 +9,10 @@ import inspect
 from collections.abc import Iterable
 from typing import Any
 
+import yaml
+
 from leap_dspy.envs.base import TextEnv, action_admissible
+from leap_dspy.store import yaml_plain
 from leap_dspy.types import Observation, PrivilegedState, Task
 
 
@@ -97,3 +100,8 @@ def _check_rebuild(env: TextEnv, name: str) -> None:
         type(env)(**config).close()
     except TypeError as exc:
         raise EnvContractError(f"{name}(**{name}.config()) fails: {exc}") from exc
+    try:
+        yaml.safe_dump(yaml_plain(config))
+    except yaml.YAMLError as exc:
+        raise EnvContractError(f"{name}.config() holds a value config.yaml cannot record ({exc}): give text, "
+                               "numbers, booleans, None, or lists and dicts of them") from exc

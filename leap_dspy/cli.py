@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -37,11 +38,16 @@ def build_env(name: str, options: dict[str, Any]) -> Any:
         raise fail(str(exc)) from exc
     except (TypeError, ValueError) as exc:  # an unknown option, or a value the environment refuses
         raise fail(f"bad option for {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    except Exception as exc:  # the environment's own constructor failed: a data file it cannot find, ...
+        raise fail(f"cannot build the environment {name}: {type(exc).__name__}: "
+                   f"{(str(exc).splitlines() or [''])[0]}") from exc
 
 
 def build_expert(spec: str, model: str, per: str = "step") -> Any:
     from leap_dspy.programs import OracleExpert, PrivilegedExpert
 
+    if per not in ("step", "trajectory"):  # whatever the expert: a typo must not pass silently
+        raise fail(f"--expert-per is 'step' or 'trajectory', not {per!r}")
     if spec == "oracle":
         return OracleExpert()
     if spec == "self":
@@ -50,8 +56,6 @@ def build_expert(spec: str, model: str, per: str = "step") -> Any:
         return SelfExpert()
     if "/" not in spec:
         raise fail(f"--expert is 'oracle', 'self' or a LiteLLM model string like openai/gpt-4o, not {spec!r}")
-    if per not in ("step", "trajectory"):
-        raise fail(f"--expert-per is 'step' or 'trajectory', not {per!r}")
     return PrivilegedExpert(spec, per=per)
 
 
@@ -383,7 +387,8 @@ def experiment(
     root = root or Path("runs") / grid.name
     if dry_run:
         for spec in expand(grid):
-            console.print(f"{spec.name}: {' '.join(command(spec, root)[3:])}", soft_wrap=True, highlight=False)
+            console.print(f"{spec.name}: leap-dspy {shlex.join(command(spec, root)[3:])}", soft_wrap=True,
+                          highlight=False, markup=False)  # a command to paste: quoted for the shell
         return
     if publish is not None:  # the file that produced the published runs travels with them
         publish.mkdir(parents=True, exist_ok=True)

@@ -40,9 +40,14 @@ def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Pat
     settings, run = read_settings(config_file)
     settings = {**given, **settings, **explicit}
     options: dict[str, Any] = {}
-    if isinstance(run.get("env"), dict) and not _given(ctx, "env"):
-        options = {k: v for k, v in run["env"].items() if k != "name" and v is not None}
+    if isinstance(run.get("env"), dict) and (not _given(ctx, "env") or env == run["env"].get("name")):
+        # the run's environment, with its options: also where --env names it again (docs/cli.md's seed rerun)
         env = str(run["env"]["name"])
+        from leap_dspy.runs import env_defaults
+
+        defaults = env_defaults(env)  # a recorded None is the user's choice where the default is not None
+        options = {k: v for k, v in run["env"].items()
+                   if k != "name" and (v is not None or defaults.get(k) is not None)}
     if isinstance(run.get("expert"), dict) and not _given(ctx, "expert"):
         described = run["expert"]
         expert = expert_spec(described)

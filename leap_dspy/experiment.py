@@ -41,7 +41,7 @@ from leap_dspy.cli_settings import expert_spec, takes_seed
 from leap_dspy.config import LEAPConfig
 from leap_dspy.progress import console
 from leap_dspy.runs import COMPILED, OPERATIONAL, RunFileError, RunFolder, env_defaults, read_config, with_new_defaults
-from leap_dspy.store import atomic_write_json, read_json
+from leap_dspy.store import atomic_write_json, read_json, yaml_plain
 
 PUBLISHED = ("config.yaml", "metrics.csv", "episodes.csv", "compiled.json", "*/metrics.json", "*/train.json")
 """What `--publish` keeps of a finished run: enough to rebuild its report, nothing heavy (no weights, logs)."""
@@ -65,6 +65,9 @@ class Grid(BaseModel):
         fields = set(LEAPConfig.model_fields) - {"seed", "progress"}
         for key in [*grid.settings, *(k for k in grid.grid if k not in ("env", "expert")
                                       and not k.startswith("options."))]:
+            if key in ("seed", "progress"):
+                raise ValueError(f"{path}: {key!r} is the grid's own: runs take their seeds from `seeds`, and run "
+                                 "without progress bars (each writes its log)")
             if key not in fields:
                 raise ValueError(f"{path}: {key!r} is not a LEAPConfig field (one of {', '.join(sorted(fields))})")
         LEAPConfig(**grid.settings)  # the shared settings must be valid on their own
@@ -190,8 +193,8 @@ def _same_run(spec: Spec, run: Path, say: bool) -> bool:
     expected = expected_config(spec)
     ran = with_new_defaults(ran, expected)
     differs = [k for k in expected if k not in OPERATIONAL | {"bc_from", "env"} and ran.get(k) != expected[k]]
-    env = json.loads(json.dumps(ran.get("env") or {}, default=str))  # as YAML holds it: tuples are lists
-    differs += [f"env.{k}" for k, v in json.loads(json.dumps(expected["env"], default=str)).items()
+    env = ran.get("env") or {}
+    differs += [f"env.{k}" for k, v in yaml_plain(expected["env"]).items()
                 if v is not None and env.get(k) != v]  # None: the environment's own choice (a path, a server)
     if expert_spec(ran.get("expert") or {}) != spec.expert:
         differs.append("expert")

@@ -393,12 +393,21 @@ def start_run(run: RunFolder, config: dict[str, Any]) -> None:
                       if k not in ignored and existing.get(k) != config.get(k))
         if diff:
             unrecorded = [k for k in diff if k not in existing]
+            diff = [_named_difference(k, existing.get(k), config.get(k)) for k in diff]
             why = f"; {', '.join(unrecorded)}: not recorded by the leap-dspy that started it" if unrecorded else ""
             raise ConfigMismatch(f"{run.path} holds a run with a different configuration "
                                  f"({', '.join(diff)}{why}); use another run folder")
         console.print(f"resuming the run in {run.path}")
     run.path.mkdir(parents=True, exist_ok=True)
     atomic_write_yaml(path, config)
+
+
+def _named_difference(key: str, ran: Any, now: Any) -> str:
+    """`key`, or the entries of it that differ where both are mappings (`env.max_questions`)."""
+    if not (isinstance(ran, dict) and isinstance(now, dict)):
+        return key
+    inner = sorted(k for k in set(ran) | set(now) if ran.get(k) != now.get(k))
+    return ", ".join(f"{key}.{k}" for k in inner) or key
 
 
 def check_bc_from(bc_from: str | Path, config: dict[str, Any]) -> RunFolder:

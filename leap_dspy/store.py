@@ -14,7 +14,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Generic, TypeVar
 
 import yaml
@@ -44,6 +44,18 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 def atomic_write_yaml(path: str | Path, data: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def yaml_plain(value: Any) -> Any:
+    """`value` as a YAML file stores and reads it back: paths as text, tuples as lists, so that a run's recorded
+    environment options compare equal to the same options given again."""
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: yaml_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [yaml_plain(v) for v in value]
+    return value
 
 
 class RunFileError(ValueError):

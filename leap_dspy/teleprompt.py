@@ -67,7 +67,7 @@ from leap_dspy.runs import (
     start_run,
 )
 from leap_dspy.runs import ConfigMismatch as ConfigMismatch  # re-exported: callers catch it from here
-from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, read_json
+from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, read_json, yaml_plain
 from leap_dspy.trackers import Trackers
 from leap_dspy.train.common import RESULT_FILE, check_target_modules, peak_rss_mb, release_memory
 from leap_dspy.training_data import (
@@ -412,7 +412,7 @@ class LEAP(Teleprompter):
         """What `config.yaml` holds: the settings, the environment, the expert and the tasks."""
         return {
             "schema_version": SCHEMA_VERSION,
-            "env": {"name": env_spec(self.env), **self.env.config()},
+            "env": {"name": env_spec(self.env), **yaml_plain(self.env.config())},
             **self.config.dump(),
             "student": {**self._student.settings(), **prompt_format(self._student)},
             "expert": describe_expert(teacher),

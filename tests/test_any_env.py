@@ -241,3 +241,29 @@ def test_an_environment_can_say_an_admitted_action_changed_nothing() -> None:
         untold = student.run(WaitingBoxes(says_so=False), Boxes().tasks("train")[0])
     assert len(told.steps) == 3 and all(step.valid for step in told.steps)
     assert len(untold.steps) == WaitingBoxes.max_steps
+
+
+class DataBoxes(Boxes):
+    """Boxes configured as users write them: a data file's `Path`, a tuple of colours."""
+
+    def __init__(self, data: Path = Path("boxes.jsonl"), colours: tuple[str, ...] = ("red", "green", "blue")) -> None:
+        super().__init__()
+        self.data, self.colours = data, colours
+
+    def config(self) -> dict[str, Any]:
+        return {"data": self.data, "colours": self.colours}
+
+
+def test_an_environment_configured_with_a_path_and_a_tuple_records_and_resumes(tiny_model: str,
+                                                                              tmp_path: Path) -> None:
+    """config.yaml stores what YAML can (a path as text, a tuple as a list), and a rerun compares the options
+    as stored, so it resumes rather than refusing its own run as another configuration."""
+    import yaml
+
+    env = DataBoxes(tmp_path / "boxes.jsonl")
+    for _ in range(2):
+        leap = LEAP(env, iterations=0, model=tiny_model, run_dir=tmp_path / "run", train=FAST_TRAIN,
+                    lm={"max_new_tokens": 16}, evaluate_expert=False, progress=False, train_launcher="")
+        leap.compile(Student(), trainset=env.tasks("train")[:2], teacher=OracleExpert(), valset=[])
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["env"]
+    assert recorded["data"] == str(tmp_path / "boxes.jsonl") and recorded["colours"] == ["red", "green", "blue"]

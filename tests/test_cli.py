@@ -140,6 +140,13 @@ BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be writte
     (["--env", KEYBOX, "--config", "yaml:train: {target_modules: []}"], "train.target_modules"),
     (["--env", KEYBOX, "--model", "tiny-random", "--config", "yaml:train: {target_modules: [q_proj, v_prj]}"],
      "train.target_modules v_prj: no such module"),
+    # a run's config.yaml keeps its environment's options where --env names it again, a recorded None included
+    (["--env", KEYBOX, "--model", "tiny-random", "--config", f"yaml:{{env: {{name: '{KEYBOX}', num_boxes: 99}}}}"],
+     "num_boxes must be between"),
+    (["--model", "tiny-random", "--config", f"yaml:{{env: {{name: '{KEYBOX}', num_train: null}}}}"], "bad option"),
+    (["--env", KEYBOX, "--expert-per", "bogus"], "--expert-per is 'step' or 'trajectory'"),
+    (["--env", "tests.data_env:NeedsData", "--set", "data=/nonexistent.jsonl"],
+     "cannot build the environment tests.data_env:NeedsData: FileNotFoundError: no data file /nonexistent.jsonl"),
     (["--config", f"yaml:{{schema_version: 1, env: {{name: '{KEYBOX}'}}, expert: {{name: Mine}}}}"], "cannot rebuild"),
     (["--config", f"yaml:{{schema_version: 1, env: {{name: '{KEYBOX}'}}, student: {{name: Mine}}}}"], "of its own"),
 ]

@@ -136,6 +136,17 @@ def test_lora_targets_are_checked_against_the_model_and_all_linear_is_peft_s(tin
     assert {name.rsplit(".", 1)[-1] for name in adapted} == set(TrainConfig().target_modules)
 
 
+def test_a_fine_tune_of_one_step_trains(tiny_model, tmp_path):
+    """A warmup ratio is floored to whole steps: rounded up, a short fine-tune's first step ran at a learning
+    rate of 0, and a fine-tune of one step left LoRA's B matrices at their zeros."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "adapter"
+    train_sft(sft_rows(), model=tiny_model, output_dir=out, config=fast(max_steps=1, warmup_ratio=0.05))
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert any(w.abs().sum() > 0 for name, w in weights.items() if "lora_B" in name)
+
+
 def test_sft_continues_from_init_adapter(tiny_model, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

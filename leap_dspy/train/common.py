@@ -352,6 +352,21 @@ def adapters_in_base_dtype(model: Any) -> Iterator[None]:
         yield
 
 
+def _floor_warmup(trainer: Any) -> None:
+    """Warm up for floor(ratio x steps) steps. Transformers rounds a warmup ratio up, and a warmup's first step
+    runs at a learning rate of 0: a fine-tune of under 1/ratio steps (a small round) wasted its first step, and
+    one of a single step trained nothing at all."""
+    ratio, create = float(trainer.args.warmup_steps), trainer.create_scheduler
+    if not 0 < ratio <= 1:  # (a ratio of 1.0 would otherwise read as one step)
+        return
+
+    def create_scheduler(num_training_steps: int, optimizer: Any = None) -> Any:
+        trainer.args.warmup_steps = int(num_training_steps * ratio)
+        return create(num_training_steps=num_training_steps, optimizer=optimizer)
+
+    trainer.create_scheduler = create_scheduler
+
+
 def run_trainer(
     trainer: Any,
     recorder: LossRecorder,
@@ -373,6 +388,7 @@ def run_trainer(
 
     kernels = kernels or TrainConfig()
     device, model = next(trainer.model.parameters()).device.type, trainer.model
+    _floor_warmup(trainer)
     with (adapters_in_base_dtype(model), attention_kernels(device), fused_lora(model, kernels.fused_lora),
           fused_layers(model, kernels.fused_layers and not kernels.use_liger_kernel)):  # Liger fuses its own
         output = trainer.train()

@@ -9,6 +9,7 @@ each holding its own instance of the environment; the episode's `reset`/`step`/`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -61,6 +62,13 @@ class RayEpisodes:
     def give_back(self, actor: Any) -> None:
         self._free.put(actor)
 
+    def replace(self, dead: Any) -> Any:
+        """A fresh actor in place of one whose worker died (killed, OOM, a lost node): a dead actor is never lent
+        again, or every later episode it is lent to would fail at its reset."""
+        with contextlib.suppress(Exception):  # already gone
+            self._ray.kill(dead)
+        return self._actor_class.remote(self.spec, self.env.config())
+
     def shutdown(self) -> None:
         while not self._free.empty():
             self._ray.kill(self._free.get())
@@ -73,15 +81,36 @@ class RemoteEnv:
     def __init__(self, pool: RayEpisodes, actor: Any) -> None:
         self.pool, self.actor = pool, actor
         self.max_steps = getattr(pool.env, "max_steps", 30)
+        self._task: Task | None = None
+        self._actions: list[str] = []  # the episode so far, replayed on a fresh actor if this one dies
 
     def _call(self, method: str, *args: Any) -> Any:
-        return self.pool._ray.get(self.actor.call.remote(method, *args))
+        ray = self.pool._ray
+        try:
+            try:
+                return ray.get(self.actor.call.remote(method, *args))
+            except ray.exceptions.RayActorError:
+                # The worker died, not the environment. Replay the episode so far on a fresh actor (episodes are
+                # reproducible from the task and the actions) and retry once.
+                self.actor = self.pool.replace(self.actor)
+                if self._task is not None and method != "reset":
+                    ray.get(self.actor.call.remote("reset", self._task))
+                    for action in self._actions:
+                        ray.get(self.actor.call.remote("step", action))
+                return ray.get(self.actor.call.remote(method, *args))
+        except ray.exceptions.RayTaskError as exc:  # the environment's own exception, as it would be raised here
+            if isinstance(exc.cause, Exception):
+                raise exc.cause from None
+            raise
 
     def reset(self, task: Task) -> Observation:
+        self._task, self._actions = task, []
         return self._call("reset", task)
 
     def step(self, action: str) -> Observation:
-        return self._call("step", action)
+        observation = self._call("step", action)
+        self._actions.append(action)
+        return observation
 
     def privileged_state(self, level: int) -> PrivilegedState:
         return self._call("privileged_state", level)
@@ -91,6 +120,8 @@ class RemoteEnv:
 
     def close(self) -> None:
         try:
-            self._call("close")
+            self.pool._ray.get(self.actor.call.remote("close"))
+        except self.pool._ray.exceptions.RayActorError:  # died after its episode: lend a fresh one instead
+            self.actor = self.pool.replace(self.actor)
         finally:
             self.pool.give_back(self.actor)

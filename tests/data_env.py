@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from examples.keybox import KeyBox
 
@@ -12,3 +13,10 @@ class NeedsData(KeyBox):
         if not Path(data).exists():
             raise FileNotFoundError(f"no data file {data}")
         super().__init__()
+
+
+class JammedBox(KeyBox):
+    """A keybox whose every step raises: an environment's own error, wherever it runs."""
+
+    def step(self, action: str) -> Any:
+        raise RuntimeError("the lid is jammed")

@@ -74,3 +74,27 @@ def test_a_compile_steps_its_environments_in_actors(local_ray: None, tiny_model:
     assert 1 <= leap.placement._ray_episodes._made <= 3
     expert = leap.run.metric_rows()[0]
     assert expert["iteration"] == "expert" and expert["unseen_success"] == 1.0  # played in actors, it still wins
+
+
+def test_a_dead_actor_is_replaced_and_an_environment_error_keeps_its_type(local_ray: None) -> None:
+    """A worker killed mid-episode (OOM, a lost node) costs a replay on a fresh actor, not that episode and every
+    later one lent the dead actor; the environment's own exception arrives as itself, not as Ray's report."""
+    from tests.data_env import JammedBox
+
+    env = KeyBox(**TINY)
+    pool, task = RayEpisodes(env, workers=1), env.tasks("train")[0]
+    here, there = env.clone(), pool.clone()
+    assert there.reset(task).text == here.reset(task).text
+    first, second = (f"shake {box} box" for box in here.boxes[:2])
+    assert there.step(first).text == here.step(first).text
+    ray.kill(there.actor, no_restart=True)
+    assert there.step(second).text == here.step(second).text  # the episode replayed on a fresh actor
+    ray.kill(there.actor, no_restart=True)
+    there.close()  # dead after its episode: a fresh actor goes back to the pool
+    again = pool.clone()
+    assert again.reset(task).text == here.reset(task).text
+    again.close()
+    jammed = RayEpisodes(JammedBox(**TINY), workers=1).clone()
+    jammed.reset(task)
+    with pytest.raises(RuntimeError, match="^the lid is jammed$"):
+        jammed.step(first)

@@ -27,8 +27,10 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +272,28 @@ def run_grid(grid: Grid, root: Path, jobs: int = 1, publish: Path | None = None,
     states = grid_states(grid, root, publish, specs)
     reclone(specs, states, root)
     running: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
+    # A grid stopped by SIGTERM (a scheduler, `timeout`, `kill`) stops its compiles too, as Ctrl-C does through the
+    # process group, instead of leaving them running in run folders that a rerun would find in use.
+    main = threading.current_thread() is threading.main_thread()  # only there may a handler be set
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main else None
+    try:
+        _run_grid_loop(grid, root, jobs, publish, min_free_gb, specs, states, running)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        for name, (process, _) in running.items():
+            if process.poll() is None:
+                process.terminate()
+                states[name] = "pending"
+        for process, _ in running.values():
+            process.wait()
+        atomic_write_json(root / "grid.json", {"name": grid.name, "states": states})
+    return states
+
+
+def _run_grid_loop(grid: Grid, root: Path, jobs: int, publish: Path | None, min_free_gb: float,
+                   specs: list[Spec], states: dict[str, str],
+                   running: dict[str, tuple[subprocess.Popen[bytes], float]]) -> None:
     while any(state in ("pending", "running") for state in states.values()):
         for spec in specs:
             if states[spec.name] != "pending" or len(running) >= jobs:
@@ -296,7 +320,6 @@ def run_grid(grid: Grid, root: Path, jobs: int = 1, publish: Path | None = None,
                 publish_run(root / name, publish / name)
             show(specs, states, root, publish)
         atomic_write_json(root / "grid.json", {"name": grid.name, "states": states})
-    return states
 
 
 def job_environment(jobs: int) -> dict[str, str]:

@@ -20,3 +20,13 @@ class JammedBox(KeyBox):
 
     def step(self, action: str) -> Any:
         raise RuntimeError("the lid is jammed")
+
+
+class SlowBox(KeyBox):
+    """A keybox whose task lists take a minute to make: a compile that is still starting when it is stopped."""
+
+    def tasks(self, split: Any) -> Any:
+        import time
+
+        time.sleep(60)
+        return super().tasks(split)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -336,3 +337,31 @@ def test_the_best_round_on_seen_is_dagger_s_rule_judged_on_unseen(tmp_path: Path
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_grid_stopped_by_sigterm_stops_its_runs_and_leaves_them_pending(tmp_path: Path) -> None:
+    """A scheduler's or `timeout`'s SIGTERM reaches the grid alone, not its process group: the grid stops its
+    compiles (left running, a rerun found their folders in use) and records them as pending."""
+    import signal
+    import subprocess
+    import time
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"name": "slow", "env": "tests.data_env:SlowBox", "seeds": [0, 1],
+                                    "settings": {"model": "tiny-random"}}))
+    command = [sys.executable, "-m", "leap_dspy", "experiment", str(grid), "--root", str(tmp_path / "runs"),
+               "--jobs", "2", "--min-free-gb", "0"]
+    grid_process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children = Path(f"/proc/{grid_process.pid}/task/{grid_process.pid}/children")
+    deadline = time.monotonic() + 60
+    while len(children.read_text().split()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    compiles = [int(pid) for pid in children.read_text().split()]
+    assert len(compiles) == 2
+    grid_process.send_signal(signal.SIGTERM)
+    grid_process.communicate(timeout=60)
+    for pid in compiles:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    states = json.loads((tmp_path / "runs" / "grid.json").read_text())["states"]
+    assert set(states.values()) == {"pending"}

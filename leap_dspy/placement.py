@@ -88,7 +88,8 @@ class Placement:
         else:
             name = f"{self.run_name}-{adapter.parent.name}"
             self._pool.load_adapter(name, str(adapter.resolve()))
-        return self._pool.lm(name, max_tokens=self.config.lm["max_new_tokens"])
+        decoding = {k: self.config.lm[k] for k in ("no_repeat_ngram", "ngram_repeats") if k in self.config.lm}
+        return self._pool.lm(name, max_tokens=self.config.lm["max_new_tokens"], decoding=decoding)
 
     @property
     def episodes(self) -> Any:

@@ -407,10 +407,20 @@ def chat_request(body: dict[str, Any], model: str) -> Any:
             top_p=_number(body.get("top_p"), "top_p", float, minimum=0.0),
             seed=_number(body.get("seed"), "seed", int),
             stop=tuple(_stop_list(stop)),
+            extensions=_decoding(body) or None,
         )
         return Request(model=model, messages=tuple(turns), system=system, config=config)
     except (TypeError, ValueError) as exc:
         raise ApiError(400, f"bad request: {exc}") from exc
+
+
+DECODING = {"no_repeat_ngram": 0, "ngram_repeats": 1}
+"""Settings of the local engine's decoding a request may carry (with their least values): a compile acting
+through rollout servers sends its own, so a served student decodes as the compile's local one would."""
+
+
+def _decoding(body: dict[str, Any]) -> dict[str, int]:
+    return {k: _number(body[k], k, int, minimum=least) for k, least in DECODING.items() if body.get(k) is not None}
 
 
 def _number(value: Any, name: str, kind: type, minimum: float | None = None) -> Any:

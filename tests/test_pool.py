@@ -104,3 +104,12 @@ def test_a_pool_spreads_requests_survives_a_dead_server_and_serves_each_rounds_a
         served = [m["id"] for m in json.loads(response.read())["data"]]
     assert {"run-iter_0", "run-iter_1"} <= set(served)
     assert (run / "iter_1" / "metrics.json").exists()
+
+    # The compile's own decoding settings travel with each request: a served answer is the local engine's.
+    from leap_dspy.lm import local_lm
+
+    decoding, messages = {"no_repeat_ngram": 2, "ngram_repeats": 1}, [{"role": "user", "content": "Say more."}]
+    served = pool.lm("round-1", max_tokens=24, decoding=decoding)(messages=messages)[0]
+    here = local_lm(tiny_model, adapter=str(adapter), max_new_tokens=24, **decoding)(messages=messages)[0]
+    plain = local_lm(tiny_model, adapter=str(adapter), max_new_tokens=24)(messages=messages)[0]
+    assert served == here != plain

@@ -240,6 +240,7 @@ class LocalEngine:
                 raise ValueError(f"the prompt has {prompt_len} tokens; {self.model} reads at most {limit}")
             max_new = min(max_new, limit - prompt_len)
         temperature = float(config.temperature or 0.0)
+        decoding = config.extensions or {}
         return GenParams(
             max_new_tokens=int(max_new),
             temperature=temperature,
@@ -247,8 +248,9 @@ class LocalEngine:
             top_k=config.top_k if temperature else None,
             stop=tuple(config.stop or ()),
             seed=config.seed if temperature else None,
-            no_repeat_ngram=self.no_repeat_ngram,
-            ngram_repeats=self.ngram_repeats,
+            # a request may carry its own (a compile's student through `leap-dspy serve`, see `lm/pool.py`)
+            no_repeat_ngram=int(decoding.get("no_repeat_ngram", self.no_repeat_ngram)),
+            ngram_repeats=int(decoding.get("ngram_repeats", self.ngram_repeats)),
             draft_tokens=self.draft_tokens,
             kv_budget=self.kv_budget_mb << 20 if self.kv_budget_mb else None,
         )

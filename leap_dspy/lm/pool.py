@@ -95,11 +95,13 @@ class ServerPool:
             self._mark_down(url, last)
         raise PoolError(f"every server of the pool failed; the last said: {last}")
 
-    def lm(self, model: str, max_tokens: int = 256, **kwargs: Any) -> Any:
-        """A `dspy.LM` whose calls go to the pool's servers as `model` (greedy, no DSPy cache)."""
+    def lm(self, model: str, max_tokens: int = 256, decoding: dict[str, int] | None = None, **kwargs: Any) -> Any:
+        """A `dspy.LM` whose calls go to the pool's servers as `model` (greedy, no DSPy cache); `decoding`, the
+        compile's `no_repeat_ngram` and `ngram_repeats`, goes with each request (`leap-dspy serve` applies them,
+        vLLM ignores them)."""
         import dspy
 
-        return dspy.LM(f"pool/{model}", engine=PoolEngine(self, model), cache=False, temperature=0.0,
+        return dspy.LM(f"pool/{model}", engine=PoolEngine(self, model, decoding), cache=False, temperature=0.0,
                        max_tokens=max_tokens, num_retries=0, **kwargs)
 
     def _next(self) -> str:
@@ -120,15 +122,15 @@ class ServerPool:
 class PoolEngine:
     """DSPy's engine protocol (`complete(Request) -> Response`) over a `ServerPool`."""
 
-    def __init__(self, pool: ServerPool, model: str) -> None:
-        self.pool, self.model = pool, model
+    def __init__(self, pool: ServerPool, model: str, decoding: dict[str, int] | None = None) -> None:
+        self.pool, self.model, self.decoding = pool, model, dict(decoding or {})
 
     def complete(self, request: Any) -> Any:
         from dspy.lm15 import Message, Response, TextPart, Usage
 
         config = request.config
         body: dict[str, Any] = {"model": self.model, "messages": chat.request_to_messages(request),
-                                "temperature": float(config.temperature or 0.0)}
+                                "temperature": float(config.temperature or 0.0), **self.decoding}
         if config.max_tokens:
             body["max_tokens"] = int(config.max_tokens)
         if config.stop:

@@ -25,7 +25,10 @@ def parse_sets(values: list[str] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise fail(f"--set takes KEY=VALUE, got {item!r}")
-        options[key.strip()] = yaml.safe_load(raw)
+        try:
+            options[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise fail(f"--set {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from exc
     return options
 
 
@@ -75,7 +78,7 @@ def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
         return {}, {}
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise fail(f"cannot read --config {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise fail(f"--config {path} is not a mapping of LEAP settings")

@@ -130,6 +130,8 @@ class LEAPConfig(BaseModel):
         """`max_new_tokens`, unless given, is the environment's `answer_tokens` (set by `LEAP`); a 12-token run
         said a third time ends a greedy 135M student's loop, and saying one twice is what an INTERSECT query
         or a reason naming its query needs."""
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"lm must be a mapping of engine settings, not {type(value).__name__}")
         return {"no_repeat_ngram": 12, "ngram_repeats": 2, **(value or {})}
 
     @classmethod

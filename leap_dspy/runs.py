@@ -133,6 +133,8 @@ def check_adapter(path: str | Path) -> Path:
     try:
         if not isinstance(json.loads((path / "adapter_config.json").read_text()), dict):
             raise ValueError("adapter_config.json is not a mapping")
+        if not weights.exists() and not (path / "adapter_model.bin").exists():
+            raise OSError(f"{weights.name} is missing")  # PEFT would fail deep inside, as an HF repo id
         if weights.exists():
             with safe_open(str(weights), framework="pt") as handle:
                 handle.keys()
@@ -386,6 +388,10 @@ def start_run(run: RunFolder, config: dict[str, Any]) -> None:
     differed in more than the `OPERATIONAL` settings would mix two experiments."""
     hold(run)
     path = run.config_path
+    made = sorted(p.name for p in run.path.glob("*") if p.is_dir() and (p / "metrics.json").exists())
+    if made and not path.exists():  # adopting them would mix another configuration's work into this one
+        raise RunFileError(f"{run.path} holds finished stages ({', '.join(made)}) but no config.yaml, so what made "
+                           "them cannot be told; restore its config.yaml, or use another run folder")
     if path.exists():
         existing = with_new_defaults(read_config(path), config)
         ignored = OPERATIONAL  # a finished run may be extended with more iterations, or run on more threads

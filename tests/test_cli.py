@@ -117,6 +117,9 @@ def test_a_corrupt_adapter_is_named_before_anything_loads_it(tmp_path: Path) -> 
     (adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 64)  # a torn write, a disk error
     result = runner.invoke(app, ["serve", str(run.path)])
     assert result.exit_code == 2 and "not a readable adapter" in result.output and "Traceback" not in result.output
+    (adapter / "adapter_model.safetensors").unlink()  # deleted: PEFT took the folder for a hub id
+    result = runner.invoke(app, ["serve", str(run.path)])
+    assert result.exit_code == 2 and "is missing" in result.output and "Traceback" not in result.output
 
 
 KEYBOX = "examples.keybox:KeyBox"
@@ -134,6 +137,8 @@ BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be writte
     (["--env", KEYBOX, "--report-to", "neptune"], "unknown tracker"),
     (["--env", KEYBOX, "--config", "/nonexistent.yaml"], "cannot read --config"),
     (["--env", KEYBOX, "--config", "yaml:lm: {bogus_key: 1}"], "unknown engine setting lm.bogus_key"),
+    (["--env", KEYBOX, "--set", "num_boxes=["], "the value is not valid YAML"),
+    (["--env", KEYBOX, "--config", "yaml:lm: 7"], "lm must be a mapping"),
     (["--env", KEYBOX, "--config", "yaml:lm: {max_new_tokens: 0}"], "lm.max_new_tokens must be a whole number"),
     (["--env", KEYBOX, "--config", "yaml:train: {lora_r: 0}"], "train.lora_r"),
     (["--env", KEYBOX, "--config", "yaml:train: {per_device_batch_size: 0}"], "train.per_device_batch_size"),

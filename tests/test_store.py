@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from leap_dspy.runs import RunFolder
-from leap_dspy.store import JsonlLog, atomic_write_json, read_json
+from leap_dspy.store import JsonlLog, RunFileError, atomic_write_json, read_json
 from leap_dspy.types import Correction, StudentInputs
 
 
@@ -202,3 +202,17 @@ def test_reading_a_run_for_a_report_changes_nothing_and_says_what_is_missing(
     assert (stage / "eval.jsonl").read_bytes() == torn
     said = " ".join(capsys.readouterr().err.split())
     assert "1 unreadable line(s) left out" in said and "holds 1 of the 2 episodes" in said
+
+
+def test_finished_stages_without_a_config_are_not_adopted_into_a_new_configuration(tmp_path: Path) -> None:
+    """A folder whose config.yaml was lost cannot say what made its stages: a compile of any configuration
+    would have adopted them as its own."""
+    from leap_dspy.config import LEAPConfig
+    from leap_dspy.runs import start_run
+
+    run = RunFolder(tmp_path / "run")
+    run.stage(0).mkdir(parents=True, exist_ok=True)
+    (run.stage(0) / "metrics.json").write_text('{"iteration": "0"}')
+    with pytest.raises(RunFileError, match=r"finished stages \(iter_0\) but no config.yaml"):
+        start_run(run, {"schema_version": 1, "env": {"name": "keybox"}, **LEAPConfig().dump()})
+    assert not run.config_path.exists()

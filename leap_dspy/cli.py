@@ -317,6 +317,7 @@ def compare(
     and after each LEAP iteration, with the time the run's own stages took (a run started with --bc-from
     counts only its iterations)."""
     from leap_dspy.runs import RunFolder
+    from leap_dspy.store import RunFileError
 
     if split not in ("seen", "unseen"):
         raise fail(f"--split must be seen or unseen, not {split!r}")
@@ -325,7 +326,10 @@ def compare(
         config, _ = load_run(run_dir) if (run_dir / "config.yaml").exists() else (None, None)
         if config is None or not (run_dir / "metrics.csv").exists():
             raise fail(f"{run_dir} is not a run folder with metrics (no config.yaml or metrics.csv)")
-        rows = RunFolder(run_dir).summary_rows()
+        try:
+            rows = RunFolder(run_dir).summary_rows()
+        except RunFileError as exc:
+            raise fail(str(exc)) from exc
         runs.append((run_dir, config, rows))
     width = max((sum(k.isdigit() for k in rows) for _, _, rows in runs), default=0)
     table = Table(title=f"{split} success")
@@ -336,9 +340,10 @@ def compare(
         own = [k for k in rows if k.isdigit() and (k != "0" or not config.get("bc_from"))]
         minutes = sum(float(rows[k].get("wall_s") or 0) for k in own) / 60
         cells = [rows[str(k)][f"{split}_success"] if str(k) in rows else "" for k in range(width)]
-        expert = config["expert"]
-        name = {"OracleExpert": "oracle", "SelfExpert": "self"}.get(expert["name"], expert.get("model", expert["name"]))
-        table.add_row(run_dir.name, config["update"], name, str(config["privilege_level"]),
+        expert = config.get("expert") or {"name": "?"}  # a config.yaml cut short still shows its metrics
+        name = {"OracleExpert": "oracle", "SelfExpert": "self"}.get(expert.get("name"),
+                                                                     expert.get("model", expert.get("name", "?")))
+        table.add_row(run_dir.name, config.get("update", "?"), name, str(config.get("privilege_level", "?")),
                       rows.get("expert", {}).get(f"{split}_success", ""), *cells, f"{minutes:.1f}")
     console.print(table)
 

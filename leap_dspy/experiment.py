@@ -42,7 +42,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from leap_dspy.cli_settings import expert_spec, takes_seed
 from leap_dspy.config import LEAPConfig
 from leap_dspy.progress import console
-from leap_dspy.runs import COMPILED, OPERATIONAL, RunFileError, RunFolder, env_defaults, read_config, with_new_defaults
+from leap_dspy.runs import (
+    COMPILED,
+    OPERATIONAL,
+    RunFileError,
+    RunFolder,
+    env_defaults,
+    read_config,
+    read_metrics,
+    with_new_defaults,
+)
 from leap_dspy.store import atomic_write_json, read_json, yaml_plain
 
 PUBLISHED = ("config.yaml", "metrics.csv", "episodes.csv", "compiled.json", "*/metrics.json", "*/train.json")
@@ -360,7 +369,7 @@ def show(specs: list[Spec], states: dict[str, str], root: Path, publish: Path | 
         stages = [s for s in folder.stages() if s.isdigit()] if folder.path.exists() else []
         stage, success, minutes = "", "", ""
         if stages:
-            rows = [read_json(folder.path / f"iter_{s}" / "metrics.json") for s in stages]
+            rows = [read_metrics(folder.path / f"iter_{s}" / "metrics.json") for s in stages]
             stage, success = ("BC" if stages[-1] == "0" else f"round {stages[-1]}"), rows[-1].get("unseen_success")
             minutes = f"{sum(float(r.get('wall_s') or 0) for r in rows) / 60:.1f}"
         table.add_row(spec.name, states[spec.name], stage, "" if success in ("", None) else f"{success:.2f}", minutes)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from leap_dspy.runs import OPERATIONAL, RunFolder, best_stage, read_config
+from leap_dspy.runs import OPERATIONAL, RunFolder, best_stage, read_config, read_metrics
 from leap_dspy.store import atomic_write_text, read_json
 
 SEED_KEYS = {"seed", "env.seed", "train.seed", "trainset", "valset", "bc_from", "progress", "iterations",
@@ -88,7 +88,7 @@ def load_run(path: Path) -> Run:
     for stage in stages:
         folder_path = path / (f"iter_{stage}" if stage.isdigit() else stage)
         json_path = folder_path / "metrics.json"
-        metrics = read_json(json_path) if json_path.exists() else summary[stage]
+        metrics = read_metrics(json_path) if json_path.exists() else summary[stage]
         run.wall_s += float(metrics.get("wall_s") or 0) if stage in own else 0.0
         run.expert_tokens += float(metrics.get("expert_tokens") or 0) if stage in own or not stage.isdigit() else 0.0
         run.peak_mb = max(run.peak_mb, float(metrics.get("peak_rss_mb") or 0))

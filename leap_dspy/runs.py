@@ -104,6 +104,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RunFileError(f"{path} is not a run's configuration (it holds {type(data).__name__})")
     check_schema(data, path)
+    wrong = [k for k in ("env", "lm", "train", "expert", "student") if k in data and not isinstance(data[k], dict)]
+    if wrong or ("env" in data and not isinstance(data["env"].get("name"), str)):
+        raise RunFileError(f"{path} is not a run's configuration as leap-dspy writes it ("
+                           + (f"{wrong[0]} is not a mapping" if wrong else "env has no name") + ")")
     return as_run_ran(data)
 
 
@@ -113,6 +117,14 @@ def as_run_ran(config: dict[str, Any]) -> dict[str, Any]:
     if isinstance(config.get("lm"), dict) and "no_repeat_ngram" in config["lm"]:
         config["lm"].setdefault("ngram_repeats", 1)  # before the setting, an n-gram was never said twice
     return config
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A stage's metrics.json: `read_json`'s checks, and the stage it names."""
+    metrics = read_json(path)
+    if "iteration" not in metrics:
+        raise RunFileError(f"{path} names no stage (no iteration); delete it and run again to produce it anew")
+    return metrics
 
 
 def check_schema(config: dict[str, Any], path: str | Path) -> None:
@@ -208,11 +220,11 @@ class RunFolder:
         for name in ROW_ORDER:
             metrics = self.path / name / "metrics.json"
             if metrics.exists():
-                rows.append(read_json(metrics))
+                rows.append(read_metrics(metrics))
         for k in self.iterations():
             metrics = self.path / f"iter_{k}" / "metrics.json"
             if metrics.exists():
-                rows.append(read_json(metrics))
+                rows.append(read_metrics(metrics))
         return rows
 
     def summary_rows(self) -> dict[str, dict[str, str]]:
@@ -220,8 +232,14 @@ class RunFolder:
         path = self.path / "metrics.csv"
         if not path.exists():
             return {}
-        with path.open() as handle:
-            return {row["iteration"]: row for row in csv.DictReader(handle)}
+        try:
+            with path.open(encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                if "iteration" not in (reader.fieldnames or []):
+                    raise ValueError("it has no iteration column")
+                return {row["iteration"]: row for row in reader}
+        except (UnicodeDecodeError, csv.Error, ValueError) as exc:
+            raise RunFileError(f"{path} is not a metrics table ({exc}); a compile of the run writes it anew") from exc
 
     def stages(self) -> list[str]:
         """The evaluated stages in table order: base, expert, 0 (behaviour cloning), 1, 2, ..."""
@@ -241,7 +259,7 @@ class RunFolder:
                 continue
             strict = JsonlLog(folder / "eval.jsonl", Trajectory, key=lambda t: t.task.id).load(repair=False)
             snapped = JsonlLog(folder / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id).load(repair=False)
-            metrics = read_json(folder / "metrics.json")
+            metrics = read_metrics(folder / "metrics.json")
             evaluated = sum(metrics.get(f"{split}_episodes", 0) for split in SPLITS)
             if len(strict) < evaluated:  # a damaged log: the intervals over episodes would silently shrink
                 console.print(f"[yellow]warning:[/yellow] {folder / 'eval.jsonl'} holds {len(strict)} of the "

@@ -63,12 +63,25 @@ class RunFileError(ValueError):
     message names it and what to do."""
 
 
-def read_json(path: str | Path) -> Any:
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A run's JSON file (metrics, a training result, the chosen round): a mapping, with the numbers a stage's
+    metrics hold (`*_success`, `*_score`, ...) as numbers, or a `RunFileError` that names the file."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunFileError(f"{path} is corrupt ({exc}); delete it (or its stage folder) and run again to "
                           "produce it anew") from exc
+    wrong = ("it holds " + type(data).__name__) if not isinstance(data, dict) else next(
+        (f"its {k} is {v!r}" for k, v in data.items()
+         if k.endswith(NUMERIC_SUFFIXES) and v is not None and (isinstance(v, bool) or not isinstance(v, int | float))),
+        None)
+    if wrong:
+        raise RunFileError(f"{path} is not what leap-dspy wrote there ({wrong}); delete it (or its stage folder) "
+                           "and run again to produce it anew")
+    return data
+
+
+NUMERIC_SUFFIXES = ("_success", "_score", "_steps", "_episodes", "_s", "_mb")
 
 
 class JsonlLog(Generic[M]):

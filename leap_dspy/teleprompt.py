@@ -64,6 +64,7 @@ from leap_dspy.runs import (
     check_bc_from,
     default_run_dir,
     read_config,
+    read_metrics,
     start_run,
 )
 from leap_dspy.runs import ConfigMismatch as ConfigMismatch  # re-exported: callers catch it from here
@@ -455,7 +456,7 @@ class LEAP(Teleprompter):
         """The round compile returns (`select`): the last, or the best on the seen tasks (`best_stage`);
         recorded in `compiled.json`, which `leap-dspy serve RUN` follows."""
         seen = {str(k): (m["seen_success"], m.get("seen_score", 0.0)) for k in range(self.config.iterations + 1)
-                if "seen_success" in (m := read_json(self.run.stage(k) / "metrics.json"))}
+                if "seen_success" in (m := read_metrics(self.run.stage(k) / "metrics.json"))}
         best = best_stage(seen) if self.config.select == "best" else None
         stage = int(best) if best is not None else self.config.iterations
         chosen_by = "best seen success" if best is not None else "last round"  # no seen tasks: nothing to choose by

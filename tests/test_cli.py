@@ -102,6 +102,19 @@ def test_a_run_from_a_newer_schema_is_refused_and_an_unversioned_one_is_read(tmp
     (run.stage(0) / "metrics.json").write_text('{"iteration": "0", "unseen_')  # a disk error, a hand edit
     result = runner.invoke(app, ["report", str(run.path), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "metrics.json is corrupt" in result.output and "Traceback" not in result.output
+    for damage, says in (("[1, 2]", "holds list"), ("{}", "names no stage"),
+                         ('{"iteration": "0", "unseen_success": "abc"}', "its unseen_success is 'abc'")):
+        (run.stage(0) / "metrics.json").write_text(damage)  # JSON, but not what leap-dspy wrote
+        result = runner.invoke(app, ["report", str(run.path), "--out", str(tmp_path / "r")])
+        assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output
+    atomic_write_json(run.stage(0) / "metrics.json", {"iteration": "0", "unseen_success": 0.5})
+    (run.path / "metrics.csv").write_bytes(b"\xff\xfe garbage")
+    result = runner.invoke(app, ["compare", str(run.path)])
+    assert result.exit_code == 2 and "metrics.csv is not a metrics table" in result.output
+    run.config_path.write_text(yaml.safe_dump({"env": KEYBOX}))  # the environment's name alone
+    for args in (["compare", str(run.path)], ["evaluate", str(run.path)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "env is not a mapping" in result.output, (args, result.output)
 
 
 def test_a_corrupt_adapter_is_named_before_anything_loads_it(tmp_path: Path) -> None:

@@ -247,36 +247,54 @@ class RunFolder:
         return [n for n in names if (self.path / (f"iter_{n}" if n.isdigit() else n) / "metrics.json").exists()]
 
     def episodes(self) -> list[dict[str, Any]]:
-        """Every evaluated episode's outcome, from the stages' eval logs, or from `episodes.csv` where only the
-        published summary of a run is kept."""
-        from leap_dspy.store import JsonlLog
-        from leap_dspy.types import SPLITS, Trajectory
+        """Every evaluated episode's outcome, from the stages' eval logs; where a stage's log is gone or holds
+        fewer episodes than its metrics.json counts (a published run keeps no logs; a damaged one), the stage's
+        rows of `episodes.csv` stand in, so that rewriting the table never loses what it held."""
+        from leap_dspy.types import SPLITS
 
-        rows = []
+        rows, tabled = [], self._tabled_episodes()
         for stage in self.stages():
             folder = self.path / (f"iter_{stage}" if stage.isdigit() else stage)
-            if not (folder / "eval.jsonl").exists():
-                continue
-            strict = JsonlLog(folder / "eval.jsonl", Trajectory, key=lambda t: t.task.id).load(repair=False)
-            snapped = JsonlLog(folder / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id).load(repair=False)
-            metrics = read_metrics(folder / "metrics.json")
-            evaluated = sum(metrics.get(f"{split}_episodes", 0) for split in SPLITS)
-            if len(strict) < evaluated:  # a damaged log: the intervals over episodes would silently shrink
-                console.print(f"[yellow]warning:[/yellow] {folder / 'eval.jsonl'} holds {len(strict)} of the "
-                              f"{evaluated} episodes its metrics.json counts", soft_wrap=True, highlight=False)
-            lenient = int(any(t.num_snapped for t in strict.values()))
-            for task_id, episode in strict.items():
-                other = snapped.get(task_id, episode)
-                rows.append({"stage": stage, "task_id": task_id, "split": episode.task.split,
-                             "source": episode.task.source,
-                             "success": int(episode.success), "reward": round(episode.reward, 4),
-                             "steps": len(episode.steps), "success_snapped": int(other.success),
-                             "reward_snapped": round(other.reward, 4), "lenient": lenient,
-                             "actions": json.dumps([" ".join(s.action.split())[:80] for s in episode.steps])})
-        if not rows and (self.path / "episodes.csv").exists():
-            with (self.path / "episodes.csv").open() as handle:
-                return list(csv.DictReader(handle))
+            logged = self._logged_episodes(stage, folder) if (folder / "eval.jsonl").exists() else []
+            evaluated = sum(read_metrics(folder / "metrics.json").get(f"{split}_episodes", 0) for split in SPLITS)
+            kept = tabled.get(stage, [])
+            if len(logged) < evaluated and ((folder / "eval.jsonl").exists() or (folder / "adapter").exists()):
+                # a damaged log: the intervals over episodes would silently shrink
+                console.print(f"[yellow]warning:[/yellow] {folder / 'eval.jsonl'} holds {len(logged)} of the "
+                              f"{evaluated} episodes its metrics.json counts"
+                              + (f"; episodes.csv's {len(kept)} stand in" if len(kept) > len(logged) else ""),
+                              soft_wrap=True, highlight=False)
+            rows += kept if len(kept) > len(logged) else logged
         return rows
+
+    def _logged_episodes(self, stage: str, folder: Path) -> list[dict[str, Any]]:
+        from leap_dspy.store import JsonlLog
+        from leap_dspy.types import Trajectory
+
+        strict = JsonlLog(folder / "eval.jsonl", Trajectory, key=lambda t: t.task.id).load(repair=False)
+        snapped = JsonlLog(folder / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id).load(repair=False)
+        lenient = int(any(t.num_snapped for t in strict.values()))
+        rows = []
+        for task_id, episode in strict.items():
+            other = snapped.get(task_id, episode)
+            rows.append({"stage": stage, "task_id": task_id, "split": episode.task.split,
+                         "source": episode.task.source,
+                         "success": int(episode.success), "reward": round(episode.reward, 4),
+                         "steps": len(episode.steps), "success_snapped": int(other.success),
+                         "reward_snapped": round(other.reward, 4), "lenient": lenient,
+                         "actions": json.dumps([" ".join(s.action.split())[:80] for s in episode.steps])})
+        return rows
+
+    def _tabled_episodes(self) -> dict[str, list[dict[str, Any]]]:
+        """episodes.csv's rows by stage (empty when it is missing or unreadable: the logs are then all there is)."""
+        tabled: dict[str, list[dict[str, Any]]] = {}
+        try:
+            with (self.path / "episodes.csv").open(encoding="utf-8") as handle:
+                for row in csv.DictReader(handle):
+                    tabled.setdefault(str(row.get("stage")), []).append(row)
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return {}
+        return tabled
 
     def write_episodes_csv(self) -> Path:
         buffer = io.StringIO()

@@ -68,7 +68,7 @@ from leap_dspy.runs import (
     start_run,
 )
 from leap_dspy.runs import ConfigMismatch as ConfigMismatch  # re-exported: callers catch it from here
-from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, read_json, yaml_plain
+from leap_dspy.store import JsonlLog, RunFileError, atomic_write_json, atomic_write_text, read_json, yaml_plain
 from leap_dspy.trackers import Trackers
 from leap_dspy.train.common import RESULT_FILE, check_target_modules, peak_rss_mb, release_memory
 from leap_dspy.training_data import (
@@ -507,7 +507,16 @@ class LEAP(Teleprompter):
         return JsonlLog(self.run.stage(k) / "corrections.jsonl", Correction, key=lambda c: c.key)
 
     def _load_corrections(self, k: int) -> list[Correction]:
-        return list(self._corrections_log(k).load().values())
+        """Stage `k`'s records. A finished stage's are never made again, so a log of fewer than its metrics.json
+        counted (cut or emptied since) is refused: later rounds would train on less without a word."""
+        log, finished = self._corrections_log(k), self.run.stage(k) / "metrics.json"
+        if not finished.exists():
+            return list(log.load().values())
+        records, counted = list(log.load(repair=False).values()), read_metrics(finished).get("corrections")
+        if isinstance(counted, int) and len(records) < counted:
+            raise RunFileError(f"{log.path} holds {len(records)} of the {counted} records its finished stage counted; "
+                               "later rounds train on them: restore the file, or compile into a new run folder")
+        return records
 
     def _keep_adapter(self, out: Path, previous: Path | None) -> Path:
         """No training rows at all (behaviour cloning with every demonstration dropped raises; a round always has

@@ -191,7 +191,7 @@ def test_reading_a_run_for_a_report_changes_nothing_and_says_what_is_missing(
 
     stage = tmp_path / "iter_1"
     stage.mkdir()
-    atomic_write_json(stage / "metrics.json", {"unseen_success": 0.5, "unseen_episodes": 2})
+    atomic_write_json(stage / "metrics.json", {"iteration": "1", "unseen_success": 0.5, "unseen_episodes": 2})
     tasks = [Task(id=f"u{i}", env="e", split="unseen", instruction="go") for i in range(2)]
     lines = [Trajectory(task=t, policy="student", success=bool(i)).model_dump_json() + "\n"
              for i, t in enumerate(tasks)]
@@ -202,6 +202,28 @@ def test_reading_a_run_for_a_report_changes_nothing_and_says_what_is_missing(
     assert (stage / "eval.jsonl").read_bytes() == torn
     said = " ".join(capsys.readouterr().err.split())
     assert "1 unreadable line(s) left out" in said and "holds 1 of the 2 episodes" in said
+
+
+def test_a_finished_stages_episodes_survive_its_damaged_eval_log(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """episodes.csv is rewritten at each compile's end from the eval logs: where a finished stage's log is gone
+    or torn (it is never played again), the table's own rows for the stage stand in rather than vanish."""
+    from leap_dspy.types import Task, Trajectory
+
+    run, stage = RunFolder(tmp_path), tmp_path / "iter_1"
+    stage.mkdir()
+    atomic_write_json(stage / "metrics.json", {"iteration": "1", "unseen_success": 0.5, "unseen_episodes": 2})
+    lines = [Trajectory(task=Task(id=f"u{i}", env="e", split="unseen", instruction="go"), policy="student",
+                        success=bool(i)).model_dump_json() + "\n" for i in range(2)]
+    (stage / "eval.jsonl").write_text("".join(lines))
+    run.write_episodes_csv()
+    for damage in ("".join(lines)[:-30], None):  # torn, then deleted
+        (stage / "eval.jsonl").unlink(missing_ok=True)
+        if damage is not None:
+            (stage / "eval.jsonl").write_text(damage)
+        run.write_episodes_csv()
+        assert [(r["task_id"], r["success"]) for r in run.episodes()] == [("u0", "0"), ("u1", "1")]
+    assert "episodes.csv's 2 stand in" in " ".join(capsys.readouterr().err.split())
 
 
 def test_finished_stages_without_a_config_are_not_adopted_into_a_new_configuration(tmp_path: Path) -> None:
@@ -216,3 +238,24 @@ def test_finished_stages_without_a_config_are_not_adopted_into_a_new_configurati
     with pytest.raises(RunFileError, match=r"finished stages \(iter_0\) but no config.yaml"):
         start_run(run, {"schema_version": 1, "env": {"name": "keybox"}, **LEAPConfig().dump()})
     assert not run.config_path.exists()
+
+
+def test_a_finished_stages_records_cut_short_are_refused_not_trained_on(tmp_path: Path) -> None:
+    """Later rounds aggregate every earlier stage's records, which a finished stage never makes again: a log cut
+    below the count its metrics.json recorded stops the compile instead of training on less."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from examples.keybox import KeyBox
+    from leap_dspy.teleprompt import LEAP
+
+    leap = LEAP(KeyBox(), run_dir=tmp_path / "run")
+    record = Correction(task_id="t", step=0, inputs=StudentInputs(task="go", observation="here", history=""),
+                        reason="r", action="a", student_reason="r", student_action="a", expert="x", iteration=0,
+                        level=1)
+    leap.run.stage(0).mkdir(parents=True, exist_ok=True)
+    JsonlLog(leap.run.stage(0) / "corrections.jsonl", Correction, key=lambda c: c.key).append(record)
+    assert len(leap._load_corrections(0)) == 1  # not finished: whatever is missing is made again on resume
+    atomic_write_json(leap.run.stage(0) / "metrics.json", {"iteration": "0", "corrections": 3})
+    with pytest.raises(RunFileError, match="holds 1 of the 3 records its finished stage counted"):
+        leap._load_corrections(0)

@@ -113,6 +113,8 @@ def compile_(
     from leap_dspy.config import LEAPConfig
     from leap_dspy.corrections import NoDemonstrations
     from leap_dspy.envs.check import EnvContractError
+    from leap_dspy.lm.pool import PoolError
+    from leap_dspy.placement import FineTuneFailed
     from leap_dspy.programs import Student
     from leap_dspy.rollout import ExpertUnavailable, attach_env
     from leap_dspy.store import RunFileError
@@ -151,7 +153,20 @@ def compile_(
     except ExpertUnavailable as exc:
         raise fail(f"{exc}; everything played so far is kept: once the expert answers, run the same command "
                    "again to resume") from exc
+    except Exception as exc:  # the rollout servers or a launched fine-tune: a line, and how to go on
+        if stopped := _stopped_by(exc, (PoolError, FineTuneFailed)):
+            raise fail(f"{stopped}; everything so far is kept: run the same command again to resume", code=1) from exc
+        raise
     print_metrics(leap.run)
+
+
+def _stopped_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of `kinds` along `exc`'s chain (DSPy wraps what an LM's engine raised)."""
+    while exc is not None:
+        if isinstance(exc, kinds):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _first_error(exc: Exception) -> str:

@@ -46,6 +46,10 @@ class Owed:
         self.seconds = self.work() if self.work is not None else 0.0
 
 
+class FineTuneFailed(RuntimeError):
+    """A launched fine-tune ended without its adapter; what it printed is in the stage's train_launch.log."""
+
+
 class Placement:
     def __init__(self, config: LEAPConfig, env: TextEnv, run_name: str) -> None:
         self.config, self.env, self.run_name = config, env, run_name
@@ -212,8 +216,12 @@ class Placement:
                 raise
             code = process.wait()
         if code != 0 or not (out / RESULT_FILE).exists():
-            tail = (stage / "train_launch.log").read_text(errors="replace")[-1500:]
-            raise RuntimeError(f"the launched fine-tune failed (exit {code}; {stage / 'train_launch.log'}):\n{tail}")
+            tail = (stage / "train_launch.log").read_text(errors="replace")[-1500:].strip()
+            how = (f"was killed by signal {-code}" if code < 0 else f"exited {code}" if code else
+                   "exited 0 without publishing an adapter")
+            raise FineTuneFailed(f"the launched fine-tune {how} ({stage / 'train_launch.log'}"
+                                 + (f"; its last lines:\n{tail})" if tail else ", empty)")
+                                 + "; run the same command again to resume")
         result = TrainResult.model_validate_json((out / RESULT_FILE).read_text())
         result = result.model_copy(update={"host_rss_mb": round(host, 1)})
         atomic_write_text(out / RESULT_FILE, result.model_dump_json(indent=2))  # what a resumed run reads back

@@ -71,6 +71,7 @@ from leap_dspy.runs import ConfigMismatch as ConfigMismatch  # re-exported: call
 from leap_dspy.store import JsonlLog, RunFileError, atomic_write_json, atomic_write_text, read_json, yaml_plain
 from leap_dspy.trackers import Trackers
 from leap_dspy.train.common import RESULT_FILE, check_target_modules, peak_rss_mb, release_memory
+from leap_dspy.train.launch import launcher_program
 from leap_dspy.training_data import (
     aggregate_preference,
     aggregate_sft,
@@ -125,6 +126,8 @@ class LEAP(Teleprompter):
         self.expertise = env.expertise()  # what the records are judged by, and the privileged self's proposals
         env.check_level(self.config.privilege_level)  # an unknown level fails here, before anything runs
         LocalEngine.check_settings(self.config.lm)  # as does a setting the student's engine would refuse
+        if self.config.train_launcher:  # and a launcher that is not there
+            launcher_program(self.config.train_launcher)
         self.run = RunFolder(run_dir or default_run_dir(env.name))
         self.trackers = Trackers([], self.run.path, self.run.path.name)  # the configured ones open with the run
         self.placement = Placement(self.config, env, self.run.path.name)

@@ -151,6 +151,7 @@ BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be writte
     (["--env", KEYBOX, "--config", "/nonexistent.yaml"], "cannot read --config"),
     (["--env", KEYBOX, "--config", "yaml:lm: {bogus_key: 1}"], "unknown engine setting lm.bogus_key"),
     (["--env", KEYBOX, "--set", "num_boxes=["], "the value is not valid YAML"),
+    (["--env", KEYBOX, "--train-launcher", "torchrn --nproc_per_node 2"], "no program 'torchrn' on PATH"),
     (["--env", KEYBOX, "--config", "yaml:lm: 7"], "lm must be a mapping"),
     (["--env", KEYBOX, "--config", "yaml:lm: {max_new_tokens: 0}"], "lm.max_new_tokens must be a whole number"),
     (["--env", KEYBOX, "--config", "yaml:train: {lora_r: 0}"], "train.lora_r"),
@@ -208,3 +209,17 @@ def test_the_documented_defaults_are_the_configs() -> None:
                           "--max-train-rows": "max_train_rows", "--preference-anchor": "preference_anchor",
                           "--threads": "num_threads", "--seed": "seed"}.items():
         assert documented[option] == str(getattr(config, field)), option
+
+
+def test_dead_rollout_servers_or_a_fine_tune_that_publishes_nothing_stop_with_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What stops a compile midway and is mended outside it (a server to start, a trainer killed) is said in a
+    line, with the cause and how to go on, not as a traceback."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    base = ["compile", "--env", KEYBOX, "--model", "tiny-random", "--quiet", "--set", "num_train=2"]
+    result = runner.invoke(app, [*base, "--run-dir", str(tmp_path / "a"), "--rollout-server", "http://127.0.0.1:9"])
+    assert result.exit_code == 1 and "no server of the pool (http://127.0.0.1:9) answered" in result.output
+    assert "run the same command again" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, [*base, "--run-dir", str(tmp_path / "b"), "--train-launcher", "true"])
+    assert result.exit_code == 1 and "exited 0 without publishing an adapter" in result.output
+    assert "Traceback" not in result.output

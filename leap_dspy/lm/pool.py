@@ -60,12 +60,14 @@ class ServerPool:
                 loaded.append(url)
             except (OSError, urllib.error.URLError) as exc:
                 self._mark_down(url, exc)
+                last: Exception = exc
         if not loaded:
-            raise PoolError(f"no server of the pool could load adapter {name!r}")
+            raise PoolError(f"no server of the pool could load adapter {name!r}; the last said: {last}")
         return loaded
 
     def base_model(self) -> str:
         """The name the servers serve their base weights under (the first model `/v1/models` lists)."""
+        last: Exception | None = None
         for url in self.urls:
             request = urllib.request.Request(url + "/v1/models", headers={"Authorization": f"Bearer {self.api_key}"}
                                              if self.api_key else {})
@@ -74,7 +76,9 @@ class ServerPool:
                     return str(json.loads(response.read())["data"][0]["id"])
             except (OSError, urllib.error.URLError, KeyError, IndexError, ValueError) as exc:
                 self._mark_down(url, exc)
-        raise PoolError("no server of the pool answered /v1/models")
+                last = exc
+        raise PoolError(f"no server of the pool ({', '.join(self.urls)}) answered /v1/models; the last said: {last}"
+                        + (" (is LEAP_DSPY_API_KEY the servers' key?)" if "401" in str(last) else ""))
 
     def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """One chat completion from the next live server, moving on past failed ones (each tried once)."""

@@ -23,17 +23,25 @@ LAUNCHED_BY = "LEAP_DSPY_LAUNCHED_BY"
 """The environment variable holding the process id of the compile that launched a fine-tune."""
 
 
+def launcher_program(launcher: list[str]) -> str:
+    """The launcher's executable: `python` is this interpreter, another is looked up on PATH, then beside this
+    Python; a `ValueError` names a launcher found in neither, before a run starts rather than at its first
+    fine-tune."""
+    if launcher[0] == "python":
+        return sys.executable
+    program = shutil.which(launcher[0]) or shutil.which(launcher[0], path=str(Path(sys.executable).parent))
+    if program is None:
+        raise ValueError(f"train_launcher {' '.join(launcher)!r}: no program {launcher[0]!r} on PATH or beside "
+                         f"{sys.executable}")
+    return program
+
+
 def launch_command(launcher: list[str], method: str, rows: Path, model: str, output_dir: Path,
                    init_adapter: Path | None, config_file: Path) -> list[str]:
     """`launcher` (e.g. `["torchrun", "--nproc_per_node", "2"]`) running one fine-tune whose TrainConfig is in
-    `config_file`; `python` is this interpreter, another launcher's executable is looked up on PATH, then
-    beside this Python."""
-    if launcher[0] == "python":
-        program = sys.executable
-    else:
-        program = shutil.which(launcher[0]) or str(Path(sys.executable).with_name(launcher[0]))
-    command = [program, *launcher[1:], "-m", "leap_dspy.train.launch", "--method", method, "--rows", str(rows),
-               "--model", model, "--output-dir", str(output_dir), "--config", str(config_file)]
+    `config_file` (see `launcher_program`)."""
+    command = [launcher_program(launcher), *launcher[1:], "-m", "leap_dspy.train.launch", "--method", method,
+               "--rows", str(rows), "--model", model, "--output-dir", str(output_dir), "--config", str(config_file)]
     return command + (["--init-adapter", str(init_adapter)] if init_adapter else [])
 
 

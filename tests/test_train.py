@@ -620,3 +620,18 @@ def test_a_launched_trainers_peak_is_its_own_not_the_launching_process():
     assert peak_rss_mb() >= 768
     assert 0 < child < peak_rss_mb() - 512, (child, peak_rss_mb())
     del held
+
+
+def test_an_adapter_of_another_model_is_named_not_a_shape_traceback(tiny_model, tmp_path):
+    """An adapter folder copied from a run on another model: a line naming both, before any engine starts."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from leap_dspy.lm.models import ModelNotFound, load_model_with_adapter
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.hidden_size, config.intermediate_size = config.hidden_size + 32, config.intermediate_size + 32
+    other = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=4, target_modules=["q_proj"]))
+    other.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(ModelNotFound, match="does not fit .* trained on another model"):
+        load_model_with_adapter(tiny_model, tmp_path / "adapter")

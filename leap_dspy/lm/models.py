@@ -224,6 +224,12 @@ def load_model_with_adapter(model: str, adapter: str | os.PathLike | None, dtype
     adapter_dir = Path(adapter).expanduser()
     if not (adapter_dir / "adapter_config.json").exists():
         raise ModelNotFound(f"{adapter_dir} is not a PEFT adapter directory (no adapter_config.json)")
-    merged = merge_lora(load_model(model, "float32", "cpu"), adapter_dir)
+    try:
+        merged = merge_lora(load_model(model, "float32", "cpu"), adapter_dir)
+    except RuntimeError as exc:  # PEFT's shape check: an adapter copied from a run on another model
+        if "size mismatch" not in str(exc):
+            raise
+        raise ModelNotFound(f"{adapter_dir} does not fit {model}: it was trained on another model "
+                            f"({str(exc).splitlines()[-1].strip()[:200]})") from exc
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return merged.to(device=device, dtype=pick_dtype(dtype)).eval()

@@ -43,12 +43,24 @@ class Trackers:
 
             mlflow.set_experiment("leap-dspy")
             self._mlflow = mlflow.MlflowClient()
-            self._mlflow_run = mlflow.start_run(run_name=run_name).info.run_id
+            self._mlflow_run = self._start_mlflow(mlflow, run_name)
         if "wandb" in self.names:
             import wandb
 
             self._wandb = wandb
             wandb.init(project="leap-dspy", name=run_name, group=run_name, dir=str(run_dir), reinit="finish_previous")
+
+    def _start_mlflow(self, mlflow: Any, run_name: str) -> str:
+        """The compile's MLflow run: a resumed compile continues the run it started (its id kept in the run
+        folder), so one compile is one run however often it was resumed."""
+        saved = self.run_dir / "mlflow_run_id"
+        run_id = saved.read_text().strip() if saved.exists() else ""
+        try:
+            active = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name)
+        except mlflow.exceptions.MlflowException:  # another store (MLFLOW_TRACKING_URI), or a cleared one
+            active = mlflow.start_run(run_name=run_name)
+        saved.write_text(active.info.run_id)
+        return str(active.info.run_id)
 
     def environment(self) -> None:
         """Offline defaults for these trackers and for TRL's callbacks, unless already set: a run-local MLflow
@@ -84,8 +96,13 @@ class Trackers:
 
             self._writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "\n```")
         if self._mlflow is not None:
+            logged = self._mlflow.get_run(self._mlflow_run).data.params  # a resumed compile's run has them
             for key, value in flat.items():
-                if key not in ("trainset", "valset"):
+                if key in ("trainset", "valset") or logged.get(key) == str(value)[:500]:
+                    continue
+                if key in logged:  # a setting a resume may change (iterations): params are written once
+                    self._mlflow.set_tag(self._mlflow_run, key, str(value)[:500])
+                else:
                     self._mlflow.log_param(self._mlflow_run, key, str(value)[:500])
         if self._wandb is not None:
             self._wandb.config.update({k: v for k, v in flat.items() if k not in ("trainset", "valset")},

@@ -60,3 +60,11 @@ def test_a_compile_reports_to_local_tensorboard_mlflow_and_wandb(tiny_model: str
     # the compile's run, and one per fine-tune (each in its own process) in its group: wandb's multi-process way
     offline = list((run / "wandb").glob("offline-run-*/*.wandb"))
     assert len(offline) == 3 and all(p.stat().st_size > 0 for p in offline)
+
+    # extended by one round (as a resume after a kill is): the same MLflow run, a third fine-tune nested in it
+    LEAP(env, iterations=2, model=tiny_model, run_dir=run, train_config=FAST_TRAIN, num_threads=4,
+         lm_kwargs={"max_new_tokens": 16}, progress=False, evaluate_base=False, report_to=["mlflow"]).compile(
+        Student(), trainset=env.tasks("train"), teacher=OracleExpert(), valset=env.tasks("seen") + env.tasks("unseen"))
+    runs = mlflow.search_runs(experiment_names=["leap-dspy"], output_format="list")
+    assert [r.info.run_id for r in runs if r.info.run_name == "run"] == [parent.info.run_id]
+    assert sum(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs) == 3

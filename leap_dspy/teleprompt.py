@@ -128,6 +128,9 @@ class LEAP(Teleprompter):
         LocalEngine.check_settings(self.config.lm)  # as does a setting the student's engine would refuse
         if self.config.train_launcher:  # and a launcher that is not there
             launcher_program(self.config.train_launcher)
+        if self.config.ray and env_spec(env).startswith("__main__:"):  # Ray's workers import it by its module
+            raise ValueError(f"ray: {type(env).__name__} is defined in the script being run, which Ray's workers "
+                             "cannot import; move it to a module of its own")
         self.run = RunFolder(run_dir or default_run_dir(env.name))
         self.trackers = Trackers([], self.run.path, self.run.path.name)  # the configured ones open with the run
         self.placement = Placement(self.config, env, self.run.path.name)

@@ -98,3 +98,15 @@ def test_a_dead_actor_is_replaced_and_an_environment_error_keeps_its_type(local_
     jammed.reset(task)
     with pytest.raises(RuntimeError, match="^the lid is jammed$"):
         jammed.step(first)
+
+
+def test_an_environment_defined_in_the_script_is_refused_for_ray_before_anything_runs(tmp_path: Path) -> None:
+    """Ray's workers import the environment by its module; one defined in the script being run (`__main__`)
+    failed in the first episode's reset, as if the environment were broken."""
+
+    class MainBox(KeyBox):
+        pass
+
+    MainBox.__module__ = "__main__"
+    with pytest.raises(ValueError, match="MainBox is defined in the script being run"):
+        LEAP(MainBox(**TINY), run_dir=tmp_path / "run", ray="local")

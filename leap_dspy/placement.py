@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from leap_dspy.config import LEAPConfig
 from leap_dspy.cores import SharedCores
 from leap_dspy.envs.base import TextEnv
@@ -87,6 +89,7 @@ class Placement:
 
         if self._pool is None:
             self._pool = ServerPool(self.config.rollout_servers, api_key=os.environ.get("LEAP_DSPY_API_KEY"))
+            self._check_served_base(self._pool.base_model())
         if adapter is None:
             name = self._pool.base_model()
         else:
@@ -94,6 +97,17 @@ class Placement:
             self._pool.load_adapter(name, str(adapter.resolve()))
         decoding = {k: self.config.lm[k] for k in ("no_repeat_ngram", "ngram_repeats") if k in self.config.lm}
         return self._pool.lm(name, max_tokens=self.config.lm["max_new_tokens"], decoding=decoding)
+
+    def _check_served_base(self, served: str) -> None:
+        """Servers name their base weights by the model's label (`leap-dspy serve`, and `vllm_command`'s
+        vLLM): another name is most likely another model, whose rollouts the run would record as its student's."""
+        from leap_dspy.lm.lms import model_label
+
+        if served != model_label(self.config.model):
+            console.print(f"[yellow]warning:[/yellow] the rollout servers serve {escape(served)!r}, and this run "
+                          f"trains {escape(self.config.model)!r}: each round's adapter is loaded onto the servers' "
+                          "base, so unless that is the same model under another name, rollouts and evaluations "
+                          "act with other weights than the ones trained", soft_wrap=True, highlight=False)
 
     @property
     def episodes(self) -> Any:

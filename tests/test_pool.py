@@ -113,3 +113,17 @@ def test_a_pool_spreads_requests_survives_a_dead_server_and_serves_each_rounds_a
     here = local_lm(tiny_model, adapter=str(adapter), max_new_tokens=24, **decoding)(messages=messages)[0]
     plain = local_lm(tiny_model, adapter=str(adapter), max_new_tokens=24)(messages=messages)[0]
     assert served == here != plain
+
+
+def test_servers_of_another_base_model_are_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each round's adapter is loaded onto whatever base the servers hold: a base served under another model's
+    label is said, since the run would record those rollouts as its student's."""
+    from leap_dspy.config import LEAPConfig
+    from leap_dspy.placement import Placement
+
+    placement = Placement(LEAPConfig(model="tiny-random"), KeyBox(**TINY), "run")
+    placement._check_served_base("tiny-random")
+    assert "warning" not in capsys.readouterr().err
+    placement._check_served_base("tinyB")
+    assert "the rollout servers serve 'tinyB', and this run trains 'tiny-random'" in " ".join(
+        capsys.readouterr().err.split())

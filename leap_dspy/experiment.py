@@ -371,7 +371,8 @@ def show(specs: list[Spec], states: dict[str, str], root: Path, publish: Path | 
         if stages:
             rows = [read_metrics(folder.path / f"iter_{s}" / "metrics.json") for s in stages]
             stage, success = ("BC" if stages[-1] == "0" else f"round {stages[-1]}"), rows[-1].get("unseen_success")
-            minutes = f"{sum(float(r.get('wall_s') or 0) for r in rows) / 60:.1f}"
+            own = rows[1:] if spec.bc_from and stages[0] == "0" else rows  # a shared behaviour cloning is its source's
+            minutes = f"{sum(float(r.get('wall_s') or 0) for r in own) / 60:.1f}"
         table.add_row(spec.name, states[spec.name], stage, "" if success in ("", None) else f"{success:.2f}", minutes)
     console.print(table)
 

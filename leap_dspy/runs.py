@@ -265,7 +265,8 @@ class RunFolder:
                               + (f"; episodes.csv's {len(kept)} stand in" if len(kept) > len(logged) else ""),
                               soft_wrap=True, highlight=False)
             rows += kept if len(kept) > len(logged) else logged
-        return rows
+        stages = set(self.stages())  # a run published with its summary alone keeps no stage folders
+        return rows + [row for stage, kept in tabled.items() if stage not in stages for row in kept]
 
     def _logged_episodes(self, stage: str, folder: Path) -> list[dict[str, Any]]:
         from leap_dspy.store import JsonlLog

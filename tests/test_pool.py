@@ -127,3 +127,37 @@ def test_servers_of_another_base_model_are_warned_about(tmp_path: Path, capsys: 
     placement._check_served_base("tinyB")
     assert "the rollout servers serve 'tinyB', and this run trains 'tiny-random'" in " ".join(
         capsys.readouterr().err.split())
+
+
+def test_a_server_cut_off_mid_answer_is_left_for_the_next(tmp_path: Path) -> None:
+    """A server killed while it writes an answer leaves a short body (`http.client.IncompleteRead`, not an
+    `OSError`): the request goes to the next server, as for a refused or reset connection."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answer = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer if self.server.whole else answer[:5])  # type: ignore[attr-defined]
+
+    servers = []
+    for whole in (False, True):
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.whole = whole  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    pool = ServerPool([f"http://127.0.0.1:{s.server_address[1]}" for s in servers])
+    try:
+        assert pool.chat({"messages": []})["choices"][0]["message"]["content"] == "ok"
+        assert pool.retried == 1 and sum(pool.failures.values()) == 1
+    finally:
+        for server in servers:
+            server.shutdown()

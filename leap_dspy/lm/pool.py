@@ -8,6 +8,7 @@ adapter is loaded into every server at run time (`POST /v1/load_lora_adapter`, v
 
 from __future__ import annotations
 
+import http.client
 import itertools
 import json
 import threading
@@ -58,7 +59,7 @@ class ServerPool:
             try:
                 self.post(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path}, timeout=300)
                 loaded.append(url)
-            except (OSError, urllib.error.URLError) as exc:
+            except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut mid-answer
                 self._mark_down(url, exc)
                 last: Exception = exc
         if not loaded:
@@ -74,7 +75,7 @@ class ServerPool:
             try:
                 with urllib.request.urlopen(request, timeout=30) as response:
                     return str(json.loads(response.read())["data"][0]["id"])
-            except (OSError, urllib.error.URLError, KeyError, IndexError, ValueError) as exc:
+            except (OSError, http.client.HTTPException, KeyError, IndexError, ValueError) as exc:
                 self._mark_down(url, exc)
                 last = exc
         raise PoolError(f"no server of the pool ({', '.join(self.urls)}) answered /v1/models; the last said: {last}"
@@ -94,7 +95,7 @@ class ServerPool:
                 if exc.code < 500 and exc.code != 429:
                     raise  # the request is wrong: another server would refuse it too
                 last = exc
-            except (OSError, urllib.error.URLError) as exc:
+            except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut mid-answer
                 last = exc
             self._mark_down(url, last)
         raise PoolError(f"every server of the pool failed; the last said: {last}")

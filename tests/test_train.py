@@ -404,7 +404,7 @@ def test_sft_cuts_a_batch_of_long_rows_into_passes_with_the_whole_batchs_gradien
     assert results[None].steps == results[600].steps == 2
     assert results[600].loss_history == pytest.approx(results[None].loss_history, rel=1e-4)
     whole, cut = _lora_state(tmp_path / "None"), _lora_state(tmp_path / "600")
-    assert all(torch.allclose(whole[name], cut[name], rtol=1e-4, atol=1e-6) for name in whole)
+    assert all(torch.allclose(whole[name], cut[name], rtol=1e-4, atol=2e-5) for name in whole)  # Adam: 0.4% of a step
 
 
 def test_a_float32_pass_holds_half_the_tokens_of_a_16_bit_one(tiny_model, tmp_path, monkeypatch):

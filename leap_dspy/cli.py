@@ -162,9 +162,11 @@ def compile_(
 
 def _stopped_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
     """The first exception of `kinds` along `exc`'s chain (DSPy wraps what an LM's engine raised)."""
-    while exc is not None:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
         if isinstance(exc, kinds):
             return exc
+        seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
 

@@ -198,9 +198,13 @@ class RunFolder:
     def compiled_adapter(self) -> Path | None:
         """The adapter compile returned (`compiled.json`), or the newest one for a run from before it chose."""
         chosen = self.path / COMPILED
-        if chosen.exists():
-            return self.path / f"iter_{read_json(chosen)['stage']}" / "adapter"
-        return self.last_adapter()
+        if not chosen.exists():
+            return self.last_adapter()
+        stage = read_json(chosen).get("stage")
+        if not isinstance(stage, int) or stage not in self.iterations():
+            raise RunFileError(f"{chosen} names stage {stage!r}, which {self.path} does not hold; compile the run "
+                               "again (it resumes) to write it anew")
+        return self.path / f"iter_{stage}" / "adapter"
 
     def copy_stages(self, source: RunFolder, names: list[str]) -> None:
         """Copy `source`'s finished stages that this run lacks (`bc_from`), each whole or not at all."""

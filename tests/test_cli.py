@@ -133,6 +133,9 @@ def test_a_corrupt_adapter_is_named_before_anything_loads_it(tmp_path: Path) -> 
     (adapter / "adapter_model.safetensors").unlink()  # deleted: PEFT took the folder for a hub id
     result = runner.invoke(app, ["serve", str(run.path)])
     assert result.exit_code == 2 and "is missing" in result.output and "Traceback" not in result.output
+    (run.path / "compiled.json").write_text('{"stage": 7}')  # names a round the folder does not hold
+    result = runner.invoke(app, ["serve", str(run.path)])
+    assert result.exit_code == 2 and "names stage 7, which" in result.output and "Traceback" not in result.output
 
 
 KEYBOX = "examples.keybox:KeyBox"

@@ -116,7 +116,7 @@ def compile_(
     from leap_dspy.lm.pool import PoolError
     from leap_dspy.placement import FineTuneFailed
     from leap_dspy.programs import Student
-    from leap_dspy.rollout import ExpertUnavailable, attach_env
+    from leap_dspy.rollout import ExpertUnavailable, attach_env, exception_chain
     from leap_dspy.store import RunFileError
     from leap_dspy.teleprompt import LEAP
     from leap_dspy.train.common import TargetModulesNotFound
@@ -154,21 +154,11 @@ def compile_(
         raise fail(f"{exc}; everything played so far is kept: once the expert answers, run the same command "
                    "again to resume") from exc
     except Exception as exc:  # the rollout servers or a launched fine-tune: a line, and how to go on
-        if stopped := _stopped_by(exc, (PoolError, FineTuneFailed)):
-            raise fail(f"{stopped}; everything so far is kept: run the same command again to resume", code=1) from exc
-        raise
+        stopped = next((e for e in exception_chain(exc) if isinstance(e, PoolError | FineTuneFailed)), None)
+        if stopped is None:
+            raise
+        raise fail(f"{stopped}; everything so far is kept: run the same command again to resume", code=1) from exc
     print_metrics(leap.run)
-
-
-def _stopped_by(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
-    """The first exception of `kinds` along `exc`'s chain (DSPy wraps what an LM's engine raised)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, kinds):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _first_error(exc: Exception) -> str:

@@ -22,6 +22,7 @@ from rich.markup import escape
 
 from leap_dspy.config import LEAPConfig
 from leap_dspy.cores import SharedCores
+from leap_dspy.envs import env_spec
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.lm import close_all, local_lm
 from leap_dspy.lm.models import cpu_supports_bf16
@@ -30,6 +31,7 @@ from leap_dspy.progress import console
 from leap_dspy.store import atomic_write_text
 from leap_dspy.train import TrainConfig, TrainResult
 from leap_dspy.train.common import RESULT_FILE, machine_memory_mb, peak_rss_mb, release_memory, rss_mb
+from leap_dspy.train.launch import launcher_program
 
 _IN_PROCESS_TRAINING = threading.Lock()
 """Fine-tunes inside this process (`train_launcher: ''`) from compiles on several threads run one after another:
@@ -60,6 +62,11 @@ class Placement:
         self.kv_held = 0  # bytes: the largest KV cache one batch of this compile's engines held so far
         self._pool: Any = None
         self._ray_episodes: Any = None
+        if config.train_launcher:  # a launcher that is not there fails now, not at the first fine-tune
+            launcher_program(config.train_launcher)
+        if config.ray and env_spec(env).startswith("__main__:"):  # Ray's workers import it by its module
+            raise ValueError(f"ray: {type(env).__name__} is defined in the script being run, which Ray's workers "
+                             "cannot import; move it to a module of its own")
 
     def point(self, student: Any, adapter: Path | None) -> None:
         """The student acts with `adapter` on the base weights, here or through the server pool."""

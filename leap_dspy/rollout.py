@@ -211,13 +211,19 @@ _UNREACHABLE = {"LMServerError", "LMRateLimitError", "LMTimeoutError", "LMAuthEr
 """DSPy's and LiteLLM's names for an endpoint that is down, slow, out of quota or refusing the key."""
 
 
+def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc` and what it was raised from, in turn (DSPy wraps what an engine or LiteLLM raised), stopping at a
+    cycle."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def _error_names(exc: BaseException | None) -> set[str]:
     """The class names along an exception's chain: DSPy wraps LiteLLM's errors in its own."""
-    names: set[str] = set()
-    while exc is not None:
-        names |= {cls.__name__ for cls in type(exc).__mro__}
-        exc = exc.__cause__ or exc.__context__
-    return names
+    return {cls.__name__ for link in exception_chain(exc) for cls in type(link).__mro__}
 
 
 def unreachable(exc: BaseException | None) -> bool:

@@ -231,6 +231,18 @@ class RunFolder:
                 rows.append(read_metrics(metrics))
         return rows
 
+    def records(self, log: Any, k: int) -> list[Any]:
+        """Stage `k`'s records from `log`. A finished stage's are never made again, so a log of fewer than its
+        metrics.json counted (cut or emptied since) is refused: later rounds would train on less without a word."""
+        finished = self.path / f"iter_{k}" / "metrics.json"
+        if not finished.exists():
+            return list(log.load().values())
+        records, counted = list(log.load(repair=False).values()), read_metrics(finished).get("corrections")
+        if isinstance(counted, int) and len(records) < counted:
+            raise RunFileError(f"{log.path} holds {len(records)} of the {counted} records its finished stage counted; "
+                               "later rounds train on them: restore the file, or compile into a new run folder")
+        return records
+
     def summary_rows(self) -> dict[str, dict[str, str]]:
         """metrics.csv's rows by `iteration`: what a published run keeps of its stages' metrics."""
         path = self.path / "metrics.csv"

@@ -68,10 +68,9 @@ from leap_dspy.runs import (
     start_run,
 )
 from leap_dspy.runs import ConfigMismatch as ConfigMismatch  # re-exported: callers catch it from here
-from leap_dspy.store import JsonlLog, RunFileError, atomic_write_json, atomic_write_text, read_json, yaml_plain
+from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, read_json, yaml_plain
 from leap_dspy.trackers import Trackers
 from leap_dspy.train.common import RESULT_FILE, check_target_modules, peak_rss_mb, release_memory
-from leap_dspy.train.launch import launcher_program
 from leap_dspy.training_data import (
     aggregate_preference,
     aggregate_sft,
@@ -126,11 +125,6 @@ class LEAP(Teleprompter):
         self.expertise = env.expertise()  # what the records are judged by, and the privileged self's proposals
         env.check_level(self.config.privilege_level)  # an unknown level fails here, before anything runs
         LocalEngine.check_settings(self.config.lm)  # as does a setting the student's engine would refuse
-        if self.config.train_launcher:  # and a launcher that is not there
-            launcher_program(self.config.train_launcher)
-        if self.config.ray and env_spec(env).startswith("__main__:"):  # Ray's workers import it by its module
-            raise ValueError(f"ray: {type(env).__name__} is defined in the script being run, which Ray's workers "
-                             "cannot import; move it to a module of its own")
         self.run = RunFolder(run_dir or default_run_dir(env.name))
         self.trackers = Trackers([], self.run.path, self.run.path.name)  # the configured ones open with the run
         self.placement = Placement(self.config, env, self.run.path.name)
@@ -513,16 +507,7 @@ class LEAP(Teleprompter):
         return JsonlLog(self.run.stage(k) / "corrections.jsonl", Correction, key=lambda c: c.key)
 
     def _load_corrections(self, k: int) -> list[Correction]:
-        """Stage `k`'s records. A finished stage's are never made again, so a log of fewer than its metrics.json
-        counted (cut or emptied since) is refused: later rounds would train on less without a word."""
-        log, finished = self._corrections_log(k), self.run.stage(k) / "metrics.json"
-        if not finished.exists():
-            return list(log.load().values())
-        records, counted = list(log.load(repair=False).values()), read_metrics(finished).get("corrections")
-        if isinstance(counted, int) and len(records) < counted:
-            raise RunFileError(f"{log.path} holds {len(records)} of the {counted} records its finished stage counted; "
-                               "later rounds train on them: restore the file, or compile into a new run folder")
-        return records
+        return self.run.records(self._corrections_log(k), k)
 
     def _keep_adapter(self, out: Path, previous: Path | None) -> Path:
         """No training rows at all (behaviour cloning with every demonstration dropped raises; a round always has

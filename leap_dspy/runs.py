@@ -268,8 +268,8 @@ class RunFolder:
         rows of `episodes.csv` stand in, so that rewriting the table never loses what it held."""
         from leap_dspy.types import SPLITS
 
-        rows, tabled = [], self._tabled_episodes()
-        for stage in self.stages():
+        rows, tabled, stages = [], self._tabled_episodes(), self.stages()
+        for stage in stages:
             folder = self.path / (f"iter_{stage}" if stage.isdigit() else stage)
             logged = self._logged_episodes(stage, folder) if (folder / "eval.jsonl").exists() else []
             evaluated = sum(read_metrics(folder / "metrics.json").get(f"{split}_episodes", 0) for split in SPLITS)
@@ -281,7 +281,7 @@ class RunFolder:
                               + (f"; episodes.csv's {len(kept)} stand in" if len(kept) > len(logged) else ""),
                               soft_wrap=True, highlight=False)
             rows += kept if len(kept) > len(logged) else logged
-        stages = set(self.stages())  # a run published with its summary alone keeps no stage folders
+        # a run published with its summary alone keeps no stage folders: its table's rows are all there is
         return rows + [row for stage, kept in tabled.items() if stage not in stages for row in kept]
 
     def _logged_episodes(self, stage: str, folder: Path) -> list[dict[str, Any]]:

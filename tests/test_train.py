@@ -136,6 +136,22 @@ def test_lora_targets_are_checked_against_the_model_and_all_linear_is_peft_s(tin
     assert {name.rsplit(".", 1)[-1] for name in adapted} == set(TrainConfig().target_modules)
 
 
+def test_lora_targets_are_checked_on_a_fresh_machine(tmp_path, monkeypatch):
+    """The check is the first to resolve the model on a fresh machine, and resolving converts the embedded GGUF
+    (or builds the tiny model): done under the meta device, the README's first compile failed there."""
+    from safetensors.torch import load_file
+
+    from leap_dspy.lm.models import DEFAULT_MODEL, TINY_MODEL, resolve_model
+    from leap_dspy.train.common import check_target_modules
+
+    monkeypatch.setenv("LEAP_DSPY_CACHE", str(tmp_path))
+    for model in (TINY_MODEL, DEFAULT_MODEL):
+        check_target_modules(model, TrainConfig())
+        weights = load_file(str(Path(resolve_model(model)) / "model.safetensors"))
+        assert all(w.device.type == "cpu" for w in weights.values())
+        assert any(w.abs().sum() > 0 for w in weights.values())
+
+
 def test_a_fine_tune_of_one_step_trains(tiny_model, tmp_path):
     """A warmup ratio is floored to whole steps: rounded up, a short fine-tune's first step ran at a learning
     rate of 0, and a fine-tune of one step left LoRA's B matrices at their zeros."""

@@ -126,8 +126,11 @@ def check_target_modules(model: str, config: TrainConfig) -> None:
 
     if lora_targets(config) == "all-linear":
         return
+    # Resolved first: on a fresh machine resolving converts or builds real weights, which the meta device would
+    # leave empty.
+    model_config = AutoConfig.from_pretrained(str(resolve_model(model)))
     with torch.device("meta"):  # the module tree without the weights
-        built = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(resolve_model(model))))
+        built = AutoModelForCausalLM.from_config(model_config)
     names = [name for name, _ in built.named_modules()]
     missing = [t for t in config.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:

@@ -89,7 +89,8 @@ def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     if "schema_version" in data:  # a run's config.yaml: rerun as it ran
         data = as_run_ran(data)
         data = _unpin_derived_lr(data)
-    run_keys = {"env", "student", "expert", "demonstrator", "trainset", "valset", "bc_expert_level", "schema_version"}
+    run_keys = {"env", "student", "expert", "demonstrator", "trainset", "valset", "task_digest", "bc_expert_level",
+                "schema_version"}
     unknown = sorted(set(data) - set(LEAPConfig.model_fields) - run_keys)
     if unknown:
         raise fail(f"--config {path}: not LEAP settings: {', '.join(unknown)}")

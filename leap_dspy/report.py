@@ -20,7 +20,7 @@ import numpy as np
 from leap_dspy.runs import OPERATIONAL, RunFolder, best_stage, read_config, read_metrics
 from leap_dspy.store import atomic_write_text, read_json
 
-SEED_KEYS = {"seed", "env.seed", "train.seed", "trainset", "valset", "bc_from", "progress", "iterations",
+SEED_KEYS = {"seed", "env.seed", "train.seed", "trainset", "valset", "task_digest", "bc_from", "progress", "iterations",
              "num_threads", "expert_threads", "expert_retries", "evaluate_base", "evaluate_expert",
              "evaluate_snapped", "bc_expert_level", "select"} | (OPERATIONAL - {"train_launcher"})
 """Config keys that do not make another condition: the seed and what it draws, and how a run was operated."""

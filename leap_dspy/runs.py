@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import hashlib
 import html
 import inspect
 import io
@@ -418,6 +419,8 @@ def with_new_defaults(existing: dict[str, Any], config: dict[str, Any]) -> dict[
         return {**old, **added}
 
     filled = fill(existing, config, {k: f.default for k, f in LEAPConfig.model_fields.items()})
+    if "task_digest" in config and "task_digest" not in existing:  # recorded since: ids were all it checked
+        filled["task_digest"] = config["task_digest"]
     for key, defaults in (("train", lambda: {k: f.default for k, f in TrainConfig.model_fields.items()}),
                           ("env", lambda: env_defaults(str(config["env"].get("name"))))):
         if isinstance(existing.get(key), dict) and isinstance(config.get(key), dict):
@@ -461,8 +464,22 @@ def start_run(run: RunFolder, config: dict[str, Any]) -> None:
     atomic_write_yaml(path, config)
 
 
+def task_digest(tasks: list[Any]) -> str:
+    """What the tasks say, not only their ids: a task file edited between a run and its resume keeps its ids
+    (a line's index), and the resumed stages would grade other tasks under the same names. A value that is an
+    absolute path is left out: it says where a task's files lie (a cache under the home folder), not what the
+    task asks."""
+    def said(task: Any) -> dict[str, Any]:
+        return {k: v for k, v in task.model_dump().items() if not (isinstance(v, str | Path) and os.path.isabs(v))}
+
+    blob = json.dumps([said(t) for t in tasks], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _named_difference(key: str, ran: Any, now: Any) -> str:
     """`key`, or the entries of it that differ where both are mappings (`env.max_questions`)."""
+    if key == "task_digest":
+        return "task_digest: the tasks ask something else than when the run started (an edited task file?)"
     if not (isinstance(ran, dict) and isinstance(now, dict)):
         return key
     inner = sorted(k for k in set(ran) | set(now) if ran.get(k) != now.get(k))

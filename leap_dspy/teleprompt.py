@@ -66,6 +66,7 @@ from leap_dspy.runs import (
     read_config,
     read_metrics,
     start_run,
+    task_digest,
 )
 from leap_dspy.runs import ConfigMismatch as ConfigMismatch  # re-exported: callers catch it from here
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, read_json, yaml_plain
@@ -421,6 +422,7 @@ class LEAP(Teleprompter):
             **({"bc_expert_level": self.privilege_level} if _follows_student(teacher) else {}),
             "trainset": [t.id for t in train],
             "valset": [t.id for t in val],
+            "task_digest": task_digest(train + val),
         }
 
     def check_teacher(self, teacher: dspy.Module) -> None:

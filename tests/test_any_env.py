@@ -17,7 +17,7 @@ from leap_dspy.envs.expertise import Expertise
 from leap_dspy.programs import OracleExpert, Student
 from leap_dspy.rollout import expert_rollout
 from leap_dspy.store import JsonlLog
-from leap_dspy.teleprompt import LEAP
+from leap_dspy.teleprompt import LEAP, ConfigMismatch
 from leap_dspy.train import TrainConfig
 from leap_dspy.types import Correction, Observation, PrivilegedState, Task
 
@@ -267,3 +267,27 @@ def test_an_environment_configured_with_a_path_and_a_tuple_records_and_resumes(t
         leap.compile(Student(), trainset=env.tasks("train")[:2], teacher=OracleExpert(), valset=[])
     recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["env"]
     assert recorded["data"] == str(tmp_path / "boxes.jsonl") and recorded["colours"] == ["red", "green", "blue"]
+
+
+def test_a_resume_whose_tasks_say_something_else_under_the_same_ids_is_refused(tiny_model: str,
+                                                                                tmp_path: Path) -> None:
+    """A task file edited between a run and its resume keeps its ids (a line's index): the resumed stages would
+    grade other tasks under the finished stages' names. A run recorded before the digest still resumes."""
+    import yaml
+
+    env, run = DataBoxes(tmp_path / "boxes.jsonl"), tmp_path / "run"
+    train = env.tasks("train")[:2]
+
+    def compile_(tasks: list[Task]) -> None:
+        LEAP(env, iterations=0, model=tiny_model, run_dir=run, train=FAST_TRAIN, lm={"max_new_tokens": 16},
+             evaluate_expert=False, progress=False, train_launcher="").compile(
+            Student(), trainset=tasks, teacher=OracleExpert(), valset=[])
+
+    compile_(train)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["task_digest"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    compile_(train)  # as recorded before the digest: the ids match
+    edited = [train[0].model_copy(update={"instruction": train[0].instruction + " Then close the door."}), train[1]]
+    with pytest.raises(ConfigMismatch, match="task_digest: the tasks ask something else"):
+        compile_(edited)

@@ -43,6 +43,16 @@ def build_env(name: str, options: dict[str, Any]) -> Any:
                    f"{(str(exc).splitlines() or [''])[0]}") from exc
 
 
+def env_tasks(environment: Any, split: str) -> list[Any]:
+    """`environment.tasks(split)`, where a task list that cannot be made (games that do not generate, a data
+    folder without games) is one line, not a traceback."""
+    try:
+        return environment.tasks(split)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise fail(f"cannot list the {split} tasks of {environment.name}: "
+                   f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from exc
+
+
 def build_expert(spec: str, model: str, per: str = "step") -> Any:
     from leap_dspy.programs import OracleExpert, PrivilegedExpert
 
@@ -142,8 +152,8 @@ def compile_(
         leap.check_teacher(attach_env(teacher, environment))
     except ValueError as exc:
         raise fail(str(exc).splitlines()[0] if "validation error" not in str(exc) else _first_error(exc)) from exc
-    trainset = environment.tasks("train")
-    valset = environment.tasks("seen") + environment.tasks("unseen")
+    trainset = env_tasks(environment, "train")
+    valset = env_tasks(environment, "seen") + env_tasks(environment, "unseen")
     if not trainset:
         raise fail(f"{env} has no training tasks with these options (num_train?)")
     try:
@@ -305,7 +315,7 @@ def _play(student: Any, environment: Any, split: str, threads: int, limit: int |
 
     if split not in ("train", "seen", "unseen"):
         raise fail(f"--split must be train, seen or unseen, not {split!r}")
-    tasks = environment.tasks(split)[:limit]
+    tasks = env_tasks(environment, split)[:limit]
     with progress_bar(f"rollout {split}", len(tasks)) as advance:
         trajectories = rollout(student, environment, tasks, num_threads=threads, on_trajectory=lambda _: advance())
     if out is not None:  # the run folder's eval.jsonl format, so that `report`-style paired comparisons can read it
@@ -428,7 +438,7 @@ def tasks(
     if split not in ("train", "seen", "unseen"):
         raise fail(f"--split must be train, seen or unseen, not {split!r}")
     environment = build_env(env, parse_sets(sets))
-    found = environment.tasks(split)
+    found = env_tasks(environment, split)
     if as_json:
         for task in found:
             typer.echo(task.model_dump_json())

@@ -30,3 +30,12 @@ class SlowBox(KeyBox):
 
         time.sleep(60)
         return super().tasks(split)
+
+
+class UnlistedBox(KeyBox):
+    """A keybox whose task lists cannot be made (as games that fail to generate): a line, not a traceback."""
+
+    name = "unlisted"
+
+    def tasks(self, split: Any) -> Any:
+        raise RuntimeError("no games could be generated\nworker log: ...")

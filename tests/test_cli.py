@@ -169,6 +169,13 @@ BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be writte
     (["--env", KEYBOX, "--expert-per", "bogus"], "--expert-per is 'step' or 'trajectory'"),
     (["--env", "tests.data_env:NeedsData", "--set", "data=/nonexistent.jsonl"],
      "cannot build the environment tests.data_env:NeedsData: FileNotFoundError: no data file /nonexistent.jsonl"),
+    (["--env", "tests.data_env:UnlistedBox"], "cannot list the train tasks of unlisted: no games could be generated"),
+    (["--set", "max_steps=0"], "alfworld: max_steps must be at least 1"),
+    (["--set", "num_unseen=-1"], "alfworld: num_unseen must be 0 or more"),
+    (["--set", "data_dir=/nonexistent"], "alfworld: data_dir /nonexistent is not a folder"),
+    (["--set", "notes=false", "--privilege-level", "0"], "no policy at privilege level 0"),
+    (["--env", "webshop", "--set", "num_train=-1"], "webshop: num_train must be at least 0"),
+    (["--env", "webshop", "--set", "num_products=0"], "webshop: num_products must be at least 1"),
     (["--config", f"yaml:{{schema_version: 1, env: {{name: '{KEYBOX}'}}, expert: {{name: Mine}}}}"], "cannot rebuild"),
     (["--config", f"yaml:{{schema_version: 1, env: {{name: '{KEYBOX}'}}, student: {{name: Mine}}}}"], "of its own"),
 ]

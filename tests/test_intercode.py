@@ -307,7 +307,12 @@ def test_your_own_tasks_replace_the_splits_they_name(tmp_path):
     for records, says in [([{"query": "q", "db": "pets_1"}], "task 0: no gold"),
                           ([{"query": "q", "gold": "SELECT 1", "db": "nowhere"}], "nowhere are not Spider databases"),
                           ([{"query": "q", "gold": "SELECT 1", "db": "pets_1", "split": "dev"}], "split 'dev'"),
-                          ({"query": "q"}, "a non-empty list")]:
+                          ({"query": "q"}, "a non-empty list"),
+                          # a gold no query can match, and one any empty answer matches
+                          ([{"query": "q", "gold": "SELECT nope FROM Pets", "db": "pets_1"}],
+                           "task 0: its gold query fails on pets_1"),
+                          ([{"query": "q", "gold": "SELECT PetID FROM Pets WHERE 1 = 0", "db": "pets_1"}],
+                           "task 0: its gold query returns no rows")]:
         (tmp_path / "bad.json").write_text(json.dumps(records))
         with pytest.raises(ValueError, match=says):
             make_env("intercode-sql", task_file=str(tmp_path / "bad.json"))
@@ -330,3 +335,14 @@ def test_your_own_bash_tasks_on_your_own_file_system(tmp_path):
     assert played.success and played.steps[0].action.startswith("ls")  # /data: a path it has not seen yet
     env.reset(task)
     assert env.step("ls /data/logs").text.split() == ["a.log", "b.log"]  # the file system the setup built
+
+    # A misspelt shipped setup is named when the file loads (every episode on it failed); a setup that exits
+    # non-zero stops the first episode on it with its last line (the tasks were graded on half a file system).
+    mine.write_text(json.dumps([{"query": "q", "gold": "ls", "setup": "intercode:setup_fss.sh"}]))
+    with pytest.raises(ValueError, match="setup intercode:setup_fss.sh is not a shipped setup script"):
+        make_env("intercode-bash", task_file=str(mine))
+    (tmp_path / "fs" / "full.sh").write_text("mkdir -p /data\necho disk full >&2\nexit 3\n")
+    mine.write_text(json.dumps([{"query": "q", "gold": "ls /data", "setup": "fs/full.sh"}]))
+    env = make_env("intercode-bash", task_file=str(mine))
+    with pytest.raises(RuntimeError, match="full.sh failed \\(exit code 3\\): disk full$"):
+        env.reset(env.tasks("unseen")[0])

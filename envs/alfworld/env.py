@@ -63,6 +63,13 @@ class ALFWorld(TextEnv):
             raise ValueError(f"alfworld: unknown task types {unknown}; choose from {list(TASK_TYPES)}")
         if num_receptacles < 3:
             raise ValueError("alfworld: num_receptacles must be at least 3")
+        if int(max_steps) < 1:
+            raise ValueError(f"alfworld: max_steps must be at least 1, not {max_steps}")
+        for key, count in (("num_train", num_train), ("num_seen", num_seen), ("num_unseen", num_unseen)):
+            if count is not None and count < 0:
+                raise ValueError(f"alfworld: {key} must be 0 or more, not {count}")
+        if data_dir is not None and not Path(os.path.expandvars(str(data_dir))).expanduser().is_dir():
+            raise ValueError(f"alfworld: data_dir {data_dir} is not a folder (from {Path.cwd()})")
         self.num_receptacles = int(num_receptacles)
         self.task_types = types
         self.num_train, self.num_seen, self.num_unseen = num_train, num_seen, num_unseen
@@ -235,7 +242,10 @@ class ALFWorld(TextEnv):
         return transcript_notes(self._task.instruction, _strip_welcome(self._intro), self._turns)
 
     def expertise(self) -> ALFWorldExpertise:
-        return ALFWorldExpertise(realizable_search=self.realizable_search)
+        expertise = ALFWorldExpertise(realizable_search=self.realizable_search)
+        if not self.notes:  # the policy below the top reads the student's notes: without them it has no step
+            expertise.levels = ()
+        return expertise
 
     # -- the oracle ---------------------------------------------------------------------------------------
 

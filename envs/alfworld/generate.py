@@ -402,7 +402,9 @@ def generate_game(spec: dict[str, Any], root: str) -> dict[str, Any]:
             last_error = error or last_error
             if meta is not None:
                 return meta
-        raise RuntimeError(f"no winnable game for {spec} after 200 attempts ({last_error})")
+        raise RuntimeError(f"no {spec['task_type']} game with {spec['num_receptacles']} receptacles that the handcoded "
+                           f"expert wins within max_steps={spec['max_steps']} after 200 attempts: raise max_steps "
+                           f"({last_error})")
     finally:
         release_pddl_env(env)
 

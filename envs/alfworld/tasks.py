@@ -121,6 +121,9 @@ def _run_workers(missing: list[dict[str, Any]], root: Path, workers: int, bar: A
             if proc.returncode != 0:
                 logs[i].seek(0)
                 tail = logs[i].read().decode(errors="replace")[-2000:]
+                why = [line for line in tail.splitlines() if line.startswith("RuntimeError: no ")]
+                if why:  # the generator's own reason, in one line
+                    raise RuntimeError(f"alfworld: {why[-1].removeprefix('RuntimeError: ')}")
                 raise RuntimeError(
                     f"alfworld game generation worker {i} failed (rc={proc.returncode}):\n{tail}"
                 )

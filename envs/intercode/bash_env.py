@@ -70,9 +70,10 @@ class _Templates:
             if setup not in self.boxes:
                 box = Sandbox(SandboxLimits(wall_s=30))
                 res = box.run(data.setup_script(setup))
-                if res.killed:
+                if res.killed or res.exit_code != 0:  # a half-built file system would grade every task on it
                     box.close()
-                    raise RuntimeError(f"setup script {setup} failed: {res.output[-500:]}")
+                    last = (res.output.strip().splitlines() or [""])[-1]
+                    raise RuntimeError(f"setup script {setup} failed (exit code {res.exit_code}): {last}")
                 self.boxes[setup] = box
                 self.states[setup] = snapshot_tree(box.root)
             return self.boxes[setup].root, self.states[setup]
@@ -112,6 +113,13 @@ class InterCodeBash(InterCodeEnv):
                 if not script.is_file():
                     raise ValueError(f"task_file {task_file}: setup script {script} does not exist")
                 record["setup"] = str(script)
+            elif "setup" in record:  # a shipped script: a misspelt name would fail every episode of the task
+                try:
+                    data.setup_script(record["setup"])
+                except (KeyError, ValueError, OSError, data.DataUnavailable):
+                    raise ValueError(f"task_file {task_file}: setup {record['setup']} is not a shipped setup script "
+                                     "(intercode:setup_fs.sh, icalfa:setup_nl2b_fs_<1-5>.sh, generated:fs-<k>)"
+                                     ) from None
         self.seed = seed
         self.num_train, self.num_seen = num_train, num_seen
         self.max_steps = max_steps

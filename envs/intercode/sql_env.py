@@ -35,6 +35,7 @@ import random
 import re
 import sqlite3
 import time
+from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -75,6 +76,22 @@ def _authorizer(action: int, arg1: str | None, arg2: str | None, dbname: str | N
         ok = (arg1 or "").lower() in READ_PRAGMAS and arg2 is not None and dbname in (None, "main")
         return sqlite3.SQLITE_OK if ok else sqlite3.SQLITE_DENY
     return sqlite3.SQLITE_DENY
+
+
+@cache
+def _unanswerable(golds: tuple[tuple[str, str], ...], timeout_s: float, max_rows: int) -> str | None:
+    """The first of your own tasks whose gold query fails or returns no rows, said in a line: the first no query
+    can answer, the second any query that returns nothing answers (generated questions without rows are dropped)."""
+    backends: dict[str, SQLiteBackend] = {}
+    for i, (db, gold) in enumerate(golds):
+        backend = backends.setdefault(db, SQLiteBackend(db, timeout_s, max_rows))
+        try:
+            rows, _ = backend.execute(gold)
+        except QueryError as err:
+            return f"task {i}: its gold query fails on {db}: {err}"
+        if not rows:
+            return f"task {i}: its gold query returns no rows on {db}, so any query that returns none would be right"
+    return None
 
 
 class SQLiteBackend:
@@ -324,6 +341,11 @@ class InterCodeSQL(InterCodeEnv):
                          ) if self._file_records else []
         if unknown:
             raise ValueError(f"task_file {task_file}: {', '.join(unknown)} are not Spider databases")
+        if self._file_records and backend == "sqlite":
+            golds = tuple((r["db"], r["gold"]) for r in self._file_records)
+            problem = _unanswerable(golds, timeout_s, max_rows)
+            if problem:
+                raise ValueError(f"task_file {task_file}, {problem}")
         self.max_steps, self.obs_chars = max_steps, obs_chars
         self.timeout_s, self.max_rows = timeout_s, max_rows
         self.mysql = dict(mysql or {})

@@ -71,6 +71,11 @@ class WebShop(TextEnv):
         cache_dir: str | None = None,
         server_url: str | None = None,
     ) -> None:
+        bounds = (("num_products", num_products, 1), ("num_train", num_train, 0), ("num_seen", num_seen, 0),
+                  ("num_unseen", num_unseen, 0), ("max_steps", max_steps, 1))
+        for key, value, least in bounds:
+            if value < least:
+                raise ValueError(f"webshop: {key} must be at least {least}, not {value}")
         self.num_products = num_products
         self.seed = seed
         self.num_train = num_train

@@ -188,7 +188,9 @@ def check_expert_call(teacher: Any) -> None:
     """Refuse, before anything runs, a teacher that cannot be called as an expert: it answers
     `PrivilegedCorrection`'s inputs, where a student-shaped teacher takes only the student's."""
     try:
-        inspect.signature(getattr(teacher, "forward", teacher)).bind(
+        # The bound method read past dspy.Module's attribute hook, which warns on any access to `forward`.
+        call = getattr(type(teacher), "forward", None)
+        inspect.signature(call.__get__(teacher) if call is not None else teacher).bind(
             task="", observation="", history="", student_reason="", student_action="", privileged_state=None)
     except TypeError as exc:
         raise TypeError(f"the teacher {type(teacher).__name__} cannot be called as an expert ({exc}): it must take "

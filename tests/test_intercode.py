@@ -341,6 +341,9 @@ def test_your_own_bash_tasks_on_your_own_file_system(tmp_path):
     mine.write_text(json.dumps([{"query": "q", "gold": "ls", "setup": "intercode:setup_fss.sh"}]))
     with pytest.raises(ValueError, match="setup intercode:setup_fss.sh is not a shipped setup script"):
         make_env("intercode-bash", task_file=str(mine))
+    mine.write_text(json.dumps([{"query": "q", "gold": "ls", "setup": "fs"}]))
+    with pytest.raises(ValueError, match="fs is a folder, not a script"):
+        make_env("intercode-bash", task_file=str(mine))
     (tmp_path / "fs" / "full.sh").write_text("mkdir -p /data\necho disk full >&2\nexit 3\n")
     mine.write_text(json.dumps([{"query": "q", "gold": "ls /data", "setup": "fs/full.sh"}]))
     env = make_env("intercode-bash", task_file=str(mine))

@@ -111,7 +111,8 @@ class InterCodeBash(InterCodeEnv):
             if "setup" in record and not re.fullmatch(r"[\w-]+:[\w.-]+", record["setup"]):
                 script = (Path(task_file).expanduser().parent / record["setup"]).resolve()  # type: ignore[arg-type]
                 if not script.is_file():
-                    raise ValueError(f"task_file {task_file}: setup script {script} does not exist")
+                    why = "is a folder, not a script" if script.is_dir() else "does not exist"
+                    raise ValueError(f"task_file {task_file}: setup script {script} {why}")
                 record["setup"] = str(script)
             elif "setup" in record:  # a shipped script: a misspelt name would fail every episode of the task
                 try:

@@ -144,6 +144,7 @@ def compile_(
              "ray": ray, **({"train_launcher": train_launcher} if train_launcher is not None else {})}
     env, options, expert, expert_per, settings = resolve_settings(ctx, given, config_file, env, sets, expert,
                                                                    expert_per)
+    _before_tasks(settings)
     environment = build_env(env, options)
     teacher = build_expert(expert, settings["model"], expert_per)
     try:
@@ -169,6 +170,21 @@ def compile_(
             raise
         raise fail(f"{stopped}; everything so far is kept: run the same command again to resume", code=1) from exc
     print_metrics(leap.run)
+
+
+def _before_tasks(settings: dict[str, Any]) -> None:
+    """What a compile refuses or sets before the environment makes its tasks (minutes of ALFWorld's games)."""
+    from leap_dspy.runs import ConfigMismatch, check_bc_finished
+
+    if settings.get("bc_from"):
+        try:
+            check_bc_finished(settings["bc_from"])
+        except ConfigMismatch as exc:
+            raise fail(str(exc)) from exc
+    if not settings.get("progress", True):  # --quiet: transformers' own bars (loading weights) too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _first_error(exc: Exception) -> str:

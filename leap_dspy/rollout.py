@@ -207,8 +207,8 @@ class ExpertUnavailable(RuntimeError):
 
 _UNREACHABLE = {"LMServerError", "LMRateLimitError", "LMTimeoutError", "LMAuthError", "LMBillingError",
                 "LMTransportError", "APIConnectionError", "Timeout", "RateLimitError", "ServiceUnavailableError",
-                "InternalServerError", "AuthenticationError", "PermissionDeniedError"}
-"""DSPy's and LiteLLM's names for an endpoint that is down, slow, out of quota or refusing the key."""
+                "InternalServerError", "AuthenticationError", "PermissionDeniedError", "LMNotConfiguredError"}
+"""DSPy's and LiteLLM's names for an endpoint that is down, slow, out of quota, refusing the key or given none."""
 
 
 def exception_chain(exc: BaseException | None) -> Iterator[BaseException]:

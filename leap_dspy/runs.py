@@ -486,14 +486,20 @@ def _named_difference(key: str, ran: Any, now: Any) -> str:
     return ", ".join(f"{key}.{k}" for k in inner) or key
 
 
-def check_bc_from(bc_from: str | Path, config: dict[str, Any]) -> RunFolder:
-    """The run folder `bc_from`, if it holds a finished behaviour cloning made under the settings that decide one
-    in `config` (this run's config.yaml): only then may this run adopt it instead of cloning anew."""
+def check_bc_finished(bc_from: str | Path) -> RunFolder:
+    """The run folder `bc_from`, if it holds a finished behaviour cloning; checkable before any task is made."""
     source = RunFolder(bc_from)
     bc = source.path / "iter_0"
     if not source.config_path.exists() or not (bc / "metrics.json").exists() or not (
             bc / "adapter" / "adapter_config.json").exists():
         raise ConfigMismatch(f"bc_from: {source.path} holds no finished behaviour cloning (iter_0)")
+    return source
+
+
+def check_bc_from(bc_from: str | Path, config: dict[str, Any]) -> RunFolder:
+    """The run folder `bc_from`, if it holds a finished behaviour cloning made under the settings that decide one
+    in `config` (this run's config.yaml): only then may this run adopt it instead of cloning anew."""
+    source = check_bc_finished(bc_from)
     theirs = with_new_defaults(read_config(source.config_path), config)
     keys = ("env", "student", "trainset", "valset", "demonstrator", "bc_expert_level", *LEAPConfig.bc_keys())
     keys += ("privilege_level",) if "model" in config["demonstrator"] else ()  # an LM demonstrator reads it

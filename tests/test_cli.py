@@ -170,6 +170,8 @@ BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be writte
     (["--env", "tests.data_env:NeedsData", "--set", "data=/nonexistent.jsonl"],
      "cannot build the environment tests.data_env:NeedsData: FileNotFoundError: no data file /nonexistent.jsonl"),
     (["--env", "tests.data_env:UnlistedBox"], "cannot list the train tasks of unlisted: no games could be generated"),
+    # checked before the environment makes its tasks (minutes of ALFWorld games at the defaults)
+    (["--env", "tests.data_env:UnlistedBox", "--bc-from", "/nonexistent"], "holds no finished behaviour cloning"),
     (["--set", "max_steps=0"], "alfworld: max_steps must be at least 1"),
     (["--set", "num_unseen=-1"], "alfworld: num_unseen must be 0 or more"),
     (["--set", "data_dir=/nonexistent"], "alfworld: data_dir /nonexistent is not a folder"),

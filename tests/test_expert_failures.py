@@ -373,7 +373,7 @@ def test_failed_corrections_are_asked_again_when_the_round_resumes(
 
 
 def test_an_unreachable_expert_stops_its_episodes_but_an_unparsable_answer_is_recorded(
-        env: ALFWorld, tiny_model: str, bad_server: BadExpertServer) -> None:
+        env: ALFWorld, tiny_model: str, bad_server: BadExpertServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """While the expert plays (demonstrations, its reference row) an endpoint that never answers stops the
     compile, the episode unlogged so that a resume plays it; an answer that does not parse is the step's."""
     from leap_dspy.rollout import ExpertUnavailable, expert_policy, run_parallel
@@ -386,6 +386,13 @@ def test_an_unreachable_expert_stops_its_episodes_but_an_unparsable_answer_is_re
     bad_server.reset("empty")
     [played] = run_parallel(play, env, tasks, num_threads=1)
     assert played.steps and all((s.error or "").startswith("expert failed: AdapterParseError") for s in played.steps)
+
+    # An API expert with no key is unreachable too: it was logged as lost episodes and a 0.0 expert row.
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    keyless = expert_policy(PrivilegedExpert("openai/gpt-4o"), Student(), env, level=env.default_privilege_level,
+                            retries=1)
+    with pytest.raises(ExpertUnavailable, match="LMNotConfiguredError"):
+        run_parallel(keyless, env, tasks, num_threads=1)
 
 
 def test_the_experts_own_play_is_billed_step_by_step(env: ALFWorld, bad_server: BadExpertServer) -> None:

@@ -163,6 +163,26 @@ def test_a_fine_tune_of_one_step_trains(tiny_model, tmp_path):
     assert any(w.abs().sum() > 0 for name, w in weights.items() if "lora_B" in name)
 
 
+def test_a_default_fine_tunes_warmup_is_transformers_own() -> None:
+    """Only a warmup under one step is dropped: the default rounds (30 steps) and behaviour cloning (60) keep the
+    warmup the published results trained with (2 and 3 steps at a ratio of 0.05)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from leap_dspy.train.common import _no_part_warmup
+
+    def warmup(steps: int, ratio: float = 0.05) -> int:
+        args = TrainingArguments(output_dir="unused", warmup_steps=ratio, report_to=[])
+        trainer = SimpleNamespace(args=args, create_scheduler=lambda num_training_steps, optimizer=None: None)
+        _no_part_warmup(trainer)
+        trainer.create_scheduler(num_training_steps=steps)
+        return args.get_warmup_steps(steps)
+
+    assert [warmup(n) for n in (1, 19, 20, 30, 60)] == [0, 0, 1, 2, 3]
+    assert warmup(30, ratio=1.0) == 30
+
+
 def test_sft_continues_from_init_adapter(tiny_model, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

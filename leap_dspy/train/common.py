@@ -355,16 +355,17 @@ def adapters_in_base_dtype(model: Any) -> Iterator[None]:
         yield
 
 
-def _floor_warmup(trainer: Any) -> None:
-    """Warm up for floor(ratio x steps) steps. Transformers rounds a warmup ratio up, and a warmup's first step
-    runs at a learning rate of 0: a fine-tune of under 1/ratio steps (a small round) wasted its first step, and
-    one of a single step trained nothing at all."""
+def _no_part_warmup(trainer: Any) -> None:
+    """No warmup where a warmup ratio comes to under one step. Transformers rounds it up to a whole step, and a
+    warmup's first step runs at a learning rate of 0: a fine-tune of under 1/ratio steps (a small round) wasted
+    its first step, and one of a single step trained nothing. Longer fine-tunes keep transformers' rounding."""
     ratio, create = float(trainer.args.warmup_steps), trainer.create_scheduler
-    if not 0 < ratio <= 1:  # (a ratio of 1.0 would otherwise read as one step)
+    if not 0 < ratio <= 1:
         return
 
     def create_scheduler(num_training_steps: int, optimizer: Any = None) -> Any:
-        trainer.args.warmup_steps = int(num_training_steps * ratio)
+        if ratio == 1 or num_training_steps * ratio < 1:  # (transformers reads 1.0 as one step)
+            trainer.args.warmup_steps = num_training_steps if ratio == 1 else 0
         return create(num_training_steps=num_training_steps, optimizer=optimizer)
 
     trainer.create_scheduler = create_scheduler
@@ -391,7 +392,7 @@ def run_trainer(
 
     kernels = kernels or TrainConfig()
     device, model = next(trainer.model.parameters()).device.type, trainer.model
-    _floor_warmup(trainer)
+    _no_part_warmup(trainer)
     with (adapters_in_base_dtype(model), attention_kernels(device), fused_lora(model, kernels.fused_lora),
           fused_layers(model, kernels.fused_layers and not kernels.use_liger_kernel)):  # Liger fuses its own
         output = trainer.train()

@@ -77,10 +77,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=12, help="keybox episodes played through the pool")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="scale-out-"))
-    model = str(build_tiny_model(tmp / "tiny"))
-    training_table(model, tmp)
-    pool_table(model, tmp, args.episodes)
+    with tempfile.TemporaryDirectory(prefix="scale-out-") as name:
+        tmp = Path(name)
+        model = str(build_tiny_model(tmp / "tiny"))
+        training_table(model, tmp)
+        pool_table(model, tmp, args.episodes)
 
 
 if __name__ == "__main__":

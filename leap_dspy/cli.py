@@ -164,6 +164,9 @@ def compile_(
     except ExpertUnavailable as exc:
         raise fail(f"{exc}; everything played so far is kept: once the expert answers, run the same command "
                    "again to resume") from exc
+    except KeyboardInterrupt:
+        console.print("stopped; everything finished so far is kept: run the same command again to resume")
+        raise typer.Exit(130) from None
     except Exception as exc:  # the rollout servers or a launched fine-tune: a line, and how to go on
         stopped = next((e for e in exception_chain(exc) if isinstance(e, PoolError | FineTuneFailed)), None)
         if stopped is None:

@@ -39,3 +39,14 @@ class UnlistedBox(KeyBox):
 
     def tasks(self, split: Any) -> Any:
         raise RuntimeError("no games could be generated\nworker log: ...")
+
+
+class InterruptedBox(KeyBox):
+    """A keybox whose first episode is met by Ctrl-C (a real SIGINT to the compile's own process)."""
+
+    def reset(self, task: Any) -> Any:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGINT)
+        return super().reset(task)

@@ -58,6 +58,8 @@ def build_expert(spec: str, model: str, per: str = "step") -> Any:
 
     if per not in ("step", "trajectory"):  # whatever the expert: a typo must not pass silently
         raise fail(f"--expert-per is 'step' or 'trajectory', not {per!r}")
+    if per == "trajectory" and spec in ("oracle", "self"):
+        raise fail(f"--expert-per trajectory is for an LM expert; --expert {spec} corrects each step")
     if spec == "oracle":
         return OracleExpert()
     if spec == "self":

@@ -167,6 +167,7 @@ BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be writte
      "num_boxes must be between"),
     (["--model", "tiny-random", "--config", f"yaml:{{env: {{name: '{KEYBOX}', num_train: null}}}}"], "bad option"),
     (["--env", KEYBOX, "--expert-per", "bogus"], "--expert-per is 'step' or 'trajectory'"),
+    (["--env", KEYBOX, "--expert", "self", "--expert-per", "trajectory"], "--expert-per trajectory is for an LM"),
     (["--env", "tests.data_env:NeedsData", "--set", "data=/nonexistent.jsonl"],
      "cannot build the environment tests.data_env:NeedsData: FileNotFoundError: no data file /nonexistent.jsonl"),
     (["--env", "tests.data_env:UnlistedBox"], "cannot list the train tasks of unlisted: no games could be generated"),

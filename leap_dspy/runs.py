@@ -501,7 +501,8 @@ def check_bc_from(bc_from: str | Path, config: dict[str, Any]) -> RunFolder:
     in `config` (this run's config.yaml): only then may this run adopt it instead of cloning anew."""
     source = check_bc_finished(bc_from)
     theirs = with_new_defaults(read_config(source.config_path), config)
-    keys = ("env", "student", "trainset", "valset", "demonstrator", "bc_expert_level", *LEAPConfig.bc_keys())
+    keys = ("env", "student", "trainset", "valset", "task_digest", "demonstrator", "bc_expert_level",
+            *LEAPConfig.bc_keys())
     keys += ("privilege_level",) if "model" in config["demonstrator"] else ()  # an LM demonstrator reads it
     diff = sorted(k for k in keys if theirs.get(k) != config.get(k))
     if diff:

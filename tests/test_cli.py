@@ -241,13 +241,16 @@ def test_dead_rollout_servers_or_a_fine_tune_that_publishes_nothing_stop_with_on
 def test_ctrl_c_stops_a_compile_with_a_line_saying_it_resumes(tmp_path: Path) -> None:
     """A real SIGINT to the compile's process (from its environment's first episode): exit 130 and how to go on,
     where it printed nothing at all."""
+    import signal
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-m", "leap_dspy", "compile", "--env", "tests.data_env:InterruptedBox",
                              "--model", "tiny-random", "--run-dir", str(tmp_path / "run"), "--quiet"],
-                            cwd=root, capture_output=True, text=True, timeout=300)
+                            cwd=root, capture_output=True, text=True, timeout=300,
+                            # as from a terminal: a shell's background job (CI, nohup) starts with SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert result.returncode == 130, result.stdout + result.stderr
     said = " ".join((result.stdout + result.stderr).split())
     assert "run the same command again to resume" in said and "Traceback" not in said

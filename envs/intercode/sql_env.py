@@ -83,15 +83,21 @@ def _unanswerable(golds: tuple[tuple[str, str], ...], timeout_s: float, max_rows
     """The first of your own tasks whose gold query fails or returns no rows, said in a line: the first no query
     can answer, the second any query that returns nothing answers (generated questions without rows are dropped)."""
     backends: dict[str, SQLiteBackend] = {}
-    for i, (db, gold) in enumerate(golds):
-        backend = backends.setdefault(db, SQLiteBackend(db, timeout_s, max_rows))
-        try:
-            rows, _ = backend.execute(gold)
-        except QueryError as err:
-            return f"task {i}: its gold query fails on {db}: {err}"
-        if not rows:
-            return f"task {i}: its gold query returns no rows on {db}, so any query that returns none would be right"
-    return None
+    try:
+        for i, (db, gold) in enumerate(golds):
+            if db not in backends:  # one connection a database, closed below
+                backends[db] = SQLiteBackend(db, timeout_s, max_rows)
+            try:
+                rows, _ = backends[db].execute(gold)
+            except QueryError as err:
+                return f"task {i}: its gold query fails on {db}: {err}"
+            if not rows:
+                return (f"task {i}: its gold query returns no rows on {db}, so any query that returns none would be "
+                        "right")
+        return None
+    finally:
+        for backend in backends.values():
+            backend.close()
 
 
 class SQLiteBackend:

@@ -42,7 +42,8 @@ def with_budget(program: Path, budget_mb: int) -> Path:
 
 def child(args: argparse.Namespace) -> None:
     """One evaluation in this process; its measurements as one JSON line on stdout."""
-    from leap_dspy.cli import build_env, load_program
+    from leap_dspy.cli_runs import load_program
+    from leap_dspy.cli_settings import build_env
     from leap_dspy.rollout import rollout
     from leap_dspy.train.common import peak_rss_mb, rss_mb
 

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 import yaml
 from rich.table import Table
 
-from leap_dspy.cli_settings import fail, own_student, parse_sets, resolve_settings
+from leap_dspy.cli_runs import load_program, load_run, play_split, print_metrics, run_lm
+from leap_dspy.cli_settings import (
+    build_env,
+    build_expert,
+    env_tasks,
+    fail,
+    own_student,
+    parse_sets,
+    resolve_settings,
+)
 from leap_dspy.progress import console
-
-if TYPE_CHECKING:
-    from leap_dspy.runs import RunFolder
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train small LLM agents that beat their teacher, with privileged AI feedback (LEAP).")
@@ -27,48 +32,6 @@ EnvOption = Annotated[str, typer.Option("--env", "-e", help="alfworld, webshop, 
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="environment option KEY=VALUE (e.g. num_receptacles=6); repeatable")]
 OutOption = Annotated[Path | None, typer.Option(help="also write each episode (a Trajectory) to this JSON lines file")]
-
-
-def build_env(name: str, options: dict[str, Any]) -> Any:
-    from leap_dspy.envs import UnknownEnvironment, make_env
-
-    try:
-        return make_env(name, **options)
-    except UnknownEnvironment as exc:
-        raise fail(str(exc)) from exc
-    except (TypeError, ValueError) as exc:  # an unknown option, or a value the environment refuses
-        raise fail(f"bad option for {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    except Exception as exc:  # the environment's own constructor failed: a data file it cannot find, ...
-        raise fail(f"cannot build the environment {name}: {type(exc).__name__}: "
-                   f"{(str(exc).splitlines() or [''])[0]}") from exc
-
-
-def env_tasks(environment: Any, split: str) -> list[Any]:
-    """`environment.tasks(split)`, where a task list that cannot be made (games that do not generate, a data
-    folder without games) is one line, not a traceback."""
-    try:
-        return environment.tasks(split)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise fail(f"cannot list the {split} tasks of {environment.name}: "
-                   f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from exc
-
-
-def build_expert(spec: str, model: str, per: str = "step") -> Any:
-    from leap_dspy.programs import OracleExpert, PrivilegedExpert
-
-    if per not in ("step", "trajectory"):  # whatever the expert: a typo must not pass silently
-        raise fail(f"--expert-per is 'step' or 'trajectory', not {per!r}")
-    if per == "trajectory" and spec in ("oracle", "self"):
-        raise fail(f"--expert-per trajectory is for an LM expert; --expert {spec} corrects each step")
-    if spec == "oracle":
-        return OracleExpert()
-    if spec == "self":
-        from leap_dspy.programs import SelfExpert
-
-        return SelfExpert()
-    if "/" not in spec:
-        raise fail(f"--expert is 'oracle', 'self' or a LiteLLM model string like openai/gpt-4o, not {spec!r}")
-    return PrivilegedExpert(spec, per=per)
 
 
 def _default(name: str) -> Any:
@@ -179,7 +142,7 @@ def compile_(
 
 def _before_tasks(settings: dict[str, Any]) -> None:
     """What a compile refuses or sets before the environment makes its tasks (minutes of ALFWorld's games)."""
-    from leap_dspy.runs import ConfigMismatch, check_bc_finished
+    from leap_dspy.run_config import ConfigMismatch, check_bc_finished
 
     if settings.get("bc_from"):
         try:
@@ -201,96 +164,6 @@ def _first_error(exc: Exception) -> str:
     return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
 
 
-def print_metrics(run: RunFolder) -> None:
-    rows = list(run.summary_rows().values())
-    if not rows:
-        return
-    table = Table(title=str(run.path / "metrics.csv"))
-    for column in rows[0]:
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(*row.values())
-    console.print(table)
-
-
-def load_run(run_dir: Path) -> tuple[dict[str, Any], Any]:
-    from leap_dspy.runs import read_config
-    from leap_dspy.store import RunFileError
-
-    config_path = run_dir / "config.yaml"
-    if not config_path.exists():
-        raise fail(f"{run_dir} is not a run folder (no config.yaml)")
-    try:
-        config = read_config(config_path)
-    except RunFileError as exc:
-        raise fail(str(exc)) from exc
-    env_options = dict(config["env"])
-    return config, build_env(env_options.pop("name"), env_options)
-
-
-def load_program(path: Path, lm: Any = None, settings: dict[str, Any] | None = None) -> Any:
-    """A saved Student, loaded only if its LM state names nothing but leap-dspy's own engines and no endpoint:
-    DSPy imports the engine class a file names, so an untrusted file must not choose it. With `lm`, the student
-    acts with that instead of the engine its file records (whose adapter path is where the run was written)."""
-    from leap_dspy.lm.engine import unsafe_lm_state
-    from leap_dspy.programs import Student
-
-    if not path.exists():
-        raise fail(f"no saved program at {path}")
-    try:
-        state = json.loads(path.read_text())
-        problems = unsafe_lm_state(state)
-    except (OSError, ValueError) as exc:
-        raise fail(f"{path} is not a saved Student program: {exc}") from exc
-    if problems:
-        raise fail(f"refusing to load {path}: {problems[0]} (a student.json written by leap-dspy names only its "
-                   "local engine)")
-    if lm is not None and isinstance(state, dict):
-        state = {k: {**v, "lm": None} if isinstance(v, dict) and "lm" in v else v for k, v in state.items()}
-    try:
-        student = Student(**(settings or {}))  # the settings its run recorded (history window, clipping, ...)
-    except TypeError as exc:
-        raise fail(f"{path}: its run recorded Student settings this leap-dspy does not take: {exc}") from exc
-    try:
-        student.load_state(state, allow_unsafe_lm_state=True)
-    except FileNotFoundError as exc:  # the adapter it records is gone (`ModelNotFound`)
-        raise fail(f"{path}: {str(exc).splitlines()[0]}") from exc
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise fail(f"{path} is not a saved Student program: {exc}") from exc
-    if lm is not None:
-        student.set_lm(lm)
-    return student
-
-
-def run_lm(run_dir: Path) -> Any:
-    """The compiled student's LM from the run folder itself (its model, the adapter compile chose, its engine
-    settings), wherever the folder has been moved or copied since `student.json` recorded a path."""
-    from leap_dspy.lm import local_lm
-    from leap_dspy.serve_target import resolve_target
-    from leap_dspy.store import RunFileError
-
-    try:
-        model, adapter, engine = resolve_target(str(run_dir))
-    except (RunFileError, ValueError) as exc:
-        raise fail(str(exc)) from exc
-    return local_lm(model, adapter=adapter, **engine)
-
-
-def report_rollout(name: str, trajectories: list[Any]) -> dict[str, Any]:
-    from leap_dspy.metrics import split_metrics
-
-    metrics = split_metrics(trajectories)
-    table = Table(title=name)
-    for column in ("split", "episodes", "success", "score", "mean steps"):
-        table.add_column(column, justify="right")
-    for split in ("train", "seen", "unseen"):
-        if f"{split}_episodes" in metrics:
-            table.add_row(split, str(metrics[f"{split}_episodes"]), f"{metrics[f'{split}_success']:.3f}",
-                          f"{metrics[f'{split}_score']:.1f}", f"{metrics[f'{split}_steps']:.1f}")
-    console.print(table)
-    return metrics
-
-
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a run folder written by compile")],
@@ -309,7 +182,7 @@ def evaluate(
                    "(Agent(env, MyStudent()) after .load(...)): the CLI can only rebuild leap-dspy's Student")
     settings = {k: v for k, v in recorded.items() if k not in ("name", "adapter")}
     student = load_program(run_dir / "student.json", lm=run_lm(run_dir), settings=settings)  # its compile's prompts
-    _play(student, environment, split, threads, limit, f"{run_dir.name} on {split}", out)
+    play_split(student, environment, split, threads, limit, f"{run_dir.name} on {split}", out)
 
 
 @app.command("rollout")
@@ -325,25 +198,7 @@ def rollout_(
     """Run any saved program on a split and print its success."""
     environment = build_env(env, parse_sets(sets))
     student = load_program(program)
-    _play(student, environment, split, threads, limit, f"{program.name} on {env}/{split}", out)
-
-
-def _play(student: Any, environment: Any, split: str, threads: int, limit: int | None, title: str,
-          out: Path | None = None) -> None:
-
-    from leap_dspy.progress import progress_bar
-    from leap_dspy.rollout import rollout
-
-    if split not in ("train", "seen", "unseen"):
-        raise fail(f"--split must be train, seen or unseen, not {split!r}")
-    tasks = env_tasks(environment, split)[:limit]
-    with progress_bar(f"rollout {split}", len(tasks)) as advance:
-        trajectories = rollout(student, environment, tasks, num_threads=threads, on_trajectory=lambda _: advance())
-    if out is not None:  # the run folder's eval.jsonl format, so that `report`-style paired comparisons can read it
-        from leap_dspy.store import atomic_write_text
-
-        atomic_write_text(out, "".join(t.model_dump_json() + "\n" for t in trajectories))
-    report_rollout(title, trajectories)
+    play_split(student, environment, split, threads, limit, f"{program.name} on {env}/{split}", out)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""The settings of `leap-dspy compile`: LEAPConfig's defaults, then a --config file, then what was typed."""
+"""The settings of `leap-dspy compile` (LEAPConfig's defaults, then a --config file, then what was typed) and what
+the commands build from what was typed: the environment, its tasks, the expert."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Pat
     if isinstance(run.get("env"), dict) and (not _given(ctx, "env") or env == run["env"].get("name")):
         # the run's environment, with its options: also where --env names it again (docs/cli.md's seed rerun)
         env = str(run["env"]["name"])
-        from leap_dspy.runs import env_defaults
+        from leap_dspy.run_config import env_defaults
 
         defaults = env_defaults(env)  # a recorded None is the user's choice where the default is not None
         options = {k: v for k, v in run["env"].items()
@@ -72,7 +73,7 @@ def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Pat
 def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(LEAPConfig fields, the run's other keys) of a settings file or a run's config.yaml."""
     from leap_dspy.config import LEAPConfig
-    from leap_dspy.runs import as_run_ran, check_schema
+    from leap_dspy.run_config import as_run_ran, check_schema
 
     if path is None:
         return {}, {}
@@ -139,3 +140,45 @@ def takes_seed(env: str) -> bool:
         return "seed" in inspect.signature(env_class(env)).parameters
     except (UnknownEnvironment, TypeError, ValueError):
         return False
+
+
+def build_env(name: str, options: dict[str, Any]) -> Any:
+    from leap_dspy.envs import UnknownEnvironment, make_env
+
+    try:
+        return make_env(name, **options)
+    except UnknownEnvironment as exc:
+        raise fail(str(exc)) from exc
+    except (TypeError, ValueError) as exc:  # an unknown option, or a value the environment refuses
+        raise fail(f"bad option for {name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    except Exception as exc:  # the environment's own constructor failed: a data file it cannot find, ...
+        raise fail(f"cannot build the environment {name}: {type(exc).__name__}: "
+                   f"{(str(exc).splitlines() or [''])[0]}") from exc
+
+
+def env_tasks(environment: Any, split: str) -> list[Any]:
+    """`environment.tasks(split)`, where a task list that cannot be made (games that do not generate, a data
+    folder without games) is one line, not a traceback."""
+    try:
+        return environment.tasks(split)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise fail(f"cannot list the {split} tasks of {environment.name}: "
+                   f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from exc
+
+
+def build_expert(spec: str, model: str, per: str = "step") -> Any:
+    from leap_dspy.programs import OracleExpert, PrivilegedExpert
+
+    if per not in ("step", "trajectory"):  # whatever the expert: a typo must not pass silently
+        raise fail(f"--expert-per is 'step' or 'trajectory', not {per!r}")
+    if per == "trajectory" and spec in ("oracle", "self"):
+        raise fail(f"--expert-per trajectory is for an LM expert; --expert {spec} corrects each step")
+    if spec == "oracle":
+        return OracleExpert()
+    if spec == "self":
+        from leap_dspy.programs import SelfExpert
+
+        return SelfExpert()
+    if "/" not in spec:
+        raise fail(f"--expert is 'oracle', 'self' or a LiteLLM model string like openai/gpt-4o, not {spec!r}")
+    return PrivilegedExpert(spec, per=per)

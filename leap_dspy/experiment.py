@@ -42,17 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from leap_dspy.cli_settings import expert_spec, takes_seed
 from leap_dspy.config import LEAPConfig
 from leap_dspy.progress import console
-from leap_dspy.runs import (
-    COMPILED,
-    OPERATIONAL,
-    RunFileError,
-    RunFolder,
-    env_defaults,
-    read_config,
-    read_metrics,
-    with_new_defaults,
-)
-from leap_dspy.store import atomic_write_json, read_json, yaml_plain
+from leap_dspy.run_config import OPERATIONAL, env_defaults, read_config, with_new_defaults
+from leap_dspy.runs import COMPILED, RunFolder, read_metrics
+from leap_dspy.store import RunFileError, atomic_write_json, read_json, yaml_plain
 
 PUBLISHED = ("config.yaml", "metrics.csv", "episodes.csv", "compiled.json", "*/metrics.json", "*/train.json")
 """What `--publish` keeps of a finished run: enough to rebuild its report, nothing heavy (no weights, logs)."""

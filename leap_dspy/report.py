@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from leap_dspy.runs import OPERATIONAL, RunFolder, best_stage, read_config, read_metrics
+from leap_dspy.run_config import OPERATIONAL, read_config
+from leap_dspy.runs import RunFolder, best_stage, read_metrics
 from leap_dspy.store import atomic_write_text, read_json
 
 SEED_KEYS = {"seed", "env.seed", "train.seed", "trainset", "valset", "task_digest", "bc_from", "progress", "iterations",

@@ -35,7 +35,8 @@ def resolve_target(target: str | os.PathLike | None, adapter: str | os.PathLike 
     (`lm`); anything else is a model name or folder, served with `adapter` if given.
     """
     from leap_dspy.lm.models import DEFAULT_MODEL
-    from leap_dspy.runs import RunFolder, check_adapter, read_config
+    from leap_dspy.run_config import read_config
+    from leap_dspy.runs import RunFolder, check_adapter
 
     if target is not None and (Path(target) / "config.yaml").is_file():
         run = RunFolder(target)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 import typing
 from collections import Counter
@@ -55,20 +54,9 @@ from leap_dspy.rollout import (
     round_seed,
     student_policy,
 )
-from leap_dspy.runs import (
-    COMPILED,
-    SCHEMA_VERSION,
-    RunFolder,
-    best_stage,
-    check_adapter,
-    check_bc_from,
-    default_run_dir,
-    read_config,
-    read_metrics,
-    start_run,
-    task_digest,
-)
-from leap_dspy.runs import ConfigMismatch as ConfigMismatch  # re-exported: callers catch it from here
+from leap_dspy.run_config import SCHEMA_VERSION, check_bc_from, read_config, start_run, task_digest
+from leap_dspy.run_config import ConfigMismatch as ConfigMismatch  # re-exported: callers catch it from here
+from leap_dspy.runs import COMPILED, RunFolder, best_stage, check_adapter, default_run_dir, read_metrics
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, read_json, yaml_plain
 from leap_dspy.trackers import Trackers
 from leap_dspy.train.common import RESULT_FILE, check_target_modules, peak_rss_mb, release_memory
@@ -153,7 +141,7 @@ class LEAP(Teleprompter):
         console.print("behaviour cloning: the expert's demonstrations as the student's steps")
         adapter, owed = self.behaviour_cloning(student, teacher, train, val)
         for k in range(1, self.config.iterations + 1):
-            if self.finished(k):
+            if self.run.finished(k):
                 owed()  # nothing, unless an earlier stage's metrics were removed
                 owed, adapter = Owed(), self.adopt(student, k)
                 continue
@@ -185,7 +173,7 @@ class LEAP(Teleprompter):
                           ) -> tuple[Path, Owed]:
         """The demonstrator plays the training tasks; its steps, formatted as the student's own prompts,
         fine-tune the student (`iter_0`). Returns the adapter and its evaluation, owed to the next stage."""
-        if self.finished(0):
+        if self.run.finished(0):
             return self.adopt(student, 0), Owed()
         started = time.perf_counter()
         demonstrator = self._demonstrator(teacher)
@@ -197,7 +185,7 @@ class LEAP(Teleprompter):
         demos = play_episodes(Episodes(log, train, "demonstrations", play), self.placement.episodes,
                               program=demonstrator, num_threads=self.config.expert_threads,
                               progress=self.config.progress)
-        records = self._corrections_log(0)
+        records = self.run.corrections_log(0)
         demonstration_records(demos.values(), records, level, self.expertise, self.config.bc_successful_only,
                               self.config.drop_unrealizable)
         current = list(records.load().values())
@@ -240,7 +228,7 @@ class LEAP(Teleprompter):
         corrector = Corrector(teacher, k, self.privilege_level, self.expertise,
                               retries=self.config.expert_retries, drop_unrealizable=self.config.drop_unrealizable)
         threads = 1 if getattr(teacher, "scripted", False) else self.config.expert_threads
-        records = collect_corrections(corrector, trajectories, self._corrections_log(k), threads,
+        records = collect_corrections(corrector, trajectories, self.run.corrections_log(k), threads,
                                       self.config.progress)
         why = Counter(c.dropped.splitlines()[0][:160] for c in records if c.dropped)
         if why:  # say it: a round trained on a fraction of its steps looks like any other in metrics.csv
@@ -252,7 +240,7 @@ class LEAP(Teleprompter):
         """DAgger: this round's usable records with all earlier ones, bounded, as the student's training rows."""
         # In key order, not the order episodes happened to finish in: a seed then fixes the rows and their order.
         cfg, usable = self.config, sorted((c for c in current if c.dropped is None), key=lambda c: c.key)
-        earlier = sorted((c for j in range(k) for c in self._load_corrections(j) if c.dropped is None),
+        earlier = sorted((c for j in range(k) for c in self.run.corrections(j) if c.dropped is None),
                          key=lambda c: c.key)
         rng, balance_rng = random.Random(cfg.seed * 1000 + k), random.Random(cfg.seed * 31 + k)
         signature, adapter = student.step.signature, student.adapter
@@ -288,7 +276,7 @@ class LEAP(Teleprompter):
             return out, float(read_json(recorded).get("wall_s", 0.0)) if recorded.exists() else 0.0, 0.0
         if not rows:
             beside()
-            return self._keep_adapter(out, previous), 0.0, 0.0
+            return self.run.keep_adapter(k, previous), 0.0, 0.0
         lr = None if k == 0 else self.config.iteration_learning_rate()
         config = self.config.train.model_copy(update={"epochs": self.config.bc_epochs if k == 0 else
                                                       self.config.epochs, **({"learning_rate": lr} if lr else {}),
@@ -470,10 +458,6 @@ class LEAP(Teleprompter):
         console.print(f"compiled student: {name}'s, the best on the seen tasks ((success, score) by stage: {seen})")
         return self.adopt(student, stage)
 
-    def finished(self, k: int) -> bool:
-        stage = self.run.path / f"iter_{k}"
-        return (stage / "metrics.json").exists() and (stage / "adapter" / "adapter_config.json").exists()
-
     def adopt(self, student: Student, k: int) -> Path:
         """A finished stage of an earlier run of this folder: the student takes its adapter and moves on."""
         adapter = check_adapter(self.run.stage(k) / "adapter")
@@ -504,25 +488,6 @@ class LEAP(Teleprompter):
     def _propose_reason(self, task: str, observation: str, action: str, history: str) -> str:
         inputs = StudentInputs(task=task, observation=observation, history=history)
         return self.expertise.explain(inputs, PrivilegedState(level=0), action)
-
-    def _corrections_log(self, k: int) -> JsonlLog[Correction]:
-        return JsonlLog(self.run.stage(k) / "corrections.jsonl", Correction, key=lambda c: c.key)
-
-    def _load_corrections(self, k: int) -> list[Correction]:
-        return self.run.records(self._corrections_log(k), k)
-
-    def _keep_adapter(self, out: Path, previous: Path | None) -> Path:
-        """No training rows at all (behaviour cloning with every demonstration dropped raises; a round always has
-        earlier data to fill its rows, so a round whose corrections were all dropped still trains on those)."""
-        if previous is None:
-            raise RuntimeError(f"no training rows for {out.parent.name}: every demonstration was dropped")
-        console.print(f"[yellow]{out.parent.name}: no usable corrections; keeping the previous adapter[/yellow]")
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(previous, tmp)
-        tmp.rename(out)
-        atomic_write_json(out.parent / "train.json", {"skipped": "no usable corrections", "adapter_dir": str(out)})
-        return out
 
 
 def _follows_student(expert: dspy.Module) -> bool:

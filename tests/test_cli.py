@@ -84,7 +84,8 @@ def test_a_run_from_a_newer_schema_is_refused_and_an_unversioned_one_is_read(tmp
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import yaml
 
-    from leap_dspy.runs import SCHEMA_VERSION, RunFolder, read_config
+    from leap_dspy.run_config import SCHEMA_VERSION, read_config
+    from leap_dspy.runs import RunFolder
     from leap_dspy.store import atomic_write_json
 
     run = RunFolder(tmp_path / "future")

@@ -80,7 +80,7 @@ def test_a_run_from_before_a_setting_existed_resumes_at_its_default(tmp_path):
     import yaml
 
     from leap_dspy.config import LEAPConfig
-    from leap_dspy.runs import ConfigMismatch, start_run
+    from leap_dspy.run_config import ConfigMismatch, start_run
 
     config = {"schema_version": 1, "env": {"name": "keybox"}, **LEAPConfig().dump()}
     older = {**config, "train": {k: v for k, v in config["train"].items() if k != "use_liger_kernel"}}
@@ -102,7 +102,7 @@ def test_an_environment_option_added_since_a_run_started_resumes_at_its_default(
 
     from leap_dspy.config import LEAPConfig
     from leap_dspy.envs import make_env
-    from leap_dspy.runs import ConfigMismatch, start_run
+    from leap_dspy.run_config import ConfigMismatch, start_run
 
     env = {"name": "intercode-sql", **make_env("intercode-sql").config()}
     config = {"schema_version": 1, "env": env, **LEAPConfig().dump()}
@@ -121,7 +121,7 @@ def test_a_run_decodes_as_it_ran(tmp_path):
     import yaml
 
     from leap_dspy.config import LEAPConfig
-    from leap_dspy.runs import ConfigMismatch, read_config, start_run
+    from leap_dspy.run_config import ConfigMismatch, read_config, start_run
 
     config = {"schema_version": 1, "env": {"name": "keybox"}, **LEAPConfig().dump()}
     run = RunFolder(tmp_path / "run")
@@ -230,7 +230,7 @@ def test_finished_stages_without_a_config_are_not_adopted_into_a_new_configurati
     """A folder whose config.yaml was lost cannot say what made its stages: a compile of any configuration
     would have adopted them as its own."""
     from leap_dspy.config import LEAPConfig
-    from leap_dspy.runs import start_run
+    from leap_dspy.run_config import start_run
 
     run = RunFolder(tmp_path / "run")
     run.stage(0).mkdir(parents=True, exist_ok=True)
@@ -255,7 +255,7 @@ def test_a_finished_stages_records_cut_short_are_refused_not_trained_on(tmp_path
                         level=1)
     leap.run.stage(0).mkdir(parents=True, exist_ok=True)
     JsonlLog(leap.run.stage(0) / "corrections.jsonl", Correction, key=lambda c: c.key).append(record)
-    assert len(leap._load_corrections(0)) == 1  # not finished: whatever is missing is made again on resume
+    assert len(leap.run.corrections(0)) == 1  # not finished: whatever is missing is made again on resume
     atomic_write_json(leap.run.stage(0) / "metrics.json", {"iteration": "0", "corrections": 3})
     with pytest.raises(RunFileError, match="holds 1 of the 3 records its finished stage counted"):
-        leap._load_corrections(0)
+        leap.run.corrections(0)

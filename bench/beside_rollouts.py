@@ -11,7 +11,7 @@ seconds generating, and how many episodes played the same actions both ways (bat
 a near-tie).
 
 Usage: python bench/beside_rollouts.py --adapter RUN/iter_1/adapter [--eval-tasks 65] [--rollout-tasks 12]
-           [--max-steps 20] [--ways apart together]
+           [--max-steps 20] [--max-batch 96] [--ways apart together]
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-tasks", type=int, default=65, help="validation tasks: unseen first, then seen")
     parser.add_argument("--rollout-tasks", type=int, default=12)
     parser.add_argument("--max-steps", type=int, default=None, help="default: the environment's (20)")
+    parser.add_argument("--max-batch", type=int, default=None, help="the engine's largest batch (default: the "
+                        "compile's, 64); above the evaluation's 64 episodes the rollouts' rows fit beside them")
     parser.add_argument("--ways", nargs="+", choices=("apart", "together"), default=["apart", "together"])
     return parser.parse_args()
 
@@ -81,7 +83,8 @@ def main() -> None:
     env = ALFWorld()
     config = LEAPConfig().for_env(env)
     student = Student()
-    student.set_lm(local_lm(DEFAULT_MODEL, adapter=args.adapter, **config.lm))
+    lm = {**config.lm, **({"max_batch": args.max_batch} if args.max_batch else {})}
+    student.set_lm(local_lm(DEFAULT_MODEL, adapter=args.adapter, **lm))
     valset = (env.tasks("unseen") + env.tasks("seen"))[: args.eval_tasks]
     sample = next(rollout_samples(env.tasks("train"), args.rollout_tasks, round_seed(config.seed, 1)))
     limit = args.max_steps
@@ -89,7 +92,7 @@ def main() -> None:
             "rollouts": (student_policy(student, capture_level=None, capture_oracle=True, policy="rollout",
                                         max_steps=limit, max_stuck=ROLLOUT_MAX_STUCK), sample)}
     table = Table(title=f"evaluation ({len(valset)} episodes) and rollouts ({len(sample)}), max {args.max_steps} "
-                        f"steps, adapter={args.adapter}")
+                        f"steps, max_batch {lm.get('max_batch', 64)}, adapter={args.adapter}")
     for column in ("way", "wall s", "evaluation s", "rollouts s", "env steps", "steps/s", "generating s",
                    "eval success", "same actions"):
         table.add_column(column, justify="right")

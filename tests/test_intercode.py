@@ -312,7 +312,13 @@ def test_your_own_tasks_replace_the_splits_they_name(tmp_path):
                           ([{"query": "q", "gold": "SELECT nope FROM Pets", "db": "pets_1"}],
                            "task 0: its gold query fails on pets_1"),
                           ([{"query": "q", "gold": "SELECT PetID FROM Pets WHERE 1 = 0", "db": "pets_1"}],
-                           "task 0: its gold query returns no rows")]:
+                           "task 0: its gold query returns no rows"),
+                          # a question asked twice: graded after training on it, or weighed twice
+                          ([{"query": "How many pets?", "gold": "SELECT count(*) FROM Pets", "db": "pets_1",
+                             "split": "train"},
+                            {"query": "How many  pets?", "gold": "SELECT count(PetID) FROM Pets", "db": "pets_1"}],
+                           "task 1: the same task as task 0, in train and again in unseen"),
+                          ([{"query": "q", "gold": "SELECT 1", "db": "pets_1"}] * 2, "task 1: .* twice in unseen")]:
         (tmp_path / "bad.json").write_text(json.dumps(records))
         with pytest.raises(ValueError, match=says):
             make_env("intercode-sql", task_file=str(tmp_path / "bad.json"))

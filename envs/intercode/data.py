@@ -129,7 +129,21 @@ def _task_file(path: Path, mtime_ns: int, size: int, required: tuple[str, ...]) 
         if record["split"] not in SPLITS:
             raise ValueError(f"task_file {path}, task {i}: split {record['split']!r} is not one of {', '.join(SPLITS)}")
         records.append(record)
+    _check_unrepeated(path, records)
     return tuple(records)
+
+
+def _check_unrepeated(path: Path, records: list[dict[str, str]]) -> None:
+    """Refuse a task asked twice (the same question on the same database or file system): across splits the
+    student would be graded on a task it trained on, and within one it would weigh twice."""
+    first: dict[tuple, int] = {}
+    for i, record in enumerate(records):
+        asked = tuple(sorted((k, " ".join(v.split())) for k, v in record.items() if k not in ("split", "gold")))
+        j = first.setdefault(asked, i)
+        if j != i:
+            where = (f"in {records[j]['split']} and again in {record['split']}: it would be graded after training "
+                     "on it" if records[j]["split"] != record["split"] else f"twice in {record['split']}")
+            raise ValueError(f"task_file {path}, task {i}: the same task as task {j}, {where}; keep one")
 
 
 @dataclass(frozen=True)

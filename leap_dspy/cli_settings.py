@@ -158,12 +158,19 @@ def build_env(name: str, options: dict[str, Any]) -> Any:
 
 def env_tasks(environment: Any, split: str) -> list[Any]:
     """`environment.tasks(split)`, where a task list that cannot be made (games that do not generate, a data
-    folder without games) is one line, not a traceback."""
+    folder without games) is one line, not a traceback, and one shorter than its `num_<split>` option asked
+    for (a small catalog, a task file of few lines) is said: the run would otherwise look like the one asked."""
     try:
-        return environment.tasks(split)
+        found = environment.tasks(split)
     except (OSError, RuntimeError, ValueError) as exc:
         raise fail(f"cannot list the {split} tasks of {environment.name}: "
                    f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from exc
+    asked = environment.config().get(f"num_{split}") if callable(getattr(environment, "config", None)) else None
+    if isinstance(asked, int) and not isinstance(asked, bool) and len(found) < asked:
+        console.print(f"[yellow]warning:[/yellow] {escape(environment.name)} has {len(found)} {split} tasks, "
+                      f"not the {asked} asked (num_{split}): its data holds no more with these options",
+                      soft_wrap=True, highlight=False)
+    return found
 
 
 def build_expert(spec: str, model: str, per: str = "step") -> Any:

@@ -140,6 +140,20 @@ def test_a_corrupt_adapter_is_named_before_anything_loads_it(tmp_path: Path) -> 
 
 
 KEYBOX = "examples.keybox:KeyBox"
+def test_fewer_tasks_than_asked_are_said(tmp_path: Path) -> None:
+    """A WebShop catalog too small for the goals asked makes fewer tasks: said, not left to look like the run
+    asked for."""
+    result = runner.invoke(app, ["tasks", "--env", "webshop", "--set", "num_products=40", "--set", "num_train=500",
+                                 "--set", f"cache_dir={tmp_path}", "--json"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0 and "warning: webshop has" in said and "train tasks, not the 500 asked" in said
+    listed = [line for line in result.output.splitlines() if line.startswith("{")]
+    assert 0 < len(listed) < 500
+    quiet = runner.invoke(app, ["tasks", "--env", "webshop", "--set", "num_products=40", "--set", "num_train=5",
+                                "--set", f"cache_dir={tmp_path}", "--json"])
+    assert quiet.exit_code == 0 and "warning" not in quiet.output
+
+
 BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be written to the run folder
     (["--set", "num_receptacles=2"], "num_receptacles must be at least 3"),
     (["--set", "seed=abc"], "bad option for alfworld"),

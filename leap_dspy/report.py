@@ -329,7 +329,8 @@ def _only(run: Run, source: str) -> Run:
 
 
 def _cost_table(groups: dict[str, list[Run]]) -> tuple[list[str], list[list[str]]]:
-    head = ["condition", "runs", "minutes per run", "peak memory (GB)", "expert tokens per run"]
+    # each process's high-water mark, the trainer's and the compile's beside it added: an upper bound
+    head = ["condition", "runs", "minutes per run", "peak memory (GiB, at most)", "expert tokens per run"]
     rows = [[label, str(len(rs)), f"{np.mean([r.wall_s for r in rs]) / 60:.1f}",
              f"{peak / 1024:.1f}" if (peak := max(r.peak_mb for r in rs)) else "not recorded",
              f"{np.mean([r.expert_tokens for r in rs]):.0f}"]

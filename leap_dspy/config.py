@@ -80,6 +80,11 @@ class LEAPConfig(BaseModel):
                                                   "`memory_budget_gb` (the evaluation's KV cache capped to fit if "
                                                   "need be); never on a float32 CPU, whose cores both keep busy, "
                                                   "or a GPU")
+    episode_processes: int | None = Field(None, ge=1, description="processes that play a stage's student episodes "
+                                          "where nothing runs beside the engine (rollouts, the last evaluation), "
+                                          "each on its share of the cores; unset: 2 on a CPU of two cores or "
+                                          "more computing in bf16, whose engine gains little from a second thread, "
+                                          "else 1")
     memory_budget_gb: float | None = Field(None, gt=0, description="the most GiB an evaluation and the fine-tune "
                                            "beside it may hold together, judged from the last trainer's peak "
                                            "and the compile's; unset: 8 or half the machine's memory, whichever "

@@ -13,7 +13,8 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,25 @@ def follow_generation_share() -> None:
         _own.threads = torch.get_num_threads()
     if torch.get_num_threads() != wanted:
         torch.set_num_threads(wanted)
+
+
+@contextmanager
+def generation_threads(count: int) -> Iterator[None]:
+    """Generation in this process on `count` threads meanwhile: worker processes play episodes on the rest of the
+    cores (`shards`)."""
+    global _generation_threads
+    with _lock:
+        previous, _generation_threads = _generation_threads, count
+    try:
+        yield
+    finally:
+        with _lock:
+            _generation_threads = previous
+
+
+def cores_split() -> bool:
+    """Whether a fine-tune beside this process holds part of the cores now (`SharedCores.run`)."""
+    return _generation_threads is not None
 
 
 def trainer_callbacks(most: int | None = None) -> list[Any]:

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
@@ -32,6 +32,9 @@ from leap_dspy.store import atomic_write_text
 from leap_dspy.train import TrainConfig, TrainResult
 from leap_dspy.train.common import RESULT_FILE, machine_memory_mb, peak_rss_mb, release_memory, rss_mb
 from leap_dspy.train.launch import launcher_program
+
+if TYPE_CHECKING:
+    from leap_dspy.shards import Shards
 
 _IN_PROCESS_TRAINING = threading.Lock()
 """Fine-tunes inside this process (`train_launcher: ''`) from compiles on several threads run one after another:
@@ -154,6 +157,38 @@ class Placement:
         with _IN_PROCESS_TRAINING:  # one at a time: TRL's lazy imports and torch's thread count are process-wide
             return trainer(rows, model=self.config.model, output_dir=out,
                            init_adapter=str(previous) if previous else None, config=config), 0.0
+
+    def episode_shards(self, student: Any, play: dict[str, Any], replay: dict[str, Any] | None,
+                       folder: Path) -> Shards | None:
+        """How a stage's student episodes split across processes (`episode_processes`), or None where they play
+        here alone: the engine is elsewhere (`rollout_servers`, Ray), a fine-tune holds part of the cores, or a
+        worker could not rebuild the student (a subclass, another adapter) or the environment (`__main__`)."""
+        import torch
+
+        from leap_dspy.adapters import CompactChatAdapter
+        from leap_dspy.cores import cores_split
+        from leap_dspy.programs import Student
+        from leap_dspy.shards import Shards
+
+        total = torch.get_num_threads()
+        wanted = self.config.episode_processes
+        if wanted is None:
+            wanted = 2 if total >= 2 and not torch.cuda.is_available() and cpu_supports_bf16() else 1
+        processes = min(wanted, total)
+        spec = env_spec(self.env)
+        if (processes < 2 or self.config.rollout_servers or self.config.ray or cores_split()
+                or type(student) is not Student or type(student.adapter) is not CompactChatAdapter
+                or spec.startswith("__main__:")):
+            return None
+        state = {k: {**v, "lm": None} if isinstance(v, dict) and "lm" in v else v
+                 for k, v in student.dump_state().items()}
+        settings = {k: v for k, v in student.settings().items() if k not in ("name", "adapter")}
+        threads = max(1, total // processes)
+        return Shards(processes=processes, threads=threads, own_threads=max(1, total - threads * (processes - 1)),
+                      env_spec=spec, env_config=self.env.config(), model=self.config.model,
+                      adapter=str(self.pointed) if self.pointed else None,
+                      lm={**self.config.lm, **({"kv_budget_mb": self.kv_cap_mb} if self.kv_cap_mb else {})},
+                      settings=settings, state=state, play=play, replay=replay, folder=folder)
 
     def beside_training(self, previous: Path | None) -> bool:
         """Whether an evaluation runs beside the fine-tune that continues `previous`: `evaluate_beside_training`,

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import dspy
 from dspy.utils.exceptions import AdapterParseError
@@ -27,6 +27,9 @@ from leap_dspy.programs.student import Student, capture_privileged, run_episode
 from leap_dspy.progress import progress_bar, quiet_repeated_warnings
 from leap_dspy.store import JsonlLog
 from leap_dspy.types import ExpertUsage, PrivilegedState, StudentInputs, Task, Trajectory
+
+if TYPE_CHECKING:
+    from leap_dspy.shards import Shards
 
 Progress = Callable[[Trajectory], None]
 ROLLOUT_MAX_STUCK = 2
@@ -149,10 +152,11 @@ class Episodes:
 
 
 def play_episodes(job: Episodes, env: TextEnv, *, program: dspy.Module | None, num_threads: int,
-                  progress: bool = True) -> dict[str, Trajectory]:
+                  progress: bool = True, shards: Shards | None = None) -> dict[str, Trajectory]:
     """The one episode runner of a compile: plays the tasks not yet in the job's log, appends each episode as it
     ends (the resume point) and returns all of them by task id. An episode's replay (`job.replays`) lands in
-    its own log; one cut short by a stop is played again by the next `play_episodes` over that log."""
+    its own log; one cut short by a stop is played again by the next `play_episodes` over that log. With
+    `shards`, worker processes play part of the tasks (see `leap_dspy.shards`)."""
     done = job.log.load()
     todo = [task for task in job.tasks if task.id not in done]
     if not todo:
@@ -161,20 +165,50 @@ def play_episodes(job: Episodes, env: TextEnv, *, program: dspy.Module | None, n
     with progress_bar(job.label, len(todo), progress) as advance:
         lock = threading.Lock()
 
+        def arrived(kind: str, trajectory: Trajectory) -> None:
+            with lock:
+                if kind == "episode":
+                    job.log.append(trajectory)
+                    done[trajectory.task.id] = trajectory
+                    advance()
+                elif job.replays is not None:
+                    job.replays.log.append(trajectory)
+
         def play(episode_env: TextEnv, task: Task) -> Trajectory:
             trajectory = job.play(episode_env, task)
-            with lock:
-                job.log.append(trajectory)
-                done[task.id] = trajectory
-                advance()
+            arrived("episode", trajectory)
             again = job.replays
             if again is not None and task.id not in replayed and again.wanted(trajectory):
                 # `reset` starts the episode anew in the same environment (the `TextEnv` contract).
                 again.log.append(again.play(episode_env, task))
             return trajectory
 
-        run_parallel(play, env, todo, num_threads=num_threads, program=program)
+        if shards is None or len(todo) < 2 * shards.processes:
+            run_parallel(play, env, todo, num_threads=num_threads, program=program)
+        else:
+            _play_sharded(shards, todo, play, arrived, set(replayed), env, num_threads, program)
     return done
+
+
+def _play_sharded(shards: Shards, todo: list[Task], play: Callable[[TextEnv, Task], Trajectory],
+                  arrived: Callable[[str, Trajectory], None], replayed: set[str], env: TextEnv, num_threads: int,
+                  program: dspy.Module | None) -> None:
+    """Every `processes`-th task here, on this process's share of the cores; the rest in worker processes."""
+    from leap_dspy.cores import generation_threads
+    from leap_dspy.shards import Worker
+
+    n = shards.processes
+    workers: list[Worker] = []
+    try:
+        workers = [Worker(shards, i, todo[i::n], replayed, num_threads, arrived) for i in range(1, n)]
+        with generation_threads(shards.own_threads):
+            run_parallel(play, env, todo[0::n], num_threads=num_threads, program=program)
+        for worker in workers:
+            worker.wait()
+    except BaseException:
+        for worker in workers:
+            worker.stop()
+        raise
 
 
 def student_policy(student: Student, *, capture_level: int | None = None, capture_oracle: bool = False,

@@ -25,8 +25,9 @@ SCHEMA_VERSION = 1
 field changes meaning; `read_config` reads every older version it knows and refuses a newer one."""
 READABLE_SCHEMAS = {0: "before versioning: the records of version 1 without the version key", 1: "current"}
 OPERATIONAL = {"iterations", "select", "num_threads", "expert_threads", "expert_retries", "evaluate_base",
-               "evaluate_expert", "evaluate_snapped", "evaluate_beside_training", "memory_budget_gb", "report_to",
-               "rollout_servers", "train_launcher", "ray", "ray_workers", "schema_version"}
+               "evaluate_expert", "evaluate_snapped", "evaluate_beside_training", "episode_processes",
+               "memory_budget_gb", "report_to", "rollout_servers", "train_launcher", "ray", "ray_workers",
+               "schema_version"}
 """Settings a resumed run may change: they decide how much is run and how fast, or which finished round compile
 returns, not what a record holds (and an older schema that `read_config` reads is the current one's records)."""
 

@@ -209,14 +209,16 @@ class LEAP(Teleprompter):
         """The current student plays a seeded sample of the training tasks, and further samples until the round
         has visited `rollout_steps` steps; each visited step records what the expert will read there."""
         capture_level, capture_oracle = expert_capture(teacher, self.env, self.privilege_level)
-        play = student_policy(student, capture_level=capture_level, capture_oracle=capture_oracle,
-                              policy=f"student@{k - 1}", max_stuck=ROLLOUT_MAX_STUCK)
+        how = {"capture_level": capture_level, "capture_oracle": capture_oracle, "policy": f"student@{k - 1}",
+               "max_stuck": ROLLOUT_MAX_STUCK}
+        play, shards = student_policy(student, **how), self.placement.episode_shards(student, how, None,
+                                                                                     self.run.stage(k))
         log = JsonlLog(self.run.stage(k) / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
         played: dict[str, Trajectory] = {}
         for tasks in rollout_samples(train, self.config.rollout_tasks, round_seed(self.config.seed, k)):
             played |= play_episodes(Episodes(log, tasks, f"round {k}: rollouts", play), self.placement.episodes,
                                     program=student, num_threads=self.config.num_threads,
-                                    progress=self.config.progress)
+                                    progress=self.config.progress, shards=shards)
             if sum(len(t.steps) for t in played.values()) >= (self.config.rollout_steps or 0):
                 break
         return played
@@ -314,17 +316,20 @@ class LEAP(Teleprompter):
         if (stage / "metrics.json").exists():
             return 0.0
         start = time.perf_counter()
+        snapped = self._snapped_replays(name) if expert_level is None and self.config.evaluate_snapped else None
+        shards = None
         if expert_level is None:
             play, threads = student_policy(self._student, policy=str(name), snap=False), self.config.num_threads
+            shards = self.placement.episode_shards(self._student, {"policy": str(name), "snap": False},
+                                                   {"policy": str(name), "snap": True} if snapped else None, stage)
         else:
             play = expert_policy(policy, self._student, self.env, level=expert_level,
                                  retries=self.config.expert_retries)
             threads = self.config.expert_threads
         log = JsonlLog(stage / "eval.jsonl", Trajectory, key=lambda t: t.task.id)
-        snapped = self._snapped_replays(name) if expert_level is None and self.config.evaluate_snapped else None
         before = engine_counters(policy)
         done = play_episodes(Episodes(log, tasks, f"evaluate {name}", play, replays=snapped), self.placement.episodes,
-                             program=policy, num_threads=threads, progress=self.config.progress)
+                             program=policy, num_threads=threads, progress=self.config.progress, shards=shards)
         work = {f"eval_{k}": round(v - before[k], 1) for k, v in engine_counters(policy).items()}
         metrics: dict[str, Any] = {"iteration": str(name), **split_metrics(list(done.values())),
                                    "train_examples": 0, **work, **extra}

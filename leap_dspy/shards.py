@@ -1,0 +1,153 @@
+"""A stage's episodes split across processes, each playing its share with its own environment, program and engine.
+
+On a CPU the engine computes little more at two threads than at one, and one interpreter's lock serialises the
+episodes' Python (DSPy's formatting and parsing, the environment), so where nothing runs beside the student's
+engine a second process is what a second core is worth (docs/performance.md). A worker reads its share and how to
+play it from stdin and writes each episode as a JSON line as it ends; the compile logs each on arrival, so a
+stop keeps every finished episode and a resume plays only the rest.
+
+Usage (by `play_episodes`, not by hand): python -m leap_dspy.shards < plan.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leap_dspy.types import Task, Trajectory
+
+KINDS = ("episode", "replay")  # a line's first field: an episode, or a near miss played again
+
+
+class ShardFailed(RuntimeError):
+    """A worker process ended before playing its share; what it printed is in its log."""
+
+
+@dataclass
+class Shards:
+    """How a job's episodes may be split: `processes` in all (this one included), each worker on `threads`
+    threads, acting as `state` (a `Student`'s saved program and settings) on `model` + `adapter` with the
+    engine settings `lm`; `play` (and `replay`, for a near miss) are `student_policy`'s settings."""
+
+    processes: int
+    threads: int
+    own_threads: int  # this process's
+    env_spec: str
+    env_config: dict[str, Any]
+    model: str
+    adapter: str | None
+    lm: dict[str, Any]
+    settings: dict[str, Any]
+    state: dict[str, Any]
+    play: dict[str, Any]
+    replay: dict[str, Any] | None = None
+    folder: Path = field(default_factory=Path.cwd)  # where each worker's log goes
+
+    def plan(self, tasks: list[Task], replayed: set[str], num_threads: int) -> dict[str, Any]:
+        return {**asdict(self), "folder": str(self.folder), "tasks": [t.model_dump(mode="json") for t in tasks],
+                "replayed": sorted(replayed), "num_threads": num_threads}
+
+
+class Worker:
+    """One worker process playing `tasks`; `on_episode(kind, trajectory)` is called from a reader thread as each
+    line arrives ("episode", or "replay" for a near miss played again)."""
+
+    def __init__(self, shards: Shards, index: int, tasks: list[Task], replayed: set[str], num_threads: int,
+                 on_episode: Callable[[str, Trajectory], None]) -> None:
+        self.log = shards.folder / f"shard-{index}.log"
+        self.expected, self.arrived = len(tasks), 0
+        environ = {**os.environ, "OMP_NUM_THREADS": str(shards.threads),
+                   "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)}
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "leap_dspy.shards"], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=log, env=environ,
+                                            preexec_fn=_end_with_parent if sys.platform.startswith("linux") else None)
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(shards.plan(tasks, replayed, num_threads)).encode())
+        self.process.stdin.close()
+        self.reader = threading.Thread(target=self._read, args=(on_episode,), daemon=True)
+        self.reader.start()
+
+    def _read(self, on_episode: Callable[[str, Trajectory], None]) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            kind, _, body = line.decode(errors="replace").partition("\t")
+            if kind in KINDS:
+                on_episode(kind, Trajectory.model_validate_json(body))
+                self.arrived += kind == "episode"
+
+    def wait(self) -> None:
+        """Until the worker ends; `ShardFailed` unless it played its whole share."""
+        code = self.process.wait()
+        self.reader.join()
+        if code != 0 or self.arrived < self.expected:
+            tail = self.log.read_text(errors="replace")[-1200:].strip()
+            raise ShardFailed(f"an episode worker {'exited ' + str(code) if code else 'ended'} after "
+                              f"{self.arrived} of its {self.expected} episodes ({self.log}"
+                              + (f"; its last lines:\n{tail})" if tail else ")")
+                              + "; what it finished is kept: run the same command again to resume")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait()
+
+
+def _end_with_parent() -> None:
+    """The worker gets SIGTERM if the compile dies: no orphan keeps playing into a run folder."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def main() -> None:
+    """A worker: play the plan's tasks and write each episode (and each near miss played again) to stdout."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    plan = json.loads(sys.stdin.read())
+    # The episodes go to the compile on the original stdout; whatever a library prints goes to the log.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    import torch
+
+    from leap_dspy.envs import env_class
+    from leap_dspy.lm import local_lm
+    from leap_dspy.programs import Student
+    from leap_dspy.programs.student import has_near_miss
+    from leap_dspy.rollout import run_parallel, student_policy
+
+    torch.set_num_threads(plan["threads"])
+    env = env_class(plan["env_spec"])(**plan["env_config"])
+    student = Student(**plan["settings"])
+    student.load_state(plan["state"])
+    student.set_lm(local_lm(plan["model"], **({"adapter": plan["adapter"]} if plan["adapter"] else {}), **plan["lm"]))
+    play = student_policy(student, **plan["play"])
+    replay = student_policy(student, **plan["replay"]) if plan["replay"] is not None else None
+    replayed, lock = set(plan["replayed"]), threading.Lock()
+
+    def emit(kind: str, trajectory: Trajectory) -> None:
+        with lock:
+            out.write(f"{kind}\t{trajectory.model_dump_json()}\n")
+            out.flush()
+
+    def one(episode_env: Any, task: Task) -> Trajectory:
+        trajectory = play(episode_env, task)
+        emit("episode", trajectory)
+        if replay is not None and task.id not in replayed and has_near_miss(trajectory):
+            emit("replay", replay(episode_env, task))
+        return trajectory
+
+    tasks = [Task.model_validate(t) for t in plan["tasks"]]
+    run_parallel(one, env, tasks, num_threads=plan["num_threads"], program=student)
+
+
+if __name__ == "__main__":
+    main()

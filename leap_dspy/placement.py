@@ -162,7 +162,8 @@ class Placement:
                        folder: Path) -> Shards | None:
         """How a stage's student episodes split across processes (`episode_processes`), or None where they play
         here alone: the engine is elsewhere (`rollout_servers`, Ray), a fine-tune holds part of the cores, or a
-        worker could not rebuild the student (a subclass, another adapter) or the environment (`__main__`)."""
+        worker could not rebuild the student (a subclass, another adapter) or the environment (`__main__`, a class
+        inside a function)."""
         import torch
 
         from leap_dspy.adapters import CompactChatAdapter
@@ -178,7 +179,7 @@ class Placement:
         spec = env_spec(self.env)
         if (processes < 2 or self.config.rollout_servers or self.config.ray or cores_split()
                 or type(student) is not Student or type(student.adapter) is not CompactChatAdapter
-                or spec.startswith("__main__:")):
+                or spec.startswith("__main__:") or "<locals>" in spec):
             return None
         state = {k: {**v, "lm": None} if isinstance(v, dict) and "lm" in v else v
                  for k, v in student.dump_state().items()}

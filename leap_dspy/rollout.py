@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import dspy
 from dspy.utils.exceptions import AdapterParseError
+from rich.markup import escape
 
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.metrics import call_usage
 from leap_dspy.programs.experts import ATTEMPT, expert_inputs
 from leap_dspy.programs.student import Student, capture_privileged, run_episode
-from leap_dspy.progress import progress_bar, quiet_repeated_warnings
+from leap_dspy.progress import console, progress_bar, quiet_repeated_warnings
 from leap_dspy.store import JsonlLog
 from leap_dspy.types import ExpertUsage, PrivilegedState, StudentInputs, Task, Trajectory
 
@@ -193,7 +194,8 @@ def play_episodes(job: Episodes, env: TextEnv, *, program: dspy.Module | None, n
 def _play_sharded(shards: Shards, todo: list[Task], play: Callable[[TextEnv, Task], Trajectory],
                   arrived: Callable[[str, Trajectory], None], replayed: set[str], env: TextEnv, num_threads: int,
                   program: dspy.Module | None) -> None:
-    """Every `processes`-th task here, on this process's share of the cores; the rest in worker processes."""
+    """Every `processes`-th task here, on this process's share of the cores; the rest in worker processes, and
+    here, after, whatever a failed worker left."""
     from leap_dspy.cores import generation_threads
     from leap_dspy.shards import Worker
 
@@ -203,12 +205,17 @@ def _play_sharded(shards: Shards, todo: list[Task], play: Callable[[TextEnv, Tas
         workers = [Worker(shards, i, todo[i::n], replayed, num_threads, arrived) for i in range(1, n)]
         with generation_threads(shards.own_threads):
             run_parallel(play, env, todo[0::n], num_threads=num_threads, program=program)
-        for worker in workers:
-            worker.wait()
+        failed = [(worker, why) for worker in workers if (why := worker.finish())]
     except BaseException:
         for worker in workers:
             worker.stop()
         raise
+    for worker, why in failed:
+        console.print(f"[yellow]warning:[/yellow] {escape(why)}; its {len(worker.unfinished())} episodes play here",
+                      soft_wrap=True, highlight=False)
+    left = [task for worker, _ in failed for task in worker.unfinished()]
+    if left:
+        run_parallel(play, env, left, num_threads=num_threads, program=program)
 
 
 def student_policy(student: Student, *, capture_level: int | None = None, capture_oracle: bool = False,

@@ -4,7 +4,8 @@ On a CPU the engine computes little more at two threads than at one, and one int
 episodes' Python (DSPy's formatting and parsing, the environment), so where nothing runs beside the student's
 engine a second process is what a second core is worth (docs/performance.md). A worker reads its share and how to
 play it from stdin and writes each episode as a JSON line as it ends; the compile logs each on arrival, so a
-stop keeps every finished episode and a resume plays only the rest.
+stop keeps every finished episode and a resume plays only the rest. A worker that fails (it cannot rebuild the
+environment, memory runs out) costs time, not episodes: the compile plays what it left, and says so.
 
 Usage (by `play_episodes`, not by hand): python -m leap_dspy.shards < plan.json
 """
@@ -23,11 +24,8 @@ from typing import Any
 
 from leap_dspy.types import Task, Trajectory
 
+PARENT = "LEAP_DSPY_SHARD_PARENT"  # the compile's pid, which a worker ends with
 KINDS = ("episode", "replay")  # a line's first field: an episode, or a near miss played again
-
-
-class ShardFailed(RuntimeError):
-    """A worker process ended before playing its share; what it printed is in its log."""
 
 
 @dataclass
@@ -61,14 +59,12 @@ class Worker:
 
     def __init__(self, shards: Shards, index: int, tasks: list[Task], replayed: set[str], num_threads: int,
                  on_episode: Callable[[str, Trajectory], None]) -> None:
-        self.log = shards.folder / f"shard-{index}.log"
-        self.expected, self.arrived = len(tasks), 0
-        environ = {**os.environ, "OMP_NUM_THREADS": str(shards.threads),
+        self.log, self.tasks, self.arrived = shards.folder / f"shard-{index}.log", tasks, set[str]()
+        environ = {**os.environ, "OMP_NUM_THREADS": str(shards.threads), PARENT: str(os.getpid()),
                    "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)}
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "leap_dspy.shards"], stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=log, env=environ,
-                                            preexec_fn=_end_with_parent if sys.platform.startswith("linux") else None)
+                                            stdout=subprocess.PIPE, stderr=log, env=environ)
         assert self.process.stdin is not None
         self.process.stdin.write(json.dumps(shards.plan(tasks, replayed, num_threads)).encode())
         self.process.stdin.close()
@@ -79,20 +75,27 @@ class Worker:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             kind, _, body = line.decode(errors="replace").partition("\t")
-            if kind in KINDS:
-                on_episode(kind, Trajectory.model_validate_json(body))
-                self.arrived += kind == "episode"
+            try:
+                trajectory = Trajectory.model_validate_json(body) if kind in KINDS else None
+            except ValueError:  # cut short by a stop: the episode plays again
+                trajectory = None
+            if trajectory is not None:
+                on_episode(kind, trajectory)
+                if kind == "episode":
+                    self.arrived.add(trajectory.task.id)
 
-    def wait(self) -> None:
-        """Until the worker ends; `ShardFailed` unless it played its whole share."""
+    def finish(self) -> str | None:
+        """Wait for the worker; None if it played its whole share, else what went wrong (its log's last line)."""
         code = self.process.wait()
         self.reader.join()
-        if code != 0 or self.arrived < self.expected:
-            tail = self.log.read_text(errors="replace")[-1200:].strip()
-            raise ShardFailed(f"an episode worker {'exited ' + str(code) if code else 'ended'} after "
-                              f"{self.arrived} of its {self.expected} episodes ({self.log}"
-                              + (f"; its last lines:\n{tail})" if tail else ")")
-                              + "; what it finished is kept: run the same command again to resume")
+        if code == 0 and not self.unfinished():
+            return None
+        lines = self.log.read_text(errors="replace").strip().splitlines() if self.log.exists() else []
+        return (f"an episode worker {'exited ' + str(code) if code else 'ended'} after {len(self.arrived)} of its "
+                f"{len(self.tasks)} episodes ({self.log}" + (f": {lines[-1][:300]})" if lines else ")"))
+
+    def unfinished(self) -> list[Task]:
+        return [task for task in self.tasks if task.id not in self.arrived]
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -101,16 +104,22 @@ class Worker:
 
 
 def _end_with_parent() -> None:
-    """The worker gets SIGTERM if the compile dies: no orphan keeps playing into a run folder."""
+    """The worker gets SIGTERM if the compile dies (on Linux): no orphan keeps playing for a run folder."""
+    parent = int(os.environ.get(PARENT, "0"))
+    if not sys.platform.startswith("linux") or not parent:
+        return
     import ctypes
     import signal
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the compile died before the line above
+        sys.exit("the compile that started this episode worker is gone")
 
 
 def main() -> None:
     """A worker: play the plan's tasks and write each episode (and each near miss played again) to stdout."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _end_with_parent()
     plan = json.loads(sys.stdin.read())
     # The episodes go to the compile on the original stdout; whatever a library prints goes to the log.
     out = os.fdopen(os.dup(1), "w")

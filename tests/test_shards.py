@@ -1,5 +1,5 @@
 """A stage's episodes split across processes (`episode_processes`): each episode is logged once, wherever it
-played, and a worker that fails stops the stage with a line naming its log, keeping what finished."""
+played, and a worker that fails leaves its share to the compile, which says so."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from leap_dspy.envs import env_spec
 from leap_dspy.lm import local_lm
 from leap_dspy.programs import OracleExpert, Student
 from leap_dspy.rollout import Episodes, play_episodes, student_policy
-from leap_dspy.shards import ShardFailed, Shards
+from leap_dspy.shards import Shards
 from leap_dspy.store import JsonlLog
 from leap_dspy.teleprompt import LEAP
 from leap_dspy.train import TrainConfig
@@ -56,7 +56,10 @@ def test_a_stage_plays_across_processes_and_logs_every_episode_once(tiny_model: 
     assert all(s.privileged is not None for t in rollout for s in t.steps)  # with what the expert reads
 
 
-def test_a_failed_worker_stops_the_stage_keeping_what_finished(tiny_model: str, tmp_path: Path) -> None:
+def test_a_failed_worker_costs_time_not_episodes(tiny_model: str, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A worker that cannot start (here: an adapter that is not there) leaves its share to this process, which
+    says so naming the worker's log; every episode is still played and logged once."""
     env = KeyBox(**SMALL)
     tasks = env.tasks("unseen")
     student = Student()
@@ -67,9 +70,9 @@ def test_a_failed_worker_stops_the_stage_keeping_what_finished(tiny_model: str, 
                     model=tiny_model, adapter=str(tmp_path / "no-adapter"), lm={"max_new_tokens": 16}, settings={},
                     state=state, play={"policy": "student"}, folder=tmp_path)
     log = JsonlLog(tmp_path / "eval.jsonl", Trajectory, key=lambda t: t.task.id)
-    job = Episodes(log, tasks, "evaluate", student_policy(student))
-    with pytest.raises(ShardFailed, match=r"(?s)after 0 of its 3 episodes .*shard-1\.log.*no-adapter"):
-        play_episodes(job, env, program=student, num_threads=4, progress=False, shards=shards)
-    assert sorted(log.load()) == sorted(t.id for t in tasks[0::2])  # this process's share is kept
-    done = play_episodes(job, env, program=student, num_threads=4, progress=False)  # a resume plays the rest
-    assert sorted(done) == sorted(t.id for t in tasks)
+    done = play_episodes(Episodes(log, tasks, "evaluate", student_policy(student)), env, program=student,
+                         num_threads=4, progress=False, shards=shards)
+    assert sorted(done) == sorted(t.id for t in tasks) == sorted(_ids(log.path))  # each once
+    said = " ".join(capsys.readouterr().err.split())
+    assert "an episode worker exited 1 after 0 of its 3 episodes" in said and "shard-1.log" in said
+    assert "no-adapter" in said and "its 3 episodes play here" in said

@@ -80,8 +80,8 @@ class LEAPConfig(BaseModel):
                                                   "`memory_budget_gb` (the evaluation's KV cache capped to fit if "
                                                   "need be); never on a float32 CPU, whose cores both keep busy, "
                                                   "or a GPU")
-    episode_processes: int | None = Field(None, ge=1, description="processes that play a stage's student episodes "
-                                          "where nothing runs beside the engine (rollouts, the last evaluation), "
+    episode_processes: int | None = Field(None, ge=1, description="processes that play a stage's evaluation where "
+                                          "nothing runs beside the engine (the last, or all on a float32 CPU), "
                                           "each on its share of the cores; unset: 2 on a CPU of two cores or "
                                           "more computing in bf16, whose engine gains little from a second thread, "
                                           "else 1")

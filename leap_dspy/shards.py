@@ -60,6 +60,7 @@ class Worker:
     def __init__(self, shards: Shards, index: int, tasks: list[Task], replayed: set[str], num_threads: int,
                  on_episode: Callable[[str, Trajectory], None]) -> None:
         self.log, self.tasks, self.arrived = shards.folder / f"shard-{index}.log", tasks, set[str]()
+        self._given = {task.id: task for task in tasks}  # an episode is logged with the task as given
         environ = {**os.environ, "OMP_NUM_THREADS": str(shards.threads), PARENT: str(os.getpid()),
                    "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)}
         with open(self.log, "ab") as log:
@@ -79,7 +80,8 @@ class Worker:
                 trajectory = Trajectory.model_validate_json(body) if kind in KINDS else None
             except ValueError:  # cut short by a stop: the episode plays again
                 trajectory = None
-            if trajectory is not None:
+            if trajectory is not None and trajectory.task.id in self._given:
+                trajectory.task = self._given[trajectory.task.id]
                 on_episode(kind, trajectory)
                 if kind == "episode":
                     self.arrived.add(trajectory.task.id)

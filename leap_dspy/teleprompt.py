@@ -209,16 +209,14 @@ class LEAP(Teleprompter):
         """The current student plays a seeded sample of the training tasks, and further samples until the round
         has visited `rollout_steps` steps; each visited step records what the expert will read there."""
         capture_level, capture_oracle = expert_capture(teacher, self.env, self.privilege_level)
-        how = {"capture_level": capture_level, "capture_oracle": capture_oracle, "policy": f"student@{k - 1}",
-               "max_stuck": ROLLOUT_MAX_STUCK}
-        play, shards = student_policy(student, **how), self.placement.episode_shards(student, how, None,
-                                                                                     self.run.stage(k))
+        play = student_policy(student, capture_level=capture_level, capture_oracle=capture_oracle,
+                              policy=f"student@{k - 1}", max_stuck=ROLLOUT_MAX_STUCK)
         log = JsonlLog(self.run.stage(k) / "trajectories.jsonl", Trajectory, key=lambda t: t.task.id)
         played: dict[str, Trajectory] = {}
         for tasks in rollout_samples(train, self.config.rollout_tasks, round_seed(self.config.seed, k)):
             played |= play_episodes(Episodes(log, tasks, f"round {k}: rollouts", play), self.placement.episodes,
                                     program=student, num_threads=self.config.num_threads,
-                                    progress=self.config.progress, shards=shards)
+                                    progress=self.config.progress)
             if sum(len(t.steps) for t in played.values()) >= (self.config.rollout_steps or 0):
                 break
         return played
@@ -320,6 +318,8 @@ class LEAP(Teleprompter):
         shards = None
         if expert_level is None:
             play, threads = student_policy(self._student, policy=str(name), snap=False), self.config.num_threads
+            # Only evaluations split: their episodes decide no training row, so batches of other sizes, which
+            # flip bf16 near-ties, cannot change what a run learns (split rollouts did, docs/results.md).
             shards = self.placement.episode_shards(self._student, {"policy": str(name), "snap": False},
                                                    {"policy": str(name), "snap": True} if snapped else None, stage)
         else:

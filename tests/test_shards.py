@@ -1,4 +1,4 @@
-"""A stage's episodes split across processes (`episode_processes`): each episode is logged once, wherever it
+"""A stage's evaluation split across processes (`episode_processes`): each episode is logged once, wherever it
 played, and a worker that fails leaves its share to the compile, which says so."""
 
 from __future__ import annotations
@@ -45,15 +45,13 @@ def test_a_stage_plays_across_processes_and_logs_every_episode_once(tiny_model: 
     finally:
         torch.set_num_threads(threads)
     valset = sorted(t.id for t in env.tasks("seen") + env.tasks("unseen"))
-    for k in (0, 1):  # both evaluations, and round 1's rollouts, played half their episodes in a worker
+    for k in (0, 1):  # both evaluations (none beside a fine-tune here) played half their episodes in a worker
         assert sorted(_ids(run / f"iter_{k}" / "eval.jsonl")) == valset
         assert (run / f"iter_{k}" / "shard-1.log").exists()
         metrics = json.loads((run / f"iter_{k}" / "metrics.json").read_text())
         assert metrics["seen_episodes"] == 3 and metrics["unseen_episodes"] == 6
+    # rollouts stay in this process: their episodes become training rows, which batches of other sizes would move
     assert sorted(_ids(run / "iter_1" / "trajectories.jsonl")) == sorted(t.id for t in env.tasks("train"))
-    rollout = [Trajectory.model_validate_json(line) for line in (run / "iter_1" / "trajectories.jsonl").open()]
-    assert {t.policy for t in rollout} == {"student@0"}  # the worker played as the compile does
-    assert all(s.privileged is not None for t in rollout for s in t.steps)  # with what the expert reads
 
 
 def test_a_failed_worker_costs_time_not_episodes(tiny_model: str, tmp_path: Path,

@@ -34,7 +34,7 @@ def load_program(path: Path, lm: Any = None, settings: dict[str, Any] | None = N
     """A saved Student, loaded only if its LM state names nothing but leap-dspy's own engines and no endpoint:
     DSPy imports the engine class a file names, so an untrusted file must not choose it. With `lm`, the student
     acts with that instead of the engine its file records (whose adapter path is where the run was written)."""
-    from leap_dspy.lm.engine import unsafe_lm_state
+    from leap_dspy.lm.engine import unsafe_lm_state, without_lms
     from leap_dspy.programs import Student
 
     if not path.exists():
@@ -48,7 +48,7 @@ def load_program(path: Path, lm: Any = None, settings: dict[str, Any] | None = N
         raise fail(f"refusing to load {path}: {problems[0]} (a student.json written by leap-dspy names only its "
                    "local engine)")
     if lm is not None and isinstance(state, dict):
-        state = {k: {**v, "lm": None} if isinstance(v, dict) and "lm" in v else v for k, v in state.items()}
+        state = without_lms(state)
     try:
         student = Student(**(settings or {}))  # the settings its run recorded (history window, clipping, ...)
     except TypeError as exc:

@@ -165,7 +165,7 @@ def env_tasks(environment: Any, split: str) -> list[Any]:
     except (OSError, RuntimeError, ValueError) as exc:
         raise fail(f"cannot list the {split} tasks of {environment.name}: "
                    f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from exc
-    asked = environment.config().get(f"num_{split}") if callable(getattr(environment, "config", None)) else None
+    asked = environment.config().get(f"num_{split}")
     if isinstance(asked, int) and not isinstance(asked, bool) and len(found) < asked:
         console.print(f"[yellow]warning:[/yellow] {escape(environment.name)} has {len(found)} {split} tasks, "
                       f"not the {asked} asked (num_{split}): its data holds no more with these options",

@@ -168,6 +168,7 @@ class Placement:
 
         from leap_dspy.adapters import CompactChatAdapter
         from leap_dspy.cores import cores_split
+        from leap_dspy.lm.engine import without_lms
         from leap_dspy.programs import Student
         from leap_dspy.shards import Shards
 
@@ -181,15 +182,14 @@ class Placement:
                 or type(student) is not Student or type(student.adapter) is not CompactChatAdapter
                 or spec.startswith("__main__:") or "<locals>" in spec):
             return None
-        state = {k: {**v, "lm": None} if isinstance(v, dict) and "lm" in v else v
-                 for k, v in student.dump_state().items()}
         settings = {k: v for k, v in student.settings().items() if k not in ("name", "adapter")}
         threads = max(1, total // processes)
         return Shards(processes=processes, threads=threads, own_threads=max(1, total - threads * (processes - 1)),
                       env_spec=spec, env_config=self.env.config(), model=self.config.model,
                       adapter=str(self.pointed) if self.pointed else None,
                       lm={**self.config.lm, **({"kv_budget_mb": self.kv_cap_mb} if self.kv_cap_mb else {})},
-                      settings=settings, state=state, play=play, replay=replay, folder=folder)
+                      settings=settings, state=without_lms(student.dump_state()), play=play, replay=replay,
+                      folder=folder)
 
     def beside_training(self, previous: Path | None) -> bool:
         """Whether an evaluation runs beside the fine-tune that continues `previous`: `evaluate_beside_training`,

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,13 @@ class Shards:
     settings: dict[str, Any]
     state: dict[str, Any]
     play: dict[str, Any]
+    folder: Path  # where each worker's log goes
     replay: dict[str, Any] | None = None
-    folder: Path = field(default_factory=Path.cwd)  # where each worker's log goes
 
     def plan(self, tasks: list[Task], replayed: set[str], num_threads: int) -> dict[str, Any]:
-        return {**asdict(self), "folder": str(self.folder), "tasks": [t.model_dump(mode="json") for t in tasks],
-                "replayed": sorted(replayed), "num_threads": num_threads}
+        mine = {k: v for k, v in asdict(self).items() if k != "folder"}  # the worker's log is opened here
+        return {**mine, "tasks": [t.model_dump(mode="json") for t in tasks], "replayed": sorted(replayed),
+                "num_threads": num_threads}
 
 
 class Worker:

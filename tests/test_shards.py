@@ -12,6 +12,7 @@ import torch
 
 from leap_dspy.envs import env_spec
 from leap_dspy.lm import local_lm
+from leap_dspy.lm.engine import without_lms
 from leap_dspy.programs import OracleExpert, Student
 from leap_dspy.rollout import Episodes, play_episodes, student_policy
 from leap_dspy.shards import Shards
@@ -62,11 +63,9 @@ def test_a_failed_worker_costs_time_not_episodes(tiny_model: str, tmp_path: Path
     tasks = env.tasks("unseen")
     student = Student()
     student.set_lm(local_lm(tiny_model, max_new_tokens=16))
-    state = {k: {**v, "lm": None} if isinstance(v, dict) and "lm" in v else v
-             for k, v in student.dump_state().items()}
     shards = Shards(processes=2, threads=1, own_threads=1, env_spec=env_spec(env), env_config=env.config(),
                     model=tiny_model, adapter=str(tmp_path / "no-adapter"), lm={"max_new_tokens": 16}, settings={},
-                    state=state, play={"policy": "student"}, folder=tmp_path)
+                    state=without_lms(student.dump_state()), play={"policy": "student"}, folder=tmp_path)
     log = JsonlLog(tmp_path / "eval.jsonl", Trajectory, key=lambda t: t.task.id)
     done = play_episodes(Episodes(log, tasks, "evaluate", student_policy(student)), env, program=student,
                          num_threads=4, progress=False, shards=shards)

@@ -319,6 +319,11 @@ SAFE_ENGINES = {f"{cls.__module__}:{cls.__qualname__}" for cls in (LocalEngine, 
 ENDPOINT_KEYS = {"api_base", "base_url", "model_list", "api_key"}
 
 
+def without_lms(state: dict[str, Any]) -> dict[str, Any]:
+    """A saved program's state with each predictor's LM left out, for a program that acts with another LM."""
+    return {k: {**v, "lm": None} if isinstance(v, dict) and "lm" in v else v for k, v in state.items()}
+
+
 def unsafe_lm_state(data: Any) -> list[str]:
     """What in a saved program's JSON would import code or send prompts elsewhere: engine classes other than
     leap-dspy's, and endpoint keys."""

@@ -32,6 +32,9 @@ EnvOption = Annotated[str, typer.Option("--env", "-e", help="alfworld, webshop, 
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="environment option KEY=VALUE (e.g. num_receptacles=6); repeatable")]
 OutOption = Annotated[Path | None, typer.Option(help="also write each episode (a Trajectory) to this JSON lines file")]
+ProcessesOption = Annotated[int | None, typer.Option(min=1, help=(
+    "processes that play the episodes, each on its share of the cores (unset: 2 on a bf16 CPU of two cores or "
+    "more, else 1)"))]
 
 
 def _default(name: str) -> Any:
@@ -171,6 +174,9 @@ def evaluate(
     split: Annotated[str, typer.Option(help="train, seen or unseen")] = "unseen",
     threads: Annotated[int, typer.Option(min=1)] = 64,
     limit: Annotated[int | None, typer.Option(min=1, help="only the first N tasks")] = None,
+    snap: Annotated[bool, typer.Option(help="run a near miss as the admissible action it misses, as a deployed "
+                                            "student does (default: strict, as the compile's success)")] = False,
+    episode_processes: ProcessesOption = None,
     out: OutOption = None,
 ) -> None:
     """Evaluate a compiled student (the run folder's student.json, on the adapter its compile chose) on a split."""
@@ -181,9 +187,12 @@ def evaluate(
     if own_student(recorded):
         raise fail(f"{run_dir} compiled a student of its own ({recorded.get('name')}); evaluate it from Python "
                    "(Agent(env, MyStudent()) after .load(...)): the CLI can only rebuild leap-dspy's Student")
-    settings = {k: v for k, v in recorded.items() if k not in ("name", "adapter")}
-    student = load_program(run_dir / "student.json", lm=run_lm(run_dir), settings=settings)  # its compile's prompts
-    play_split(student, environment, split, threads, limit, f"{run_dir.name} on {split}", out)
+    from leap_dspy.programs import Student
+
+    # The compile's prompts (its recorded settings) on the compile's weights.
+    student = load_program(run_dir / "student.json", lm=run_lm(run_dir), settings=Student.init_args(recorded))
+    play_split(student, environment, split, threads, limit, f"{run_dir.name} on {split}", out,
+               snap=snap, processes=episode_processes)
 
 
 @app.command("rollout")
@@ -194,12 +203,14 @@ def rollout_(
     threads: Annotated[int, typer.Option(min=1)] = 64,
     limit: Annotated[int | None, typer.Option(min=1)] = None,
     sets: SetOption = None,
+    episode_processes: ProcessesOption = None,
     out: OutOption = None,
 ) -> None:
-    """Run any saved program on a split and print its success."""
+    """Run any saved program on a split, as it would act deployed, and print its success."""
     environment = build_env(env, parse_sets(sets))
     student = load_program(program)
-    play_split(student, environment, split, threads, limit, f"{program.name} on {env}/{split}", out)
+    play_split(student, environment, split, threads, limit, f"{program.name} on {env}/{split}", out,
+               processes=episode_processes)
 
 
 @app.command()

@@ -160,36 +160,16 @@ class Placement:
 
     def episode_shards(self, student: Any, play: dict[str, Any], replay: dict[str, Any] | None,
                        folder: Path) -> Shards | None:
-        """How a stage's student episodes split across processes (`episode_processes`), or None where they play
-        here alone: the engine is elsewhere (`rollout_servers`, Ray), a fine-tune holds part of the cores, or a
-        worker could not rebuild the student (a subclass, another adapter) or the environment (`__main__`, a class
-        inside a function)."""
-        import torch
-
-        from leap_dspy.adapters import CompactChatAdapter
+        """How a stage's student episodes split across processes (`episode_processes`, unset: `default_processes`),
+        or None where they play here alone: the episodes step in Ray actors, a fine-tune holds part of the cores,
+        or a worker could not rebuild the student or the environment (`Shards.of`)."""
         from leap_dspy.cores import cores_split
-        from leap_dspy.lm.engine import without_lms
-        from leap_dspy.programs import Student
-        from leap_dspy.shards import Shards
+        from leap_dspy.shards import Shards, default_processes
 
-        total = torch.get_num_threads()
-        wanted = self.config.episode_processes
-        if wanted is None:
-            wanted = 2 if total >= 2 and not torch.cuda.is_available() and cpu_supports_bf16() else 1
-        processes = min(wanted, total)
-        spec = env_spec(self.env)
-        if (processes < 2 or self.config.rollout_servers or self.config.ray or cores_split()
-                or type(student) is not Student or type(student.adapter) is not CompactChatAdapter
-                or spec.startswith("__main__:") or "<locals>" in spec):
+        if self.config.ray or cores_split():
             return None
-        settings = {k: v for k, v in student.settings().items() if k not in ("name", "adapter")}
-        threads = max(1, total // processes)
-        return Shards(processes=processes, threads=threads, own_threads=max(1, total - threads * (processes - 1)),
-                      env_spec=spec, env_config=self.env.config(), model=self.config.model,
-                      adapter=str(self.pointed) if self.pointed else None,
-                      lm={**self.config.lm, **({"kv_budget_mb": self.kv_cap_mb} if self.kv_cap_mb else {})},
-                      settings=settings, state=without_lms(student.dump_state()), play=play, replay=replay,
-                      folder=folder)
+        wanted = self.config.episode_processes
+        return Shards.of(student, self.env, default_processes() if wanted is None else wanted, play, folder, replay)
 
     def beside_training(self, previous: Path | None) -> bool:
         """Whether an evaluation runs beside the fine-tune that continues `previous`: `evaluate_beside_training`,

@@ -11,10 +11,14 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import random
+import shutil
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import dspy
@@ -43,12 +47,12 @@ quiet_repeated_warnings()
 def engine_counters(program: dspy.Module | None) -> dict[str, float]:
     """What the local engines behind `program` have done so far: seconds generating and answers remembered
     (see `LocalEngine.answer_cache`); a stage's difference of two readings splits its time by kind of work."""
-    engines = [e for e in _engines(program) if hasattr(e, "generate_seconds")]
+    engines = [e for e in program_engines(program) if hasattr(e, "generate_seconds")]
     seconds = {id(e.hf_model): e.generate_seconds for e in engines}  # engines of one model share a generator
     return {"generate_s": sum(seconds.values()), "remembered": sum(e.remembered for e in engines)}
 
 
-def _engines(program: dspy.Module | None) -> list[Any]:
+def program_engines(program: dspy.Module | None) -> list[Any]:
     """The batching engines behind a program's LMs (those that accept an `expected` hint)."""
     lms = []
     if program is not None and hasattr(program, "predictors"):  # a scripted expert may be a plain function
@@ -107,7 +111,7 @@ def run_parallel(play: Callable[[TextEnv, Task], Trajectory], env: TextEnv, task
     if not tasks:
         return []
     threads = max(1, min(num_threads, len(tasks)))
-    live = _Live(_engines(program), len(tasks), threads)
+    live = _Live(program_engines(program), len(tasks), threads)
     results: list[Trajectory | None] = [None] * len(tasks)
 
     def one(i: int, task: Task) -> tuple[int, Trajectory]:
@@ -187,22 +191,23 @@ def play_episodes(job: Episodes, env: TextEnv, *, program: dspy.Module | None, n
         if shards is None or len(todo) < 2 * shards.processes:
             run_parallel(play, env, todo, num_threads=num_threads, program=program)
         else:
-            _play_sharded(shards, todo, play, arrived, set(replayed), env, num_threads, program)
+            play_sharded(shards, todo, play, arrived, env, num_threads, program, replayed=set(replayed))
     return done
 
 
-def _play_sharded(shards: Shards, todo: list[Task], play: Callable[[TextEnv, Task], Trajectory],
-                  arrived: Callable[[str, Trajectory], None], replayed: set[str], env: TextEnv, num_threads: int,
-                  program: dspy.Module | None) -> None:
-    """Every `processes`-th task here, on this process's share of the cores; the rest in worker processes, and
-    here, after, whatever a failed worker left."""
+def play_sharded(shards: Shards, todo: list[Task], play: Callable[[TextEnv, Task], Trajectory],
+                 arrived: Callable[[str, Trajectory], None], env: TextEnv, num_threads: int,
+                 program: dspy.Module | None, replayed: set[str] | None = None) -> list[Path]:
+    """Every `processes`-th task here with `play` (which reports its own episodes), on this process's share of
+    the cores; the rest in worker processes, each episode passed to `arrived` as it ends, and here, after,
+    whatever a failed worker left. Returns the failed workers' logs."""
     from leap_dspy.cores import generation_threads
     from leap_dspy.shards import Worker
 
     n = shards.processes
     workers: list[Worker] = []
     try:
-        workers = [Worker(shards, i, todo[i::n], replayed, num_threads, arrived) for i in range(1, n)]
+        workers = [Worker(shards, i, todo[i::n], replayed or set(), num_threads, arrived) for i in range(1, n)]
         with generation_threads(shards.own_threads):
             run_parallel(play, env, todo[0::n], num_threads=num_threads, program=program)
         failed = [(worker, why) for worker in workers if (why := worker.finish())]
@@ -216,6 +221,7 @@ def _play_sharded(shards: Shards, todo: list[Task], play: Callable[[TextEnv, Tas
     left = [task for worker, _ in failed for task in worker.unfinished()]
     if left:
         run_parallel(play, env, left, num_threads=num_threads, program=program)
+    return [worker.log for worker, _ in failed]
 
 
 def student_policy(student: Student, *, capture_level: int | None = None, capture_oracle: bool = False,
@@ -234,11 +240,37 @@ def student_policy(student: Student, *, capture_level: int | None = None, captur
 
 def rollout(student: Student, env: TextEnv, tasks: Iterable[Task], *, num_threads: int = 32,
             capture_level: int | None = None, capture_oracle: bool = False, policy: str = "student",
-            max_steps: int | None = None, on_trajectory: Progress | None = None) -> list[Trajectory]:
-    """The student plays each task, in task order (for scripts; a compile's runs go through `play_episodes`)."""
-    play = student_policy(student, capture_level=capture_level, capture_oracle=capture_oracle, policy=policy,
-                          max_steps=max_steps)
-    return run_parallel(play, env, tasks, num_threads=num_threads, program=student, on_trajectory=on_trajectory)
+            max_steps: int | None = None, on_trajectory: Progress | None = None, snap: bool | None = None,
+            processes: int = 1) -> list[Trajectory]:
+    """The student plays each task, in task order (for scripts; a compile's runs go through `play_episodes`).
+    With `processes` > 1, worker processes play a share each where `Shards.of` can rebuild the student and the
+    environment there (see `leap_dspy.shards`); each worker's log is kept only if it failed."""
+    from leap_dspy.shards import Shards
+
+    settings = {"capture_level": capture_level, "capture_oracle": capture_oracle, "policy": policy,
+                "max_steps": max_steps, "snap": snap}
+    play, tasks = student_policy(student, **settings), list(tasks)
+    folder = Path(tempfile.gettempdir()) / f"leap-dspy-episodes-{uuid.uuid4().hex[:12]}"  # made by a worker
+    shards = Shards.of(student, env, processes, settings, folder) if processes > 1 else None
+    if shards is None or len(tasks) < 2 * shards.processes:
+        return run_parallel(play, env, tasks, num_threads=num_threads, program=student, on_trajectory=on_trajectory)
+    done: dict[str, Trajectory] = {}
+    lock = threading.Lock()
+
+    def arrived(_: str, trajectory: Trajectory) -> None:
+        with lock:
+            done[trajectory.task.id] = trajectory
+            if on_trajectory is not None:
+                on_trajectory(trajectory)
+
+    def here(episode_env: TextEnv, task: Task) -> Trajectory:
+        trajectory = play(episode_env, task)
+        arrived("episode", trajectory)
+        return trajectory
+
+    if not play_sharded(shards, tasks, here, arrived, env, num_threads, student):
+        shutil.rmtree(folder, ignore_errors=True)
+    return [done[task.id] for task in tasks]
 
 
 class ExpertUnavailable(RuntimeError):

@@ -28,25 +28,63 @@ PARENT = "LEAP_DSPY_SHARD_PARENT"  # the compile's pid, which a worker ends with
 KINDS = ("episode", "replay")  # a line's first field: an episode, or a near miss played again
 
 
+def default_processes() -> int:
+    """2 on a CPU of two cores or more that computes in bf16, else 1: there one engine keeps its matmuls fed with
+    little help from a second thread, while a second process plays its own episodes at full pace."""
+    import torch
+
+    from leap_dspy.lm.models import cpu_supports_bf16
+
+    return 2 if torch.get_num_threads() >= 2 and not torch.cuda.is_available() and cpu_supports_bf16() else 1
+
+
 @dataclass
 class Shards:
     """How a job's episodes may be split: `processes` in all (this one included), each worker on `threads`
-    threads, acting as `state` (a `Student`'s saved program and settings) on `model` + `adapter` with the
-    engine settings `lm`; `play` (and `replay`, for a near miss) are `student_policy`'s settings."""
+    threads, acting as `state` (a `Student`'s saved program, built from `settings`) on an engine of the
+    settings `engine` (`LocalEngine.dump_state`); `play` (and `replay`, for a near miss) are `student_policy`'s
+    settings."""
 
     processes: int
     threads: int
     own_threads: int  # this process's
     env_spec: str
     env_config: dict[str, Any]
-    model: str
-    adapter: str | None
-    lm: dict[str, Any]
+    engine: dict[str, Any]
     settings: dict[str, Any]
     state: dict[str, Any]
     play: dict[str, Any]
     folder: Path  # where each worker's log goes
     replay: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, student: Any, env: Any, processes: int, play: dict[str, Any], folder: Path,
+           replay: dict[str, Any] | None = None) -> Shards | None:
+        """`student`'s episodes in `env` split across `processes` (at most one a thread), or None where a worker
+        could not rebuild them: the student is a subclass or formats its prompts otherwise, it acts through
+        anything but one local engine (a server pool, an API), or the environment's class cannot be imported
+        (defined in `__main__` or inside a function)."""
+        import torch
+
+        from leap_dspy.adapters import CompactChatAdapter
+        from leap_dspy.envs import env_spec
+        from leap_dspy.lm.engine import LocalEngine, without_lms
+        from leap_dspy.programs import Student
+        from leap_dspy.rollout import program_engines
+
+        total = torch.get_num_threads()
+        processes = min(processes, total)
+        engines = program_engines(student) if type(student) is Student else []
+        spec = env_spec(env)
+        if (processes < 2 or len(engines) != 1 or type(engines[0]) is not LocalEngine
+                or type(student.adapter) is not CompactChatAdapter or spec.startswith("__main__:")
+                or "<locals>" in spec):
+            return None
+        threads = max(1, total // processes)
+        return cls(processes=processes, threads=threads, own_threads=max(1, total - threads * (processes - 1)),
+                   env_spec=spec, env_config=env.config(), engine=engines[0].dump_state(),
+                   settings=Student.init_args(student.settings()), state=without_lms(student.dump_state()), play=play,
+                   replay=replay, folder=folder)
 
     def plan(self, tasks: list[Task], replayed: set[str], num_threads: int) -> dict[str, Any]:
         mine = {k: v for k, v in asdict(self).items() if k != "folder"}  # the worker's log is opened here
@@ -61,6 +99,7 @@ class Worker:
     def __init__(self, shards: Shards, index: int, tasks: list[Task], replayed: set[str], num_threads: int,
                  on_episode: Callable[[str, Trajectory], None]) -> None:
         self.log, self.tasks, self.arrived = shards.folder / f"shard-{index}.log", tasks, set[str]()
+        shards.folder.mkdir(parents=True, exist_ok=True)
         self._given = {task.id: task for task in tasks}  # an episode is logged with the task as given
         environ = {**os.environ, "OMP_NUM_THREADS": str(shards.threads), PARENT: str(os.getpid()),
                    "PYTHONPATH": os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p)}
@@ -140,7 +179,7 @@ def main() -> None:
     env = env_class(plan["env_spec"])(**plan["env_config"])
     student = Student(**plan["settings"])
     student.load_state(plan["state"])
-    student.set_lm(local_lm(plan["model"], **({"adapter": plan["adapter"]} if plan["adapter"] else {}), **plan["lm"]))
+    student.set_lm(local_lm(**plan["engine"]))
     play = student_policy(student, **plan["play"])
     replay = student_policy(student, **plan["replay"]) if plan["replay"] is not None else None
     replayed, lock = set(plan["replayed"]), threading.Lock()

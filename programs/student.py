@@ -80,6 +80,12 @@ class Student(dspy.Module):
         return {"name": type(self).__name__, "adapter": type(self.adapter).__name__,
                 **{name: getattr(self, name) for name in names}}
 
+    @staticmethod
+    def init_args(settings: dict[str, object]) -> dict[str, object]:
+        """The constructor arguments in `settings()` as a run recorded them: all but the class's name and the
+        adapter's (a run records only its name; the student's class builds its own)."""
+        return {k: v for k, v in settings.items() if k not in ("name", "adapter")}
+
     def forward(self, task: str, observation: str, history: str) -> dspy.Prediction:
         with dspy.context(adapter=self.adapter):
             return self.step(task=task, observation=observation, history=history)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,12 @@ from leap_dspy.envs import env_spec
 from leap_dspy.lm import local_lm
 from leap_dspy.lm.engine import without_lms
 from leap_dspy.programs import OracleExpert, Student
-from leap_dspy.rollout import Episodes, play_episodes, student_policy
+from leap_dspy.rollout import Episodes, play_episodes, rollout, student_policy
 from leap_dspy.shards import Shards
 from leap_dspy.store import JsonlLog
 from leap_dspy.teleprompt import LEAP
 from leap_dspy.train import TrainConfig
-from leap_dspy.types import Trajectory
+from leap_dspy.types import Split, Task, Trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,9 +65,10 @@ def test_a_failed_worker_costs_time_not_episodes(tiny_model: str, tmp_path: Path
     tasks = env.tasks("unseen")
     student = Student()
     student.set_lm(local_lm(tiny_model, max_new_tokens=16))
+    engine = {"model": tiny_model, "adapter": str(tmp_path / "no-adapter"), "max_new_tokens": 16}
     shards = Shards(processes=2, threads=1, own_threads=1, env_spec=env_spec(env), env_config=env.config(),
-                    model=tiny_model, adapter=str(tmp_path / "no-adapter"), lm={"max_new_tokens": 16}, settings={},
-                    state=without_lms(student.dump_state()), play={"policy": "student"}, folder=tmp_path)
+                    engine=engine, settings={}, state=without_lms(student.dump_state()), play={"policy": "student"},
+                    folder=tmp_path)
     log = JsonlLog(tmp_path / "eval.jsonl", Trajectory, key=lambda t: t.task.id)
     done = play_episodes(Episodes(log, tasks, "evaluate", student_policy(student)), env, program=student,
                          num_threads=4, progress=False, shards=shards)
@@ -73,3 +76,47 @@ def test_a_failed_worker_costs_time_not_episodes(tiny_model: str, tmp_path: Path
     said = " ".join(capsys.readouterr().err.split())
     assert "an episode worker exited 1 after 0 of its 3 episodes" in said and "shard-1.log" in said
     assert "no-adapter" in said and "its 3 episodes play here" in said
+
+
+class BoxTask(Task):
+    """A task class of an environment's own, with typed fields (as ALFWorld's), not extras."""
+
+    boxes: list[str]
+    key_box: str
+
+
+class TypedKeyBox(KeyBox):
+    def tasks(self, split: Split) -> list[Task]:
+        return [BoxTask(**task.model_dump()) for task in super().tasks(split)]
+
+
+class _Subclass(Student):
+    """A student of the user's own: a worker, which builds leap-dspy's `Student`, could not play as it."""
+
+
+def test_a_script_rollout_splits_across_processes(tiny_model: str, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rollout(..., processes=2)` (what `leap-dspy evaluate` and `rollout` call): every other episode arrives
+    from a worker (through its reader thread), all come back in task order with the tasks as given (of the
+    environment's own class, which a worker's JSON line does not carry), and a worker's log goes once it
+    succeeded."""
+    env = TypedKeyBox(**SMALL)
+    tasks = env.tasks("unseen")
+    student = Student()
+    student.set_lm(local_lm(tiny_model, max_new_tokens=16))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    threads, arrived = torch.get_num_threads(), []
+    torch.set_num_threads(2)
+    try:
+        episodes = rollout(student, env, tasks, num_threads=4, processes=2, snap=False,
+                           on_trajectory=lambda _: arrived.append(threading.current_thread().name))
+        own = _Subclass()
+        own.set_lm(student.get_lm())
+        assert Shards.of(own, env, 2, {}, tmp_path) is None
+        assert Shards.of(student, env, 2, {}, tmp_path) is not None
+    finally:
+        torch.set_num_threads(threads)
+    assert [t.task.id for t in episodes] == [t.id for t in tasks]
+    assert all(type(t.task) is BoxTask for t in episodes)
+    assert len(arrived) == len(tasks) and sum("_read" in name for name in arrived) == len(tasks[1::2])
+    assert not list(tmp_path.glob("leap-dspy-episodes-*"))

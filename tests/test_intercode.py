@@ -14,6 +14,7 @@ import pytest
 
 from leap_dspy.envs import make_env
 from leap_dspy.envs.intercode import InterCodeBash, InterCodeSQL, SandboxUnavailable
+from leap_dspy.envs.intercode.bash_env import ungradable
 from leap_dspy.envs.intercode.data import DataUnavailable, bench_bash
 from leap_dspy.envs.intercode.reward import sql_reward, tfidf_similarity
 from leap_dspy.envs.intercode.sandbox import check_bwrap
@@ -72,7 +73,11 @@ def test_registry_and_splits():
     _need_data()
     bash = make_env("intercode-bash", seed=3)
     assert isinstance(bash, InterCodeBash) and bash.config()["seed"] == 3
-    assert Counter(t.source for t in bash.tasks("unseen")) == {"bench": 24, "generated": 36}
+    # Tasks that cannot grade a student here are left out (on this image: 4 benchmark and 3 generated tasks
+    # that doing nothing solves); which, the host decides (a program it lacks fails a gold command).
+    unseen = Counter(t.source for t in bash.tasks("unseen"))
+    assert set(unseen) == {"bench", "generated"} and 18 <= unseen["bench"] <= 24 and 30 <= unseen["generated"] <= 36
+    assert ungradable(bash.tasks("unseen") + bash.tasks("seen"), {}) == {}
     assert len(bash.tasks("train")) > 150
     assert [t.id for t in bash.tasks("train")] == [t.id for t in bash.clone().tasks("train")]
     sql = make_env("intercode-sql")
@@ -198,7 +203,8 @@ def test_sql_attacks_mysql():
     assert all(r.contained for r in results), [(r.name, r.detail) for r in results]
 
 
-BASH_SUBSET = ["bench-0", "bench-1", "bench-3", "bench-6", "bench-11", "bench-12", "bench-13", "bench-16", "bench-22"]
+# not bench-11: doing nothing solves it, so it is left out of the split
+BASH_SUBSET = ["bench-0", "bench-1", "bench-3", "bench-6", "bench-12", "bench-13", "bench-16", "bench-22"]
 
 
 def test_bash_oracle_representative_subset():
@@ -225,7 +231,7 @@ def test_bash_generated_file_systems_are_new_to_unseen_and_the_expert_solves_the
     assert not [t.instruction for t in new + env.tasks("train") if "the file the file" in t.instruction]
     assert [t.id for t in env.tasks("unseen")] == [t.id for t in shipped.tasks("unseen") + new]
     assert {t.id for t in shipped.tasks("train")} < {t.id for t in env.tasks("train")}
-    roots = {t.gold.split()[-1].split("/")[1] for t in new if t.gold.startswith("mkdir")}
+    roots = {word.split("/")[1] for t in new for word in t.gold.split() if word.startswith("/")}
     trained = " ".join(t.instruction + " " + t.gold for t in env.tasks("train") + env.tasks("seen"))
     assert roots and not any(f"/{root}/" in trained for root in roots)
     tasks = new[::3] + [t for t in env.tasks("train") if t.source == "generated"][:6]
@@ -352,6 +358,12 @@ def test_your_own_bash_tasks_on_your_own_file_system(tmp_path):
         make_env("intercode-bash", task_file=str(mine))
     (tmp_path / "fs" / "full.sh").write_text("mkdir -p /data\necho disk full >&2\nexit 3\n")
     mine.write_text(json.dumps([{"query": "q", "gold": "ls /data", "setup": "fs/full.sh"}]))
-    env = make_env("intercode-bash", task_file=str(mine))
-    with pytest.raises(RuntimeError, match="full.sh failed \\(exit code 3\\): disk full$"):
-        env.reset(env.tasks("unseen")[0])
+    with pytest.raises(ValueError, match="full.sh failed \\(exit code 3\\): disk full$"):
+        make_env("intercode-bash", task_file=str(mine))
+    # A gold command that fails on its file system grades an error message; one whose effect the grader cannot
+    # see (an empty folder) or that prints nothing grades doing nothing: both are named as the file loads.
+    for gold, says in [("cat /data/logs/c.log", "task 0: its gold command fails here \\(exit code 1: cat: "),
+                       ("mkdir /data/new", "task 0: doing nothing earns its gold command's full reward")]:
+        mine.write_text(json.dumps([{"query": "q", "gold": gold, "setup": "fs/setup.sh"}]))
+        with pytest.raises(ValueError, match=says):
+            make_env("intercode-bash", task_file=str(mine))

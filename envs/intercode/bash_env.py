@@ -19,14 +19,19 @@ Splits (`task_set`):
 - `nl2bash`: the nl2bash tasks shuffled by `seed`, 60/20/20.
 `task_file`: your own tasks (`data.task_file`; a task's `setup` names a shipped setup script or your own) replace
 the splits they name.
+Every set leaves out the tasks that cannot grade a student here (`ungradable`), and a task file is refused if it
+has one.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import random
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -82,6 +87,52 @@ class _Templates:
 TEMPLATES = _Templates()
 
 
+def ungradable(tasks: list[Task], limits: dict[str, Any]) -> dict[str, str]:
+    """Why each of `tasks` that cannot grade a student here cannot (by task id): its gold command fails on its
+    setup's file system (exits non-zero and changes no file: a path the setup does not make, a program this host
+    lacks), so a student would be graded on reproducing an error; or doing nothing earns the gold's full reward
+    (it prints nothing and changes no file the grader sees), so a student would be graded on nothing it did."""
+    key = json.dumps(limits, sort_keys=True)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # each check is a sandbox's subprocess
+        whys = list(pool.map(lambda task: _cannot_grade(task.gold, task.setup, key), tasks))
+    return {task.id: why for task, why in zip(tasks, whys, strict=True) if why}
+
+
+@cache
+def _cannot_grade(gold: str, setup: str, limits: str) -> str | None:
+    template, initial = TEMPLATES.get(setup)
+    with Sandbox(SandboxLimits(**json.loads(limits)), template=template, uid=new_uid()) as box:
+        res = box.run(gold, cwd="/")
+        final = box.snapshot()
+    if res.killed:
+        return "its gold command does not finish within the sandbox's limits"
+    if res.exit_code != 0 and not fs_changes(initial, final):
+        last = (res.output.strip().splitlines() or [""])[-1][:160]
+        return f"its gold command fails here (exit code {res.exit_code}: {last})"
+    if bash_reward(initial, initial, final, "", res.output)[0] >= 1:
+        return "doing nothing earns its gold command's full reward (it prints nothing and changes no file)"
+    return None
+
+
+_SAID: set[str] = set()  # what the task lists left out, said once a process
+
+
+def _leave_out(splits: dict[str, list[Task]], limits: dict[str, Any]) -> dict[str, list[Task]]:
+    """The splits without the tasks that cannot grade (`ungradable`), saying how many left each split."""
+    from leap_dspy.progress import console
+
+    whys = ungradable([task for tasks in splits.values() for task in tasks], limits)
+    if not whys:
+        return splits
+    counts = ", ".join(f"{sum(t.id in whys for t in tasks)} of {len(tasks)} {split}" for split, tasks in splits.items())
+    line = (f"intercode-bash: left out {counts} tasks that cannot grade a student here, e.g. "
+            f"{next(iter(whys))}: {next(iter(whys.values()))}")
+    if line not in _SAID:
+        _SAID.add(line)
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+    return {split: [t for t in tasks if t.id not in whys] for split, tasks in splits.items()}
+
+
 class InterCodeBash(InterCodeEnv):
     name: ClassVar[str] = "intercode-bash"
     privilege_levels: ClassVar[dict[int, str]] = {
@@ -122,10 +173,18 @@ class InterCodeBash(InterCodeEnv):
                                      "(intercode:setup_fs.sh, icalfa:setup_nl2b_fs_<1-5>.sh, generated:fs-<k>)"
                                      ) from None
         self.seed = seed
+        self.limits_kwargs = dict(limits or {})
+        mine = [self._file_task(record, i, record["split"]) for i, record in enumerate(self._file_records)]  # type: ignore[arg-type]
+        try:
+            whys = ungradable(mine, self.limits_kwargs)  # your own tasks are refused, not left out
+        except RuntimeError as exc:  # your own setup script failed: every task on it would be graded on half a tree
+            raise ValueError(f"task_file {task_file}: {exc}") from None
+        first = next((i for i, task in enumerate(mine) if task.id in whys), None)
+        if first is not None:
+            raise ValueError(f"task_file {task_file}, task {first}: {whys[mine[first].id]}")
         self.num_train, self.num_seen = num_train, num_seen
         self.max_steps = max_steps
         self.obs_chars = obs_chars
-        self.limits_kwargs = dict(limits or {})
         self.limits = SandboxLimits(**self.limits_kwargs)
         self._splits: dict[str, list[Task]] | None = None
         self.task: Task | None = None
@@ -165,6 +224,9 @@ class InterCodeBash(InterCodeEnv):
         )
 
     def _build_splits(self) -> dict[str, list[Task]]:
+        return _leave_out(self._shipped_splits(), self.limits_kwargs)
+
+    def _shipped_splits(self) -> dict[str, list[Task]]:
         rng = random.Random(self.seed)
         bench = list(data.bench_bash())
         if self.task_set == "bench":

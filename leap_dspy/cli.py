@@ -34,7 +34,7 @@ SetOption = Annotated[list[str] | None, typer.Option(
 OutOption = Annotated[Path | None, typer.Option(help="also write each episode (a Trajectory) to this JSON lines file")]
 ProcessesOption = Annotated[int | None, typer.Option(min=1, help=(
     "processes that play the episodes, each on its share of the cores (unset: 2 on a bf16 CPU of two cores or "
-    "more, else 1)"))]
+    "more without a GPU, else 1)"))]
 
 
 def _default(name: str) -> Any:

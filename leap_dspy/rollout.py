@@ -251,7 +251,8 @@ def rollout(student: Student, env: TextEnv, tasks: Iterable[Task], *, num_thread
                 "max_steps": max_steps, "snap": snap}
     play, tasks = student_policy(student, **settings), list(tasks)
     folder = Path(tempfile.gettempdir()) / f"leap-dspy-episodes-{uuid.uuid4().hex[:12]}"  # made by a worker
-    shards = Shards.of(student, env, processes, settings, folder) if processes > 1 else None
+    distinct = len({task.id for task in tasks}) == len(tasks)  # the workers' episodes are matched by task id
+    shards = Shards.of(student, env, processes, settings, folder) if processes > 1 and distinct else None
     if shards is None or len(tasks) < 2 * shards.processes:
         return run_parallel(play, env, tasks, num_threads=num_threads, program=student, on_trajectory=on_trajectory)
     done: dict[str, Trajectory] = {}
@@ -268,8 +269,12 @@ def rollout(student: Student, env: TextEnv, tasks: Iterable[Task], *, num_thread
         arrived("episode", trajectory)
         return trajectory
 
-    if not play_sharded(shards, tasks, here, arrived, env, num_threads, student):
-        shutil.rmtree(folder, ignore_errors=True)
+    failed: list[Path] = []
+    try:
+        failed = play_sharded(shards, tasks, here, arrived, env, num_threads, student)
+    finally:
+        if not failed:  # a failed worker's log stays for its warning to name
+            shutil.rmtree(folder, ignore_errors=True)
     return [done[task.id] for task in tasks]
 
 

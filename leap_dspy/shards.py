@@ -3,11 +3,12 @@
 On a CPU the engine computes little more at two threads than at one, and one interpreter's lock serialises the
 episodes' Python (DSPy's formatting and parsing, the environment), so where nothing runs beside the student's
 engine a second process is what a second core is worth (docs/performance.md). A worker reads its share and how to
-play it from stdin and writes each episode as a JSON line as it ends; the compile logs each on arrival, so a
+play it from stdin and writes each episode as a JSON line as it ends; a compile logs each on arrival, so a
 stop keeps every finished episode and a resume plays only the rest. A worker that fails (it cannot rebuild the
-environment, memory runs out) costs time, not episodes: the compile plays what it left, and says so.
+environment, memory runs out) costs time, not episodes: the caller plays what it left, and says so.
 
-Usage (by `play_episodes`, not by hand): python -m leap_dspy.shards < plan.json
+Usage (by `play_sharded`, for a compile's stage or `rollout(..., processes=N)`, not by hand):
+python -m leap_dspy.shards < plan.json
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from leap_dspy.types import Task, Trajectory
 
-PARENT = "LEAP_DSPY_SHARD_PARENT"  # the compile's pid, which a worker ends with
+PARENT = "LEAP_DSPY_SHARD_PARENT"  # the pid of the process that started a worker, which it ends with
 KINDS = ("episode", "replay")  # a line's first field: an episode, or a near miss played again
 
 
@@ -78,7 +79,7 @@ class Shards:
         spec = env_spec(env)
         if (processes < 2 or len(engines) != 1 or type(engines[0]) is not LocalEngine
                 or type(student.adapter) is not CompactChatAdapter or spec.startswith("__main__:")
-                or "<locals>" in spec):
+                or "<locals>" in spec or not _as_local_lm_builds(student, engines[0])):
             return None
         threads = max(1, total // processes)
         return cls(processes=processes, threads=threads, own_threads=max(1, total - threads * (processes - 1)),
@@ -92,6 +93,14 @@ class Shards:
                 "num_threads": num_threads}
 
 
+def _as_local_lm_builds(student: Any, engine: Any) -> bool:
+    """Whether the student's LM asks what `local_lm` would (greedy, the engine's answer length): a worker
+    rebuilds it so, and a script's own sampling settings would play otherwise there."""
+    lms = [p.lm for p in student.predictors() if p.lm is not None]
+    return all(lm.kwargs.get("temperature") == 0.0 and lm.kwargs.get("max_tokens") == engine.max_new_tokens
+               for lm in lms)
+
+
 class Worker:
     """One worker process playing `tasks`; `on_episode(kind, trajectory)` is called from a reader thread as each
     line arrives ("episode", or "replay" for a near miss played again)."""
@@ -99,6 +108,7 @@ class Worker:
     def __init__(self, shards: Shards, index: int, tasks: list[Task], replayed: set[str], num_threads: int,
                  on_episode: Callable[[str, Trajectory], None]) -> None:
         self.log, self.tasks, self.arrived = shards.folder / f"shard-{index}.log", tasks, set[str]()
+        self.error: BaseException | None = None  # what `on_episode` raised, which `finish` raises
         shards.folder.mkdir(parents=True, exist_ok=True)
         self._given = {task.id: task for task in tasks}  # an episode is logged with the task as given
         environ = {**os.environ, "OMP_NUM_THREADS": str(shards.threads), PARENT: str(os.getpid()),
@@ -120,16 +130,23 @@ class Worker:
                 trajectory = Trajectory.model_validate_json(body) if kind in KINDS else None
             except ValueError:  # cut short by a stop: the episode plays again
                 trajectory = None
-            if trajectory is not None and trajectory.task.id in self._given:
+            if trajectory is not None and trajectory.task.id in self._given and self.error is None:
                 trajectory.task = self._given[trajectory.task.id]
-                on_episode(kind, trajectory)
+                try:
+                    on_episode(kind, trajectory)
+                except BaseException as exc:  # kept for `finish`; reading on, so that the worker never blocks
+                    self.error = exc
+                    continue
                 if kind == "episode":
                     self.arrived.add(trajectory.task.id)
 
     def finish(self) -> str | None:
-        """Wait for the worker; None if it played its whole share, else what went wrong (its log's last line)."""
+        """Wait for the worker; None if it played its whole share, else what went wrong (its log's last line).
+        Raises what the caller's `on_episode` raised (a log that cannot be written, a callback's error)."""
         code = self.process.wait()
         self.reader.join()
+        if self.error is not None:
+            raise self.error
         if code == 0 and not self.unfinished():
             return None
         lines = self.log.read_text(errors="replace").strip().splitlines() if self.log.exists() else []

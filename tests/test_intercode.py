@@ -70,7 +70,7 @@ def test_rewards_match_upstream_definitions():
 
 
 def test_registry_and_splits():
-    _need_data()
+    _need_bwrap()  # the splits leave out the tasks whose gold commands cannot grade, found by running them
     bash = make_env("intercode-bash", seed=3)
     assert isinstance(bash, InterCodeBash) and bash.config()["seed"] == 3
     # Tasks that cannot grade a student here are left out (on this image: 4 benchmark and 3 generated tasks
@@ -348,8 +348,8 @@ def test_your_own_bash_tasks_on_your_own_file_system(tmp_path):
     env.reset(task)
     assert env.step("ls /data/logs").text.split() == ["a.log", "b.log"]  # the file system the setup built
 
-    # A misspelt shipped setup is named when the file loads (every episode on it failed); a setup that exits
-    # non-zero stops the first episode on it with its last line (the tasks were graded on half a file system).
+    # A misspelt shipped setup is named when the file loads (every episode on it failed), and so is a setup that
+    # exits non-zero, with its last line (its tasks would be graded on half a file system).
     mine.write_text(json.dumps([{"query": "q", "gold": "ls", "setup": "intercode:setup_fss.sh"}]))
     with pytest.raises(ValueError, match="setup intercode:setup_fss.sh is not a shipped setup script"):
         make_env("intercode-bash", task_file=str(mine))

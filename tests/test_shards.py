@@ -120,3 +120,26 @@ def test_a_script_rollout_splits_across_processes(tiny_model: str, tmp_path: Pat
     assert all(type(t.task) is BoxTask for t in episodes)
     assert len(arrived) == len(tasks) and sum("_read" in name for name in arrived) == len(tasks[1::2])
     assert not list(tmp_path.glob("leap-dspy-episodes-*"))
+
+
+def test_a_callback_that_raises_stops_a_split_rollout(tiny_model: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the caller's callback raises for a worker's episode reaches the caller, and the worker is not left
+    blocked on a pipe nobody reads."""
+    env = KeyBox(**SMALL)
+    student = Student()
+    student.set_lm(local_lm(tiny_model, max_new_tokens=16))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def refuse(trajectory: Trajectory) -> None:
+        if "_read" in threading.current_thread().name:
+            raise OSError("disk full")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            rollout(student, env, env.tasks("unseen"), num_threads=4, processes=2, on_trajectory=refuse)
+    finally:
+        torch.set_num_threads(threads)
+    assert not list(tmp_path.glob("leap-dspy-episodes-*"))

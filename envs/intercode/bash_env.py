@@ -39,7 +39,14 @@ from leap_dspy.envs.intercode import data, filesystems
 from leap_dspy.envs.intercode.common import SUBMIT, InterCodeEnv, truncate
 from leap_dspy.envs.intercode.expertise import BashExpertise
 from leap_dspy.envs.intercode.reward import bash_reward, fs_changes
-from leap_dspy.envs.intercode.sandbox import Sandbox, SandboxLimits, check_bwrap, new_uid, snapshot_tree
+from leap_dspy.envs.intercode.sandbox import (
+    RunResult,
+    Sandbox,
+    SandboxLimits,
+    check_bwrap,
+    new_uid,
+    snapshot_tree,
+)
 from leap_dspy.types import SPLITS, Observation, PrivilegedState, Split, Task
 
 TASK_SETS = ("default", "shipped", "generated", "bench", "nl2bash")
@@ -62,6 +69,15 @@ def gen_unseen(count: int = 3) -> list[int]:
     return found
 
 
+SUCCESS = 0.995
+"""The reward that counts as solving a task (rewards are rounded to hundredths)."""
+
+
+class SetupFailed(RuntimeError):
+    """A setup script exited non-zero or ran out of time: every task on its half-built file system would be
+    graded against it."""
+
+
 class _Templates:
     """One built file system per setup script, shared by all episodes of this process."""
 
@@ -75,10 +91,10 @@ class _Templates:
             if setup not in self.boxes:
                 box = Sandbox(SandboxLimits(wall_s=30))
                 res = box.run(data.setup_script(setup))
-                if res.killed or res.exit_code != 0:  # a half-built file system would grade every task on it
+                if res.killed or res.exit_code != 0:
                     box.close()
                     last = (res.output.strip().splitlines() or [""])[-1]
-                    raise RuntimeError(f"setup script {setup} failed (exit code {res.exit_code}): {last}")
+                    raise SetupFailed(f"setup script {setup} failed (exit code {res.exit_code}): {last}")
                 self.boxes[setup] = box
                 self.states[setup] = snapshot_tree(box.root)
             return self.boxes[setup].root, self.states[setup]
@@ -87,11 +103,21 @@ class _Templates:
 TEMPLATES = _Templates()
 
 
+def run_gold(gold: str, setup: str, limits: SandboxLimits, uid: int) -> tuple[RunResult, dict[str, str]]:
+    """The gold command run on a fresh copy of its setup's file system: its result and the tree it leaves."""
+    template, _ = TEMPLATES.get(setup)
+    with Sandbox(limits, template=template, uid=uid) as box:
+        return box.run(gold, cwd="/"), box.snapshot()
+
+
 def ungradable(tasks: list[Task], limits: dict[str, Any]) -> dict[str, str]:
     """Why each of `tasks` that cannot grade a student here cannot (by task id): its gold command fails on its
-    setup's file system (exits non-zero and changes no file: a path the setup does not make, a program this host
-    lacks), so a student would be graded on reproducing an error; or doing nothing earns the gold's full reward
-    (it prints nothing and changes no file the grader sees), so a student would be graded on nothing it did."""
+    setup's file system (exits non-zero, prints nothing on stdout and changes no file: a path the setup does not
+    make, a program this host lacks) or does not finish, so a student would be graded on reproducing an error;
+    or doing nothing earns the gold's full reward (it prints nothing and changes no file the grader sees), so a
+    student would be graded on nothing it did."""
+    if not tasks:
+        return {}
     key = json.dumps(limits, sort_keys=True)
     with ThreadPoolExecutor(max_workers=4) as pool:  # each check is a sandbox's subprocess
         whys = list(pool.map(lambda task: _cannot_grade(task.gold, task.setup, key), tasks))
@@ -100,16 +126,16 @@ def ungradable(tasks: list[Task], limits: dict[str, Any]) -> dict[str, str]:
 
 @cache
 def _cannot_grade(gold: str, setup: str, limits: str) -> str | None:
-    template, initial = TEMPLATES.get(setup)
-    with Sandbox(SandboxLimits(**json.loads(limits)), template=template, uid=new_uid()) as box:
-        res = box.run(gold, cwd="/")
-        final = box.snapshot()
+    box_limits, (_, initial) = SandboxLimits(**json.loads(limits)), TEMPLATES.get(setup)
+    res, final = run_gold(gold, setup, box_limits, new_uid())
     if res.killed:
         return "its gold command does not finish within the sandbox's limits"
     if res.exit_code != 0 and not fs_changes(initial, final):
-        last = (res.output.strip().splitlines() or [""])[-1][:160]
-        return f"its gold command fails here (exit code {res.exit_code}: {last})"
-    if bash_reward(initial, initial, final, "", res.output)[0] >= 1:
+        quiet, _ = run_gold(f"{{\n{gold}\n}} 2>/dev/null", setup, box_limits, new_uid())
+        if not quiet.output.strip():  # `diff` and `grep -c` exit 1 with an answer on stdout
+            last = (res.output.strip().splitlines() or [""])[-1][:160]
+            return f"its gold command fails here (exit code {res.exit_code}: {last})"
+    if bash_reward(initial, initial, final, "", res.output)[0] >= SUCCESS:
         return "doing nothing earns its gold command's full reward (it prints nothing and changes no file)"
     return None
 
@@ -177,7 +203,7 @@ class InterCodeBash(InterCodeEnv):
         mine = [self._file_task(record, i, record["split"]) for i, record in enumerate(self._file_records)]  # type: ignore[arg-type]
         try:
             whys = ungradable(mine, self.limits_kwargs)  # your own tasks are refused, not left out
-        except RuntimeError as exc:  # your own setup script failed: every task on it would be graded on half a tree
+        except SetupFailed as exc:  # your own setup script: named as the file loads, not at its first episode
             raise ValueError(f"task_file {task_file}: {exc}") from None
         first = next((i for i, task in enumerate(mine) if task.id in whys), None)
         if first is not None:
@@ -316,10 +342,8 @@ class InterCodeBash(InterCodeEnv):
         assert self.task is not None
         key = self.task.id
         if key not in self._gold_cache:
-            template, _ = TEMPLATES.get(self.task.setup)
-            with Sandbox(self.limits, template=template, uid=self.uid) as gold_box:
-                res = gold_box.run(self.task.gold, cwd="/")
-                self._gold_cache[key] = (res.output, gold_box.snapshot())
+            res, tree = run_gold(self.task.gold, self.task.setup, self.limits, self.uid)
+            self._gold_cache[key] = (res.output, tree)
         return self._gold_cache[key]
 
     def _finish(self) -> Observation:
@@ -328,7 +352,7 @@ class InterCodeBash(InterCodeEnv):
         reward, info = bash_reward(self.initial, self.box.snapshot(), gold_fs, self.last_output, gold_out)
         self.done = True
         self.reward = reward
-        self.success = reward >= 0.995
+        self.success = reward >= SUCCESS
         text = f"Submitted. Reward {reward:.2f}."
         return Observation(text=text, reward=reward, done=True, success=self.success, info=info)
 

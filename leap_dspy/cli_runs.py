@@ -96,18 +96,17 @@ def report_rollout(name: str, trajectories: list[Any]) -> dict[str, Any]:
 def play_split(student: Any, environment: Any, split: str, threads: int, limit: int | None, title: str,
                out: Path | None = None, *, snap: bool | None = None, processes: int | None = None) -> None:
     """Play `split`'s tasks (the first `limit`) with `student` (`snap` overrides its `snap_actions`) in
-    `processes` (unset: `default_processes`), print its success and write each episode to `out` (the run
+    `processes` (unset: `Shards.of`'s default), print its success and write each episode to `out` (the run
     folder's eval.jsonl format, which `report`-style comparisons read)."""
     from leap_dspy.progress import progress_bar
     from leap_dspy.rollout import rollout
-    from leap_dspy.shards import default_processes
 
     if split not in ("train", "seen", "unseen"):
         raise fail(f"--split must be train, seen or unseen, not {split!r}")
     tasks = env_tasks(environment, split)[:limit]
     with progress_bar(f"rollout {split}", len(tasks)) as advance:
         trajectories = rollout(student, environment, tasks, num_threads=threads, snap=snap,
-                               processes=default_processes() if processes is None else processes,
+                               processes=processes,
                                on_trajectory=lambda _: advance())
     if out is not None:
         from leap_dspy.store import atomic_write_text

@@ -56,6 +56,16 @@ def generation_threads(count: int) -> Iterator[None]:
             _generation_threads = previous
 
 
+def idle_bf16_cores() -> bool:
+    """A CPU of two threads or more that computes in bf16, no GPU: its matmuls are fast, so one engine or
+    trainer leaves its cores partly idle, and a second job beside it (a fine-tune, a worker process) gains."""
+    import torch
+
+    from leap_dspy.lm.models import cpu_supports_bf16
+
+    return torch.get_num_threads() >= 2 and not torch.cuda.is_available() and cpu_supports_bf16()
+
+
 def cores_split() -> bool:
     """Whether a fine-tune beside this process holds part of the cores now (`SharedCores.run`)."""
     return _generation_threads is not None

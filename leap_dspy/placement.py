@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Any
 from rich.markup import escape
 
 from leap_dspy.config import LEAPConfig
-from leap_dspy.cores import SharedCores
+from leap_dspy.cores import SharedCores, idle_bf16_cores
 from leap_dspy.envs import env_spec
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.lm import close_all, local_lm
-from leap_dspy.lm.models import cpu_supports_bf16
 from leap_dspy.lm.registry import loaded_generators
 from leap_dspy.progress import console
 from leap_dspy.store import atomic_write_text
@@ -160,28 +159,24 @@ class Placement:
 
     def episode_shards(self, student: Any, play: dict[str, Any], replay: dict[str, Any] | None,
                        folder: Path) -> Shards | None:
-        """How a stage's student episodes split across processes (`episode_processes`, unset: `default_processes`),
+        """How a stage's student episodes split across processes (`episode_processes`, unset: `Shards.of`'s),
         or None where they play here alone: the episodes step in Ray actors, a fine-tune holds part of the cores,
         or a worker could not rebuild the student or the environment (`Shards.of`)."""
         from leap_dspy.cores import cores_split
-        from leap_dspy.shards import Shards, default_processes
+        from leap_dspy.shards import Shards
 
         if self.config.ray or cores_split():
             return None
-        wanted = self.config.episode_processes
-        return Shards.of(student, self.env, default_processes() if wanted is None else wanted, play, folder, replay)
+        return Shards.of(student, self.env, self.config.episode_processes, play, folder, replay)
 
     def beside_training(self, previous: Path | None) -> bool:
         """Whether an evaluation runs beside the fine-tune that continues `previous`: `evaluate_beside_training`,
         or by default on a CPU of two cores or more that computes in bf16 where both fit the memory budget. With
         bf16 units the matmuls are fast and each side leaves its cores partly idle; on a float32 CPU both are
         busy computing, and on a GPU both would need its memory. Sets `kv_cap_mb` where they fit only so."""
-        import torch
-
         self.kv_cap_mb = None
         chosen = self.config.evaluate_beside_training
-        if chosen is False or chosen is None and (
-                torch.get_num_threads() < 2 or torch.cuda.is_available() or not cpu_supports_bf16()):
+        if chosen is False or chosen is None and not idle_bf16_cores():
             return False
         excess = self._predicted_mb(previous) - self.config.memory_budget_mb(machine_memory_mb())
         if excess <= 0:

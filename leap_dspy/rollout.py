@@ -241,10 +241,11 @@ def student_policy(student: Student, *, capture_level: int | None = None, captur
 def rollout(student: Student, env: TextEnv, tasks: Iterable[Task], *, num_threads: int = 32,
             capture_level: int | None = None, capture_oracle: bool = False, policy: str = "student",
             max_steps: int | None = None, on_trajectory: Progress | None = None, snap: bool | None = None,
-            processes: int = 1) -> list[Trajectory]:
+            processes: int | None = 1) -> list[Trajectory]:
     """The student plays each task, in task order (for scripts; a compile's runs go through `play_episodes`).
-    With `processes` > 1, worker processes play a share each where `Shards.of` can rebuild the student and the
-    environment there (see `leap_dspy.shards`); each worker's log is kept only if it failed."""
+    With `processes` other than 1 (None: `Shards.of`'s default), worker processes play a share each where
+    `Shards.of` can rebuild the student and the environment there (see `leap_dspy.shards`); each worker's log
+    is kept only if it failed."""
     from leap_dspy.shards import Shards
 
     settings = {"capture_level": capture_level, "capture_oracle": capture_oracle, "policy": policy,
@@ -252,7 +253,7 @@ def rollout(student: Student, env: TextEnv, tasks: Iterable[Task], *, num_thread
     play, tasks = student_policy(student, **settings), list(tasks)
     folder = Path(tempfile.gettempdir()) / f"leap-dspy-episodes-{uuid.uuid4().hex[:12]}"  # made by a worker
     distinct = len({task.id for task in tasks}) == len(tasks)  # the workers' episodes are matched by task id
-    shards = Shards.of(student, env, processes, settings, folder) if processes > 1 and distinct else None
+    shards = Shards.of(student, env, processes, settings, folder) if processes != 1 and distinct else None
     if shards is None or len(tasks) < 2 * shards.processes:
         return run_parallel(play, env, tasks, num_threads=num_threads, program=student, on_trajectory=on_trajectory)
     done: dict[str, Trajectory] = {}

@@ -29,16 +29,6 @@ PARENT = "LEAP_DSPY_SHARD_PARENT"  # the pid of the process that started a worke
 KINDS = ("episode", "replay")  # a line's first field: an episode, or a near miss played again
 
 
-def default_processes() -> int:
-    """2 on a CPU of two cores or more that computes in bf16, else 1: there one engine keeps its matmuls fed with
-    little help from a second thread, while a second process plays its own episodes at full pace."""
-    import torch
-
-    from leap_dspy.lm.models import cpu_supports_bf16
-
-    return 2 if torch.get_num_threads() >= 2 and not torch.cuda.is_available() and cpu_supports_bf16() else 1
-
-
 @dataclass
 class Shards:
     """How a job's episodes may be split: `processes` in all (this one included), each worker on `threads`
@@ -59,22 +49,24 @@ class Shards:
     replay: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, student: Any, env: Any, processes: int, play: dict[str, Any], folder: Path,
+    def of(cls, student: Any, env: Any, processes: int | None, play: dict[str, Any], folder: Path,
            replay: dict[str, Any] | None = None) -> Shards | None:
-        """`student`'s episodes in `env` split across `processes` (at most one a thread), or None where a worker
+        """`student`'s episodes in `env` split across `processes` (at most one a thread; None: 2 where
+        `idle_bf16_cores`, whose engine gains little from a second thread, else 1), or None where a worker
         could not rebuild them: the student is a subclass or formats its prompts otherwise, it acts through
         anything but one local engine (a server pool, an API), or the environment's class cannot be imported
         (defined in `__main__` or inside a function)."""
         import torch
 
         from leap_dspy.adapters import CompactChatAdapter
+        from leap_dspy.cores import idle_bf16_cores
         from leap_dspy.envs import env_spec
         from leap_dspy.lm.engine import LocalEngine, without_lms
         from leap_dspy.programs import Student
         from leap_dspy.rollout import program_engines
 
         total = torch.get_num_threads()
-        processes = min(processes, total)
+        processes = min(processes or (2 if idle_bf16_cores() else 1), total)
         engines = program_engines(student) if type(student) is Student else []
         spec = env_spec(env)
         if (processes < 2 or len(engines) != 1 or type(engines[0]) is not LocalEngine

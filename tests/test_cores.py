@@ -149,9 +149,9 @@ def test_an_evaluation_runs_beside_a_fine_tune_only_within_the_memory_budget(
     monkeypatch.setattr("leap_dspy.placement.loaded_generators", lambda: [generator])  # other tests' aside
     room = config.memory_budget_mb(machine_memory_mb()) - peak_rss_mb()
     placement = Placement(config, KeyBox(num_train=1, num_seen=1, num_unseen=1), "run")
-    monkeypatch.setattr("leap_dspy.placement.cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr("leap_dspy.placement.idle_bf16_cores", lambda: False)
     assert not placement.beside_training(trained(room - 100))  # a float32 CPU: both sides are busy computing
-    monkeypatch.setattr("leap_dspy.placement.cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr("leap_dspy.placement.idle_bf16_cores", lambda: True)
     assert placement.beside_training(trained(room - 101)) and placement.kv_cap_mb is None
     assert placement.beside_training(trained(room + 100))
     assert placement.kv_cap_mb is not None and abs(placement.kv_cap_mb - (weights_mb + 200)) <= 2

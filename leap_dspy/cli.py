@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -16,6 +17,7 @@ from leap_dspy.cli_runs import load_program, load_run, play_split, print_metrics
 from leap_dspy.cli_settings import (
     build_env,
     build_expert,
+    compile_tasks,
     env_tasks,
     fail,
     own_student,
@@ -122,8 +124,7 @@ def compile_(
         leap.check_teacher(attach_env(teacher, environment))
     except ValueError as exc:
         raise fail(str(exc).splitlines()[0] if "validation error" not in str(exc) else _first_error(exc)) from exc
-    trainset = env_tasks(environment, "train")
-    valset = env_tasks(environment, "seen") + env_tasks(environment, "unseen")
+    trainset, valset = compile_tasks(environment)
     if not trainset:
         raise fail(f"{env} has no training tasks with these options (num_train?)")
     try:
@@ -321,11 +322,19 @@ def tasks(
     split: Annotated[str, typer.Option(help="train, seen or unseen")] = "train",
     sets: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON task per line")] = False,
+    as_recorded: Annotated[bool, typer.Option(
+        "--as-recorded", help="instead, the task ids and digest a compile's config.yaml would record (every split), "
+                              "as one JSON object")] = False,
 ) -> None:
     """List (generating if needed) an environment's tasks."""
     if split not in ("train", "seen", "unseen"):
         raise fail(f"--split must be train, seen or unseen, not {split!r}")
     environment = build_env(env, parse_sets(sets))
+    if as_recorded:
+        from leap_dspy.run_config import recorded_tasks
+
+        typer.echo(json.dumps(recorded_tasks(*compile_tasks(environment))))
+        return
     found = env_tasks(environment, split)
     if as_json:
         for task in found:

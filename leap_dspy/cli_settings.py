@@ -173,6 +173,12 @@ def env_tasks(environment: Any, split: str) -> list[Any]:
     return found
 
 
+def compile_tasks(environment: Any) -> tuple[list[Any], list[Any]]:
+    """The tasks a compile trains on and evaluates (train; seen, then unseen): one home, so that what a grid
+    compares a published run's recorded tasks against is what a compile would run."""
+    return env_tasks(environment, "train"), env_tasks(environment, "seen") + env_tasks(environment, "unseen")
+
+
 def build_expert(spec: str, model: str, per: str = "step") -> Any:
     from leap_dspy.programs import OracleExpert, PrivilegedExpert
 

@@ -15,14 +15,15 @@ Each run is a `leap-dspy compile` in its own process (its memory is returned whe
 resumable: finished runs are skipped and an interrupted one resumes from its folder. Runs that would clone
 the same behaviour share it (`bc_from`): only settings that shape behaviour cloning tell them apart. A grid
 outlives the machine it started on: with `--publish`, a run whose summaries are published with the same
-settings is done, and a run whose behaviour cloning was shared from one of those clones again (seeded, so the
-same demonstrations and rows). A run another grid published beside it with the same settings is copied, not
-run again.
+settings and tasks is done, and a run whose behaviour cloning was shared from one of those clones again (seeded, so the
+same demonstrations and rows). A run another grid published beside it with the same settings and tasks is
+copied, not run again.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import itertools
 import json
 import os
@@ -160,8 +161,8 @@ DONE = ("done", "published")
 
 
 def published(spec: Spec, publish: Path | None) -> bool:
-    """Whether `publish` holds this run finished, with the configuration the grid gives it today (the code is
-    not compared): a run published on a machine since gone is not run again."""
+    """Whether `publish` holds this run finished, with the configuration the grid gives it today and the tasks its
+    environment lists today (the code is not compared): a run published on a machine since gone is not run again."""
     return publish is not None and _same_run(spec, publish / spec.name, say=True)
 
 
@@ -185,7 +186,8 @@ def copied(spec: Spec, publish: Path | None) -> bool:
 
 
 def _same_run(spec: Spec, run: Path, say: bool) -> bool:
-    """Whether `run` is `spec` finished: every round evaluated with the settings the grid gives it today."""
+    """Whether `run` is `spec` finished: every round evaluated with the settings the grid gives it today, on the
+    tasks its environment lists today."""
     config = LEAPConfig(**spec.settings, seed=spec.seed)
     if not _evaluated(run, config.iterations):
         return False
@@ -201,9 +203,37 @@ def _same_run(spec: Spec, run: Path, say: bool) -> bool:
                 if v is not None and env.get(k) != v]  # None: the environment's own choice (a path, a server)
     if expert_spec(ran.get("expert") or {}) != spec.expert:
         differs.append("expert")
+    if not differs and _chose(run) == config.select:
+        differs += _other_tasks(spec, ran)  # last: listing the tasks builds the environment
     if differs and say:
         console.print(f"{spec.name}: its published copy ran with other {', '.join(differs)}, so it is pending")
     return _chose(run) == config.select and not differs
+
+
+def _other_tasks(spec: Spec, ran: dict[str, Any]) -> list[str]:
+    """What differs between the tasks `ran` recorded and those the environment lists today: the same options
+    can list other tasks after a change to the environment or its data (tasks left out, a new catalog)."""
+    options = {**spec.options, **({"seed": spec.seed} if takes_seed(spec.env) else {})}  # as `command` passes
+    today = tasks_today(spec.env, json.dumps(options, sort_keys=True))
+    if today is None:
+        return ["tasks (not comparable here)"]
+    keys = ("trainset", "valset", "task_digest") if "task_digest" in ran else ("trainset", "valset")
+    return [k for k in keys if ran.get(k) != today[k]]
+
+
+@functools.cache
+def tasks_today(env: str, options: str) -> dict[str, Any] | None:
+    """The task ids and digest a compile of `env` with these options (JSON) would record, listed by a
+    `leap-dspy tasks` process: an environment's data (a catalog, games) is not kept in the grid's memory."""
+    sets = [item for k, v in json.loads(options).items() for item in ("--set", f"{k}={json.dumps(v)}")]
+    cmd = [sys.executable, "-m", "leap_dspy", "tasks", "--env", env, "--as-recorded", *sets]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
+        console.print(f"[yellow]warning:[/yellow] cannot list {env}'s tasks to compare published runs: {why}",
+                      soft_wrap=True, highlight=False)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _evaluated(run: Path, stage: int) -> bool:

@@ -123,6 +123,11 @@ def start_run(run: RunFolder, config: dict[str, Any]) -> None:
     atomic_write_yaml(path, config)
 
 
+def recorded_tasks(train: list[Any], val: list[Any]) -> dict[str, Any]:
+    """The task ids and digest a run's config.yaml records of the tasks it trains on and evaluates."""
+    return {"trainset": [t.id for t in train], "valset": [t.id for t in val], "task_digest": task_digest(train + val)}
+
+
 def task_digest(tasks: list[Any]) -> str:
     """What the tasks say, not only their ids: a task file edited between a run and its resume keeps its ids
     (a line's index), and the resumed stages would grade other tasks under the same names. A value that is an

@@ -54,7 +54,7 @@ from leap_dspy.rollout import (
     round_seed,
     student_policy,
 )
-from leap_dspy.run_config import SCHEMA_VERSION, check_bc_from, read_config, start_run, task_digest
+from leap_dspy.run_config import SCHEMA_VERSION, check_bc_from, read_config, recorded_tasks, start_run
 from leap_dspy.run_config import ConfigMismatch as ConfigMismatch  # re-exported: callers catch it from here
 from leap_dspy.runs import COMPILED, RunFolder, best_stage, check_adapter, default_run_dir, read_metrics
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, read_json, yaml_plain
@@ -413,9 +413,7 @@ class LEAP(Teleprompter):
             "expert": describe_expert(teacher),
             "demonstrator": describe_expert(self._demonstrator(teacher)),
             **({"bc_expert_level": self.privilege_level} if _follows_student(teacher) else {}),
-            "trainset": [t.id for t in train],
-            "valset": [t.id for t in val],
-            "task_digest": task_digest(train + val),
+            **recorded_tasks(train, val),
         }
 
     def check_teacher(self, teacher: dspy.Module) -> None:

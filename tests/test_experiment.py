@@ -118,7 +118,7 @@ def _bc_outcomes(run: Path) -> list[tuple[str, str, int, int]]:
 
 def test_a_grid_continues_on_a_new_machine_from_its_published_runs(tmp_path: Path) -> None:
     """A run published with the grid's settings is done; a run that shared its behaviour cloning, whose adapter
-    went with the old machine, clones again; a published run of other settings runs again."""
+    went with the old machine, clones again; a published run of other settings or tasks runs again."""
     from leap_dspy.experiment import expected_config, grid_states, reclone
 
     grid_file = tmp_path / "grid.yaml"
@@ -141,7 +141,9 @@ def test_a_grid_continues_on_a_new_machine_from_its_published_runs(tmp_path: Pat
     assert result.exit_code == 0 and "1 of 4 runs done; started none" in result.output, result.output
 
     for other, named in (({"max_train_rows": 120}, "max_train_rows"), ({"expert": {"name": "SelfExpert"}}, "expert"),
-                         ({"env": {**ran["env"], "num_unseen": 20}}, "env.num_unseen")):
+                         ({"env": {**ran["env"], "num_unseen": 20}}, "env.num_unseen"),
+                         ({"trainset": ran["trainset"][1:]}, "trainset"),  # the environment lists other tasks now
+                         ({"task_digest": "0" * 16}, "task_digest")):  # or the same ids ask something else
         (run / "config.yaml").write_text(yaml.safe_dump({**ran, **other}))
         result = CliRunner().invoke(app, ["experiment", str(grid_file), "--root", str(root), "--publish",
                                           str(publish), "--no-run"])
@@ -150,7 +152,7 @@ def test_a_grid_continues_on_a_new_machine_from_its_published_runs(tmp_path: Pat
 
 def test_a_run_another_grid_published_with_the_same_settings_is_copied_not_run(tmp_path: Path) -> None:
     """Grids overlap: the privilege grid's level 3 is the updates grid's SFT. A run published beside the grid's
-    own folder with the same settings is copied in and says where from; one with other settings is not."""
+    own folder with the same settings is copied in and says where from; one with other settings or tasks is not."""
     from leap_dspy.experiment import expected_config, grid_states
 
     results = tmp_path / "results"
@@ -173,9 +175,10 @@ def test_a_run_another_grid_published_with_the_same_settings_is_copied_not_run(t
     assert grid_states(grid, tmp_path / "runs", publish, specs) == states  # published now, in its own folder
 
     shutil.rmtree(copy)
-    (source / "config.yaml").write_text(yaml.safe_dump({**ran, "max_train_rows": 120}))
-    assert grid_states(grid, tmp_path / "runs", publish, specs)["alfworld-privilege_level=3-seed0"] == "pending"
-    assert not copy.exists()
+    for other in ({"max_train_rows": 120}, {"valset": ran["valset"][:-1]}):  # other settings, or other tasks
+        (source / "config.yaml").write_text(yaml.safe_dump({**ran, **other}))
+        assert grid_states(grid, tmp_path / "runs", publish, specs)["alfworld-privilege_level=3-seed0"] == "pending"
+        assert not copy.exists()
 
 
 def test_runs_at_once_share_the_cores_between_their_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:

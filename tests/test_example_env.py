@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from leap_dspy.cli import app
@@ -130,6 +131,9 @@ def test_compiles_from_python_and_from_the_cli(tiny_model: str, tmp_path: Path,
                                       "--max-train-rows", "16", "--quiet"])
     assert result.exit_code == 0, result.output
     assert metrics_rows(tmp_path / "cli") == ["expert", "0", "1"]
+    listed = CliRunner().invoke(app, ["tasks", "--env", "examples.keybox:KeyBox", *sets, "--as-recorded"])
+    recorded = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())  # what a grid compares
+    assert json.loads(listed.output) == {k: recorded[k] for k in ("trainset", "valset", "task_digest")}
 
     out = tmp_path / "unseen.jsonl"
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "cli"), "--threads", "4", "--out", str(out)])

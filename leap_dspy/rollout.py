@@ -28,7 +28,7 @@ from rich.markup import escape
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.metrics import call_usage
 from leap_dspy.programs.experts import ATTEMPT, expert_inputs
-from leap_dspy.programs.student import Student, capture_privileged, run_episode
+from leap_dspy.programs.student import Student, capture_privileged, has_near_miss, run_episode
 from leap_dspy.progress import console, progress_bar, quiet_repeated_warnings
 from leap_dspy.store import JsonlLog
 from leap_dspy.types import ExpertUsage, PrivilegedState, StudentInputs, Task, Trajectory
@@ -137,11 +137,11 @@ def run_parallel(play: Callable[[TextEnv, Task], Trajectory], env: TextEnv, task
 
 @dataclasses.dataclass
 class Replays:
-    """Episodes to play once more as their first play ends, each in the thread (and so the batches) that played
-    it: a stage's snapped replays fill the strict evaluation's shrinking batches instead of a tail of their own."""
+    """Episodes that had a near miss (`has_near_miss`), played once more as their first play ends, each in the
+    thread (and so the batches) that played it: a stage's snapped replays fill the strict evaluation's shrinking
+    batches instead of a tail of their own. A worker process (`leap_dspy.shards`) replays by the same rule."""
 
     log: JsonlLog[Trajectory]
-    wanted: Callable[[Trajectory], bool]
     play: Callable[[TextEnv, Task], Trajectory]
 
 
@@ -183,7 +183,7 @@ def play_episodes(job: Episodes, env: TextEnv, *, program: dspy.Module | None, n
             trajectory = job.play(episode_env, task)
             arrived("episode", trajectory)
             again = job.replays
-            if again is not None and task.id not in replayed and again.wanted(trajectory):
+            if again is not None and task.id not in replayed and has_near_miss(trajectory):
                 # `reset` starts the episode anew in the same environment (the `TextEnv` contract).
                 again.log.append(again.play(episode_env, task))
             return trajectory

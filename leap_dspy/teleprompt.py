@@ -348,7 +348,7 @@ class LEAP(Teleprompter):
     def _snapped_replays(self, name: str | int) -> Replays:
         """The student replaying, with near misses snapped, the strict evaluation's episodes that had one."""
         return Replays(JsonlLog(self.run.stage(name) / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id),
-                       wanted=has_near_miss, play=student_policy(self._student, policy=str(name), snap=True))
+                       play=student_policy(self._student, policy=str(name), snap=True))
 
     def evaluate_snapped(self, name: str | int, tasks: list[Task], strict: dict[str, Trajectory],
                          replays: Replays) -> dict[str, Any]:

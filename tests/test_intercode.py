@@ -330,7 +330,7 @@ def test_your_own_tasks_replace_the_splits_they_name(tmp_path):
             make_env("intercode-sql", task_file=str(tmp_path / "bad.json"))
 
 
-def test_your_own_bash_tasks_on_your_own_file_system(tmp_path):
+def test_your_own_bash_tasks_on_your_own_file_system(tmp_path, monkeypatch):
     _need_bwrap()
     import json
 
@@ -367,3 +367,11 @@ def test_your_own_bash_tasks_on_your_own_file_system(tmp_path):
         mine.write_text(json.dumps([{"query": "q", "gold": gold, "setup": "fs/setup.sh"}]))
         with pytest.raises(ValueError, match=says):
             make_env("intercode-bash", task_file=str(mine))
+
+    # A file that names every split replaces the whole task set, which is then never built (nor checked).
+    golds = {"train": "ls /data/logs | wc -l", "seen": "cat /data/logs/b.log", "unseen": "grep -l ok -r /data"}
+    mine.write_text(json.dumps([{"query": f"q{i}", "gold": gold, "setup": "fs/setup.sh", "split": split}
+                                for i, (split, gold) in enumerate(golds.items())]))
+    env = make_env("intercode-bash", task_file=str(mine))
+    monkeypatch.setattr(env, "_build_splits", lambda: pytest.fail("built the task set the file replaces"))
+    assert [[t.gold for t in env.tasks(split)] for split in golds] == [[gold] for gold in golds.values()]

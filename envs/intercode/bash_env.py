@@ -200,7 +200,7 @@ class InterCodeBash(InterCodeEnv):
                                      ) from None
         self.seed = seed
         self.limits_kwargs = dict(limits or {})
-        mine = [self._file_task(record, i, record["split"]) for i, record in enumerate(self._file_records)]  # type: ignore[arg-type]
+        mine = self.file_tasks
         try:
             whys = ungradable(mine, self.limits_kwargs)  # your own tasks are refused, not left out
         except SetupFailed as exc:  # your own setup script: named as the file loads, not at its first episode

@@ -6,12 +6,13 @@ gold command, then submit.
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
 from leap_dspy.envs.base import TextEnv
-from leap_dspy.types import Split, Task
+from leap_dspy.types import SPLITS, Split, Task
 
 SUBMIT = "submit"
 
@@ -55,13 +56,18 @@ class InterCodeEnv(TextEnv):
     @abstractmethod
     def _file_task(self, record: dict[str, str], index: int, split: Split) -> Task: ...
 
+    @functools.cached_property
+    def file_tasks(self) -> list[Task]:
+        """Your own tasks (`task_file`), built once: a check as the file loads and the task lists read the same."""
+        return [self._file_task(record, i, record["split"]) for i, record in enumerate(self._file_records)]  # type: ignore[arg-type]
+
     def tasks(self, split: Split) -> list[Task]:
         if self._splits is None:
-            self._splits = self._build_splits()
             mine: dict[str, list[Task]] = {}
-            for i, record in enumerate(self._file_records):
-                mine.setdefault(record["split"], []).append(self._file_task(record, i, record["split"]))  # type: ignore[arg-type]
-            self._splits.update(mine)
+            for task in self.file_tasks:
+                mine.setdefault(task.split, []).append(task)
+            # The task set is built (and, for Bash, checked in sandboxes) only for a split the file leaves to it.
+            self._splits = {**(self._build_splits() if set(SPLITS) - set(mine) else {}), **mine}
         limit = {"train": self.num_train, "seen": self.num_seen}.get(split)  # a small run's subset, same order
         return list(self._splits[split][:limit])
 

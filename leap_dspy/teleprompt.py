@@ -9,6 +9,7 @@ teacher's inputs hold the privileged state.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -61,12 +62,12 @@ from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, read
 from leap_dspy.trackers import Trackers
 from leap_dspy.train.common import RESULT_FILE, check_target_modules, peak_rss_mb, release_memory
 from leap_dspy.training_data import (
+    AnswerFit,
     aggregate_preference,
     aggregate_sft,
     preference_rows,
     privileged_self_rows,
     sft_rows,
-    warn_long_answers,
 )
 from leap_dspy.types import Correction, PrivilegedState, StudentInputs, Task, Trajectory
 
@@ -198,7 +199,7 @@ class LEAP(Teleprompter):
             ordered = sorted(demos.values(), key=lambda t: t.task.id)
             expert_rows = privileged_self_rows(teacher.signature, teacher.adapter, ordered,
                                                self.config.max_train_rows, random.Random(self.config.seed * 17),
-                                               self._propose_reason, self.env.idle_actions)
+                                               self._propose_reason, self.env.idle_actions, self._answer_fit)
             rows, examples = rows + expert_rows, examples + len(expert_rows)
         adapter, train_s, _ = self.fine_tune(0, rows, None, beside=Owed())
         self.placement.point(student, adapter)
@@ -251,14 +252,20 @@ class LEAP(Teleprompter):
                                                   cfg.update, rng, cfg.balance_actions, balance_rng,
                                                   all_new=cfg.train_all_new)
             rows = preference_rows(signature, adapter, pairs, kind=cfg.update, anchors=anchors,
-                                   demos=student.step.demos)
+                                   demos=student.step.demos, fit=self._answer_fit)
             examples = len(pairs) + len(anchors)
         else:
             budget = (cfg.bc_rows or 2 * cfg.max_train_rows) if k == 0 else cfg.max_train_rows
             chosen = aggregate_sft(usable, earlier, budget, rng, cfg.balance_actions, balance_rng,
                                    all_new=cfg.train_all_new)
-            rows, examples = sft_rows(signature, adapter, chosen, demos=student.step.demos), len(chosen)
+            rows = sft_rows(signature, adapter, chosen, demos=student.step.demos, fit=self._answer_fit)
+            examples = len(chosen)
         return rows, examples
+
+    @functools.cached_property
+    def _answer_fit(self) -> AnswerFit:
+        """Training answers cut to what the student may write (see `AnswerFit`)."""
+        return AnswerFit.of(self.config.model, self.config.lm["max_new_tokens"])
 
     def fine_tune(self, k: int, rows: Rows, previous: Path | None, beside: Owed) -> tuple[Path, float, float]:
         """LoRA fine-tuning through TRL, continuing from the previous adapter, with `beside` (the previous
@@ -268,6 +275,7 @@ class LEAP(Teleprompter):
         out = self.run.stage(k) / "adapter"
         started = time.perf_counter()
         atomic_write_text(out.parent / "train_rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        self._answer_fit.say(len(rows), out.parent.name)  # what building these rows cut
         if (out / "adapter_config.json").exists():  # trained before a kill: its result is in the adapter
             beside()
             recorded = out / RESULT_FILE
@@ -286,7 +294,6 @@ class LEAP(Teleprompter):
         if "chosen" not in rows[0] and "label" not in rows[0]:
             trainer = train_sft
         console.print(f"{out.parent.name}: fine-tuning on {len(rows)} rows ({trainer.__name__})")
-        warn_long_answers(rows, self.config.model, self.config.lm["max_new_tokens"])
         result, overlap_s = self.placement.fine_tune(trainer, rows, out, previous, config, self._student, beside)
         atomic_write_json(out.parent / "train.json", result.model_dump())
         release_memory()

@@ -6,9 +6,10 @@ privileged state is not an argument of anything here: there is no path by which 
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import dspy
@@ -20,11 +21,60 @@ from leap_dspy.types import Correction, StudentInputs, Trajectory
 Messages = list[dict[str, str]]
 
 
+@dataclasses.dataclass
+class AnswerFit:
+    """The tokens the student may write (`max_new_tokens`). An answer over it is cut off at play time before its
+    action, so the student would learn a step it can never take: a long reason (an LM expert's runs on) is cut,
+    at a word, until the answer fits. The corrections keep the whole reason; only the rows are cut."""
+
+    count: Callable[[str], int]
+    limit: int
+    cut: int = 0
+    over: int = 0  # answers whose action alone does not fit
+
+    @classmethod
+    def of(cls, model: str, limit: int) -> AnswerFit:
+        from leap_dspy.lm.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+        return cls(lambda text: len(tokenizer(text)["input_ids"]), limit)
+
+    def reason(self, render: Callable[[str], str], reason: str) -> str:
+        """`reason`, or its longest run of first words with which `render(reason)` fits."""
+        if self.count(render(reason)) <= self.limit:
+            return reason
+        words, fits = reason.split(), 0
+        if self.count(render("")) > self.limit:
+            self.over += 1
+            return reason
+        top = len(words) - 1
+        while fits < top:  # the most words that fit, by bisection: a render and a count each try
+            mid = (fits + top + 1) // 2
+            fits, top = (mid, top) if self.count(render(" ".join(words[:mid]))) <= self.limit else (fits, mid - 1)
+        self.cut += 1
+        return " ".join(words[:fits])
+
+    def say(self, rows: int, stage: str) -> None:
+        if self.cut:
+            console.print(f"[yellow]{stage}: {self.cut} of {rows} training answers were longer than "
+                          f"max_new_tokens={self.limit}; their reasons were cut to fit[/yellow]")
+        if self.over:
+            console.print(f"[yellow]{stage}: {self.over} of {rows} training answers are longer than "
+                          f"max_new_tokens={self.limit} with no reason at all: the student will be cut off before "
+                          "their action; raise the limit (LEAP(lm={'max_new_tokens': ...}), "
+                          "TextEnv.answer_tokens)[/yellow]")
+        self.cut = self.over = 0
+
+
 def _prompt_and_completion(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
                            inputs: StudentInputs | dict[str, Any], reason: str, action: str,
-                           demos: list[Any] | None = None) -> tuple[Messages, Messages]:
+                           demos: list[Any] | None = None, fit: AnswerFit | None = None
+                           ) -> tuple[Messages, Messages]:
     """The prompt the student's predictor sends (its few-shot `demos` included, as DSPy's BootstrapFinetune
-    formats them) and the answer."""
+    formats them) and the answer, its reason cut to `fit` the student's answer budget."""
+    if fit is not None:
+        reason = fit.reason(lambda r: adapter.format_assistant_message_content(
+            signature=signature, outputs={"reason": r, "action": action}), reason)
     values = inputs.model_dump() if isinstance(inputs, StudentInputs) else inputs
     data = adapter.format_finetune_data(signature=signature, demos=list(demos or []), inputs=values,
                                         outputs={"reason": reason, "action": action})
@@ -32,19 +82,20 @@ def _prompt_and_completion(signature: type[dspy.Signature], adapter: dspy.ChatAd
     return messages[:-1], messages[-1:]
 
 
-def sft_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
-             corrections: Iterable[Correction], demos: list[Any] | None = None) -> list[dict[str, Any]]:
+def sft_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdapter, corrections: Iterable[Correction],
+             demos: list[Any] | None = None, fit: AnswerFit | None = None) -> list[dict[str, Any]]:
     """Conversational prompt-completion rows, TRL's format for completion-only SFT."""
     rows = []
     for c in corrections:
-        prompt, completion = _prompt_and_completion(signature, adapter, c.inputs, c.reason, c.action, demos)
+        prompt, completion = _prompt_and_completion(signature, adapter, c.inputs, c.reason, c.action, demos, fit)
         rows.append({"prompt": prompt, "completion": completion})
     return rows
 
 
 def preference_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
                     corrections: Iterable[Correction], kind: str = "dpo",
-                    anchors: Iterable[Correction] = (), demos: list[Any] | None = None) -> list[dict[str, Any]]:
+                    anchors: Iterable[Correction] = (), demos: list[Any] | None = None,
+                    fit: AnswerFit | None = None) -> list[dict[str, Any]]:
     """The correction preferred over the student's own step. Steps the expert left unchanged make no pair;
     for KTO each changed step gives one desirable and one undesirable row.
 
@@ -59,7 +110,7 @@ def preference_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
     for c in corrections:
         if not c.changed:
             continue
-        prompt, chosen = _prompt_and_completion(signature, adapter, c.inputs, c.reason, c.action, demos)
+        prompt, chosen = _prompt_and_completion(signature, adapter, c.inputs, c.reason, c.action, demos, fit)
         _, rejected = _prompt_and_completion(signature, adapter, c.inputs, c.student_reason or "",
                                              c.student_action or "", demos)
         if kind == "dpo":
@@ -68,7 +119,7 @@ def preference_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
             rows.append({"prompt": prompt, "completion": chosen, "label": True})
             rows.append({"prompt": prompt, "completion": rejected, "label": False})
     for c in anchors:
-        prompt, chosen = _prompt_and_completion(signature, adapter, c.inputs, c.reason, c.action, demos)
+        prompt, chosen = _prompt_and_completion(signature, adapter, c.inputs, c.reason, c.action, demos, fit)
         if kind == "dpo":
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": chosen, "anchor": True})
         else:
@@ -78,7 +129,8 @@ def preference_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
 
 def privileged_self_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
                          demonstrations: Iterable[Trajectory], budget: int, rng: random.Random,
-                         propose_reason: Any, idle_actions: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+                         propose_reason: Any, idle_actions: tuple[str, ...] = (),
+                         fit: AnswerFit | None = None) -> list[dict[str, Any]]:
     """Rows that teach the student's weights to act as its own privileged expert, from demonstrations whose
     steps recorded the privileged state (`expert_rollout(record_level=...)`): the student's inputs and the
     privileged state, completed by the demonstrated step.
@@ -104,7 +156,7 @@ def privileged_self_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdap
                 proposed = rng.choice(others)
                 proposed_reason = propose_reason(inputs.task, inputs.observation, proposed, inputs.history)
             values.update(student_reason=proposed_reason, student_action=proposed)
-        prompt, completion = _prompt_and_completion(signature, adapter, values, step.reason, step.action)
+        prompt, completion = _prompt_and_completion(signature, adapter, values, step.reason, step.action, fit=fit)
         rows.append({"prompt": prompt, "completion": completion})
     return rows
 
@@ -178,18 +230,3 @@ def balance_by_action(records: list[Correction], cap: int, budget: int, rng: ran
 
 def _action_kind(record: Correction) -> str:
     return (record.action.split() or [""])[0].split("[")[0].lower()
-
-
-def warn_long_answers(rows: list[dict[str, Any]], model: str, limit: int) -> int:
-    """Say how many training answers are longer than the student may write: cut at `max_new_tokens` at play
-    time, such an answer loses its action, so the student learns a step it can never take."""
-    from leap_dspy.lm.models import load_tokenizer
-
-    tokenizer = load_tokenizer(model)
-    answers = [row.get("completion") or row.get("chosen") for row in rows]
-    long = sum(len(tokenizer(a[0]["content"])["input_ids"]) > limit for a in answers if a)
-    if long:
-        console.print(f"[yellow]{long} of {len(rows)} training answers are longer than max_new_tokens={limit}: "
-                      "the student will be cut off before their action; shorten the expertise's reasons or "
-                      "raise the limit (LEAP(lm={'max_new_tokens': ...}), TextEnv.answer_tokens)[/yellow]")
-    return long

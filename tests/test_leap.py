@@ -31,7 +31,14 @@ from leap_dspy.signatures import PrivilegedCorrection
 from leap_dspy.store import JsonlLog
 from leap_dspy.teleprompt import LEAP, ConfigMismatch
 from leap_dspy.train import TrainConfig
-from leap_dspy.training_data import aggregate_sft, balance_by_action, privileged_self_rows
+from leap_dspy.training_data import (
+    AnswerFit,
+    aggregate_sft,
+    balance_by_action,
+    preference_rows,
+    privileged_self_rows,
+    sft_rows,
+)
 from leap_dspy.types import Correction, StudentInputs, Trajectory
 
 FAST_TRAIN = TrainConfig(max_length=768, per_device_batch_size=8, gradient_accumulation=1, progress_bar=False)
@@ -338,6 +345,34 @@ def test_self_expert_that_cannot_answer_is_counted_not_fatal(env: ALFWorld, tiny
     assert any(kept) and not all(kept)
     config = (run / "config.yaml").read_text()
     assert "bc_expert_level: 3" in config
+
+
+def test_a_reason_too_long_to_write_is_cut_until_the_answer_fits_the_budget(tiny_model: str) -> None:
+    """An LM expert's reason that runs on would be cut off at play time before its action, so the student would
+    learn a step it can never take: the row's reason is cut at a word, as little as fits `max_new_tokens`; the
+    correction keeps it whole, and an answer whose action alone does not fit is counted and left whole."""
+    student = Student()
+    signature, adapter = student.step.signature, student.adapter
+    inputs = StudentInputs(task="put a mug in shelf.", observation="You see a shelf 1.", history="(none)")
+    long = " ".join(f"Step {i}: the mug is probably near the shelf, so I go there." for i in range(40))
+    records = [Correction(task_id="a", step=n, inputs=inputs, reason=reason, action="go to shelf 1", expert="x",
+                          student_reason="Look.", student_action="look") for n, reason in enumerate([long, "Short."])]
+    fit = AnswerFit.of(tiny_model, 48)
+    rows = sft_rows(signature, adapter, records, fit=fit)
+    answers = [adapter.parse(signature, row["completion"][0]["content"]) for row in rows]
+    assert fit.cut == 1 and all(fit.count(row["completion"][0]["content"]) <= 48 for row in rows)
+    assert [a["action"] for a in answers] == ["go to shelf 1"] * 2 and answers[1]["reason"] == "Short."
+    kept = answers[0]["reason"].split()
+    assert kept and long.split()[:len(kept)] == kept and records[0].reason == long
+    one_more = " ".join(long.split()[:len(kept) + 1])
+    assert fit.count(adapter.format_assistant_message_content(signature, {"reason": one_more,
+                                                                          "action": "go to shelf 1"})) > 48
+    chosen = preference_rows(signature, adapter, records, kind="dpo", fit=fit)[0]["chosen"][0]["content"]
+    assert chosen == rows[0]["completion"][0]["content"]  # the preferred side is cut the same way
+
+    tight = AnswerFit.of(tiny_model, 3)
+    assert adapter.parse(signature, sft_rows(signature, adapter, records[1:], fit=tight)[0]["completion"][0][
+        "content"])["reason"] == "Short." and (tight.over, tight.cut) == (1, 0)
 
 
 def test_rare_actions_are_repeated_within_the_same_row_budget() -> None:

@@ -23,7 +23,6 @@ copied, not run again.
 from __future__ import annotations
 
 import csv
-import functools
 import itertools
 import json
 import os
@@ -133,8 +132,23 @@ def command(spec: Spec, root: Path) -> list[str]:
     settings_file = root / ".grid" / f"{spec.name}.yaml"
     cmd = [sys.executable, "-m", "leap_dspy", "compile", "--env", spec.env, "--expert", spec.expert,
            "--config", str(settings_file), "--seed", str(spec.seed), "--run-dir", str(root / spec.name), "--quiet"]
-    cmd += [item for k, v in spec.options.items() for item in ("--set", f"{k}={json.dumps(v)}")]
+    cmd += set_args(spec.options)
     return cmd + (["--bc-from", str(root / spec.bc_from)] if spec.bc_from else [])
+
+
+def set_args(options: dict[str, Any]) -> list[str]:
+    """`--set KEY=VALUE` for each option, the value as YAML (what `--set` reads): a float such as 1e-05 keeps its
+    type, which JSON's spelling would lose."""
+    def value(v: Any) -> str:
+        return yaml.safe_dump(v, default_flow_style=True, width=1 << 20).removesuffix("...\n").strip()
+
+    return [item for k, v in options.items() for item in ("--set", f"{k}={value(v)}")]
+
+
+def compile_options(spec: Spec) -> dict[str, Any]:
+    """The environment options `command`'s compile runs with: the grid's, and the run's seed where the
+    environment takes one and the grid does not set it (as `resolve_settings` decides)."""
+    return {"seed": spec.seed, **spec.options} if takes_seed(spec.env) else dict(spec.options)
 
 
 def write_settings(spec: Spec, root: Path) -> None:
@@ -213,27 +227,40 @@ def _same_run(spec: Spec, run: Path, say: bool) -> bool:
 def _other_tasks(spec: Spec, ran: dict[str, Any]) -> list[str]:
     """What differs between the tasks `ran` recorded and those the environment lists today: the same options
     can list other tasks after a change to the environment or its data (tasks left out, a new catalog)."""
-    options = {**spec.options, **({"seed": spec.seed} if takes_seed(spec.env) else {})}  # as `command` passes
-    today = tasks_today(spec.env, json.dumps(options, sort_keys=True))
-    if today is None:
-        return ["tasks (not comparable here)"]
-    keys = ("trainset", "valset", "task_digest") if "task_digest" in ran else ("trainset", "valset")
-    return [k for k in keys if ran.get(k) != today[k]]
+    today = tasks_today(spec.env, compile_options(spec)) or {}  # unlisted: compared by settings, as warned
+    return [k for k in today if ran.get(k) != today[k] and (k in ran or k != "task_digest")]  # older runs: ids
 
 
-@functools.cache
-def tasks_today(env: str, options: str) -> dict[str, Any] | None:
-    """The task ids and digest a compile of `env` with these options (JSON) would record, listed by a
-    `leap-dspy tasks` process: an environment's data (a catalog, games) is not kept in the grid's memory."""
-    sets = [item for k, v in json.loads(options).items() for item in ("--set", f"{k}={json.dumps(v)}")]
-    cmd = [sys.executable, "-m", "leap_dspy", "tasks", "--env", env, "--as-recorded", *sets]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        why = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
-        console.print(f"[yellow]warning:[/yellow] cannot list {env}'s tasks to compare published runs: {why}",
-                      soft_wrap=True, highlight=False)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])
+_LISTED: dict[tuple[str, str], dict[str, Any] | None] = {}
+LIST_TIMEOUT_S = 1800
+"""Listing can generate the tasks (ALFWorld's games) or check them in sandboxes (InterCode-Bash): minutes."""
+
+
+def tasks_today(env: str, options: dict[str, Any]) -> dict[str, Any] | None:
+    """The task ids and digest a compile of `env` with these options would record, listed by a
+    `leap-dspy tasks` process: an environment's data (a catalog, games) is not kept in the grid's memory. None,
+    with a warning once a process, where they cannot be listed: the runs are then compared by their settings
+    alone, as before tasks were compared, rather than run again for hours over a listing that failed."""
+    key = (env, json.dumps(options, sort_keys=True, default=str))
+    if key in _LISTED:
+        return _LISTED[key]
+    cmd = [sys.executable, "-m", "leap_dspy", "tasks", "--env", env, "--as-recorded", *set_args(options)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=LIST_TIMEOUT_S)
+        lines = done.stdout.splitlines() if done.returncode == 0 else []
+        found = next((json.loads(line) for line in reversed(lines) if line.startswith("{") and '"task_digest"' in line),
+                     None)  # the last such line: an environment may print its own lines around it
+        why = "its output holds no task list" if done.returncode == 0 else \
+            (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
+    except subprocess.TimeoutExpired:
+        found, why = None, f"no answer in {LIST_TIMEOUT_S} s"
+    except ValueError as exc:  # a line that starts as the list and is not JSON
+        found, why = None, str(exc)
+    if found is None:
+        console.print(f"[yellow]warning:[/yellow] cannot list {env}'s tasks to compare published runs with "
+                      f"({why}): they are compared by their settings alone", soft_wrap=True, highlight=False)
+    _LISTED[key] = found
+    return found
 
 
 def _evaluated(run: Path, stage: int) -> bool:
@@ -252,8 +279,7 @@ def expected_config(spec: Spec) -> dict[str, Any]:
     from leap_dspy.envs import env_class
 
     data = LEAPConfig(**spec.settings, seed=spec.seed).for_env(env_class(spec.env)).dump()
-    seed = {"seed": spec.seed} if takes_seed(spec.env) else {}
-    data["env"] = {"name": spec.env, **env_defaults(spec.env), **spec.options, **seed}
+    data["env"] = {"name": spec.env, **env_defaults(spec.env), **compile_options(spec)}
     return data
 
 

@@ -275,7 +275,7 @@ class LEAP(Teleprompter):
         out = self.run.stage(k) / "adapter"
         started = time.perf_counter()
         atomic_write_text(out.parent / "train_rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        self._answer_fit.say(len(rows), out.parent.name)  # what building these rows cut
+        cut = self._answer_fit.say(len(rows), out.parent.name)  # what building these rows cut
         if (out / "adapter_config.json").exists():  # trained before a kill: its result is in the adapter
             beside()
             recorded = out / RESULT_FILE
@@ -295,7 +295,7 @@ class LEAP(Teleprompter):
             trainer = train_sft
         console.print(f"{out.parent.name}: fine-tuning on {len(rows)} rows ({trainer.__name__})")
         result, overlap_s = self.placement.fine_tune(trainer, rows, out, previous, config, self._student, beside)
-        atomic_write_json(out.parent / "train.json", result.model_dump())
+        atomic_write_json(out.parent / "train.json", {**result.model_dump(), **cut})
         release_memory()
         # The training's own seconds: the evaluation's are its stage's, but for those the two ran side by side.
         return out, time.perf_counter() - started - beside.seconds + overlap_s, overlap_s

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -40,21 +41,25 @@ class AnswerFit:
         return cls(lambda text: len(tokenizer(text)["input_ids"]), limit)
 
     def reason(self, render: Callable[[str], str], reason: str) -> str:
-        """`reason`, or its longest run of first words with which `render(reason)` fits."""
+        """`reason`, or its longest beginning, cut after a word (within a word where none fits), with which
+        `render(reason)` fits."""
         if self.count(render(reason)) <= self.limit:
             return reason
-        words, fits = reason.split(), 0
         if self.count(render("")) > self.limit:
             self.over += 1
             return reason
-        top = len(words) - 1
-        while fits < top:  # the most words that fit, by bisection: a render and a count each try
+        ends = [m.end() for m in re.finditer(r"\S+", reason)][:-1]
+        if not ends or self.count(render(reason[:ends[0]])) > self.limit:
+            ends = list(range(1, ends[0] if ends else len(reason)))  # no whole word fits: a character at a time
+        fits, top = 0, len(ends)  # the most cut points that fit, by bisection: a render and a count each try
+        while fits < top:
             mid = (fits + top + 1) // 2
-            fits, top = (mid, top) if self.count(render(" ".join(words[:mid]))) <= self.limit else (fits, mid - 1)
+            fits, top = (mid, top) if self.count(render(reason[:ends[mid - 1]])) <= self.limit else (fits, mid - 1)
         self.cut += 1
-        return " ".join(words[:fits])
+        return reason[:ends[fits - 1]] if fits else ""
 
-    def say(self, rows: int, stage: str) -> None:
+    def say(self, rows: int, stage: str) -> dict[str, int]:
+        """Say what building `rows` rows cut, and start counting anew; the counts, for the stage's train.json."""
         if self.cut:
             console.print(f"[yellow]{stage}: {self.cut} of {rows} training answers were longer than "
                           f"max_new_tokens={self.limit}; their reasons were cut to fit[/yellow]")
@@ -63,7 +68,9 @@ class AnswerFit:
                           f"max_new_tokens={self.limit} with no reason at all: the student will be cut off before "
                           "their action; raise the limit (LEAP(lm={'max_new_tokens': ...}), "
                           "TextEnv.answer_tokens)[/yellow]")
+        counts = {"answers_cut": self.cut, "answers_over_budget": self.over}
         self.cut = self.over = 0
+        return counts
 
 
 def _prompt_and_completion(signature: type[dspy.Signature], adapter: dspy.ChatAdapter,
@@ -72,14 +79,20 @@ def _prompt_and_completion(signature: type[dspy.Signature], adapter: dspy.ChatAd
                            ) -> tuple[Messages, Messages]:
     """The prompt the student's predictor sends (its few-shot `demos` included, as DSPy's BootstrapFinetune
     formats them) and the answer, its reason cut to `fit` the student's answer budget."""
-    if fit is not None:
-        reason = fit.reason(lambda r: adapter.format_assistant_message_content(
-            signature=signature, outputs={"reason": r, "action": action}), reason)
+    reason = _fitted(signature, adapter, reason, action, fit)
     values = inputs.model_dump() if isinstance(inputs, StudentInputs) else inputs
     data = adapter.format_finetune_data(signature=signature, demos=list(demos or []), inputs=values,
                                         outputs={"reason": reason, "action": action})
     messages = data["messages"]
     return messages[:-1], messages[-1:]
+
+
+def _fitted(signature: type[dspy.Signature], adapter: dspy.ChatAdapter, reason: str, action: str,
+            fit: AnswerFit | None) -> str:
+    if fit is None:
+        return reason
+    return fit.reason(lambda r: adapter.format_assistant_message_content(
+        signature=signature, outputs={"reason": r, "action": action}), reason)
 
 
 def sft_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdapter, corrections: Iterable[Correction],
@@ -149,14 +162,15 @@ def privileged_self_rows(signature: type[dspy.Signature], adapter: dspy.ChatAdap
     for step in steps[:budget]:
         inputs = step.inputs
         values = {**inputs.model_dump(), "privileged_state": step.privileged.to_text()}
+        reason = _fitted(signature, adapter, step.reason, step.action, fit)  # a proposal of the step says it too
         if judges:
             others = [a for a in step.admissible_actions or [] if a != step.action and a not in idle_actions]
-            proposed, proposed_reason = step.action, step.reason
+            proposed, proposed_reason = step.action, reason
             if others and rng.random() < 0.5:
                 proposed = rng.choice(others)
                 proposed_reason = propose_reason(inputs.task, inputs.observation, proposed, inputs.history)
             values.update(student_reason=proposed_reason, student_action=proposed)
-        prompt, completion = _prompt_and_completion(signature, adapter, values, step.reason, step.action, fit=fit)
+        prompt, completion = _prompt_and_completion(signature, adapter, values, reason, step.action)
         rows.append({"prompt": prompt, "completion": completion})
     return rows
 

@@ -20,6 +20,7 @@ from leap_dspy.rollout import Episodes, play_episodes, student_policy
 from leap_dspy.store import JsonlLog
 from leap_dspy.teleprompt import LEAP
 from leap_dspy.train import TrainConfig
+from leap_dspy.training_data import AnswerFit
 from leap_dspy.types import StudentInputs, Trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +122,17 @@ def test_compiles_from_python_and_from_the_cli(tiny_model: str, tmp_path: Path,
     leap.compile(Student(), trainset=env.tasks("train"), teacher=OracleExpert(),
                  valset=env.tasks("seen") + env.tasks("unseen"))
     assert metrics_rows(tmp_path / "py") == ["expert", "0", "1"]
+    # max_new_tokens 16: keybox's answers run longer, so their reasons were cut until each fits, unless the
+    # answer does not fit even without one
+    fit, signature, adapter = AnswerFit.of(tiny_model, 16), Student().step.signature, Student().adapter
+    for stage in ("iter_0", "iter_1"):
+        answers = [json.loads(line)["completion"][0]["content"]
+                   for line in (tmp_path / "py" / stage / "train_rows.jsonl").read_text().splitlines()]
+        bare = [adapter.format_assistant_message_content(signature, {**adapter.parse(signature, a), "reason": ""})
+                for a in answers]
+        assert answers and all(fit.count(a) <= 16 or fit.count(b) > 16 for a, b in zip(answers, bare, strict=True))
+    trained = json.loads((tmp_path / "py" / "iter_0" / "train.json").read_text())
+    assert trained["answers_cut"] + trained["answers_over_budget"] > 0  # 16 tokens: most lack room for an action
     expert_row = (tmp_path / "py" / "metrics.csv").read_text().splitlines()[1].split(",")
     assert expert_row[1:3] == ["1.0", "1.0"]  # the realizable expert wins every task within max_steps
 
@@ -133,7 +145,8 @@ def test_compiles_from_python_and_from_the_cli(tiny_model: str, tmp_path: Path,
     assert metrics_rows(tmp_path / "cli") == ["expert", "0", "1"]
     listed = CliRunner().invoke(app, ["tasks", "--env", "examples.keybox:KeyBox", *sets, "--as-recorded"])
     recorded = yaml.safe_load((tmp_path / "cli" / "config.yaml").read_text())  # what a grid compares
-    assert json.loads(listed.output) == {k: recorded[k] for k in ("trainset", "valset", "task_digest")}
+    assert listed.exit_code == 0 and json.loads(listed.output) == {
+        k: recorded[k] for k in ("trainset", "valset", "task_digest")}
 
     out = tmp_path / "unseen.jsonl"
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "cli"), "--threads", "4", "--out", str(out)])

@@ -181,6 +181,30 @@ def test_a_run_another_grid_published_with_the_same_settings_is_copied_not_run(t
         assert not copy.exists()
 
 
+def test_the_tasks_a_grid_compares_are_those_its_compile_would_record(monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The listing process gets the run's seed and the grid's options as the compile does (a float in the
+    options keeps its type); one that cannot list warns and leaves the runs compared by their settings."""
+    from leap_dspy import experiment
+    from leap_dspy.cli_settings import compile_tasks
+    from leap_dspy.run_config import recorded_tasks
+
+    monkeypatch.chdir(ROOT)  # `examples` is a folder of the repository, not an installed package
+    monkeypatch.syspath_prepend(str(ROOT))
+    from examples.keybox import KeyBox
+
+    spec = experiment.Spec("keybox-seed2", "examples.keybox:KeyBox", 2, {**TINY, "num_train": 4}, {}, "oracle")
+    assert experiment.compile_options(spec)["seed"] == 2
+    listed = experiment.tasks_today(spec.env, experiment.compile_options(spec))
+    assert listed == recorded_tasks(*compile_tasks(KeyBox(**{**TINY, "num_train": 4}, seed=2)))
+    assert listed != recorded_tasks(*compile_tasks(KeyBox(**{**TINY, "num_train": 4}, seed=0)))
+    assert experiment.set_args({"lr": 1e-05})[1] == "lr=1.0e-05"  # JSON's 1e-05 reads back as a string
+
+    broken = experiment.Spec("keybox-seed2", "examples.keybox:KeyBox", 2, {"no_such_option": 1}, {}, "oracle")
+    assert experiment._other_tasks(broken, {"trainset": ["elsewhere"]}) == []
+    assert "cannot list examples.keybox:KeyBox's tasks" in capsys.readouterr().err
+
+
 def test_runs_at_once_share_the_cores_between_their_torch_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Torch's threads spin at barriers: several compiles each using every core run far slower than in turn."""
     import subprocess

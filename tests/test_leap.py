@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -354,7 +355,7 @@ def test_a_reason_too_long_to_write_is_cut_until_the_answer_fits_the_budget(tiny
     student = Student()
     signature, adapter = student.step.signature, student.adapter
     inputs = StudentInputs(task="put a mug in shelf.", observation="You see a shelf 1.", history="(none)")
-    long = " ".join(f"Step {i}: the mug is probably near the shelf, so I go there." for i in range(40))
+    long = "\n".join(f"Step {i}:  the mug is probably near the shelf, so I go there." for i in range(40))
     records = [Correction(task_id="a", step=n, inputs=inputs, reason=reason, action="go to shelf 1", expert="x",
                           student_reason="Look.", student_action="look") for n, reason in enumerate([long, "Short."])]
     fit = AnswerFit.of(tiny_model, 48)
@@ -362,13 +363,18 @@ def test_a_reason_too_long_to_write_is_cut_until_the_answer_fits_the_budget(tiny
     answers = [adapter.parse(signature, row["completion"][0]["content"]) for row in rows]
     assert fit.cut == 1 and all(fit.count(row["completion"][0]["content"]) <= 48 for row in rows)
     assert [a["action"] for a in answers] == ["go to shelf 1"] * 2 and answers[1]["reason"] == "Short."
-    kept = answers[0]["reason"].split()
-    assert kept and long.split()[:len(kept)] == kept and records[0].reason == long
-    one_more = " ".join(long.split()[:len(kept) + 1])
+    kept, ends = answers[0]["reason"], [m.end() for m in re.finditer(r"\S+", long)]
+    assert kept and long.startswith(kept) and len(kept) in ends and records[0].reason == long  # after a word
+    one_more = long[:ends[ends.index(len(kept)) + 1]]
     assert fit.count(adapter.format_assistant_message_content(signature, {"reason": one_more,
                                                                           "action": "go to shelf 1"})) > 48
     chosen = preference_rows(signature, adapter, records, kind="dpo", fit=fit)[0]["chosen"][0]["content"]
     assert chosen == rows[0]["completion"][0]["content"]  # the preferred side is cut the same way
+
+    word = records[0].model_copy(update={"reason": "x" * 400})  # one long word: cut within it, not to nothing
+    [row] = sft_rows(signature, adapter, [word], fit=fit)
+    assert fit.count(row["completion"][0]["content"]) <= 48 and adapter.parse(
+        signature, row["completion"][0]["content"])["reason"].startswith("xx")
 
     tight = AnswerFit.of(tiny_model, 3)
     assert adapter.parse(signature, sft_rows(signature, adapter, records[1:], fit=tight)[0]["completion"][0][

@@ -66,7 +66,7 @@ class InterCodeEnv(TextEnv):
             mine: dict[str, list[Task]] = {}
             for task in self.file_tasks:
                 mine.setdefault(task.split, []).append(task)
-            # The task set is built (and, for Bash, checked in sandboxes) only for a split the file leaves to it.
+            # The task set is built (and, for Bash, checked in sandboxes) only if the file leaves it a split.
             self._splits = {**(self._build_splits() if set(SPLITS) - set(mine) else {}), **mine}
         limit = {"train": self.num_train, "seen": self.num_seen}.get(split)  # a small run's subset, same order
         return list(self._splits[split][:limit])

@@ -280,7 +280,7 @@ class LEAP(Teleprompter):
             beside()
             recorded = out / RESULT_FILE
             if recorded.exists() and not (out.parent / "train.json").exists():
-                atomic_write_text(out.parent / "train.json", recorded.read_text())
+                atomic_write_json(out.parent / "train.json", {**read_json(recorded), **cut})  # as written below
             return out, float(read_json(recorded).get("wall_s", 0.0)) if recorded.exists() else 0.0, 0.0
         if not rows:
             beside()

@@ -308,16 +308,30 @@ def reclone(specs: list[Spec], states: dict[str, str], root: Path) -> None:
 
 def grid_states(grid: Grid, root: Path, publish: Path | None = None,
                 specs: list[Spec] | None = None) -> dict[str, str]:
-    """Each run's state (done, published or pending), publishing the ones finished here: a grid stopped
-    part-way is reported on what it reached without starting the rest."""
+    """Each run's state (done, published, pending, or stale: finished here on tasks the environment no longer
+    lists), publishing the ones finished here: a grid stopped part-way is reported on what it reached without
+    starting the rest."""
     specs = specs if specs is not None else expand(grid)
-    states = {s.name: "done" if finished(s, root) else "published" if published(s, publish) or copied(s, publish)
-              else "pending" for s in specs}
+    states = {s.name: ("stale" if _stale(s, root) else "done") if finished(s, root)
+              else "published" if published(s, publish) or copied(s, publish) else "pending" for s in specs}
     if publish is not None:  # runs finished by an earlier call, perhaps one without --publish
         for name in (name for name, state in states.items() if state == "done"):
             publish_run(root / name, publish / name)
     show(specs, states, root, publish)
     return states
+
+
+def _stale(spec: Spec, root: Path) -> bool:
+    """Whether a run finished here played other tasks than its environment lists today: not done (nor published),
+    and not run again in its folder, whose compile would refuse the new tasks."""
+    try:
+        differs = _other_tasks(spec, read_config(root / spec.name / "config.yaml"))
+    except RunFileError:
+        return False  # finished() read the same folder: its config is the compile's to judge
+    if differs:
+        console.print(f"{spec.name}: finished here on other tasks ({', '.join(differs)}) than its environment lists "
+                      "today; move its folder away to run it again", soft_wrap=True, highlight=False)
+    return bool(differs)
 
 
 def run_grid(grid: Grid, root: Path, jobs: int = 1, publish: Path | None = None, min_free_gb: float = 10.0
@@ -355,7 +369,7 @@ def _run_grid_loop(grid: Grid, root: Path, jobs: int, publish: Path | None, min_
         for spec in specs:
             if states[spec.name] != "pending" or len(running) >= jobs:
                 continue
-            if spec.bc_from and states[spec.bc_from] in ("failed", "skipped"):
+            if spec.bc_from and states[spec.bc_from] in ("failed", "skipped", "stale"):
                 states[spec.name] = "skipped"
             elif _bc_ready(spec, root) and (not running or _free_gb() >= min_free_gb):
                 write_settings(spec, root)

@@ -181,6 +181,27 @@ def test_a_run_another_grid_published_with_the_same_settings_is_copied_not_run(t
         assert not copy.exists()
 
 
+def test_a_run_finished_here_on_tasks_no_longer_listed_is_stale_and_not_published(tmp_path: Path) -> None:
+    """A run in the grid's own folder that played other tasks than its environment lists today is neither done
+    nor published (nor started again: its compile would refuse the new tasks in that folder)."""
+    from leap_dspy.experiment import expected_config, grid_states
+
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"name": "one", "env": "alfworld", "seeds": [0],
+                                         "settings": {"evaluate_base": False}}))
+    grid, root, publish = Grid.load(grid_file), tmp_path / "runs", tmp_path / "published"
+    [spec] = expand(grid)
+    run = root / spec.name
+    shutil.copytree(ROOT / "docs" / "results" / "alfworld-updates" / "alfworld-update=sft-seed0", run)
+    (run / "student.json").write_text("{}")  # finished here: the student it returned
+    ran = yaml.safe_load((run / "config.yaml").read_text())
+    ran.update({k: v for k, v in expected_config(spec).items() if k != "env"})
+    for trainset, state in ((ran["trainset"][1:], "stale"), (ran["trainset"], "done")):
+        (run / "config.yaml").write_text(yaml.safe_dump({**ran, "trainset": trainset}))
+        assert grid_states(grid, root, publish, [spec]) == {spec.name: state}
+        assert (publish / spec.name / "episodes.csv").exists() == (state == "done")
+
+
 def test_the_tasks_a_grid_compares_are_those_its_compile_would_record(monkeypatch: pytest.MonkeyPatch,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """The listing process gets the run's seed and the grid's options as the compile does (a float in the

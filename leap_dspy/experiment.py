@@ -15,9 +15,9 @@ Each run is a `leap-dspy compile` in its own process (its memory is returned whe
 resumable: finished runs are skipped and an interrupted one resumes from its folder. Runs that would clone
 the same behaviour share it (`bc_from`): only settings that shape behaviour cloning tell them apart. A grid
 outlives the machine it started on: with `--publish`, a run whose summaries are published with the same
-settings and tasks is done, and a run whose behaviour cloning was shared from one of those clones again (seeded, so the
-same demonstrations and rows). A run another grid published beside it with the same settings and tasks is
-copied, not run again.
+settings and tasks is done, and a run whose behaviour cloning was shared from one of those clones again
+(seeded, so the same demonstrations and rows). A run another grid published beside it with the same settings
+and tasks is copied, not run again.
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def tasks_today(env: str, options: dict[str, Any]) -> dict[str, Any] | None:
     except ValueError as exc:  # a line that starts as the list and is not JSON
         found, why = None, str(exc)
     if found is None:
-        console.print(f"[yellow]warning:[/yellow] cannot list {env}'s tasks to compare published runs with "
+        console.print(f"[yellow]warning:[/yellow] cannot list {env}'s tasks to compare finished runs with "
                       f"({why}): they are compared by their settings alone", soft_wrap=True, highlight=False)
     _LISTED[key] = found
     return found

@@ -5,6 +5,12 @@ It follows DSPy's optimizer shape (`compile(student, trainset=..., teacher=..., 
 student, pointed at new weights), and differs from `BootstrapFinetune` on one point on purpose: training rows
 are formatted with the *student's* signature and inputs, never with the teacher's trace, because the
 teacher's inputs hold the privileged state.
+
+This file holds the method (`LEAP.compile`, read as Algorithm 1), its stages, the evaluations after each
+stage and the run folder's bookkeeping. Each stage calls into the concept's own home: episodes are played by
+`leap_dspy.rollout` (`play_episodes`, the one episode runner), corrections are asked and judged in
+`leap_dspy.corrections`, rows are built and aggregated in `leap_dspy.training_data`, where work runs (processes,
+cores, memory) is `leap_dspy.placement`'s, and what config.yaml holds and checks is `leap_dspy.run_config`'s.
 """
 
 from __future__ import annotations
@@ -300,6 +306,7 @@ class LEAP(Teleprompter):
         # The training's own seconds: the evaluation's are its stage's, but for those the two ran side by side.
         return out, time.perf_counter() - started - beside.seconds + overlap_s, overlap_s
 
+    # -- the evaluations ------------------------------------------------------------------------------------
     def owed_evaluation(self, k: int, student: Student, val: list[Task], work_s: float,
                         extra: dict[str, Any]) -> Owed:
         """Stage k's evaluation, with its adapter, to run when the next stage can spare the time."""

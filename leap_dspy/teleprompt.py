@@ -6,10 +6,10 @@ student, pointed at new weights), and differs from `BootstrapFinetune` on one po
 are formatted with the *student's* signature and inputs, never with the teacher's trace, because the
 teacher's inputs hold the privileged state.
 
-This file holds the method (`LEAP.compile`, read as Algorithm 1), its stages, the evaluations after each
-stage and the run folder's bookkeeping. Each stage calls into the concept's own home: episodes are played by
-`leap_dspy.rollout` (`play_episodes`, the one episode runner), corrections are asked and judged in
-`leap_dspy.corrections`, rows are built and aggregated in `leap_dspy.training_data`, where work runs (processes,
+This file holds the method (`LEAP.compile`, read as Algorithm 1), its stages and the run folder's bookkeeping.
+Each stage calls into the concept's own home: episodes are played by `leap_dspy.rollout` (`play_episodes`, the
+one episode runner), corrections are asked and judged in `leap_dspy.corrections`, rows are built and aggregated
+in `leap_dspy.training_data`, each stage is evaluated by `leap_dspy.evaluation`, where work runs (processes,
 cores, memory) is `leap_dspy.placement`'s, and what config.yaml holds and checks is `leap_dspy.run_config`'s.
 """
 
@@ -40,20 +40,19 @@ from leap_dspy.corrections import (
 from leap_dspy.envs import env_spec
 from leap_dspy.envs.base import TextEnv
 from leap_dspy.envs.check import check_env
+from leap_dspy.evaluation import StageEvaluations
 from leap_dspy.lm.engine import LocalEngine
 from leap_dspy.lm.models import check_model
-from leap_dspy.metrics import describe_expert, round_metrics, split_metrics
+from leap_dspy.metrics import describe_expert, round_metrics
 from leap_dspy.placement import Owed, Placement
 from leap_dspy.programs.agent import Agent
 from leap_dspy.programs.experts import OracleExpert, check_expert_call
-from leap_dspy.programs.student import Student, check_student, has_near_miss, prompt_format
+from leap_dspy.programs.student import Student, check_student, prompt_format
 from leap_dspy.progress import console
 from leap_dspy.rollout import (
     ROLLOUT_MAX_STUCK,
     Episodes,
-    Replays,
     attach_env,
-    engine_counters,
     expert_capture,
     expert_policy,
     play_episodes,
@@ -66,7 +65,7 @@ from leap_dspy.run_config import ConfigMismatch as ConfigMismatch  # re-exported
 from leap_dspy.runs import COMPILED, RunFolder, best_stage, check_adapter, default_run_dir, read_metrics
 from leap_dspy.store import JsonlLog, atomic_write_json, atomic_write_text, read_json, yaml_plain
 from leap_dspy.trackers import Trackers
-from leap_dspy.train.common import RESULT_FILE, check_target_modules, peak_rss_mb, release_memory
+from leap_dspy.train.common import RESULT_FILE, check_target_modules, release_memory
 from leap_dspy.training_data import (
     AnswerFit,
     aggregate_preference,
@@ -141,6 +140,8 @@ class LEAP(Teleprompter):
         train, val = as_tasks(trainset), as_tasks(valset or [])
         self._student = student
         teacher = self.prepare(teacher, train, val)
+        self.evaluations = StageEvaluations(self.run, self.config, self.placement, self.trackers, student,
+                                            with_scores=self._with_scores)
         started = time.perf_counter()
         self.placement.point(student, None)
         self.reference(student, teacher, val)
@@ -160,9 +161,9 @@ class LEAP(Teleprompter):
             # The previous stage's evaluation, owed since its fine-tune, runs beside this one (`Placement`).
             adapter, train_s, overlap_s = self.fine_tune(k, rows, adapter, beside=owed)
             self.placement.point(student, adapter)
-            owed = self.owed_evaluation(k, student, val, time.perf_counter() - round_start - owed.seconds,
-                                        {**round_metrics(corrections, trajectories, examples, train_s),
-                                         "overlap_s": round(overlap_s, 1)})
+            owed = self.evaluations.owed(k, val, time.perf_counter() - round_start - owed.seconds,
+                                         {**round_metrics(corrections, trajectories, examples, train_s),
+                                          "overlap_s": round(overlap_s, 1)})
         owed()  # the last stage's evaluation: nothing is left to run beside it
 
         adapter = self.select(student, adapter)
@@ -209,8 +210,8 @@ class LEAP(Teleprompter):
             rows, examples = rows + expert_rows, examples + len(expert_rows)
         adapter, train_s, _ = self.fine_tune(0, rows, None, beside=Owed())
         self.placement.point(student, adapter)
-        return adapter, self.owed_evaluation(0, student, val, time.perf_counter() - started,
-                                             round_metrics(current, demos, examples, train_s))
+        return adapter, self.evaluations.owed(0, val, time.perf_counter() - started,
+                                              round_metrics(current, demos, examples, train_s))
 
     def rollouts(self, k: int, student: Student, teacher: dspy.Module, train: list[Task]) -> dict[str, Trajectory]:
         """The current student plays a seeded sample of the training tasks, and further samples until the round
@@ -306,85 +307,13 @@ class LEAP(Teleprompter):
         # The training's own seconds: the evaluation's are its stage's, but for those the two ran side by side.
         return out, time.perf_counter() - started - beside.seconds + overlap_s, overlap_s
 
-    # -- the evaluations ------------------------------------------------------------------------------------
-    def owed_evaluation(self, k: int, student: Student, val: list[Task], work_s: float,
-                        extra: dict[str, Any]) -> Owed:
-        """Stage k's evaluation, with its adapter, to run when the next stage can spare the time."""
-        adapter = self.run.stage(k) / "adapter"
-
-        def evaluate() -> float:
-            if self.placement.pointed != adapter:  # it is, unless a resume or a kept round released it
-                self.placement.point(student, check_adapter(adapter))
-            return self.evaluate(k, student, val, work_s=work_s, extra=extra)
-
-        return Owed(evaluate)
-
-    def evaluate(self, name: str | int, policy: dspy.Module, tasks: list[Task], extra: dict[str, Any],
-                 work_s: float = 0.0, expert_level: int | None = None) -> float:
-        """Play the validation tasks (the student, strictly: an action runs as written; or with `expert_level`
-        the expert itself) and write the stage's metrics; `wall_s` is the stage's `work_s` (its own seconds
-        before evaluating) and the evaluation's. Returns the evaluation's seconds."""
-        stage = self.run.stage(name)
-        if (stage / "metrics.json").exists():
-            return 0.0
-        start = time.perf_counter()
-        snapped = self._snapped_replays(name) if expert_level is None and self.config.evaluate_snapped else None
-        shards = None
-        if expert_level is None:
-            play, threads = student_policy(self._student, policy=str(name), snap=False), self.config.num_threads
-            # Only evaluations split: their episodes decide no training row, so batches of other sizes, which
-            # flip bf16 near-ties, cannot change what a run learns (split rollouts did, docs/results.md).
-            shards = self.placement.episode_shards(self._student, {"policy": str(name), "snap": False},
-                                                   {"policy": str(name), "snap": True} if snapped else None, stage)
-        else:
-            play = expert_policy(policy, self._student, self.env, level=expert_level,
-                                 retries=self.config.expert_retries)
-            threads = self.config.expert_threads
-        log = JsonlLog(stage / "eval.jsonl", Trajectory, key=lambda t: t.task.id)
-        before = engine_counters(policy)
-        done = play_episodes(Episodes(log, tasks, f"evaluate {name}", play, replays=snapped), self.placement.episodes,
-                             program=policy, num_threads=threads, progress=self.config.progress, shards=shards)
-        work = {f"eval_{k}": round(v - before[k], 1) for k, v in engine_counters(policy).items()}
-        metrics: dict[str, Any] = {"iteration": str(name), **split_metrics(list(done.values())),
-                                   "train_examples": 0, **work, **extra}
-        if snapped is not None:
-            metrics.update(self.evaluate_snapped(name, tasks, done, snapped))
-        metrics["eval_s"] = round(time.perf_counter() - start, 1)
-        metrics["peak_rss_mb"] = round(peak_rss_mb(), 1)  # this process's, so far; a launched fine-tune's is apart
-        metrics["wall_s"] = round(work_s + metrics["eval_s"], 1)
-        atomic_write_json(stage / "metrics.json", metrics)
-        self.trackers.log_stage(str(name), metrics)
-        self.run.write_metrics_csv(with_scores=self._with_scores)
-        shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("seen_success", "unseen_success") if k in metrics)
-        console.print(f"[bold]{name}[/bold]: {shown}")
-        return metrics["eval_s"]
-
-    def _snapped_replays(self, name: str | int) -> Replays:
-        """The student replaying, with near misses snapped, the strict evaluation's episodes that had one."""
-        return Replays(JsonlLog(self.run.stage(name) / "eval_snapped.jsonl", Trajectory, key=lambda t: t.task.id),
-                       play=student_policy(self._student, policy=str(name), snap=True))
-
-    def evaluate_snapped(self, name: str | int, tasks: list[Task], strict: dict[str, Trajectory],
-                         replays: Replays) -> dict[str, Any]:
-        """Success had near misses been snapped to the admissible action (`Student.snap_actions`), reported
-        beside the strict one. Greedy decoding replays an episode step for step up to its first near miss,
-        so only the episodes that had one play again: as each ends (see `Replays`), and here those a stop cut
-        short."""
-        near = [task for task in tasks if has_near_miss(strict[task.id])]
-        replayed = play_episodes(Episodes(replays.log, near, f"evaluate {name}, snapped", replays.play),
-                                 self.placement.episodes, program=self._student, num_threads=self.config.num_threads,
-                                 progress=self.config.progress) if near else {}
-        metrics = split_metrics([replayed.get(task.id, strict[task.id]) for task in tasks])
-        snapped = {f"{k}_snapped": v for k, v in metrics.items() if k.endswith(("_success", "_score"))}
-        return {**snapped, "near_miss_episodes": len(near)}
-
     def reference(self, student: Student, teacher: dspy.Module, val: list[Task]) -> None:
         """The untrained student and the expert acting itself, evaluated once for the table's reference rows; a
         privileged self has no row of its own (before behaviour cloning it is the untrained student)."""
         if self.config.evaluate_base and val:
-            self.evaluate("base", student, val, extra={})
+            self.evaluations.play("base", student, val, extra={})
         if self.config.evaluate_expert and val and not _follows_student(teacher):
-            self.evaluate("expert", teacher, val, extra={}, expert_level=self.privilege_level)
+            self.evaluations.play("expert", teacher, val, extra={}, expert_level=self.privilege_level)
 
     # -- the run folder ------------------------------------------------------------------------------------
 

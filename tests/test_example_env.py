@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from leap_dspy.cli import app
 from leap_dspy.envs import UnknownEnvironment, env_class
+from leap_dspy.evaluation import StageEvaluations
 from leap_dspy.programs import OracleExpert, Student
 from leap_dspy.programs.student import run_episode
 from leap_dspy.realizability import unobserved_mentions
@@ -175,12 +176,17 @@ class _Wordy(Student):
         return "plan", f"open {box}" if box else next(a for a in listed if a.startswith("shake ")), None
 
 
+def _evaluations(leap: LEAP, student: Student) -> StageEvaluations:
+    """The stage evaluations `LEAP.compile` makes, for a student of a test's own."""
+    return StageEvaluations(leap.run, leap.config, leap.placement, leap.trackers, student, with_scores=False)
+
+
 def test_evaluation_is_strict_and_reports_snapped_success_beside(tmp_path: Path) -> None:
     env = KeyBox(**TINY)
     leap = LEAP(env, run_dir=tmp_path / "run", progress=False, evaluate_snapped=True)
-    leap._student = student = _Wordy()
+    evaluations = _evaluations(leap, student := _Wordy())
     tasks = env.tasks("seen") + env.tasks("unseen")
-    leap.evaluate("probe", student, tasks, extra={})
+    evaluations.play("probe", student, tasks, extra={})
     metrics = json.loads((tmp_path / "run" / "probe" / "metrics.json").read_text())
     assert metrics["seen_success"] == metrics["unseen_success"] == 0.0  # "take the key" does not run as written
     assert metrics["seen_success_snapped"] == metrics["unseen_success_snapped"] == 1.0
@@ -192,10 +198,10 @@ def test_evaluation_is_strict_and_reports_snapped_success_beside(tmp_path: Path)
 def test_near_misses_replay_as_their_strict_episode_ends_and_a_cut_replay_on_resume(tmp_path: Path) -> None:
     env = KeyBox(**TINY)
     leap = LEAP(env, run_dir=tmp_path / "run", progress=False, evaluate_snapped=True)
-    leap._student = student = _Wordy()
+    evaluations = _evaluations(leap, student := _Wordy())
     tasks = env.tasks("seen") + env.tasks("unseen")
     stage = tmp_path / "run" / "probe"
-    replays = leap._snapped_replays("probe")
+    replays = evaluations.replays("probe")
     strict = play_episodes(Episodes(JsonlLog(stage / "eval.jsonl", Trajectory, key=lambda t: t.task.id), tasks,
                                     "probe", student_policy(student, snap=False), replays=replays),
                            env, program=None, num_threads=2, progress=False)
@@ -206,7 +212,7 @@ def test_near_misses_replay_as_their_strict_episode_ends_and_a_cut_replay_on_res
 
     lines = (stage / "eval_snapped.jsonl").read_text().splitlines(keepends=True)
     (stage / "eval_snapped.jsonl").write_text(lines[0])  # a stop after the first replay
-    leap.evaluate("probe", student, tasks, extra={})
+    evaluations.play("probe", student, tasks, extra={})
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["unseen_success_snapped"] == metrics["seen_success_snapped"] == 1.0
     assert len(replays.log.load()) == len(tasks) and metrics["unseen_success"] == 0.0

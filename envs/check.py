@@ -1,6 +1,6 @@
-"""A contract check for a `TextEnv`, in the spirit of gymnasium's `check_env`: the oracle plays one task before
-a compile starts, so that a broken environment fails at once with what is wrong (or is warned about), not
-with a traceback in the middle of a round or with demonstrations silently dropped.
+"""A contract check for a `TextEnv`, in the spirit of gymnasium's `check_env`: the scripted expert plays one task
+before a compile starts, so that a broken environment fails at once with what is wrong (or is warned about),
+not with a traceback in the middle of a round or with demonstrations silently dropped.
 """
 
 from __future__ import annotations
@@ -20,56 +20,91 @@ class EnvContractError(ValueError):
     """The environment breaks the `TextEnv` contract in a way no run can work around."""
 
 
-def check_env(env: TextEnv, task: Task, episode_env: Any = None, oracle: bool = True) -> list[str]:
-    """Check `env`'s contract, playing `task` on `episode_env` (an episode's clone, or a Ray actor's) or `env`
-    itself, with the oracle where it is the demonstrator; raises `EnvContractError` for what no run can work
-    around, returns warnings (an oracle step the environment would not admit, a lost episode) for the rest."""
+def check_env(env: TextEnv, task: Task, episode_env: Any = None, oracle: bool = True, *,
+              expert: Any = None, student: Any = None) -> list[str]:
+    """Check `env`'s contract on `task`, played on `episode_env` (an episode's clone, or a Ray actor's) or `env`
+    itself; raises `EnvContractError` for what no run can work around, returns warnings for the rest.
+
+    With `oracle` the scripted expert then plays the task as it demonstrates (`expert`, default an
+    `OracleExpert` with the environment's expertise, at the top privilege level; through `student`'s prompts,
+    default `Student()`), and each step it would have dropped, or a lost episode, is a warning."""
     name = type(env).__name__
     _check_rebuild(env, name)
     played = env if episode_env is None else episode_env
     try:
-        return _play(played, env.privilege_levels, task, name, oracle)
+        _call(name, f"reset({task.id!r})", played.reset, task)
+        _check_privileged(played, env.privilege_levels, name)
+        _check_any_action(played, task, name)
+        return _demonstrate(env, played, task, name, expert, student) if oracle else []
     finally:
         played.close()
 
 
-def _play(env: Any, levels: Iterable[int], task: Task, name: str, oracle: bool) -> list[str]:
-    obs = _call(name, "reset", env.reset, task)
-    _check_privileged(env, levels, name)
-    warnings: list[str] = []
-    for step in range(env.max_steps if oracle else 0):
-        if obs.done:
-            break
-        try:
-            action = env.oracle_action()
-        except Exception as exc:  # a user's oracle that cannot act here: the demonstrations will say so too
-            return [f"{name}.oracle_action() failed at step {step}: {type(exc).__name__}: {exc}"]
-        if action is None:
-            warnings.append(f"{name}.oracle_action() gave None at step {step} of task {task.id} before the "
-                            "episode ended: the scripted expert has no step there")
-            break
-        if not action_admissible(action, obs.admissible_actions):
-            warnings.append(f"{name}.oracle_action() gave {action!r} at step {step} of task {task.id}, not in "
-                            "its admissible_actions: demonstrations drop such steps")
-        obs = _call(name, "step", env.step, action)
-        if obs.info.get("valid") is False:
-            warnings.append(f"{name}.oracle_action() gave {action!r} at step {step} of task {task.id}, which the "
-                            "environment rejected (info['valid'] is False): demonstrations drop such steps")
-        _check_privileged(env, levels, name)
-    if oracle and not obs.success:
-        warnings.append(f"the oracle did not win task {task.id} in {env.max_steps} steps: behaviour cloning "
-                        "keeps won episodes only (bc_successful_only)")
+def _demonstrate(env: TextEnv, played: Any, task: Task, name: str, expert: Any, student: Any) -> list[str]:
+    """The scripted expert's episode, by the runner every episode goes through, read for what demonstrations
+    of it would drop; the environment's own failure during it is an error."""
+    from leap_dspy.programs import OracleExpert, Student
+    from leap_dspy.rollout import expert_policy
+
+    expert = expert or OracleExpert()
+    play = expert_policy(expert, student or Student(), env, level=max(env.privilege_levels))
+    trajectory = play(played, task)
+    failed = trajectory.error is not None and not (trajectory.steps and trajectory.steps[-1].error)
+    if failed:  # the environment's code, not the expert's: every episode that reaches this state ends alike
+        raise EnvContractError(f"{name} failed while the scripted expert played task {task.id}: "
+                               f"{trajectory.error}")
+    _check_privileged(played, env.privilege_levels, name)  # in the state the episode ended in, too
+    who = _who(expert, name)
+    warnings = []
+    for step in trajectory.steps:
+        where = f"at step {step.index} of task {task.id}"
+        if step.error:
+            warnings.append(f"the scripted expert failed {where} ({step.error}): demonstrations end there")
+        elif not action_admissible(step.action, step.admissible_actions):
+            warnings.append(f"{who} gave {step.action!r} {where}, not in its admissible_actions: demonstrations "
+                            "drop such steps")
+        elif not step.valid:
+            warnings.append(f"{who} gave {step.action!r} {where}, which the environment rejected "
+                            "(info['valid'] is False): demonstrations drop such steps")
+    if not trajectory.success:
+        warnings.append(f"the scripted expert did not win task {task.id} in {len(trajectory.steps)} steps: "
+                        "behaviour cloning keeps won episodes only (bc_successful_only)")
     return warnings
 
 
-def _call(name: str, method: str, function: Any, argument: Any) -> Observation:
+def _who(expert: Any, name: str) -> str:
+    """Whose choice a demonstrated action was: the oracle's where the expertise follows it, else the expertise's."""
+    from leap_dspy.envs.expertise import Expertise
+
+    expertise = getattr(expert, "expertise", None)
+    if expertise is None or type(expertise).act is Expertise.act:
+        return f"{name}.oracle_action()"
+    return f"the scripted expert ({type(expertise).__name__}.act)"
+
+
+def _call(name: str, method: str, function: Any, argument: Any, hint: str = "") -> Observation:
     try:
         obs = function(argument)
     except Exception as exc:  # an environment that cannot run an episode: no run can work around it
-        raise EnvContractError(f"{name}.{method}() failed: {type(exc).__name__}: {exc}") from exc
+        raise EnvContractError(f"{name}.{method} failed: {type(exc).__name__}: {exc}{hint}") from exc
     if not isinstance(obs, Observation):
-        raise EnvContractError(f"{name}.{method} returned {type(obs).__name__}, not a leap_dspy.types.Observation")
+        raise EnvContractError(f"{name}.{method} returned {type(obs).__name__}, not a leap_dspy.types.Observation"
+                               f"{hint}")
     return obs
+
+
+ANY_ACTIONS = ("", "xyzzy 42")
+"""What a student may write (a malformed answer parses to an empty action)."""
+
+
+def _check_any_action(env: Any, task: Task, name: str) -> None:
+    """`step` answers whatever a student writes with an `Observation`: one that raised would end every episode
+    an untrained student plays at its first stray word."""
+    for action in ANY_ACTIONS:
+        _call(name, f"reset({task.id!r})", env.reset, task)
+        _call(name, f"step({action!r})", env.step, action, hint=": a student's action can be anything, an empty "
+              "one included; answer what cannot run with an Observation whose text says why and info['valid'] "
+              "False")
 
 
 def _check_privileged(env: Any, levels: Iterable[int], name: str) -> None:

@@ -20,6 +20,7 @@ from leap_dspy.cli_settings import (
     compile_tasks,
     env_tasks,
     fail,
+    first_error,
     own_student,
     parse_sets,
     resolve_settings,
@@ -123,7 +124,7 @@ def compile_(
         leap = LEAP(environment, config, run_dir=run_dir)
         leap.check_teacher(attach_env(teacher, environment))
     except ValueError as exc:
-        raise fail(str(exc).splitlines()[0] if "validation error" not in str(exc) else _first_error(exc)) from exc
+        raise fail(str(exc).splitlines()[0] if "validation error" not in str(exc) else first_error(exc)) from exc
     trainset, valset = compile_tasks(environment)
     if not trainset:
         raise fail(f"{env} has no training tasks with these options (num_train?)")
@@ -158,15 +159,6 @@ def _before_tasks(settings: dict[str, Any]) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-
-
-def _first_error(exc: Exception) -> str:
-    """A pydantic validation error as one line: the field and what is wrong with it."""
-    errors = getattr(exc, "errors", lambda: [])()
-    if not errors:
-        return str(exc).splitlines()[0]
-    first = errors[0]
-    return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
 
 
 @app.command()

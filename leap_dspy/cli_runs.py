@@ -78,17 +78,20 @@ def run_lm(run_dir: Path) -> Any:
     return local_lm(model, adapter=adapter, **engine)
 
 
-def report_rollout(name: str, trajectories: list[Any]) -> dict[str, Any]:
+def report_rollout(name: str, trajectories: list[Any], with_scores: bool = True) -> dict[str, Any]:
+    """Each split's success (and score, where the environment reports one beside success) as a table."""
     from leap_dspy.metrics import split_metrics
 
     metrics = split_metrics(trajectories)
+    columns = ("split", "episodes", "success", *(("score",) if with_scores else ()), "mean steps")
     table = Table(title=name)
-    for column in ("split", "episodes", "success", "score", "mean steps"):
+    for column in columns:
         table.add_column(column, justify="right")
     for split in ("train", "seen", "unseen"):
         if f"{split}_episodes" in metrics:
-            table.add_row(split, str(metrics[f"{split}_episodes"]), f"{metrics[f'{split}_success']:.3f}",
-                          f"{metrics[f'{split}_score']:.1f}", f"{metrics[f'{split}_steps']:.1f}")
+            score = (f"{metrics[f'{split}_score']:.1f}",) if with_scores else ()
+            table.add_row(split, str(metrics[f"{split}_episodes"]), f"{metrics[f'{split}_success']:.3f}", *score,
+                          f"{metrics[f'{split}_steps']:.1f}")
     console.print(table)
     return metrics
 
@@ -112,16 +115,19 @@ def play_split(student: Any, environment: Any, split: str, threads: int, limit: 
         from leap_dspy.store import atomic_write_text
 
         atomic_write_text(out, "".join(t.model_dump_json() + "\n" for t in trajectories))
-    report_rollout(title, trajectories)
+    report_rollout(title, trajectories, with_scores=bool(getattr(environment, "reports_score", False)))
 
 
 def print_metrics(run: RunFolder) -> None:
+    """metrics.csv with a column per stage: a row per stage would be a dozen columns, cut to fit a terminal."""
     rows = list(run.summary_rows().values())
     if not rows:
         return
     table = Table(title=str(run.path / "metrics.csv"))
-    for column in rows[0]:
-        table.add_column(column, justify="right")
+    table.add_column("")
     for row in rows:
-        table.add_row(*row.values())
+        table.add_column(row["iteration"], justify="right")
+    for column in rows[0]:
+        if column != "iteration":
+            table.add_row(column, *(row.get(column, "") for row in rows))
     console.print(table)

@@ -80,7 +80,7 @@ def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise fail(f"cannot read --config {path}: {exc}") from exc
+        raise fail(f"cannot read --config {path}: {_yaml_error(exc)}") from exc
     if not isinstance(data, dict):
         raise fail(f"--config {path} is not a mapping of LEAP settings")
     try:
@@ -95,8 +95,30 @@ def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
     unknown = sorted(set(data) - set(LEAPConfig.model_fields) - run_keys)
     if unknown:
         raise fail(f"--config {path}: not LEAP settings: {', '.join(unknown)}")
-    return ({k: v for k, v in data.items() if k in LEAPConfig.model_fields},
-            {k: v for k, v in data.items() if k in run_keys})
+    settings = {k: v for k, v in data.items() if k in LEAPConfig.model_fields}
+    try:  # each value here, so that a wrong one names the file it is in
+        LEAPConfig.model_validate(settings)
+    except ValueError as exc:
+        raise fail(f"--config {path}: {first_error(exc)}") from exc
+    return settings, {k: v for k, v in data.items() if k in run_keys}
+
+
+def first_error(exc: Exception) -> str:
+    """A pydantic validation error as one line: the field and what is wrong with it."""
+    errors = getattr(exc, "errors", lambda: [])()
+    if not errors:
+        return str(exc).splitlines()[0]
+    first = errors[0]
+    return f"{'.'.join(map(str, first['loc']))}: {first['msg']}"
+
+
+def _yaml_error(exc: Exception) -> str:
+    """A YAML syntax error as one line, where it is and what was expected (PyYAML's own message quotes it)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(exc).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _unpin_derived_lr(data: dict[str, Any]) -> dict[str, Any]:

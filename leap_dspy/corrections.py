@@ -69,6 +69,18 @@ def nothing_to_clone(demos: dict[str, Trajectory], records: list[Correction], su
     return message
 
 
+def few_won(demos: dict[str, Trajectory], successful_only: bool) -> str | None:
+    """A warning where the demonstrator lost most training tasks (a scripted expertise with a bug, an LM expert
+    out of its depth): its run would otherwise look like any other in metrics.csv. None where it won half or
+    more, or none at all where only won episodes count (`nothing_to_clone` says that)."""
+    won, played = sum(t.success for t in demos.values()), len(demos)
+    if 2 * won >= played or (successful_only and not won):
+        return None
+    kept = ("; behaviour cloning keeps won episodes only (bc_successful_only), so it trains on those"
+            if successful_only else "; behaviour cloning trains on lost episodes too (bc_successful_only is off)")
+    return f"the demonstrator won {won} of {played} training tasks{kept}: see the expert's reference row"
+
+
 def unrealizable(judged: dict[str, Any]) -> str | None:
     """Why a judged record is not realizable, as its `dropped` note, or None."""
     if judged["unobserved"]:

@@ -391,7 +391,8 @@ def expert_policy(expert: dspy.Module, student: Student, env: TextEnv, *, level:
                 bills.append(None if uses_no_lm else sum(spent, ExpertUsage()))
             return str(out.reason).strip(), str(out.action).strip(), None
 
-        trajectory = run_episode(act, student.inputs, episode_env, task, policy=policy, capture_level=record_level)
+        trajectory = run_episode(act, student.inputs, episode_env, task, policy=policy, capture_level=record_level,
+                                 end_on_failure=True)
         for step, privileged, bill in zip(trajectory.steps, used, bills, strict=False):
             step.privileged, step.expert_usage = step.privileged or privileged, bill
         return trajectory

@@ -21,7 +21,7 @@ import random
 import time
 import typing
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from leap_dspy.corrections import (
     NoDemonstrations,
     collect_corrections,
     demonstration_records,
+    few_won,
     nothing_to_clone,
 )
 from leap_dspy.envs import env_spec
@@ -97,8 +98,8 @@ class LEAP(Teleprompter):
 
     Args:
         env: the environment the student acts in (its tasks come from `trainset`/`valset`).
-        config: every setting of the compile (`LEAPConfig`); keyword arguments override its fields, as in
-            `LEAP(env, iterations=2, update="dpo")`.
+        config: every setting of the compile (`LEAPConfig`, or a mapping of its fields, as a YAML file gives
+            them); keyword arguments override its fields, as in `LEAP(env, iterations=2, update="dpo")`.
         run_dir: where everything is written; an existing folder with the same configuration is resumed.
         teacher: the expert when `compile` is given none (how `dspy.BetterTogether`, which only passes teachers
             shaped like the student, gets a privileged expert to LEAP); default the scripted expert.
@@ -106,7 +107,8 @@ class LEAP(Teleprompter):
             expert when the teacher is the student's own privileged self (untrained, it has nothing to show).
     """
 
-    def __init__(self, env: TextEnv, config: LEAPConfig | None = None, *, run_dir: str | Path | None = None,
+    def __init__(self, env: TextEnv, config: LEAPConfig | Mapping[str, Any] | None = None, *,
+                 run_dir: str | Path | None = None,
                  teacher: dspy.Module | None = None, demonstrator: dspy.Module | None = None,
                  **settings: Any) -> None:
         super().__init__()
@@ -114,8 +116,7 @@ class LEAP(Teleprompter):
         # None sets a field that takes None (rollout_tasks=None: every task; iteration_lr=None: derived), as
         # LEAPConfig(...) does; for any other field it means "not given".
         given = {k: v for k, v in settings.items() if v is not None or k in _NULLABLE}
-        self.config = LEAPConfig.model_validate({**(config or LEAPConfig()).model_dump(exclude_unset=True),
-                                                 **given}).for_env(env)
+        self.config = LEAPConfig.model_validate({**_settings_of(config), **given}).for_env(env)
         self.env = env
         self.expertise = env.expertise()  # what the records are judged by, and the privileged self's proposals
         env.check_level(self.config.privilege_level)  # an unknown level fails here, before anything runs
@@ -193,6 +194,8 @@ class LEAP(Teleprompter):
         demos = play_episodes(Episodes(log, train, "demonstrations", play), self.placement.episodes,
                               program=demonstrator, num_threads=self.config.expert_threads,
                               progress=self.config.progress)
+        if lost := few_won(demos, self.config.bc_successful_only):
+            console.print(f"[yellow]warning:[/yellow] {escape(lost)}")
         records = self.run.corrections_log(0)
         demonstration_records(demos.values(), records, level, self.expertise, self.config.bc_successful_only,
                               self.config.drop_unrealizable)
@@ -327,8 +330,10 @@ class LEAP(Teleprompter):
         if not train:
             raise ValueError("trainset is empty")
         self.check_teacher(teacher)
-        scripted = getattr(self._demonstrator(teacher), "scripted", False)  # only then does the oracle play
-        for warning in check_env(self.env, train[0], self.placement.episodes.clone(), oracle=scripted):
+        demonstrator = self._demonstrator(teacher)
+        scripted = getattr(demonstrator, "scripted", False)  # only then does it play the check (an LM is billed)
+        for warning in check_env(self.env, train[0], self.placement.episodes.clone(), oracle=scripted,
+                                 expert=demonstrator, student=self._student):
             console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         check_model(self.config.model)
         check_target_modules(self.config.model, self.config.train)
@@ -336,6 +341,9 @@ class LEAP(Teleprompter):
         config = self.run_config(teacher, train, val)
         source = check_bc_from(self.config.bc_from, config) if self.config.bc_from is not None else None
         start_run(self.run, config)
+        if not self.run.finished(self.config.iterations):  # a round will train on every finished stage's records
+            for k in filter(self.run.finished, range(self.config.iterations)):
+                self.run.corrections(k)  # refused now, not after the next round's rollouts, if cut since
         self.trackers = Trackers(self.config.report_to, self.run.path, self.run.path.name)
         self.trackers.log_config(config)
         if source is not None:  # its behaviour cloning, and its reference rows where the expert plays at our level
@@ -434,6 +442,18 @@ class LEAP(Teleprompter):
     def _propose_reason(self, task: str, observation: str, action: str, history: str) -> str:
         inputs = StudentInputs(task=task, observation=observation, history=history)
         return self.expertise.explain(inputs, PrivilegedState(level=0), action)
+
+
+def _settings_of(config: LEAPConfig | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings a `config` argument sets: a `LEAPConfig`'s, or a mapping's, as `LEAPConfig(**mapping)` takes
+    them (the keyword names of earlier releases included)."""
+    if config is None:
+        return {}
+    if isinstance(config, LEAPConfig):
+        return config.model_dump(exclude_unset=True)
+    if isinstance(config, Mapping):
+        return {_RENAMED.get(k, k): v for k, v in config.items()}
+    raise TypeError(f"LEAP's config is a LEAPConfig or a mapping of its settings, not {type(config).__name__}")
 
 
 def _follows_student(expert: dspy.Module) -> bool:

@@ -126,8 +126,8 @@ class Trajectory(BaseModel):
     reward: float = 0.0
     wall_s: float = 0.0
     error: str | None = None
-    """Why the episode ended early because the environment's own code raised (see `EnvironmentFailed`): the
-    steps before it are kept, and it counts as a failure."""
+    """Why the episode ended early: the environment's own code raised (see `EnvironmentFailed`), or an expert
+    playing it had no action (`PolicyFailed`); the steps before it are kept, and it counts as a failure."""
 
     @property
     def num_errors(self) -> int:

@@ -178,18 +178,30 @@ def has_near_miss(trajectory: Trajectory) -> bool:
     return any(snap_action(step.action, step.admissible_actions) for step in trajectory.steps)
 
 
-class EnvironmentFailed(Exception):
-    """The environment's own code raised inside an episode: `run_episode` records it and ends that episode
-    alone, so that one broken task neither stops a compile nor, replayed greedily on resume, stops it again."""
+class EpisodeEnded(Exception):
+    """What an episode cannot go on without failed: `run_episode` records it and ends that episode alone, so
+    that one broken task neither stops a compile nor, replayed greedily on resume, stops it again."""
 
 
-def env_call(what: str, call: Any, *args: Any) -> Any:
-    """`call(*args)`, a method of the environment, with any exception it raises turned into `EnvironmentFailed`
-    naming it (`what`)."""
+class EnvironmentFailed(EpisodeEnded):
+    """The environment's own code raised inside an episode, or returned what the contract does not."""
+
+
+class PolicyFailed(EpisodeEnded):
+    """The policy gave no action at a step (`run_episode(end_on_failure=True)`: an expert's failure)."""
+
+
+def env_call(what: str, call: Any, *args: Any, returns: type | None = None) -> Any:
+    """`call(*args)`, a method of the environment, with any exception it raises, or a result that is not of the
+    type it `returns` (a `str` for an `Observation`, say), turned into `EnvironmentFailed` naming it (`what`)."""
     try:
-        return call(*args)
+        result = call(*args)
     except Exception as exc:
         raise EnvironmentFailed(f"the environment's {what} raised {type(exc).__name__}: {exc}") from exc
+    if returns is not None and not isinstance(result, returns):
+        raise EnvironmentFailed(f"the environment's {what} returned {type(result).__name__}, not a "
+                                f"leap_dspy.types.{returns.__name__}")
+    return result
 
 
 def capture_privileged(env: Any, level: int | None, oracle: bool) -> PrivilegedState | None:
@@ -199,14 +211,15 @@ def capture_privileged(env: Any, level: int | None, oracle: bool) -> PrivilegedS
         return None
     state = PrivilegedState(level=-1)
     if level is not None:
-        state = env_call("privileged_state()", env.privileged_state, level)
+        state = env_call("privileged_state()", env.privileged_state, level, returns=PrivilegedState)
     state.oracle_action = env_call("oracle_action()", env.oracle_action) if oracle else None
     return state
 
 
 def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: int | None = None,
                 capture_level: int | None = None, capture_oracle: bool = False, policy: str = "student",
-                max_invalid_streak: int = 0, snap: bool = False, max_stuck: int = 0) -> Trajectory:
+                max_invalid_streak: int = 0, snap: bool = False, max_stuck: int = 0,
+                end_on_failure: bool = False) -> Trajectory:
     """The loop shared by every policy: observe, decide, step, record.
 
     `capture_level` records the privileged state at each step (for an LM expert's prompt) and
@@ -223,22 +236,32 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
     selected); rollouts stop there, since the expert's corrections of further repeats would be copies of one
     state's, and enough copies outweigh the rest of a round's data.
 
-    When the environment's own code raises (`reset`, `step`, `privileged_state`, `oracle_action`), the episode
-    ends there with the failure in `Trajectory.error` and a warning; the episodes beside it play on.
+    When the environment's own code raises (`reset`, `step`, `privileged_state`, `oracle_action`) or returns
+    what the contract does not (a `str` for an `Observation`), the episode ends there with the failure in
+    `Trajectory.error` and a warning; the episodes beside it play on. `end_on_failure` ends it the same way at
+    a step `act` failed (an expert's: it has no action to play, and asked again in the same state a scripted
+    one fails alike), the step kept with its error and the environment not stepped.
     """
     start = time.perf_counter()
     limit = max_steps or getattr(env, "max_steps", 30)
     trajectory = Trajectory(task=task, policy=policy)
     streak = stuck = 0
     try:
-        observation = env_call(f"reset({task.id!r})", env.reset, task)
+        observation = env_call(f"reset({task.id!r})", env.reset, task, returns=Observation)
         for index in range(limit):
             inputs = make_inputs(task, observation, trajectory.steps)
             privileged = capture_privileged(env, capture_level, capture_oracle)
             reason, action, error = act(inputs)
             admissible = observation.admissible_actions
+            if error is not None and end_on_failure:
+                trajectory.steps.append(Step(index=index, inputs=inputs, reason=reason, action=action,
+                                             admissible_actions=admissible, next_observation=observation.text,
+                                             reward=observation.reward, done=False, error=error,
+                                             privileged=privileged, valid=False))
+                raise PolicyFailed(error)
             executed = snap_action(action, admissible) if snap else None
-            observation = env_call(f"step({executed or action!r})", env.step, executed or action)
+            observation = env_call(f"step({executed or action!r})", env.step, executed or action,
+                                   returns=Observation)
             rejected = observation.info.get("valid") is False
             trajectory.steps.append(
                 Step(index=index, inputs=inputs, reason=reason, action=action, admissible_actions=admissible,
@@ -254,8 +277,9 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
                 break
         trajectory.success = bool(observation.success)
         trajectory.reward = float(observation.reward)
-    except EnvironmentFailed as failure:
-        trajectory.error = f"step {len(trajectory.steps)}: {failure}"
+    except EpisodeEnded as failure:
+        at = len(trajectory.steps) - (1 if isinstance(failure, PolicyFailed) else 0)  # the failed step is kept
+        trajectory.error = f"step {at}: {failure}"
         ended = f"{policy} episode of task {task.id} ended: {trajectory.error}"
         console.print(f"[yellow]warning:[/yellow] {escape(ended)}", highlight=False, soft_wrap=True)
     trajectory.wall_s = time.perf_counter() - start

@@ -171,6 +171,83 @@ def test_an_environment_that_raises_ends_that_episode_alone_and_records_why() ->
     assert split_metrics([red, green, blue])["environment_failures"] == 2
 
 
+class TerseBoxes(Boxes):
+    """Boxes whose `step` answers an action it does not know with a bare string, not an `Observation`."""
+
+    def step(self, action: str) -> Observation:
+        if action == "take key" or action.startswith("open "):
+            return super().step(action)
+        return "I do not know that action."  # type: ignore[return-value]
+
+
+def test_an_environment_that_returns_no_observation_ends_that_episode_and_fails_the_contract_check() -> None:
+    """A wrong return type ends the episode like a raise (not the compile, with an AttributeError deep in the
+    episode runner); the contract check tries a stray action before anything runs, and says what to return."""
+    import dspy
+
+    from leap_dspy.envs.check import EnvContractError, check_env
+
+    student = Student()
+    student.set_lm(dspy.utils.DummyLM([{"reason": "I dance.", "action": "dance"}] * 3))
+    with dspy.context(adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)):
+        played = student.run(TerseBoxes(), Boxes().tasks("train")[0])
+    assert not played.steps and not played.success
+    assert played.error == "step 0: the environment's step('dance') returned str, not a leap_dspy.types.Observation"
+    env = TerseBoxes()
+    with pytest.raises(EnvContractError, match=r"TerseBoxes.step\(''\) returned str.*info\['valid'\] False"):
+        check_env(env, env.tasks("train")[0])
+
+
+class ClumsyExpertise(Expertise):
+    """An expertise of its own, with a bug: it raises once a box is open."""
+
+    def act(self, inputs: Any, privileged: PrivilegedState, student_action: str) -> str | None:
+        if "You open" in inputs.observation:
+            raise KeyError("opened")
+        return "open red box"
+
+
+class ClumsyBoxes(Boxes):
+    def oracle_action(self) -> str | None:
+        return "open the purple box"  # never what this expertise plays: nothing to warn about
+
+    def expertise(self) -> Expertise:
+        return ClumsyExpertise()
+
+
+def test_a_scripted_expert_that_raises_ends_its_episode_there_and_the_check_says_so() -> None:
+    """The expert has no action to play at a step it failed: the episode ends there, the step kept with its
+    error and the environment not stepped with an empty action (as it was, to the step limit). The contract
+    check plays the expert as it demonstrates, so an oracle it never follows draws no warning."""
+    from leap_dspy.envs.check import check_env
+
+    env = ClumsyBoxes()
+    [played] = expert_rollout(OracleExpert(), Student(), env, env.tasks("train")[:1], level=1, num_threads=1)
+    assert [s.action for s in played.steps] == ["open red box", ""]  # not played on to the step limit
+    assert played.steps[-1].next_observation == played.steps[0].next_observation  # the failed step: not stepped
+    assert (played.steps[-1].error or "").startswith("expert failed: KeyError")
+    assert (played.error or "").startswith("step 1: expert failed: KeyError") and not played.success
+    warnings = check_env(env, env.tasks("train")[0])
+    assert len(warnings) == 2 and "the scripted expert failed at step 1 of task train-0" in warnings[0]
+    assert "did not win" in warnings[1] and not any("purple" in w for w in warnings)
+
+
+def test_a_demonstrator_that_loses_most_training_tasks_is_warned_about() -> None:
+    """An expertise with a bug that still wins a few tasks trains behaviour cloning on those few: said once, where
+    it happens, rather than left to a reference row nobody reads."""
+    from leap_dspy.corrections import few_won
+    from leap_dspy.types import Trajectory
+
+    tasks = Boxes().tasks("train")
+    demos = {t.id: Trajectory(task=t, policy="expert", success=i == 0) for i, t in enumerate(tasks)}
+    assert "won 1 of 3 training tasks; behaviour cloning keeps won episodes only" in (few_won(demos, True) or "")
+    assert "trains on lost episodes too" in (few_won(demos, False) or "")
+    demos[tasks[1].id].success = True
+    assert few_won(demos, True) is None  # two of three
+    lost = {k: t.model_copy(update={"success": False}) for k, t in demos.items()}
+    assert few_won(lost, True) is None and few_won(lost, False)  # none won: `nothing_to_clone` stops the compile
+
+
 class UnlistedBoxes(Boxes):
     """Boxes without an admissible list, saying `info["valid"]` instead; its oracle first tries a bad action."""
 

@@ -167,6 +167,8 @@ BAD_INPUTS = [  # (arguments, what the one line must say); nothing may be writte
     (["--env", KEYBOX, "--preference-anchor", "2"], "preference-anchor"),
     (["--env", KEYBOX, "--report-to", "neptune"], "unknown tracker"),
     (["--env", KEYBOX, "--config", "/nonexistent.yaml"], "cannot read --config"),
+    (["--env", KEYBOX, "--config", "yaml:model: [tiny-random"], "column 20: expected ',' or ']'"),  # one line
+    (["--env", KEYBOX, "--config", "yaml:iterations: two"], "config.yaml: iterations: Input should be a valid"),
     (["--env", KEYBOX, "--config", "yaml:lm: {bogus_key: 1}"], "unknown engine setting lm.bogus_key"),
     (["--env", KEYBOX, "--set", "num_boxes=["], "the value is not valid YAML"),
     (["--env", KEYBOX, "--train-launcher", "torchrn --nproc_per_node 2"], "no program 'torchrn' on PATH"),

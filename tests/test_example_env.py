@@ -319,3 +319,17 @@ def test_few_shot_demos_on_the_student_are_in_its_training_prompts_and_a_given_e
     expert = OracleExpert(expertise=mine)
     expert.attach(KeyBox(**TINY))
     assert expert.expertise is mine
+
+
+def test_leap_takes_its_settings_as_a_config_a_mapping_or_keywords(tmp_path: Path) -> None:
+    """A mapping (what a YAML file gives) configures LEAP as `LEAPConfig(**mapping)` does, keywords over it;
+    anything else is refused by name rather than failing inside pydantic."""
+    from leap_dspy.config import LEAPConfig
+
+    env = KeyBox(**TINY)
+    as_config = LEAP(env, LEAPConfig(iterations=1, lm={"max_new_tokens": 16}), run_dir=tmp_path / "a").config
+    as_mapping = LEAP(env, {"iterations": 1, "lm_kwargs": {"max_new_tokens": 16}}, run_dir=tmp_path / "b").config
+    assert as_mapping == as_config and as_mapping.iterations == 1
+    assert LEAP(env, {"iterations": 1}, iterations=3, run_dir=tmp_path / "c").config.iterations == 3
+    with pytest.raises(TypeError, match="a LEAPConfig or a mapping of its settings, not str"):
+        LEAP(env, "config.yaml", run_dir=tmp_path / "d")  # type: ignore[arg-type]

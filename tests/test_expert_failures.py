@@ -375,7 +375,8 @@ def test_failed_corrections_are_asked_again_when_the_round_resumes(
 def test_an_unreachable_expert_stops_its_episodes_but_an_unparsable_answer_is_recorded(
         env: ALFWorld, tiny_model: str, bad_server: BadExpertServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """While the expert plays (demonstrations, its reference row) an endpoint that never answers stops the
-    compile, the episode unlogged so that a resume plays it; an answer that does not parse is the step's."""
+    compile, the episode unlogged so that a resume plays it; an answer that does not parse is the step's, and
+    ends the episode there."""
     from leap_dspy.rollout import ExpertUnavailable, expert_policy, run_parallel
 
     tasks = env.tasks("train")[:1]
@@ -385,7 +386,9 @@ def test_an_unreachable_expert_stops_its_episodes_but_an_unparsable_answer_is_re
         run_parallel(play, env, tasks, num_threads=1)
     bad_server.reset("empty")
     [played] = run_parallel(play, env, tasks, num_threads=1)
-    assert played.steps and all((s.error or "").startswith("expert failed: AdapterParseError") for s in played.steps)
+    # With no action to play, the episode ends at that step, kept with its error; the environment is not stepped.
+    assert len(played.steps) == 1 and (played.steps[0].error or "").startswith("expert failed: AdapterParseError")
+    assert (played.error or "").startswith("step 0: expert failed: AdapterParseError") and not played.success
 
     # An API expert with no key is unreachable too: it was logged as lost episodes and a 0.0 expert row.
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)

@@ -29,7 +29,7 @@ from leap_dspy.programs import OracleExpert, Student
 from leap_dspy.runs import best_stage
 from leap_dspy.serve_target import resolve_target
 from leap_dspy.signatures import PrivilegedCorrection
-from leap_dspy.store import JsonlLog
+from leap_dspy.store import JsonlLog, RunFileError
 from leap_dspy.teleprompt import LEAP, ConfigMismatch
 from leap_dspy.train import TrainConfig
 from leap_dspy.training_data import (
@@ -153,6 +153,15 @@ def test_compile_writes_the_run_folder_and_a_loadable_student(env: ALFWorld, tin
         LEAP(env, iterations=1, model=tiny_model, run_dir=run, update="sft", max_train_rows=7,
              train_config=FAST_TRAIN, progress=False).compile(
             Student(), trainset=env.tasks("train"), valset=env.tasks("seen"))
+
+    # A further round trains on every finished stage's records: a log emptied since is refused before it plays.
+    (run / "iter_1" / "corrections.jsonl").write_text("")
+    with pytest.raises(RunFileError, match="corrections.jsonl holds 0 of the"):
+        LEAP(env, iterations=2, model=tiny_model, run_dir=run, **FAST, select="best", lm_kwargs={"max_new_tokens": 16},
+             num_threads=4, progress=False).compile(
+            Student(), trainset=env.tasks("train"), teacher=OracleExpert(),
+            valset=env.tasks("seen") + env.tasks("unseen"))
+    assert not (run / "iter_2").exists()
 
 
 RESUME_SCRIPT = """

@@ -418,8 +418,11 @@ out of a condition's label when the keys before them already tell the runs apart
 
 
 def _independent(keys: list[str], flat: list[dict[str, Any]]) -> list[str]:
-    kept: list[str] = []
-    for key in sorted(keys, key=lambda k: k.startswith(DERIVED)):
+    """The keys that tell the runs apart, each left out where the ones before already do; every environment
+    option is kept, since config.yaml does not say which of two that vary together was set (a room size) and
+    which followed from it (its step limit)."""
+    kept = [k for k in keys if k.startswith("env.")]
+    for key in sorted((k for k in keys if k not in kept), key=lambda k: k.startswith(DERIVED)):
         groups: dict[str, set[str]] = {}
         for values in flat:
             groups.setdefault(repr([values.get(k) for k in kept]), set()).add(repr(values.get(key)))

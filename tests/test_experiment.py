@@ -413,3 +413,15 @@ def test_a_grid_stopped_by_sigterm_stops_its_runs_and_leaves_them_pending(tmp_pa
             os.kill(pid, 0)
     states = json.loads((tmp_path / "runs" / "grid.json").read_text())["states"]
     assert set(states.values()) == {"pending"}
+
+
+def test_a_condition_names_every_environment_option_that_varies_but_not_what_follows_from_a_setting() -> None:
+    """Two room sizes whose step limits follow from them: config.yaml cannot say which the user set, so the
+    label names both, where it used to name only the alphabetically first (the derived step limit); a DPO run's
+    learning rate still follows from its update and stays out."""
+    from leap_dspy.report import _independent
+
+    flat = [{"env.num_servers": servers, "env.max_steps": 2 * servers + 2, "update": update,
+             "iteration_lr": 2e-4 if update == "sft" else 5e-5} for servers in (4, 5) for update in ("sft", "dpo")]
+    keys = sorted(flat[0])
+    assert _independent(keys, flat) == ["env.max_steps", "env.num_servers", "update"]

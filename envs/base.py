@@ -29,6 +29,10 @@ class TextEnv(ABC):
     """Tokens a student's answer (a reason and an action) may need here: LEAP's default `max_new_tokens`. An
     answer cut short loses its action, so an environment whose commands or queries run long asks for more."""
 
+    reports_score: ClassVar[bool] = False
+    """Whether the reward is a graded score worth showing beside success (WebShop's, InterCode's): reports and
+    tables then have a score column."""
+
     idle_actions: ClassVar[tuple[str, ...]] = ()
     """Admissible actions that change nothing and teach nothing when proposed as a wrong step (ALFWorld's
     `look`); the privileged self's training rows propose other actions instead."""

@@ -42,25 +42,26 @@ def check_env(env: TextEnv, task: Task, episode_env: Any = None, oracle: bool = 
 
 def _demonstrate(env: TextEnv, played: Any, task: Task, name: str, expert: Any, student: Any) -> list[str]:
     """The scripted expert's episode, by the runner every episode goes through, read for what demonstrations
-    of it would drop; the environment's own failure during it is an error."""
+    of it would drop, or where it ended early."""
     from leap_dspy.programs import OracleExpert, Student
     from leap_dspy.rollout import expert_policy
 
     expert = expert or OracleExpert()
-    play = expert_policy(expert, student or Student(), env, level=max(env.privilege_levels))
-    trajectory = play(played, task)
-    failed = trajectory.error is not None and not (trajectory.steps and trajectory.steps[-1].error)
-    if failed:  # the environment's code, not the expert's: every episode that reaches this state ends alike
-        raise EnvContractError(f"{name} failed while the scripted expert played task {task.id}: "
-                               f"{trajectory.error}")
-    _check_privileged(played, env.privilege_levels, name)  # in the state the episode ended in, too
+    play = expert_policy(expert, student or Student(), env, level=max(env.privilege_levels), warn=False)
+    trajectory, warnings = play(played, task), []
+    if trajectory.error is None:
+        _check_privileged(played, env.privilege_levels, name)  # in the state the episode ended in, too
+    else:  # the contract: only that episode ends; said here, once
+        failed = "the scripted expert failed on" if trajectory.policy_failed else \
+            f"{name} failed while the scripted expert played"
+        warnings.append(f"{failed} task {task.id}, at {trajectory.error}: demonstrations that reach that state "
+                        "end there")
     who = _who(expert, name)
-    warnings = []
     for step in trajectory.steps:
         where = f"at step {step.index} of task {task.id}"
         if step.error:
-            warnings.append(f"the scripted expert failed {where} ({step.error}): demonstrations end there")
-        elif not action_admissible(step.action, step.admissible_actions):
+            continue  # the failure above
+        if not action_admissible(step.action, step.admissible_actions):
             warnings.append(f"{who} gave {step.action!r} {where}, not in its admissible_actions: demonstrations "
                             "drop such steps")
         elif not step.valid:

@@ -115,7 +115,7 @@ def play_split(student: Any, environment: Any, split: str, threads: int, limit: 
         from leap_dspy.store import atomic_write_text
 
         atomic_write_text(out, "".join(t.model_dump_json() + "\n" for t in trajectories))
-    report_rollout(title, trajectories, with_scores=bool(getattr(environment, "reports_score", False)))
+    report_rollout(title, trajectories, with_scores=environment.reports_score)
 
 
 def print_metrics(run: RunFolder) -> None:

@@ -63,9 +63,9 @@ def nothing_to_clone(demos: dict[str, Trajectory], records: list[Correction], su
         message += " (only won episodes are demonstrations; bc_successful_only=false keeps the others)"
     if why:
         message += "; steps dropped: " + "; ".join(f"{n} x {reason}" for reason, n in why.most_common(3))
-    errors = Counter(s.error.splitlines()[0][:200] for t in demos.values() for s in t.steps if s.error)
-    if errors:
-        message += "; the demonstrator's steps failed: " + "; ".join(f"{n} x {e}" for e, n in errors.most_common(2))
+    ended = Counter(t.error.split(": ", 1)[-1].splitlines()[0][:200] for t in demos.values() if t.error)
+    if ended:  # the expert's failures and the environment's, each of which ends its episode
+        message += "; demonstrations ended early: " + "; ".join(f"{n} x {e}" for e, n in ended.most_common(2))
     return message
 
 
@@ -78,7 +78,7 @@ def few_won(demos: dict[str, Trajectory], successful_only: bool) -> str | None:
         return None
     kept = ("; behaviour cloning keeps won episodes only (bc_successful_only), so it trains on those"
             if successful_only else "; behaviour cloning trains on lost episodes too (bc_successful_only is off)")
-    return f"the demonstrator won {won} of {played} training tasks{kept}: see the expert's reference row"
+    return f"the demonstrator won {won} of {played} training tasks{kept} (its episodes: iter_0/trajectories.jsonl)"
 
 
 def unrealizable(judged: dict[str, Any]) -> str | None:

@@ -36,7 +36,7 @@ def split_metrics(trajectories: list[Trajectory]) -> dict[str, Any]:
     metrics["parse_errors"] = sum(t.num_errors for t in trajectories)
     metrics["snapped_actions"] = sum(t.num_snapped for t in trajectories)
     metrics |= expert_usage_metrics([], trajectories)  # the expert's reference row, where an LM plays it
-    if failed := sum(t.error is not None for t in trajectories):
+    if failed := sum(t.error is not None and not t.policy_failed for t in trajectories):
         metrics["environment_failures"] = failed  # episodes the environment's own code ended (`Trajectory.error`)
     return metrics
 

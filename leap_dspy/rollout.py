@@ -358,7 +358,8 @@ def ask_expert(call: Callable[[], Any], retries: int) -> Any:
 
 
 def expert_policy(expert: dspy.Module, student: Student, env: TextEnv, *, level: int, policy: str = "expert",
-                  record_level: int | None = None, retries: int = 1) -> Callable[[TextEnv, Task], Trajectory]:
+                  record_level: int | None = None, retries: int = 1, warn: bool = True
+                  ) -> Callable[[TextEnv, Task], Trajectory]:
     """The expert acts (demonstrations for behaviour cloning, and the `expert` reference row).
 
     It sees the student's inputs (formatted by the student program, so demonstrations are training rows as
@@ -392,7 +393,7 @@ def expert_policy(expert: dspy.Module, student: Student, env: TextEnv, *, level:
             return str(out.reason).strip(), str(out.action).strip(), None
 
         trajectory = run_episode(act, student.inputs, episode_env, task, policy=policy, capture_level=record_level,
-                                 end_on_failure=True)
+                                 end_on_failure=True, warn=warn)
         for step, privileged, bill in zip(trajectory.steps, used, bills, strict=False):
             step.privileged, step.expert_usage = step.privileged or privileged, bill
         return trajectory

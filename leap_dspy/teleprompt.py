@@ -340,10 +340,10 @@ class LEAP(Teleprompter):
         self.check_student_lm()
         config = self.run_config(teacher, train, val)
         source = check_bc_from(self.config.bc_from, config) if self.config.bc_from is not None else None
-        start_run(self.run, config)
         if not self.run.finished(self.config.iterations):  # a round will train on every finished stage's records
             for k in filter(self.run.finished, range(self.config.iterations)):
                 self.run.corrections(k)  # refused now, not after the next round's rollouts, if cut since
+        start_run(self.run, config)
         self.trackers = Trackers(self.config.report_to, self.run.path, self.run.path.name)
         self.trackers.log_config(config)
         if source is not None:  # its behaviour cloning, and its reference rows where the expert plays at our level
@@ -427,7 +427,7 @@ class LEAP(Teleprompter):
 
     @property
     def _with_scores(self) -> bool:
-        return bool(getattr(self.env, "reports_score", False))
+        return self.env.reports_score
 
     def _demonstration_level(self, demonstrator: dspy.Module) -> int:
         """The scripted expert demonstrates with everything it knows, whatever level corrections are made at:

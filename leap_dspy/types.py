@@ -128,6 +128,8 @@ class Trajectory(BaseModel):
     error: str | None = None
     """Why the episode ended early: the environment's own code raised (see `EnvironmentFailed`), or an expert
     playing it had no action (`PolicyFailed`); the steps before it are kept, and it counts as a failure."""
+    policy_failed: bool = False
+    """`error` is the policy's (an expert's failed step, kept as the last step), not the environment's."""
 
     @property
     def num_errors(self) -> int:

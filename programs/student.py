@@ -219,7 +219,7 @@ def capture_privileged(env: Any, level: int | None, oracle: bool) -> PrivilegedS
 def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: int | None = None,
                 capture_level: int | None = None, capture_oracle: bool = False, policy: str = "student",
                 max_invalid_streak: int = 0, snap: bool = False, max_stuck: int = 0,
-                end_on_failure: bool = False) -> Trajectory:
+                end_on_failure: bool = False, warn: bool = True) -> Trajectory:
     """The loop shared by every policy: observe, decide, step, record.
 
     `capture_level` records the privileged state at each step (for an LM expert's prompt) and
@@ -240,7 +240,8 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
     what the contract does not (a `str` for an `Observation`), the episode ends there with the failure in
     `Trajectory.error` and a warning; the episodes beside it play on. `end_on_failure` ends it the same way at
     a step `act` failed (an expert's: it has no action to play, and asked again in the same state a scripted
-    one fails alike), the step kept with its error and the environment not stepped.
+    one fails alike), the step kept with its error and the environment not stepped. `warn=False` leaves the
+    warning to the caller.
     """
     start = time.perf_counter()
     limit = max_steps or getattr(env, "max_steps", 30)
@@ -253,21 +254,19 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
             privileged = capture_privileged(env, capture_level, capture_oracle)
             reason, action, error = act(inputs)
             admissible = observation.admissible_actions
+            step = Step(index=index, inputs=inputs, reason=reason, action=action, admissible_actions=admissible,
+                        next_observation=observation.text, reward=observation.reward, error=error,
+                        privileged=privileged, valid=False)  # as it stands where the policy failed
             if error is not None and end_on_failure:
-                trajectory.steps.append(Step(index=index, inputs=inputs, reason=reason, action=action,
-                                             admissible_actions=admissible, next_observation=observation.text,
-                                             reward=observation.reward, done=False, error=error,
-                                             privileged=privileged, valid=False))
+                trajectory.steps.append(step)
                 raise PolicyFailed(error)
             executed = snap_action(action, admissible) if snap else None
             observation = env_call(f"step({executed or action!r})", env.step, executed or action,
                                    returns=Observation)
             rejected = observation.info.get("valid") is False
-            trajectory.steps.append(
-                Step(index=index, inputs=inputs, reason=reason, action=action, admissible_actions=admissible,
-                     next_observation=observation.text, reward=observation.reward, done=observation.done,
-                     error=error, privileged=privileged, executed=executed, valid=not rejected)
-            )
+            trajectory.steps.append(step.model_copy(update={
+                "next_observation": observation.text, "reward": observation.reward, "done": observation.done,
+                "executed": executed, "valid": not rejected}))
             invalid = (error is not None or rejected or observation.info.get("changed") is False
                        or not action_admissible(executed or action, admissible))
             streak = streak + 1 if invalid else 0
@@ -278,10 +277,11 @@ def run_episode(act: Any, make_inputs: Any, env: Any, task: Task, *, max_steps: 
         trajectory.success = bool(observation.success)
         trajectory.reward = float(observation.reward)
     except EpisodeEnded as failure:
-        at = len(trajectory.steps) - (1 if isinstance(failure, PolicyFailed) else 0)  # the failed step is kept
-        trajectory.error = f"step {at}: {failure}"
+        trajectory.policy_failed = isinstance(failure, PolicyFailed)  # its failed step is kept, as the last
+        trajectory.error = f"step {len(trajectory.steps) - trajectory.policy_failed}: {failure}"
         ended = f"{policy} episode of task {task.id} ended: {trajectory.error}"
-        console.print(f"[yellow]warning:[/yellow] {escape(ended)}", highlight=False, soft_wrap=True)
+        if warn:
+            console.print(f"[yellow]warning:[/yellow] {escape(ended)}", highlight=False, soft_wrap=True)
     trajectory.wall_s = time.perf_counter() - start
     return trajectory
 

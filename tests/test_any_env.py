@@ -170,6 +170,17 @@ def test_an_environment_that_raises_ends_that_episode_alone_and_records_why() ->
     assert blue.error == "step 0: the environment's oracle_action() raised KeyError: 'no plan for blue'"
     assert split_metrics([red, green, blue])["environment_failures"] == 2
 
+    # Before a compile the check plays the expert too: the environment's failure there is a warning, as the
+    # episode's end is all a run suffers from it; an expert's own failure is no environment failure.
+    from leap_dspy.envs.check import check_env
+
+    [warning, lost] = check_env(env, env.tasks("train")[2])
+    assert warning.startswith("BrokenBoxes failed while the scripted expert played task train-2, at step 0: the "
+                              "environment's oracle_action() raised KeyError") and "did not win" in lost
+    clumsy = ClumsyBoxes()
+    assert "environment_failures" not in split_metrics(expert_rollout(OracleExpert(), Student(), clumsy,
+                                                                      clumsy.tasks("train"), level=1))
+
 
 class TerseBoxes(Boxes):
     """Boxes whose `step` answers an action it does not know with a bare string, not an `Observation`."""
@@ -228,7 +239,7 @@ def test_a_scripted_expert_that_raises_ends_its_episode_there_and_the_check_says
     assert (played.steps[-1].error or "").startswith("expert failed: KeyError")
     assert (played.error or "").startswith("step 1: expert failed: KeyError") and not played.success
     warnings = check_env(env, env.tasks("train")[0])
-    assert len(warnings) == 2 and "the scripted expert failed at step 1 of task train-0" in warnings[0]
+    assert len(warnings) == 2 and "the scripted expert failed on task train-0, at step 1: expert" in warnings[0]
     assert "did not win" in warnings[1] and not any("purple" in w for w in warnings)
 
 

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from leap_dspy.cli_runs import load_program, load_run, play_split, print_metrics, run_lm
 from leap_dspy.cli_settings import (
+    build_demonstrator,
     build_env,
     build_expert,
     compile_tasks,
@@ -62,6 +63,9 @@ def compile_(
     expert: Annotated[str, typer.Option(help="oracle (scripted), self, or a LiteLLM model string")] = "oracle",
     expert_per: Annotated[str, typer.Option(help="an LM expert corrects each 'step' or a whole 'trajectory' "
                                                  "per call")] = "step",
+    demonstrator: Annotated[str | None, typer.Option(
+        help="who plays behaviour cloning's demonstrations: oracle (scripted) or a LiteLLM model string (default: "
+             "the expert; the scripted one where the expert is self)")] = None,
     privilege_level: Annotated[int | None, typer.Option(help=_help("privilege_level"))] = None,
     model: Annotated[str, typer.Option(help=_help("model"))] = _default("model"),
     max_train_rows: Annotated[int, typer.Option(min=1, help=_help("max_train_rows"))] = _default("max_train_rows"),
@@ -114,14 +118,15 @@ def compile_(
              "evaluate_expert": expert_reference, "bc_from": bc_from, "seed": seed, "progress": not quiet,
              "report_to": report_to or [], "rollout_servers": rollout_server or [],
              "ray": ray, **({"train_launcher": train_launcher} if train_launcher is not None else {})}
-    env, options, expert, expert_per, settings = resolve_settings(ctx, given, config_file, env, sets, expert,
-                                                                   expert_per)
+    env, options, expert, expert_per, demonstrator, settings = resolve_settings(
+        ctx, given, config_file, env, sets, expert, expert_per, demonstrator)
     _before_tasks(settings)
     environment = build_env(env, options)
     teacher = build_expert(expert, settings["model"], expert_per)
+    demonstrates = build_demonstrator(demonstrator, settings["model"])
     try:
         config = LEAPConfig(**settings)
-        leap = LEAP(environment, config, run_dir=run_dir)
+        leap = LEAP(environment, config, run_dir=run_dir, demonstrator=demonstrates)
         leap.check_teacher(attach_env(teacher, environment))
     except ValueError as exc:
         raise fail(str(exc).splitlines()[0] if "validation error" not in str(exc) else first_error(exc)) from exc
@@ -133,8 +138,8 @@ def compile_(
     except (RunFileError, OSError, EnvContractError, NoDemonstrations, TargetModulesNotFound) as exc:
         raise fail(str(exc)) from exc
     except ExpertUnavailable as exc:
-        raise fail(f"{exc}; everything played so far is kept: once the expert answers, run the same command "
-                   "again to resume") from exc
+        raise fail(f"{exc}; everything played and answered so far is kept: once the expert answers, run the "
+                   "same command again to resume") from exc
     except KeyboardInterrupt:
         console.print("stopped; everything finished so far is kept: run the same command again to resume")
         raise typer.Exit(130) from None

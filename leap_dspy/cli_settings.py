@@ -34,10 +34,10 @@ def parse_sets(values: list[str] | None) -> dict[str, Any]:
 
 
 def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Path | None, env: str,
-                     sets: list[str] | None, expert: str, expert_per: str
-                     ) -> tuple[str, dict[str, Any], str, str, dict[str, Any]]:
-    """(env, env options, expert, expert_per, LEAP settings): the defaults, then the --config file (a run's
-    config.yaml also gives its environment and expert), then what was typed."""
+                     sets: list[str] | None, expert: str, expert_per: str, demonstrator: str | None = None
+                     ) -> tuple[str, dict[str, Any], str, str, str | None, dict[str, Any]]:
+    """(env, env options, expert, expert_per, demonstrator, LEAP settings): the defaults, then the --config file
+    (a run's config.yaml also gives its environment, expert and demonstrator), then what was typed."""
     params = {"num_threads": "threads", "evaluate_base": "base", "evaluate_expert": "expert_reference",
               "progress": "quiet", "rollout_servers": "rollout_server"}
     explicit = {k: v for k, v in given.items() if _given(ctx, params.get(k, k))}
@@ -59,6 +59,7 @@ def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Pat
             raise fail(f"{config_file} names an expert the command line cannot rebuild ({described}); pass "
                        "--expert, or rerun it from Python")
         expert_per = described.get("per", expert_per)
+        demonstrator = demonstrator or _recorded_demonstrator(run, config_file)
     student = run.get("student")
     if isinstance(student, dict) and own_student(student):
         raise fail(f"{config_file} compiled a student of its own ({student.get('name')}); rerun it from Python: "
@@ -67,7 +68,22 @@ def resolve_settings(ctx: typer.Context, given: dict[str, Any], config_file: Pat
     options.update(typed)
     if takes_seed(env) and ("seed" not in options or (_given(ctx, "seed") and "seed" not in typed)):
         options["seed"] = settings["seed"]  # one seed fixes the task lists too
-    return env, options, expert or "oracle", expert_per, settings
+    return env, options, expert or "oracle", expert_per, demonstrator, settings
+
+
+def _recorded_demonstrator(run: dict[str, Any], config_file: Path | None) -> str | None:
+    """The `--demonstrator` a run's config.yaml recorded, where it is not the one its expert implies (the expert
+    itself, or the scripted one for a privileged self): a rerun must not swap who demonstrates."""
+    described, expert = run.get("demonstrator"), run.get("expert")
+    if not isinstance(described, dict) or described == expert:
+        return None
+    spec = expert_spec(described)
+    if spec == "oracle" and expert_spec(expert) == "self":
+        return None
+    if spec is None or "expertise" in described or spec == "self":
+        raise fail(f"{config_file} names a demonstrator the command line cannot rebuild ({described}); pass "
+                   "--demonstrator, or rerun it from Python")
+    return spec
 
 
 def read_settings(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -199,6 +215,16 @@ def compile_tasks(environment: Any) -> tuple[list[Any], list[Any]]:
     """The tasks a compile trains on and evaluates (train; seen, then unseen): one home, so that what a grid
     compares a published run's recorded tasks against is what a compile would run."""
     return env_tasks(environment, "train"), env_tasks(environment, "seen") + env_tasks(environment, "unseen")
+
+
+def build_demonstrator(spec: str | None, model: str) -> Any:
+    """`--demonstrator`: the scripted expert or an LM plays behaviour cloning's demonstrations (None: the expert
+    does, or the scripted one where the expert is the privileged self)."""
+    if spec is None:
+        return None
+    if spec == "self":
+        raise fail("--demonstrator self: the untrained student has nothing to show; use oracle or an LM")
+    return build_expert(spec, model)
 
 
 def build_expert(spec: str, model: str, per: str = "step") -> Any:

@@ -2,7 +2,8 @@
 
 Records are judged as they are made (an action the environment would not admit, a reason that names what the
 student never saw, an action only privileged facts justify) and saved the moment they exist, so that a killed
-round resumes without asking the expert twice. An expert failure is retried, then recorded, never raised.
+round resumes without asking the expert twice. An expert failure is retried, then recorded, never raised
+here; the round stops once every step was asked if the endpoint gave no answer at all (`unanswered`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from leap_dspy.metrics import describe_expert
 from leap_dspy.programs.experts import expert_inputs
 from leap_dspy.progress import progress_bar
 from leap_dspy.realizability import unobserved_mentions
-from leap_dspy.rollout import NoAnswer, ask_billed, needs_oracle, wants_text
+from leap_dspy.rollout import NoAnswer, ask_billed, expert_failed, needs_oracle, unreachable, wants_text
 from leap_dspy.signatures import StudentTurn
 from leap_dspy.store import JsonlLog
 from leap_dspy.types import Correction, ExpertUsage, Step, Trajectory
@@ -108,6 +109,9 @@ class Corrector:
         self.name = describe_expert(teacher)["name"]
         self.uses_lm = not needs_oracle(teacher)
         self.per_trajectory = getattr(teacher, "per", "step") == "trajectory"
+        self.unanswered: list[str] = []
+        """Calls the endpoint never answered (down, timing out, refusing the key): the round must not train
+        without them, since a finished round is never asked again."""
 
     def record(self, trajectory: Trajectory, step: Step, **fields: Any) -> Correction:
         return Correction(task_id=trajectory.task.id, step=step.index, inputs=step.inputs,
@@ -141,7 +145,10 @@ class Corrector:
         except NoAnswer as exc:
             return None, bill(), str(exc)
         except Exception as exc:  # any expert failure, after its retries
-            return None, bill(), f"expert failed: {type(exc).__name__}: {str(exc)[:200]}"
+            error = expert_failed(exc)
+            if unreachable(exc):
+                self.unanswered.append(error)
+            return None, bill(), error
 
     def __call__(self, job: tuple[Trajectory, list[Step]]) -> list[Correction]:
         trajectory, steps = job

@@ -305,6 +305,12 @@ def _error_names(exc: BaseException | None) -> set[str]:
     return {cls.__name__ for link in exception_chain(exc) for cls in type(link).__mro__}
 
 
+def expert_failed(exc: BaseException) -> str:
+    """An expert call's failure as a record's note: its kind and the start of its message on one line (a parse
+    error quotes the model's whole answer, pages of it from a small model)."""
+    return f"expert failed: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
 def unreachable(exc: BaseException | None) -> bool:
     """Whether an LM expert's call failed for want of an endpoint (connection, timeout, rate limit, 5xx, key),
     which a later resume may not meet, rather than for this request (a context window, an answer that does
@@ -387,7 +393,7 @@ def expert_policy(expert: dspy.Module, student: Student, env: TextEnv, *, level:
                 if unreachable(exc):
                     raise ExpertUnavailable(f"the expert failed after {retries} attempt(s) while playing {task.id}:"
                                             f" {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
-                return "", "", f"expert failed: {type(exc).__name__}: {exc}"
+                return "", "", expert_failed(exc)
             finally:
                 bills.append(None if uses_no_lm else sum(spent, ExpertUsage()))
             return str(out.reason).strip(), str(out.action).strip(), None

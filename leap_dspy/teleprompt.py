@@ -53,6 +53,7 @@ from leap_dspy.progress import console
 from leap_dspy.rollout import (
     ROLLOUT_MAX_STUCK,
     Episodes,
+    ExpertUnavailable,
     attach_env,
     expert_capture,
     expert_policy,
@@ -241,6 +242,9 @@ class LEAP(Teleprompter):
         threads = 1 if getattr(teacher, "scripted", False) else self.config.expert_threads
         records = collect_corrections(corrector, trajectories, self.run.corrections_log(k), threads,
                                       self.config.progress)
+        if corrector.unanswered:  # an outage: stop before training, so that a resume asks these steps again
+            raise ExpertUnavailable(f"round {k}: the expert gave no answer for {len(corrector.unanswered)} of "
+                                    f"{len(records)} corrections ({corrector.unanswered[0].splitlines()[0][:300]})")
         why = Counter(c.dropped.splitlines()[0][:160] for c in records if c.dropped)
         if why:  # say it: a round trained on a fraction of its steps looks like any other in metrics.csv
             console.print(f"[yellow]round {k}: {sum(why.values())} of {len(records)} corrections dropped: "

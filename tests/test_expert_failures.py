@@ -154,15 +154,22 @@ def expert_for(server: BadExpertServer, per: str = "step") -> PrivilegedExpert:
 
 def correct(env: ALFWorld, model: str, run_dir: Path, server: BadExpertServer, mode: str,
             trajectories: dict[str, Trajectory], earlier: list[Correction] = (), per: str = "step"
-            ) -> tuple[dict[str, Correction], float, LEAP]:
+            ) -> tuple[dict[str, Correction], float, str | None]:
+    """The round's records, its seconds, and why it stopped once every step was asked (an endpoint that never
+    answered: a finished round is never asked again, so it must not train without them), if it did."""
+    from leap_dspy.rollout import ExpertUnavailable
+
     leap = LEAP(env, model=model, run_dir=run_dir, expert_retries=EXPERT_RETRIES, expert_threads=4,
                 progress=False)
     log = JsonlLog(run_dir / "iter_1" / "corrections.jsonl", Correction, key=lambda c: c.key)
     log.extend(earlier)
     server.reset(mode)
-    start = time.perf_counter()
-    leap.corrections(1, expert_for(server, per), trajectories)
-    return log.load(), time.perf_counter() - start, leap
+    start, stopped = time.perf_counter(), None
+    try:
+        leap.corrections(1, expert_for(server, per), trajectories)
+    except ExpertUnavailable as exc:
+        stopped = str(exc)
+    return log.load(), time.perf_counter() - start, stopped
 
 
 def visited(trajectories: dict[str, Trajectory]) -> set[str]:
@@ -170,11 +177,11 @@ def visited(trajectories: dict[str, Trajectory]) -> set[str]:
 
 
 FAILURES = {
-    # mode: (what the dropped reason says, its worst-case seconds per step)
-    "500": ("InternalServerError", 2 * CLIENT_TIMEOUT_S),
-    "invalid_json": ("expert failed", 2 * CLIENT_TIMEOUT_S),
-    "empty": ("AdapterParseError", 2 * CLIENT_TIMEOUT_S),
-    "slow": ("Timeout", (LITELLM_RETRIES + 1) * CLIENT_TIMEOUT_S * 1.5),
+    # mode: (what the dropped reason says, its worst-case seconds per step, whether the round stops after)
+    "500": ("InternalServerError", 2 * CLIENT_TIMEOUT_S, True),
+    "invalid_json": ("expert failed", 2 * CLIENT_TIMEOUT_S, True),  # a broken reply is a broken endpoint
+    "empty": ("AdapterParseError", 2 * CLIENT_TIMEOUT_S, False),
+    "slow": ("Timeout", (LITELLM_RETRIES + 1) * CLIENT_TIMEOUT_S * 1.5, True),
 }
 
 
@@ -192,7 +199,7 @@ def test_failing_expert_calls_become_dropped_records(mode: str, env: ALFWorld, t
         Correction(task_id=first.task.id, step=0, inputs=first.steps[0].inputs, reason="kept", action="look",
                    expert="PrivilegedExpert", iteration=1),
     ]
-    records, elapsed, _ = correct(env, tiny_model, tmp_path, bad_server, mode, trajectories, earlier)
+    records, elapsed, stopped = correct(env, tiny_model, tmp_path, bad_server, mode, trajectories, earlier)
 
     assert set(records) == steps | {f"0:{first.task.id}:0"}  # one record per visited step, nothing lost
     assert records[f"0:{first.task.id}:0"].reason == "r0"
@@ -200,7 +207,9 @@ def test_failing_expert_calls_become_dropped_records(mode: str, env: ALFWorld, t
     lines = (tmp_path / "iter_1" / "corrections.jsonl").read_text().splitlines()
     assert len(lines) == len(records)  # nothing duplicated
     new = [records[key] for key in steps - {f"1:{first.task.id}:0"}]
-    expected_reason, per_call_s = FAILURES[mode]
+    expected_reason, per_call_s, stops = FAILURES[mode]
+    # An endpoint that never answered stops the round after every step was asked; an answer that failed does not.
+    assert (stopped is not None) == stops and (not stops or f"no answer for {len(steps) - 1} of" in stopped)
     for record in new:
         assert record.dropped is not None and record.dropped.startswith("expert failed:"), record.dropped
         assert expected_reason in record.dropped, record.dropped
@@ -363,7 +372,8 @@ def test_failed_corrections_are_asked_again_when_the_round_resumes(
         env: ALFWorld, tiny_model: str, tmp_path: Path, bad_server: BadExpertServer,
         trajectories: dict[str, Trajectory]) -> None:
     """An outage leaves its steps as failed records; the resumed round asks them again, their usage summed."""
-    records, _, _ = correct(env, tiny_model, tmp_path, bad_server, "500", trajectories)
+    records, _, stopped = correct(env, tiny_model, tmp_path, bad_server, "500", trajectories)
+    assert stopped and "round 1: the expert gave no answer" in stopped and "InternalServerError" in stopped
     assert all((r.dropped or "").startswith("expert failed:") for r in records.values())
     records, _, _ = correct(env, tiny_model, tmp_path, bad_server, "ok", trajectories)
     assert set(records) == visited(trajectories)
@@ -413,3 +423,42 @@ def test_the_experts_own_play_is_billed_step_by_step(env: ALFWorld, bad_server: 
     bill = split_metrics([played])
     assert (bill["expert_calls"], bill["expert_tokens"]) == (2 * len(played.steps), 30 * len(played.steps))
     assert round_metrics([], {played.task.id: played}, 0, 0.0)["expert_calls"] == bill["expert_calls"]
+
+
+def test_the_cli_keeps_the_scripted_demonstrator_beside_an_lm_corrector_and_a_rerun_keeps_it(
+        tiny_model: str, tmp_path: Path, bad_server: BadExpertServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--demonstrator oracle` with `--expert MODEL`: behaviour cloning from the scripted expert, rounds corrected
+    by the LM; `--config` on the run's config.yaml reruns it as it ran (it used to make the LM the demonstrator,
+    another configuration)."""
+    import sys
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from leap_dspy.cli import app
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # `examples` is a folder of the repository
+    monkeypatch.setenv("OPENAI_API_BASE", bad_server.api_base)
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    sys.path.insert(0, str(root))
+    bad_server.reset("ok")
+    run = tmp_path / "run"
+    tiny = ["--set", "num_boxes=3", "--set", "num_train=3", "--set", "num_seen=1", "--set", "num_unseen=1",
+            "--set", "max_steps=8", "--model", tiny_model, "--iterations", "1", "--max-train-rows", "8",
+            "--no-expert-reference", "--quiet", "--run-dir", str(run)]
+    first = CliRunner().invoke(app, ["compile", "--env", "examples.keybox:KeyBox", "--expert", "openai/bad-expert",
+                                     "--demonstrator", "oracle", *tiny])
+    assert first.exit_code == 0, first.output
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert recorded["demonstrator"]["name"] == "OracleExpert" and recorded["expert"]["name"] == "PrivilegedExpert"
+    demos = (run / "iter_0" / "trajectories.jsonl").read_text().splitlines()
+    assert demos and all(json.loads(line)["policy"] == "expert" for line in demos)
+    corrected = [json.loads(line) for line in (run / "iter_1" / "corrections.jsonl").read_text().splitlines()]
+    assert corrected and {c["expert"] for c in corrected} == {"PrivilegedExpert"}  # the LM corrected round 1
+    again = CliRunner().invoke(app, ["compile", "--config", str(run / "config.yaml"), *tiny])
+    assert again.exit_code == 0, again.output  # the same configuration: resumed, nothing trained again
+    assert "fine-tuning" not in again.output
+    refused = CliRunner().invoke(app, ["compile", "--env", "examples.keybox:KeyBox", "--expert", "openai/bad-expert",
+                                       *tiny])
+    assert refused.exit_code == 2 and "demonstrator" in refused.output  # the LM would demonstrate: another run

@@ -6,7 +6,12 @@ signatures, the student and expert modules, and the environments; `leap_dspy.lm`
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# LiteLLM and DSPy fetch a model price list from GitHub when first used, retrying for seconds where there is no
+# network; the copy each ships serves (set it to false to let them fetch).
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 __version__ = "0.1.0"
 

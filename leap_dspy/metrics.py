@@ -6,7 +6,6 @@ Costs come from the correction records themselves, so a resumed run still counts
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -60,7 +59,6 @@ def call_usage(tracker: Any, failed: bool = False) -> ExpertUsage:
 
 @functools.cache
 def _litellm() -> Any:
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # the price list it ships, not a download
     import litellm
 
     return litellm

@@ -46,3 +46,16 @@ def test_wheel_maps_the_top_level_folders_under_leap_dspy(tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok LEAP"
+
+
+def test_importing_leap_dspy_keeps_litellm_and_dspy_price_lists_off_the_network() -> None:
+    """Both fetch a model price list from GitHub when first used (retrying, with warnings, where there is no
+    network); leap-dspy runs offline on the copies they ship."""
+    import os
+
+    code = ("import leap_dspy, dspy\nfrom dspy.clients import model_metadata\n"
+            "print(model_metadata.source_info()['source'], model_metadata.source_info()['is_env_forced'])")
+    env = {k: v for k, v in os.environ.items() if k != "LITELLM_LOCAL_MODEL_COST_MAP"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["local", "True"] and "refresh failed" not in done.stderr

@@ -20,22 +20,24 @@ class EnvContractError(ValueError):
     """The environment breaks the `TextEnv` contract in a way no run can work around."""
 
 
-def check_env(env: TextEnv, task: Task, episode_env: Any = None, oracle: bool = True, *,
-              expert: Any = None, student: Any = None) -> list[str]:
+def check_env(env: TextEnv, task: Task, episode_env: Any = None, *, expert: Any = None,
+              student: Any = None) -> list[str]:
     """Check `env`'s contract on `task`, played on `episode_env` (an episode's clone, or a Ray actor's) or `env`
     itself; raises `EnvContractError` for what no run can work around, returns warnings for the rest.
 
-    With `oracle` the scripted expert then plays the task as it demonstrates (`expert`, default an
-    `OracleExpert` with the environment's expertise, at the top privilege level; through `student`'s prompts,
-    default `Student()`), and each step it would have dropped, or a lost episode, is a warning."""
-    name = type(env).__name__
+    Where the demonstrator `expert` (default an `OracleExpert` with the environment's expertise) is scripted, it
+    then plays the task as it demonstrates (at the top privilege level, through `student`'s prompts, default
+    `Student()`), and each step it would have dropped, or a lost episode, is a warning; an LM is not asked."""
+    from leap_dspy.programs import OracleExpert
+
+    name, expert = type(env).__name__, expert or OracleExpert()
     _check_rebuild(env, name)
     played = env if episode_env is None else episode_env
     try:
         _call(name, f"reset({task.id!r})", played.reset, task)
         _check_privileged(played, env.privilege_levels, name)
         _check_any_action(played, task, name)
-        return _demonstrate(env, played, task, name, expert, student) if oracle else []
+        return _demonstrate(env, played, task, name, expert, student) if getattr(expert, "scripted", False) else []
     finally:
         played.close()
 
@@ -43,10 +45,9 @@ def check_env(env: TextEnv, task: Task, episode_env: Any = None, oracle: bool = 
 def _demonstrate(env: TextEnv, played: Any, task: Task, name: str, expert: Any, student: Any) -> list[str]:
     """The scripted expert's episode, by the runner every episode goes through, read for what demonstrations
     of it would drop, or where it ended early."""
-    from leap_dspy.programs import OracleExpert, Student
+    from leap_dspy.programs import Student
     from leap_dspy.rollout import expert_policy
 
-    expert = expert or OracleExpert()
     play = expert_policy(expert, student or Student(), env, level=max(env.privilege_levels), warn=False)
     trajectory, warnings = play(played, task), []
     if trajectory.error is None:

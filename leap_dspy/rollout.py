@@ -391,8 +391,8 @@ def expert_policy(expert: dspy.Module, student: Student, env: TextEnv, *, level:
                 out = ask_billed(lambda: expert(**asked), retries, spent)
             except Exception as exc:  # recorded on the step, unless the endpoint is down: then stop, unlogged
                 if unreachable(exc):
-                    raise ExpertUnavailable(f"the expert failed after {retries} attempt(s) while playing {task.id}:"
-                                            f" {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
+                    raise ExpertUnavailable(f"the expert gave no answer after {retries} attempt(s) while playing "
+                                            f"{task.id} ({expert_failed(exc)})") from exc
                 return "", "", expert_failed(exc)
             finally:
                 bills.append(None if uses_no_lm else sum(spent, ExpertUsage()))

@@ -244,7 +244,7 @@ class LEAP(Teleprompter):
                                       self.config.progress)
         if corrector.unanswered:  # an outage: stop before training, so that a resume asks these steps again
             raise ExpertUnavailable(f"round {k}: the expert gave no answer for {len(corrector.unanswered)} of "
-                                    f"{len(records)} corrections ({corrector.unanswered[0].splitlines()[0][:300]})")
+                                    f"{len(records)} corrections ({corrector.unanswered[0]})")
         why = Counter(c.dropped.splitlines()[0][:160] for c in records if c.dropped)
         if why:  # say it: a round trained on a fraction of its steps looks like any other in metrics.csv
             console.print(f"[yellow]round {k}: {sum(why.values())} of {len(records)} corrections dropped: "
@@ -334,10 +334,8 @@ class LEAP(Teleprompter):
         if not train:
             raise ValueError("trainset is empty")
         self.check_teacher(teacher)
-        demonstrator = self._demonstrator(teacher)
-        scripted = getattr(demonstrator, "scripted", False)  # only then does it play the check (an LM is billed)
-        for warning in check_env(self.env, train[0], self.placement.episodes.clone(), oracle=scripted,
-                                 expert=demonstrator, student=self._student):
+        for warning in check_env(self.env, train[0], self.placement.episodes.clone(),
+                                 expert=self._demonstrator(teacher), student=self._student):
             console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
         check_model(self.config.model)
         check_target_modules(self.config.model, self.config.train)
